@@ -1,0 +1,315 @@
+"""LoRA by hand: low-rank adapters on nn.Linear and on the packed q/k/v in-projection
+of nn.MultiheadAttention, plus the small functional API the rest of potara uses.
+
+LoRA (Hu et al., 2021, arXiv 2106.09685) keeps a pre-trained weight W0 frozen and
+learns a low-rank update:
+
+    y = W0 x + b + (alpha / r) * B A dropout(x),   A in R^{r x in}, B in R^{out x r}
+
+A is Kaiming-uniform, B is zero, so a fresh adapter leaves the model unchanged.
+`merge()` folds the update into W0 (inference then costs exactly a plain layer) and
+`unmerge()` takes it out again.
+
+Functional API (minLoRA / loralib style):
+    names = add_lora(model, targets=["self_attention"], r=8, alpha=16, trainable=["heads"])
+    state = lora_state_dict(model)          # the adapter: every trainable tensor, CPU copies
+    load_lora_state_dict(model, state)      # validated, all-or-nothing
+    merge_lora(model); unmerge_lora(model)
+    save_adapter(path, state, meta); state, meta = load_adapter(path)   # never runs code
+
+The adapter of a model is *every trainable tensor*: the LoRA factors plus the extras named
+in `trainable=` (e.g. a new classification head). Federated averaging and the Potara merge
+treat all of them alike (see ../shared/ALGORITHM.md).
+"""
+from __future__ import annotations
+
+import math
+import os
+import pickle
+import zipfile
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call
+
+ADAPTER_FORMAT = "potara-adapter-v1"
+
+
+class AdapterError(ValueError):
+    """A LoRA state or adapter file that does not fit the model (keys, shapes, dtypes, values)."""
+
+
+def _init_factors(r: int, in_features: int, out_features: int, like: torch.Tensor):
+    A = torch.empty(r, in_features, dtype=like.dtype, device=like.device)
+    nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # what nn.Linear uses for its weight (loralib does the same)
+    B = torch.zeros(out_features, r, dtype=like.dtype, device=like.device)
+    return nn.Parameter(A), nn.Parameter(B)
+
+
+class LoRALinear(nn.Module):
+    """y = base(x) + (alpha / r) * B A dropout(x); the base layer is frozen."""
+
+    def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 16, dropout: float = 0.0):
+        super().__init__()
+        if r <= 0:
+            raise ValueError(f"LoRA rank r must be positive, got {r}")
+        self.base, self.r, self.alpha = base, r, alpha
+        self.scaling = alpha / r  # fixed at creation: a rank-2r concatenated adapter keeps it (potara.merge_adapters)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_A, self.lora_B = _init_factors(r, base.in_features, base.out_features, base.weight)
+        self.merged = False
+        base.weight.requires_grad_(False)
+        if base.bias is not None:
+            base.bias.requires_grad_(False)
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.scaling * (self.lora_B @ self.lora_A)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base(x)  # exactly the cost of a plain nn.Linear
+        # x -> A -> B keeps the intermediate at rank r: O(r (in + out)) per token, never forms B A
+        return self.base(x) + self.scaling * F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            self.base.weight += self.delta_weight().to(self.base.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"r={self.lora_A.shape[0]}, alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}"
+
+
+class LoRAPackedQKV(nn.Module):
+    """LoRA on parts of nn.MultiheadAttention's packed in-projection (default: q and v, k untouched).
+
+    MultiheadAttention stores W_q, W_k, W_v stacked as one in_proj_weight (3E x E) and runs its
+    own fused kernel, so we adapt in weight space: W = W0 + (alpha/r) [B_q A_q; 0; B_v A_v], and
+    call the wrapped module with W swapped in (torch.func.functional_call), gradients flowing to
+    the factors. The q part is mathematically the same as LoRALinear on a separate q projection.
+    Input dropout cannot be applied in weight space, so `dropout` is not offered here.
+    Factors are named lora_A_q, lora_B_q, lora_A_v, lora_B_v.
+    """
+
+    def __init__(self, base: nn.MultiheadAttention, r: int = 8, alpha: float = 16, parts: str = "qv"):
+        super().__init__()
+        if r <= 0:
+            raise ValueError(f"LoRA rank r must be positive, got {r}")
+        if base.in_proj_weight is None:
+            raise ValueError("LoRAPackedQKV needs a packed in_proj_weight (MultiheadAttention with kdim == vdim == embed_dim)")
+        if not parts or set(parts) - set("qkv") or len(set(parts)) != len(parts):
+            raise ValueError(f"parts must be a non-empty subset of 'qkv', got {parts!r}")
+        self.base, self.r, self.alpha, self.parts = base, r, alpha, "".join(p for p in "qkv" if p in parts)
+        self.scaling = alpha / r
+        self.merged = False
+        E = base.embed_dim
+        for p in self.parts:
+            A, B = _init_factors(r, E, E, base.in_proj_weight)
+            self.register_parameter(f"lora_A_{p}", A)
+            self.register_parameter(f"lora_B_{p}", B)
+        for p in base.parameters():
+            p.requires_grad_(False)
+
+    def delta_weight(self) -> torch.Tensor:
+        W0 = self.base.in_proj_weight
+        E = self.base.embed_dim
+        blocks = [self.getattr_lora("B", p) @ self.getattr_lora("A", p) if p in self.parts
+                  else W0.new_zeros(E, E) for p in "qkv"]
+        return self.scaling * torch.cat(blocks, dim=0)
+
+    def getattr_lora(self, which: str, part: str) -> torch.Tensor:
+        return getattr(self, f"lora_{which}_{part}")
+
+    def forward(self, *args, **kwargs):
+        if self.merged:
+            return self.base(*args, **kwargs)
+        weight = self.base.in_proj_weight + self.delta_weight()
+        return functional_call(self.base, {"in_proj_weight": weight}, args, kwargs)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            self.base.in_proj_weight += self.delta_weight()
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.base.in_proj_weight -= self.delta_weight()
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"parts={self.parts!r}, r={self.r}, alpha={self.alpha}, merged={self.merged}"
+
+
+LORA_LAYERS = (LoRALinear, LoRAPackedQKV)
+
+
+def _matches(name: str, target: str) -> bool:
+    return name == target or name.endswith("." + target)
+
+
+def add_lora(model: nn.Module, targets: Sequence[str], r: int = 8, alpha: float = 16, dropout: float = 0.0,
+             trainable: Sequence[str] = (), mha_parts: str = "qv") -> list[str]:
+    """Wrap the modules named by `targets` with LoRA and freeze everything else except `trainable`.
+
+    A target matches a module whose dotted name equals it or ends with "." + target (as peft's
+    target_modules). nn.Linear becomes LoRALinear; nn.MultiheadAttention becomes LoRAPackedQKV on
+    the `mha_parts` of its in-projection. `trainable` names parameters or module prefixes (e.g.
+    "heads") that stay trainable and so belong to the adapter. Returns the wrapped module names.
+    """
+    if isinstance(targets, str):
+        targets = [targets]
+    named = dict(model.named_modules())
+    if any(isinstance(m, LORA_LAYERS) for m in named.values()):
+        raise ValueError("model already has LoRA layers; add_lora is applied once per model")
+    wanted = [n for n in named if n and any(_matches(n, t) for t in targets)]
+    if not wanted:
+        candidates = [n for n, m in named.items() if isinstance(m, (nn.Linear, nn.MultiheadAttention))]
+        raise ValueError(f"add_lora: no module matches targets {list(targets)}; linear/attention modules are: "
+                         f"{candidates[:20]}{' ...' if len(candidates) > 20 else ''}")
+    bad = [f"{n} ({type(named[n]).__name__})" for n in wanted
+           if not isinstance(named[n], (nn.Linear, nn.MultiheadAttention))]
+    if bad:
+        raise ValueError(f"add_lora: targets {list(targets)} match modules that are not nn.Linear or "
+                         f"nn.MultiheadAttention: {bad}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in wanted:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        module = named[name]
+        wrapped = (LoRALinear(module, r, alpha, dropout) if isinstance(module, nn.Linear)
+                   else LoRAPackedQKV(module, r, alpha, mha_parts))
+        setattr(parent, child, wrapped)
+    for t in trainable:
+        hits = [p for n, p in model.named_parameters() if n == t or n.startswith(t + ".")]
+        if not hits:
+            raise ValueError(f"add_lora: trainable={t!r} names no parameter of the model")
+        for p in hits:
+            p.requires_grad_(True)
+    return wanted
+
+
+def lora_layers(model: nn.Module) -> Iterable[nn.Module]:
+    return (m for m in model.modules() if isinstance(m, LORA_LAYERS))
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter: every trainable tensor (LoRA factors + trainable extras), detached CPU copies."""
+    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+
+
+def lora_factor(name: str) -> str | None:
+    """'A' or 'B' for a LoRA factor's state key (lora_A, lora_B_q, ...), None for other tensors."""
+    last = name.rpartition(".")[2]
+    return last[5] if last.startswith(("lora_A", "lora_B")) else None
+
+
+def check_state(state: dict, reference: dict[str, torch.Tensor], what: str = "state",
+                allow_rank_change: bool = False) -> None:
+    """Raise AdapterError unless `state` has exactly reference's keys, shapes, dtypes, and finite values.
+
+    With allow_rank_change, LoRA factors may differ in their rank dimension (A: dim 0, B: dim 1).
+    """
+    if not isinstance(state, dict):
+        raise AdapterError(f"{what}: expected a dict of tensors, got {type(state).__name__}")
+    missing, extra = sorted(set(reference) - set(state)), sorted(set(state) - set(reference))
+    if missing or extra:
+        raise AdapterError(f"{what}: keys do not match the model's adapter: missing {missing[:5]}, "
+                           f"unexpected {extra[:5]}")
+    for k, ref in reference.items():
+        t = state[k]
+        if not isinstance(t, torch.Tensor):
+            raise AdapterError(f"{what}: {k} is a {type(t).__name__}, not a tensor")
+        if t.dtype != ref.dtype:
+            raise AdapterError(f"{what}: {k} has dtype {t.dtype}, the model expects {ref.dtype}")
+        if t.shape != ref.shape:
+            rank_dim = {"A": 0, "B": 1}.get(lora_factor(k))
+            same_but_rank = (allow_rank_change and rank_dim is not None and t.dim() == ref.dim() == 2
+                             and t.shape[1 - rank_dim] == ref.shape[1 - rank_dim])
+            if not same_but_rank:
+                raise AdapterError(f"{what}: {k} has shape {tuple(t.shape)}, the model expects {tuple(ref.shape)}")
+        if not torch.isfinite(t).all():
+            raise AdapterError(f"{what}: {k} holds NaN or Inf values")
+
+
+@torch.no_grad()
+def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor], allow_rank_change: bool = False) -> None:
+    """Copy an adapter state into the model's trainable tensors; validate everything first, so a bad
+    state never loads partially. allow_rank_change=True replaces LoRA factors whose rank differs
+    (e.g. the rank-2r adapters of potara.merge_adapters(space="delta")); the scaling stays alpha/r."""
+    if any(m.merged for m in lora_layers(model)):
+        raise AdapterError("cannot load an adapter into a merged model: call unmerge_lora(model) first")
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    check_state(state, params, "adapter", allow_rank_change)
+    for k, p in params.items():
+        if state[k].shape == p.shape:
+            p.copy_(state[k])
+        else:  # a new rank: swap in a fresh Parameter of the new shape
+            module_name, _, attr = k.rpartition(".")
+            setattr(model.get_submodule(module_name), attr, nn.Parameter(state[k].to(p.device).clone()))
+
+
+def merge_lora(model: nn.Module) -> None:
+    for m in lora_layers(model):
+        m.merge()
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    for m in lora_layers(model):
+        m.unmerge()
+
+
+def lora_meta(model: nn.Module) -> dict:
+    """Plain-data description of the model's LoRA layers (what save_adapter stores beside the tensors)."""
+    layers = {n: {"r": int(m.r), "alpha": float(m.alpha), "scaling": float(m.scaling),
+                  "kind": type(m).__name__, **({"parts": m.parts} if isinstance(m, LoRAPackedQKV) else {})}
+              for n, m in model.named_modules() if isinstance(m, LORA_LAYERS)}
+    return {"targets": sorted(layers), "layers": layers}
+
+
+def save_adapter(path: str | os.PathLike, state: dict[str, torch.Tensor], meta: dict | None = None) -> None:
+    """Write tensors + meta (plain str/int/float/bool/list/dict only) to one file, atomically
+    (temporary file, then rename), so a crash never leaves a half-written adapter."""
+    path = os.fspath(path)
+    payload = {"format": ADAPTER_FORMAT, "meta": meta or {},
+               "state": {k: v.detach().to("cpu").contiguous() for k, v in state.items()}}
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a file written by save_adapter. Never executes code from the file (weights_only=True:
+    a pickle that tries to call anything is refused); checks the layout and finite values."""
+    path = os.fspath(path)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise AdapterError(f"{path}: no such adapter file") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, TypeError,
+            AttributeError, IndexError, KeyError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise AdapterError(f"{path}: not a readable potara adapter file (truncated, foreign or unsafe): "
+                           f"{first}") from None
+    if not isinstance(payload, dict) or payload.get("format") != ADAPTER_FORMAT:
+        raise AdapterError(f"{path}: not a potara adapter file (no '{ADAPTER_FORMAT}' marker)")
+    state, meta = payload.get("state"), payload.get("meta")
+    if not isinstance(state, dict) or not isinstance(meta, dict):
+        raise AdapterError(f"{path}: malformed adapter file (state or meta is not a dict)")
+    for k, v in state.items():
+        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+            raise AdapterError(f"{path}: malformed adapter file (entry {k!r} is not a named tensor)")
+        if not torch.isfinite(v).all():
+            raise AdapterError(f"{path}: {k} holds NaN or Inf values")
+    return state, meta

@@ -1,0 +1,306 @@
+"""Potara: merge a federated adapter phi_G and a local adapter phi_L with a closed-form weight.
+
+Read ../shared/ALGORITHM.md: (P) = the paper states it, (R) = a third-party reading of the
+paper, (OURS) = this project's reconstruction, to be checked against a grid search.
+
+Merge (P):      phi(lam) = lam * phi_G + (1 - lam) * phi_L    (both start from the same phi_0)
+Bound (P, R):   E[L_k(phi(lam))] <= L_k* + (beta/2) tr Var(phi(lam)),
+                tr Var(phi(lam)) = lam^2 a + (1 - lam)^2 b + 2 lam (1 - lam) c,
+                a = tr Sigma_G, b = tr Sigma_L, c = tr Sigma_GL.
+Closed form (R): lam* = (b - c) / (a + b - 2c), value (ab - c^2)/(a + b - 2c) <= min(a, b).
+Estimator "paper" (OURS, the default reconstruction of ALGORITHM.md), from the diagonal
+Fisher F of each model on n client samples:
+                a = sum_j 1/(F_G[j] + eps'),   b = sum_j 1/(F_L[j] + eps'),
+                rho = clip(sum_j X[j] / sqrt(sum_j E_G[j] sum_j E_L[j]), 0, 1),  c = min(rho sqrt(ab), a, b)
+where E = mean_i g_i^2 (empirical Fisher), X = mean_i g_G,i * g_L,i (the cross moment of the two
+models' per-sample log-likelihood gradients on the same samples: rho is their correlation), and
+eps' = eps * (mean entry of (F_G + F_L)/2) is relative (OURS), so lam does not change when the
+loss is rescaled.
+
+Everything takes `batches`, an iterable of (inputs, targets), and a pluggable `Likelihood`
+(default: classification log-softmax; `causal_lm_likelihood` for token-level LM answers).
+Usage:  merged, info = personalize(model, global_state, local_state, client_batches)
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call, grad, vmap
+
+from lora import lora_factor
+
+
+# ----------------------------------------------------------------------------- likelihoods
+@dataclass(frozen=True)
+class Likelihood:
+    """log_prob(output, targets) -> per-sample log p(targets | inputs), shape [batch];
+    sample(output, targets, generator) -> targets drawn from the model (for the true Fisher)."""
+    log_prob: Callable[[object, torch.Tensor], torch.Tensor]
+    sample: Callable[[object, torch.Tensor, torch.Generator | None], torch.Tensor]
+
+
+def _logits(output) -> torch.Tensor:
+    return output.logits if hasattr(output, "logits") else output
+
+
+def _sample_from(logits: torch.Tensor, generator) -> torch.Tensor:
+    probs = F.softmax(logits.float().reshape(-1, logits.shape[-1]), dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).reshape(logits.shape[:-1])
+
+
+classification_likelihood = Likelihood(
+    log_prob=lambda out, y: F.log_softmax(_logits(out).float(), -1).gather(-1, y.unsqueeze(-1)).squeeze(-1),
+    sample=lambda out, y, g: _sample_from(_logits(out).detach(), g),
+)
+
+
+def _lm_log_prob(out, labels: torch.Tensor) -> torch.Tensor:
+    # logits[:, t] predicts token t+1; label -100 marks prompt/padding (not scored)
+    logp = F.log_softmax(_logits(out)[:, :-1].float(), -1)
+    tgt = labels[:, 1:]
+    mask = tgt != -100
+    tok = logp.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (tok * mask).sum(-1)
+
+
+def _lm_sample(out, labels: torch.Tensor, generator) -> torch.Tensor:
+    # teacher-forced: each answer token drawn from p(. | prompt, true previous tokens)
+    drawn = _sample_from(_logits(out)[:, :-1].detach(), generator).to(labels.device)
+    sampled = labels.clone()
+    sampled[:, 1:] = torch.where(labels[:, 1:] != -100, drawn, labels[:, 1:])
+    return sampled
+
+
+causal_lm_likelihood = Likelihood(log_prob=_lm_log_prob, sample=_lm_sample)
+
+
+# ----------------------------------------------------------------------------- per-sample gradients
+def per_sample_grads(model: nn.Module, params: dict[str, torch.Tensor], inputs: torch.Tensor,
+                     targets: torch.Tensor, likelihood: Likelihood = classification_likelihood,
+                     chunk_size: int | None = None) -> dict[str, torch.Tensor]:
+    """grad_params log p(targets_i | inputs_i) for every sample i at once, shape [batch, *param.shape],
+    via torch.func: vmap(grad(f)) with functional_call (params override the model's own tensors)."""
+    frozen = {n: p for n, p in model.named_parameters() if n not in params}
+    buffers = dict(model.named_buffers())
+
+    def log_lik(p, x, y):
+        out = functional_call(model, (p, frozen, buffers), (x.unsqueeze(0),))
+        return likelihood.log_prob(out, y.unsqueeze(0)).sum()
+
+    return vmap(grad(log_lik), in_dims=(None, 0, 0), chunk_size=chunk_size)(params, inputs, targets)
+
+
+@dataclass
+class GradStats:
+    """Moments of per-sample log-likelihood gradients of the two adapters on the same n samples.
+    fisher_* uses the requested labels (empirical or sampled); sq_*, cross and mean_* use the true
+    labels: sq = mean g^2 (empirical Fisher), cross = mean g_G g_L, mean = mean g."""
+    n: int
+    fisher_G: dict[str, torch.Tensor]
+    fisher_L: dict[str, torch.Tensor]
+    sq_G: dict[str, torch.Tensor]
+    sq_L: dict[str, torch.Tensor]
+    cross: dict[str, torch.Tensor]
+    mean_G: dict[str, torch.Tensor]
+    mean_L: dict[str, torch.Tensor]
+
+
+def _first_samples(batches: Iterable, n_samples: int):
+    """Yield (inputs, targets) batches holding the first n_samples samples in total."""
+    if n_samples <= 0:
+        raise ValueError(f"n_samples must be positive, got {n_samples}")
+    left = n_samples
+    for inputs, targets in batches:
+        take = min(left, len(targets))
+        yield inputs[:take], targets[:take]
+        left -= take
+        if left == 0:
+            return
+    if left == n_samples:
+        raise ValueError("no samples: `batches` yielded nothing")
+
+
+def gradient_stats(model: nn.Module, global_state: dict, local_state: dict, batches: Iterable,
+                   n_samples: int = 32, labels: str = "empirical",
+                   likelihood: Likelihood = classification_likelihood, seed: int = 0,
+                   chunk_size: int | None = None) -> GradStats:
+    """One pass over the first n_samples of `batches`, per-sample gradients at phi_G and phi_L
+    (model in eval mode: no dropout), moments accumulated in float32 on the model's device."""
+    if labels not in ("empirical", "sampled"):
+        raise ValueError(f"labels must be 'empirical' or 'sampled', got {labels!r}")
+    device = next(model.parameters()).device
+    states = {"G": {k: v.to(device) for k, v in global_state.items()},
+              "L": {k: v.to(device) for k, v in local_state.items()}}
+    zeros = lambda: {k: torch.zeros(v.shape, dtype=torch.float32, device=device) for k, v in states["G"].items()}
+    acc = {name: zeros() for name in ("fisher_G", "fisher_L", "sq_G", "sq_L", "cross", "mean_G", "mean_L")}
+    gen = torch.Generator(device=device).manual_seed(seed)
+    was_training, n = model.training, 0
+    model.eval()
+    try:
+        for inputs, targets in _first_samples(batches, n_samples):
+            inputs, targets = inputs.to(device), targets.to(device)
+            g = {}
+            for m, params in states.items():
+                g[m] = {k: v.float() for k, v in per_sample_grads(model, params, inputs, targets, likelihood,
+                                                                    chunk_size).items()}
+                if labels == "sampled":
+                    with torch.no_grad():
+                        drawn = likelihood.sample(functional_call(model, params, (inputs,)), targets, gen)
+                    g_f = per_sample_grads(model, params, inputs, drawn, likelihood, chunk_size)
+                    for k, v in g_f.items():
+                        acc[f"fisher_{m}"][k] += v.float().pow(2).sum(0)
+            for k in acc["cross"]:
+                for m in ("G", "L"):
+                    acc[f"sq_{m}"][k] += g[m][k].pow(2).sum(0)
+                    acc[f"mean_{m}"][k] += g[m][k].sum(0)
+                acc["cross"][k] += (g["G"][k] * g["L"][k]).sum(0)
+            n += len(targets)
+    finally:
+        model.train(was_training)
+    stats = {name: {k: v / n for k, v in d.items()} for name, d in acc.items()}
+    if labels == "empirical":
+        stats["fisher_G"], stats["fisher_L"] = stats["sq_G"], stats["sq_L"]
+    return GradStats(n=n, **stats)
+
+
+def diag_fisher(model: nn.Module, batches: Iterable, n_samples: int = 32, labels: str = "empirical",
+                likelihood: Likelihood = classification_likelihood, seed: int = 0,
+                chunk_size: int | None = None) -> dict[str, torch.Tensor]:
+    """Diagonal Fisher of the model's current adapter: F[j] = (1/n) sum_i (d/dtheta_j log p(y_i|x_i))^2,
+    the mean of SQUARED PER-SAMPLE gradients (not the square of a batch gradient). labels="empirical"
+    uses the data's y_i (empirical Fisher); "sampled" draws y_i ~ p(.|x_i) from the model (true Fisher)."""
+    state = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    return gradient_stats(model, state, state, batches, n_samples, labels, likelihood, seed, chunk_size).fisher_G
+
+
+# ----------------------------------------------------------------------------- closed form
+def potara_weight(a: float, b: float, c: float, tol: float = 1e-12) -> float:
+    """lam* = argmin_lam lam^2 a + (1-lam)^2 b + 2 lam(1-lam) c = (b - c) / (a + b - 2c).
+
+    Documented edge cases (OURS, ALGORITHM.md leaves them open):
+      * a or b negative: ValueError (they are traces of covariances).
+      * NaN anywhere: warning, lam = 0.5 (no information).
+      * a = inf (federated model infinitely uncertain): lam = 0; b = inf: lam = 1; both: 0.5.
+      * c is clipped to [0, min(a, b)]: the range where lam* lies in [0, 1] (c < 0 would still give
+        lam* in (0, 1); clipping it to 0 matches the estimator's clip of rho to [0, 1]).
+      * a + b - 2c <= tol * (a + b) (equally uncertain and fully correlated, or a = b = 0): every
+        lam gives the same bound; lam = 0.5.
+    """
+    a, b, c = float(a), float(b), float(c)
+    if math.isnan(a) or math.isnan(b) or math.isnan(c):
+        warnings.warn(f"potara_weight: NaN in (a, b, c) = ({a}, {b}, {c}); using lam = 0.5")
+        return 0.5
+    if a < 0 or b < 0:
+        raise ValueError(f"potara_weight: a and b are variance traces and must be >= 0, got a={a}, b={b}")
+    if math.isinf(a) or math.isinf(b):
+        return 0.5 if math.isinf(a) and math.isinf(b) else (0.0 if math.isinf(a) else 1.0)
+    c = min(max(c, 0.0), a, b)
+    denom = a + b - 2 * c
+    if denom <= tol * (a + b) or denom <= 0:
+        return 0.5
+    return min(max((b - c) / denom, 0.0), 1.0)
+
+
+def variance_bound(lam: float, a: float, b: float, c: float) -> float:
+    """tr Var(phi(lam)) = lam^2 a + (1 - lam)^2 b + 2 lam (1 - lam) c."""
+    return lam * lam * a + (1 - lam) ** 2 * b + 2 * lam * (1 - lam) * c
+
+
+def module_of(name: str) -> str:
+    """Group key for granularity="module": the owning module (e.g. 'encoder.layers.0.self_attention')."""
+    return name.rpartition(".")[0]
+
+
+def _groups(keys, granularity: str) -> dict[str, list[str]]:
+    if granularity not in ("client", "module"):
+        raise ValueError(f"granularity must be 'client' or 'module', got {granularity!r}")
+    groups: dict[str, list[str]] = {}
+    for k in keys:
+        groups.setdefault("client" if granularity == "client" else module_of(k), []).append(k)
+    return groups
+
+
+def variance_terms(stats: GradStats, eps: float = 1e-3, granularity: str = "client"):
+    """The "paper" estimator of (a, b, c) (module docstring). Returns floats for granularity="client",
+    dicts {module: value} for "module" (one weight per adapted module)."""
+    if not eps > 0:
+        raise ValueError(f"eps must be positive, got {eps}")
+    a, b, c = {}, {}, {}
+    for group, keys in _groups(stats.fisher_G, granularity).items():
+        cat = lambda d: torch.cat([d[k].flatten().double() for k in keys])
+        FG, FL = cat(stats.fisher_G), cat(stats.fisher_L)
+        eps_abs = eps * float((FG + FL).mean()) / 2 or eps  # all-zero Fisher: fall back to absolute eps
+        a[group], b[group] = float((1 / (FG + eps_abs)).sum()), float((1 / (FL + eps_abs)).sum())
+        norm = math.sqrt(float(cat(stats.sq_G).sum()) * float(cat(stats.sq_L).sum()))
+        rho = min(max(float(cat(stats.cross).sum()) / norm, 0.0), 1.0) if norm > 0 else 0.0
+        c[group] = min(rho * math.sqrt(a[group] * b[group]), a[group], b[group])
+    if granularity == "client":
+        return a["client"], b["client"], c["client"]
+    return a, b, c
+
+
+# ----------------------------------------------------------------------------- merging
+def _lam_for(key: str, lam) -> float:
+    return float(lam[module_of(key)]) if isinstance(lam, dict) else float(lam)
+
+
+def merge_adapters(global_state: dict, local_state: dict, lam, space: str = "ab") -> dict[str, torch.Tensor]:
+    """Merge two adapters with weight lam on the global one (a float, or {module: lam}).
+
+    space="ab" (the paper's practice, R): every tensor, LoRA factors included, is
+        lam * G + (1 - lam) * L. Note B A of the result is NOT the convex merge of the two B A.
+    space="delta" (OURS, exact): each LoRA pair becomes a rank-2r adapter by concatenation,
+        A = [A_G; A_L],  B = [lam B_G, (1 - lam) B_L]  =>  B A = lam B_G A_G + (1 - lam) B_L A_L,
+    so the layer's output is exactly lam f_G(x) + (1 - lam) f_L(x); other tensors (heads, biases:
+    linear in the output) are combined convexly. Load with load_lora_state_dict(..., allow_rank_change=True).
+    """
+    if space not in ("ab", "delta"):
+        raise ValueError(f"space must be 'ab' or 'delta', got {space!r}")
+    if set(global_state) != set(local_state):
+        raise ValueError("merge_adapters: the two adapters have different keys")
+    merged = {}
+    for k, G in global_state.items():
+        L, w = local_state[k], _lam_for(k, lam)
+        if space == "delta" and lora_factor(k) == "A":
+            merged[k] = torch.cat([G, L], dim=0)
+        elif space == "delta" and lora_factor(k) == "B":
+            merged[k] = torch.cat([w * G, (1 - w) * L], dim=1).to(G.dtype)
+        else:
+            merged[k] = (w * G.double() + (1 - w) * L.double()).to(G.dtype)
+    return merged
+
+
+def fisher_merge(global_state: dict, local_state: dict, fisher_G: dict, fisher_L: dict,
+                 eps: float = 1e-8) -> dict[str, torch.Tensor]:
+    """Fisher merging baseline (Matena & Raffel, 2022): per parameter,
+    theta = (F_G theta_G + F_L theta_L) / (F_G + F_L), eps guarding entries where both are zero."""
+    out = {}
+    for k, G in global_state.items():
+        fg, fl = fisher_G[k].double().cpu() + eps, fisher_L[k].double().cpu() + eps
+        out[k] = ((fg * G.double() + fl * local_state[k].double()) / (fg + fl)).to(G.dtype)
+    return out
+
+
+ESTIMATORS = {"paper": variance_terms}
+
+
+def personalize(model: nn.Module, global_state: dict, local_state: dict, batches: Iterable,
+                n_samples: int = 32, labels: str = "empirical", eps: float = 1e-3, granularity: str = "client",
+                space: str = "ab", estimator: str = "paper", likelihood: Likelihood = classification_likelihood,
+                seed: int = 0) -> tuple[dict[str, torch.Tensor], dict]:
+    """The client-side Potara step: statistics on n_samples client samples -> (a, b, c) -> lam* ->
+    merged adapter. Returns (merged_state, info) with info = {a, b, c, lam, n_samples, ...}."""
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {estimator!r}; choose from {sorted(ESTIMATORS)}")
+    stats = gradient_stats(model, global_state, local_state, batches, n_samples, labels, likelihood, seed)
+    a, b, c = ESTIMATORS[estimator](stats, eps=eps, granularity=granularity)
+    lam = ({g: potara_weight(a[g], b[g], c[g]) for g in a} if isinstance(a, dict) else potara_weight(a, b, c))
+    info = {"a": a, "b": b, "c": c, "lam": lam, "n_samples": stats.n, "labels": labels, "eps": eps,
+            "granularity": granularity, "space": space, "estimator": estimator}
+    return merge_adapters(global_state, local_state, lam, space), info
