@@ -1,0 +1,143 @@
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fed import Client, FedState, fedavg, run_fedit, shuffled_batches, state_bytes, train_adapter
+from lora import AdapterError, add_lora, lora_factor, lora_state_dict
+
+
+def small_model(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    add_lora(model, ["0", "2"], r=2, alpha=4, trainable=["4"])
+    return model
+
+
+def make_clients(num=3, n=48, seed=0):
+    """Clients share a labelling rule (a fixed linear teacher) with client-specific input shifts."""
+    g = torch.Generator().manual_seed(seed)
+    teacher = torch.randn(6, 4, generator=g)
+    clients = []
+    for k in range(num):
+        x = torch.randn(n + 8 * k, 6, generator=g) + 0.3 * k
+        clients.append(Client(f"c{k}", x, (x @ teacher).argmax(1)))
+    return clients
+
+
+def total_loss(model, clients):
+    with torch.no_grad():
+        return sum(F.cross_entropy(model(c.inputs), c.targets, reduction="sum").item() for c in clients) / sum(
+            c.num_examples for c in clients)
+
+
+def test_fedavg_hand_computed_unequal_sizes():
+    s1 = {"w": torch.tensor([1.0, 2.0]), "b": torch.tensor([[0.0]])}
+    s2 = {"w": torch.tensor([5.0, -2.0]), "b": torch.tensor([[4.0]])}
+    s3 = {"w": torch.tensor([0.0, 0.0]), "b": torch.tensor([[8.0]])}
+    out = fedavg([s1, s2, s3], [1, 3, 4])  # weights 1/8, 3/8, 4/8
+    assert torch.equal(out["w"], torch.tensor([(1 + 15 + 0) / 8, (2 - 6 + 0) / 8]))
+    assert torch.equal(out["b"], torch.tensor([[(0 + 12 + 32) / 8]]))
+    assert out["w"].dtype == torch.float32
+    half = fedavg([{"w": torch.tensor([1.0], dtype=torch.float16)}, {"w": torch.tensor([2.0], dtype=torch.float16)}],
+                  [1, 1])
+    assert half["w"].dtype == torch.float16 and half["w"].item() == 1.5
+
+
+def test_fedavg_errors():
+    s = {"w": torch.zeros(2)}
+    with pytest.raises(ValueError, match="no client states"):
+        fedavg([], [])
+    with pytest.raises(ValueError, match="2 states but 1"):
+        fedavg([s, s], [1])
+    with pytest.raises(ValueError, match="positive total"):
+        fedavg([s, s], [0, 0])
+    with pytest.raises(ValueError, match="positive total"):
+        fedavg([s, s], [-1, 3])
+    with pytest.raises(AdapterError, match="missing"):
+        fedavg([s, {"v": torch.zeros(2)}], [1, 1])
+    with pytest.raises(AdapterError, match="shape"):
+        fedavg([s, {"w": torch.zeros(3)}], [1, 1])
+
+
+def test_train_adapter_touches_only_adapter_and_counts_examples():
+    model = small_model()
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    c = make_clients(1)[0]
+    before = lora_state_dict(model)
+    result = train_adapter(model, shuffled_batches(c.inputs, c.targets, 10, seed=0), steps=7, lr=1e-2,
+                           progress=False)
+    assert result.num_examples == 4 * 10 + 8 + 2 * 10  # 48 examples: an epoch is 10,10,10,10,8
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
+    assert any(not torch.equal(result.state[k], before[k]) for k in before)
+    with pytest.raises(ValueError, match="steps"):
+        train_adapter(model, [(c.inputs, c.targets)], steps=0, lr=1e-2)
+
+
+def test_shuffled_batches_cover_each_epoch():
+    x = torch.arange(10).float().unsqueeze(1)
+    it = shuffled_batches(x, torch.arange(10), 4, seed=3)
+    epoch = torch.cat([next(it)[1] for _ in range(3)])  # 4 + 4 + 2
+    assert sorted(epoch.tolist()) == list(range(10))
+
+
+def test_fedit_reduces_loss_and_counts_bytes():
+    model, clients = small_model(), make_clients()
+    init = lora_state_dict(model)
+    loss0 = total_loss(model, clients)
+    state = run_fedit(model, clients, rounds=6, local_steps=5, clients_per_round=2, lr=2e-2, seed=0,
+                      batch_size=16, progress=False)
+    assert all(torch.equal(v, init[k]) for k, v in lora_state_dict(model).items())  # model left at phi_0
+    from lora import load_lora_state_dict
+    load_lora_state_dict(model, state.global_state)
+    assert total_loss(model, clients) < 0.8 * loss0
+    adapter_bytes = sum(t.numel() * 4 for t in init.values())  # float32
+    assert len(state.history) == 6
+    for h in state.history:
+        assert len(h["clients"]) == 2 and len(set(h["clients"])) == 2
+        assert h["bytes_down"] == h["bytes_up"] == 2 * adapter_bytes
+    assert state_bytes(state.global_state) == adapter_bytes
+
+
+def test_fedit_resume_is_bitwise_and_uses_one_backbone(monkeypatch):
+    clients = make_clients()
+    full = run_fedit(small_model(), clients, rounds=3, local_steps=3, clients_per_round=2, lr=1e-2, seed=7,
+                     progress=False)
+    saved = []
+    model = small_model()
+    monkeypatch.setattr(copy, "deepcopy", lambda *a, **k: pytest.fail("run_fedit must not copy the model"))
+    run_fedit(model, clients, rounds=1, local_steps=3, clients_per_round=2, lr=1e-2, seed=7, progress=False,
+              on_round=lambda s: saved.append(FedState(s.round, dict(s.global_state),
+                                                       {k: dict(v) for k, v in s.private_states.items()},
+                                                       list(s.history))))
+    resumed = run_fedit(model, clients, rounds=3, local_steps=3, clients_per_round=2, lr=1e-2, seed=7,
+                        progress=False, resume=saved[-1])
+    assert [h["clients"] for h in resumed.history] == [h["clients"] for h in full.history]
+    assert all(torch.equal(resumed.global_state[k], full.global_state[k]) for k in full.global_state)
+
+
+def test_fedsa_shares_only_A():
+    model, clients = small_model(), make_clients()
+    init = lora_state_dict(model)
+    state = run_fedit(model, clients, rounds=2, local_steps=2, clients_per_round=3, lr=1e-2, seed=0,
+                      share=lambda k: lora_factor(k) == "A", progress=False)
+    assert set(state.global_state) == {k for k in init if lora_factor(k) == "A"}
+    a_bytes = sum(init[k].numel() * 4 for k in state.global_state)
+    assert all(h["bytes_up"] == 3 * a_bytes for h in state.history)
+    private = state.private_states
+    assert set(private) == {"c0", "c1", "c2"}
+    assert not torch.equal(private["c0"]["4.weight"], private["c1"]["4.weight"])  # heads stay personal
+
+
+def test_run_fedit_errors():
+    model, clients = small_model(), make_clients()
+    with pytest.raises(ValueError, match="clients_per_round"):
+        run_fedit(model, clients, 1, 1, 4, 1e-2, 0)
+    with pytest.raises(ValueError, match="no clients"):
+        run_fedit(model, [], 1, 1, 1, 1e-2, 0)
+    with pytest.raises(ValueError, match="local_steps"):
+        run_fedit(model, clients, 1, 0, 1, 1e-2, 0)
+    with pytest.raises(ValueError, match="selects no adapter"):
+        run_fedit(model, clients, 1, 1, 1, 1e-2, 0, share=lambda k: False)
