@@ -18,6 +18,8 @@ across rounds (FedSA-LoRA: share only the LoRA A factors, keep B and the head lo
 """
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
@@ -28,6 +30,7 @@ from tqdm.auto import tqdm
 
 from lora import check_state, load_lora_state_dict, lora_state_dict
 
+log = logging.getLogger("potara.fed")
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -136,6 +139,21 @@ class FedState:
     history: list[dict] = field(default_factory=list)
 
 
+def validate_update(update: dict[str, torch.Tensor], reference: dict[str, torch.Tensor],
+                    max_norm: float | None = None) -> str | None:
+    """Why a client's update must not be aggregated, or None if it is fine: wrong keys, shapes or
+    dtypes, NaN/Inf, or an L2 distance ||update - reference|| over all tensors above max_norm."""
+    try:
+        check_state(update, reference, what="update")
+    except ValueError as e:
+        return str(e)
+    if max_norm is not None:
+        norm = math.sqrt(sum(float((u.double() - reference[k].double()).pow(2).sum()) for k, u in update.items()))
+        if not norm <= max_norm:
+            return f"update norm {norm:.4g} exceeds --max-update-norm {max_norm:g}"
+    return None
+
+
 def _seed(*parts: int) -> int:
     s = 0
     for p in parts:
@@ -147,7 +165,8 @@ def run_fedit(model: nn.Module, clients: Sequence[Client], rounds: int, local_st
               lr: float, seed: int, batch_size: int = 32, weight_decay: float = 0.0,
               loss_fn: LossFn = classification_loss, share: Callable[[str], bool] | None = None,
               resume: FedState | None = None, on_round: Callable[[FedState], None] | None = None,
-              autocast_dtype: torch.dtype | None = None, progress: bool = True) -> FedState:
+              autocast_dtype: torch.dtype | None = None, progress: bool = True,
+              drop_prob: float = 0.0, max_update_norm: float | None = None) -> FedState:
     """FedIT from the model's current adapter (the shared initial adapter phi_0) for `rounds` rounds.
 
     Each round: sample `clients_per_round` clients without replacement, send each the global
@@ -156,12 +175,22 @@ def run_fedit(model: nn.Module, clients: Sequence[Client], rounds: int, local_st
     sent server->clients and clients->server (sum of numel * element_size of what was sent).
     `resume` continues a saved FedState; `on_round` is called after every round (checkpointing).
     The model's adapter is restored to phi_0 on return.
+
+    Untrusted clients: each returned update is checked (validate_update: keys, shapes, dtypes,
+    finite values, and ||phi_k - phi^t||_2 <= max_update_norm when given); a bad one is logged and
+    left out, and a round with no valid update keeps phi^t. `drop_prob` simulates clients that
+    received the adapter but never answered. history[t] lists "dropped" and "rejected" clients;
+    bytes count what was actually sent (down: to every selected client; up: every returned update).
     """
     if rounds < 0 or local_steps <= 0 or batch_size <= 0:
         raise ValueError(f"run_fedit: need rounds >= 0, local_steps > 0, batch_size > 0; got {rounds}, "
                          f"{local_steps}, {batch_size}")
     if not clients:
         raise ValueError("run_fedit: no clients")
+    if not 0.0 <= drop_prob < 1.0:
+        raise ValueError(f"run_fedit: drop_prob must be in [0, 1), got {drop_prob}")
+    if max_update_norm is not None and not max_update_norm > 0:
+        raise ValueError(f"run_fedit: max_update_norm must be positive, got {max_update_norm}")
     if not 1 <= clients_per_round <= len(clients):
         raise ValueError(f"run_fedit: clients_per_round must be in [1, {len(clients)}], got {clients_per_round}")
     share = share or (lambda name: True)
@@ -177,25 +206,36 @@ def run_fedit(model: nn.Module, clients: Sequence[Client], rounds: int, local_st
                       disable=not progress):
             g = torch.Generator().manual_seed(_seed(seed, t))
             picked = sorted(torch.randperm(len(clients), generator=g)[:clients_per_round].tolist())
-            updates, sizes, losses = [], [], []
+            dropped = [k for k, u in zip(picked, torch.rand(len(picked), generator=g).tolist()) if u < drop_prob]
+            updates, sizes, losses, rejected, up = [], [], [], [], 0
             for k in picked:
                 client = clients[k]
+                if k in dropped:
+                    continue
                 load_lora_state_dict(model, {**state.global_state, **state.private_states[client.name]})
                 torch.manual_seed(_seed(seed, t, k, 1))  # dropout etc.: reproducible per (round, client)
                 result = train_adapter(model, shuffled_batches(client.inputs, client.targets, batch_size,
                                                                _seed(seed, t, k)),
                                        local_steps, lr, weight_decay, loss_fn, autocast_dtype,
                                        desc=f"round {t} client {client.name}", progress=progress)
-                updates.append({k2: result.state[k2] for k2 in shared_keys})
+                update = {k2: result.state[k2] for k2 in shared_keys}
+                up += state_bytes(update)
+                reason = validate_update(update, state.global_state, max_update_norm)
+                if reason is not None:
+                    log.warning("round %d: rejected the update of client %s: %s", t, client.name, reason)
+                    rejected.append({"client": client.name, "reason": reason})
+                    continue
+                updates.append(update)
                 state.private_states[client.name] = {k2: v for k2, v in result.state.items() if k2 not in shared_keys}
                 sizes.append(client.num_examples)
                 losses.append(result.mean_loss)
-            state.global_state = fedavg(updates, sizes)
+            if updates:  # otherwise nothing valid came back: the global adapter stays as it was
+                state.global_state = fedavg(updates, sizes)
             state.round = t + 1
             state.history.append({"round": t, "clients": [clients[k].name for k in picked],
-                                  "mean_train_loss": sum(losses) / len(losses),
-                                  "bytes_down": down * len(picked),
-                                  "bytes_up": sum(state_bytes(u) for u in updates)})
+                                  "dropped": [clients[k].name for k in dropped], "rejected": rejected,
+                                  "mean_train_loss": sum(losses) / len(losses) if losses else None,
+                                  "bytes_down": down * len(picked), "bytes_up": up})
             if on_round is not None:
                 on_round(state)
     finally:

@@ -141,3 +141,46 @@ def test_run_fedit_errors():
         run_fedit(model, clients, 1, 0, 1, 1e-2, 0)
     with pytest.raises(ValueError, match="selects no adapter"):
         run_fedit(model, clients, 1, 1, 1, 1e-2, 0, share=lambda k: False)
+
+
+def test_bad_updates_are_rejected_and_the_rest_aggregated(caplog):
+    clients = make_clients()
+    poisoned = Client("poisoned", clients[0].inputs.clone(), clients[0].targets)
+    poisoned.inputs[0, 0] = float("nan")  # its training produces a NaN adapter
+    model = small_model()
+    with caplog.at_level("WARNING", logger="potara.fed"):
+        state = run_fedit(model, [clients[1], poisoned, clients[2]], rounds=1, local_steps=2, clients_per_round=3,
+                          lr=1e-2, seed=0, progress=False)
+    assert state.history[0]["rejected"][0]["client"] == "poisoned"
+    assert "NaN" in state.history[0]["rejected"][0]["reason"] and "poisoned" in caplog.text
+    assert all(torch.isfinite(v).all() for v in state.global_state.values())
+    # the poisoned client has no influence: another poison at its place gives the same aggregate
+    other = Client("poisoned", clients[0].inputs.clone(), clients[0].targets)
+    other.inputs[:, 1] = float("inf")
+    state2 = run_fedit(small_model(), [clients[1], other, clients[2]], rounds=1, local_steps=2, clients_per_round=3,
+                       lr=1e-2, seed=0, progress=False)
+    assert all(torch.equal(state.global_state[k], state2.global_state[k]) for k in state.global_state)
+    honest = run_fedit(small_model(), [clients[1], poisoned, clients[2]], rounds=1, local_steps=2,
+                       clients_per_round=3, lr=1e-2, seed=0, progress=False, max_update_norm=1e-9)
+    assert len(honest.history[0]["rejected"]) == 3  # a tiny norm bound rejects everyone ...
+    init = lora_state_dict(small_model())
+    assert all(torch.equal(honest.global_state[k], init[k]) for k in init)  # ... and phi stays phi_0
+    assert "norm" in honest.history[0]["rejected"][0]["reason"]
+    adapter_bytes = state_bytes(init)
+    assert state.history[0]["bytes_up"] == 3 * adapter_bytes  # rejected updates were still sent
+
+
+def test_dropout_clients_are_recorded_and_not_counted():
+    clients = make_clients(num=6)
+    state = run_fedit(small_model(), clients, rounds=8, local_steps=1, clients_per_round=4, lr=1e-2, seed=1,
+                      progress=False, drop_prob=0.5)
+    adapter_bytes = state_bytes(lora_state_dict(small_model()))
+    dropped = [len(h["dropped"]) for h in state.history]
+    assert 0 < sum(dropped) < 32
+    for h in state.history:
+        assert set(h["dropped"]) <= set(h["clients"])
+        assert h["bytes_down"] == 4 * adapter_bytes
+        assert h["bytes_up"] == (4 - len(h["dropped"])) * adapter_bytes
+    assert all(torch.isfinite(v).all() for v in state.global_state.values())
+    with pytest.raises(ValueError, match="drop_prob"):
+        run_fedit(small_model(), clients, 1, 1, 1, 1e-2, 0, drop_prob=1.0)
