@@ -20,6 +20,11 @@ loss is rescaled.
 Everything takes `batches`, an iterable of (inputs, targets), and a pluggable `Likelihood`
 (default: classification log-softmax; `causal_lm_likelihood` for token-level LM answers).
 Usage:  merged, info = personalize(model, global_state, local_state, client_batches)
+
+Degenerate numerics (documented, tested): a zero Fisher entry is absorbed by eps'; an all-zero
+Fisher warns and uses eps as absolute; NaN in a statistic warns and gives lam = 0.5; an infinite
+variance gives the other adapter all the weight; adapters with NaN/Inf are refused (AdapterError),
+so a NaN adapter never comes out of personalize.
 """
 from __future__ import annotations
 
@@ -33,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
-from lora import lora_factor
+from lora import check_state, lora_factor
 
 
 # ----------------------------------------------------------------------------- likelihoods
@@ -235,7 +240,10 @@ def variance_terms(stats: GradStats, eps: float = 1e-3, granularity: str = "clie
     for group, keys in _groups(stats.fisher_G, granularity).items():
         cat = lambda d: torch.cat([d[k].flatten().double() for k in keys])
         FG, FL = cat(stats.fisher_G), cat(stats.fisher_L)
-        eps_abs = eps * float((FG + FL).mean()) / 2 or eps  # all-zero Fisher: fall back to absolute eps
+        eps_abs = eps * float((FG + FL).mean()) / 2
+        if eps_abs == 0:  # no gradient signal at all: a = b, lam = 0.5 unless rho says otherwise
+            warnings.warn(f"variance_terms: the Fisher of group {group!r} is all zero; using absolute eps={eps}")
+            eps_abs = eps
         a[group], b[group] = float((1 / (FG + eps_abs)).sum()), float((1 / (FL + eps_abs)).sum())
         norm = math.sqrt(float(cat(stats.sq_G).sum()) * float(cat(stats.sq_L).sum()))
         rho = min(max(float(cat(stats.cross).sum()) / norm, 0.0), 1.0) if norm > 0 else 0.0
@@ -298,9 +306,13 @@ def personalize(model: nn.Module, global_state: dict, local_state: dict, batches
     merged adapter. Returns (merged_state, info) with info = {a, b, c, lam, n_samples, ...}."""
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown estimator {estimator!r}; choose from {sorted(ESTIMATORS)}")
+    check_state(global_state, global_state, what="global adapter")  # finite values
+    check_state(local_state, global_state, what="local adapter")  # same keys, shapes, dtypes; finite
     stats = gradient_stats(model, global_state, local_state, batches, n_samples, labels, likelihood, seed)
     a, b, c = ESTIMATORS[estimator](stats, eps=eps, granularity=granularity)
     lam = ({g: potara_weight(a[g], b[g], c[g]) for g in a} if isinstance(a, dict) else potara_weight(a, b, c))
     info = {"a": a, "b": b, "c": c, "lam": lam, "n_samples": stats.n, "labels": labels, "eps": eps,
             "granularity": granularity, "space": space, "estimator": estimator}
-    return merge_adapters(global_state, local_state, lam, space), info
+    merged = merge_adapters(global_state, local_state, lam, space)
+    check_state(merged, merged, what="merged adapter")  # never hand back a NaN adapter
+    return merged, info

@@ -223,3 +223,33 @@ def test_personalize_end_to_end():
             personalize(model, G, L, [(x, y)], **bad)
     with pytest.raises(ValueError, match="yielded nothing"):
         personalize(model, G, L, [])
+
+
+def _stats(FG, FL, cross):
+    t = lambda v: {"m.w": torch.tensor(v, dtype=torch.float32)}
+    return GradStats(n=1, fisher_G=t(FG), fisher_L=t(FL), sq_G=t(FG), sq_L=t(FL), cross=t(cross), mean_G={},
+                     mean_L={})
+
+
+def test_degenerate_statistics_warn_and_stay_finite():
+    with pytest.warns(UserWarning, match="all zero"):
+        a, b, c = variance_terms(_stats([0.0, 0.0], [0.0, 0.0], [0.0, 0.0]))
+    assert a == b and potara_weight(a, b, c) == 0.5
+    a, b, c = variance_terms(_stats([0.0, 1.0], [1.0, 1.0], [0.0, 1.0]))  # a zero entry: eps keeps a finite
+    assert math.isfinite(a) and a > b
+    a, b, c = variance_terms(_stats([float("nan"), 1.0], [1.0, 1.0], [0.0, 1.0]))
+    with pytest.warns(UserWarning, match="NaN"):
+        assert potara_weight(a, b, c) == 0.5
+
+
+def test_personalize_refuses_nan_adapters():
+    from lora import AdapterError
+    model = lora_vit()
+    G = lora_state_dict(model)
+    L = perturbed(G, 3)
+    L["heads.head.bias"][0] = float("nan")
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 5, (4,))
+    with pytest.raises(AdapterError, match="local adapter.*NaN"):
+        personalize(model, G, L, [(x, y)])
+    with pytest.raises(AdapterError, match="global adapter.*NaN"):
+        personalize(model, L, G, [(x, y)])
