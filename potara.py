@@ -17,6 +17,11 @@ models' per-sample log-likelihood gradients on the same samples: rho is their co
 eps' = eps * (mean entry of (F_G + F_L)/2) is relative (OURS), so lam does not change when the
 loss is rescaled.
 
+Other estimators (OURS, `personalize(estimator=...)`, derivations in their docstrings): "bias"
+(paper + each model's squared diagonal-Newton distance to the client optimum) and "quadratic"
+(the same closed form with a, b, c the curvature-weighted errors of a quadratic loss model, read
+off the two end-point gradients along the segment; meant for held-out client samples).
+
 Everything takes `batches`, an iterable of (inputs, targets), and a pluggable `Likelihood`
 (default: classification log-softmax; `causal_lm_likelihood` for token-level LM answers).
 Usage:  merged, info = personalize(model, global_state, local_state, client_batches)
@@ -105,7 +110,8 @@ def per_sample_grads(model: nn.Module, params: dict[str, torch.Tensor], inputs: 
 class GradStats:
     """Moments of per-sample log-likelihood gradients of the two adapters on the same n samples.
     fisher_* uses the requested labels (empirical or sampled); sq_*, cross and mean_* use the true
-    labels: sq = mean g^2 (empirical Fisher), cross = mean g_G g_L, mean = mean g."""
+    labels: sq = mean g^2 (empirical Fisher), cross = mean g_G g_L, mean = mean g.
+    delta = phi_G - phi_L; loglik_* = mean log p(y|x) of each adapter on the samples."""
     n: int
     fisher_G: dict[str, torch.Tensor]
     fisher_L: dict[str, torch.Tensor]
@@ -114,6 +120,9 @@ class GradStats:
     cross: dict[str, torch.Tensor]
     mean_G: dict[str, torch.Tensor]
     mean_L: dict[str, torch.Tensor]
+    delta: dict[str, torch.Tensor] = None
+    loglik_G: float = 0.0
+    loglik_L: float = 0.0
 
 
 def _first_samples(batches: Iterable, n_samples: int):
@@ -145,6 +154,7 @@ def gradient_stats(model: nn.Module, global_state: dict, local_state: dict, batc
     zeros = lambda: {k: torch.zeros(v.shape, dtype=torch.float32, device=device) for k, v in states["G"].items()}
     acc = {name: zeros() for name in ("fisher_G", "fisher_L", "sq_G", "sq_L", "cross", "mean_G", "mean_L")}
     gen = torch.Generator(device=device).manual_seed(seed)
+    loglik = {"G": torch.zeros((), device=device), "L": torch.zeros((), device=device)}
     was_training, n = model.training, 0
     model.eval()
     try:
@@ -154,9 +164,12 @@ def gradient_stats(model: nn.Module, global_state: dict, local_state: dict, batc
             for m, params in states.items():
                 g[m] = {k: v.float() for k, v in per_sample_grads(model, params, inputs, targets, likelihood,
                                                                     chunk_size).items()}
+                with torch.no_grad():
+                    output = functional_call(model, params, (inputs,))
+                    loglik[m] += likelihood.log_prob(output, targets).sum()
                 if labels == "sampled":
                     with torch.no_grad():
-                        drawn = likelihood.sample(functional_call(model, params, (inputs,)), targets, gen)
+                        drawn = likelihood.sample(output, targets, gen)
                     g_f = per_sample_grads(model, params, inputs, drawn, likelihood, chunk_size)
                     for k, v in g_f.items():
                         acc[f"fisher_{m}"][k] += v.float().pow(2).sum(0)
@@ -171,7 +184,8 @@ def gradient_stats(model: nn.Module, global_state: dict, local_state: dict, batc
     stats = {name: {k: v / n for k, v in d.items()} for name, d in acc.items()}
     if labels == "empirical":
         stats["fisher_G"], stats["fisher_L"] = stats["sq_G"], stats["sq_L"]
-    return GradStats(n=n, **stats)
+    delta = {k: (states["G"][k].float() - states["L"][k].float()) for k in states["G"]}
+    return GradStats(n=n, **stats, delta=delta, loglik_G=loglik["G"].item() / n, loglik_L=loglik["L"].item() / n)
 
 
 def diag_fisher(model: nn.Module, batches: Iterable, n_samples: int = 32, labels: str = "empirical",
@@ -231,26 +245,73 @@ def _groups(keys, granularity: str) -> dict[str, list[str]]:
     return groups
 
 
-def variance_terms(stats: GradStats, eps: float = 1e-3, granularity: str = "client"):
-    """The "paper" estimator of (a, b, c) (module docstring). Returns floats for granularity="client",
-    dicts {module: value} for "module" (one weight per adapted module)."""
+def _per_group(granularity: str, terms: Callable[[list[str]], tuple[float, float, float]], keys):
+    out = {g: terms(ks) for g, ks in _groups(keys, granularity).items()}
+    if granularity == "client":
+        return out["client"]
+    return tuple({g: v[i] for g, v in out.items()} for i in range(3))
+
+
+def _inverse_fisher_terms(stats: GradStats, eps: float, granularity: str, bias: bool):
     if not eps > 0:
         raise ValueError(f"eps must be positive, got {eps}")
-    a, b, c = {}, {}, {}
-    for group, keys in _groups(stats.fisher_G, granularity).items():
+
+    def terms(keys):
         cat = lambda d: torch.cat([d[k].flatten().double() for k in keys])
         FG, FL = cat(stats.fisher_G), cat(stats.fisher_L)
         eps_abs = eps * float((FG + FL).mean()) / 2
         if eps_abs == 0:  # no gradient signal at all: a = b, lam = 0.5 unless rho says otherwise
-            warnings.warn(f"variance_terms: the Fisher of group {group!r} is all zero; using absolute eps={eps}")
+            warnings.warn(f"variance_terms: the Fisher of {keys[0]!r}... is all zero; using absolute eps={eps}")
             eps_abs = eps
-        a[group], b[group] = float((1 / (FG + eps_abs)).sum()), float((1 / (FL + eps_abs)).sum())
+        a, b = float((1 / (FG + eps_abs)).sum()), float((1 / (FL + eps_abs)).sum())
+        if bias:  # + squared diagonal-Newton distance to the client optimum, (E[g] / F)^2
+            a += float((cat(stats.mean_G) / (FG + eps_abs)).pow(2).sum())
+            b += float((cat(stats.mean_L) / (FL + eps_abs)).pow(2).sum())
         norm = math.sqrt(float(cat(stats.sq_G).sum()) * float(cat(stats.sq_L).sum()))
         rho = min(max(float(cat(stats.cross).sum()) / norm, 0.0), 1.0) if norm > 0 else 0.0
-        c[group] = min(rho * math.sqrt(a[group] * b[group]), a[group], b[group])
-    if granularity == "client":
-        return a["client"], b["client"], c["client"]
-    return a, b, c
+        return a, b, min(rho * math.sqrt(a * b), a, b)
+
+    return _per_group(granularity, terms, list(stats.fisher_G))
+
+
+def variance_terms(stats: GradStats, eps: float = 1e-3, granularity: str = "client"):
+    """The "paper" estimator of (a, b, c) (module docstring). Returns floats for granularity="client",
+    dicts {module: value} for "module" (one weight per adapted module)."""
+    return _inverse_fisher_terms(stats, eps, granularity, bias=False)
+
+
+def bias_terms(stats: GradStats, eps: float = 1e-3, granularity: str = "client"):
+    """Estimator "bias" (OURS): "paper" plus each model's squared bias on the client's data,
+    a = sum_j 1/(F_G[j] + eps') + sum_j (E[g_G,j] / (F_G[j] + eps'))^2 (and b likewise): E[g]/F is the
+    diagonal-Newton step from the adapter to the client's optimum, so a model that fits the client
+    badly (large mean gradient) is no longer taken as certain just because its Fisher is large."""
+    return _inverse_fisher_terms(stats, eps, granularity, bias=True)
+
+
+def quadratic_terms(stats: GradStats, eps: float = 1e-3, granularity: str = "client"):
+    """Estimator "quadratic" (OURS): the paper's bound with realised, curvature-weighted errors.
+
+    Take the client loss near the adapters as L(phi) = L* + 1/2 (phi - phi*)^T H (phi - phi*). With
+    e_G = phi_G - phi*, e_L = phi_L - phi*:  L(phi(lam)) - L* = 1/2 [lam^2 a + (1-lam)^2 b + 2 lam(1-lam) c],
+    a = e_G^T H e_G, b = e_L^T H e_L, c = e_G^T H e_L, the same form as the variance bound, so the same
+    lam* = (b - c)/(a + b - 2c) minimises it. The end-point gradients grad L(phi_G) = H e_G and
+    grad L(phi_L) = H e_L give the two differences it needs, without H or phi*:
+        a - c = <grad L(phi_G), phi_G - phi_L>,   b - c = <grad L(phi_L), phi_L - phi_G>,
+    i.e. lam* is the minimiser of the quadratic through the two directional derivatives along the
+    segment. Returned as (a - c, b - c, 0). a - c <= 0 (the loss still falls beyond phi_G) gives lam = 1,
+    b - c <= 0 gives lam = 0, both (concave along the segment): the end with the smaller loss.
+    Estimate on held-out client samples: on the local adapter's own training samples grad L(phi_L) ~ 0,
+    which always favours phi_L. `eps` is unused (no inverse Fisher here).
+    """
+    def terms(keys):
+        dot = lambda mean: sum(float((mean[k].double() * stats.delta[k].double()).sum()) for k in keys)
+        a_c, b_c = -dot(stats.mean_G), dot(stats.mean_L)  # loss gradient = -(log-likelihood gradient)
+        if a_c <= 0 and b_c <= 0:
+            better_G = stats.loglik_G > stats.loglik_L
+            return (0.0, 1.0, 0.0) if better_G else (1.0, 0.0, 0.0) if stats.loglik_L > stats.loglik_G else (1.0, 1.0, 0.0)
+        return max(a_c, 0.0), max(b_c, 0.0), 0.0
+
+    return _per_group(granularity, terms, list(stats.mean_G))
 
 
 # ----------------------------------------------------------------------------- merging
@@ -295,7 +356,7 @@ def fisher_merge(global_state: dict, local_state: dict, fisher_G: dict, fisher_L
     return out
 
 
-ESTIMATORS = {"paper": variance_terms}
+ESTIMATORS = {"paper": variance_terms, "bias": bias_terms, "quadratic": quadratic_terms}
 
 
 def personalize(model: nn.Module, global_state: dict, local_state: dict, batches: Iterable,

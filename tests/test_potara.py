@@ -253,3 +253,34 @@ def test_personalize_refuses_nan_adapters():
         personalize(model, G, L, [(x, y)])
     with pytest.raises(AdapterError, match="global adapter.*NaN"):
         personalize(model, L, G, [(x, y)])
+
+
+def test_quadratic_estimator_is_exact_on_a_quadratic_loss():
+    # Gaussian regression: the loss is exactly quadratic in the weights, so the closed form must equal
+    # the argmin over lam of the loss on the same samples (an independent fine grid)
+    from potara import Likelihood
+    gauss = Likelihood(log_prob=lambda out, y: -0.5 * (out.squeeze(-1) - y) ** 2, sample=None)
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1, bias=False)
+    x = torch.randn(40, 4)
+    w_star = torch.randn(1, 4)
+    y = (x @ w_star.T).squeeze(-1) + 0.1 * torch.randn(40)
+    grid = torch.linspace(0, 1, 20001)
+    for seed in range(5):
+        g = torch.Generator().manual_seed(seed)
+        G = {"weight": w_star + 0.5 * torch.randn(1, 4, generator=g)}
+        L = {"weight": w_star + 0.5 * torch.randn(1, 4, generator=g) + (2.0 if seed == 4 else 0.0)}
+        _, info = personalize(model, G, L, [(x, y)], n_samples=40, estimator="quadratic", likelihood=gauss)
+        W = grid[:, None, None] * G["weight"] + (1 - grid[:, None, None]) * L["weight"]  # [grid, 1, 4]
+        losses = (0.5 * ((x @ W.transpose(1, 2)).squeeze(-1) - y) ** 2).mean(-1)
+        assert abs(info["lam"] - float(grid[losses.argmin()])) < 2e-4, seed
+
+
+def test_bias_estimator_adds_newton_distance():
+    stats = _stats([1.0, 4.0], [1.0, 4.0], [1.0, 4.0])
+    stats.mean_G = {"m.w": torch.tensor([2.0, 0.0])}
+    stats.mean_L = {"m.w": torch.tensor([0.0, 0.0])}
+    from potara import bias_terms
+    a0, b0, _ = variance_terms(stats, eps=1e-9)
+    a, b, _ = bias_terms(stats, eps=1e-9)
+    assert b == pytest.approx(b0) and a == pytest.approx(a0 + (2.0 / 1.0) ** 2)
