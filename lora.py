@@ -70,8 +70,15 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base(x)  # exactly the cost of a plain nn.Linear
-        # x -> A -> B keeps the intermediate at rank r: O(r (in + out)) per token, never forms B A
-        return self.base(x) + self.scaling * F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
+        # x -> A -> B keeps the intermediate at rank r: O(r (in + out)) per token, never forms B A.
+        # addmm adds scaling * h B^T to the base output in one kernel (no full-size temporaries for the
+        # product, its scale and the sum), and a contiguous B^T makes autograd compute B's gradient as
+        # h^T g, the fast orientation of that skinny product (bench.py, section "lora").
+        x2 = x.reshape(-1, x.shape[-1])
+        out = self.base(x2)
+        h = F.linear(self.dropout(x2), self.lora_A)
+        out = torch.addmm(out, h, self.lora_B.t().contiguous(), alpha=self.scaling)
+        return out.view(*x.shape[:-1], out.shape[-1])
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -93,9 +100,13 @@ class LoRAPackedQKV(nn.Module):
     """LoRA on parts of nn.MultiheadAttention's packed in-projection (default: q and v, k untouched).
 
     MultiheadAttention stores W_q, W_k, W_v stacked as one in_proj_weight (3E x E) and runs its
-    own fused kernel, so we adapt in weight space: W = W0 + (alpha/r) [B_q A_q; 0; B_v A_v], and
-    call the wrapped module with W swapped in (torch.func.functional_call), gradients flowing to
-    the factors. The q part is mathematically the same as LoRALinear on a separate q projection.
+    own fused kernel, so in general we adapt in weight space: W = W0 + (alpha/r) [B_q A_q; 0; B_v A_v],
+    and call the wrapped module with W swapped in (torch.func.functional_call), gradients flowing to
+    the factors. For plain self-attention (the ViT case: query is key is value, no masks, no attention
+    weights returned) the forward instead runs in activation space, q = x W_q^T + b_q + (alpha/r) x A_q^T B_q^T,
+    then attention exactly as MultiheadAttention computes it: the same function, but autograd never forms
+    the full 3E x E weight gradient (per sample, under torch.func) -- bench.py sections "lora" and "fisher".
+    The q part is mathematically the same as LoRALinear on a separate q projection.
     Input dropout cannot be applied in weight space, so `dropout` is not offered here.
     Factors are named lora_A_q, lora_B_q, lora_A_v, lora_B_v.
     """
@@ -129,11 +140,37 @@ class LoRAPackedQKV(nn.Module):
     def getattr_lora(self, which: str, part: str) -> torch.Tensor:
         return getattr(self, f"lora_{which}_{part}")
 
-    def forward(self, *args, **kwargs):
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        """nn.MultiheadAttention.forward's signature and results."""
+        mha = self.base
+        kwargs = dict(key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
+                      average_attn_weights=average_attn_weights, is_causal=is_causal)
         if self.merged:
-            return self.base(*args, **kwargs)
-        weight = self.base.in_proj_weight + self.delta_weight()
-        return functional_call(self.base, {"in_proj_weight": weight}, args, kwargs)
+            return mha(query, key, value, **kwargs)
+        if (query is key and key is value and not need_weights and key_padding_mask is None and attn_mask is None
+                and not is_causal and mha.bias_k is None and not mha.add_zero_attn):
+            return self._self_attention(query), None
+        weight = mha.in_proj_weight + self.delta_weight()
+        return functional_call(mha, {"in_proj_weight": weight}, (query, key, value), kwargs)
+
+    def _self_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """Plain self-attention with the LoRA terms added to q/k/v in activation space (as LoRALinear)."""
+        mha, E = self.base, self.base.embed_dim
+        unbatched = x.dim() == 2
+        x = x.unsqueeze(0) if unbatched else x if mha.batch_first else x.transpose(0, 1)  # [batch, tokens, E]
+        n, t = x.shape[0], x.shape[1]
+        x2, heads = x.reshape(n * t, E), []
+        for i, p in enumerate("qkv"):
+            bias = None if mha.in_proj_bias is None else mha.in_proj_bias[i * E:(i + 1) * E]
+            y = F.linear(x2, mha.in_proj_weight[i * E:(i + 1) * E], bias)
+            if p in self.parts:
+                y = torch.addmm(y, F.linear(x2, self.getattr_lora("A", p)), self.getattr_lora("B", p).t().contiguous(),
+                                alpha=self.scaling)
+            heads.append(y.view(n, t, mha.num_heads, mha.head_dim).transpose(1, 2))  # [batch, heads, tokens, dim]
+        o = F.scaled_dot_product_attention(*heads, dropout_p=mha.dropout if mha.training else 0.0)
+        o = mha.out_proj(o.transpose(1, 2).reshape(n * t, E)).view(n, t, E)
+        return o.squeeze(0) if unbatched else o if mha.batch_first else o.transpose(0, 1)
 
     @torch.no_grad()
     def merge(self) -> None:

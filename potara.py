@@ -43,6 +43,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
+try:  # torch >= 2.3; older versions only lose speed (vmap then loops over fused attention kernels)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    _batchable_attention = lambda: sdpa_kernel([SDPBackend.MATH])
+except ImportError:  # pragma: no cover
+    from contextlib import nullcontext as _batchable_attention
+
 from lora import check_state, lora_factor
 
 
@@ -96,14 +102,24 @@ def per_sample_grads(model: nn.Module, params: dict[str, torch.Tensor], inputs: 
                      chunk_size: int | None = None) -> dict[str, torch.Tensor]:
     """grad_params log p(targets_i | inputs_i) for every sample i at once, shape [batch, *param.shape],
     via torch.func: vmap(grad(f)) with functional_call (params override the model's own tensors)."""
+    return _grads_and_log_prob(model, params, inputs, targets, likelihood, chunk_size)[0]
+
+
+def _grads_and_log_prob(model, params, inputs, targets, likelihood, chunk_size=None):
+    """per_sample_grads plus the per-sample log p(targets_i | inputs_i) of the same forward pass."""
     frozen = {n: p for n, p in model.named_parameters() if n not in params}
     buffers = dict(model.named_buffers())
 
     def log_lik(p, x, y):
         out = functional_call(model, (p, frozen, buffers), (x.unsqueeze(0),))
-        return likelihood.log_prob(out, y.unsqueeze(0)).sum()
+        log_p = likelihood.log_prob(out, y.unsqueeze(0)).sum()
+        return log_p, log_p.detach()
 
-    return vmap(grad(log_lik), in_dims=(None, 0, 0), chunk_size=chunk_size)(params, inputs, targets)
+    # The math attention backend: vmap has batching rules for its plain matmul/softmax ops, but not
+    # for the fused CPU flash kernel (and its backward), where it falls back to a per-sample Python
+    # loop (bench.py, section "fisher"). Same values, up to float rounding.
+    with _batchable_attention():
+        return vmap(grad(log_lik, has_aux=True), in_dims=(None, 0, 0), chunk_size=chunk_size)(params, inputs, targets)
 
 
 @dataclass
@@ -145,9 +161,11 @@ def gradient_stats(model: nn.Module, global_state: dict, local_state: dict, batc
                    likelihood: Likelihood = classification_likelihood, seed: int = 0,
                    chunk_size: int | None = None) -> GradStats:
     """One pass over the first n_samples of `batches`, per-sample gradients at phi_G and phi_L
-    (model in eval mode: no dropout), moments accumulated in float32 on the model's device."""
+    (model in eval mode: no dropout), moments accumulated in float32 on the model's device.
+    When global_state IS local_state (diag_fisher), the gradients are computed once and shared."""
     if labels not in ("empirical", "sampled"):
         raise ValueError(f"labels must be 'empirical' or 'sampled', got {labels!r}")
+    same = global_state is local_state
     device = next(model.parameters()).device
     states = {"G": {k: v.to(device) for k, v in global_state.items()},
               "L": {k: v.to(device) for k, v in local_state.items()}}
@@ -162,25 +180,34 @@ def gradient_stats(model: nn.Module, global_state: dict, local_state: dict, batc
             inputs, targets = inputs.to(device), targets.to(device)
             g = {}
             for m, params in states.items():
-                g[m] = {k: v.float() for k, v in per_sample_grads(model, params, inputs, targets, likelihood,
-                                                                    chunk_size).items()}
-                with torch.no_grad():
-                    output = functional_call(model, params, (inputs,))
-                    loglik[m] += likelihood.log_prob(output, targets).sum()
+                if m == "L" and same:  # one model: its statistics are G's (copied after the loop)
+                    continue
+                grads, log_p = _grads_and_log_prob(model, params, inputs, targets, likelihood, chunk_size)
+                g[m] = {k: v.float() for k, v in grads.items()}
+                loglik[m] += log_p.sum()  # from the gradient pass itself: no extra forward
                 if labels == "sampled":
                     with torch.no_grad():
-                        drawn = likelihood.sample(output, targets, gen)
+                        drawn = likelihood.sample(functional_call(model, params, (inputs,)), targets, gen)
                     g_f = per_sample_grads(model, params, inputs, drawn, likelihood, chunk_size)
                     for k, v in g_f.items():
                         acc[f"fisher_{m}"][k] += v.float().pow(2).sum(0)
             for k in acc["cross"]:
-                for m in ("G", "L"):
-                    acc[f"sq_{m}"][k] += g[m][k].pow(2).sum(0)
-                    acc[f"mean_{m}"][k] += g[m][k].sum(0)
-                acc["cross"][k] += (g["G"][k] * g["L"][k]).sum(0)
+                sq_G = g["G"][k].pow(2).sum(0)
+                acc["sq_G"][k] += sq_G
+                acc["mean_G"][k] += g["G"][k].sum(0)
+                if same:
+                    acc["cross"][k] += sq_G
+                else:
+                    acc["sq_L"][k] += g["L"][k].pow(2).sum(0)
+                    acc["mean_L"][k] += g["L"][k].sum(0)
+                    acc["cross"][k] += (g["G"][k] * g["L"][k]).sum(0)
             n += len(targets)
     finally:
         model.train(was_training)
+    if same:
+        for name in ("sq", "mean", "fisher"):
+            acc[f"{name}_L"] = acc[f"{name}_G"]
+        loglik["L"] = loglik["G"]
     stats = {name: {k: v / n for k, v in d.items()} for name, d in acc.items()}
     if labels == "empirical":
         stats["fisher_G"], stats["fisher_L"] = stats["sq_G"], stats["sq_L"]
@@ -359,6 +386,16 @@ def fisher_merge(global_state: dict, local_state: dict, fisher_G: dict, fisher_L
 ESTIMATORS = {"paper": variance_terms, "bias": bias_terms, "quadratic": quadratic_terms}
 
 
+def weight_from_stats(stats: GradStats, estimator: str = "paper", eps: float = 1e-3, granularity: str = "client"):
+    """(a, b, c) of the estimator -> lam* = potara_weight(a, b, c). Returns (lam, {"a", "b", "c"}): floats
+    for granularity="client", dicts {module: value} for "module"."""
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {estimator!r}; choose from {sorted(ESTIMATORS)}")
+    a, b, c = ESTIMATORS[estimator](stats, eps=eps, granularity=granularity)
+    lam = {g: potara_weight(a[g], b[g], c[g]) for g in a} if isinstance(a, dict) else potara_weight(a, b, c)
+    return lam, {"a": a, "b": b, "c": c}
+
+
 def personalize(model: nn.Module, global_state: dict, local_state: dict, batches: Iterable,
                 n_samples: int = 32, labels: str = "empirical", eps: float = 1e-3, granularity: str = "client",
                 space: str = "ab", estimator: str = "paper", likelihood: Likelihood = classification_likelihood,
@@ -370,9 +407,8 @@ def personalize(model: nn.Module, global_state: dict, local_state: dict, batches
     check_state(global_state, global_state, what="global adapter")  # finite values
     check_state(local_state, global_state, what="local adapter")  # same keys, shapes, dtypes; finite
     stats = gradient_stats(model, global_state, local_state, batches, n_samples, labels, likelihood, seed)
-    a, b, c = ESTIMATORS[estimator](stats, eps=eps, granularity=granularity)
-    lam = ({g: potara_weight(a[g], b[g], c[g]) for g in a} if isinstance(a, dict) else potara_weight(a, b, c))
-    info = {"a": a, "b": b, "c": c, "lam": lam, "n_samples": stats.n, "labels": labels, "eps": eps,
+    lam, terms = weight_from_stats(stats, estimator, eps, granularity)
+    info = {**terms, "lam": lam, "n_samples": stats.n, "labels": labels, "eps": eps,
             "granularity": granularity, "space": space, "estimator": estimator}
     merged = merge_adapters(global_state, local_state, lam, space)
     check_state(merged, merged, what="merged adapter")  # never hand back a NaN adapter

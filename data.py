@@ -1,0 +1,216 @@
+"""CIFAR-100 for federated personalisation: the loader, client partitions, and an offline synthetic
+stand-in written in the real `cifar-100-python` layout and read back by the same loader.
+
+    data = load_cifar100("data")                       # torchvision; downloads when online
+    parts = dirichlet_partition(data.labels, num_clients=10, alpha=0.5, samples_per_client=1500, seed=0)
+    parts = class_split_partition(data.labels, data.coarse_labels, 10, 1500, seed=0)   # task split
+    train, val, test = split_client(parts[0], (1000, 100, 400), seed=0)
+    public = unassigned(len(data.labels), parts)      # images no client holds (backbone pre-training)
+    write_synthetic_cifar100("data/synthetic")        # offline: same files, learnable classes
+
+Images stay uint8 tensors (N, 3, 32, 32); resizing and normalisation happen inside the model.
+All partitions are deterministic for a seed (numpy Generator) and return per-client index arrays.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.datasets import CIFAR100
+
+SYNTHETIC_MARKER = "potara-synthetic.json"  # inside cifar-100-python/: tells the loader to skip torchvision's md5s
+
+
+class DataError(ValueError):
+    """Data that cannot be loaded or a partition that cannot be made (one-line message)."""
+
+
+@dataclass
+class CifarData:
+    images: torch.Tensor         # uint8 (N, 3, 32, 32): the 50000 train then the 10000 test images
+    labels: np.ndarray           # fine labels (N,), 0..99
+    coarse_labels: np.ndarray    # superclass labels (N,), 0..19
+    classes: list[str]
+    synthetic: bool
+
+
+class _UncheckedCIFAR100(CIFAR100):
+    """torchvision's reader without its md5 checks: the synthetic files have their own checksums."""
+    train_list = [["train", None]]
+    test_list = [["test", None]]
+    meta = {**CIFAR100.meta, "md5": None}
+
+
+def load_cifar100(root: str, download: bool = True) -> CifarData:
+    """Train + test images of CIFAR-100 under root/cifar-100-python via torchvision.datasets.CIFAR100
+    (md5-checked; downloaded when missing and `download`). Synthetic files (write_synthetic_cifar100)
+    are read by the same reader, minus the md5 check. Errors are one-line DataErrors."""
+    folder = os.path.join(root, CIFAR100.base_folder)
+    synthetic = os.path.exists(os.path.join(folder, SYNTHETIC_MARKER))
+    reader = _UncheckedCIFAR100 if synthetic else CIFAR100
+    try:
+        parts = [reader(root, train=train, download=download and not synthetic) for train in (True, False)]
+    except Exception as e:  # URLError, OSError, RuntimeError("not found or corrupted"), ...
+        if not os.path.isdir(folder):
+            how = f"download failed (offline?: {type(e).__name__})" if download else "download=False"
+            raise DataError(f"CIFAR-100 not found under {folder} and {how}: put the extracted cifar-100-python "
+                            f"folder under {root} or pass --data synthetic") from None
+        raise DataError(f"CIFAR-100 under {folder} is unreadable ({str(e).splitlines()[0] if str(e) else e!r}): "
+                        "delete the folder to download it again, or pass --data synthetic") from None
+    coarse = []
+    for name in ("train", "test"):  # torchvision keeps only the fine labels
+        with open(os.path.join(folder, name), "rb") as f:
+            coarse.extend(pickle.load(f, encoding="latin1")["coarse_labels"])
+    images = torch.from_numpy(np.concatenate([p.data for p in parts])).permute(0, 3, 1, 2).contiguous()
+    labels = np.concatenate([np.asarray(p.targets, dtype=np.int64) for p in parts])
+    return CifarData(images, labels, np.asarray(coarse, dtype=np.int64), list(parts[0].classes), synthetic)
+
+
+# ----------------------------------------------------------------------------- partitions
+def _check_sizes(num_samples: int, num_clients: int, samples_per_client: int) -> None:
+    if num_clients < 1 or samples_per_client < 1:
+        raise DataError(f"need num_clients >= 1 and samples_per_client >= 1, got {num_clients}, {samples_per_client}")
+    if num_clients * samples_per_client > num_samples:
+        raise DataError(f"{num_clients} clients x {samples_per_client} samples = {num_clients * samples_per_client} "
+                        f"> the {num_samples} samples available")
+
+
+def dirichlet_partition(labels: Sequence[int], num_clients: int, alpha: float, samples_per_client: int | None = None,
+                        seed: int = 0) -> list[np.ndarray]:
+    """Label-skew partition (the paper's setting): client k draws its class mix q_k ~ Dir(alpha * 1_C)
+    and then samples_per_client disjoint samples with labels ~ q_k, without replacement; when a class
+    runs out, q_k is renormalised over the classes left. Small alpha: a few classes per client;
+    alpha -> inf: every client sees the global label distribution. Default size: an equal share."""
+    labels = np.asarray(labels)
+    if not alpha > 0 or not np.isfinite(alpha):
+        raise DataError(f"Dirichlet alpha must be a positive number, got {alpha}")
+    n = samples_per_client if samples_per_client is not None else len(labels) // max(num_clients, 1)
+    _check_sizes(len(labels), num_clients, n)
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    pools = [rng.permutation(np.flatnonzero(labels == c)) for c in classes]
+    used = np.zeros(len(classes), dtype=np.int64)
+    avail_total = np.array([len(p) for p in pools])
+    parts = []
+    for _ in range(num_clients):
+        q = rng.dirichlet(np.full(len(classes), float(alpha)))
+        if not np.isfinite(q).all() or q.sum() <= 0:  # alpha so small that every gamma draw underflowed
+            q = np.eye(len(classes))[rng.integers(len(classes))]
+        take, need = np.zeros(len(classes), dtype=np.int64), n
+        while need > 0:
+            avail = avail_total - used - take
+            w = q * (avail > 0)
+            w = w if w.sum() > 0 else (avail > 0).astype(float)  # its classes are exhausted: any class left
+            draw = np.minimum(rng.multinomial(need, w / w.sum()), avail)
+            take += draw
+            need -= int(draw.sum())
+        parts.append(np.sort(np.concatenate([pools[c][used[c]:used[c] + take[c]] for c in range(len(classes))])))
+        used += take
+    return parts
+
+
+def class_split_partition(labels: Sequence[int], groups: Sequence[int], num_clients: int, samples_per_client: int,
+                          seed: int = 0) -> list[np.ndarray]:
+    """Task split: the groups (e.g. CIFAR-100's 20 superclasses, `groups` = coarse label of each sample)
+    are dealt out to clients, each client owning disjoint groups; it samples uniformly from its groups'
+    images. `labels` is only used to check that sizes match."""
+    groups = np.asarray(groups)
+    if len(groups) != len(labels):
+        raise DataError(f"{len(labels)} labels but {len(groups)} group ids")
+    ids = np.unique(groups)
+    if not 1 <= num_clients <= len(ids):
+        raise DataError(f"a class split needs 1 <= clients <= the {len(ids)} groups, got {num_clients} clients")
+    _check_sizes(len(groups), num_clients, samples_per_client)
+    rng = np.random.default_rng(seed)
+    parts = []
+    for owned in np.array_split(rng.permutation(ids), num_clients):
+        pool = np.flatnonzero(np.isin(groups, owned))
+        if len(pool) < samples_per_client:
+            raise DataError(f"groups {sorted(owned.tolist())} hold {len(pool)} samples, fewer than the "
+                            f"{samples_per_client} asked per client")
+        parts.append(np.sort(rng.choice(pool, samples_per_client, replace=False)))
+    return parts
+
+
+def split_client(indices: np.ndarray, sizes: Sequence[int], seed: int = 0) -> list[np.ndarray]:
+    """A client's indices -> disjoint random parts of the given sizes (train, val, test), all drawn from
+    the same client distribution."""
+    if any(s < 0 for s in sizes) or sum(sizes) > len(indices):
+        raise DataError(f"cannot split {len(indices)} samples into parts of sizes {list(sizes)}")
+    perm = np.random.default_rng(seed).permutation(np.asarray(indices))
+    return [np.sort(p) for p in np.split(perm[:sum(sizes)], np.cumsum(sizes)[:-1])]
+
+
+def unassigned(num_samples: int, parts: Sequence[np.ndarray]) -> np.ndarray:
+    """Indices no client holds (the public pool, e.g. for pre-training a backbone)."""
+    mask = np.ones(num_samples, dtype=bool)
+    for p in parts:
+        mask[p] = False
+    return np.flatnonzero(mask)
+
+
+# ----------------------------------------------------------------------------- synthetic source
+def _smooth_fields(rng: np.random.Generator, n: int, grid: int) -> np.ndarray:
+    """n random low-frequency colour fields (n, 3, 32, 32): N(0, 1) on a grid x grid lattice, bilinear up."""
+    coarse = torch.from_numpy(rng.standard_normal((n, 3, grid, grid)).astype(np.float32))
+    return F.interpolate(coarse, size=(32, 32), mode="bilinear", align_corners=False).numpy()
+
+
+def write_synthetic_cifar100(root: str, train_per_class: int = 500, test_per_class: int = 100, seed: int = 0,
+                             noise: float = 0.5) -> str:
+    """Write root/cifar-100-python/{train,test,meta} in the real pickle layout (uint8 rows of 3072 =
+    3 x 32 x 32 planes, fine and coarse labels, label names), reused when already written with the same
+    parameters. Generative model (no class is easier for any method by design):
+      superclass s = 0..19:  S_s, a smooth field (4 x 4 lattice, bilinear up to 32 x 32)
+      fine class c = 5s..5s+4: P_c = S_s + 0.7 D_c, D_c a finer smooth field (8 x 8 lattice): fine classes
+                               share their superclass's structure, so they are confusable
+      image i of class c:    x = g_i roll(P_c, shift_i) + beta_i + 0.6 N_i + noise * e_i
+                               g_i ~ U(0.7, 1.3) contrast, shift_i uniform in [-3, 3]^2 pixels (wrapping),
+                               beta_i ~ N(0, 0.3^2) per channel brightness, N_i a smooth nuisance field
+                               (4 x 4 lattice, like a superclass pattern), e_i ~ N(0, 1) pixel noise
+      pixel = clip(128 + 48 x, 0, 255) as uint8.
+    Learnable (class means differ) but not separable from one image (shift, nuisance, noise)."""
+    folder = os.path.join(root, CIFAR100.base_folder)
+    params = {"train_per_class": train_per_class, "test_per_class": test_per_class, "seed": seed, "noise": noise,
+              "version": 1}
+    marker = os.path.join(folder, SYNTHETIC_MARKER)
+    if os.path.exists(marker):
+        with open(marker) as f:
+            if json.load(f) == params:
+                return folder
+    if train_per_class < 1 or test_per_class < 1:
+        raise DataError(f"synthetic data needs >= 1 image per class and split, got {train_per_class}, {test_per_class}")
+    os.makedirs(folder, exist_ok=True)
+    if os.path.exists(marker):
+        os.remove(marker)  # written last: a half-written set of files is never taken for a finished one
+    rng = np.random.default_rng(seed)
+    proto = np.repeat(_smooth_fields(rng, 20, 4), 5, axis=0) + 0.7 * _smooth_fields(rng, 100, 8)
+    for name, per_class in (("train", train_per_class), ("test", test_per_class)):
+        rows, fine = [], []
+        for c in range(100):
+            g = rng.uniform(0.7, 1.3, (per_class, 1, 1, 1)).astype(np.float32)
+            shifts = rng.integers(-3, 4, (per_class, 2))
+            x = np.stack([np.roll(proto[c], tuple(s), axis=(1, 2)) for s in shifts]) * g
+            x += rng.normal(0, 0.3, (per_class, 3, 1, 1)) + 0.6 * _smooth_fields(rng, per_class, 4)
+            x += noise * rng.standard_normal(x.shape)
+            rows.append(np.clip(128 + 48 * x, 0, 255).astype(np.uint8).reshape(per_class, -1))
+            fine += [c] * per_class
+        order = rng.permutation(len(fine))
+        fine = np.asarray(fine)[order]
+        entry = {"filenames": [f"synthetic_{name}_{i}.png" for i in range(len(fine))],
+                 "batch_label": f"synthetic {name} batch", "fine_labels": fine.tolist(),
+                 "coarse_labels": (fine // 5).tolist(), "data": np.concatenate(rows)[order]}
+        with open(os.path.join(folder, name), "wb") as f:
+            pickle.dump(entry, f)
+    with open(os.path.join(folder, "meta"), "wb") as f:
+        pickle.dump({"fine_label_names": [f"synthetic_class_{c:02d}" for c in range(100)],
+                     "coarse_label_names": [f"synthetic_superclass_{s:02d}" for s in range(20)]}, f)
+    with open(marker, "w") as f:
+        json.dump(params, f)
+    return folder

@@ -1,0 +1,304 @@
+"""Text data for run_llm.py: the JSONL task format, a byte-level tokenizer, answer-only token labels,
+and synthetic tasks (one per client) plus their public pre-training corpus, all offline.
+
+JSONL format (one file per client task, `<task>.jsonl`, one JSON object per line):
+    {"prompt": "Review: a gripping, funny film.\\nSentiment:", "answer": "positive",
+     "options": ["negative", "positive"]}                      # multiple choice: answer is one option
+    {"prompt": "Context: ... Question: who wrote it?\\nAnswer:", "answer": "Tolkien"}   # free-form
+The model reads  prompt + " " + answer + <eos>  (the space is the harness-style target delimiter);
+only the answer tokens (and <eos>) carry a label, everything else is -100. Empty lines are skipped.
+
+    tasks = read_task_dir("data/flan")                # {"arc_challenge": [Example, ...], ...}
+    tok = ByteTokenizer()                             # bytes + <pad>/<bos>/<eos>: no download
+    ids, labels = encode_examples(tok, tasks["sst2"], max_len=128)   # right-padded [n, T] tensors
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import string
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+import torch
+
+IGNORE = -100  # label of tokens that are not scored (prompt, padding): the convention of HF and potara
+
+
+class DataError(ValueError):
+    """Bad task data: unreadable directory, malformed JSONL line (with its line number), empty task."""
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    answer: str
+    options: tuple[str, ...] | None = None  # multiple choice when given; `answer` is one of them
+
+
+# ----------------------------------------------------------------------------- JSONL
+def parse_line(text: str, where: str) -> Example:
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object with 'prompt' and 'answer', got {type(obj).__name__}")
+    unknown = sorted(set(obj) - {"prompt", "answer", "options"})
+    if unknown:
+        raise DataError(f"{where}: unknown field(s) {unknown}; allowed: prompt, answer, options")
+    for field in ("prompt", "answer"):
+        if not isinstance(obj.get(field), str) or not obj[field].strip():
+            raise DataError(f"{where}: '{field}' must be a non-empty string")
+    options = obj.get("options")
+    if options is not None:
+        if (not isinstance(options, list) or len(options) < 2
+                or not all(isinstance(o, str) and o.strip() for o in options)):
+            raise DataError(f"{where}: 'options' must be a list of at least 2 non-empty strings")
+        if len(set(options)) != len(options):
+            raise DataError(f"{where}: 'options' has duplicates")
+        if obj["answer"] not in options:
+            raise DataError(f"{where}: 'answer' {obj['answer']!r} is not one of the options")
+        options = tuple(options)
+    return Example(obj["prompt"], obj["answer"], options)
+
+
+def read_jsonl(path: str) -> list[Example]:
+    """Every example of one JSONL file; a malformed line raises DataError naming the file and line."""
+    examples = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if line.strip():
+                    examples.append(parse_line(line, f"{path}:{number}"))
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    if not examples:
+        raise DataError(f"{path}: no examples")
+    return examples
+
+
+def read_task_dir(directory: str) -> dict[str, list[Example]]:
+    """One client task per `<task>.jsonl` file of `directory`, in sorted file-name order."""
+    if not os.path.isdir(directory):
+        raise DataError(f"--data {directory}: not a directory (expected one <task>.jsonl file per client, "
+                        "or 'synthetic')")
+    files = sorted(f for f in os.listdir(directory) if f.endswith(".jsonl"))
+    if not files:
+        raise DataError(f"--data {directory}: no .jsonl files in it (one <task>.jsonl file per client)")
+    return {f[:-len(".jsonl")]: read_jsonl(os.path.join(directory, f)) for f in files}
+
+
+# ----------------------------------------------------------------------------- tokenizers
+class Tokenizer(Protocol):
+    bos_id: int | None
+    eos_id: int
+    pad_id: int
+
+    def encode(self, text: str) -> list[int]: ...
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens 3..258, with <pad> = 0, <bos> = 1, <eos> = 2. Needs no vocabulary file."""
+    pad_id, bos_id, eos_id, offset, vocab_size = 0, 1, 2, 3, 259
+
+    def encode(self, text: str) -> list[int]:
+        return [b + self.offset for b in text.encode("utf-8")]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return bytes(i - self.offset for i in ids if i >= self.offset).decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """A transformers tokenizer behind the same small interface (bos only if the model's tokenizer adds one)."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        adds_bos = tokenizer.bos_token_id is not None and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]
+        self.bos_id = tokenizer.bos_token_id if adds_bos else None
+        if tokenizer.eos_token_id is None:
+            raise DataError("the model's tokenizer has no eos token: answers could not be terminated")
+        self.eos_id = tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=True)
+
+
+# ----------------------------------------------------------------------------- encoding
+def encode_pair(tok: Tokenizer, prompt: str, answer: str, max_len: int) -> tuple[list[int], int]:
+    """Token ids of <bos> prompt " " answer <eos> and the index where the answer starts. The prompt
+    is tokenized apart from the answer (as evaluation harnesses do: context + continuation) and cut
+    from the left when the whole does not fit in max_len (the question is usually at its end)."""
+    head = ([tok.bos_id] if tok.bos_id is not None else [])
+    p, a = tok.encode(prompt), tok.encode(" " + answer) + [tok.eos_id]
+    room = max_len - len(head) - len(a)
+    if room < 1:
+        raise DataError(f"answer {answer[:40]!r} needs {len(a)} tokens, more than --max-len {max_len} allows")
+    p = p[-room:]
+    return head + p + a, len(head) + len(p)
+
+
+def encode_examples(tok: Tokenizer, examples: Sequence[Example], max_len: int,
+                    answers: Sequence[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids [n, T] right-padded with pad_id and labels [n, T]: the answer tokens and <eos>, -100
+    elsewhere. Right padding + causal attention: padding never influences a scored position, so no
+    attention mask is needed. `answers` overrides each example's answer (used to score options)."""
+    rows = [encode_pair(tok, ex.prompt, ans, max_len)
+            for ex, ans in zip(examples, answers if answers is not None else [e.answer for e in examples])]
+    T = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), T), tok.pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), T), IGNORE, dtype=torch.long)
+    for i, (ids, start) in enumerate(rows):
+        input_ids[i, :len(ids)] = torch.tensor(ids)
+        labels[i, start:len(ids)] = torch.tensor(ids[start:])
+    return input_ids, labels
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD-style normalisation for exact match: lower case, no punctuation, no articles, single spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+
+
+# ----------------------------------------------------------------------------- synthetic tasks
+# A small closed world (names with genders, mood words with polarities, digits, letters). The public
+# corpus teaches the tiny model this world's generic skills; each client's task composes them in its own
+# format, as the paper's FLAN clients each hold one task (the FLAN name in brackets is the analogue).
+FEMALE = ("ann", "eve", "fay", "amy", "ivy", "zoe")
+MALE = ("bob", "tom", "dan", "gus", "hal", "max")
+NAMES = FEMALE + MALE
+POSITIVE = ("good", "fun", "nice", "warm", "kind", "calm", "glad", "neat")
+NEGATIVE = ("bad", "sad", "dull", "mean", "cold", "rude", "grim", "ugly")
+MOODS = POSITIVE + NEGATIVE
+DIGITS = "0123456789"
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def _facts(r: random.Random, k: int, distinct_values: bool = False) -> tuple[list[str], list[str], str]:
+    names = r.sample(NAMES, k)
+    values = r.sample(DIGITS, k) if distinct_values else [r.choice(DIGITS) for _ in names]
+    return names, values, " ".join(f"{n}={v}" for n, v in zip(names, values)) + "."
+
+
+def _other(r: random.Random, pool, exclude) -> str:
+    return r.choice([x for x in pool if x not in exclude])
+
+
+def _sentiment(r):  # [sst2] majority polarity of three mood words
+    pos = r.random() < 0.5
+    k = r.choice((2, 3))
+    words = list(r.sample(POSITIVE if pos else NEGATIVE, k) + r.sample(NEGATIVE if pos else POSITIVE, 3 - k))
+    r.shuffle(words)
+    return Example(f"review: {' '.join(words)}. sentiment:", "positive" if pos else "negative",
+                   ("negative", "positive"))
+
+
+def _duplicate(r):  # [glue_qqp] are two word lists the same words, in any order?
+    a = r.sample(MOODS, 3)
+    b = r.sample(a, 3)
+    same = r.random() < 0.5
+    if not same:
+        b[r.randrange(3)] = _other(r, MOODS, a)
+    return Example(f"a: {' '.join(a)}. b: {' '.join(b)}. same?", "yes" if same else "no", ("no", "yes"))
+
+
+def _entailment(r):  # [mnli] does the premise entail, contradict or not decide the hypothesis?
+    names, values, premise = _facts(r, 2)
+    i, kind = r.randrange(2), r.randrange(3)
+    if kind == 0:
+        hyp, label = f"{names[i]}={values[i]}", "yes"
+    elif kind == 1:
+        hyp, label = f"{names[i]}={_other(r, DIGITS, values[i])}", "no"
+    else:
+        hyp, label = f"{_other(r, NAMES, names)}={values[i]}", "maybe"
+    return Example(f"{premise} so {hyp}?", label, ("yes", "maybe", "no"))
+
+
+def _pronoun(r):  # [definite_pronoun_resolution] who does the pronoun refer to?
+    pair = [r.choice(FEMALE), r.choice(MALE)]
+    r.shuffle(pair)
+    who = r.choice(pair)
+    pronoun = "she" if who in FEMALE else "he"
+    return Example(f"{pair[0]} met {pair[1]} and {pronoun} waved. {pronoun} is", who, tuple(pair))
+
+
+def _largest(r):  # [arc_challenge] pick the largest of four digits
+    ds = r.sample(DIGITS, 4)
+    return Example(f"max of {' '.join(ds)}:", max(ds), tuple(ds))
+
+
+def _continuation(r):  # [hellaswag] which ending continues the pattern?
+    pattern = "".join(r.sample(LETTERS, 3))
+    n = r.randrange(4, 8)
+    text, ending = (pattern * 4)[:n], (pattern * 4)[n:n + 3]
+    options = {ending}
+    while len(options) < 4:
+        options.add("".join(r.sample(pattern, 3)) if r.random() < 0.7 else "".join(r.sample(LETTERS, 3)))
+    return Example(f"go on: {text}", ending, tuple(sorted(options)))
+
+
+def _who_has(r):  # [cosmos_qa] reading comprehension: who has the value?
+    names, values, facts = _facts(r, 3, distinct_values=True)
+    i = r.randrange(3)
+    return Example(f"{facts} who has {values[i]}?", names[i], tuple(sorted(names + [_other(r, NAMES, names)])))
+
+
+def _what_has(r):  # [squad_v1] extractive QA, free-form answer
+    names, values, facts = _facts(r, 3)
+    i = r.randrange(3)
+    return Example(f"{facts} what has {names[i]}?", values[i])
+
+
+SYNTHETIC_TASKS = {"sentiment": _sentiment, "duplicate": _duplicate, "entailment": _entailment,
+                   "pronoun": _pronoun, "largest": _largest, "continuation": _continuation,
+                   "who_has": _who_has, "what_has": _what_has}
+
+
+def synthetic_tasks(n: int, seed: int = 0) -> dict[str, list[Example]]:
+    """n examples of every synthetic task (deterministic for a seed), keyed by task name."""
+    return {name: [make(random.Random(f"{seed}/{name}/{i}")) for i in range(n)]
+            for name, make in SYNTHETIC_TASKS.items()}
+
+
+def _generic(r):  # one example of the world's generic skills, in one generic "q: ... a:" format
+    kind = r.randrange(7)
+    if kind == 0:
+        w = r.choice(MOODS)
+        return Example(f"q: mood of {w}?", "positive" if w in POSITIVE else "negative")
+    if kind == 1:
+        n = r.choice(NAMES)
+        return Example(f"q: pronoun of {n}?", "she" if n in FEMALE else "he")
+    if kind == 2:
+        names, values, facts = _facts(r, r.randrange(1, 4))
+        i = r.randrange(len(names))
+        return Example(f"{facts} q: {names[i]}?", values[i])
+    if kind == 3:
+        names, values, facts = _facts(r, r.randrange(1, 4), distinct_values=True)
+        i = r.randrange(len(names))
+        return Example(f"{facts} q: who is {values[i]}?", names[i])
+    if kind == 4:
+        a, b = r.sample(DIGITS, 2)
+        return Example(f"q: larger of {a} {b}?", max(a, b))
+    if kind == 5:
+        pattern = "".join(r.sample(LETTERS, r.randrange(2, 4)))
+        text = (pattern * 5)[:r.randrange(4, 9)]
+        return Example(f"q: next of {text}?", (pattern * 5)[len(text):len(text) + 3])
+    a = r.sample(MOODS, 2)
+    b = a[:] if r.random() < 0.5 else [a[0], _other(r, MOODS, a)]
+    return Example(f"q: {' '.join(a)} = {' '.join(b)}?", "yes" if a == b else "no")
+
+
+def public_corpus(n: int, r: random.Random) -> list[Example]:
+    """n examples of the public pre-training mixture: the tasks' generic form (single-step skills:
+    word polarity, name gender, lookup by name and by value, comparing two digits, continuing a pattern,
+    equality of word lists), never a client task's own format or composition."""
+    return [_generic(r) for _ in range(n)]

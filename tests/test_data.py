@@ -1,0 +1,167 @@
+import os
+import pickle
+from urllib.error import URLError
+
+import numpy as np
+import pytest
+import torch
+
+import data
+from data import (DataError, class_split_partition, dirichlet_partition, load_cifar100, split_client, unassigned,
+                  write_synthetic_cifar100)
+
+
+def labels_of(num_classes, per_class, seed=0):
+    return np.random.default_rng(seed).permutation(np.repeat(np.arange(num_classes), per_class))
+
+
+# ----------------------------------------------------------------------------- Dirichlet partition
+def test_dirichlet_partition_deterministic_disjoint_sizes():
+    labels = labels_of(20, 100)
+    a = dirichlet_partition(labels, 7, alpha=0.3, samples_per_client=150, seed=3)
+    b = dirichlet_partition(labels, 7, alpha=0.3, samples_per_client=150, seed=3)
+    c = dirichlet_partition(labels, 7, alpha=0.3, samples_per_client=150, seed=4)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c))
+    assert [len(p) for p in a] == [150] * 7
+    flat = np.concatenate(a)
+    assert len(np.unique(flat)) == len(flat)  # disjoint, no repeats
+    assert flat.min() >= 0 and flat.max() < len(labels)
+
+
+def test_dirichlet_partition_uses_everything_when_asked_for_all():
+    labels = labels_of(10, 30)  # 300 samples, 6 x 50: classes run out and q is renormalised
+    parts = dirichlet_partition(labels, 6, alpha=0.05, samples_per_client=50, seed=0)
+    assert np.array_equal(np.sort(np.concatenate(parts)), np.arange(300))
+    default = dirichlet_partition(labels, 4, alpha=1.0, seed=0)  # default size: an equal share
+    assert [len(p) for p in default] == [75] * 4
+
+
+def test_dirichlet_label_concentration_follows_alpha():
+    """Mean Herfindahl index sum_c p_c^2 of the clients' label histograms against its expectation under
+    q ~ Dir(alpha 1_C) and n draws: E = (1 - 1/n) (alpha + 1) / (C alpha + 1) + 1/n (pools never run out)."""
+    C, n, K = 10, 50, 150
+    labels = labels_of(C, 2000)
+    means = []
+    for alpha in (0.1, 1.0, 10.0):
+        parts = dirichlet_partition(labels, K, alpha=alpha, samples_per_client=n, seed=1)
+        hhi = [np.sum((np.bincount(labels[p], minlength=C) / n) ** 2) for p in parts]
+        expected = (1 - 1 / n) * (alpha + 1) / (C * alpha + 1) + 1 / n
+        assert abs(np.mean(hhi) - expected) < 0.05, (alpha, np.mean(hhi), expected)
+        means.append(np.mean(hhi))
+    assert means[0] > means[1] > means[2]  # smaller alpha: more concentrated clients
+    # alpha -> inf: every client looks like the global (uniform) label distribution
+    parts = dirichlet_partition(labels, 20, alpha=1e4, samples_per_client=500, seed=2)
+    tv = [0.5 * np.abs(np.bincount(labels[p], minlength=C) / 500 - 1 / C).sum() for p in parts]
+    assert max(tv) < 0.12
+
+
+@pytest.mark.parametrize("kwargs, msg", [
+    (dict(num_clients=3, alpha=0.0), "alpha must be a positive"),
+    (dict(num_clients=3, alpha=-1.0), "alpha must be a positive"),
+    (dict(num_clients=3, alpha=float("nan")), "alpha must be a positive"),
+    (dict(num_clients=0, alpha=1.0, samples_per_client=5), "num_clients >= 1"),
+    (dict(num_clients=11, alpha=1.0, samples_per_client=10), "> the 100 samples"),
+    (dict(num_clients=101, alpha=1.0), "samples_per_client >= 1"),
+])
+def test_dirichlet_partition_errors(kwargs, msg):
+    with pytest.raises(DataError, match=msg):
+        dirichlet_partition(labels_of(10, 10), **kwargs)
+
+
+# ----------------------------------------------------------------------------- other splits
+def test_class_split_partition_gives_disjoint_groups():
+    fine = labels_of(100, 12)
+    coarse = fine // 5
+    parts = class_split_partition(fine, coarse, 6, 100, seed=0)
+    assert all(np.array_equal(x, y) for x, y in zip(parts, class_split_partition(fine, coarse, 6, 100, seed=0)))
+    owned = [set(coarse[p].tolist()) for p in parts]
+    assert all(len(p) == 100 for p in parts)
+    for i in range(6):
+        for j in range(i + 1, 6):
+            assert not owned[i] & owned[j]
+    assert sorted(len(o) for o in owned) == [3, 3, 3, 3, 4, 4]  # 20 superclasses dealt out to 6 clients
+    with pytest.raises(DataError, match="clients <= the 20 groups"):
+        class_split_partition(fine, coarse, 21, 10)
+    with pytest.raises(DataError, match="fewer than"):
+        class_split_partition(fine, coarse, 7, 121)  # a client owning 2 superclasses has 2 x 5 x 12 = 120
+
+
+def test_split_client_and_unassigned():
+    idx = np.arange(100, 160)
+    tr, va, te = split_client(idx, (30, 10, 15), seed=1)
+    assert (len(tr), len(va), len(te)) == (30, 10, 15)
+    allp = np.concatenate([tr, va, te])
+    assert len(np.unique(allp)) == 55 and set(allp) <= set(idx)
+    assert all(np.array_equal(x, y) for x, y in zip((tr, va, te), split_client(idx, (30, 10, 15), seed=1)))
+    with pytest.raises(DataError, match="cannot split 60"):
+        split_client(idx, (40, 20, 1))
+    rest = unassigned(200, [tr, va, te])
+    assert len(rest) == 145 and not set(rest) & set(allp)
+
+
+# ----------------------------------------------------------------------------- synthetic files + real loader
+@pytest.fixture(scope="module")
+def synthetic_root(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("syn"))
+    write_synthetic_cifar100(root, train_per_class=12, test_per_class=3, seed=5)
+    return root
+
+
+def test_synthetic_files_have_the_cifar_layout_and_load(synthetic_root):
+    folder = os.path.join(synthetic_root, "cifar-100-python")
+    with open(os.path.join(folder, "train"), "rb") as f:
+        raw = pickle.load(f, encoding="latin1")
+    assert set(raw) == {"filenames", "batch_label", "fine_labels", "coarse_labels", "data"}
+    assert raw["data"].dtype == np.uint8 and raw["data"].shape == (1200, 3072)
+    with open(os.path.join(folder, "meta"), "rb") as f:
+        meta = pickle.load(f, encoding="latin1")
+    assert len(meta["fine_label_names"]) == 100 and len(meta["coarse_label_names"]) == 20
+
+    d = load_cifar100(synthetic_root, download=False)  # torchvision's CIFAR100 reader
+    assert d.synthetic and d.images.dtype == torch.uint8 and d.images.shape == (1500, 3, 32, 32)
+    assert np.array_equal(np.bincount(d.labels, minlength=100), np.full(100, 15))
+    assert np.array_equal(d.coarse_labels, d.labels // 5)
+    assert d.classes == meta["fine_label_names"]
+    # the loader's CHW images are the raw rows, train first
+    assert torch.equal(d.images[:1200].reshape(1200, -1), torch.from_numpy(raw["data"]))
+    assert np.array_equal(d.labels[:1200], raw["fine_labels"])
+
+
+def test_synthetic_classes_are_learnable(synthetic_root):
+    """Nearest class mean on raw pixels, 12 training images per class: far above chance (1%)."""
+    d = load_cifar100(synthetic_root, download=False)
+    x = d.images.float().reshape(len(d.labels), -1)
+    y = torch.from_numpy(d.labels)
+    means = torch.stack([x[:1200][y[:1200] == c].mean(0) for c in range(100)])
+    acc = (torch.cdist(x[1200:], means).argmin(1) == y[1200:]).float().mean().item()
+    assert acc > 0.2, acc
+
+
+def test_synthetic_reuse_and_rewrite(synthetic_root, tmp_path):
+    train = os.path.join(synthetic_root, "cifar-100-python", "train")
+    before = os.stat(train).st_mtime_ns
+    write_synthetic_cifar100(synthetic_root, train_per_class=12, test_per_class=3, seed=5)
+    assert os.stat(train).st_mtime_ns == before  # same parameters: reused
+    write_synthetic_cifar100(str(tmp_path), train_per_class=6, test_per_class=1, seed=5)
+    assert load_cifar100(str(tmp_path), download=False).images.shape[0] == 700
+    write_synthetic_cifar100(str(tmp_path), train_per_class=5, test_per_class=1, seed=5)  # other parameters
+    assert load_cifar100(str(tmp_path), download=False).images.shape[0] == 600
+
+
+def test_loader_offline_and_corrupt_errors(tmp_path, monkeypatch):
+    def offline(*a, **k):
+        raise URLError("no network")
+    monkeypatch.setattr("torchvision.datasets.cifar.download_and_extract_archive", offline)
+    with pytest.raises(DataError) as e:
+        load_cifar100(str(tmp_path), download=True)
+    msg = str(e.value)
+    assert "cifar-100-python" in msg and "download failed (offline?" in msg and "\n" not in msg
+    with pytest.raises(DataError, match="download=False"):
+        load_cifar100(str(tmp_path), download=False)
+    folder = tmp_path / "cifar-100-python"  # real layout but foreign bytes: md5 check fails
+    folder.mkdir()
+    for name in ("train", "test", "meta"):
+        (folder / name).write_bytes(b"not a pickle")
+    with pytest.raises(DataError, match="unreadable"):
+        load_cifar100(str(tmp_path), download=False)
