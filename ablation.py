@@ -43,14 +43,19 @@ from potara import ESTIMATORS, gradient_stats, merge_adapters, weight_from_stats
 SCENARIOS = {  # name -> how clients get their data
     "dirichlet-0.1": {"partition": "dirichlet", "alpha": 0.1},
     "dirichlet-1.0": {"partition": "dirichlet", "alpha": 1.0},
+    "dirichlet-10": {"partition": "dirichlet", "alpha": 10.0},
+    "fewshot": {"partition": "dirichlet", "alpha": 10.0, "train": 50},
     "superclass": {"partition": "superclass"},
     "conflict": {"partition": "conflict", "classes": 20},
 }
-SOURCES = {  # name -> (client split, samples; None = the whole split)
-    "train32": ("train", 32),
-    "val32": ("val", 32),
-    "val": ("val", None),
+SOURCES = {  # name -> (client split, samples (None: the whole split), Fisher labels: the data's or model-sampled)
+    "train32": ("train", 32, "empirical"),
+    "val32": ("val", 32, "empirical"),
+    "val": ("val", None, "empirical"),
+    "train32-sampled": ("train", 32, "sampled"),
+    "val-sampled": ("val", None, "sampled"),
 }
+DEFAULT_SOURCES = "train32,val32,val"
 DEFAULT_SEEDS = "0,1,2"
 DEFAULT_ROUNDS = 50  # FedIT rounds (the tiny preset's 100 halved: 3 seeds x 4 scenarios in ~15 min on 2 cores)
 
@@ -74,7 +79,8 @@ def conflict_partition(labels: np.ndarray, num_clients: int, samples_per_client:
 
 
 def make_splits(spec: dict, data, pool: np.ndarray, args, seed: int) -> list[ClientSplits]:
-    labels, per_client = data.labels[pool], args.train + args.val + args.test
+    sizes = (spec.get("train", args.train), args.val, args.test)  # a scenario may shrink the training split
+    labels, per_client = data.labels[pool], sum(sizes)
     relabel = None
     if spec["partition"] == "dirichlet":
         parts = dirichlet_partition(labels, args.clients, spec["alpha"], per_client, seed)
@@ -84,7 +90,7 @@ def make_splits(spec: dict, data, pool: np.ndarray, args, seed: int) -> list[Cli
         parts, relabel = conflict_partition(labels, args.clients, per_client, spec["classes"], seed)
     splits = []
     for k, part in enumerate(parts):
-        idx = [pool[i] for i in split_client(part, (args.train, args.val, args.test), seed=seed * 1000 + k)]
+        idx = [pool[i] for i in split_client(part, sizes, seed=seed * 1000 + k)]
         ys = [data.labels[i] if relabel is None else relabel[k][data.labels[i]] for i in idx]
         x = [data.images[torch.from_numpy(i)] for i in idx]
         splits.append(ClientSplits(f"client{k}", x[0], torch.from_numpy(ys[0]), x[1],
@@ -151,10 +157,10 @@ def evaluate_client(model, init: dict, G: dict, L: dict, s, args, sources: list[
            "grid_oracle": max(test), "uniform": test_acc(0.5), "grid": {"lam": grid, "val": val, "test": test},
            "estimators": {}}
     for src in sources:
-        split, n = SOURCES[src]
+        split, n, labels = SOURCES[src]
         x, y = (s.train_inputs, s.train_targets) if split == "train" else (s.val_inputs, s.val_targets)
         n = len(y) if n is None else min(n, len(y))
-        stats = gradient_stats(model, G, L, [(x[:n], y[:n])], n_samples=n, seed=seed)
+        stats = gradient_stats(model, G, L, [(x[:n], y[:n])], n_samples=n, labels=labels, seed=seed)
         for est in estimators:
             lam, _ = weight_from_stats(stats, est, eps=args.eps)
             out["estimators"][f"{est}@{src}"] = {"lam": lam, "acc": test_acc(lam), "abs_lam_diff": abs(lam - grid[j])}
@@ -217,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--scenarios", default=",".join(SCENARIOS), help=f"comma-separated, from {list(SCENARIOS)}")
     a("--seeds", default=DEFAULT_SEEDS, help="comma-separated integer seeds (partition, phi_0, training)")
     a("--estimators", default=",".join(ESTIMATORS), help=f"comma-separated, from {list(ESTIMATORS)}")
-    a("--sources", default=",".join(SOURCES), help=f"comma-separated statistics sources, from {list(SOURCES)}")
+    a("--sources", default=DEFAULT_SOURCES, help=f"comma-separated statistics sources, from {list(SOURCES)}")
     a("--out", default=os.path.join("runs", "ablation"), help="output folder (ablation.json, ablation.md, cache/)")
     a("--data-dir", default="data", help="where synthetic/ and the cached tiny backbone live")
     a("--rounds", type=int, default=DEFAULT_ROUNDS, help="FedIT rounds")

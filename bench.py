@@ -510,7 +510,7 @@ def main(argv=None) -> dict:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {','.join(SECTIONS)}")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    ap.add_argument("--reps", type=int, help="timed rounds per comparison (default: 5 on CPU, 10 on CUDA)")
+    ap.add_argument("--reps", type=int, help="timed rounds per comparison (default: 7 on CPU, 10 on CUDA)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (default 1: stable ratios on a shared machine; 0: torch's default)")
     ap.add_argument("--out", default="runs/bench.json", help="JSON output (default: runs/bench.json)")

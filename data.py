@@ -61,8 +61,10 @@ def load_cifar100(root: str, download: bool = True) -> CifarData:
             how = f"download failed (offline?: {type(e).__name__})" if download else "download=False"
             raise DataError(f"CIFAR-100 not found under {folder} and {how}: put the extracted cifar-100-python "
                             f"folder under {root} or pass --data synthetic") from None
+        fix = ("delete the folder to write it again" if synthetic
+               else "delete the folder to download it again, or pass --data synthetic")
         raise DataError(f"CIFAR-100 under {folder} is unreadable ({str(e).splitlines()[0] if str(e) else e!r}): "
-                        "delete the folder to download it again, or pass --data synthetic") from None
+                        f"{fix}") from None
     coarse = []
     for name in ("train", "test"):  # torchvision keeps only the fine labels
         with open(os.path.join(folder, name), "rb") as f:
@@ -180,10 +182,12 @@ def write_synthetic_cifar100(root: str, train_per_class: int = 500, test_per_cla
     params = {"train_per_class": train_per_class, "test_per_class": test_per_class, "seed": seed, "noise": noise,
               "version": 1}
     marker = os.path.join(folder, SYNTHETIC_MARKER)
-    if os.path.exists(marker):
+    try:
         with open(marker) as f:
             if json.load(f) == params:
                 return folder
+    except (OSError, ValueError):  # absent or unreadable: (re)write the files
+        pass
     if train_per_class < 1 or test_per_class < 1:
         raise DataError(f"synthetic data needs >= 1 image per class and split, got {train_per_class}, {test_per_class}")
     os.makedirs(folder, exist_ok=True)
@@ -206,11 +210,19 @@ def write_synthetic_cifar100(root: str, train_per_class: int = 500, test_per_cla
         entry = {"filenames": [f"synthetic_{name}_{i}.png" for i in range(len(fine))],
                  "batch_label": f"synthetic {name} batch", "fine_labels": fine.tolist(),
                  "coarse_labels": (fine // 5).tolist(), "data": np.concatenate(rows)[order]}
-        with open(os.path.join(folder, name), "wb") as f:
-            pickle.dump(entry, f)
-    with open(os.path.join(folder, "meta"), "wb") as f:
-        pickle.dump({"fine_label_names": [f"synthetic_class_{c:02d}" for c in range(100)],
-                     "coarse_label_names": [f"synthetic_superclass_{s:02d}" for s in range(20)]}, f)
-    with open(marker, "w") as f:
-        json.dump(params, f)
+        _write_atomic(os.path.join(folder, name), pickle.dumps(entry))
+    _write_atomic(os.path.join(folder, "meta"), pickle.dumps({
+        "fine_label_names": [f"synthetic_class_{c:02d}" for c in range(100)],
+        "coarse_label_names": [f"synthetic_superclass_{s:02d}" for s in range(20)]}))
+    _write_atomic(marker, json.dumps(params).encode())
     return folder
+
+
+def _write_atomic(path: str, payload: bytes) -> None:
+    """Temporary file, fsync, os.replace: a killed writer (or a concurrent one) never leaves a partial file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(payload)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

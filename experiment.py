@@ -13,7 +13,8 @@ API (stable):
                              resume=False, config={...plain data saved in results.json...},
                              autocast_dtype=None, progress=True,
                              on_round=None)                           # (stage, FedState) after each round
-    # raises ResumeError when resume=True finds a checkpoint of another run (fingerprint differs);
+    # raises ResumeError when resume=True finds a checkpoint of another run (fingerprint differs) or
+    # one that is unreadable, not a potara checkpoint, or holds NaN/Inf;
     # results["methods"][m] = {label, mean, per_client, bytes} for m in METHODS
     # writes out_dir/results.json, results.md, checkpoint.pt (+ lambda.png, communication.png
     # when matplotlib imports); print(markdown_table(results)) shows the table.
@@ -32,16 +33,24 @@ seeded from (seed, round, client)). Potara's options are not in the fingerprint:
 run with other estimator options only re-evaluates (cheap ablations).
 Bytes: a method costs what its training sent both ways: local only 0, FedSA-LoRA its own history,
 every other method FedIT's history (merging and Fisher statistics are on-device).
+Faults (results["faults"], one summary line under the table): clients that dropped out (cfg.drop_prob) or
+whose update was rejected (cfg.max_update_norm, NaN/Inf: fed.validate_update), per federated run; a local
+training that diverged (NaN/Inf adapter: warned, the client keeps the adapter it started from); NaN/Inf
+gradient statistics (warned; Potara then uses lam = 0.5, Fisher merging takes such entries as 0). No
+adapter with NaN/Inf is ever scored or saved; results.json is strict JSON (NaN/Inf written as null).
+Every output (checkpoint, results.json/.md, plots) is written atomically (atomic_write).
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import math
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass
-from typing import Callable, Sequence
+from typing import IO, Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -60,7 +69,8 @@ METHOD_LABELS = {"local": "Local only", "fedit": "FedIT (global adapter)", "fedi
 
 
 class ResumeError(ValueError):
-    """The checkpoint in out_dir belongs to another run (training settings, model or data differ)."""
+    """The checkpoint in out_dir cannot be resumed: another run's (training settings, model or data
+    differ), unreadable (truncated, foreign) or holding NaN/Inf."""
 
 
 @dataclass
@@ -107,6 +117,8 @@ class ExperimentConfig:
     snapshots: int = 4              # evenly spaced FedIT round counts for the communication curve
     fedsa: bool = True              # run the FedSA-LoRA baseline (a second federated run)
     seed: int = 0
+    drop_prob: float = 0.0          # chance that a selected client never returns its update (simulated)
+    max_update_norm: float | None = None  # reject updates with ||phi_k - phi^t||_2 above it (None: no bound)
 
 
 @torch.no_grad()
@@ -141,10 +153,24 @@ def _mean(xs) -> float:
     return sum(xs) / len(xs)
 
 
-def _save(obj: dict, path: str) -> None:
+def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
+    """write(f) into a temporary file beside `path`, fsync, then os.replace (atomic on POSIX): whenever the
+    process dies (SIGKILL, power loss), `path` holds the previous complete file or the new one, never a part."""
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # atomic: a crash leaves the previous checkpoint intact
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _save(obj: dict, path: str) -> None:
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def _fed_dict(s: FedState) -> dict:
@@ -153,6 +179,7 @@ def _fed_dict(s: FedState) -> dict:
 
 TRAINING_FIELDS = ("rounds", "local_steps", "clients_per_round", "lr", "weight_decay", "batch_size",
                    "local_train_steps", "finetune_steps", "snapshots", "fedsa", "seed")
+FAULT_FIELDS = {"drop_prob": 0.0, "max_update_norm": None}  # fingerprinted only when set: older checkpoints stay valid
 
 
 def fingerprint(model: nn.Module, splits: Sequence[ClientSplits], cfg: ExperimentConfig) -> str:
@@ -160,11 +187,47 @@ def fingerprint(model: nn.Module, splits: Sequence[ClientSplits], cfg: Experimen
     per tensor: backbone and phi_0) and every client tensor (sha256). Potara's and the grid's options are
     left out on purpose: resume=True with other estimator options re-evaluates without retraining."""
     digest = lambda t: hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
-    return json.dumps({"training": {k: getattr(cfg, k) for k in TRAINING_FIELDS},
+    training = {k: getattr(cfg, k) for k in TRAINING_FIELDS}
+    training.update({k: getattr(cfg, k) for k, default in FAULT_FIELDS.items() if getattr(cfg, k) != default})
+    return json.dumps({"training": training,
                        "model": {n: [list(p.shape), float(p.detach().double().sum())]
                                  for n, p in model.state_dict().items() if p.is_floating_point()},
                        "clients": [[s.name] + [digest(getattr(s, f"{part}_{what}")) for part in ("train", "val", "test")
                                                for what in ("inputs", "targets")] for s in splits]}, sort_keys=True)
+
+
+CHECKPOINT_KEYS = ("fingerprint", "fedit", "fedsa", "snapshots", "local", "finetuned")
+
+
+def _tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
+
+
+def load_checkpoint(path: str, fp: str) -> dict:
+    """The checkpoint at `path` if it is this run's (fingerprint fp) and sound; else ResumeError (one line).
+    Loaded with weights_only=True: a checkpoint never runs code."""
+    start_over = "rerun without --resume to start over (or delete it)"
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ResumeError(f"{path} is unreadable (truncated, foreign or unsafe: {first}); {start_over}") from None
+    if not isinstance(ck, dict) or any(k not in ck for k in CHECKPOINT_KEYS):
+        raise ResumeError(f"{path} is not a potara experiment checkpoint; {start_over}")
+    if ck["fingerprint"] != fp:
+        raise ResumeError(f"{path} was written by a run with other training settings, model or data; "
+                          "rerun with the same arguments, or without --resume to start over")
+    if not all(torch.isfinite(t).all() for t in _tensors(ck) if t.is_floating_point()):
+        raise ResumeError(f"{path} holds NaN or Inf tensors (damaged or edited); {start_over}")
+    ck.setdefault("fallbacks", [])  # written by versions before the divergence fallback
+    return ck
 
 
 def run_experiment(model: nn.Module, splits: Sequence[ClientSplits], cfg: ExperimentConfig, out_dir: str,
@@ -184,12 +247,10 @@ def run_experiment(model: nn.Module, splits: Sequence[ClientSplits], cfg: Experi
     device = next(model.parameters()).device
     init = lora_state_dict(model)
     fp = fingerprint(model, splits, cfg)
-    ck = {"fingerprint": fp, "fedit": None, "fedsa": None, "snapshots": {}, "local": {}, "finetuned": {}}
+    ck = {"fingerprint": fp, "fedit": None, "fedsa": None, "snapshots": {}, "local": {}, "finetuned": {},
+          "fallbacks": []}
     if resume and os.path.exists(ckpt_path):
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if ck.get("fingerprint") != fp:
-            raise ResumeError(f"{ckpt_path} was written by a run with other training settings, model or data; "
-                             "rerun with the same arguments, or without --resume to start over")
+        ck = load_checkpoint(ckpt_path, fp)
         print(f"resuming from {ckpt_path}: FedIT at round {ck['fedit']['round'] if ck['fedit'] else 0}, "
               f"{len(ck['local'])} local adapters")
     elif resume:
@@ -214,16 +275,23 @@ def run_experiment(model: nn.Module, splits: Sequence[ClientSplits], cfg: Experi
 
         state = run_fedit(model, clients, cfg.rounds, cfg.local_steps, cpr, cfg.lr, cfg.seed, cfg.batch_size,
                           cfg.weight_decay, loss_fn, share, FedState(**saved) if saved else None, checkpoint,
-                          autocast_dtype, progress)
+                          autocast_dtype, progress, drop_prob=cfg.drop_prob, max_update_norm=cfg.max_update_norm)
         timing[stage] = time.time() - t0
         return state
 
-    def train_from(start: dict, split: ClientSplits, steps: int, seed: int, desc: str) -> dict:
+    def train_from(start: dict, split: ClientSplits, steps: int, seed: int, stage: str) -> dict:
         load_lora_state_dict(model, start)
         torch.manual_seed(seed)
         batches = shuffled_batches(split.train_inputs, split.train_targets, cfg.batch_size, seed)
-        return train_adapter(model, batches, steps, cfg.lr, cfg.weight_decay, loss_fn, autocast_dtype,
-                             desc=desc, progress=progress).state
+        state = train_adapter(model, batches, steps, cfg.lr, cfg.weight_decay, loss_fn, autocast_dtype,
+                              desc=f"{stage} {split.name}", progress=progress).state
+        bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
+        if bad:  # diverged (e.g. NaN in the client's data): never keep a NaN adapter
+            reason = f"{stage} training gave NaN/Inf in {bad[0]}" + (f" (+{len(bad) - 1} more)" if bad[1:] else "")
+            warnings.warn(f"client {split.name}: {reason}; it keeps the adapter it started from")
+            ck["fallbacks"].append({"client": split.name, "stage": stage, "reason": reason})
+            return dict(start)
+        return state
 
     fedit = federate("fedit", None)
     G = fedit.global_state
@@ -231,10 +299,10 @@ def run_experiment(model: nn.Module, splits: Sequence[ClientSplits], cfg: Experi
     t0 = time.time()
     for i, s in enumerate(_bar(splits, "local training", progress)):
         if s.name not in ck["local"]:
-            ck["local"][s.name] = train_from(init, s, cfg.local_train_steps, _mix(cfg.seed, i, 101), f"local {s.name}")
+            ck["local"][s.name] = train_from(init, s, cfg.local_train_steps, _mix(cfg.seed, i, 101), "local")
             _save(ck, ckpt_path)
         if s.name not in ck["finetuned"]:
-            ck["finetuned"][s.name] = train_from(G, s, cfg.finetune_steps, _mix(cfg.seed, i, 202), f"fine-tune {s.name}")
+            ck["finetuned"][s.name] = train_from(G, s, cfg.finetune_steps, _mix(cfg.seed, i, 202), "fine-tune")
             _save(ck, ckpt_path)
     load_lora_state_dict(model, init)
     timing["local"] = time.time() - t0
@@ -258,7 +326,7 @@ def run_experiment(model: nn.Module, splits: Sequence[ClientSplits], cfg: Experi
 
     t0, grid = time.time(), lam_grid(cfg.grid_step)
     acc = {m: {} for m in METHODS if cfg.fedsa or m != "fedsa"}
-    per_client = {}
+    per_client, bad_stats = {}, []
     for i, s in enumerate(_bar(splits, "evaluation", progress)):
         L, test = ck["local"][s.name], (s.test_inputs, s.test_targets)
         acc["local"][s.name], acc["fedit"][s.name] = score(L, *test), score(G, *test)
@@ -266,10 +334,20 @@ def run_experiment(model: nn.Module, splits: Sequence[ClientSplits], cfg: Experi
         acc["uniform"][s.name] = score(merge_adapters(G, L, 0.5, cfg.grid_space), *test)
         stats = gradient_stats(model, G, L, stat_batches(i, s), cfg.fisher_samples, cfg.fisher_labels, likelihood,
                                seed=_mix(cfg.seed, i, 404))
-        acc["fisher"][s.name] = score(fisher_merge(G, L, stats.fisher_G, stats.fisher_L), *test)
+        fisher = {m: f for m, f in (("G", stats.fisher_G), ("L", stats.fisher_L))}
+        if not all(torch.isfinite(v).all() for f in fisher.values() for v in f.values()):
+            warnings.warn(f"client {s.name}: NaN/Inf in the Fisher; Fisher merging takes those entries as 0")
+            fisher = {m: {k: torch.nan_to_num(v, nan=0.0, posinf=0.0) for k, v in f.items()} for m, f in fisher.items()}
+            bad_stats.append({"client": s.name, "what": "Fisher (Fisher merging: non-finite entries taken as 0)"})
+        acc["fisher"][s.name] = score(fisher_merge(G, L, fisher["G"], fisher["L"]), *test)
         if fedsa is not None:
             acc["fedsa"][s.name] = score({**fedsa.global_state, **fedsa.private_states[s.name]}, *test)
         merged, info = potara(i, s, G)
+        terms = [v for t in "abc" for v in (info[t].values() if isinstance(info[t], dict) else [info[t]])]
+        if not all(math.isfinite(v) for v in terms):
+            warnings.warn(f"client {s.name}: non-finite variance terms (a, b, c) = {info['a']}, {info['b']}, "
+                          f"{info['c']}; Potara's lam = {info['lam']}")
+            bad_stats.append({"client": s.name, "what": f"variance terms (Potara: lam = {info['lam']})"})
         acc["potara_ab"][s.name] = score(merged, *test)
         # the same lam in both spaces: the statistics are of phi_G and phi_L, not of the merged adapter
         acc["potara_delta"][s.name] = score(merge_adapters(G, L, info["lam"], "delta"), *test)
@@ -311,9 +389,52 @@ def run_experiment(model: nn.Module, splits: Sequence[ClientSplits], cfg: Experi
                "adapter": {"numel": sum(v.numel() for v in init.values()), "bytes": state_bytes(init),
                            "fedsa_shared_bytes": state_bytes({k: v for k, v in init.items() if lora_factor(k) == "A"})},
                "communication": curve, "fedit_history": fedit.history,
-               "fedsa_history": fedsa.history if fedsa else None, "timing_s": timing}
+               "fedsa_history": fedsa.history if fedsa else None,
+               "faults": {"drop_prob": cfg.drop_prob, "max_update_norm": cfg.max_update_norm,
+                          "fedit": _fed_faults(fedit.history), "fedsa": _fed_faults(fedsa.history) if fedsa else None,
+                          "fallbacks": ck["fallbacks"], "statistics": bad_stats},
+               "timing_s": timing}
     write_outputs(results, out_dir)
     return results
+
+
+def _fed_faults(history: list[dict]) -> dict:
+    return {"dropped": sum(len(h.get("dropped", [])) for h in history),
+            "rejected": [{"round": h["round"], **r} for h in history for r in h.get("rejected", [])]}
+
+
+def fault_summary(results: dict) -> str | None:
+    """One line: drop-outs, rejected updates, diverged trainings, non-finite statistics (None if none and
+    neither --drop-prob nor --max-update-norm was set)."""
+    f = results.get("faults")
+    if not f:
+        return None
+    parts = [f"{label}: {f[m]['dropped']} client-rounds dropped, {len(f[m]['rejected'])} updates rejected"
+             for m, label in (("fedit", "FedIT"), ("fedsa", "FedSA-LoRA")) if f[m] is not None]
+    if f["fallbacks"]:
+        parts.append(f"{len(f['fallbacks'])} diverged trainings kept their start adapter "
+                     f"({', '.join(sorted({x['client'] for x in f['fallbacks']}))})")
+    if f["statistics"]:
+        parts.append(f"non-finite statistics for {', '.join(sorted({x['client'] for x in f['statistics']}))}")
+    happened = any(f[m] and (f[m]["dropped"] or f[m]["rejected"]) for m in ("fedit", "fedsa"))
+    if not (happened or f["fallbacks"] or f["statistics"] or f["drop_prob"] or f["max_update_norm"] is not None):
+        return None
+    return "faults: " + "; ".join(parts) + " (details: \"faults\" and the histories in results.json)"
+
+
+def add_fault_options(ap: argparse.ArgumentParser) -> None:
+    """--max-update-norm and --drop-prob (ExperimentConfig.max_update_norm, .drop_prob), for any CLI."""
+    ap.add_argument("--max-update-norm", type=float, default=None,
+                    help="reject a client update whose L2 distance to the global adapter exceeds this (unset: none)")
+    ap.add_argument("--drop-prob", type=float, default=0.0,
+                    help="probability that a selected client never returns its update in a round (simulated drop-out)")
+
+
+def check_fault_options(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.max_update_norm is not None and not (args.max_update_norm > 0 and math.isfinite(args.max_update_norm)):
+        ap.error(f"--max-update-norm must be a positive number, got {args.max_update_norm}")
+    if not 0 <= args.drop_prob < 1:
+        ap.error(f"--drop-prob must be in [0, 1), got {args.drop_prob}")
 
 
 def _bar(items, desc: str, progress: bool):
@@ -338,17 +459,27 @@ def markdown_table(results: dict) -> str:
         lines.append(f"| {n} | {fmt(p['a'])} | {fmt(p['b'])} | {fmt(p['c'])} | {c['lam_potara']:.3f} | "
                      f"{c['lam_grid_val']:.2f} | {c['abs_lam_diff']:.3f} | {c['lam_grid_oracle']:.2f} |")
     lines.append(f"\nmean |lam_potara - lam_grid(val)| = {results['mean_abs_lam_diff']:.3f}")
-    return "\n".join(lines)
+    faults = fault_summary(results)
+    return "\n".join(lines + ([faults] if faults else []))
+
+
+def _strict_json(x):
+    """NaN/Inf -> None, recursively: json.dumps would write NaN, which is not JSON."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _strict_json(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_strict_json(v) for v in x]
+    return x
 
 
 def write_outputs(results: dict, out_dir: str) -> None:
-    """results.json and results.md (atomically), and the two plots when matplotlib is installed."""
-    for name, text in (("results.json", json.dumps(results, indent=1, default=str)),
+    """results.json (strict JSON: NaN/Inf as null) and results.md, and the two plots when matplotlib is
+    installed, each written atomically."""
+    for name, text in (("results.json", json.dumps(_strict_json(results), indent=1, default=str, allow_nan=False)),
                        ("results.md", markdown_table(results) + "\n")):
-        tmp = os.path.join(out_dir, f"{name}.tmp{os.getpid()}")
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, os.path.join(out_dir, name))
+        atomic_write(os.path.join(out_dir, name), lambda f: f.write(text.encode()))
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -370,7 +501,7 @@ def write_outputs(results: dict, out_dir: str) -> None:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "lambda.png"), dpi=110)
+    atomic_write(os.path.join(out_dir, "lambda.png"), lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(5, 3.6))
     pts = [p for p in results["communication"] if p["fedit"] is not None]
@@ -381,5 +512,5 @@ def write_outputs(results: dict, out_dir: str) -> None:
     ax.set(xlabel="MB communicated (both ways)", ylabel="mean test accuracy")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "communication.png"), dpi=110)
+    atomic_write(os.path.join(out_dir, "communication.png"), lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)

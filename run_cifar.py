@@ -4,6 +4,7 @@
     python run_cifar.py --preset tiny --data synthetic      # offline: synthetic images in the CIFAR-100 layout
     python run_cifar.py --preset paper --clients 20         # vit_b_16 (ImageNet weights), 224 px, one GPU
     python run_cifar.py --preset tiny --resume              # continue an interrupted run (same arguments)
+    python run_cifar.py --preset tiny --drop-prob 0.2 --max-update-norm 10   # unreliable clients
 
 Pipeline: data (data.py) -> images no client holds become the public set -> Dirichlet (label skew) or
 superclass partition of the rest, each client a train / val / test split -> backbone (paper: torchvision
@@ -38,7 +39,8 @@ from tqdm.auto import tqdm
 
 from data import (DataError, class_split_partition, dirichlet_partition, load_cifar100, split_client,
                   write_synthetic_cifar100)
-from experiment import ClientSplits, ExperimentConfig, ResumeError, markdown_table, run_experiment
+from experiment import (ClientSplits, ExperimentConfig, ResumeError, add_fault_options, atomic_write,
+                        check_fault_options, markdown_table, run_experiment)
 from lora import add_lora
 from potara import ESTIMATORS
 
@@ -164,20 +166,28 @@ def get_backbone(args, p: dict, data, public: np.ndarray, device: torch.device) 
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     path = os.path.join(args.data_dir, "backbones", f"tiny-{digest}.pt")
     if os.path.exists(path):
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-        print(f"tiny backbone: reusing {path} (held-out public accuracy {obj['info']['public_acc']:.3f})")
-        return load_backbone_file(path, None), {"backbone": path, **obj["info"]}
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+            vit = VisionTransformer(**obj["vit"])
+            vit.load_state_dict(obj["state_dict"])
+            print(f"tiny backbone: reusing {path} (held-out public accuracy {obj['info']['public_acc']:.3f})")
+            return vit, {"backbone": path, **obj["info"]}
+        except Exception as e:  # damaged cache entry (atomic writes never leave a partial one): rebuild it
+            print(f"tiny backbone: the cached {path} is unreadable ({type(e).__name__}); pre-training it again")
     t0 = time.time()
     vit, acc = pretrain_tiny_backbone({**p, "pretrain_steps": args.pretrain_steps}, data.images[public],
                                       torch.from_numpy(data.labels[public]), device, seed=0, progress=args.progress)
     info = {"public_acc": acc, "public_images": len(public), "pretrain_seconds": time.time() - t0, "key": key}
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save({"format": "potara-backbone-v1", "vit": {**p["vit"], "num_classes": 100},
-                "state_dict": vit.state_dict(), "info": info}, tmp)
-    os.replace(tmp, path)
+    obj = {"format": "potara-backbone-v1", "vit": {**p["vit"], "num_classes": 100}, "state_dict": vit.state_dict(),
+           "info": info}
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        atomic_write(path, lambda f: torch.save(obj, f))
+        saved = f"saved to {path}"
+    except OSError as e:
+        saved, path = f"NOT cached ({e.strerror or type(e).__name__}: {os.path.dirname(path)})", "(not cached)"
     print(f"tiny backbone: pre-trained on {len(public)} public images in {info['pretrain_seconds']:.0f}s, "
-          f"held-out accuracy {acc:.3f}, saved to {path}")
+          f"held-out accuracy {acc:.3f}, {saved}")
     return vit, {"backbone": path, **info}
 
 
@@ -202,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--rounds", type=int, help="FedIT rounds R")
     a("--local-steps", type=int, help="local steps per client per round")
     a("--clients-per-round", type=int, default=0, help="clients sampled per round (0 = all)")
+    add_fault_options(ap)
     a("--local-train-steps", type=int, help="steps of the local-only adapter")
     a("--finetune-steps", type=int, help="steps of local fine-tuning after FedIT")
     a("--lr", type=float, help="AdamW learning rate of every adapter training")
@@ -241,8 +252,9 @@ def resolve_args(ap: argparse.ArgumentParser, argv=None) -> tuple[argparse.Names
     for k in ("alpha", "lr", "lora_alpha", "eps"):
         if not (getattr(args, k) > 0 and math.isfinite(getattr(args, k))):
             ap.error(f"--{k.replace('_', '-')} must be a positive number, got {getattr(args, k)}")
-    if args.public < 0 or args.snapshots < 0:
-        ap.error("--public and --snapshots must be >= 0")
+    if args.public < 0 or args.snapshots < 0 or args.seed < 0:
+        ap.error(f"--public, --snapshots and --seed must be >= 0, got {args.public}, {args.snapshots}, {args.seed}")
+    check_fault_options(ap, args)
     if not 0 <= args.clients_per_round <= args.clients:
         ap.error(f"--clients-per-round must be in [0, --clients={args.clients}], got {args.clients_per_round}")
     if not (0 < args.grid_step <= 1 and abs(1 / args.grid_step - round(1 / args.grid_step)) < 1e-6):
@@ -263,7 +275,40 @@ def resolve_args(ap: argparse.ArgumentParser, argv=None) -> tuple[argparse.Names
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device is available (use --device cpu or auto)")
     args.out = args.out or os.path.join("runs", f"{args.preset}-{args.data}-{args.partition}-k{args.clients}-s{args.seed}")
+    for flag, path, mode in (("--data-dir", args.data_dir, os.R_OK | os.X_OK), ("--out", args.out, os.W_OK | os.X_OK)):
+        problem = _dir_problem(path, mode)
+        if problem:
+            ap.error(f"{flag} {path}: {problem}")
     return args, p
+
+
+def _dir_problem(path: str, mode: int) -> str | None:
+    """Why `path` cannot serve as a directory with access `mode` (None if it can, or can be created)."""
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            return "exists and is not a directory"
+        return None if os.access(path, mode) else "permission denied"
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"cannot be created ({parent} is a file)"
+    return None if os.access(parent, os.W_OK | os.X_OK) else f"cannot be created ({parent} is not writable)"
+
+
+def check_data(data, where: str) -> None:
+    """Images and labels as the pipeline needs them (foreign or edited files fail here, in one line)."""
+    n, problem = len(data.labels), None
+    if data.images.dtype != torch.uint8 or data.images.dim() != 4 or tuple(data.images.shape[1:]) != (3, 32, 32):
+        problem = f"images are {data.images.dtype} {tuple(data.images.shape)}, expected uint8 (N, 3, 32, 32)"
+    elif len(data.images) != n or len(data.coarse_labels) != n:
+        problem = f"{len(data.images)} images, {n} labels and {len(data.coarse_labels)} superclass labels"
+    elif n and not (0 <= data.labels.min() and data.labels.max() < 100):
+        problem = f"labels outside 0..99 (min {data.labels.min()}, max {data.labels.max()})"
+    elif n and not (0 <= data.coarse_labels.min() and data.coarse_labels.max() < 20):
+        problem = "superclass labels outside 0..19"
+    if problem:
+        raise SystemExit(f"error: the CIFAR-100 files under {where} are malformed: {problem}")
 
 
 def main(argv=None) -> dict:
@@ -281,6 +326,7 @@ def main(argv=None) -> dict:
         data = load_cifar100(root)
     except (DataError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
+    check_data(data, root)
     n = len(data.labels)
     per_client = args.train + args.val + args.test
     if args.public + args.clients * per_client > n:
@@ -314,7 +360,8 @@ def main(argv=None) -> dict:
                            finetune_steps=args.finetune_steps, fisher_samples=args.fisher_samples,
                            fisher_labels=args.labels, fisher_split=args.fisher_split, eps=args.eps,
                            granularity=args.granularity, estimator=args.estimator, grid_step=args.grid_step,
-                           snapshots=args.snapshots, fedsa=args.fedsa, seed=args.seed)
+                           snapshots=args.snapshots, fedsa=args.fedsa, seed=args.seed, drop_prob=args.drop_prob,
+                           max_update_norm=args.max_update_norm)
     config = {"args": {k: v for k, v in vars(args).items() if k not in ("progress", "resume", "threads")},
               "synthetic_data": data.synthetic, "backbone": backbone_info, "clients": client_info,
               "device": device.type, "torch": torch.__version__}
@@ -330,4 +377,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # the checkpoint is written after every round and client: nothing is lost
+        raise SystemExit("interrupted: rerun the same command with --resume to continue") from None

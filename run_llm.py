@@ -36,12 +36,12 @@ from llm_data import (IGNORE, ByteTokenizer, DataError, Example, HFTokenizer, To
 from lora import add_lora, lora_meta
 from potara import ESTIMATORS, causal_lm_likelihood, merge_adapters
 
-TINY_LLAMA = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+TINY_LLAMA = dict(hidden_size=96, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
                   num_key_value_heads=4, max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=True)
 PRESETS = {  # every default that depends on the model: "tiny" or any other (a Hugging Face model on a GPU)
     "tiny": dict(train=200, val=50, test=100, max_len=96, max_new_tokens=16, rounds=10, local_steps=5,
                  local_train_steps=100, finetune_steps=25, lr=3e-3, batch_size=32, rank=8, lora_alpha=16,
-                 pretrain_steps=1200, pretrain_lr=3e-3, pretrain_batch=32),
+                 pretrain_steps=2500, pretrain_lr=3e-3, pretrain_batch=32),
     "hf": dict(train=1000, val=100, test=500, max_len=512, max_new_tokens=32, rounds=50, local_steps=5,
                local_train_steps=300, finetune_steps=100, lr=2e-4, batch_size=8, rank=8, lora_alpha=16,
                pretrain_steps=0, pretrain_lr=0.0, pretrain_batch=0),
@@ -61,9 +61,12 @@ def tiny_llama(vocab_size: int, **overrides):
 def load_hf_model(name: str, attn: str):
     """AutoModelForCausalLM + AutoTokenizer; any failure (offline, unknown name) is one line."""
     try:
+        import transformers
         from transformers import AutoModelForCausalLM, AutoTokenizer
         tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, torch_dtype=torch.float32, attn_implementation=attn)
+        new_api = tuple(int(v) for v in transformers.__version__.split(".")[:2]) >= (4, 56)  # torch_dtype -> dtype
+        model = AutoModelForCausalLM.from_pretrained(name, attn_implementation=attn,
+                                                     **{"dtype" if new_api else "torch_dtype": torch.float32})
     except ImportError as e:
         raise SystemExit(f"error: run_llm.py needs the 'llm' extra (pip install -e '.[llm]'): {e}") from None
     except Exception as e:  # OSError offline / unknown repo, ValueError unknown architecture, ...
@@ -87,20 +90,22 @@ def pretrain_tiny(model: nn.Module, tok: Tokenizer, p: dict, seed: int, cache_di
     the synthetic tasks in their generic form, no client's data), cached on disk by a hash of everything
     that shapes it. Returns info (cache path, held-out loss, seconds)."""
     key = {"arch": TINY_LLAMA, "steps": p["pretrain_steps"], "lr": p["pretrain_lr"], "batch": p["pretrain_batch"],
-           "max_len": p["max_len"], "seed": seed, "corpus": "synthetic-v1"}
+           "max_len": p["max_len"], "seed": seed,  # a sample of the corpus: a change of its format is a new key
+           "corpus": hashlib.sha256(repr(public_corpus(64, random.Random(seed))).encode()).hexdigest()}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     path = os.path.join(cache_dir, f"tiny-llama-{digest}.pt")
     if os.path.exists(path):
         obj = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(obj["state_dict"])
-        print(f"tiny model: reusing {path} (held-out public loss {obj['info']['heldout_loss']:.3f})")
+        print(f"tiny model: reusing {path} (held-out public answer loss {obj['info']['heldout_loss']:.3f})")
         return {"cache": path, **obj["info"]}
     t0, rng = time.time(), random.Random(seed)
     held = public_corpus(500, random.Random(seed + 1))
     hx, hy = encode_examples(tok, held, p["max_len"])
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=p["pretrain_lr"], weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, p["pretrain_lr"], total_steps=p["pretrain_steps"], pct_start=0.1)
+    steps, warm = p["pretrain_steps"], max(1, p["pretrain_steps"] // 10)  # linear warm-up, then cosine decay
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * s / steps)))
     for _ in tqdm(range(p["pretrain_steps"]), desc="pre-training the tiny model", disable=not progress):
         x, _ = encode_examples(tok, public_corpus(p["pretrain_batch"], rng), p["max_len"])
         y = x.masked_fill(x == tok.pad_id, IGNORE)  # a language model of the whole text, prompt included
@@ -118,7 +123,7 @@ def pretrain_tiny(model: nn.Module, tok: Tokenizer, p: dict, seed: int, cache_di
     tmp = f"{path}.tmp{os.getpid()}"
     torch.save({"state_dict": model.state_dict(), "info": info}, tmp)
     os.replace(tmp, path)
-    print(f"tiny model: pre-trained in {info['pretrain_seconds']:.0f}s, held-out public loss {held_loss:.3f}, "
+    print(f"tiny model: pre-trained in {info['pretrain_seconds']:.0f}s, held-out public answer loss {held_loss:.3f}, "
           f"saved to {path}")
     return {"cache": path, **info}
 
@@ -144,14 +149,15 @@ def option_logprobs(model: nn.Module, pairs: list[tuple[list[int], list[int]]], 
 
 
 @torch.no_grad()
-def greedy_decode(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, eos_id: int) -> list[list[int]]:
+def greedy_decode(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, eos_id: int,
+                  batch_size: int = 64) -> list[list[int]]:
     """Greedy continuation of each prompt until <eos> or max_new_tokens, with the KV cache. Prompts of
     equal length are decoded together (no padding, so no attention mask or position shift to get wrong)."""
     device, out = next(model.parameters()).device, [None] * len(prompts)
     by_len: dict[int, list[int]] = {}
     for i, p in enumerate(prompts):
         by_len.setdefault(len(p), []).append(i)
-    for idx in by_len.values():
+    for idx in (ids[b:b + batch_size] for ids in by_len.values() for b in range(0, len(ids), batch_size)):
         x = torch.tensor([prompts[i] for i in idx], device=device)
         res = model(x, use_cache=True)
         cache_kw = "cache" if "cache" in res else "past_key_values"  # transformers >= 5.24 renamed it
@@ -181,7 +187,9 @@ class Scorer:
 
     def register(self, input_ids: torch.Tensor, labels: torch.Tensor, examples: list[Example]) -> None:
         for row, lab, ex in zip(input_ids, labels, examples):
-            self.examples[self.key(row, lab)] = ex
+            key = self.key(row, lab)
+            if self.examples.setdefault(key, ex).options != ex.options:
+                raise DataError(f"two examples with the same prompt and answer but different options: {ex.prompt[:60]!r}")
 
     @staticmethod
     def key(row: torch.Tensor, lab: torch.Tensor) -> tuple:
@@ -202,7 +210,7 @@ class Scorer:
                 gold = ex.options.index(ex.answer)
                 correct += int(bool((s[gold] > s[torch.arange(len(s)) != gold]).all()))
         if free:
-            outs = greedy_decode(model, [p for p, _ in free], self.max_new_tokens, self.tok.eos_id)
+            outs = greedy_decode(model, [p for p, _ in free], self.max_new_tokens, self.tok.eos_id, self.batch_size)
             correct += sum(normalize_answer(self.tok.decode(o)) == normalize_answer(ex.answer)
                            for o, (_, ex) in zip(outs, free))
         return correct / len(input_ids)
@@ -425,7 +433,7 @@ def _chance(examples: list[Example]) -> float:
 
 def save_tiny_base(model: nn.Module, path: str) -> None:
     """The tiny model without its LoRA layers, in Hugging Face's format (config.json + model.safetensors)."""
-    base = tiny_llama(model.config.vocab_size, max_position_embeddings=model.config.max_position_embeddings)
+    base = type(model)._from_config(model.config, attn_implementation="eager")
     state = {k.replace(".base.", "."): v for k, v in model.state_dict().items() if ".lora_" not in k}
     base.load_state_dict(state)
     base.save_pretrained(path)

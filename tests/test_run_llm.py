@@ -227,7 +227,8 @@ def test_micro_end_to_end_run(tmp_path):
             assert 0 <= acc <= 1
     for c in saved["per_client"].values():
         assert 0 <= c["lam_potara"] <= 1
-    adapter_bytes = 2 * 4 * 2 * (8 * 128) * 4  # layers x (q, v) x (A, B) x r*128 floats x 4 bytes
+    arch = run_llm.TINY_LLAMA  # every layer: q and v, each A (r x d) and B (d x r), float32; default r = 8
+    adapter_bytes = arch["num_hidden_layers"] * 2 * 2 * (8 * arch["hidden_size"]) * 4
     assert saved["adapter"]["bytes"] == adapter_bytes
     assert saved["methods"]["fedit"]["bytes"] == 2 * 2 * 2 * adapter_bytes  # rounds x clients x both ways
     assert saved["methods"]["local"]["bytes"] == 0
