@@ -18,6 +18,8 @@ API (stable):
     # results["methods"][m] = {label, mean, per_client, bytes} for m in METHODS
     # writes out_dir/results.json, results.md, checkpoint.pt (+ lambda.png, communication.png
     # when matplotlib imports); print(markdown_table(results)) shows the table.
+    # CLI helpers: add_fault_options(ap) + check_fault_options(ap, args) (--max-update-norm, --drop-prob),
+    # dir_problem(path) (an unusable --out), atomic_write(path, write_fn) (every output file).
 
 Pipeline (one backbone in memory; a client is switched in by loading adapter tensors):
   phi_0 = the model's adapter on entry (shared initial adapter, LoRA B = 0)
@@ -36,7 +38,7 @@ every other method FedIT's history (merging and Fisher statistics are on-device)
 Faults (results["faults"], one summary line under the table): clients that dropped out (cfg.drop_prob) or
 whose update was rejected (cfg.max_update_norm, NaN/Inf: fed.validate_update), per federated run; a local
 training that diverged (NaN/Inf adapter: warned, the client keeps the adapter it started from); NaN/Inf
-gradient statistics (warned; Potara then uses lam = 0.5, Fisher merging takes such entries as 0). No
+gradient statistics (warned; potara_weight's rules: NaN -> lam = 0.5; Fisher merging takes them as 0). No
 adapter with NaN/Inf is ever scored or saved; results.json is strict JSON (NaN/Inf written as null).
 Every output (checkpoint, results.json/.md, plots) is written atomically (atomic_write).
 """
@@ -428,6 +430,21 @@ def add_fault_options(ap: argparse.ArgumentParser) -> None:
                     help="reject a client update whose L2 distance to the global adapter exceeds this (unset: none)")
     ap.add_argument("--drop-prob", type=float, default=0.0,
                     help="probability that a selected client never returns its update in a round (simulated drop-out)")
+
+
+def dir_problem(path: str, mode: int = os.W_OK | os.X_OK) -> str | None:
+    """Why `path` cannot serve as a directory with access `mode` (None if it can, or can be created):
+    for a one-line CLI error before any work is done."""
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            return "exists and is not a directory"
+        return None if os.access(path, mode) else "permission denied"
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"cannot be created ({parent} is a file)"
+    return None if os.access(parent, os.W_OK | os.X_OK) else f"cannot be created ({parent} is not writable)"
 
 
 def check_fault_options(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:

@@ -202,12 +202,12 @@ def _sentiment(r):  # [sst2] majority polarity of three mood words
                    ("negative", "positive"))
 
 
-def _duplicate(r):  # [glue_qqp] are two word lists the same words, in any order?
-    a = r.sample(MOODS, 3)
-    b = r.sample(a, 3)
+def _duplicate(r):  # [glue_qqp] are two word pairs the same words, in any order?
+    a = r.sample(MOODS, 2)
+    b = r.sample(a, 2)
     same = r.random() < 0.5
     if not same:
-        b[r.randrange(3)] = _other(r, MOODS, a)
+        b[r.randrange(2)] = _other(r, MOODS, a)
     return Example(f"a: {' '.join(a)}. b: {' '.join(b)}. same?", "yes" if same else "no", ("no", "yes"))
 
 
@@ -247,14 +247,15 @@ def _continuation(r):  # [hellaswag] which ending continues the pattern?
 
 
 def _who_has(r):  # [cosmos_qa] reading comprehension: who has the value?
-    names, values, facts = _facts(r, 3, distinct_values=True)
-    i = r.randrange(3)
-    return Example(f"{facts} who has {values[i]}?", names[i], tuple(sorted(names + [_other(r, NAMES, names)])))
+    names, values, facts = _facts(r, 2, distinct_values=True)
+    i = r.randrange(2)
+    others = r.sample([n for n in NAMES if n not in names], 2)
+    return Example(f"{facts} who has {values[i]}?", names[i], tuple(sorted(names + others)))
 
 
 def _what_has(r):  # [squad_v1] extractive QA, free-form answer
-    names, values, facts = _facts(r, 3)
-    i = r.randrange(3)
+    names, values, facts = _facts(r, 2)
+    i = r.randrange(2)
     return Example(f"{facts} what has {names[i]}?", values[i])
 
 

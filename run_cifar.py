@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from data import (DataError, class_split_partition, dirichlet_partition, load_cifar100, split_client,
                   write_synthetic_cifar100)
 from experiment import (ClientSplits, ExperimentConfig, ResumeError, add_fault_options, atomic_write,
-                        check_fault_options, markdown_table, run_experiment)
+                        check_fault_options, dir_problem, markdown_table, run_experiment)
 from lora import add_lora
 from potara import ESTIMATORS
 
@@ -276,24 +276,10 @@ def resolve_args(ap: argparse.ArgumentParser, argv=None) -> tuple[argparse.Names
         ap.error("--device cuda: no CUDA device is available (use --device cpu or auto)")
     args.out = args.out or os.path.join("runs", f"{args.preset}-{args.data}-{args.partition}-k{args.clients}-s{args.seed}")
     for flag, path, mode in (("--data-dir", args.data_dir, os.R_OK | os.X_OK), ("--out", args.out, os.W_OK | os.X_OK)):
-        problem = _dir_problem(path, mode)
+        problem = dir_problem(path, mode)
         if problem:
             ap.error(f"{flag} {path}: {problem}")
     return args, p
-
-
-def _dir_problem(path: str, mode: int) -> str | None:
-    """Why `path` cannot serve as a directory with access `mode` (None if it can, or can be created)."""
-    if os.path.exists(path):
-        if not os.path.isdir(path):
-            return "exists and is not a directory"
-        return None if os.access(path, mode) else "permission denied"
-    parent = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        return f"cannot be created ({parent} is a file)"
-    return None if os.access(parent, os.W_OK | os.X_OK) else f"cannot be created ({parent} is not writable)"
 
 
 def check_data(data, where: str) -> None:

@@ -39,7 +39,7 @@ from potara import ESTIMATORS, causal_lm_likelihood, merge_adapters
 TINY_LLAMA = dict(hidden_size=96, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
                   num_key_value_heads=4, max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=True)
 PRESETS = {  # every default that depends on the model: "tiny" or any other (a Hugging Face model on a GPU)
-    "tiny": dict(train=200, val=50, test=100, max_len=96, max_new_tokens=16, rounds=10, local_steps=5,
+    "tiny": dict(train=200, val=50, test=100, max_len=96, max_new_tokens=16, rounds=20, local_steps=5,
                  local_train_steps=100, finetune_steps=25, lr=3e-3, batch_size=32, rank=8, lora_alpha=16,
                  pretrain_steps=2500, pretrain_lr=3e-3, pretrain_batch=32),
     "hf": dict(train=1000, val=100, test=500, max_len=512, max_new_tokens=32, rounds=50, local_steps=5,

@@ -214,7 +214,7 @@ def test_personalize_end_to_end():
     expected = merge_adapters(G, L, info["lam"])
     assert all(torch.equal(merged[k], expected[k]) for k in G)
     assert all(torch.equal(v, G[k]) for k, v in lora_state_dict(model).items())  # model untouched
-    _, info_m = personalize(model, G, L, [(x, y)], n_samples=8, granularity="module", space="delta")
+    _, info_m = personalize(model, G, L, [(x, y)], n_samples=8, granularity="module", space="delta", estimator="paper")
     assert set(info_m["lam"]) == {"encoder.layers.encoder_layer_0.self_attention",
                                   "encoder.layers.encoder_layer_1.self_attention", "heads.head"}
     for bad, match in [({"labels": "true"}, "labels"), ({"estimator": "magic"}, "estimator"),
@@ -284,3 +284,49 @@ def test_bias_estimator_adds_newton_distance():
     a0, b0, _ = variance_terms(stats, eps=1e-9)
     a, b, _ = bias_terms(stats, eps=1e-9)
     assert b == pytest.approx(b0) and a == pytest.approx(a0 + (2.0 / 1.0) ** 2)
+
+
+def test_hermite_estimator_is_exact_on_a_cubic_loss():
+    # one weight w, loss(w) = k3 w^3 + k2 w^2 + k1 w on every sample: along the segment
+    # w(t) = w_L + t (w_G - w_L) the loss is exactly a cubic in t, so the closed form must equal the
+    # argmin of that loss over a fine grid on [0, 1] (computed independently with numpy)
+    import numpy as np
+    from potara import Likelihood
+    rng = np.random.default_rng(0)
+    model = nn.Linear(1, 1, bias=False)
+    x, y = torch.ones(3, 1), torch.zeros(3)
+    grid = np.linspace(0, 1, 200001)
+    interior = ends = 0
+    for case in range(40):
+        k3, k2, k1 = rng.normal(size=3)
+        cubic = Likelihood(log_prob=lambda out, _y, k=(k3, k2, k1): -(k[0] * out ** 3 + k[1] * out ** 2 + k[2] * out)
+                           .squeeze(-1), sample=None)
+        wG, wL = rng.normal(scale=2.0, size=2)
+        G, L = {"weight": torch.tensor([[wG]], dtype=torch.float32)}, {"weight": torch.tensor([[wL]], dtype=torch.float32)}
+        _, info = personalize(model, G, L, [(x, y)], n_samples=3, estimator="hermite", likelihood=cubic)
+        w = np.float32(wL) + grid * (np.float32(wG) - np.float32(wL))
+        loss = k3 * w ** 3 + k2 * w ** 2 + k1 * w
+        best = grid[loss.argmin()]
+        assert abs(info["lam"] - best) < 1e-3 or loss[round(info["lam"] * 200000)] <= loss.min() + 1e-5, case
+        interior += 0 < best < 1
+        ends += best in (0.0, 1.0)
+    assert interior >= 5 and ends >= 5  # both kinds of minimum were exercised
+
+
+def test_cubic_minimiser_hand_cases_and_hermite_errors():
+    from potara import cubic_minimiser, hermite_terms
+    assert cubic_minimiser(1.0, 1.0, -2.0, 2.0) == pytest.approx((0.5, 4.0))  # p = 1 - 2t + 2t^2
+    assert cubic_minimiser(1.0, 0.0, -1.0, -1.0)[0] == 1.0  # falls all the way: the federated end
+    assert cubic_minimiser(0.0, 1.0, 1.0, 1.0)[0] == 0.0  # rises all the way: the local end
+    assert cubic_minimiser(2.0, 2.0, 0.0, 0.0)[0] == 0.5  # constant: no preference
+    # p = t^3 - 1.5 t^2 + 0.5 t + 1 (values 1, 1; slopes 0.5, 0.5): minimum at 1/2 + sqrt(3)/6, not an end
+    t, curv = cubic_minimiser(1.0, 1.0, 0.5, 0.5)
+    assert t == pytest.approx(0.5 + math.sqrt(3) / 6) and curv == pytest.approx(6 * t - 3)
+    stats = _stats([1.0], [1.0], [1.0])
+    stats.mean_G, stats.mean_L, stats.delta = {"m.w": torch.tensor([1.0])}, {"m.w": torch.tensor([-1.0])}, \
+        {"m.w": torch.tensor([1.0])}
+    with pytest.raises(ValueError, match="one weight per client"):
+        hermite_terms(stats, granularity="module")
+    stats.loglik_G = float("nan")
+    with pytest.warns(UserWarning, match="NaN"):
+        assert potara_weight(*hermite_terms(stats)) == 0.5

@@ -347,7 +347,8 @@ def test_bad_resume_states_fail_in_one_line(micro, reference, tmp_path):
     out.mkdir()
     ckpt = out / "checkpoint.pt"
     marker = tmp_path / "pwned"
-    nan = {**good, "local": {**good["local"], "client0": {k: v * float("nan") for k, v in good["local"]["client0"].items()}}}
+    nan_local = {k: v * float("nan") for k, v in good["local"]["client0"].items()}
+    nan = {**good, "local": {**good["local"], "client0": nan_local}}
     cases = [
         (lambda: ckpt.write_bytes((reference / "checkpoint.pt").read_bytes()[:4000]), "is unreadable (truncated"),
         (lambda: torch.save({"some": torch.ones(2)}, ckpt), "is not a potara experiment checkpoint"),
