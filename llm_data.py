@@ -11,6 +11,14 @@ only the answer tokens (and <eos>) carry a label, everything else is -100. Empty
     tasks = read_task_dir("data/flan")                # {"arc_challenge": [Example, ...], ...}
     tok = ByteTokenizer()                             # bytes + <pad>/<bos>/<eos>: no download
     ids, labels = encode_examples(tok, tasks["sst2"], max_len=128)   # right-padded [n, T] tensors
+
+Synthetic tasks (`--data synthetic`): a closed world of 12 names (6 "she", 6 "he"), 16 mood words (8
+positive, 8 negative), digits and letters. Eight client tasks, stand-ins for the paper's 8 FLAN tasks,
+each in its own format (e.g. sentiment: "review: fun bad nice. sentiment:" -> positive | negative).
+The public corpus (pre-training of the tiny model) holds the world's generic single-step skills in one
+shared "q: ... ?" format (a word's mood, a name's pronoun, look-up by name and by value, the larger of two
+digits, continuing a pattern, equality of word lists); the clients' tasks compose these skills (a majority
+of moods, a look-up followed by a comparison, ...) and never appear in it.
 """
 from __future__ import annotations
 

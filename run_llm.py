@@ -12,7 +12,14 @@ and pre-trained on the synthetic tasks' public corpus (cached in --cache-dir) ->
 attention projections (--targets, default q_proj v_proj) -> experiment.run_experiment, the same
 pipeline as run_cifar.py: FedIT, FedSA-LoRA, local adapters, Potara and every baseline, scored on each
 client's test split (multiple choice: the option with the largest summed log-likelihood; free-form:
-exact match of greedy decoding) -> --out DIR: results.json, results.md, checkpoint.pt, plots.
+exact match of greedy decoding) -> --out DIR: results.json, results.md, checkpoint.pt, plots; the table
+also shows chance and the pre-trained model with no adapter, what the learned methods must beat.
+
+Training loss and Potara's Fisher are token-level over the answer tokens only (labels -100 elsewhere,
+potara.causal_lm_likelihood). Per-sample gradients (torch.func.vmap over grad with functional_call) run
+on the transformers model; eager attention avoids torch.func's slow fallback for SDPA (--attn).
+--export-peft DIR writes each client's Potara adapter as peft's adapter_config.json +
+adapter_model.safetensors (loadable with peft.PeftModel.from_pretrained or a multi-LoRA server).
 """
 from __future__ import annotations
 
@@ -25,12 +32,17 @@ import random
 import time
 import warnings
 
+# Idle OpenMP threads sleep instead of spinning (as in run_cifar.py: spinning threads of an
+# oversubscribed pool slow training down many times on a shared machine).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from experiment import ClientSplits, ExperimentConfig, ResumeError, markdown_table, run_experiment, write_outputs
+from experiment import (ClientSplits, ExperimentConfig, ResumeError, add_fault_options, atomic_write,
+                        check_fault_options, dir_problem, markdown_table, run_experiment)
 from llm_data import (IGNORE, ByteTokenizer, DataError, Example, HFTokenizer, Tokenizer, encode_examples,
                       normalize_answer, public_corpus, read_task_dir, synthetic_tasks)
 from lora import add_lora, lora_meta
@@ -120,9 +132,7 @@ def pretrain_tiny(model: nn.Module, tok: Tokenizer, p: dict, seed: int, cache_di
     model.cpu()
     info = {"heldout_loss": held_loss, "pretrain_seconds": time.time() - t0, "key": key}
     os.makedirs(cache_dir, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save({"state_dict": model.state_dict(), "info": info}, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: torch.save({"state_dict": model.state_dict(), "info": info}, f))
     print(f"tiny model: pre-trained in {info['pretrain_seconds']:.0f}s, held-out public answer loss {held_loss:.3f}, "
           f"saved to {path}")
     return {"cache": path, **info}
@@ -292,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--rounds", type=int, help="FedIT rounds R")
     a("--local-steps", type=int, help="local steps per client per round")
     a("--clients-per-round", type=int, default=0, help="clients sampled per round (0 = all)")
+    add_fault_options(ap)
     a("--local-train-steps", type=int, help="steps of the local-only adapter")
     a("--finetune-steps", type=int, help="steps of local fine-tuning after FedIT")
     a("--lr", type=float, help="AdamW learning rate of every adapter training")
@@ -299,14 +310,16 @@ def build_parser() -> argparse.ArgumentParser:
     a("--eval-batch-size", type=int, default=64, help="sequences per forward pass when scoring options")
     a("--rank", type=int, help="LoRA rank r")
     a("--lora-alpha", type=float, help="LoRA alpha (scaling alpha / r)")
-    a("--fisher-samples", type=int, default=32, help="client samples for Potara's Fisher statistics")
-    a("--labels", choices=["empirical", "sampled"], default="empirical", help="Fisher labels: data's or model-sampled")
-    a("--fisher-split", choices=["train", "val"], default="train", help="client split the Fisher is computed on")
-    a("--eps", type=float, default=1e-3, help="relative Fisher floor of the estimator")
-    a("--granularity", choices=["client", "module"], default="client", help="one lam per client or per module")
-    a("--estimator", default="paper", help=f"variance estimator, one of {sorted(ESTIMATORS)}")
-    a("--grid-step", type=float, default=0.05, help="lam grid step (1/step must be an integer)")
-    a("--snapshots", type=int, default=4, help="FedIT round counts for the communication curve")
+    d = ExperimentConfig()  # Potara's and the evaluation's defaults are the shared pipeline's
+    a("--fisher-samples", type=int, default=d.fisher_samples,
+      help="client samples for Potara's Fisher statistics (one vmap batch: lower it for a large model on one GPU)")
+    a("--labels", choices=["empirical", "sampled"], default=d.fisher_labels, help="Fisher labels: data's or model-sampled")
+    a("--fisher-split", choices=["train", "val"], default=d.fisher_split, help="client split the Fisher is computed on")
+    a("--eps", type=float, default=d.eps, help="relative Fisher floor of the estimator")
+    a("--granularity", choices=["client", "module"], default=d.granularity, help="one lam per client or per module")
+    a("--estimator", default=d.estimator, help=f"variance estimator, one of {sorted(ESTIMATORS)}")
+    a("--grid-step", type=float, default=d.grid_step, help="lam grid step (1/step must be an integer)")
+    a("--snapshots", type=int, default=d.snapshots, help="FedIT round counts for the communication curve")
     a("--no-fedsa", dest="fedsa", action="store_false", help="skip the FedSA-LoRA baseline (a second federated run)")
     a("--attn", default="eager", help="attention implementation of a --model NAME (eager works under torch.func.vmap)")
     a("--export-peft", metavar="DIR", help="also write each client's Potara adapter (and the federated one) in peft's format")
@@ -335,8 +348,9 @@ def resolve_args(ap: argparse.ArgumentParser, argv=None) -> tuple[argparse.Names
     for k in ("lr", "lora_alpha", "eps"):
         if not (getattr(args, k) > 0 and math.isfinite(getattr(args, k))):
             ap.error(f"--{k.replace('_', '-')} must be a positive number, got {getattr(args, k)}")
-    if args.clients < 0 or args.clients_per_round < 0 or args.snapshots < 0:
-        ap.error("--clients, --clients-per-round and --snapshots must be >= 0")
+    if min(args.clients, args.clients_per_round, args.snapshots, args.seed) < 0:
+        ap.error("--clients, --clients-per-round, --snapshots and --seed must be >= 0")
+    check_fault_options(ap, args)
     if args.model == "tiny" and args.pretrain_steps < 1:
         ap.error("--model tiny is pre-trained here: --pretrain-steps must be >= 1")
     if not (0 < args.grid_step <= 1 and abs(1 / args.grid_step - round(1 / args.grid_step)) < 1e-6):
@@ -351,6 +365,10 @@ def resolve_args(ap: argparse.ArgumentParser, argv=None) -> tuple[argparse.Names
         ap.error("--export-peft needs LoRA on nn.Linear projections (e.g. --targets q_proj v_proj)")
     tag = lambda s: os.path.basename(os.path.normpath(s)) or "model"
     args.out = args.out or os.path.join("runs", f"llm-{tag(args.model)}-{tag(args.data)}-s{args.seed}")
+    for flag, path in (("--out", args.out), ("--cache-dir", args.cache_dir), ("--export-peft", args.export_peft)):
+        problem = path and dir_problem(path)
+        if problem:
+            ap.error(f"{flag} {path}: {problem}")
     return args, p
 
 
@@ -400,9 +418,11 @@ def main(argv=None) -> dict:
                            finetune_steps=args.finetune_steps, fisher_samples=args.fisher_samples,
                            fisher_labels=args.labels, fisher_split=args.fisher_split, eps=args.eps,
                            granularity=args.granularity, estimator=args.estimator, grid_step=args.grid_step,
-                           snapshots=args.snapshots, fedsa=args.fedsa, seed=args.seed)
+                           snapshots=args.snapshots, fedsa=args.fedsa, seed=args.seed, drop_prob=args.drop_prob,
+                           max_update_norm=args.max_update_norm)
     config = {"args": {k: v for k, v in vars(args).items() if k not in ("progress", "resume", "threads", "export_peft")},
               "model": model_info, "device": device.type, "torch": torch.__version__,
+              "reference": {"chance": chance, "pretrained_no_adapter": base},
               "tasks": {s.name: {"examples": len(tasks[s.name]), "multiple_choice": tasks[s.name][0].options is not None}
                         for s in splits}}
     t0 = time.time()
@@ -412,18 +432,22 @@ def main(argv=None) -> dict:
                                  progress=args.progress, autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
     except ResumeError as e:
         raise SystemExit(f"error: {e}") from None
-    results["reference"] = {"chance": chance, "pretrained_no_adapter": base,
-                            "mean_chance": sum(chance.values()) / len(chance), "mean_no_adapter": sum(base.values()) / len(base)}
-    write_outputs(results, args.out)
+    table = markdown_table(results) + "\n\n" + reference_table(results)
+    atomic_write(os.path.join(args.out, "results.md"), lambda f: f.write((table + "\n").encode()))
     if args.export_peft:
-        write_peft(args, model, tok, results)
-    names = results["clients"]
-    print(("SYNTHETIC TASKS\n" if args.data == "synthetic" else "") + markdown_table(results))
-    print(f"\nreference | mean | " + " | ".join(names) + "\n" + "\n".join(
-        f"{label} | {sum(d.values()) / len(d):.3f} | " + " | ".join(f"{d[n]:.3f}" for n in names)
-        for label, d in (("chance", chance), ("pre-trained model, no adapter", base))))
+        write_peft(args, model, results)
+    print(("SYNTHETIC TASKS (run_llm.py --data synthetic)\n" if args.data == "synthetic" else "") + table)
     print(f"\n{time.time() - t0:.0f}s on {device} ({args.threads} threads); results in {args.out}/results.json")
     return results
+
+
+def reference_table(results: dict) -> str:
+    """What the methods are measured against: a uniform guess, and the pre-trained model with no adapter."""
+    names, ref = results["clients"], results["config"]["reference"]
+    rows = [("Chance (uniform guess)", ref["chance"]), ("Pre-trained model, no adapter", ref["pretrained_no_adapter"])]
+    return "\n".join(["| reference | mean acc | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)] +
+                     [f"| {label} | {sum(d.values()) / len(d):.3f} | " + " | ".join(f"{d[n]:.3f}" for n in names) + " |"
+                      for label, d in rows])
 
 
 def _chance(examples: list[Example]) -> float:
@@ -439,7 +463,7 @@ def save_tiny_base(model: nn.Module, path: str) -> None:
     base.save_pretrained(path)
 
 
-def write_peft(args, model: nn.Module, tok: Tokenizer, results: dict) -> None:
+def write_peft(args, model: nn.Module, results: dict) -> None:
     """--export-peft DIR: the Potara adapter of each client (A/B-space merge with its lam) and the federated
     adapter, recomputed from the run's checkpoint; for --model tiny also the base model in HF format."""
     ck = torch.load(os.path.join(args.out, "checkpoint.pt"), map_location="cpu", weights_only=True)
@@ -457,4 +481,7 @@ def write_peft(args, model: nn.Module, tok: Tokenizer, results: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # the checkpoint is written after every round and client: nothing is lost
+        raise SystemExit("interrupted: rerun the same command with --resume to continue") from None

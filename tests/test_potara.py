@@ -302,7 +302,7 @@ def test_hermite_estimator_is_exact_on_a_cubic_loss():
         cubic = Likelihood(log_prob=lambda out, _y, k=(k3, k2, k1): -(k[0] * out ** 3 + k[1] * out ** 2 + k[2] * out)
                            .squeeze(-1), sample=None)
         wG, wL = rng.normal(scale=2.0, size=2)
-        G, L = {"weight": torch.tensor([[wG]], dtype=torch.float32)}, {"weight": torch.tensor([[wL]], dtype=torch.float32)}
+        G, L = ({"weight": torch.tensor([[w]], dtype=torch.float32)} for w in (wG, wL))
         _, info = personalize(model, G, L, [(x, y)], n_samples=3, estimator="hermite", likelihood=cubic)
         w = np.float32(wL) + grid * (np.float32(wG) - np.float32(wL))
         loss = k3 * w ** 3 + k2 * w ** 2 + k1 * w

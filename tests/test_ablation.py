@@ -1,0 +1,136 @@
+"""ablation.py on a micro problem (a shrunk tiny ViT, 2 clients, 2 rounds, one seed): seconds."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import ablation
+import run_cifar
+from experiment import lam_grid
+from potara import personalize
+
+MICRO_VIT = dict(image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32)
+TEST, STEP = 10, 0.25
+SCENS = ["dirichlet-0.1", "conflict"]
+
+
+def micro_argv(data_dir, out, *extra):
+    return ["--data-dir", str(data_dir), "--out", str(out), "--synthetic-per-class", "12", "--public", "1000",
+            "--pretrain-steps", "3", "--clients", "2", "--train", "16", "--val", "8", "--test", str(TEST),
+            "--rounds", "2", "--local-steps", "2", "--local-train-steps", "3", "--batch-size", "8", "--rank", "2",
+            "--lora-alpha", "4", "--grid-step", str(STEP), "--seeds", "0", "--threads", "1", "--no-progress",
+            "--conflict-classes", "30", "--scenarios", ",".join(SCENS), "--sources", "train32,val", *extra]
+
+
+@pytest.fixture(autouse=True)
+def micro_preset(monkeypatch):
+    monkeypatch.setitem(run_cifar.PRESETS["tiny"], "vit", MICRO_VIT)
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory):
+    data_dir, out = tmp_path_factory.mktemp("data"), tmp_path_factory.mktemp("ablation")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(run_cifar.PRESETS["tiny"], "vit", MICRO_VIT)
+        results = ablation.main(micro_argv(data_dir, out))
+    return data_dir, out, results
+
+
+def test_per_client_figures_and_summary(micro):
+    _, out, returned = micro
+    r = json.loads((out / "ablation.json").read_text())
+    assert list(r["runs"]) == SCENS and r["summary"] == returned["summary"]
+    grid = lam_grid(STEP)
+    for scen in SCENS:
+        clients = list(r["runs"][scen]["0"].values())
+        assert len(clients) == 2
+        for c in clients:
+            val, test = c["grid"]["val"], c["grid"]["test"]
+            assert c["grid"]["lam"] == grid and c["local"] == test[0] and c["fedit"] == test[-1]
+            best = [lam for lam, v in zip(grid, val) if v == max(val)]  # ties: nearest 0.5, then smaller
+            assert c["lam_grid"] == sorted(best, key=lambda lam: (abs(lam - 0.5), lam))[0]
+            assert c["grid_val"] == test[grid.index(c["lam_grid"])] and c["grid_oracle"] == max(test)
+            assert set(c["estimators"]) == {f"{e}@{s}" for e in ("paper", "bias", "quadratic", "hermite")
+                                            for s in ("train32", "val")}
+            for name, e in c["estimators"].items():
+                assert 0 <= e["lam"] <= 1 and e["abs_lam_diff"] == pytest.approx(abs(e["lam"] - c["lam_grid"]))
+                assert abs(e["acc"] * TEST - round(e["acc"] * TEST)) < 1e-9  # a count of correct test images
+                if e["lam"] in grid:
+                    assert e["acc"] == test[grid.index(e["lam"])]
+                assert e["n_samples"] == (16 if name.endswith("train32") else 8)  # 32 capped at the split
+        row = r["summary"][scen]
+        for m in ("local", "fedit", "grid_val"):
+            assert row[m]["acc"] == pytest.approx(np.mean([c[m] for c in clients]))
+        acc = np.mean([c["estimators"]["hermite@val"]["acc"] for c in clients])
+        assert row["hermite@val"]["acc"] == pytest.approx(acc)
+        assert row["hermite@val"]["ratio"] == pytest.approx(acc / row["grid_val"]["acc"])
+    md = (out / "ablation.md").read_text()
+    assert md.startswith("SYNTHETIC DATA") and all(f"| {m} |" in md for m in ("local", "grid_val", "hermite@val"))
+
+
+def test_estimator_weight_is_what_personalize_gives(micro):
+    # the suite's lam for "hermite@val" must be the library's default personalize() on the client's val split
+    data_dir, out, r = micro
+    args, p = ablation.resolve(ablation.build_parser(), micro_argv(data_dir, out))
+    data, pool, backbone, info = ablation.setup(args, p)
+    spec = ablation.scenario_spec(args, "conflict")
+    splits = ablation.make_splits(spec, data, pool, args, 0)
+    model = ablation.fresh_model(backbone, p, args, 0)
+    G, local = ablation.train_adapters(model, splits, args, 0, ablation.cache_path(args, "conflict", spec, 0, info))
+    for s in splits:
+        _, got = personalize(model, G, local[s.name], [(s.val_inputs, s.val_targets)])
+        assert got["lam"] == pytest.approx(r["runs"]["conflict"]["0"][s.name]["estimators"]["hermite@val"]["lam"])
+        assert int(s.val_targets.max()) < 100
+
+
+def test_second_run_reuses_the_cached_adapters(micro, monkeypatch):
+    data_dir, out, first = micro
+
+    def no_training(*a, **k):
+        raise AssertionError("retrained although the adapters are cached")
+
+    monkeypatch.setattr(ablation, "run_fedit", no_training)
+    again = ablation.main(micro_argv(data_dir, out))
+    assert again["runs"] == first["runs"]
+
+
+def test_conflict_partition_same_classes_own_labelling():
+    labels = np.random.default_rng(0).permutation(np.repeat(np.arange(100), 10))
+    parts, relabel = ablation.conflict_partition(labels, 3, 15, classes=5, seed=1)
+    flat = np.concatenate(parts)
+    assert [len(p) for p in parts] == [15] * 3 and len(np.unique(flat)) == len(flat)
+    chosen = np.unique(labels[flat])
+    assert len(chosen) <= 5
+    for table in relabel:
+        outside = np.setdiff1d(np.arange(100), chosen)
+        assert np.array_equal(table[outside], outside)  # identity off the chosen classes
+    assert len({tuple(t) for t in relabel}) > 1  # the clients label the same inputs differently
+    for table in relabel:  # a permutation of the chosen classes onto themselves
+        moved = np.flatnonzero(table != np.arange(100))
+        assert set(table[moved]) == set(moved)
+    with pytest.raises(ablation.DataError, match="clients x"):
+        ablation.conflict_partition(labels, 3, 17, classes=5, seed=1)
+
+
+def test_goal_and_table_by_hand():
+    row = lambda local, fedit, grid, acc: {"local": {"acc": local}, "fedit": {"acc": fedit}, "uniform": {"acc": 0},
+                                           "grid_val": {"acc": grid}, "grid_oracle": {"acc": grid},
+                                           "x@val": {"acc": acc, "ratio": acc / grid, "abs_lam_diff": 0.1},
+                                           "lam_grid": 0.3, "clients_x_seeds": 5}
+    ok, too_low, below_local = row(0.8, 0.5, 0.9, 0.885), row(0.8, 0.5, 0.9, 0.87), row(0.8, 0.5, 0.805, 0.795)
+    assert ablation.goal_met(ok, "x@val") and not ablation.goal_met(too_low, "x@val")
+    assert not ablation.goal_met(below_local, "x@val")  # 0.988 of the grid, but below local only
+    md = ablation.markdown({"a": ok, "b": below_local})
+    assert "| 0.983 | no: b |" in md and "0.885 (0.983; 0.10)" in md
+
+
+@pytest.mark.parametrize("extra, msg", [(["--scenarios", "nope"], "--scenarios"), (["--seeds", "x"], "--seeds"),
+                                        (["--estimators", "magic"], "--estimators"), (["--rounds", "0"], "--rounds")])
+def test_bad_arguments_fail_in_one_line(tmp_path, capsys, extra, msg):
+    with pytest.raises(SystemExit) as e:
+        ablation.main(micro_argv(tmp_path / "d", tmp_path / "o", *extra))
+    assert e.value.code == 2 and msg in capsys.readouterr().err
