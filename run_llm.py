@@ -107,10 +107,13 @@ def pretrain_tiny(model: nn.Module, tok: Tokenizer, p: dict, seed: int, cache_di
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     path = os.path.join(cache_dir, f"tiny-llama-{digest}.pt")
     if os.path.exists(path):
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-        model.load_state_dict(obj["state_dict"])
-        print(f"tiny model: reusing {path} (held-out public answer loss {obj['info']['heldout_loss']:.3f})")
-        return {"cache": path, **obj["info"]}
+        try:  # weights_only: a cache file never runs code; a damaged or stale one is simply rebuilt
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+            model.load_state_dict(obj["state_dict"])
+            print(f"tiny model: reusing {path} (held-out public answer loss {obj['info']['heldout_loss']:.3f})")
+            return {"cache": path, **obj["info"]}
+        except Exception as e:  # noqa: BLE001 -- any unreadable cache means: pre-train again
+            print(f"tiny model: cached {path} is unusable ({type(e).__name__}); pre-training again")
     t0, rng = time.time(), random.Random(seed)
     held = public_corpus(500, random.Random(seed + 1))
     hx, hy = encode_examples(tok, held, p["max_len"])
@@ -131,10 +134,14 @@ def pretrain_tiny(model: nn.Module, tok: Tokenizer, p: dict, seed: int, cache_di
         held_loss = float(lm_loss(model, hx.to(device), hy.to(device)))
     model.cpu()
     info = {"heldout_loss": held_loss, "pretrain_seconds": time.time() - t0, "key": key}
-    os.makedirs(cache_dir, exist_ok=True)
-    atomic_write(path, lambda f: torch.save({"state_dict": model.state_dict(), "info": info}, f))
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        atomic_write(path, lambda f: torch.save({"state_dict": model.state_dict(), "info": info}, f))
+        where = f"saved to {path}"
+    except OSError as e:
+        where = f"NOT cached ({e.strerror or e})"
     print(f"tiny model: pre-trained in {info['pretrain_seconds']:.0f}s, held-out public answer loss {held_loss:.3f}, "
-          f"saved to {path}")
+          f"{where}")
     return {"cache": path, **info}
 
 

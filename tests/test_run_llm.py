@@ -260,3 +260,15 @@ def test_cli_errors_are_one_line(tmp_path, capsys, argv, message):
         run_llm.main(argv + ["--cache-dir", str(tmp_path), "--out", str(tmp_path / "o"), "--pretrain-steps", "1"])
     text = str(e.value.code) if e.value.code not in (None, 2) else capsys.readouterr().err
     assert message in text and len(text.strip().splitlines()[-1]) > 0
+
+
+def test_damaged_pretrain_cache_is_rebuilt(tmp_path, capsys):
+    cache = tmp_path / "cache"
+    first = run_llm.main(MICRO + ["--out", str(tmp_path / "a"), "--cache-dir", str(cache)])
+    (cached,) = [p for p in cache.iterdir() if p.name.startswith("tiny-llama-")]
+    cached.write_bytes(cached.read_bytes()[:100])  # truncated by a crash or a full disk
+    capsys.readouterr()
+    second = run_llm.main(MICRO + ["--out", str(tmp_path / "b"), "--cache-dir", str(cache)])
+    assert "unusable" in capsys.readouterr().out
+    assert {m: r["per_client"] for m, r in second["methods"].items()} == {m: r["per_client"] for m, r in
+                                                                          first["methods"].items()}
