@@ -18,8 +18,8 @@ API (stable):
     # results["methods"][m] = {label, mean, per_client, bytes} for m in METHODS
     # writes out_dir/results.json, results.md, checkpoint.pt (+ lambda.png, communication.png
     # when matplotlib imports); print(markdown_table(results)) shows the table.
-    # CLI helpers: add_fault_options(ap) + check_fault_options(ap, args) (--max-update-norm, --drop-prob),
-    # dir_problem(path) (an unusable --out), atomic_write(path, write_fn) (every output file).
+    # CLI helpers shared by the scripts: add_experiment_options(ap), check_experiment_options(ap, args),
+    # config_from_args(args); dir_problem(path) (an unusable --out), atomic_write(path, write_fn).
 
 Pipeline (one backbone in memory; a client is switched in by loading adapter tensors):
   phi_0 = the model's adapter on entry (shared initial adapter, LoRA B = 0)
@@ -59,7 +59,8 @@ import torch.nn as nn
 
 from fed import Client, FedState, LossFn, classification_loss, run_fedit, shuffled_batches, state_bytes, train_adapter
 from lora import load_lora_state_dict, lora_factor, lora_state_dict
-from potara import Likelihood, classification_likelihood, fisher_merge, gradient_stats, merge_adapters, personalize
+from potara import (DEFAULT_ESTIMATOR, ESTIMATORS, Likelihood, classification_likelihood, fisher_merge,
+                    gradient_stats, merge_adapters, personalize)
 
 Evaluate = Callable[[nn.Module, torch.Tensor, torch.Tensor], float]
 METHODS = ("local", "fedit", "fedit_ft", "uniform", "fisher", "fedsa", "grid_val", "grid_oracle",
@@ -108,12 +109,14 @@ class ExperimentConfig:
     batch_size: int = 32
     local_train_steps: int = 200    # the local-only adapter phi_L, from phi_0
     finetune_steps: int = 50        # "FedIT then local fine-tuning", from phi_G
-    fisher_samples: int = 32        # client samples for the Fisher / gradient statistics
+    fisher_samples: int = 100       # client samples for Potara's statistics (at most the split's size)
     fisher_labels: str = "empirical"  # "empirical" (true labels) or "sampled" (true Fisher)
-    fisher_split: str = "train"     # which client split the statistics use: "train" or "val"
-    eps: float = 1e-3               # potara's relative Fisher floor
+    fisher_split: str = "val"       # which client split the statistics use: "val" (held out; what the default
+                                    # estimator needs) or "train" (the paper's ~32 training samples, for "paper")
+    fisher_chunk: int | None = None  # vmap chunk of per-sample gradients (lower GPU memory for large models)
+    eps: float = 1e-3               # potara's relative Fisher floor ("paper", "bias")
     granularity: str = "client"     # one lam per client, or "module": one per adapted module
-    estimator: str = "paper"        # a key of potara.ESTIMATORS
+    estimator: str = DEFAULT_ESTIMATOR  # a key of potara.ESTIMATORS
     grid_step: float = 0.05         # lam grid 0, step, ..., 1
     grid_space: str = "ab"          # merge space of the uniform merge and of the grid
     snapshots: int = 4              # evenly spaced FedIT round counts for the communication curve
@@ -318,13 +321,14 @@ def run_experiment(model: nn.Module, splits: Sequence[ClientSplits], cfg: Experi
         return value
 
     def stat_batches(i: int, s: ClientSplits):
+        """The statistics' samples: min(fisher_samples, split size) of the chosen split, in one batch."""
         x, y = (s.train_inputs, s.train_targets) if cfg.fisher_split == "train" else (s.val_inputs, s.val_targets)
-        return shuffled_batches(x, y, cfg.fisher_samples, _mix(cfg.seed, i, 303))
+        return shuffled_batches(x, y, min(cfg.fisher_samples, len(y)), _mix(cfg.seed, i, 303))
 
     def potara(i: int, s: ClientSplits, global_state: dict) -> tuple[dict, dict]:
         return personalize(model, global_state, ck["local"][s.name], stat_batches(i, s), cfg.fisher_samples,
                            cfg.fisher_labels, cfg.eps, cfg.granularity, "ab", cfg.estimator, likelihood,
-                           seed=_mix(cfg.seed, i, 404))
+                           seed=_mix(cfg.seed, i, 404), chunk_size=cfg.fisher_chunk)
 
     t0, grid = time.time(), lam_grid(cfg.grid_step)
     acc = {m: {} for m in METHODS if cfg.fedsa or m != "fedsa"}
@@ -335,7 +339,7 @@ def run_experiment(model: nn.Module, splits: Sequence[ClientSplits], cfg: Experi
         acc["fedit_ft"][s.name] = score(ck["finetuned"][s.name], *test)
         acc["uniform"][s.name] = score(merge_adapters(G, L, 0.5, cfg.grid_space), *test)
         stats = gradient_stats(model, G, L, stat_batches(i, s), cfg.fisher_samples, cfg.fisher_labels, likelihood,
-                               seed=_mix(cfg.seed, i, 404))
+                               seed=_mix(cfg.seed, i, 404), chunk_size=cfg.fisher_chunk)
         fisher = {m: f for m, f in (("G", stats.fisher_G), ("L", stats.fisher_L))}
         if not all(torch.isfinite(v).all() for f in fisher.values() for v in f.values()):
             warnings.warn(f"client {s.name}: NaN/Inf in the Fisher; Fisher merging takes those entries as 0")
@@ -424,12 +428,87 @@ def fault_summary(results: dict) -> str | None:
     return "faults: " + "; ".join(parts) + " (details: \"faults\" and the histories in results.json)"
 
 
-def add_fault_options(ap: argparse.ArgumentParser) -> None:
-    """--max-update-norm and --drop-prob (ExperimentConfig.max_update_norm, .drop_prob), for any CLI."""
-    ap.add_argument("--max-update-norm", type=float, default=None,
-                    help="reject a client update whose L2 distance to the global adapter exceeds this (unset: none)")
-    ap.add_argument("--drop-prob", type=float, default=0.0,
-                    help="probability that a selected client never returns its update in a round (simulated drop-out)")
+# ----------------------------------------------------------------------------- the shared CLI
+def add_experiment_options(ap: argparse.ArgumentParser) -> None:
+    """The options every pipeline script shares: training, Potara, evaluation and run control. Options
+    left at None are filled by the script's preset; Potara's defaults are ExperimentConfig's."""
+    d, a = ExperimentConfig(), ap.add_argument
+    a("--rounds", type=int, help="FedIT rounds R")
+    a("--local-steps", type=int, help="local steps per client per round")
+    a("--clients-per-round", type=int, default=0, help="clients sampled per round (0 = all)")
+    a("--max-update-norm", type=float, default=None,
+      help="reject a client update whose L2 distance to the global adapter exceeds this (unset: none)")
+    a("--drop-prob", type=float, default=0.0,
+      help="probability that a selected client never returns its update in a round (simulated drop-out)")
+    a("--local-train-steps", type=int, help="steps of the local-only adapter")
+    a("--finetune-steps", type=int, help="steps of local fine-tuning after FedIT")
+    a("--lr", type=float, help="AdamW learning rate of every adapter training")
+    a("--batch-size", type=int, help="training batch size")
+    a("--rank", type=int, help="LoRA rank r")
+    a("--lora-alpha", type=float, help="LoRA alpha (scaling alpha / r)")
+    a("--estimator", default=d.estimator, help=f"how Potara estimates a, b, c: one of {sorted(ESTIMATORS)} "
+      "(hermite: needs held-out samples, see README; paper: ALGORITHM.md's inverse-Fisher reconstruction)")
+    a("--fisher-split", choices=["train", "val"], default=d.fisher_split,
+      help="client split Potara's statistics use (val: held out, what hermite needs; train: the paper's setting)")
+    a("--fisher-samples", type=int, default=None,
+      help=f"samples of that split for the statistics (default: {d.fisher_samples}, or the whole split if smaller)")
+    a("--fisher-chunk", type=int, default=None,
+      help="per-sample gradients held at once (lower it for a large model on one GPU; default: all)")
+    a("--labels", choices=["empirical", "sampled"], default=d.fisher_labels, help="Fisher labels: data's or model-sampled")
+    a("--eps", type=float, default=d.eps, help="relative Fisher floor of the paper/bias estimators")
+    a("--granularity", choices=["client", "module"], default=d.granularity,
+      help="one lam per client or per adapted module (paper, bias, quadratic)")
+    a("--grid-step", type=float, default=d.grid_step, help="lam grid step (1/step must be an integer)")
+    a("--snapshots", type=int, default=d.snapshots, help="FedIT round counts for the communication curve")
+    a("--no-fedsa", dest="fedsa", action="store_false", help="skip the FedSA-LoRA baseline (a second federated run)")
+    a("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA when present (bf16 autocast)")
+    a("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
+      help="CPU threads for torch (default: half the cores; oversubscribed cores slow torch down badly)")
+    a("--seed", type=int, default=0)
+    a("--resume", action="store_true", help="continue from --out/checkpoint.pt (same arguments)")
+    a("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+
+def check_experiment_options(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject impossible shared options with a one-line parser error (after the preset filled args.train
+    and args.val); fills --fisher-samples' default."""
+    for k in ("rounds", "local_steps", "local_train_steps", "finetune_steps", "batch_size", "rank", "threads",
+              "fisher_samples", "fisher_chunk"):
+        if getattr(args, k) is not None and getattr(args, k) < 1:
+            ap.error(f"--{k.replace('_', '-')} must be >= 1, got {getattr(args, k)}")
+    for k in ("lr", "lora_alpha", "eps"):
+        if not (getattr(args, k) > 0 and math.isfinite(getattr(args, k))):
+            ap.error(f"--{k.replace('_', '-')} must be a positive number, got {getattr(args, k)}")
+    if min(args.clients_per_round, args.snapshots, args.seed) < 0:
+        ap.error("--clients-per-round, --snapshots and --seed must be >= 0")
+    if args.max_update_norm is not None and not (args.max_update_norm > 0 and math.isfinite(args.max_update_norm)):
+        ap.error(f"--max-update-norm must be a positive number, got {args.max_update_norm}")
+    if not 0 <= args.drop_prob < 1:
+        ap.error(f"--drop-prob must be in [0, 1), got {args.drop_prob}")
+    if not (0 < args.grid_step <= 1 and abs(1 / args.grid_step - round(1 / args.grid_step)) < 1e-6):
+        ap.error(f"--grid-step must be 1/n for an integer n >= 1 (e.g. 0.05), got {args.grid_step}")
+    if args.estimator not in ESTIMATORS:
+        ap.error(f"--estimator must be one of {sorted(ESTIMATORS)}, got {args.estimator!r}")
+    if args.estimator == "hermite" and args.granularity == "module":
+        ap.error("--estimator hermite gives one weight per client: use --granularity client (or another estimator)")
+    split = args.train if args.fisher_split == "train" else args.val
+    if args.fisher_samples is None:
+        args.fisher_samples = min(ExperimentConfig.fisher_samples, split)
+    elif args.fisher_samples > split:
+        ap.error(f"--fisher-samples {args.fisher_samples} exceeds the client's {args.fisher_split} split ({split})")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device is available (use --device cpu or auto)")
+
+
+def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
+    """The ExperimentConfig the shared options describe."""
+    return ExperimentConfig(
+        rounds=args.rounds, local_steps=args.local_steps, clients_per_round=args.clients_per_round, lr=args.lr,
+        batch_size=args.batch_size, local_train_steps=args.local_train_steps, finetune_steps=args.finetune_steps,
+        fisher_samples=args.fisher_samples, fisher_labels=args.labels, fisher_split=args.fisher_split,
+        fisher_chunk=args.fisher_chunk, eps=args.eps, granularity=args.granularity, estimator=args.estimator,
+        grid_step=args.grid_step, snapshots=args.snapshots, fedsa=args.fedsa, seed=args.seed,
+        drop_prob=args.drop_prob, max_update_norm=args.max_update_norm)
 
 
 def dir_problem(path: str, mode: int = os.W_OK | os.X_OK) -> str | None:
@@ -445,13 +524,6 @@ def dir_problem(path: str, mode: int = os.W_OK | os.X_OK) -> str | None:
     if not os.path.isdir(parent):
         return f"cannot be created ({parent} is a file)"
     return None if os.access(parent, os.W_OK | os.X_OK) else f"cannot be created ({parent} is not writable)"
-
-
-def check_fault_options(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    if args.max_update_norm is not None and not (args.max_update_norm > 0 and math.isfinite(args.max_update_norm)):
-        ap.error(f"--max-update-norm must be a positive number, got {args.max_update_norm}")
-    if not 0 <= args.drop_prob < 1:
-        ap.error(f"--drop-prob must be in [0, 1), got {args.drop_prob}")
 
 
 def _bar(items, desc: str, progress: bool):

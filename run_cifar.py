@@ -39,10 +39,9 @@ from tqdm.auto import tqdm
 
 from data import (DataError, class_split_partition, dirichlet_partition, load_cifar100, split_client,
                   write_synthetic_cifar100)
-from experiment import (ClientSplits, ExperimentConfig, ResumeError, add_fault_options, atomic_write,
-                        check_fault_options, dir_problem, markdown_table, run_experiment)
+from experiment import (ClientSplits, ResumeError, add_experiment_options, atomic_write, check_experiment_options,
+                        config_from_args, dir_problem, markdown_table, run_experiment)
 from lora import add_lora
-from potara import ESTIMATORS
 
 CIFAR_MEAN, CIFAR_STD = (0.507, 0.487, 0.441), (0.267, 0.256, 0.276)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -209,31 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--pretrain-steps", type=int, help="steps of tiny-backbone pre-training on the public images")
     a("--backbone", help="load this saved backbone instead (potara backbone file or a ViT state_dict)")
     a("--synthetic-per-class", type=int, default=500, help="synthetic training images per class (test: a fifth)")
-    a("--rounds", type=int, help="FedIT rounds R")
-    a("--local-steps", type=int, help="local steps per client per round")
-    a("--clients-per-round", type=int, default=0, help="clients sampled per round (0 = all)")
-    add_fault_options(ap)
-    a("--local-train-steps", type=int, help="steps of the local-only adapter")
-    a("--finetune-steps", type=int, help="steps of local fine-tuning after FedIT")
-    a("--lr", type=float, help="AdamW learning rate of every adapter training")
-    a("--batch-size", type=int, help="training batch size")
-    a("--rank", type=int, help="LoRA rank r (q and v of every attention block)")
-    a("--lora-alpha", type=float, help="LoRA alpha (scaling alpha / r)")
-    a("--fisher-samples", type=int, default=32, help="client samples for Potara's Fisher statistics")
-    a("--labels", choices=["empirical", "sampled"], default="empirical", help="Fisher labels: data's or model-sampled")
-    a("--fisher-split", choices=["train", "val"], default="train", help="client split the Fisher is computed on")
-    a("--eps", type=float, default=1e-3, help="relative Fisher floor of the estimator")
-    a("--granularity", choices=["client", "module"], default="client", help="one lam per client or per module")
-    a("--estimator", default="paper", help=f"variance estimator, one of {sorted(ESTIMATORS)}")
-    a("--grid-step", type=float, default=0.05, help="lam grid step (1/step must be an integer)")
-    a("--snapshots", type=int, default=4, help="FedIT round counts for the communication curve")
-    a("--no-fedsa", dest="fedsa", action="store_false", help="skip the FedSA-LoRA baseline (a second federated run)")
-    a("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA when present (bf16 autocast)")
-    a("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
-      help="CPU threads for torch (default: half the cores; oversubscribed cores slow torch down badly)")
-    a("--seed", type=int, default=0)
-    a("--resume", action="store_true", help="continue from --out/checkpoint.pt (same arguments)")
-    a("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    add_experiment_options(ap)  # training, Potara, evaluation, run control: shared with run_llm.py
     return ap
 
 
@@ -244,25 +219,16 @@ def resolve_args(ap: argparse.ArgumentParser, argv=None) -> tuple[argparse.Names
     for k, v in p.items():
         if getattr(args, k, "absent") is None:
             setattr(args, k, v)
-    positive = ["clients", "train", "val", "test", "rounds", "local_steps", "local_train_steps", "finetune_steps",
-                "batch_size", "rank", "fisher_samples", "threads", "synthetic_per_class"]
-    for k in positive:
+    for k in ("clients", "train", "val", "test", "synthetic_per_class"):
         if getattr(args, k) < 1:
             ap.error(f"--{k.replace('_', '-')} must be >= 1, got {getattr(args, k)}")
-    for k in ("alpha", "lr", "lora_alpha", "eps"):
-        if not (getattr(args, k) > 0 and math.isfinite(getattr(args, k))):
-            ap.error(f"--{k.replace('_', '-')} must be a positive number, got {getattr(args, k)}")
-    if args.public < 0 or args.snapshots < 0 or args.seed < 0:
-        ap.error(f"--public, --snapshots and --seed must be >= 0, got {args.public}, {args.snapshots}, {args.seed}")
-    check_fault_options(ap, args)
+    if not (args.alpha > 0 and math.isfinite(args.alpha)):
+        ap.error(f"--alpha must be a positive number, got {args.alpha}")
+    if args.public < 0:
+        ap.error(f"--public must be >= 0, got {args.public}")
+    check_experiment_options(ap, args)
     if not 0 <= args.clients_per_round <= args.clients:
         ap.error(f"--clients-per-round must be in [0, --clients={args.clients}], got {args.clients_per_round}")
-    if not (0 < args.grid_step <= 1 and abs(1 / args.grid_step - round(1 / args.grid_step)) < 1e-6):
-        ap.error(f"--grid-step must be 1/n for an integer n >= 1 (e.g. 0.05), got {args.grid_step}")
-    if args.estimator not in ESTIMATORS:
-        ap.error(f"--estimator must be one of {sorted(ESTIMATORS)}, got {args.estimator!r}")
-    if args.fisher_samples > (args.train if args.fisher_split == "train" else args.val):
-        ap.error(f"--fisher-samples {args.fisher_samples} exceeds the client's {args.fisher_split} split")
     if args.partition == "superclass" and args.clients > 20:
         ap.error(f"--partition superclass deals out 20 superclasses: --clients must be <= 20, got {args.clients}")
     if args.data == "synthetic" and args.synthetic_per_class < 5:
@@ -272,8 +238,6 @@ def resolve_args(ap: argparse.ArgumentParser, argv=None) -> tuple[argparse.Names
     if args.preset == "tiny" and not args.backbone and (args.pretrain_steps < 1 or args.public < 1000):
         ap.error("the tiny preset pre-trains its backbone: needs --pretrain-steps >= 1 and --public >= 1000 "
                  "(or pass --backbone PATH)")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda: no CUDA device is available (use --device cpu or auto)")
     args.out = args.out or os.path.join("runs", f"{args.preset}-{args.data}-{args.partition}-k{args.clients}-s{args.seed}")
     for flag, path, mode in (("--data-dir", args.data_dir, os.R_OK | os.X_OK), ("--out", args.out, os.W_OK | os.X_OK)):
         problem = dir_problem(path, mode)
@@ -341,13 +305,7 @@ def main(argv=None) -> dict:
     torch.manual_seed(args.seed)  # phi_0, the initial adapter every client and the server share
     add_lora(model, ["self_attention"], r=args.rank, alpha=args.lora_alpha, trainable=["vit.heads"])
     model.to(device)
-    cfg = ExperimentConfig(rounds=args.rounds, local_steps=args.local_steps, clients_per_round=args.clients_per_round,
-                           lr=args.lr, batch_size=args.batch_size, local_train_steps=args.local_train_steps,
-                           finetune_steps=args.finetune_steps, fisher_samples=args.fisher_samples,
-                           fisher_labels=args.labels, fisher_split=args.fisher_split, eps=args.eps,
-                           granularity=args.granularity, estimator=args.estimator, grid_step=args.grid_step,
-                           snapshots=args.snapshots, fedsa=args.fedsa, seed=args.seed, drop_prob=args.drop_prob,
-                           max_update_norm=args.max_update_norm)
+    cfg = config_from_args(args)
     config = {"args": {k: v for k, v in vars(args).items() if k not in ("progress", "resume", "threads")},
               "synthetic_data": data.synthetic, "backbone": backbone_info, "clients": client_info,
               "device": device.type, "torch": torch.__version__}

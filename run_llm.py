@@ -41,12 +41,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from experiment import (ClientSplits, ExperimentConfig, ResumeError, add_fault_options, atomic_write,
-                        check_fault_options, dir_problem, markdown_table, run_experiment)
+from experiment import (ClientSplits, ResumeError, add_experiment_options, atomic_write, check_experiment_options,
+                        config_from_args, dir_problem, markdown_table, run_experiment)
 from llm_data import (IGNORE, ByteTokenizer, DataError, Example, HFTokenizer, Tokenizer, encode_examples,
                       normalize_answer, public_corpus, read_task_dir, synthetic_tasks)
 from lora import add_lora, lora_meta
-from potara import ESTIMATORS, causal_lm_likelihood, merge_adapters
+from potara import causal_lm_likelihood, merge_adapters
 
 TINY_LLAMA = dict(hidden_size=96, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
                   num_key_value_heads=4, max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=True)
@@ -306,36 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-len", type=int, help="tokens per example (prompt cut from the left to fit)")
     a("--max-new-tokens", type=int, help="greedy decoding budget for free-form answers")
     a("--pretrain-steps", type=int, help="tiny model: pre-training steps on the public corpus")
-    a("--rounds", type=int, help="FedIT rounds R")
-    a("--local-steps", type=int, help="local steps per client per round")
-    a("--clients-per-round", type=int, default=0, help="clients sampled per round (0 = all)")
-    add_fault_options(ap)
-    a("--local-train-steps", type=int, help="steps of the local-only adapter")
-    a("--finetune-steps", type=int, help="steps of local fine-tuning after FedIT")
-    a("--lr", type=float, help="AdamW learning rate of every adapter training")
-    a("--batch-size", type=int, help="training batch size")
     a("--eval-batch-size", type=int, default=64, help="sequences per forward pass when scoring options")
-    a("--rank", type=int, help="LoRA rank r")
-    a("--lora-alpha", type=float, help="LoRA alpha (scaling alpha / r)")
-    d = ExperimentConfig()  # Potara's and the evaluation's defaults are the shared pipeline's
-    a("--fisher-samples", type=int, default=d.fisher_samples,
-      help="client samples for Potara's Fisher statistics (one vmap batch: lower it for a large model on one GPU)")
-    a("--labels", choices=["empirical", "sampled"], default=d.fisher_labels, help="Fisher labels: data's or model-sampled")
-    a("--fisher-split", choices=["train", "val"], default=d.fisher_split, help="client split the Fisher is computed on")
-    a("--eps", type=float, default=d.eps, help="relative Fisher floor of the estimator")
-    a("--granularity", choices=["client", "module"], default=d.granularity, help="one lam per client or per module")
-    a("--estimator", default=d.estimator, help=f"variance estimator, one of {sorted(ESTIMATORS)}")
-    a("--grid-step", type=float, default=d.grid_step, help="lam grid step (1/step must be an integer)")
-    a("--snapshots", type=int, default=d.snapshots, help="FedIT round counts for the communication curve")
-    a("--no-fedsa", dest="fedsa", action="store_false", help="skip the FedSA-LoRA baseline (a second federated run)")
     a("--attn", default="eager", help="attention implementation of a --model NAME (eager works under torch.func.vmap)")
     a("--export-peft", metavar="DIR", help="also write each client's Potara adapter (and the federated one) in peft's format")
-    a("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA when present (bf16 autocast)")
-    a("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
-      help="CPU threads for torch (default: half the cores; oversubscribed cores slow torch down badly)")
-    a("--seed", type=int, default=0)
-    a("--resume", action="store_true", help="continue from --out/checkpoint.pt (same arguments)")
-    a("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    add_experiment_options(ap)  # training, Potara, evaluation, run control: shared with run_cifar.py
     return ap
 
 
@@ -347,27 +321,14 @@ def resolve_args(ap: argparse.ArgumentParser, argv=None) -> tuple[argparse.Names
         if getattr(args, k, "absent") is None:
             setattr(args, k, v)
     p.update(pretrain_steps=args.pretrain_steps, max_len=args.max_len)
-    for k in ("train", "val", "test", "max_len", "max_new_tokens", "rounds", "local_steps", "local_train_steps",
-              "finetune_steps", "batch_size", "eval_batch_size", "rank", "fisher_samples", "threads",
-              "synthetic_examples"):
+    for k in ("train", "val", "test", "max_len", "max_new_tokens", "eval_batch_size", "synthetic_examples"):
         if getattr(args, k) < 1:
             ap.error(f"--{k.replace('_', '-')} must be >= 1, got {getattr(args, k)}")
-    for k in ("lr", "lora_alpha", "eps"):
-        if not (getattr(args, k) > 0 and math.isfinite(getattr(args, k))):
-            ap.error(f"--{k.replace('_', '-')} must be a positive number, got {getattr(args, k)}")
-    if min(args.clients, args.clients_per_round, args.snapshots, args.seed) < 0:
-        ap.error("--clients, --clients-per-round, --snapshots and --seed must be >= 0")
-    check_fault_options(ap, args)
+    if args.clients < 0:
+        ap.error(f"--clients must be >= 0, got {args.clients}")
+    check_experiment_options(ap, args)
     if args.model == "tiny" and args.pretrain_steps < 1:
         ap.error("--model tiny is pre-trained here: --pretrain-steps must be >= 1")
-    if not (0 < args.grid_step <= 1 and abs(1 / args.grid_step - round(1 / args.grid_step)) < 1e-6):
-        ap.error(f"--grid-step must be 1/n for an integer n >= 1 (e.g. 0.05), got {args.grid_step}")
-    if args.estimator not in ESTIMATORS:
-        ap.error(f"--estimator must be one of {sorted(ESTIMATORS)}, got {args.estimator!r}")
-    if args.fisher_samples > (args.train if args.fisher_split == "train" else args.val):
-        ap.error(f"--fisher-samples {args.fisher_samples} exceeds the client's {args.fisher_split} split")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda: no CUDA device is available (use --device cpu or auto)")
     if args.export_peft and any(t in ("self_attn", "attention") for t in args.targets):
         ap.error("--export-peft needs LoRA on nn.Linear projections (e.g. --targets q_proj v_proj)")
     tag = lambda s: os.path.basename(os.path.normpath(s)) or "model"
@@ -420,13 +381,7 @@ def main(argv=None) -> dict:
     except ValueError as e:
         ap.error(f"--targets: {e}")
     model.to(device)
-    cfg = ExperimentConfig(rounds=args.rounds, local_steps=args.local_steps, clients_per_round=args.clients_per_round,
-                           lr=args.lr, batch_size=args.batch_size, local_train_steps=args.local_train_steps,
-                           finetune_steps=args.finetune_steps, fisher_samples=args.fisher_samples,
-                           fisher_labels=args.labels, fisher_split=args.fisher_split, eps=args.eps,
-                           granularity=args.granularity, estimator=args.estimator, grid_step=args.grid_step,
-                           snapshots=args.snapshots, fedsa=args.fedsa, seed=args.seed, drop_prob=args.drop_prob,
-                           max_update_norm=args.max_update_norm)
+    cfg = config_from_args(args)
     config = {"args": {k: v for k, v in vars(args).items() if k not in ("progress", "resume", "threads", "export_peft")},
               "model": model_info, "device": device.type, "torch": torch.__version__,
               "reference": {"chance": chance, "pretrained_no_adapter": base},

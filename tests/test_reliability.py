@@ -285,7 +285,8 @@ def client(name, seed, train_fill=None):
 
 
 MLP_CFG = dict(rounds=2, local_steps=3, lr=1e-2, batch_size=8, local_train_steps=4, finetune_steps=3,
-               fisher_samples=8, grid_step=0.25, snapshots=2)
+               fisher_samples=8, grid_step=0.25, snapshots=2,
+               estimator="paper", fisher_split="train")  # the inverse-Fisher path, on the degenerate train data
 
 
 def test_zero_fisher_and_nan_client_warn_and_give_finite_adapters_and_results(tmp_path):
@@ -382,8 +383,8 @@ def test_bad_resume_states_fail_in_one_line(micro, reference, tmp_path):
     (["--batch-size", "0"], "--batch-size must be >= 1"),
     (["--rank", "0"], "--rank must be >= 1"),
     (["--threads", "0"], "--threads must be >= 1"),
-    (["--public", "-1"], "--public, --snapshots and --seed must be >= 0"),
-    (["--snapshots", "-1"], "--public, --snapshots and --seed must be >= 0"),
+    (["--public", "-1"], "--public must be >= 0"),
+    (["--snapshots", "-1"], "--clients-per-round, --snapshots and --seed must be >= 0"),
     (["--lora-alpha", "0"], "--lora-alpha must be a positive number"),
     (["--eps", "-0.001"], "--eps must be a positive number"),
     (["--lr", "inf"], "--lr must be a positive number"),
