@@ -57,7 +57,8 @@ from typing import IO, Callable, Sequence
 import torch
 import torch.nn as nn
 
-from fed import Client, FedState, LossFn, classification_loss, run_fedit, shuffled_batches, state_bytes, train_adapter
+from fed import (Client, FedState, LossFn, classification_loss, derive_seed, run_fedit, shuffled_batches,
+                 state_bytes, train_adapter)
 from lora import load_lora_state_dict, lora_factor, lora_state_dict
 from potara import (DEFAULT_ESTIMATOR, ESTIMATORS, Likelihood, classification_likelihood, fisher_merge,
                     gradient_stats, merge_adapters, personalize)
@@ -144,13 +145,6 @@ def snapshot_rounds(rounds: int, snapshots: int) -> list[int]:
 def lam_grid(step: float) -> list[float]:
     n = round(1 / step)
     return [round(i / n, 10) for i in range(n + 1)]
-
-
-def _mix(*parts: int) -> int:
-    s = 0
-    for p in parts:
-        s = (s * 1_000_003 + int(p)) % (2**63 - 1)
-    return s
 
 
 def _mean(xs) -> float:
@@ -304,10 +298,10 @@ def run_experiment(model: nn.Module, splits: Sequence[ClientSplits], cfg: Experi
     t0 = time.time()
     for i, s in enumerate(_bar(splits, "local training", progress)):
         if s.name not in ck["local"]:
-            ck["local"][s.name] = train_from(init, s, cfg.local_train_steps, _mix(cfg.seed, i, 101), "local")
+            ck["local"][s.name] = train_from(init, s, cfg.local_train_steps, derive_seed(cfg.seed, i, 101), "local")
             _save(ck, ckpt_path)
         if s.name not in ck["finetuned"]:
-            ck["finetuned"][s.name] = train_from(G, s, cfg.finetune_steps, _mix(cfg.seed, i, 202), "fine-tune")
+            ck["finetuned"][s.name] = train_from(G, s, cfg.finetune_steps, derive_seed(cfg.seed, i, 202), "fine-tune")
             _save(ck, ckpt_path)
     load_lora_state_dict(model, init)
     timing["local"] = time.time() - t0
@@ -323,12 +317,12 @@ def run_experiment(model: nn.Module, splits: Sequence[ClientSplits], cfg: Experi
     def stat_batches(i: int, s: ClientSplits):
         """The statistics' samples: min(fisher_samples, split size) of the chosen split, in one batch."""
         x, y = (s.train_inputs, s.train_targets) if cfg.fisher_split == "train" else (s.val_inputs, s.val_targets)
-        return shuffled_batches(x, y, min(cfg.fisher_samples, len(y)), _mix(cfg.seed, i, 303))
+        return shuffled_batches(x, y, min(cfg.fisher_samples, len(y)), derive_seed(cfg.seed, i, 303))
 
     def potara(i: int, s: ClientSplits, global_state: dict) -> tuple[dict, dict]:
         return personalize(model, global_state, ck["local"][s.name], stat_batches(i, s), cfg.fisher_samples,
                            cfg.fisher_labels, cfg.eps, cfg.granularity, "ab", cfg.estimator, likelihood,
-                           seed=_mix(cfg.seed, i, 404), chunk_size=cfg.fisher_chunk)
+                           seed=derive_seed(cfg.seed, i, 404), chunk_size=cfg.fisher_chunk)
 
     t0, grid = time.time(), lam_grid(cfg.grid_step)
     acc = {m: {} for m in METHODS if cfg.fedsa or m != "fedsa"}
@@ -339,7 +333,7 @@ def run_experiment(model: nn.Module, splits: Sequence[ClientSplits], cfg: Experi
         acc["fedit_ft"][s.name] = score(ck["finetuned"][s.name], *test)
         acc["uniform"][s.name] = score(merge_adapters(G, L, 0.5, cfg.grid_space), *test)
         stats = gradient_stats(model, G, L, stat_batches(i, s), cfg.fisher_samples, cfg.fisher_labels, likelihood,
-                               seed=_mix(cfg.seed, i, 404), chunk_size=cfg.fisher_chunk)
+                               seed=derive_seed(cfg.seed, i, 404), chunk_size=cfg.fisher_chunk)
         fisher = {m: f for m, f in (("G", stats.fisher_G), ("L", stats.fisher_L))}
         if not all(torch.isfinite(v).all() for f in fisher.values() for v in f.values()):
             warnings.warn(f"client {s.name}: NaN/Inf in the Fisher; Fisher merging takes those entries as 0")

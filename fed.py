@@ -154,7 +154,9 @@ def validate_update(update: dict[str, torch.Tensor], reference: dict[str, torch.
     return None
 
 
-def _seed(*parts: int) -> int:
+def derive_seed(*parts: int) -> int:
+    """One 63-bit seed from several integers (seed, round, client, ...): every random draw of a run is
+    keyed by where it happens, so a resumed run repeats the uninterrupted one exactly."""
     s = 0
     for p in parts:
         s = (s * 1_000_003 + int(p)) % (2**63 - 1)
@@ -204,7 +206,7 @@ def run_fedit(model: nn.Module, clients: Sequence[Client], rounds: int, local_st
     try:
         for t in tqdm(range(state.round, rounds), desc="FedIT rounds", initial=state.round, total=rounds,
                       disable=not progress):
-            g = torch.Generator().manual_seed(_seed(seed, t))
+            g = torch.Generator().manual_seed(derive_seed(seed, t))
             picked = sorted(torch.randperm(len(clients), generator=g)[:clients_per_round].tolist())
             dropped = [k for k, u in zip(picked, torch.rand(len(picked), generator=g).tolist()) if u < drop_prob]
             updates, sizes, losses, rejected, up = [], [], [], [], 0
@@ -213,9 +215,9 @@ def run_fedit(model: nn.Module, clients: Sequence[Client], rounds: int, local_st
                 if k in dropped:
                     continue
                 load_lora_state_dict(model, {**state.global_state, **state.private_states[client.name]})
-                torch.manual_seed(_seed(seed, t, k, 1))  # dropout etc.: reproducible per (round, client)
+                torch.manual_seed(derive_seed(seed, t, k, 1))  # dropout etc.: reproducible per (round, client)
                 result = train_adapter(model, shuffled_batches(client.inputs, client.targets, batch_size,
-                                                               _seed(seed, t, k)),
+                                                               derive_seed(seed, t, k)),
                                        local_steps, lr, weight_decay, loss_fn, autocast_dtype,
                                        desc=f"round {t} client {client.name}", progress=progress)
                 update = {k2: result.state[k2] for k2 in shared_keys}
