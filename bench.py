@@ -58,7 +58,8 @@ from lora import LoRALinear, LoRAPackedQKV, add_lora, load_lora_state_dict, lora
 SECTIONS = ("lora", "merged", "fisher", "clients", "potara", "pipeline")
 # run_cifar.py's tiny preset (kept in sync by reading it when importable; these are its values)
 TINY = dict(vit=dict(image_size=32, patch_size=8, num_layers=4, num_heads=4, hidden_dim=96, mlp_dim=192),
-            train=400, local_train_steps=100, lr=3e-3, batch_size=32, rank=8, lora_alpha=16, fisher_samples=32)
+            train=400, local_train_steps=100, lr=3e-3, batch_size=32, rank=8, lora_alpha=16,
+            fisher_samples=100)  # Potara's statistics: the pipelines' default (ExperimentConfig.fisher_samples)
 SMALL_VIT = dict(image_size=32, patch_size=4, num_layers=6, num_heads=6, hidden_dim=192, mlp_dim=768)  # 65 tokens
 PIPELINE_CMD = ["run_cifar.py", "--preset", "tiny", "--data", "synthetic"]
 
