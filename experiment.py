@@ -319,10 +319,10 @@ def run_experiment(model: nn.Module, splits: Sequence[ClientSplits], cfg: Experi
         x, y = (s.train_inputs, s.train_targets) if cfg.fisher_split == "train" else (s.val_inputs, s.val_targets)
         return shuffled_batches(x, y, min(cfg.fisher_samples, len(y)), derive_seed(cfg.seed, i, 303))
 
-    def potara(i: int, s: ClientSplits, global_state: dict) -> tuple[dict, dict]:
+    def potara(i: int, s: ClientSplits, global_state: dict, stats=None) -> tuple[dict, dict]:
         return personalize(model, global_state, ck["local"][s.name], stat_batches(i, s), cfg.fisher_samples,
                            cfg.fisher_labels, cfg.eps, cfg.granularity, "ab", cfg.estimator, likelihood,
-                           seed=derive_seed(cfg.seed, i, 404), chunk_size=cfg.fisher_chunk)
+                           seed=derive_seed(cfg.seed, i, 404), chunk_size=cfg.fisher_chunk, stats=stats)
 
     t0, grid = time.time(), lam_grid(cfg.grid_step)
     acc = {m: {} for m in METHODS if cfg.fedsa or m != "fedsa"}
@@ -342,7 +342,7 @@ def run_experiment(model: nn.Module, splits: Sequence[ClientSplits], cfg: Experi
         acc["fisher"][s.name] = score(fisher_merge(G, L, fisher["G"], fisher["L"]), *test)
         if fedsa is not None:
             acc["fedsa"][s.name] = score({**fedsa.global_state, **fedsa.private_states[s.name]}, *test)
-        merged, info = potara(i, s, G)
+        merged, info = potara(i, s, G, stats)  # the statistics Fisher merging used: one pass, not two
         terms = [v for t in "abc" for v in (info[t].values() if isinstance(info[t], dict) else [info[t]])]
         if not all(math.isfinite(v) for v in terms):
             warnings.warn(f"client {s.name}: non-finite variance terms (a, b, c) = {info['a']}, {info['b']}, "

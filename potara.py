@@ -467,18 +467,21 @@ def personalize(model: nn.Module, global_state: dict, local_state: dict, batches
                 n_samples: int = 100, labels: str = "empirical", eps: float = 1e-3, granularity: str = "client",
                 space: str = "ab", estimator: str = DEFAULT_ESTIMATOR,
                 likelihood: Likelihood = classification_likelihood, seed: int = 0,
-                chunk_size: int | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+                chunk_size: int | None = None, stats: GradStats | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """The client-side Potara step: statistics on the first n_samples of `batches` -> (a, b, c) -> lam* ->
     merged adapter. Returns (merged_state, info) with info = {a, b, c, lam, n_samples, ...}.
     Which samples: the default estimator ("hermite") needs HELD-OUT client samples (e.g. a validation
     split the adapters were not trained on; 100 by default, fewer are noisier); "paper" was meant for
     ~32 of the client's training samples (R). `labels` and `eps` only matter to "paper" and "bias".
-    chunk_size bounds how many per-sample gradients vmap holds at once (memory for large models)."""
+    chunk_size bounds how many per-sample gradients vmap holds at once (memory for large models).
+    `stats`: gradient_stats of these same two adapters, already computed (then `batches` is not read)."""
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown estimator {estimator!r}; choose from {sorted(ESTIMATORS)}")
     check_state(global_state, global_state, what="global adapter")  # finite values
     check_state(local_state, global_state, what="local adapter")  # same keys, shapes, dtypes; finite
-    stats = gradient_stats(model, global_state, local_state, batches, n_samples, labels, likelihood, seed, chunk_size)
+    if stats is None:
+        stats = gradient_stats(model, global_state, local_state, batches, n_samples, labels, likelihood, seed,
+                               chunk_size)
     lam, terms = weight_from_stats(stats, estimator, eps, granularity)
     info = {**terms, "lam": lam, "n_samples": stats.n, "labels": labels, "eps": eps,
             "granularity": granularity, "space": space, "estimator": estimator}
