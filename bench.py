@@ -413,7 +413,7 @@ def bench_clients(cfg: BenchConfig, device: torch.device) -> list[dict]:
              value_row("clients", "backbone bytes (one copy)", m["model_bytes"], "B", note),
              value_row("clients", f"RSS growth, {cfg.clients_small} clients", m["rss_growth"][cfg.clients_small], "B"),
              value_row("clients", f"RSS growth, {cfg.clients_large} clients", m["rss_growth"][cfg.clients_large], "B"),
-             value_row("clients", f"RSS growth per extra client / adapter bytes", per_client / m["adapter_bytes"], "x",
+             value_row("clients", "RSS growth per extra client / adapter bytes", per_client / m["adapter_bytes"], "x",
                        f"{per_client / 1e6:.2f} MB per client over {extra} clients; "
                        f"{m['storages_shared_with_model']} storages shared with the model",
                        goal="~1x adapter, never a model copy",

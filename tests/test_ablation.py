@@ -3,14 +3,13 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 import ablation
 import run_cifar
 from experiment import lam_grid
 from potara import personalize
 
-MICRO_VIT = dict(image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32)
+from conftest import MICRO_VIT
 TEST, STEP = 10, 0.25
 SCENS = ["dirichlet-0.1", "conflict"]
 
@@ -23,12 +22,7 @@ def micro_argv(data_dir, out, *extra):
             "--conflict-classes", "30", "--scenarios", ",".join(SCENS), "--sources", "train32,val", *extra]
 
 
-@pytest.fixture(autouse=True)
-def micro_preset(monkeypatch):
-    monkeypatch.setitem(run_cifar.PRESETS["tiny"], "vit", MICRO_VIT)
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("micro_preset")
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,5 @@
 """bench.py's helpers, and the fast paths it measures computing the same function as the slow ones.
 No timed assertions: timings are only reported, never tested."""
-import copy
 import json
 
 import pytest

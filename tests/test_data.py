@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-import data
 from data import (DataError, class_split_partition, dirichlet_partition, load_cifar100, split_client, unassigned,
                   write_synthetic_cifar100)
 

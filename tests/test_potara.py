@@ -1,6 +1,5 @@
 import math
 import random
-import warnings
 
 import pytest
 import torch

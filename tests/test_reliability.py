@@ -26,7 +26,7 @@ from experiment import ClientSplits, ExperimentConfig, atomic_write, fingerprint
 from lora import add_lora, lora_factor, lora_state_dict, save_adapter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MICRO_VIT = dict(image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32)
+from conftest import MICRO_VIT
 CLIENTS, ROUNDS = 2, 3
 
 

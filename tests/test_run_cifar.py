@@ -11,7 +11,7 @@ import torch
 import run_cifar
 from experiment import METHODS, lam_grid
 
-MICRO_VIT = dict(image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32)
+from conftest import MICRO_VIT
 ROUNDS, CLIENTS, RANK, TEST = 2, 2, 2, 10
 
 
@@ -23,12 +23,7 @@ def micro_argv(data_dir, out, *extra):
             "--lora-alpha", "4", "--grid-step", "0.25", "--snapshots", "2", "--threads", "1", "--no-progress", *extra]
 
 
-@pytest.fixture(autouse=True)
-def micro_preset(monkeypatch):
-    monkeypatch.setitem(run_cifar.PRESETS["tiny"], "vit", MICRO_VIT)
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("micro_preset")
 
 
 @pytest.fixture(scope="module")

@@ -57,7 +57,7 @@ def test_jsonl_reader_names_the_bad_line(tmp_path, bad, why):
     path = write(tmp_path / "task.jsonl", [good, good, bad, good])
     with pytest.raises(DataError) as e:
         read_jsonl(path)
-    assert f"task.jsonl:3:" in str(e.value) and why in str(e.value)
+    assert "task.jsonl:3:" in str(e.value) and why in str(e.value)
 
 
 def test_task_dir_errors(tmp_path):
