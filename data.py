@@ -157,6 +157,49 @@ def unassigned(num_samples: int, parts: Sequence[np.ndarray]) -> np.ndarray:
     return np.flatnonzero(mask)
 
 
+# ----------------------------------------------------------------------------- client splits
+@dataclass
+class ClientSplits:
+    """One client's data, drawn from its own distribution: train (its FedIT/local data), val (held out:
+    Potara's statistics and the grid search's choice), test (what every method is scored on)."""
+    name: str
+    train_inputs: torch.Tensor
+    train_targets: torch.Tensor
+    val_inputs: torch.Tensor
+    val_targets: torch.Tensor
+    test_inputs: torch.Tensor
+    test_targets: torch.Tensor
+
+    def __post_init__(self):
+        for part in ("train", "val", "test"):
+            x, y = getattr(self, f"{part}_inputs"), getattr(self, f"{part}_targets")
+            if len(x) != len(y) or len(x) == 0:
+                raise ValueError(f"client {self.name}: {part} split needs as many inputs as targets and at "
+                                 f"least one example, got {len(x)} inputs and {len(y)} targets")
+
+
+PUBLIC_SEED = 12345  # fixed: the public set (and so a backbone pre-trained on it) does not depend on --seed
+
+
+def public_and_pool(num_samples: int, public: int) -> tuple[np.ndarray, np.ndarray]:
+    """A fixed random `public` images no client holds (backbone pre-training), and the rest (the client pool)."""
+    order = np.random.default_rng(PUBLIC_SEED).permutation(num_samples)
+    return np.sort(order[:public]), np.sort(order[public:])
+
+
+def client_splits(images: torch.Tensor, labels: np.ndarray, pool: np.ndarray, parts: Sequence[np.ndarray],
+                  sizes: Sequence[int], seed: int, relabel: Sequence[np.ndarray] | None = None) -> list[ClientSplits]:
+    """Client k's partition parts[k] (indices into `pool`) -> ClientSplits client<k> with train / val / test of
+    `sizes` (split_client, seeded with seed * 1000 + k); relabel[k], when given, maps client k's labels."""
+    splits = []
+    for k, part in enumerate(parts):
+        idx = [pool[i] for i in split_client(part, sizes, seed=seed * 1000 + k)]
+        x = [images[torch.from_numpy(i)] for i in idx]
+        y = [torch.from_numpy(labels[i] if relabel is None else relabel[k][labels[i]]) for i in idx]
+        splits.append(ClientSplits(f"client{k}", x[0], y[0], x[1], y[1], x[2], y[2]))
+    return splits
+
+
 # ----------------------------------------------------------------------------- synthetic source
 def _smooth_fields(rng: np.random.Generator, n: int, grid: int) -> np.ndarray:
     """n random low-frequency colour fields (n, 3, 32, 32): N(0, 1) on a grid x grid lattice, bilinear up."""
