@@ -32,11 +32,9 @@ from typing import Protocol, Sequence
 
 import torch
 
+from data import DataError  # the one DataError of the project: `except DataError` catches text and image data
+
 IGNORE = -100  # label of tokens that are not scored (prompt, padding): the convention of HF and potara
-
-
-class DataError(ValueError):
-    """Bad task data: unreadable directory, malformed JSONL line (with its line number), empty task."""
 
 
 @dataclass(frozen=True)
@@ -47,44 +45,75 @@ class Example:
 
 
 # ----------------------------------------------------------------------------- JSONL
-def parse_line(text: str, where: str) -> Example:
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _object_without_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    """json's object hook: {"answer": "a", "answer": "b"} is ambiguous (json keeps the last), so refuse it."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise _DuplicateKey(next(k for i, (k, _) in enumerate(pairs) if k in dict(pairs[:i])))
+    return obj
+
+
+def _text(value: object, where: str, field: str) -> str:
+    """A non-empty string that is valid Unicode: JSON's escapes can spell a lone surrogate ("\\ud800"), which
+    json accepts but no tokenizer can encode."""
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(f"{where}: '{field}' must be a non-empty string")
     try:
-        obj = json.loads(text)
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f"{where}: '{field}' is not valid Unicode ({e.reason} at character {e.start})") from None
+    return value
+
+
+def parse_line(text: str, where: str) -> Example:
+    """One JSONL line -> Example; anything else is a one-line DataError prefixed with `where` (file:line)."""
+    try:
+        obj = json.loads(text, object_pairs_hook=_object_without_duplicates)
     except json.JSONDecodeError as e:
         raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+    except _DuplicateKey as e:
+        raise DataError(f"{where}: field {e.args[0]!r} appears twice") from None
+    except RecursionError:  # json's decoder recurses once per bracket
+        raise DataError(f"{where}: JSON nested too deeply (expected a flat object)") from None
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object with 'prompt' and 'answer', got {type(obj).__name__}")
     unknown = sorted(set(obj) - {"prompt", "answer", "options"})
     if unknown:
-        raise DataError(f"{where}: unknown field(s) {unknown}; allowed: prompt, answer, options")
-    for field in ("prompt", "answer"):
-        if not isinstance(obj.get(field), str) or not obj[field].strip():
-            raise DataError(f"{where}: '{field}' must be a non-empty string")
+        raise DataError(f"{where}: unknown field(s) {[u[:40] for u in unknown[:5]]!r}; allowed: prompt, answer, options")
+    prompt, answer = _text(obj.get("prompt"), where, "prompt"), _text(obj.get("answer"), where, "answer")
     options = obj.get("options")
     if options is not None:
-        if (not isinstance(options, list) or len(options) < 2
-                or not all(isinstance(o, str) and o.strip() for o in options)):
+        if not isinstance(options, list) or len(options) < 2:
             raise DataError(f"{where}: 'options' must be a list of at least 2 non-empty strings")
+        options = tuple(_text(o, where, "options") for o in options)
         if len(set(options)) != len(options):
             raise DataError(f"{where}: 'options' has duplicates")
-        if obj["answer"] not in options:
-            raise DataError(f"{where}: 'answer' {obj['answer']!r} is not one of the options")
-        options = tuple(options)
-    return Example(obj["prompt"], obj["answer"], options)
+        if answer not in options:
+            raise DataError(f"{where}: 'answer' {answer[:40]!r} is not one of the options")
+    return Example(prompt, answer, options)
 
 
 def read_jsonl(path: str) -> list[Example]:
-    """Every example of one JSONL file; a malformed line raises DataError naming the file and line."""
+    """Every example of one JSONL file; a malformed line raises DataError naming the file and line. Lines are
+    split on b"\\n" and decoded one at a time, so a bad UTF-8 byte is reported with its line and column
+    (a UTF-8 byte-order mark on line 1 is allowed)."""
     examples = []
     try:
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
+        with open(path, "rb") as f:
+            for number, raw in enumerate(f, start=1):
+                where = f"{path}:{number}"
+                try:
+                    line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
                 if line.strip():
-                    examples.append(parse_line(line, f"{path}:{number}"))
+                    examples.append(parse_line(line, where))
     except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror})") from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text (byte {e.start})") from None
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
     if not examples:
         raise DataError(f"{path}: no examples")
     return examples
@@ -99,6 +128,25 @@ def read_task_dir(directory: str) -> dict[str, list[Example]]:
     if not files:
         raise DataError(f"--data {directory}: no .jsonl files in it (one <task>.jsonl file per client)")
     return {f[:-len(".jsonl")]: read_jsonl(os.path.join(directory, f)) for f in files}
+
+
+def split_tasks(tasks: dict[str, list[Example]], sizes: tuple[int, int, int], seed: int
+                ) -> dict[str, tuple[list[Example], list[Example], list[Example]]]:
+    """Each task's (train, val, test) examples: shuffled with the seed "<seed>/<task>", then test, val and train
+    taken in that order (so --train does not change the test set). Every task is checked before any is split."""
+    n_train, n_val, n_test = sizes
+    for name, examples in tasks.items():
+        if len(examples) < n_train + n_val + n_test:
+            raise DataError(f"task {name}: {len(examples)} examples, fewer than --train {n_train} + --val {n_val} "
+                            f"+ --test {n_test}")
+    out = {}
+    for name, examples in tasks.items():
+        order = list(range(len(examples)))
+        random.Random(f"{seed}/{name}").shuffle(order)
+        test, val, train = ([examples[i] for i in order[a:b]] for a, b in
+                            ((0, n_test), (n_test, n_test + n_val), (n_test + n_val, n_test + n_val + n_train)))
+        out[name] = (train, val, test)
+    return out
 
 
 # ----------------------------------------------------------------------------- tokenizers
@@ -146,13 +194,32 @@ def encode_pair(tok: Tokenizer, prompt: str, answer: str, max_len: int) -> tuple
     """Token ids of <bos> prompt " " answer <eos> and the index where the answer starts. The prompt
     is tokenized apart from the answer (as evaluation harnesses do: context + continuation) and cut
     from the left when the whole does not fit in max_len (the question is usually at its end)."""
-    head = ([tok.bos_id] if tok.bos_id is not None else [])
-    p, a = tok.encode(prompt), tok.encode(" " + answer) + [tok.eos_id]
+    head, a = _head(tok), _answer_ids(tok, answer)
     room = max_len - len(head) - len(a)
     if room < 1:
         raise DataError(f"answer {answer[:40]!r} needs {len(a)} tokens, more than --max-len {max_len} allows")
-    p = p[-room:]
+    p = tok.encode(prompt)[-room:]
     return head + p + a, len(head) + len(p)
+
+
+def _head(tok: Tokenizer) -> list[int]:
+    return [tok.bos_id] if tok.bos_id is not None else []
+
+
+def _answer_ids(tok: Tokenizer, answer: str) -> list[int]:
+    return tok.encode(" " + answer) + [tok.eos_id]
+
+
+def check_fits(tasks: dict[str, Sequence[Example]], tok: Tokenizer, max_len: int) -> None:
+    """Up front (before a model is loaded or pre-trained): every example must fit in max_len tokens as
+    <bos> + at least one prompt token + " " answer <eos> (encode_pair cuts longer prompts from the left).
+    A DataError names the longest answer and the smallest --max-len that fits them all."""
+    worst = max(((len(_head(tok)) + len(_answer_ids(tok, ex.answer)) + 1, name, ex)
+                 for name, exs in tasks.items() for ex in exs), key=lambda t: t[0], default=None)
+    if worst is not None and worst[0] > max_len:
+        need, name, ex = worst
+        raise DataError(f"{name}: answer {ex.answer[:40]!r} needs {need} tokens with its prompt, more than --max-len "
+                        f"{max_len}: use --max-len {need} or more")
 
 
 def encode_examples(tok: Tokenizer, examples: Sequence[Example], max_len: int,

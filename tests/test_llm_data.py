@@ -1,0 +1,87 @@
+"""llm_data: hostile JSONL lines end in one-line DataErrors naming file and line; the up-front checks
+(enough examples, answers that fit --max-len) agree with what encoding the splits would do."""
+import json
+
+import pytest
+
+import data
+from llm_data import (ByteTokenizer, DataError, Example, check_fits, encode_pair, read_jsonl, split_tasks,
+                      synthetic_tasks)
+
+GOOD = json.dumps({"prompt": "p", "answer": "a"}).encode()
+
+
+def write_lines(path, lines: list[bytes]) -> str:
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return str(path)
+
+
+def one_line_error(path) -> str:
+    with pytest.raises(DataError) as e:
+        read_jsonl(path)
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_data_error_is_the_one_of_data_py():
+    assert DataError is data.DataError  # `except data.DataError` catches text-data errors too
+
+
+def test_lone_surrogate_is_refused_with_its_line(tmp_path):
+    bad = b'{"prompt": "x \\ud800 y", "answer": "a"}'  # json accepts it; UTF-8 encoding (tokenizers) would not
+    msg = one_line_error(write_lines(tmp_path / "t.jsonl", [GOOD, bad]))
+    assert msg.startswith(f"{tmp_path / 't.jsonl'}:2: 'prompt' is not valid Unicode"), msg
+    bad_option = b'{"prompt": "p", "answer": "a", "options": ["a", "\\udfff"]}'
+    assert "t2.jsonl:1: 'options' is not valid Unicode" in one_line_error(write_lines(tmp_path / "t2.jsonl", [bad_option]))
+
+
+def test_deep_nesting_is_refused_with_its_line(tmp_path):
+    deep = b"[" * 100_000 + b"]" * 100_000  # json's decoder recurses once per bracket: RecursionError
+    msg = one_line_error(write_lines(tmp_path / "t.jsonl", [GOOD, GOOD, GOOD, deep]))
+    assert "t.jsonl:4: JSON nested too deeply" in msg
+
+
+def test_invalid_utf8_is_reported_at_its_line_and_column(tmp_path):
+    """Enough text before the bad byte that a chunked decoder's offset would differ from the line's column."""
+    lines = [json.dumps({"prompt": "p" * 5000, "answer": "a"}).encode()] * 3
+    bad = b'{"prompt": "ab\xffc", "answer": "a"}'
+    msg = one_line_error(write_lines(tmp_path / "t.jsonl", lines + [bad, GOOD]))
+    column = bad.index(b"\xff") + 1
+    assert msg.endswith(f"t.jsonl:4: not UTF-8 text (byte 0xff at column {column})"), msg
+
+
+def test_bom_is_allowed_and_duplicate_fields_are_not(tmp_path):
+    assert read_jsonl(write_lines(tmp_path / "bom.jsonl", [b"\xef\xbb\xbf" + GOOD, GOOD])) == [Example("p", "a")] * 2
+    dup = b'{"prompt": "p", "answer": "a", "answer": "b"}'
+    assert "d.jsonl:2: field 'answer' appears twice" in one_line_error(write_lines(tmp_path / "d.jsonl", [GOOD, dup]))
+
+
+def test_split_tasks_checks_every_task_first_and_keeps_test_fixed():
+    tasks = synthetic_tasks(20, seed=3)
+    splits = split_tasks(tasks, (8, 4, 6), seed=1)
+    for name, (train, val, test) in splits.items():
+        assert (len(train), len(val), len(test)) == (8, 4, 6)
+        taken = {id(e) for e in train + val + test}  # by identity: equal synthetic examples can repeat
+        assert len(taken) == 18 and taken <= {id(e) for e in tasks[name]}
+    again = split_tasks(tasks, (2, 4, 6), seed=1)  # fewer train examples: val and test are the same
+    assert all(again[n][1:] == splits[n][1:] and again[n][0] == splits[n][0][:2] for n in tasks)
+    assert any(split_tasks(tasks, (8, 4, 6), seed=2)[n][2] != splits[n][2] for n in tasks)
+    short = dict(tasks, zz=tasks["sentiment"][:5])
+    with pytest.raises(DataError, match="task zz: 5 examples, fewer than --train 8 \\+ --val 4 \\+ --test 6"):
+        split_tasks(short, (8, 4, 6), seed=1)
+
+
+def test_check_fits_agrees_with_encode_pair():
+    """The smallest --max-len check_fits accepts is exactly the one at which encode_pair first succeeds."""
+    tok = ByteTokenizer()
+    tasks = {"a": [Example("prompt", "yes"), Example("another prompt", "a longer answer")], "b": [Example("p", "x")]}
+    need = 1 + len(" a longer answer".encode()) + 1 + 1  # <bos> + answer bytes + <eos> + one prompt token
+    check_fits(tasks, tok, need)
+    encode_pair(tok, "another prompt", "a longer answer", need)
+    with pytest.raises(DataError) as e:
+        check_fits(tasks, tok, need - 1)
+    assert str(e.value) == (f"a: answer 'a longer answer' needs {need} tokens with its prompt, more than --max-len "
+                            f"{need - 1}: use --max-len {need} or more")
+    with pytest.raises(DataError, match="more than --max-len"):
+        encode_pair(tok, "another prompt", "a longer answer", need - 1)
+    check_fits({}, tok, 1)  # nothing to check
