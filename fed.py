@@ -9,9 +9,27 @@ local steps, and the server averages what comes back, weighted by client data si
 A client is its data plus its adapter tensors: switching client loads tensors into the one
 shared backbone (lora.load_lora_state_dict), never a copy of the model.
 
+One round is three public functions; `run_fedit` is a short loop over them in one process, and an
+out-of-process deployment (e.g. a Flower app) calls the same ones on each side:
+
+    server: selected, _ = sample_clients(seed, t, K, clients_per_round)    # S_t, seeded by (seed, t)
+            send phi^t (the shared tensors) to every k in selected
+    client: reply, private = local_update(model, client, phi_t, private, t, k, local_steps, lr, seed, ...)
+            send reply = (shared tensors, n_k, mean loss); keep `private` (the unshared tensors)
+    server: outcome = server_round(t, phi_t, selected, {k: reply_k received}, names, max_update_norm)
+            phi^{t+1} = outcome.global_state; outcome.history is the round's record
+
+A selected client that never answers is a drop-out (in run_fedit, `drop_prob` simulates them with
+sample_clients' second draw). Every reply is untrusted: server_round checks it (validate_update:
+keys, shapes, dtypes, layout, finite values, optional L2 norm bound) and rejects a bad one with its
+reason instead of raising, so one client cannot crash the aggregation. The reported n_k is trusted
+as the FedAvg weight once it is a positive int; a norm bound limits each update, not a group of
+colluding clients that each stay under it.
+
 Reproducibility: round t draws its clients from a generator seeded with (seed, t) and client
 k's local batches and dropout from (seed, t, k), so a run resumed at round t from its saved
-global adapter (`start_round=t`) ends bitwise equal to an uninterrupted one on CPU.
+FedState (`resume=`) ends bitwise equal to an uninterrupted one on CPU, and a client
+process computes exactly the update the in-process loop would. The caller's global RNG is restored.
 
 `share(name) -> bool` selects the tensors that are federated; the rest stay on the client
 across rounds (FedSA-LoRA: share only the LoRA A factors, keep B and the head local).
@@ -20,8 +38,9 @@ from __future__ import annotations
 
 import logging
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, NamedTuple, Sequence
 
 import torch
 import torch.nn as nn
@@ -150,7 +169,7 @@ def validate_update(update: dict[str, torch.Tensor], reference: dict[str, torch.
     if max_norm is not None:
         norm = math.sqrt(sum(float((u.double() - reference[k].double()).pow(2).sum()) for k, u in update.items()))
         if not norm <= max_norm:
-            return f"update norm {norm:.4g} exceeds --max-update-norm {max_norm:g}"
+            return f"update norm {norm:.4g} exceeds max_update_norm {max_norm:g}"
     return None
 
 
@@ -163,26 +182,134 @@ def derive_seed(*parts: int) -> int:
     return s
 
 
+
+# ---- one round, in pieces an out-of-process server and client can call (see the module docstring) ----
+
+def sample_clients(seed: int, round: int, num_clients: int, clients_per_round: int,
+                   drop_prob: float = 0.0) -> tuple[list[int], list[int]]:
+    """Round `round`'s participants S_t: `clients_per_round` of range(num_clients) without replacement,
+    sorted, from a generator seeded with derive_seed(seed, round); then, from the same generator, the
+    simulated drop-outs: each selected client independently with probability drop_prob (a subset of S_t,
+    also sorted). Returns (selected, dropped). Any process that knows (seed, round) draws the same S_t."""
+    if not 1 <= clients_per_round <= num_clients:
+        raise ValueError(f"sample_clients: clients_per_round must be in [1, {num_clients}], got {clients_per_round}")
+    if not 0.0 <= drop_prob < 1.0:
+        raise ValueError(f"sample_clients: drop_prob must be in [0, 1), got {drop_prob}")
+    g = torch.Generator().manual_seed(derive_seed(seed, round))
+    selected = sorted(torch.randperm(num_clients, generator=g)[:clients_per_round].tolist())
+    dropped = [k for k, u in zip(selected, torch.rand(len(selected), generator=g).tolist()) if u < drop_prob]
+    return selected, dropped
+
+
+class ClientReply(NamedTuple):
+    """What a client sends back in a round: its shared tensors phi_k^{t+1}, its data size n_k (the
+    FedAvg weight, not the number of examples seen) and its mean training loss."""
+    state: dict[str, torch.Tensor]
+    num_examples: int
+    mean_loss: float
+
+
+@contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """torch.manual_seed(seed) inside the block (dropout etc.); the caller's CPU and accelerator
+    generator states are restored on exit, so callers' own random streams are not disturbed."""
+    devices = [] if device.type == "cpu" else list(range(torch.get_device_module(device.type).device_count()))
+    with torch.random.fork_rng(devices=devices, device_type=device.type if devices else None):
+        torch.manual_seed(seed)
+        yield
+
+
+def local_update(model: nn.Module, client: Client, global_state: dict[str, torch.Tensor],
+                 private_state: dict[str, torch.Tensor], round: int, client_index: int, local_steps: int,
+                 lr: float, seed: int, batch_size: int = 32, weight_decay: float = 0.0,
+                 loss_fn: LossFn = classification_loss, autocast_dtype: torch.dtype | None = None,
+                 progress: bool = True) -> tuple[ClientReply, dict[str, torch.Tensor]]:
+    """Client k's part of round t: load phi^t (+ its private tensors) into the model, run `local_steps`
+    AdamW steps on its data, and return (the reply to send: shared tensors, n_k, mean loss; its new
+    private tensors). Batches come from derive_seed(seed, t, k), dropout etc. from
+    derive_seed(seed, t, k, 1) in a forked RNG (the caller's global RNG state is left as it was).
+    The model keeps the trained adapter; `global_state`'s keys decide which tensors are shared."""
+    load_lora_state_dict(model, {**global_state, **private_state})
+    with _seeded(derive_seed(seed, round, client_index, 1), _device_of(model)):
+        batches = shuffled_batches(client.inputs, client.targets, batch_size, derive_seed(seed, round, client_index))
+        result = train_adapter(model, batches, local_steps, lr, weight_decay, loss_fn, autocast_dtype,
+                               desc=f"round {round} client {client.name}", progress=progress)
+    shared = {k: v for k, v in result.state.items() if k in global_state}
+    private = {k: v for k, v in result.state.items() if k not in global_state}
+    return ClientReply(shared, client.num_examples, result.mean_loss), private
+
+
+def _reply_problem(reply, global_state: dict[str, torch.Tensor], max_update_norm: float | None) -> str | None:
+    """Why a reply must not be aggregated: malformed, validate_update's reason, n_k not a positive int, or a
+    non-finite loss."""
+    if not isinstance(reply, tuple) or len(reply) != 3:
+        return "malformed reply (expected (state, num_examples, mean_loss))"
+    state, n, loss = reply
+    reason = validate_update(state, global_state, max_update_norm)
+    if reason is None and (isinstance(n, bool) or not isinstance(n, int) or n <= 0):
+        reason = f"num_examples must be a positive int, got {n!r}"
+    if reason is None and (isinstance(loss, bool) or not isinstance(loss, (int, float)) or not math.isfinite(loss)):
+        reason = f"mean_loss must be a finite number, got {loss!r}"
+    return reason
+
+
+def _wire_bytes(state) -> int:
+    """state_bytes of whatever tensors a (possibly malformed) reply holds."""
+    if not isinstance(state, dict):
+        return 0
+    return state_bytes({k: v for k, v in state.items() if isinstance(v, torch.Tensor)})
+
+
+class RoundOutcome(NamedTuple):
+    global_state: dict[str, torch.Tensor]  # phi^{t+1} (phi^t itself when no update was accepted)
+    accepted: list[int]  # client indices whose updates were averaged, sorted
+    history: dict  # the round's record: clients, dropped, rejected (with reasons), mean loss, bytes
+
+
+def server_round(round: int, global_state: dict[str, torch.Tensor], selected: Sequence[int],
+                 replies: Mapping[int, ClientReply], client_names: Sequence[str],
+                 max_update_norm: float | None = None) -> RoundOutcome:
+    """The server's part of round t, given phi^t, the selected clients S_t and the replies that came
+    back (client index -> ClientReply). A selected client with no reply is a drop-out; each reply is
+    checked (_reply_problem: n_k a positive int, a finite loss, then validate_update) and a bad one is
+    logged and rejected with its reason, never raised. The accepted updates are averaged in sorted
+    client order, phi^{t+1} = sum_k n_k phi_k / sum_k n_k (fedavg); with none accepted phi^t is kept.
+    bytes_down = |phi^t| * |S_t| (sent to every selected client), bytes_up = every reply received."""
+    down = state_bytes(global_state)
+    rejected, accepted, updates, sizes, losses, up = [], [], [], [], [], 0
+    for k in sorted(replies):
+        reply = replies[k]
+        up += _wire_bytes(reply[0] if isinstance(reply, tuple) and reply else None)
+        reason = "not selected this round" if k not in selected else _reply_problem(reply, global_state,
+                                                                                    max_update_norm)
+        if reason is not None:
+            log.warning("round %d: rejected the update of client %s: %s", round, client_names[k], reason)
+            rejected.append({"client": client_names[k], "reason": reason})
+            continue
+        accepted.append(k)
+        updates.append(reply[0])
+        sizes.append(reply[1])
+        losses.append(float(reply[2]))
+    new_global = fedavg(updates, sizes) if updates else global_state
+    history = {"round": round, "clients": [client_names[k] for k in selected],
+               "dropped": [client_names[k] for k in selected if k not in replies], "rejected": rejected,
+               "mean_train_loss": sum(losses) / len(losses) if losses else None,
+               "bytes_down": down * len(selected), "bytes_up": up}
+    return RoundOutcome(new_global, accepted, history)
+
+
 def run_fedit(model: nn.Module, clients: Sequence[Client], rounds: int, local_steps: int, clients_per_round: int,
               lr: float, seed: int, batch_size: int = 32, weight_decay: float = 0.0,
               loss_fn: LossFn = classification_loss, share: Callable[[str], bool] | None = None,
               resume: FedState | None = None, on_round: Callable[[FedState], None] | None = None,
               autocast_dtype: torch.dtype | None = None, progress: bool = True,
               drop_prob: float = 0.0, max_update_norm: float | None = None) -> FedState:
-    """FedIT from the model's current adapter (the shared initial adapter phi_0) for `rounds` rounds.
-
-    Each round: sample `clients_per_round` clients without replacement, send each the global
-    tensors, train `local_steps` steps, average what comes back with fedavg (weights = client
-    data sizes). history[t] records the participants, their mean training loss and the bytes
-    sent server->clients and clients->server (sum of numel * element_size of what was sent).
+    """FedIT from the model's current adapter (the shared initial adapter phi_0) for `rounds` rounds,
+    in one process: per round, sample_clients, local_update for each selected client that does not
+    drop out, then server_round (validate, fedavg). history[t] is server_round's record.
     `resume` continues a saved FedState; `on_round` is called after every round (checkpointing).
-    The model's adapter is restored to phi_0 on return.
-
-    Untrusted clients: each returned update is checked (validate_update: keys, shapes, dtypes,
-    finite values, and ||phi_k - phi^t||_2 <= max_update_norm when given); a bad one is logged and
-    left out, and a round with no valid update keeps phi^t. `drop_prob` simulates clients that
-    received the adapter but never answered. history[t] lists "dropped" and "rejected" clients;
-    bytes count what was actually sent (down: to every selected client; up: every returned update).
+    The model's adapter is restored to phi_0 on return, and torch's global RNG state to the caller's.
+    A client's private (unshared) tensors are kept only when its update was accepted.
     """
     if rounds < 0 or local_steps <= 0 or batch_size <= 0:
         raise ValueError(f"run_fedit: need rounds >= 0, local_steps > 0, batch_size > 0; got {rounds}, "
@@ -202,42 +329,22 @@ def run_fedit(model: nn.Module, clients: Sequence[Client], rounds: int, local_st
         raise ValueError("run_fedit: `share` selects no adapter tensor to federate")
     state = resume or FedState(0, {k: init[k] for k in shared_keys},
                                {c.name: {k: v for k, v in init.items() if k not in shared_keys} for c in clients})
-    down = state_bytes(state.global_state)
+    names = [c.name for c in clients]
     try:
         for t in tqdm(range(state.round, rounds), desc="FedIT rounds", initial=state.round, total=rounds,
                       disable=not progress):
-            g = torch.Generator().manual_seed(derive_seed(seed, t))
-            picked = sorted(torch.randperm(len(clients), generator=g)[:clients_per_round].tolist())
-            dropped = [k for k, u in zip(picked, torch.rand(len(picked), generator=g).tolist()) if u < drop_prob]
-            updates, sizes, losses, rejected, up = [], [], [], [], 0
-            for k in picked:
-                client = clients[k]
-                if k in dropped:
-                    continue
-                load_lora_state_dict(model, {**state.global_state, **state.private_states[client.name]})
-                torch.manual_seed(derive_seed(seed, t, k, 1))  # dropout etc.: reproducible per (round, client)
-                result = train_adapter(model, shuffled_batches(client.inputs, client.targets, batch_size,
-                                                               derive_seed(seed, t, k)),
-                                       local_steps, lr, weight_decay, loss_fn, autocast_dtype,
-                                       desc=f"round {t} client {client.name}", progress=progress)
-                update = {k2: result.state[k2] for k2 in shared_keys}
-                up += state_bytes(update)
-                reason = validate_update(update, state.global_state, max_update_norm)
-                if reason is not None:
-                    log.warning("round %d: rejected the update of client %s: %s", t, client.name, reason)
-                    rejected.append({"client": client.name, "reason": reason})
-                    continue
-                updates.append(update)
-                state.private_states[client.name] = {k2: v for k2, v in result.state.items() if k2 not in shared_keys}
-                sizes.append(client.num_examples)
-                losses.append(result.mean_loss)
-            if updates:  # otherwise nothing valid came back: the global adapter stays as it was
-                state.global_state = fedavg(updates, sizes)
-            state.round = t + 1
-            state.history.append({"round": t, "clients": [clients[k].name for k in picked],
-                                  "dropped": [clients[k].name for k in dropped], "rejected": rejected,
-                                  "mean_train_loss": sum(losses) / len(losses) if losses else None,
-                                  "bytes_down": down * len(picked), "bytes_up": up})
+            selected, dropped = sample_clients(seed, t, len(clients), clients_per_round, drop_prob)
+            replies, private = {}, {}
+            for k in selected:
+                if k not in dropped:
+                    replies[k], private[k] = local_update(
+                        model, clients[k], state.global_state, state.private_states[names[k]], t, k, local_steps,
+                        lr, seed, batch_size, weight_decay, loss_fn, autocast_dtype, progress)
+            outcome = server_round(t, state.global_state, selected, replies, names, max_update_norm)
+            for k in outcome.accepted:
+                state.private_states[names[k]] = private[k]
+            state.global_state, state.round = outcome.global_state, t + 1
+            state.history.append(outcome.history)
             if on_round is not None:
                 on_round(state)
     finally:

@@ -5,7 +5,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fed import Client, FedState, fedavg, run_fedit, shuffled_batches, state_bytes, train_adapter
+from fed import (Client, ClientReply, FedState, derive_seed, fedavg, local_update, run_fedit, sample_clients,
+                 server_round, shuffled_batches, state_bytes, train_adapter)
 from lora import AdapterError, add_lora, lora_factor, lora_state_dict
 
 
@@ -184,3 +185,81 @@ def test_dropout_clients_are_recorded_and_not_counted():
     assert all(torch.isfinite(v).all() for v in state.global_state.values())
     with pytest.raises(ValueError, match="drop_prob"):
         run_fedit(small_model(), clients, 1, 1, 1, 1e-2, 0, drop_prob=1.0)
+
+
+# ---- the per-round pieces an out-of-process server and client call ----
+
+def test_sample_clients_is_seeded_sorted_and_drops_a_subset():
+    selected, dropped = sample_clients(seed=4, round=2, num_clients=10, clients_per_round=6, drop_prob=0.5)
+    g = torch.Generator().manual_seed(derive_seed(4, 2))  # the documented draw, by hand
+    assert selected == sorted(torch.randperm(10, generator=g)[:6].tolist())
+    u = torch.rand(6, generator=g)
+    assert dropped == [k for k, x in zip(selected, u.tolist()) if x < 0.5]
+    assert sample_clients(4, 2, 10, 6, 0.5) == (selected, dropped)  # any process draws the same S_t
+    assert sample_clients(4, 3, 10, 6, 0.0)[1] == []
+    with pytest.raises(ValueError, match="clients_per_round"):
+        sample_clients(0, 0, 3, 4)
+    with pytest.raises(ValueError, match="drop_prob"):
+        sample_clients(0, 0, 3, 2, drop_prob=1.0)
+
+
+def test_run_fedit_equals_its_pieces_run_as_separate_server_and_clients():
+    """A deployment: the server holds only tensors, each client its own model copy; same bits as run_fedit."""
+    clients = make_clients(num=4)
+    kw = dict(local_steps=3, lr=2e-2, seed=11, batch_size=16)
+    ref = run_fedit(small_model(), clients, rounds=3, clients_per_round=3, progress=False, drop_prob=0.3, **kw)
+    client_models = [small_model() for _ in clients]
+    init = lora_state_dict(small_model())
+    global_state, private, names = dict(init), {c.name: {} for c in clients}, [c.name for c in clients]
+    for t in range(3):
+        selected, dropped = sample_clients(11, t, len(clients), 3, drop_prob=0.3)
+        replies = {}
+        for k in selected:
+            if k not in dropped:
+                replies[k], new_private = local_update(client_models[k], clients[k], global_state,
+                                                       private[names[k]], t, k, progress=False, **kw)
+                private[names[k]] = new_private
+        outcome = server_round(t, global_state, selected, replies, names)
+        global_state = outcome.global_state
+        assert outcome.history == ref.history[t]
+    assert all(torch.equal(global_state[k], ref.global_state[k]) for k in init)
+    assert sum(len(h["dropped"]) for h in ref.history) > 0  # the drop-out path was exercised
+
+
+def test_server_round_rejects_bad_replies_with_reasons_and_averages_the_rest(caplog):
+    g = {"w": torch.zeros(3)}
+    good1, good2 = ClientReply({"w": torch.ones(3)}, 1, 0.5), ClientReply({"w": torch.full((3,), 4.0)}, 3, 1.5)
+    replies = {0: good1, 2: good2, 3: ClientReply({"w": torch.ones(3)}, True, 0.1),
+               4: ClientReply({"w": torch.ones(3)}, 2, float("nan")), 5: ("not", "a reply"),
+               6: ClientReply({"w": torch.ones(3)}, 2.0, 0.1), 7: ClientReply([1, 2], 2, 0.1),
+               9: good1}  # 9 was never selected
+    names = [f"c{k}" for k in range(10)]
+    with caplog.at_level("WARNING", logger="potara.fed"):
+        out = server_round(5, g, [0, 1, 2, 3, 4, 5, 6, 7], replies, names)
+    reasons = {r["client"]: r["reason"] for r in out.history["rejected"]}
+    assert set(reasons) == {"c3", "c4", "c5", "c6", "c7", "c9"}
+    assert "num_examples" in reasons["c3"] and "num_examples" in reasons["c6"] and "loss" in reasons["c4"]
+    assert "malformed" in reasons["c5"] and "dict" in reasons["c7"] and "not selected" in reasons["c9"]
+    assert "c7" in caplog.text
+    assert out.accepted == [0, 2]
+    assert torch.equal(out.global_state["w"], torch.full((3,), (1 * 1.0 + 3 * 4.0) / 4))
+    assert out.history["dropped"] == ["c1"] and out.history["clients"] == names[:8]
+    assert out.history["mean_train_loss"] == 1.0 and out.history["round"] == 5
+    assert out.history["bytes_down"] == 8 * 12 and out.history["bytes_up"] == 6 * 12  # 5 and 7 sent no tensors
+    nothing = server_round(0, g, [0], {0: replies[4]}, names)
+    assert nothing.global_state is g and nothing.accepted == [] and nothing.history["mean_train_loss"] is None
+
+
+def test_run_fedit_leaves_the_callers_rng_alone_and_does_not_depend_on_it():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 4))
+    add_lora(model, ["0"], r=2, alpha=4, dropout=0.5, trainable=["2"])  # dropout draws from the global RNG
+    clients = make_clients()
+    runs = []
+    for caller_seed in (1, 2):
+        torch.manual_seed(caller_seed)
+        before = torch.get_rng_state()
+        runs.append(run_fedit(model, clients, rounds=2, local_steps=2, clients_per_round=2, lr=1e-2, seed=0,
+                              progress=False))
+        assert torch.equal(torch.get_rng_state(), before)
+    assert all(torch.equal(runs[0].global_state[k], runs[1].global_state[k]) for k in runs[0].global_state)
