@@ -13,9 +13,11 @@ All partitions are deterministic for a seed (numpy Generator) and return per-cli
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
+import struct
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -23,8 +25,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision.datasets import CIFAR100
+from torchvision.datasets.utils import check_integrity, download_and_extract_archive
 
-SYNTHETIC_MARKER = "potara-synthetic.json"  # inside cifar-100-python/: tells the loader to skip torchvision's md5s
+SYNTHETIC_MARKER = "potara-synthetic.json"  # inside cifar-100-python/: synthetic files, no md5s to check
+MAX_FILE_BYTES = 1 << 30  # the real train file is 155 MB: anything larger is not CIFAR-100
 
 
 class DataError(ValueError):
@@ -40,38 +44,120 @@ class CifarData:
     synthetic: bool
 
 
-class _UncheckedCIFAR100(CIFAR100):
-    """torchvision's reader without its md5 checks: the synthetic files have their own checksums."""
-    train_list = [["train", None]]
-    test_list = [["test", None]]
-    meta = {**CIFAR100.meta, "md5": None}
+# ----------------------------------------------------------------------------- reading CIFAR-100 safely
+class _Unreadable(Exception):
+    """A file that is not a well-formed CIFAR-100 pickle (the message says why)."""
+
+
+class _ArrayType:  # stands in for numpy.ndarray inside a pickle: an argument of _reconstruct, never callable
+    pass
+
+
+def _empty_array(subtype, shape, dtype) -> np.ndarray:
+    """numpy.core.multiarray._reconstruct as numpy's pickles use it: an empty array that BUILD then fills
+    from the pickle's own bytes (so memory is bounded by the file). Any other use is refused."""
+    if not isinstance(subtype, _ArrayType) or tuple(shape) != (0,):
+        raise _Unreadable(f"unexpected array reconstruction {shape!r}")
+    return np.empty(0, np.uint8)
+
+
+def _plain_dtype(code, align=False, copy=True) -> np.dtype:
+    if not isinstance(code, str) or code not in ("u1", "i1", "u2", "i2", "u4", "i4", "u8", "i8", "f4", "f8"):
+        raise _Unreadable(f"unexpected array dtype {str(code)[:20]!r}")
+    return np.dtype(code)
+
+
+class _CifarUnpickler(pickle._Unpickler):
+    """Reads the objects CIFAR-100's pickles hold (dicts, lists, strings, ints, numpy arrays of numbers) and
+    nothing else: a pickle naming any other global (os.system, builtins.eval, ...) is refused before
+    anything is called, so a planted file cannot run code. It is pickle's pure-Python unpickler: its memo
+    is a dict, where the C unpickler's memo array grows to whatever index a crafted pickle names."""
+
+    def find_class(self, module: str, name: str):
+        if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name == "_reconstruct":
+            return _empty_array
+        if (module, name) == ("numpy", "ndarray"):
+            return _ArrayType()
+        if (module, name) == ("numpy", "dtype"):
+            return _plain_dtype
+        raise _Unreadable(f"refused to unpickle {module[:40]}.{name[:40]} (CIFAR-100 files hold only data)")
+
+
+def _read_pickle(path: str) -> dict:
+    if os.path.getsize(path) > MAX_FILE_BYTES:
+        raise _Unreadable(f"{os.path.basename(path)} is larger than {MAX_FILE_BYTES >> 20} MB")
+    with open(path, "rb") as f:
+        payload = f.read()
+    try:
+        obj = _CifarUnpickler(io.BytesIO(payload), encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError,
+            OverflowError, struct.error) as e:  # what a truncated or garbled pickle raises; not MemoryError
+        raise _Unreadable(f"{os.path.basename(path)}: not a CIFAR-100 pickle ({type(e).__name__})") from None
+    if not isinstance(obj, dict):
+        raise _Unreadable(f"{os.path.basename(path)} holds a {type(obj).__name__}, not a dict")
+    return obj
+
+
+def _labels(batch: dict, key: str, n: int, classes: int, name: str) -> np.ndarray:
+    y = np.asarray(batch.get(key))
+    if y.shape != (n,) or y.dtype.kind not in "iu" or (n and not 0 <= y.min() <= y.max() < classes):
+        raise _Unreadable(f"{name}: '{key}' must be {n} integers in [0, {classes})")
+    return y.astype(np.int64)
+
+
+def _read_cifar_files(folder: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """train then test: uint8 images (N, 3, 32, 32), fine and coarse labels; and the fine class names."""
+    images, fine, coarse = [], [], []
+    for name in ("train", "test"):
+        batch = _read_pickle(os.path.join(folder, name))
+        x = batch.get("data")
+        if (not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3 * 32 * 32
+                or len(x) == 0):
+            raise _Unreadable(f"{name}: 'data' must be a uint8 array of rows of 3 x 32 x 32 pixels")
+        images.append(x.reshape(-1, 3, 32, 32))  # each row: the R, G, B planes, row-major
+        fine.append(_labels(batch, "fine_labels", len(x), 100, name))
+        coarse.append(_labels(batch, "coarse_labels", len(x), 20, name))
+    names = _read_pickle(os.path.join(folder, "meta")).get("fine_label_names")
+    if not isinstance(names, list) or len(names) != 100 or not all(isinstance(c, str) for c in names):
+        raise _Unreadable("meta: 'fine_label_names' must be 100 strings")
+    return np.concatenate(images), np.concatenate(fine), np.concatenate(coarse), names
+
+
+def _intact(folder: str) -> bool:
+    """torchvision's md5s of the real files (train, test, meta)."""
+    files = CIFAR100.train_list + CIFAR100.test_list + [[CIFAR100.meta["filename"], CIFAR100.meta["md5"]]]
+    return all(check_integrity(os.path.join(folder, name), md5) for name, md5 in files)
 
 
 def load_cifar100(root: str, download: bool = True) -> CifarData:
-    """Train + test images of CIFAR-100 under root/cifar-100-python via torchvision.datasets.CIFAR100
-    (md5-checked; downloaded when missing and `download`). Synthetic files (write_synthetic_cifar100)
-    are read by the same reader, minus the md5 check. Errors are one-line DataErrors."""
+    """Train + test images of CIFAR-100 under root/cifar-100-python: the real files must pass torchvision's
+    md5 checks (downloaded by torchvision when missing or damaged and `download`); synthetic files
+    (write_synthetic_cifar100, marked by SYNTHETIC_MARKER) have none. Either way the pickles are read by
+    _CifarUnpickler, which executes nothing, and checked for layout, dtype and label ranges. Errors are
+    one-line DataErrors; MemoryError is not bad data and propagates as is."""
     folder = os.path.join(root, CIFAR100.base_folder)
     synthetic = os.path.exists(os.path.join(folder, SYNTHETIC_MARKER))
-    reader = _UncheckedCIFAR100 if synthetic else CIFAR100
+    if not synthetic and download and not _intact(folder):
+        try:
+            download_and_extract_archive(CIFAR100.url, root, filename=CIFAR100.filename, md5=CIFAR100.tgz_md5)
+        except (OSError, RuntimeError, ValueError) as e:  # URLError, no space, md5 mismatch, bad archive
+            if not os.path.isdir(folder):
+                raise DataError(f"CIFAR-100 not found under {folder} and download failed (offline?: "
+                                f"{type(e).__name__}): put the extracted cifar-100-python folder under {root} "
+                                "or pass --data synthetic") from None
+    if not synthetic and not os.path.isdir(folder):
+        raise DataError(f"CIFAR-100 not found under {folder} and download=False: put the extracted "
+                        f"cifar-100-python folder under {root} or pass --data synthetic")
     try:
-        parts = [reader(root, train=train, download=download and not synthetic) for train in (True, False)]
-    except Exception as e:  # URLError, OSError, RuntimeError("not found or corrupted"), ...
-        if not os.path.isdir(folder):
-            how = f"download failed (offline?: {type(e).__name__})" if download else "download=False"
-            raise DataError(f"CIFAR-100 not found under {folder} and {how}: put the extracted cifar-100-python "
-                            f"folder under {root} or pass --data synthetic") from None
+        if not synthetic and not _intact(folder):
+            raise _Unreadable("its files fail torchvision's md5 check")
+        images, labels, coarse, classes = _read_cifar_files(folder)
+    except (_Unreadable, OSError) as e:
         fix = ("delete the folder to write it again" if synthetic
                else "delete the folder to download it again, or pass --data synthetic")
-        raise DataError(f"CIFAR-100 under {folder} is unreadable ({str(e).splitlines()[0] if str(e) else e!r}): "
-                        f"{fix}") from None
-    coarse = []
-    for name in ("train", "test"):  # torchvision keeps only the fine labels
-        with open(os.path.join(folder, name), "rb") as f:
-            coarse.extend(pickle.load(f, encoding="latin1")["coarse_labels"])
-    images = torch.from_numpy(np.concatenate([p.data for p in parts])).permute(0, 3, 1, 2).contiguous()
-    labels = np.concatenate([np.asarray(p.targets, dtype=np.int64) for p in parts])
-    return CifarData(images, labels, np.asarray(coarse, dtype=np.int64), list(parts[0].classes), synthetic)
+        raise DataError(f"CIFAR-100{' (synthetic)' if synthetic else ''} under {folder} is unreadable "
+                        f"({str(e).splitlines()[0] if str(e) else type(e).__name__}): {fix}") from None
+    return CifarData(torch.from_numpy(images), labels, coarse, classes, synthetic)
 
 
 # ----------------------------------------------------------------------------- partitions
@@ -200,6 +286,32 @@ def client_splits(images: torch.Tensor, labels: np.ndarray, pool: np.ndarray, pa
     return splits
 
 
+def load_images(source: str, data_dir: str, synthetic_per_class: int = 500) -> tuple[CifarData, str]:
+    """source "cifar": CIFAR-100 under data_dir (downloaded when missing); "synthetic": the stand-in under
+    data_dir/synthetic (written once). Checked (check_images); returns (data, the folder read)."""
+    root = os.path.join(data_dir, "synthetic") if source == "synthetic" else data_dir
+    if source == "synthetic":
+        write_synthetic_cifar100(root, synthetic_per_class, synthetic_per_class // 5)
+    data = load_cifar100(root)
+    check_images(data, root)
+    return data, root
+
+
+def check_images(data: CifarData, where: str) -> None:
+    """Images and labels as the pipelines need them (foreign or edited files fail here, in one line)."""
+    n, problem = len(data.labels), None
+    if data.images.dtype != torch.uint8 or data.images.dim() != 4 or tuple(data.images.shape[1:]) != (3, 32, 32):
+        problem = f"images are {data.images.dtype} {tuple(data.images.shape)}, expected uint8 (N, 3, 32, 32)"
+    elif len(data.images) != n or len(data.coarse_labels) != n:
+        problem = f"{len(data.images)} images, {n} labels and {len(data.coarse_labels)} superclass labels"
+    elif n and not (0 <= data.labels.min() and data.labels.max() < 100):
+        problem = f"labels outside 0..99 (min {data.labels.min()}, max {data.labels.max()})"
+    elif n and not (0 <= data.coarse_labels.min() and data.coarse_labels.max() < 20):
+        problem = "superclass labels outside 0..19"
+    if problem:
+        raise DataError(f"the CIFAR-100 files under {where} are malformed: {problem}")
+
+
 # ----------------------------------------------------------------------------- synthetic source
 def _smooth_fields(rng: np.random.Generator, n: int, grid: int) -> np.ndarray:
     """n random low-frequency colour fields (n, 3, 32, 32): N(0, 1) on a grid x grid lattice, bilinear up."""
@@ -253,10 +365,10 @@ def write_synthetic_cifar100(root: str, train_per_class: int = 500, test_per_cla
         entry = {"filenames": [f"synthetic_{name}_{i}.png" for i in range(len(fine))],
                  "batch_label": f"synthetic {name} batch", "fine_labels": fine.tolist(),
                  "coarse_labels": (fine // 5).tolist(), "data": np.concatenate(rows)[order]}
-        _write_atomic(os.path.join(folder, name), pickle.dumps(entry))
+        _write_atomic(os.path.join(folder, name), pickle.dumps(entry, protocol=4))
     _write_atomic(os.path.join(folder, "meta"), pickle.dumps({
         "fine_label_names": [f"synthetic_class_{c:02d}" for c in range(100)],
-        "coarse_label_names": [f"synthetic_superclass_{s:02d}" for s in range(20)]}))
+        "coarse_label_names": [f"synthetic_superclass_{s:02d}" for s in range(20)]}, protocol=4))
     _write_atomic(marker, json.dumps(params).encode())
     return folder
 
