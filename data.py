@@ -85,7 +85,7 @@ class _CifarUnpickler(pickle._Unpickler):
 
 def _read_pickle(path: str) -> dict:
     if os.path.getsize(path) > MAX_FILE_BYTES:
-        raise _Unreadable(f"{os.path.basename(path)} is larger than {MAX_FILE_BYTES >> 20} MB")
+        raise _Unreadable(f"{os.path.basename(path)} is larger than {MAX_FILE_BYTES:,} bytes")
     with open(path, "rb") as f:
         payload = f.read()
     try:

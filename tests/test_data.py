@@ -1,11 +1,15 @@
+import io
+import json
 import os
 import pickle
+import struct
 from urllib.error import URLError
 
 import numpy as np
 import pytest
 import torch
 
+import data
 from data import (DataError, class_split_partition, dirichlet_partition, load_cifar100, split_client, unassigned,
                   write_synthetic_cifar100)
 
@@ -151,7 +155,7 @@ def test_synthetic_reuse_and_rewrite(synthetic_root, tmp_path):
 def test_loader_offline_and_corrupt_errors(tmp_path, monkeypatch):
     def offline(*a, **k):
         raise URLError("no network")
-    monkeypatch.setattr("torchvision.datasets.cifar.download_and_extract_archive", offline)
+    monkeypatch.setattr(data, "download_and_extract_archive", offline)
     with pytest.raises(DataError) as e:
         load_cifar100(str(tmp_path), download=True)
     msg = str(e.value)
@@ -163,4 +167,131 @@ def test_loader_offline_and_corrupt_errors(tmp_path, monkeypatch):
     for name in ("train", "test", "meta"):
         (folder / name).write_bytes(b"not a pickle")
     with pytest.raises(DataError, match="unreadable"):
+        load_cifar100(str(tmp_path), download=False)
+
+
+# ----------------------------------------------------------------------------- hostile data files
+class Planted:
+    """A pickle that creates `path` when unpickled by a plain pickle.load (what torchvision's reader does)."""
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.path}",)
+
+
+def plant(folder, evidence, marker=None):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("train", "test", "meta"):
+        (folder / name).write_bytes(pickle.dumps({"data": Planted(evidence), "fine_labels": [0]}))
+    if marker is not None:
+        (folder / data.SYNTHETIC_MARKER).write_text(json.dumps(marker))
+
+
+@pytest.mark.parametrize("how", ["empty marker (--data cifar reads it)", "marker of the synthetic writer (reuse)",
+                                 "no marker (real CIFAR path)"])
+def test_planted_pickles_are_refused_and_run_nothing(tmp_path, how):
+    evidence = tmp_path / "evidence"
+    folder = tmp_path / "root" / "cifar-100-python"
+    if how.startswith("marker"):  # the parameters write_synthetic_cifar100 would write: it reuses the files
+        write_synthetic_cifar100(str(tmp_path / "root"), train_per_class=1, test_per_class=1, seed=0)
+        marker = json.loads((folder / data.SYNTHETIC_MARKER).read_text())
+        plant(folder, evidence, marker)
+        assert write_synthetic_cifar100(str(tmp_path / "root"), train_per_class=1, test_per_class=1, seed=0)
+    else:
+        plant(folder, evidence, {} if how.startswith("empty") else None)
+    with pytest.raises(DataError) as e:
+        load_cifar100(str(tmp_path / "root"), download=False)
+    assert not evidence.exists()  # nothing was executed
+    msg = str(e.value)
+    assert "\n" not in msg and "unreadable" in msg and "delete the folder" in msg, msg
+    assert ("refused to unpickle posix.system" in msg) == (how != "no marker (real CIFAR path)"), msg
+
+
+class Py2Pickler(pickle._Pickler):
+    """Writes bytes as Python 2's str (BINSTRING), as the real CIFAR-100 pickles (written by Python 2) hold them."""
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def save_py2_str(self, obj):
+        self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
+        self.memoize(obj)
+    dispatch[bytes] = save_py2_str
+
+
+def write_cifar_files(folder, train, test, meta, protocol=2):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, obj in (("train", train), ("test", test), ("meta", meta)):
+        f = io.BytesIO()
+        Py2Pickler(f, protocol=protocol).dump(obj)
+        (folder / name).write_bytes(f.getvalue())
+    (folder / data.SYNTHETIC_MARKER).write_text("{}")
+
+
+def batch(n, seed, **override):
+    rng = np.random.default_rng(seed)
+    fine = rng.integers(0, 100, n).tolist()
+    return {"filenames": [f"{i}.png" for i in range(n)], "batch_label": "x", "fine_labels": fine,
+            "coarse_labels": [c // 5 for c in fine], "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), **override}
+
+
+META = {"fine_label_names": [f"c{i}" for i in range(100)], "coarse_label_names": [f"s{i}" for i in range(20)]}
+
+
+def test_python2_layout_reads_like_torchvision(tmp_path):
+    """Python-2-style pickles (numpy arrays via _reconstruct, raw bytes as latin-1 str) read with our restricted
+    reader give what torchvision's own reader gives from the same files (md5 checks off)."""
+    train, test = batch(7, 0), batch(3, 1)
+    write_cifar_files(tmp_path / "cifar-100-python", train, test, META)
+    d = load_cifar100(str(tmp_path), download=False)
+
+    class Unchecked(data.CIFAR100):
+        train_list, test_list, meta = [["train", None]], [["test", None]], {**data.CIFAR100.meta, "md5": None}
+    ref = [Unchecked(str(tmp_path), train=t) for t in (True, False)]
+    assert torch.equal(d.images, torch.from_numpy(np.concatenate([r.data for r in ref])).permute(0, 3, 1, 2))
+    assert d.labels.tolist() == ref[0].targets + ref[1].targets
+    assert d.coarse_labels.tolist() == train["coarse_labels"] + test["coarse_labels"] and d.classes == ref[0].classes
+
+
+@pytest.mark.parametrize("train, why", [
+    (batch(4, 0, fine_labels=[0, 1, 2, 100]), "'fine_labels' must be 4 integers in [0, 100)"),
+    (batch(4, 0, coarse_labels=[0, 1, 2]), "'coarse_labels' must be 4 integers in [0, 20)"),
+    (batch(4, 0, fine_labels=[0.0, 1.0, 2.0, 3.0]), "'fine_labels' must be 4 integers"),
+    (batch(4, 0, data=np.zeros((4, 3072), np.float32)), "'data' must be a uint8 array"),
+    (batch(4, 0, data=np.zeros((4, 3071), np.uint8)), "'data' must be a uint8 array"),
+    (batch(4, 0, data=np.array([None] * 4)), "unexpected array dtype"),
+    ([1, 2, 3], "holds a list, not a dict"),
+])
+def test_malformed_files_are_refused(tmp_path, train, why):
+    write_cifar_files(tmp_path / "cifar-100-python", train, batch(2, 1), META)
+    with pytest.raises(DataError, match="unreadable") as e:
+        load_cifar100(str(tmp_path), download=False)
+    assert why in str(e.value)
+
+
+@pytest.mark.parametrize("payload, why", [
+    (b"\x80\x02}r" + struct.pack("<I", 2 ** 31) + b".", "'data' must be"),  # memo index 2**31: a dict memo, no 16 GB array
+    (b"\x80\x02cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n(J\x00\x00\x00\x7fJ\x00\x00\x00\x7ft"
+     b"U\x01b\x87R.", "unexpected array reconstruction"),  # _reconstruct(ndarray, (2**31, 2**31), 'b'): 4 EB
+    (b"\x80\x02}q\x00(U\x04dataq\x01", "not a CIFAR-100 pickle (EOFError)"),  # truncated
+])
+def test_crafted_pickles_allocate_nothing(tmp_path, payload, why):
+    folder = tmp_path / "cifar-100-python"
+    write_cifar_files(folder, batch(2, 0), batch(2, 1), META)
+    (folder / "train").write_bytes(payload)
+    with pytest.raises(DataError, match="unreadable") as e:
+        load_cifar100(str(tmp_path), download=False)
+    assert why in str(e.value)
+
+
+def test_oversized_file_and_memory_error_are_told_apart(tmp_path, monkeypatch):
+    write_cifar_files(tmp_path / "cifar-100-python", batch(2, 0), batch(2, 1), META)
+    monkeypatch.setattr(data, "MAX_FILE_BYTES", 1000)
+    with pytest.raises(DataError, match="train is larger than"):
+        load_cifar100(str(tmp_path), download=False)
+    monkeypatch.undo()
+
+    def out_of_memory(self):
+        raise MemoryError()
+    monkeypatch.setattr(data._CifarUnpickler, "load", out_of_memory)
+    with pytest.raises(MemoryError):  # not "unreadable ... delete the folder": the data may be fine
         load_cifar100(str(tmp_path), download=False)
