@@ -4,13 +4,14 @@
     python ablation.py --scenarios conflict --seeds 0    # one scenario, one seed
     python ablation.py --estimators paper,hermite --sources train32,val --scenarios all
 
-Offline: run_cifar's synthetic CIFAR-100 stand-in and its tiny preset (the backbone is pre-trained once on
+Offline: the synthetic CIFAR-100 stand-in (data.py) and the tiny ViT preset (vit.py) (the backbone is pre-trained once on
 the public images and cached under --data-dir; FedIT runs --rounds rounds, half the preset's, to fit the
 time: 600 s measured on 2 shared cores, plus ~3 min once for the backbone). Per scenario and seed: one
 partition into clients (train / val / test each), one FedIT adapter and one local adapter per client,
-trained once and cached under --out/cache (delete it to retrain); then, per client and on the SAME two
+trained once and cached under --out/cache (delete it to retrain), the local one exactly as the
+pipeline trains it (pipeline.train_local, seeded by pipeline.local_seed); then, per client and on the SAME two
 adapters, the lam grid on val and test (the grid search picks the best val accuracy, ties -> lam nearest
-0.5, as experiment.py), and for every estimator x source the closed-form lam and the test accuracy of the
+0.5, pipeline.grid_choice), and for every estimator x source the closed-form lam and the test accuracy of the
 A/B-space merge at that lam. The estimators are cheap; training is not.
 Scenarios (SCENARIOS): Dirichlet label skew at two alphas (a third, 10, with --scenarios all); few-shot
 clients (50 training images, mild skew: the federated adapter is the better one); class-subset tasks
@@ -29,23 +30,22 @@ import argparse
 import copy
 import hashlib
 import json
+import math
 import os
 import time
-import warnings
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see run_cifar.py
-
+import cli  # first: sets OMP_WAIT_POLICY before torch starts its threads
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-import run_cifar
-from data import (DataError, class_split_partition, dirichlet_partition, load_cifar100, split_client,
-                  write_synthetic_cifar100)
-from experiment import ClientSplits, accuracy, lam_grid
-from fed import Client, run_fedit, shuffled_batches, train_adapter
-from lora import add_lora, load_lora_state_dict, lora_state_dict
+from data import DataError, class_split_partition, client_splits, dirichlet_partition, load_images, public_and_pool
+from fed import Client, run_fedit
+from lora import lora_state_dict
+from pipeline import ExperimentConfig, grid_choice, lam_grid, local_seed, score_adapter, train_local
 from potara import ESTIMATORS, gradient_stats, merge_adapters, weight_from_stats
+from report import atomic_write, write_text
+from vit import PRESETS, build_model, tiny_backbone
 
 SCENARIOS = {  # name -> how clients get their data ("train": a smaller training split than --train)
     "dirichlet-0.1": {"partition": "dirichlet", "alpha": 0.1},
@@ -85,7 +85,8 @@ def conflict_partition(labels: np.ndarray, num_clients: int, samples_per_client:
     return parts, relabel
 
 
-def make_splits(spec: dict, data, pool: np.ndarray, args, seed: int) -> list[ClientSplits]:
+def make_splits(spec: dict, data, pool: np.ndarray, args, seed: int):
+    """The scenario's clients (data.ClientSplits), each with its train / val / test split."""
     sizes = (min(spec.get("train", args.train), args.train), args.val, args.test)
     labels, relabel = data.labels[pool], None
     if spec["partition"] == "dirichlet":
@@ -94,57 +95,40 @@ def make_splits(spec: dict, data, pool: np.ndarray, args, seed: int) -> list[Cli
         parts = class_split_partition(labels, data.coarse_labels[pool], args.clients, sum(sizes), seed)
     else:
         parts, relabel = conflict_partition(labels, args.clients, sum(sizes), spec["classes"], seed)
-    splits = []
-    for k, part in enumerate(parts):
-        idx = [pool[i] for i in split_client(part, sizes, seed=seed * 1000 + k)]
-        x = [data.images[torch.from_numpy(i)] for i in idx]
-        y = [torch.from_numpy(data.labels[i] if relabel is None else relabel[k][data.labels[i]]) for i in idx]
-        splits.append(ClientSplits(f"client{k}", x[0], y[0], x[1], y[1], x[2], y[2]))
-    return splits
+    return client_splits(data.images, data.labels, pool, parts, sizes, seed, relabel)
 
 
 def fresh_model(backbone, p: dict, args, seed: int) -> torch.nn.Module:
-    """run_cifar's model: the cached backbone, a zero head, LoRA on q and v (phi_0 drawn from `seed`)."""
-    vit = copy.deepcopy(backbone)
-    run_cifar.new_head(vit, 100)
-    model = run_cifar.ImageClassifier(vit, p["mean"], p["std"])
-    torch.manual_seed(seed)
-    add_lora(model, ["self_attention"], r=args.rank, alpha=args.lora_alpha, trainable=["vit.heads"])
-    return model
+    """The pipeline's model (vit.build_model) on a copy of the cached backbone, phi_0 drawn from `seed`."""
+    return build_model(copy.deepcopy(backbone), p, args.rank, args.lora_alpha, seed)
+
+
+def training_config(args, seed: int) -> ExperimentConfig:
+    return ExperimentConfig(rounds=args.rounds, local_steps=args.local_steps, lr=args.lr, batch_size=args.batch_size,
+                            local_train_steps=args.local_train_steps, seed=seed)
 
 
 def train_adapters(model, splits, args, seed: int, cache: str) -> tuple[dict, dict]:
-    """FedIT's global adapter and one local adapter per client, both from phi_0; read from `cache` when there."""
+    """FedIT's global adapter and one local adapter per client, both from phi_0, trained as the pipeline trains
+    them (same seeds: the same adapters as run_cifar.py for the same clients); read from `cache` when there."""
     if os.path.exists(cache):
         saved = torch.load(cache, map_location="cpu", weights_only=True)
         return saved["global"], saved["local"]
-    init = lora_state_dict(model)
+    init, cfg = lora_state_dict(model), training_config(args, seed)
     clients = [Client(s.name, s.train_inputs, s.train_targets) for s in splits]
-    fedit = run_fedit(model, clients, args.rounds, args.local_steps, len(clients), args.lr, seed, args.batch_size,
+    fedit = run_fedit(model, clients, cfg.rounds, cfg.local_steps, len(clients), cfg.lr, seed, cfg.batch_size,
                       progress=False)
-    local = {}
-    for i, s in enumerate(splits):
-        load_lora_state_dict(model, init)
-        torch.manual_seed(seed * 7919 + i)
-        batches = shuffled_batches(s.train_inputs, s.train_targets, args.batch_size, seed * 7919 + i)
-        local[s.name] = train_adapter(model, batches, args.local_train_steps, args.lr, progress=False).state
-    load_lora_state_dict(model, init)
+    local = {s.name: train_local(model, init, s, cfg.local_train_steps, local_seed(seed, i), cfg)
+             for i, s in enumerate(splits)}
     os.makedirs(os.path.dirname(cache), exist_ok=True)
-    tmp = f"{cache}.tmp{os.getpid()}"
-    torch.save({"global": fedit.global_state, "local": local}, tmp)
-    os.replace(tmp, cache)  # atomic: an interrupted run never leaves half a cache file
+    atomic_write(cache, lambda f: torch.save({"global": fedit.global_state, "local": local}, f))
     return fedit.global_state, local
 
 
-def evaluate_client(model, init: dict, G: dict, L: dict, s: ClientSplits, args, seed: int) -> dict:
+def evaluate_client(model, init: dict, G: dict, L: dict, s, args, seed: int) -> dict:
     """Local, FedIT, uniform, the grid (val choice and test oracle), and every estimator x source."""
     test_at: dict[float, float] = {}
-
-    def score(state, x, y):
-        load_lora_state_dict(model, state)
-        value = accuracy(model.eval(), x, y)
-        load_lora_state_dict(model, init)
-        return value
+    score = lambda state, x, y: score_adapter(model, state, init, x, y)
 
     def test_acc(lam: float) -> float:  # memoised: estimators often land on the same lam (0, 1, ...)
         key = round(float(lam), 12)
@@ -154,7 +138,7 @@ def evaluate_client(model, init: dict, G: dict, L: dict, s: ClientSplits, args, 
 
     grid = lam_grid(args.grid_step)
     val = [score(merge_adapters(G, L, lam), s.val_inputs, s.val_targets) for lam in grid]
-    j = min((j for j, v in enumerate(val) if v == max(val)), key=lambda j: (abs(grid[j] - 0.5), j))
+    j = grid_choice(grid, val)
     test = [test_acc(lam) for lam in grid]
     out = {"local": test[0], "fedit": test[-1], "uniform": test_acc(0.5), "grid_val": test[j], "lam_grid": grid[j],
            "grid_oracle": max(test), "grid": {"lam": grid, "val": val, "test": test}, "estimators": {}}
@@ -216,14 +200,11 @@ def markdown(summary: dict) -> str:
 
 
 def write(results: dict, out: str) -> None:
-    for name, text in (("ablation.json", json.dumps(results, indent=1)),
-                       ("ablation.md", "SYNTHETIC DATA (not CIFAR-100)\n\n" + markdown(results["summary"]) + "\n")):
-        tmp = os.path.join(out, f"{name}.tmp{os.getpid()}")
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, os.path.join(out, name))
+    write_text(os.path.join(out, "ablation.json"), json.dumps(results, indent=1))
+    write_text(os.path.join(out, "ablation.md"), "SYNTHETIC DATA (not CIFAR-100)\n\n" + markdown(results["summary"]) + "\n")
 
 
+FLOATS = ("lr", "lora_alpha", "eps", "grid_step")
 SHARED = ("clients", "train", "val", "test", "public", "pretrain_steps", "synthetic_per_class", "local_steps",
           "local_train_steps", "batch_size", "rank", "lr", "lora_alpha", "eps", "grid_step")
 
@@ -231,7 +212,7 @@ SHARED = ("clients", "train", "val", "test", "public", "pretrain_steps", "synthe
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                 epilog="Options left at None take run_cifar.py's tiny preset value.")
+                                 epilog="Options left at None take the tiny preset's value (vit.PRESETS['tiny']).")
     a = ap.add_argument
     a("--scenarios", default=DEFAULTS["scenarios"], help=f"comma-separated from {list(SCENARIOS)}, or 'all'")
     a("--seeds", default=DEFAULTS["seeds"], help="comma-separated integer seeds (partition, phi_0, training)")
@@ -242,15 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
     a("--rounds", type=int, default=DEFAULTS["rounds"], help="FedIT rounds")
     a("--conflict-classes", type=int, default=SCENARIOS["conflict"]["classes"], help="classes of 'conflict'")
     for k in SHARED:
-        a(f"--{k.replace('_', '-')}", type=float if k in ("lr", "lora_alpha", "eps", "grid_step") else int,
-          help="as in run_cifar.py")
-    a("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2), help="CPU threads for torch")
-    a("--no-progress", dest="progress", action="store_false", help="no progress bars")
+        a(f"--{k.replace('_', '-')}", type=float if k in FLOATS else int, help="as in run_cifar.py")
+    cli.add_run_options(ap)
     return ap
 
 
 def resolve(ap: argparse.ArgumentParser, argv=None) -> tuple[argparse.Namespace, dict]:
-    """Our lists, checked here; every option shared with run_cifar.py checked by its own resolve_args."""
+    """Parse, fill None from the tiny preset, and reject every impossible value with a one-line error."""
     args = ap.parse_args(argv)
 
     def names(flag: str, text: str, known) -> list[str]:
@@ -259,49 +238,51 @@ def resolve(ap: argparse.ArgumentParser, argv=None) -> tuple[argparse.Namespace,
             ap.error(f"--{flag} {text!r}: expected a comma-separated list from {list(known)}")
         return items
 
-    lists = {"scenarios": names("scenarios", args.scenarios, SCENARIOS),
-             "estimators": names("estimators", args.estimators, ESTIMATORS),
-             "sources": names("sources", args.sources, SOURCES)}
+    args.scenarios = names("scenarios", args.scenarios, SCENARIOS)
+    args.estimators = names("estimators", args.estimators, ESTIMATORS)
+    args.sources = names("sources", args.sources, SOURCES)
     try:
-        lists["seeds"] = [int(x) for x in args.seeds.split(",") if x.strip()]
+        args.seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     except ValueError:
-        lists["seeds"] = []
-    if not lists["seeds"]:
+        args.seeds = []
+    if not args.seeds:
         ap.error(f"--seeds {args.seeds!r}: expected comma-separated integers")
-    if args.conflict_classes < 2:
-        ap.error(f"--conflict-classes must be >= 2, got {args.conflict_classes}")
-    shared = ["--preset", "tiny", "--data", "synthetic", "--data-dir", args.data_dir, "--out", args.out,
-              "--rounds", str(args.rounds), "--threads", str(args.threads),
-              "--fisher-samples", "1"]  # run_cifar's own statistics option; ours are --sources
-    for k in SHARED:
-        if getattr(args, k) is not None:
-            shared += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
-    shared_parser = run_cifar.build_parser()
-    shared_parser.error = ap.error  # run_cifar's checks, our usage line
-    rargs, p = run_cifar.resolve_args(shared_parser, shared + ([] if args.progress else ["--no-progress"]))
-    for k, v in {**lists, "conflict_classes": args.conflict_classes}.items():
-        setattr(rargs, k, v)
-    return rargs, p
+    p = PRESETS["tiny"]
+    cli.fill_from_preset(args, {**p, "eps": 1e-3, "grid_step": 0.05})
+    cli.require_positive(ap, args, ("rounds", "clients", "train", "val", "test", "pretrain_steps", "local_steps",
+                                    "local_train_steps", "batch_size", "rank", "threads", "synthetic_per_class"))
+    cli.require_positive(ap, args, ("conflict_classes",), minimum=2)
+    for k in FLOATS:
+        if not (getattr(args, k) > 0 and math.isfinite(getattr(args, k))):
+            ap.error(f"--{k.replace('_', '-')} must be a positive number, got {getattr(args, k)}")
+    if not abs(1 / args.grid_step - round(1 / args.grid_step)) < 1e-6 or args.grid_step > 1:
+        ap.error(f"--grid-step must be 1/n for an integer n >= 1 (e.g. 0.05), got {args.grid_step}")
+    if args.public < 1000:
+        ap.error(f"--public must be >= 1000 (the tiny backbone is pre-trained on it), got {args.public}")
+    cli.check_dirs(ap, ("--data-dir", args.data_dir, os.R_OK | os.X_OK), ("--out", args.out, os.W_OK | os.X_OK))
+    args.data, args.progress = "synthetic", args.progress
+    return args, p
 
 
 def setup(args, p: dict):
-    """The synthetic data (written once), the client pool and the tiny backbone (pre-trained once, cached)."""
+    """The synthetic data (written once), the client pool and the tiny backbone (pre-trained once, cached:
+    the same file run_cifar.py --preset tiny --data synthetic uses)."""
     try:
-        root = os.path.join(args.data_dir, "synthetic")
-        write_synthetic_cifar100(root, args.synthetic_per_class, args.synthetic_per_class // 5)
-        data = load_cifar100(root)
+        data, _ = load_images("synthetic", args.data_dir, args.synthetic_per_class)
     except (DataError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
-    order = np.random.default_rng(12345).permutation(len(data.labels))  # run_cifar's public set: same backbone
-    public, pool = np.sort(order[:args.public]), np.sort(order[args.public:])
-    backbone, backbone_info = run_cifar.get_backbone(args, p, data, public, torch.device("cpu"))
+    public, pool = public_and_pool(len(data.labels), args.public)
+    desc = {"data": "synthetic", "synthetic_per_class": args.synthetic_per_class}
+    backbone, backbone_info = tiny_backbone(p, data, public, desc, args.data_dir, args.pretrain_steps,
+                                            torch.device("cpu"), args.progress)
     return data, pool, backbone, backbone_info
 
 
 def cache_path(args, scen: str, spec: dict, seed: int, backbone_info: dict) -> str:
     """--out/cache/<scenario>-s<seed>-<hash of everything the adapters depend on>.pt"""
     training = {k: getattr(args, k) for k in SHARED + ("rounds",) if k not in ("eps", "grid_step")}
-    key = json.dumps({"spec": spec, "seed": seed, "backbone": backbone_info.get("backbone"), "training": training},
+    key = json.dumps({"spec": spec, "seed": seed, "backbone": backbone_info.get("backbone"), "training": training,
+                      "local_seed": "pipeline.local_seed"},  # caches of the old seeding (seed * 7919 + i) are stale
                      sort_keys=True)
     return os.path.join(args.out, "cache", f"{scen}-s{seed}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt")
 
@@ -312,8 +293,8 @@ def scenario_spec(args, scen: str) -> dict:
 
 def main(argv=None) -> dict:
     args, p = resolve(build_parser(), argv)
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore", message="There is a performance drop")  # torch.func's SDPA fallback
+    args.device = "cpu"
+    cli.setup_torch(args)
     data, pool, backbone, backbone_info = setup(args, p)
     os.makedirs(args.out, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k not in ("progress", "threads", "resume")}

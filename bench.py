@@ -54,12 +54,14 @@ from torchvision.models import VisionTransformer, vit_b_16
 import potara
 from fed import shuffled_batches, state_bytes, train_adapter
 from lora import LoRALinear, LoRAPackedQKV, add_lora, load_lora_state_dict, lora_state_dict, merge_lora
+from pipeline import ExperimentConfig
+from vit import PRESETS
 
 SECTIONS = ("lora", "merged", "fisher", "clients", "potara", "pipeline")
-# run_cifar.py's tiny preset (kept in sync by reading it when importable; these are its values)
-TINY = dict(vit=dict(image_size=32, patch_size=8, num_layers=4, num_heads=4, hidden_dim=96, mlp_dim=192),
-            train=400, local_train_steps=100, lr=3e-3, batch_size=32, rank=8, lora_alpha=16,
-            fisher_samples=100)  # Potara's statistics: the pipelines' default (ExperimentConfig.fisher_samples)
+# the tiny preset's numbers (vit.PRESETS) and Potara's statistics at the pipelines' default sample count
+TINY = {**{k: v for k, v in PRESETS["tiny"].items() if k in ("vit", "train", "local_train_steps", "lr", "batch_size",
+                                                             "rank", "lora_alpha")},
+        "fisher_samples": ExperimentConfig.fisher_samples}
 SMALL_VIT = dict(image_size=32, patch_size=4, num_layers=6, num_heads=6, hidden_dim=192, mlp_dim=768)  # 65 tokens
 PIPELINE_CMD = ["run_cifar.py", "--preset", "tiny", "--data", "synthetic"]
 
@@ -142,11 +144,7 @@ def value_row(section: str, name: str, value: float, unit: str, note: str = "", 
 
 # ----------------------------------------------------------------------------- models
 def tiny_preset() -> dict:
-    try:  # the source of truth when run_cifar.py is here
-        from run_cifar import PRESETS
-        return {**TINY, **{k: v for k, v in PRESETS["tiny"].items() if k in TINY}}
-    except Exception:  # noqa: BLE001 -- any import problem: fall back to the copy above
-        return dict(TINY)
+    return copy.deepcopy(TINY)
 
 
 def lora_vit(vit: VisionTransformer, rank: int, alpha: float, num_classes: int, seed: int = 0) -> VisionTransformer:
@@ -451,7 +449,7 @@ def bench_potara(cfg: BenchConfig, device: torch.device) -> list[dict]:
 
 # ----------------------------------------------------------------------------- 6. run_cifar stages
 def bench_pipeline(args, cfg: BenchConfig, device: torch.device) -> list[dict]:
-    """Stages as experiment.run_experiment times them (results.json "timing_s"); with --pipeline-run also the
+    """Stages as pipeline.run_experiment times them (results.json "timing_s"); with --pipeline-run also the
     command's wall time, the rest being data preparation, backbone loading/pre-training, setup and outputs."""
     path, wall, started = args.pipeline_results, None, time.time()
     if args.pipeline_run:

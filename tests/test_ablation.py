@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 import ablation
-import run_cifar
-from experiment import lam_grid
+import vit
+from pipeline import lam_grid
 from potara import personalize
 
 from conftest import MICRO_VIT
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.usefixtures("micro_preset")
 def micro(tmp_path_factory):
     data_dir, out = tmp_path_factory.mktemp("data"), tmp_path_factory.mktemp("ablation")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(run_cifar.PRESETS["tiny"], "vit", MICRO_VIT)
+        mp.setitem(vit.PRESETS["tiny"], "vit", MICRO_VIT)
         results = ablation.main(micro_argv(data_dir, out))
     return data_dir, out, results
 

@@ -19,10 +19,13 @@ import torch.nn as nn
 from torchvision.models import VisionTransformer
 
 import data as data_module
-import experiment
 import run_cifar
+import vit
+from checkpoint import RunState, _tensors, fingerprint, save_state
 from data import write_synthetic_cifar100
-from experiment import ClientSplits, ExperimentConfig, atomic_write, fingerprint, run_experiment, write_outputs
+from data import ClientSplits
+from pipeline import ExperimentConfig, run_experiment
+from report import atomic_write, write_outputs
 from lora import add_lora, lora_factor, lora_state_dict, save_adapter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -143,7 +146,7 @@ def test_atomic_writes_never_leave_a_partial_file(reference, tmp_path, monkeypat
     old = {n: (tmp_path / n).read_bytes() for n in ("results.json", "results.md")}
     save_adapter(tmp_path / "adapter.pt", {"w": torch.ones(2)})
     old["adapter.pt"] = (tmp_path / "adapter.pt").read_bytes()
-    experiment._save({"a": torch.ones(2)}, str(tmp_path / "checkpoint.pt"))
+    save_state(RunState("a"), str(tmp_path / "checkpoint.pt"))
     old["checkpoint.pt"] = (tmp_path / "checkpoint.pt").read_bytes()
     syn = tmp_path / "syn"
     write_synthetic_cifar100(str(syn), 1, 1)
@@ -158,7 +161,7 @@ def test_atomic_writes_never_leave_a_partial_file(reference, tmp_path, monkeypat
     with pytest.raises(OSError, match="simulated"):
         save_adapter(tmp_path / "adapter.pt", {"w": torch.zeros(5)})
     with pytest.raises(OSError, match="simulated"):
-        experiment._save({"a": torch.zeros(3)}, str(tmp_path / "checkpoint.pt"))
+        save_state(RunState("b"), str(tmp_path / "checkpoint.pt"))
     with pytest.raises(OSError, match="simulated"):
         atomic_write(str(tmp_path / "results.json"), lambda f: f.write(b"{"))
     with pytest.raises(OSError, match="simulated"):
@@ -188,7 +191,7 @@ def test_damaged_synthetic_files_and_marker_are_handled(tmp_path, capsys, micro)
     args[args.index("--data-dir") + 1] = str(root)
     with pytest.raises(SystemExit) as e:
         run_cifar.main(args)
-    assert "malformed: labels outside 0..99" in str(e.value) and "\n" not in str(e.value)
+    assert "'fine_labels' must be 1200 integers in [0, 100)" in str(e.value) and "\n" not in str(e.value)
     (folder / "train").write_bytes((folder / "train").read_bytes()[:1000])  # truncated
     with pytest.raises(SystemExit) as e:
         run_cifar.main(args)
@@ -198,7 +201,7 @@ def test_damaged_synthetic_files_and_marker_are_handled(tmp_path, capsys, micro)
 def test_cached_backbone_damaged_or_unwritable(tmp_path, monkeypatch, capsys):
     """The tiny preset's cached backbone: a damaged cache file is rebuilt (same weights), an unwritable
     cache directory only skips caching."""
-    monkeypatch.setitem(run_cifar.PRESETS["tiny"], "vit", MICRO_VIT)
+    monkeypatch.setitem(vit.PRESETS["tiny"], "vit", MICRO_VIT)
     root = tmp_path / "data"
     base = argv(tmp_path, tmp_path / "o", "--public", "1000", "--pretrain-steps", "3", "--rounds", "1",
                 "--snapshots", "1", "--no-fedsa")
@@ -209,7 +212,7 @@ def test_cached_backbone_damaged_or_unwritable(tmp_path, monkeypatch, capsys):
     weights = torch.load(cached, weights_only=True)["state_dict"]
     cached.write_bytes(cached.read_bytes()[:200])
     second = run_cifar.main(base)
-    assert "is unreadable (" in capsys.readouterr().out
+    assert "is unusable (" in capsys.readouterr().out
     assert same(torch.load(cached, weights_only=True)["state_dict"], weights)
     assert second["methods"] == first["methods"]
     for p in (root / "backbones").iterdir():
@@ -255,7 +258,7 @@ def test_max_update_norm_rejects_and_keeps_the_global_adapter(micro, tmp_path, c
                 assert h["rejected"] == []
                 continue
             assert [x["client"] for x in h["rejected"]] == h["clients"] and h["mean_train_loss"] is None
-            assert all("exceeds --max-update-norm 1e-09" in x["reason"] for x in h["rejected"])
+            assert all("exceeds max_update_norm 1e-09" in x["reason"] for x in h["rejected"])
             assert h["bytes_up"] > 0  # rejected updates were still sent
     rejected = saved["faults"]["fedit"]["rejected"]
     assert [(x["round"], x["client"]) for x in rejected] == [(t, f"client{k}") for t in range(ROUNDS)
@@ -304,7 +307,7 @@ def test_zero_fisher_and_nan_client_warn_and_give_finite_adapters_and_results(tm
                      "all zero"):
         assert expected in text, expected
     ck = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
-    assert all(torch.isfinite(t).all() for t in experiment._tensors(ck))
+    assert all(torch.isfinite(t).all() for t in _tensors(ck))
     init = lora_state_dict(bias_free_model())
     assert same(ck["local"]["c_nan"], init) and same(ck["finetuned"]["c_nan"], ck["fedit"]["global_state"])
     for m, res in r["methods"].items():

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import run_cifar
-from experiment import METHODS, lam_grid
+import vit
+from pipeline import METHODS, lam_grid
 
 from conftest import MICRO_VIT
 ROUNDS, CLIENTS, RANK, TEST = 2, 2, 2, 10
@@ -35,7 +36,7 @@ def data_dir(tmp_path_factory):
 def micro_run(data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(run_cifar.PRESETS["tiny"], "vit", MICRO_VIT)
+        mp.setitem(vit.PRESETS["tiny"], "vit", MICRO_VIT)
         results = run_cifar.main(micro_argv(data_dir, out))
     return out, results
 
@@ -174,9 +175,9 @@ def test_offline_errors_are_one_line(tmp_path, monkeypatch):
         run_cifar.main(["--data", "cifar", "--data-dir", str(tmp_path), "--out", str(tmp_path / "o"), "--threads", "1"])
     assert "CIFAR-100 not found under" in str(e.value) and "--data synthetic" in str(e.value)
     assert "\n" not in str(e.value)
-    monkeypatch.setattr(run_cifar.torchvision.models, "vit_b_16", offline)
+    monkeypatch.setattr(vit.torchvision.models, "vit_b_16", offline)
     with pytest.raises(SystemExit, match=r"ImageNet weights of vit_b_16 \(offline\?.*--backbone PATH"):
-        run_cifar.imagenet_vit_b_16()
+        vit.imagenet_vit_b_16()
 
 
 def test_backbone_file_round_trip(micro_run, data_dir, tmp_path):
@@ -184,19 +185,19 @@ def test_backbone_file_round_trip(micro_run, data_dir, tmp_path):
     cached = [p for p in os.listdir(data_dir / "backbones") if p.endswith(".pt")]
     assert len(cached) == 1
     path = str(data_dir / "backbones" / cached[0])
-    vit = run_cifar.load_backbone_file(path, None)
+    backbone = vit.load_backbone_file(path, None)
     plain = tmp_path / "plain.pt"
-    torch.save(vit.state_dict(), plain)
-    again = run_cifar.load_backbone_file(str(plain), {**MICRO_VIT, "num_classes": 100})
-    for (n, p), (_, q) in zip(vit.state_dict().items(), again.state_dict().items()):
+    torch.save(backbone.state_dict(), plain)
+    again = vit.load_backbone_file(str(plain), {**MICRO_VIT, "num_classes": 100})
+    for (n, p), (_, q) in zip(backbone.state_dict().items(), again.state_dict().items()):
         assert torch.equal(p, q), n
     bad = tmp_path / "bad.pt"
     torch.save({"encoder.nope": torch.zeros(1)}, bad)
     with pytest.raises(SystemExit, match="does not fit the ViT"):
-        run_cifar.load_backbone_file(str(bad), {**MICRO_VIT, "num_classes": 100})
+        vit.load_backbone_file(str(bad), {**MICRO_VIT, "num_classes": 100})
     torch.save(torch.zeros(3), bad)
     with pytest.raises(SystemExit, match="neither a potara backbone file nor a state_dict"):
-        run_cifar.load_backbone_file(str(bad), None)
+        vit.load_backbone_file(str(bad), None)
     bad.write_bytes(b"garbage")
     with pytest.raises(SystemExit, match="not a readable torch file"):
-        run_cifar.load_backbone_file(str(bad), None)
+        vit.load_backbone_file(str(bad), None)

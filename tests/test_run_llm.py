@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("transformers")
 
+import lm
 import run_llm
 from llm_data import (IGNORE, ByteTokenizer, DataError, Example, encode_examples, normalize_answer, public_corpus,
                       read_jsonl, read_task_dir, synthetic_tasks)
@@ -19,7 +20,7 @@ SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_atte
 
 def small_llama(seed=0):
     torch.manual_seed(seed)
-    return run_llm.tiny_llama(ByteTokenizer.vocab_size, **SMALL).eval()
+    return lm.tiny_llama(ByteTokenizer.vocab_size, **SMALL).eval()
 
 
 def randomize_lora(model, seed=1, scale=0.3):
@@ -123,7 +124,7 @@ def test_lm_loss_counts_only_answer_tokens():
     logits = model(ids).logits
     terms = [F.log_softmax(logits[i, t - 1], -1)[ids[i, t]] for i in range(2) for t in range(ids.shape[1])
              if labels[i, t] != IGNORE]
-    torch.testing.assert_close(run_llm.lm_loss(model, ids, labels), -torch.stack(terms).mean())
+    torch.testing.assert_close(lm.lm_loss(model, ids, labels), -torch.stack(terms).mean())
 
 
 def test_per_sample_grads_vmap_on_llama_matches_a_loop():
@@ -147,13 +148,13 @@ def test_option_scores_match_a_hand_computation():
     prompt = [1] + tok.encode("max of 3 7:")
     options = [tok.encode(" 3"), tok.encode(" 7"), tok.encode(" 10")]
     with torch.no_grad():
-        scores = run_llm.option_logprobs(model, [(prompt, o) for o in options], tok.pad_id, batch_size=2)
+        scores = lm.option_logprobs(model, [(prompt, o) for o in options], tok.pad_id, batch_size=2)
         for score, o in zip(scores, options):
             logp = F.log_softmax(model(torch.tensor([prompt + o])).logits[0].double(), -1)  # unpadded, alone
             hand = sum(float(logp[len(prompt) + j - 1, t]) for j, t in enumerate(o))
             assert abs(float(score) - hand) < 1e-4
     # the scorer calls an example right exactly when its gold option scores highest
-    scorer = run_llm.Scorer(tok, max_new_tokens=4)
+    scorer = lm.Scorer(tok, max_new_tokens=4)
     exs = [Example("max of 3 7:", gold, ("3", "7", "10")) for gold in ("3", "7", "10")]
     ids, labels = encode_examples(tok, exs, max_len=32)
     scorer.register(ids, labels, exs)
@@ -170,7 +171,7 @@ def test_greedy_decode_matches_a_naive_loop_and_exact_match():
             if p.dim() == 2:
                 p.normal_(0, 0.5)
     prompts = [[1] + tok.encode("ab"), [1] + tok.encode("xyz"), [1] + tok.encode("cd"), [1] + tok.encode("ba")]
-    fast = run_llm.greedy_decode(model, prompts, max_new_tokens=5, eos_id=tok.eos_id)
+    fast = lm.greedy_decode(model, prompts, max_new_tokens=5, eos_id=tok.eos_id)
     assert len({tuple(f) for f in fast}) > 1 and max(len(set(f)) for f in fast) > 1  # not a constant model
     with torch.no_grad():
         for p, got in zip(prompts, fast):
@@ -181,7 +182,7 @@ def test_greedy_decode_matches_a_naive_loop_and_exact_match():
                     break
                 seq.append(nxt)
             assert got == seq[len(p):]
-    scorer = run_llm.Scorer(tok, max_new_tokens=5)  # free-form: right iff normalised continuation == answer
+    scorer = lm.Scorer(tok, max_new_tokens=5)  # free-form: right iff normalised continuation == answer
     texts = [tok.decode(f) for f in fast]
     cases = [(t, 1.0) for t in texts if normalize_answer(t)][:1] + [("surely not this", 0.0)]
     assert len(cases) == 2
@@ -235,7 +236,7 @@ def test_micro_end_to_end_run(tmp_path):
             assert 0 <= acc <= 1
     for c in saved["per_client"].values():
         assert 0 <= c["lam_potara"] <= 1
-    arch = run_llm.TINY_LLAMA  # every layer: q and v, each A (r x d) and B (d x r), float32; default r = 8
+    arch = lm.TINY_LLAMA  # every layer: q and v, each A (r x d) and B (d x r), float32; default r = 8
     adapter_bytes = arch["num_hidden_layers"] * 2 * 2 * (8 * arch["hidden_size"]) * 4
     assert saved["adapter"]["bytes"] == adapter_bytes
     assert saved["methods"]["fedit"]["bytes"] == 2 * 2 * 2 * adapter_bytes  # rounds x clients x both ways

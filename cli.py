@@ -1,0 +1,183 @@
+"""The command-line plumbing the pipeline scripts share (run_cifar.py, run_llm.py, ablation.py): the
+experiment's options and their checks, preset filling, device choice, and the main() wrapper.
+
+    ap = argparse.ArgumentParser(...); add_experiment_options(ap)
+    args = ap.parse_args(argv); fill_from_preset(args, PRESETS["tiny"]); check_experiment_options(ap, args)
+    cfg = config_from_args(args)                     # a pipeline.ExperimentConfig
+    if __name__ == "__main__": run_main(main)        # one-line errors, Ctrl-C tells how to resume
+
+Every impossible option is a one-line parser error before any work is done (ap.error, exit status 2).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import warnings
+from contextlib import contextmanager
+from typing import Callable
+
+# Idle OpenMP threads sleep instead of spinning: on a shared machine, spinning threads of an oversubscribed
+# pool slowed training here 20x. Read when torch starts its thread pool, so set before torch is used.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch
+
+from checkpoint import ResumeError
+from pipeline import ExperimentConfig
+from potara import ESTIMATORS
+
+
+def add_experiment_options(ap: argparse.ArgumentParser) -> None:
+    """The options every pipeline script shares: training, Potara, evaluation and run control. Options
+    left at None are filled by the script's preset; Potara's defaults are ExperimentConfig's."""
+    d, a = ExperimentConfig(), ap.add_argument
+    a("--rounds", type=int, help="FedIT rounds R")
+    a("--local-steps", type=int, help="local steps per client per round")
+    a("--clients-per-round", type=int, default=0, help="clients sampled per round (0 = all)")
+    a("--max-update-norm", type=float, default=None,
+      help="reject a client update whose L2 distance to the global adapter exceeds this (unset: none)")
+    a("--drop-prob", type=float, default=0.0,
+      help="probability that a selected client never returns its update in a round (simulated drop-out)")
+    a("--local-train-steps", type=int, help="steps of the local-only adapter")
+    a("--finetune-steps", type=int, help="steps of local fine-tuning after FedIT")
+    a("--lr", type=float, help="AdamW learning rate of every adapter training")
+    a("--batch-size", type=int, help="training batch size")
+    a("--rank", type=int, help="LoRA rank r")
+    a("--lora-alpha", type=float, help="LoRA alpha (scaling alpha / r)")
+    a("--estimator", default=d.estimator, help=f"how Potara estimates a, b, c: one of {sorted(ESTIMATORS)} "
+      "(hermite: needs held-out samples, see README; paper: ALGORITHM.md's inverse-Fisher reconstruction)")
+    a("--fisher-split", choices=["train", "val"], default=d.fisher_split,
+      help="client split Potara's statistics use (val: held out, what hermite needs; train: the paper's setting)")
+    a("--fisher-samples", type=int, default=None,
+      help=f"samples of that split for the statistics (default: {d.fisher_samples}, or the whole split if smaller)")
+    a("--fisher-chunk", type=int, default=None,
+      help="per-sample gradients held at once (lower it for a large model on one GPU; default: all)")
+    a("--labels", choices=["empirical", "sampled"], default=d.fisher_labels, help="Fisher labels: data's or model-sampled")
+    a("--eps", type=float, default=d.eps, help="relative Fisher floor of the paper/bias estimators")
+    a("--granularity", choices=["client", "module"], default=d.granularity,
+      help="one lam per client or per adapted module (paper, bias, quadratic)")
+    a("--grid-step", type=float, default=d.grid_step, help="lam grid step (1/step must be an integer)")
+    a("--snapshots", type=int, default=d.snapshots, help="FedIT round counts for the communication curve")
+    a("--no-fedsa", dest="fedsa", action="store_false", help="skip the FedSA-LoRA baseline (a second federated run)")
+    a("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA when present (bf16 autocast)")
+    add_run_options(ap)
+    a("--resume", action="store_true", help="continue from --out/checkpoint.pt (same arguments)")
+
+
+def add_run_options(ap: argparse.ArgumentParser) -> None:
+    """--threads, --seed, --no-progress: shared by every script."""
+    a = ap.add_argument
+    a("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
+      help="CPU threads for torch (default: half the cores; oversubscribed cores slow torch down badly)")
+    a("--seed", type=int, default=0)
+    a("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+
+def fill_from_preset(args: argparse.Namespace, preset: dict) -> None:
+    """Options the user left at None take the preset's value (keys the parser does not have are skipped)."""
+    for k, v in preset.items():
+        if getattr(args, k, "absent") is None:
+            setattr(args, k, v)
+
+
+def require_positive(ap: argparse.ArgumentParser, args: argparse.Namespace, names, minimum: int = 1) -> None:
+    """A one-line parser error for the first option in `names` below `minimum` (None: not set, skipped)."""
+    for k in names:
+        v = getattr(args, k)
+        if v is not None and v < minimum:
+            ap.error(f"--{k.replace('_', '-')} must be >= {minimum}, got {v}")
+
+
+def check_experiment_options(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject impossible shared options with a one-line parser error (after the preset filled args.train
+    and args.val); fills --fisher-samples' default."""
+    require_positive(ap, args, ("rounds", "local_steps", "local_train_steps", "finetune_steps", "batch_size", "rank",
+                                "threads", "fisher_samples", "fisher_chunk"))
+    for k in ("lr", "lora_alpha", "eps"):
+        if not (getattr(args, k) > 0 and math.isfinite(getattr(args, k))):
+            ap.error(f"--{k.replace('_', '-')} must be a positive number, got {getattr(args, k)}")
+    if min(args.clients_per_round, args.snapshots, args.seed) < 0:
+        ap.error("--clients-per-round, --snapshots and --seed must be >= 0")
+    if args.max_update_norm is not None and not (args.max_update_norm > 0 and math.isfinite(args.max_update_norm)):
+        ap.error(f"--max-update-norm must be a positive number, got {args.max_update_norm}")
+    if not 0 <= args.drop_prob < 1:
+        ap.error(f"--drop-prob must be in [0, 1), got {args.drop_prob}")
+    if not (0 < args.grid_step <= 1 and abs(1 / args.grid_step - round(1 / args.grid_step)) < 1e-6):
+        ap.error(f"--grid-step must be 1/n for an integer n >= 1 (e.g. 0.05), got {args.grid_step}")
+    if args.estimator not in ESTIMATORS:
+        ap.error(f"--estimator must be one of {sorted(ESTIMATORS)}, got {args.estimator!r}")
+    if args.estimator == "hermite" and args.granularity == "module":
+        ap.error("--estimator hermite gives one weight per client: use --granularity client (or another estimator)")
+    split = args.train if args.fisher_split == "train" else args.val
+    if args.fisher_samples is None:
+        args.fisher_samples = min(ExperimentConfig.fisher_samples, split)
+    elif args.fisher_samples > split:
+        ap.error(f"--fisher-samples {args.fisher_samples} exceeds the client's {args.fisher_split} split ({split})")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device is available (use --device cpu or auto)")
+
+
+def check_dirs(ap: argparse.ArgumentParser, *flag_path_mode) -> None:
+    """(flag, path, mode) triples: a one-line parser error for the first path unusable as a directory."""
+    for flag, path, mode in flag_path_mode:
+        problem = path and dir_problem(path, mode)
+        if problem:
+            ap.error(f"{flag} {path}: {problem}")
+
+
+def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
+    """The ExperimentConfig the shared options describe."""
+    return ExperimentConfig(
+        rounds=args.rounds, local_steps=args.local_steps, clients_per_round=args.clients_per_round, lr=args.lr,
+        batch_size=args.batch_size, local_train_steps=args.local_train_steps, finetune_steps=args.finetune_steps,
+        fisher_samples=args.fisher_samples, fisher_labels=args.labels, fisher_split=args.fisher_split,
+        fisher_chunk=args.fisher_chunk, eps=args.eps, granularity=args.granularity, estimator=args.estimator,
+        grid_step=args.grid_step, snapshots=args.snapshots, fedsa=args.fedsa, seed=args.seed,
+        drop_prob=args.drop_prob, max_update_norm=args.max_update_norm)
+
+
+def dir_problem(path: str, mode: int = os.W_OK | os.X_OK) -> str | None:
+    """Why `path` cannot serve as a directory with access `mode` (None if it can, or can be created):
+    for a one-line CLI error before any work is done."""
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            return "exists and is not a directory"
+        return None if os.access(path, mode) else "permission denied"
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"cannot be created ({parent} is a file)"
+    return None if os.access(parent, os.W_OK | os.X_OK) else f"cannot be created ({parent} is not writable)"
+
+
+def setup_torch(args: argparse.Namespace) -> torch.device:
+    """Threads, the torch.func fallback warning silenced, and the device (--device auto: CUDA when present)."""
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", message="There is a performance drop")  # torch.func's SDPA fallback (Fisher)
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    return torch.device("cuda" if cuda else "cpu")
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA, full precision on the CPU."""
+    return torch.bfloat16 if device.type == "cuda" else None
+
+
+@contextmanager
+def one_line_errors(*errors: type[BaseException]):
+    """Turn the given exception types (default: checkpoint.ResumeError) into `error: <message>` and exit."""
+    try:
+        yield
+    except errors or (ResumeError,) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def run_main(main: Callable[[], object]) -> None:
+    """A script's __main__: Ctrl-C says how to continue (the checkpoint is written after every round and
+    client: nothing is lost)."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        raise SystemExit("interrupted: rerun the same command with --resume to continue") from None

@@ -1,0 +1,145 @@
+"""What a run leaves behind: results.json (strict JSON), results.md (the tables) and two plots, each
+written atomically (atomic_write: a temporary file, fsync, os.replace).
+
+    write_outputs(results, out_dir)      # results.json, results.md, lambda.png, communication.png
+    print(markdown_table(results))       # the methods and Potara's weights, as markdown
+
+`results` is pipeline.run_experiment's dict: results["methods"][m] = {label, mean, per_client, bytes},
+results["per_client"][client] = {potara, lam_potara, lam_grid_val, lam_grid_oracle, abs_lam_diff, grid},
+results["faults"], results["communication"]. The plots need the `plot` extra (matplotlib); without it
+only the two text files are written.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import IO, Callable
+
+
+def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
+    """write(f) into a temporary file beside `path`, fsync, then os.replace (atomic on POSIX): whenever the
+    process dies (SIGKILL, power loss), `path` holds the previous complete file or the new one, never a part."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def mean(xs) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs)
+
+
+def fault_summary(results: dict) -> str | None:
+    """One line: drop-outs, rejected updates, diverged trainings, non-finite statistics (None if none and
+    neither drop_prob nor max_update_norm was set)."""
+    f = results.get("faults")
+    if not f:
+        return None
+    parts = [f"{label}: {f[m]['dropped']} client-rounds dropped, {len(f[m]['rejected'])} updates rejected"
+             for m, label in (("fedit", "FedIT"), ("fedsa", "FedSA-LoRA")) if f[m] is not None]
+    if f["fallbacks"]:
+        parts.append(f"{len(f['fallbacks'])} diverged trainings kept their start adapter "
+                     f"({', '.join(sorted({x['client'] for x in f['fallbacks']}))})")
+    if f["statistics"]:
+        parts.append(f"non-finite statistics for {', '.join(sorted({x['client'] for x in f['statistics']}))}")
+    happened = any(f[m] and (f[m]["dropped"] or f[m]["rejected"]) for m in ("fedit", "fedsa"))
+    if not (happened or f["fallbacks"] or f["statistics"] or f["drop_prob"] or f["max_update_norm"] is not None):
+        return None
+    return "faults: " + "; ".join(parts) + " (details: \"faults\" and the histories in results.json)"
+
+
+def markdown_table(results: dict) -> str:
+    """The methods (mean and per-client test accuracy, MB sent) and Potara's weights against the grid's."""
+    names = results["clients"]
+    lines = ["| method | mean acc | " + " | ".join(names) + " | MB sent |",
+             "|---|---|" + "---|" * len(names) + "---|"]
+    for m, r in results["methods"].items():
+        cells = " | ".join(f"{r['per_client'][n]:.3f}" for n in names)
+        lines.append(f"| {r['label']} | {r['mean']:.3f} | {cells} | {r['bytes'] / 1e6:.2f} |")
+    lines += ["", "| client | a | b | c | lam Potara | lam grid (val) | abs diff | lam grid (test oracle) |",
+              "|---|---|---|---|---|---|---|---|"]
+    fmt = lambda v: f"{mean(v.values()):.4g} (mean of {len(v)} modules)" if isinstance(v, dict) else f"{v:.4g}"
+    for n in names:
+        c = results["per_client"][n]
+        p = c["potara"]
+        lines.append(f"| {n} | {fmt(p['a'])} | {fmt(p['b'])} | {fmt(p['c'])} | {c['lam_potara']:.3f} | "
+                     f"{c['lam_grid_val']:.2f} | {c['abs_lam_diff']:.3f} | {c['lam_grid_oracle']:.2f} |")
+    lines.append(f"\nmean |lam_potara - lam_grid(val)| = {results['mean_abs_lam_diff']:.3f}")
+    faults = fault_summary(results)
+    return "\n".join(lines + ([faults] if faults else []))
+
+
+def strict_json(x):
+    """NaN/Inf -> None, recursively: json.dumps would write NaN, which is not JSON."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: strict_json(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [strict_json(v) for v in x]
+    return x
+
+
+def write_text(path: str, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def write_outputs(results: dict, out_dir: str, table: str | None = None) -> None:
+    """results.json (strict JSON: NaN/Inf as null), results.md (`table`, default markdown_table(results)) and
+    the two plots when matplotlib is installed, each written atomically."""
+    write_text(os.path.join(out_dir, "results.json"),
+               json.dumps(strict_json(results), indent=1, default=str, allow_nan=False))
+    write_text(os.path.join(out_dir, "results.md"), (table or markdown_table(results)) + "\n")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    for name, draw in (("lambda.png", plot_lambda), ("communication.png", plot_communication)):
+        fig = draw(plt, results)
+        atomic_write(os.path.join(out_dir, name), lambda f: fig.savefig(f, format="png", dpi=110))
+        plt.close(fig)
+
+
+def plot_lambda(plt, results: dict):
+    """Per client: accuracy along the merge segment (test and val) with Potara's and the grid's lam."""
+    names = results["clients"]
+    cols = min(len(names), 5)
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 2.6 * rows), squeeze=False)
+    for ax, n in zip(axes.flat, names):
+        c = results["per_client"][n]
+        ax.plot(c["grid"]["lam"], c["grid"]["test"], label="test")
+        ax.plot(c["grid"]["lam"], c["grid"]["val"], ls=":", label="val")
+        ax.axvline(c["lam_potara"], color="r", label="Potara lam")
+        ax.axvline(c["lam_grid_val"], color="g", ls="--", label="grid (val) lam")
+        ax.set(title=n, xlabel="lam (weight of the federated adapter)", ylabel="accuracy")
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def plot_communication(plt, results: dict):
+    """Mean test accuracy of FedIT and of Potara after each snapshot, against the bytes sent so far."""
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    pts = [p for p in results["communication"] if p["fedit"] is not None]
+    mb = [p["bytes"] / 1e6 for p in pts]
+    ax.plot(mb, [p["fedit"] for p in pts], "o-", label="FedIT (global adapter)")
+    ax.plot(mb, [p["potara"] for p in pts], "s-", label="Potara after FedIT")
+    ax.axhline(results["communication"][0]["local"], color="gray", ls="--", label="Local only (0 MB)")
+    ax.set(xlabel="MB communicated (both ways)", ylabel="mean test accuracy")
+    ax.legend()
+    fig.tight_layout()
+    return fig
