@@ -1,0 +1,168 @@
+"""The Flower ClientApp of Potara: one client on its own device (a SuperNode), run by Flower once per
+message. Declared in pyproject.toml ([tool.flwr.app.components]); started by a SuperNode such as
+
+    flower-supernode --insecure --superlink 127.0.0.1:9093 --port 9094 \
+        --node-config "partition-id=0 num-partitions=2 backbone='data/backbones/tiny-<key>.pt' data-dir='data'"
+
+Node config (per device): partition-id k and num-partitions K (which client this device is),
+backbone (a local backbone file: vit.py's potara-backbone-v1 format, e.g. the tiny preset's cache file
+that run_cifar.py wrote; loaded, never re-trained), data-dir (where cifar-100-python/ or synthetic/ live,
+default "data"), threads (torch CPU threads, default torch's own), adapter-dir (optional: the client
+saves its personalised Potara adapter there, on the device).
+
+Every message rebuilds the same client: the CIFAR-100 (or synthetic) images, the partition of
+data.py exactly as run_cifar.py draws it (public set, Dirichlet or superclass split, client k's
+train / val / test), and the model vit.build_model(backbone, preset, rank, lora_alpha, seed), whose
+initial adapter phi_0 every client and the in-process pipeline share. Handlers (flower_task.py has
+the protocol):
+
+    query     -> partition-id, num-partitions, n_k, the backbone file's sha256, phi_0
+    train     -> fed.local_update from phi^t: the same seeds (seed, t, k) as fed.run_fedit, so the
+                 update is bitwise the one the in-process loop computes
+    evaluate  -> after the last round, with phi_G: pipeline.train_from (local adapter phi_L from phi_0,
+                 phi_G fine-tuned) and pipeline.evaluate_client (Potara's lam from the client's own
+                 validation split, every merge scored on its test split): numbers go back, adapters stay
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from checkpoint import RunState
+from data import ClientSplits, class_split_partition, client_splits, dirichlet_partition, load_images, public_and_pool
+from fed import Client, classification_loss, derive_seed, local_update
+from flower_task import ADAPTER, CONFIG, METRICS, AppConfig, ConfigError, experiment_config, from_record, to_record
+from lora import check_state, lora_meta, lora_state_dict, save_adapter
+from pipeline import METHODS, Run, accuracy, evaluate_client, local_seed, train_from
+from potara import classification_likelihood, merge_adapters
+from vit import PRESETS, build_model, load_backbone_file
+
+app = ClientApp()
+
+
+@dataclass
+class LocalClient:
+    """What one client process holds; none of it leaves the device except phi_0 at setup."""
+    index: int              # k, the partition id
+    num_partitions: int     # K
+    split: ClientSplits     # its train / val / test data
+    model: nn.Module        # backbone + phi_0
+    phi0: dict[str, torch.Tensor]
+    backbone_sha256: str
+
+
+def node_value(node_config, key: str, kind: type, default=None):
+    """One node-config value of the right type, or a one-line ConfigError."""
+    value = node_config.get(key, default)
+    if value is None:
+        raise ConfigError(f"node config {key} is missing: start the SuperNode with --node-config \"{key}=...\"")
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"node config {key} = {value!r}: expected an integer")
+    if kind is str and not isinstance(value, str):
+        raise ConfigError(f"node config {key} = {value!r}: expected a quoted string")
+    return value
+
+
+def client_split(cfg: AppConfig, data_dir: str, k: int, num_partitions: int) -> ClientSplits:
+    """Client k's data, drawn exactly as run_cifar.py draws it for --clients num_partitions."""
+    data, _ = load_images(cfg.data, data_dir, cfg.synthetic_per_class)
+    _, pool = public_and_pool(len(data.labels), cfg.public)
+    per_client = cfg.train + cfg.val + cfg.test
+    if cfg.partition == "dirichlet":
+        parts = dirichlet_partition(data.labels[pool], num_partitions, cfg.alpha, per_client, cfg.seed)
+    else:
+        parts = class_split_partition(data.labels[pool], data.coarse_labels[pool], num_partitions, per_client,
+                                      cfg.seed)
+    return client_splits(data.images, data.labels, pool, parts, (cfg.train, cfg.val, cfg.test), cfg.seed)[k]
+
+
+def load_client(context: Context) -> tuple[AppConfig, LocalClient]:
+    """The run configuration and this device's client (node config: module docstring)."""
+    cfg = AppConfig.from_run_config(context.run_config)
+    node = context.node_config
+    k, K = node_value(node, "partition-id", int), node_value(node, "num-partitions", int)
+    if not 0 <= k < K or K != cfg.num_clients:
+        raise ConfigError(f"node config partition-id={k} num-partitions={K}: need 0 <= partition-id < "
+                          f"num-partitions = the run's num-clients ({cfg.num_clients})")
+    threads = node.get("threads")
+    if threads is not None:
+        torch.set_num_threads(node_value(node, "threads", int))
+    path = node_value(node, "backbone", str)
+    if not os.path.isfile(path):
+        raise ConfigError(f"node config backbone={path!r}: no such file on this device")
+    with open(path, "rb") as f:
+        sha = hashlib.sha256(f.read()).hexdigest()
+    p = PRESETS[cfg.preset]
+    try:
+        backbone = load_backbone_file(path, p["vit"])  # torch.load(weights_only=True): no code runs
+    except SystemExit as e:  # vit.py speaks to a CLI; here the message goes back to the server
+        raise ConfigError(str(e).removeprefix("error: ")) from None
+    model = build_model(backbone, p, cfg.rank, cfg.lora_alpha, cfg.seed)
+    split = client_split(cfg, node_value(node, "data-dir", str, "data"), k, K)
+    return cfg, LocalClient(k, K, split, model, lora_state_dict(model), sha)
+
+
+def received_adapter(msg: Message, phi0: dict) -> dict[str, torch.Tensor]:
+    """The server's adapter, checked against this client's phi_0 (keys, shapes, dtypes, finite values)."""
+    state = from_record(msg.content[ADAPTER])
+    check_state(state, phi0, what="adapter from the server")
+    return state
+
+
+@app.query()
+def setup(msg: Message, context: Context) -> Message:
+    """Who this client is, its data size n_k (FedAvg's weight) and phi_0 (the server checks all agree)."""
+    _, c = load_client(context)
+    info = ConfigRecord({"partition-id": c.index, "num-partitions": c.num_partitions,
+                         "num-examples": len(c.split.train_targets), "backbone-sha256": c.backbone_sha256})
+    return Message(RecordDict({ADAPTER: to_record(c.phi0), CONFIG: info}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Round t: phi^t -> fed.local_update (seeds (seed, t, k)) -> phi_k^{t+1}, n_k, mean loss."""
+    config = msg.content[CONFIG]
+    if config.get("drop", False):  # a simulated drop-out (fed.sample_clients): answers, but sends nothing
+        return Message(RecordDict({CONFIG: ConfigRecord({"dropped": True})}), reply_to=msg)
+    cfg, c = load_client(context)
+    phi_t = received_adapter(msg, c.phi0)
+    s = c.split
+    reply, _ = local_update(c.model, Client(s.name, s.train_inputs, s.train_targets), phi_t, {}, int(config["round"]),
+                            c.index, cfg.local_steps, cfg.lr, cfg.seed, cfg.batch_size, progress=False)
+    metrics = MetricRecord({"num-examples": reply.num_examples, "train-loss": reply.mean_loss})
+    return Message(RecordDict({ADAPTER: to_record(reply.state), METRICS: metrics}), reply_to=msg)
+
+
+@app.evaluate()
+def personalize(msg: Message, context: Context) -> Message:
+    """After the last round: the local adapter phi_L, phi_G fine-tuned, Potara's lam on the client's own
+    validation split, and every method scored on its test split. Only numbers go back."""
+    cfg, c = load_client(context)
+    G, s, k = received_adapter(msg, c.phi0), c.split, c.index
+    run = Run(c.model, [s], experiment_config(cfg), ckpt_path="", init=c.phi0, state=RunState(""),
+              evaluate=accuracy, loss_fn=classification_loss, likelihood=classification_likelihood,
+              autocast_dtype=None, progress=False)
+    run.state.local[s.name] = train_from(run, c.phi0, s, cfg.local_train_steps, local_seed(cfg.seed, k), "local")
+    run.state.finetuned[s.name] = train_from(run, G, s, cfg.finetune_steps, derive_seed(cfg.seed, k, 202), "fine-tune")
+    acc, bad_stats = {m: {} for m in METHODS if m != "fedsa"}, []
+    record = evaluate_client(run, k, s, G, None, acc, bad_stats)
+    info = record["potara"]
+    out = {f"acc.{m}": v[s.name] for m, v in acc.items()}
+    out.update({f"potara.{key}": info[key] for key in ("a", "b", "c", "lam", "n_samples", "estimator")})
+    out.update({key: record[key] for key in ("lam_potara", "lam_grid_val", "lam_grid_oracle", "abs_lam_diff")})
+    out.update({f"grid.{key}": [float(v) for v in record["grid"][key]] for key in ("lam", "val", "test")})
+    out.update({"fallbacks": [f"{x['stage']}: {x['reason']}" for x in run.state.fallbacks],
+                "bad-statistics": [x["what"] for x in bad_stats]})
+    adapter_dir = context.node_config.get("adapter-dir")
+    if adapter_dir:  # the personalised adapter stays on the device
+        merged = merge_adapters(G, run.state.local[s.name], info["lam"], "ab")
+        os.makedirs(adapter_dir, exist_ok=True)
+        save_adapter(os.path.join(adapter_dir, f"{s.name}-potara.pt"), merged, {"lam": info["lam"], **lora_meta(c.model)})
+    return Message(RecordDict({CONFIG: ConfigRecord(out)}), reply_to=msg)
+

@@ -1,0 +1,214 @@
+"""The Flower ServerApp of Potara: FedIT across real processes, then Potara on every client.
+Declared in pyproject.toml ([tool.flwr.app.components]); started by `flwr run . <connection>` against
+a running SuperLink (README, "Federated deployment with Flower").
+
+    1. setup: wait for num-clients SuperNodes; ask each who it is (partition-id k, n_k, backbone hash,
+       phi_0). Partition ids must be 0..K-1 once each; every client must hold the same backbone file
+       and build the same phi_0 (else the run stops with a one-line reason).
+    2. rounds t = 0..R-1, each the in-process fed.run_fedit's round, with messages instead of calls:
+         S_t, drop-outs = fed.sample_clients(seed, t, K, clients-per-round, drop-prob)
+         send phi^t to every k in S_t (float32 ArrayRecord); k answers fed.local_update's reply
+         phi^{t+1} = fed.server_round(...): every reply validated (fed.validate_update), the accepted
+         ones averaged by fed.fedavg in partition order, whatever order the replies arrived in
+       A client that answers with an error, an unreadable reply or nothing within round-timeout is
+       recorded in the round's "failed" (with its reason) and counted as dropped: it never vanishes.
+       checkpoint.pt (checkpoint.RunState, atomic) after every round; resume=true continues it.
+    3. personalise: send phi_R to every client; each trains phi_L, runs Potara on its own validation
+       split and returns its test accuracies, a, b, c and lam (flower_client.personalize).
+    4. out-dir/results.json and results.md with the in-process pipeline's fields (report.write_outputs),
+       plus "flower": wire bytes (npy-serialised arrays with their keys) and wall time per stage.
+
+bytes_down / bytes_up in the history are fed.run_fedit's (numel * element_size of the adapters sent);
+wire_bytes_* add Flower's serialisation (npy headers, keys) to them; message envelopes are not counted.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from checkpoint import RunState, fed_dict, load_state, save_state
+from fed import ClientReply, FedState, sample_clients, server_round, state_bytes
+from flower_task import (ADAPTER, CONFIG, EVALUATE, METRICS, SETUP, TRAIN, AppConfig, experiment_config, from_record,
+                         record_bytes, to_record)
+from lora import check_state
+from pipeline import METHOD_LABELS, fed_faults
+from report import mean, write_outputs
+
+app = ServerApp()
+
+
+@dataclass
+class Roster:
+    """The federation: client k (partition id k) is SuperNode node_ids[k], named names[k], with n_k examples."""
+    node_ids: list[int]
+    names: list[str]
+    num_examples: list[int]
+    backbone_sha256: str
+
+    def index_of(self, node_id: int) -> int | None:
+        return self.node_ids.index(node_id) if node_id in self.node_ids else None
+
+
+def ask(grid: Grid, node_ids, message_type: str, content, timeout: float) -> tuple[dict, dict]:
+    """Send content(node_id) to every node; returns ({node: reply}, {node: why it failed}) for each node."""
+    msgs = [Message(content(n), dst_node_id=n, message_type=message_type) for n in node_ids]
+    replies, failed = {}, {}
+    for r in grid.send_and_receive(msgs, timeout=timeout):
+        n = r.metadata.src_node_id
+        if r.has_error():
+            failed[n] = f"client error: {r.error.reason}"
+        else:
+            replies[n] = r
+    for n in node_ids:
+        if n not in replies and n not in failed:
+            failed[n] = f"no reply within {timeout:g} s"
+    return replies, failed
+
+
+def connect(grid: Grid, cfg: AppConfig) -> tuple[Roster, dict[str, torch.Tensor]]:
+    """Wait for num-clients SuperNodes, then ask each who it is; the roster in partition order and phi_0."""
+    deadline = time.time() + cfg.connect_timeout
+    while len(nodes := sorted(grid.get_node_ids())) < cfg.num_clients:
+        if time.time() > deadline:
+            raise RuntimeError(f"only {len(nodes)} of num-clients={cfg.num_clients} SuperNodes connected within "
+                               f"connect-timeout={cfg.connect_timeout:g} s")
+        time.sleep(1.0)
+    replies, failed = ask(grid, nodes, SETUP, lambda n: RecordDict({CONFIG: ConfigRecord({})}), cfg.round_timeout)
+    if failed:
+        raise RuntimeError("setup failed: " + "; ".join(f"node {n}: {why}" for n, why in failed.items()))
+    info = {n: r.content[CONFIG] for n, r in replies.items()}
+    by_partition = {int(i["partition-id"]): n for n, i in info.items()}
+    if sorted(by_partition) != list(range(cfg.num_clients)) or len(by_partition) != len(nodes):
+        raise RuntimeError(f"the SuperNodes' partition ids {sorted(int(i['partition-id']) for i in info.values())} "
+                           f"are not 0..{cfg.num_clients - 1} once each (node config partition-id)")
+    node_ids = [by_partition[k] for k in range(cfg.num_clients)]
+    phi0 = from_record(replies[node_ids[0]].content[ADAPTER])
+    for k, n in enumerate(node_ids):
+        theirs = from_record(replies[n].content[ADAPTER])
+        check_state(theirs, phi0, what=f"client{k}'s phi_0 (against client0's)")
+        if not all(torch.equal(theirs[key], v) for key, v in phi0.items()) or \
+                info[n]["backbone-sha256"] != info[node_ids[0]]["backbone-sha256"]:
+            raise RuntimeError(f"client{k} holds another backbone file or builds another phi_0 than client0: "
+                               "every SuperNode needs the same backbone file and the same run config")
+    roster = Roster(node_ids, [f"client{k}" for k in range(cfg.num_clients)],
+                    [int(info[n]["num-examples"]) for n in node_ids], str(info[node_ids[0]]["backbone-sha256"]))
+    return roster, phi0
+
+
+def fingerprint(cfg: AppConfig, roster: Roster, phi0: dict) -> str:
+    """What the checkpointed adapter depends on: the training settings, the backbone, phi_0 and the clients."""
+    training = {k: v for k, v in asdict(cfg).items()
+                if k in ("num_clients", "rounds", "local_steps", "clients_per_round", "lr", "batch_size", "rank",
+                         "lora_alpha", "seed", "preset", "data", "synthetic_per_class", "partition", "alpha",
+                         "public", "train", "val", "test", "drop_prob", "max_update_norm")}
+    training.pop("rounds")  # more rounds continue a finished run
+    phi = hashlib.sha256(b"".join(phi0[k].numpy().tobytes() for k in sorted(phi0))).hexdigest()
+    return json.dumps({"flower": training, "backbone": roster.backbone_sha256, "phi0": phi,
+                       "clients": roster.num_examples}, sort_keys=True)
+
+
+def fedit_round(grid: Grid, cfg: AppConfig, roster: Roster, fed: FedState, t: int) -> None:
+    """Round t (module docstring, step 2); updates `fed` in place."""
+    t0, K = time.time(), len(roster.node_ids)
+    selected, dropped = sample_clients(cfg.seed, t, K, cfg.per_round, cfg.drop_prob)
+    record = to_record(fed.global_state)
+    content = lambda n: RecordDict({ADAPTER: record, CONFIG: ConfigRecord(
+        {"round": t, "drop": roster.index_of(n) in dropped})})
+    answers, failed = ask(grid, [roster.node_ids[k] for k in selected], TRAIN, content, cfg.round_timeout)
+    replies, failures, wire_up = {}, [], 0
+    for n, why in failed.items():
+        failures.append({"client": roster.names[roster.index_of(n)], "reason": why})
+    for n, r in answers.items():
+        k = roster.index_of(n)
+        if k in dropped:
+            continue  # a simulated drop-out: it received phi^t and sent nothing back
+        try:
+            metrics = r.content[METRICS]
+            replies[k] = ClientReply(from_record(r.content[ADAPTER]), metrics["num-examples"], metrics["train-loss"])
+            wire_up += record_bytes(r.content[ADAPTER])
+        except Exception as e:  # an unreadable reply: recorded, never raised
+            failures.append({"client": roster.names[k], "reason": f"unreadable reply: {type(e).__name__}: {e}"})
+    outcome = server_round(t, fed.global_state, selected, replies, roster.names, cfg.update_norm_bound)
+    fed.global_state, fed.round = outcome.global_state, t + 1
+    fed.history.append({**outcome.history, "failed": sorted(failures, key=lambda f: f["client"]),
+                        "wire_bytes_down": record_bytes(record) * len(selected), "wire_bytes_up": wire_up,
+                        "seconds": time.time() - t0})
+
+
+def personalize_all(grid: Grid, cfg: AppConfig, roster: Roster, G: dict) -> tuple[dict, list]:
+    """Step 3: every client's flattened evaluation record ({name: ConfigRecord}), and the clients that failed."""
+    record = to_record(G)
+    answers, failed = ask(grid, roster.node_ids, EVALUATE, lambda n: RecordDict({ADAPTER: record}),
+                          cfg.round_timeout)
+    out = {roster.names[roster.index_of(n)]: r.content[CONFIG] for n, r in answers.items()}
+    return out, [{"client": roster.names[roster.index_of(n)], "reason": why} for n, why in failed.items()]
+
+
+def collect_results(cfg: AppConfig, context: Context, roster: Roster, fed: FedState, phi0: dict, evals: dict,
+                    eval_failed: list, timing: dict) -> dict:
+    """pipeline.collect_results' fields for the methods that ran (no FedSA-LoRA, curve at round R only)."""
+    names = [n for n in roster.names if n in evals]
+    if not names:
+        raise RuntimeError("no client returned its personalisation results: " + json.dumps(eval_failed))
+    methods = [m for m in METHOD_LABELS if f"acc.{m}" in evals[names[0]]]
+    sent = sum(h["bytes_down"] + h["bytes_up"] for h in fed.history)
+    acc = {m: {n: float(evals[n][f"acc.{m}"]) for n in names} for m in methods}
+    per_client = {n: {"potara": {k: evals[n][f"potara.{k}"] for k in ("a", "b", "c", "lam", "n_samples", "estimator")},
+                      **{k: float(evals[n][k]) for k in ("lam_potara", "lam_grid_val", "lam_grid_oracle", "abs_lam_diff")},
+                      "grid": {k: list(evals[n][f"grid.{k}"]) for k in ("lam", "val", "test")}} for n in names}
+    faults = {"drop_prob": cfg.drop_prob, "max_update_norm": cfg.update_norm_bound, "fedsa": None,
+              "fedit": {**fed_faults(fed.history),
+                        "failed": [{"round": h["round"], **f} for h in fed.history for f in h["failed"]]},
+              "fallbacks": [{"client": n, "reason": r} for n in names for r in evals[n]["fallbacks"]],
+              "statistics": [{"client": n, "what": w} for n in names for w in evals[n]["bad-statistics"]],
+              "personalization_failed": eval_failed}
+    return {"config": {"engine": "flower", "run_config": dict(context.run_config),
+                       "backbone_sha256": roster.backbone_sha256, "num_examples": dict(zip(roster.names, roster.num_examples))},
+            "experiment": asdict(experiment_config(cfg)), "seed": cfg.seed, "clients": names,
+            "methods": {m: {"label": METHOD_LABELS[m], "mean": mean(acc[m].values()), "per_client": acc[m],
+                            "bytes": 0 if m == "local" else sent} for m in methods},
+            "per_client": per_client, "mean_abs_lam_diff": mean(c["abs_lam_diff"] for c in per_client.values()),
+            "adapter": {"numel": sum(v.numel() for v in phi0.values()), "bytes": state_bytes(phi0),
+                        "wire_bytes": record_bytes(to_record(phi0))},
+            "communication": [{"round": 0, "bytes": 0, "fedit": None, "potara": None, "local": mean(acc["local"].values())},
+                              {"round": fed.round, "bytes": sent, "fedit": mean(acc["fedit"].values()),
+                               "potara": mean(acc["potara_ab"].values())}],
+            "fedit_history": fed.history, "fedsa_history": None, "faults": faults, "timing_s": timing}
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = AppConfig.from_run_config(context.run_config)
+    out_dir = os.path.abspath(cfg.out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    ckpt = os.path.join(out_dir, "checkpoint.pt")
+    timing, t0 = {}, time.time()
+    roster, phi0 = connect(grid, cfg)
+    timing["setup"], t0 = time.time() - t0, time.time()
+    run_state = RunState(fingerprint(cfg, roster, phi0))
+    if cfg.resume and os.path.exists(ckpt):
+        run_state = load_state(ckpt, run_state.fingerprint)  # ResumeError (one line) if not this run's
+        print(f"resuming from {ckpt} at round {run_state.fedit['round']}")
+    fed = run_state.fed_state("fedit") or FedState(0, dict(phi0), {n: {} for n in roster.names})
+    check_state(fed.global_state, phi0, what=f"{ckpt}'s global adapter")
+    for t in range(fed.round, cfg.rounds):
+        fedit_round(grid, cfg, roster, fed, t)
+        run_state.fedit = fed_dict(fed)
+        save_state(run_state, ckpt)
+        h = fed.history[-1]
+        print(f"round {t + 1}/{cfg.rounds}: {len(h['clients']) - len(h['dropped'])}/{len(h['clients'])} answered, "
+              f"{len(h['rejected'])} rejected, {len(h['failed'])} failed, mean loss {h['mean_train_loss']}")
+    timing["fedit"], t0 = time.time() - t0, time.time()
+    evals, eval_failed = personalize_all(grid, cfg, roster, fed.global_state)
+    timing["personalize"] = time.time() - t0
+    results = collect_results(cfg, context, roster, fed, phi0, evals, eval_failed, timing)
+    write_outputs(results, out_dir)
+    print(f"results in {out_dir}/results.json")
+
