@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Mapping, NamedTuple, Sequence
@@ -47,7 +48,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from lora import check_state, load_lora_state_dict, lora_state_dict
+from lora import check_tensors, load_lora_state_dict, lora_state_dict
 
 log = logging.getLogger("potara.fed")
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -63,17 +64,34 @@ def state_bytes(state: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
 
 
+def _valid_count(n) -> bool:
+    """A finite real number >= 0 and not a bool (a huge Python int counts as finite: the total catches it)."""
+    return (not isinstance(n, bool) and isinstance(n, numbers.Real) and n >= 0
+            and (isinstance(n, int) or math.isfinite(n)))
+
+
 def fedavg(states: Sequence[dict[str, torch.Tensor]], num_examples: Sequence[int]) -> dict[str, torch.Tensor]:
-    """sum_k n_k state_k / sum_k n_k per tensor, accumulated in float64, returned in each tensor's dtype."""
+    """sum_k n_k state_k / sum_k n_k per tensor, accumulated in float64, returned in each tensor's dtype.
+
+    Refused with a ValueError (never a silent NaN or zero): a state that fails lora.check_tensors (client
+    0 on its own, every other against client 0: keys, layout, dtype, shape, finite values), an n_k that is
+    not a finite real number >= 0 (bools are refused too), or a total that is not positive and finite.
+    """
     if len(states) == 0:
         raise ValueError("fedavg: no client states to average")
     if len(states) != len(num_examples):
         raise ValueError(f"fedavg: {len(states)} states but {len(num_examples)} example counts")
-    if any(n < 0 for n in num_examples) or sum(num_examples) <= 0:
-        raise ValueError(f"fedavg: example counts must be >= 0 with a positive total, got {list(num_examples)}")
+    if not all(_valid_count(n) for n in num_examples):
+        raise ValueError(f"fedavg: example counts must be finite numbers >= 0, got {list(num_examples)[:8]}")
+    try:
+        total = float(sum(num_examples))
+    except OverflowError:  # an int sum beyond float range
+        total = math.inf
+    if not 0 < total < math.inf:
+        raise ValueError(f"fedavg: example counts must have a positive, finite total, got {list(num_examples)[:8]}")
+    check_tensors(states[0], what="fedavg: client state 0")
     for i, s in enumerate(states[1:], start=1):
-        check_state(s, states[0], what=f"fedavg: client state {i} (against client 0)")
-    total = float(sum(num_examples))
+        check_tensors(s, states[0], what=f"fedavg: client state {i} (against client 0)")
     averaged = {}
     for k, ref in states[0].items():
         acc = torch.zeros(ref.shape, dtype=torch.float64, device=ref.device)
@@ -160,10 +178,12 @@ class FedState:
 
 def validate_update(update: dict[str, torch.Tensor], reference: dict[str, torch.Tensor],
                     max_norm: float | None = None) -> str | None:
-    """Why a client's update must not be aggregated, or None if it is fine: wrong keys, shapes or
-    dtypes, NaN/Inf, or an L2 distance ||update - reference|| over all tensors above max_norm."""
+    """Why a client's update must not be aggregated, or None if it is fine. The update is untrusted:
+    lora.check_tensors against the reference (phi^t) refuses wrong keys, shapes or dtypes, sparse, meta,
+    expanded or out-of-storage tensors and NaN/Inf before anything is computed from it; then the L2
+    distance ||update - reference|| over all tensors must be <= max_norm when given. Never raises."""
     try:
-        check_state(update, reference, what="update")
+        check_tensors(update, reference, what="update")
     except ValueError as e:
         return str(e)
     if max_norm is not None:

@@ -25,8 +25,7 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
-import zipfile
+import re
 from typing import Iterable, Sequence
 
 import torch
@@ -48,21 +47,49 @@ def _init_factors(r: int, in_features: int, out_features: int, like: torch.Tenso
     return nn.Parameter(A), nn.Parameter(B)
 
 
-class LoRALinear(nn.Module):
+class _LoRALayer(nn.Module):
+    """What both LoRA layers share: r, alpha, scaling = alpha / r, a frozen base, merge/unmerge of delta_weight()."""
+
+    def __init__(self, base: nn.Module, r: int, alpha: float):
+        super().__init__()
+        self.base, self.r, self.alpha = base, r, alpha
+        self.scaling = alpha / r  # fixed at creation: a rank-2r concatenated adapter keeps it (potara.merge_adapters)
+        self.merged = False
+        for p in base.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W0 += delta_weight(): the forward then costs exactly the plain layer."""
+        if not self.merged:
+            w = self.frozen_weight()
+            w += self.delta_weight().to(w.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            w = self.frozen_weight()
+            w -= self.delta_weight().to(w.dtype)
+            self.merged = False
+
+
+def _check_rank(r: int) -> None:
+    if r <= 0:
+        raise ValueError(f"LoRA rank r must be positive, got {r}")
+
+
+class LoRALinear(_LoRALayer):
     """y = base(x) + (alpha / r) * B A dropout(x); the base layer is frozen."""
 
     def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 16, dropout: float = 0.0):
-        super().__init__()
-        if r <= 0:
-            raise ValueError(f"LoRA rank r must be positive, got {r}")
-        self.base, self.r, self.alpha = base, r, alpha
-        self.scaling = alpha / r  # fixed at creation: a rank-2r concatenated adapter keeps it (potara.merge_adapters)
+        _check_rank(r)
+        super().__init__(base, r, alpha)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A, self.lora_B = _init_factors(r, base.in_features, base.out_features, base.weight)
-        self.merged = False
-        base.weight.requires_grad_(False)
-        if base.bias is not None:
-            base.bias.requires_grad_(False)
+
+    def frozen_weight(self) -> torch.Tensor:
+        return self.base.weight
 
     def delta_weight(self) -> torch.Tensor:
         return self.scaling * (self.lora_B @ self.lora_A)
@@ -80,23 +107,11 @@ class LoRALinear(nn.Module):
         out = torch.addmm(out, h, self.lora_B.t().contiguous(), alpha=self.scaling)
         return out.view(*x.shape[:-1], out.shape[-1])
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        if not self.merged:
-            self.base.weight += self.delta_weight().to(self.base.weight.dtype)
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged:
-            self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
-            self.merged = False
-
     def extra_repr(self) -> str:
-        return f"r={self.lora_A.shape[0]}, alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}"
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}"
 
 
-class LoRAPackedQKV(nn.Module):
+class LoRAPackedQKV(_LoRALayer):
     """LoRA on parts of nn.MultiheadAttention's packed in-projection (default: q and v, k untouched).
 
     MultiheadAttention stores W_q, W_k, W_v stacked as one in_proj_weight (3E x E) and runs its
@@ -112,23 +127,20 @@ class LoRAPackedQKV(nn.Module):
     """
 
     def __init__(self, base: nn.MultiheadAttention, r: int = 8, alpha: float = 16, parts: str = "qv"):
-        super().__init__()
-        if r <= 0:
-            raise ValueError(f"LoRA rank r must be positive, got {r}")
+        _check_rank(r)
         if base.in_proj_weight is None:
-            raise ValueError("LoRAPackedQKV needs a packed in_proj_weight (MultiheadAttention with kdim == vdim == embed_dim)")
+            raise ValueError("LoRAPackedQKV needs a packed in_proj_weight (kdim == vdim == embed_dim)")
         if not parts or set(parts) - set("qkv") or len(set(parts)) != len(parts):
             raise ValueError(f"parts must be a non-empty subset of 'qkv', got {parts!r}")
-        self.base, self.r, self.alpha, self.parts = base, r, alpha, "".join(p for p in "qkv" if p in parts)
-        self.scaling = alpha / r
-        self.merged = False
-        E = base.embed_dim
+        super().__init__(base, r, alpha)
+        self.parts, E = "".join(p for p in "qkv" if p in parts), base.embed_dim
         for p in self.parts:
             A, B = _init_factors(r, E, E, base.in_proj_weight)
             self.register_parameter(f"lora_A_{p}", A)
             self.register_parameter(f"lora_B_{p}", B)
-        for p in base.parameters():
-            p.requires_grad_(False)
+
+    def frozen_weight(self) -> torch.Tensor:
+        return self.base.in_proj_weight
 
     def delta_weight(self) -> torch.Tensor:
         W0 = self.base.in_proj_weight
@@ -171,18 +183,6 @@ class LoRAPackedQKV(nn.Module):
         o = F.scaled_dot_product_attention(*heads, dropout_p=mha.dropout if mha.training else 0.0)
         o = mha.out_proj(o.transpose(1, 2).reshape(n * t, E)).view(n, t, E)
         return o.squeeze(0) if unbatched else o if mha.batch_first else o.transpose(0, 1)
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        if not self.merged:
-            self.base.in_proj_weight += self.delta_weight()
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged:
-            self.base.in_proj_weight -= self.delta_weight()
-            self.merged = False
 
     def extra_repr(self) -> str:
         return f"parts={self.parts!r}, r={self.r}, alpha={self.alpha}, merged={self.merged}"
@@ -246,55 +246,138 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
 
 
+_OUR_FACTOR = re.compile(r"(?:^|\.)lora_([AB])(?:_[qkv])?$")  # <module>.lora_A, <module>.lora_B_q, ...
+_PEFT_FACTOR = re.compile(r"(?:^|\.)lora_([AB])(?:\.[A-Za-z_]\w*)?\.weight$")  # lora_A.weight, lora_A.default.weight
+
+
 def lora_factor(name: str) -> str | None:
-    """'A' or 'B' for a LoRA factor's state key (lora_A, lora_B_q, ...), None for other tensors."""
-    last = name.rpartition(".")[2]
-    return last[5] if last.startswith(("lora_A", "lora_B")) else None
+    """'A' or 'B' for a LoRA factor's state key, None for any other tensor. Recognised exactly: ours,
+    `<module>.lora_A` / `.lora_B` (`.lora_A_q` etc. on packed attention), and peft's `<module>.lora_A.weight`
+    (in memory `<module>.lora_A.<adapter name>.weight`). A (r x in) has its rank in dim 0, B (out x r) in dim 1."""
+    m = _OUR_FACTOR.search(name) or _PEFT_FACTOR.search(name)
+    return m.group(1) if m else None
 
 
-def check_state(state: dict, reference: dict[str, torch.Tensor], what: str = "state",
-                allow_rank_change: bool = False) -> None:
-    """Raise AdapterError unless `state` has exactly reference's keys, shapes, dtypes, and finite values.
+# ---- untrusted tensors: the one place every container (adapter file, checkpoint, backbone, client update)
+# is validated, the same way, before anything is allocated from it or trusted ----
 
-    With allow_rank_change, LoRA factors may differ in their rank dimension (A: dim 0, B: dim 1).
+def _rank_dim(name: str) -> int | None:
+    return {"A": 0, "B": 1}.get(lora_factor(name))
+
+
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+MAX_NUMEL = 2**28  # elements in one container when no reference bounds the shapes (1 GiB of float32)
+
+
+def _check_layout(name: str, t, like: torch.Tensor | None, max_numel: int, rank_dim: int | None) -> None:
+    """Steps 1-5 of check_tensor: reads only metadata (type, layout, device, dtype, sizes, strides)."""
+    if type(t) not in (torch.Tensor, nn.Parameter):  # also refuses subclasses that could run code on access
+        raise AdapterError(f"{name} is a {type(t).__name__}, not a tensor")
+    if t.layout != torch.strided or t.is_nested:
+        raise AdapterError(f"{name} is not a dense strided tensor ({'nested' if t.is_nested else t.layout})")
+    if t.is_meta:
+        raise AdapterError(f"{name} is on the meta device: it holds no data")
+    if t.dtype != (like.dtype if like is not None else t.dtype) or t.dtype not in FLOAT_DTYPES:
+        raise AdapterError(f"{name} has dtype {t.dtype}, expected "
+                           f"{like.dtype if like is not None else 'float32, float64, float16 or bfloat16'}")
+    if like is not None and t.shape != like.shape and not (
+            rank_dim is not None and t.dim() == like.dim() == 2 and t.shape[1 - rank_dim] == like.shape[1 - rank_dim]):
+        raise AdapterError(f"{name} has shape {tuple(t.shape)}, the model expects {tuple(like.shape)}")
+    if t.numel() > max_numel:
+        raise AdapterError(f"{name} has {t.numel()} elements, more than the limit of {max_numel}")
+    if t.numel() > 0:
+        if any(s == 0 for n, s in zip(t.shape, t.stride()) if n > 1):
+            raise AdapterError(f"{name} is an expanded view (stride 0): expected a dense tensor")
+        last = t.storage_offset() + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+        if (last + 1) * t.element_size() > t.untyped_storage().nbytes():
+            raise AdapterError(f"{name} addresses data beyond its storage (corrupt sizes or strides)")
+
+
+def check_tensor(name: str, t, like: torch.Tensor | None = None, max_numel: int = MAX_NUMEL,
+                 allow_rank_change: bool = False) -> None:
+    """Raise AdapterError (a ValueError; one line starting with `name`) unless `t` is safe to read and use.
+
+    Checked in this order, nothing allocated before the metadata checks pass:
+      1. a plain torch.Tensor or nn.Parameter (no other subclass);
+      2. dense and strided (not sparse, mkldnn or nested), not on the meta device;
+      3. dtype: like.dtype when `like` is given, and always one of FLOAT_DTYPES (float32/64, float16, bfloat16);
+      4. shape: like.shape when given (with allow_rank_change a LoRA factor, named by lora_factor(name's last
+         word), may differ in its rank dimension), and at most `max_numel` elements;
+      5. its storage holds every element its sizes and strides address, and no dimension longer than 1 has
+         stride 0 (an expanded view: one stored element posing as 200000 x 200000);
+      6. finite values (no NaN/Inf).
+    Checkpoint and backbone loaders call this (or check_tensors) on every tensor before using it.
     """
+    _check_layout(name, t, like, max_numel, _rank_dim(name) if allow_rank_change else None)
+    if not torch.isfinite(t).all():
+        raise AdapterError(f"{name} holds NaN or Inf values")
+
+
+def check_tensors(state, reference: dict[str, torch.Tensor] | None = None, what: str = "state",
+                  allow_rank_change: bool = False, max_numel: int = MAX_NUMEL) -> None:
+    """check_tensor on every entry of a {str: tensor} dict, metadata of all first, then values; AdapterError
+    names `what` and the key. With `reference` (e.g. the model's adapter): exactly its keys, each tensor
+    like the reference's. Without: any str keys, at most `max_numel` elements in all the tensors together."""
     if not isinstance(state, dict):
         raise AdapterError(f"{what}: expected a dict of tensors, got {type(state).__name__}")
-    missing, extra = sorted(set(reference) - set(state)), sorted(set(state) - set(reference))
-    if missing or extra:
+    if not all(isinstance(k, str) for k in state):
+        raise AdapterError(f"{what}: keys must be strings, got {[k for k in state if not isinstance(k, str)][:3]}")
+    if reference is not None and set(state) != set(reference):
+        missing, extra = sorted(set(reference) - set(state)), sorted(set(state) - set(reference))
         raise AdapterError(f"{what}: keys do not match the model's adapter: missing {missing[:5]}, "
                            f"unexpected {extra[:5]}")
-    for k, ref in reference.items():
-        t = state[k]
-        if not isinstance(t, torch.Tensor):
-            raise AdapterError(f"{what}: {k} is a {type(t).__name__}, not a tensor")
-        if t.dtype != ref.dtype:
-            raise AdapterError(f"{what}: {k} has dtype {t.dtype}, the model expects {ref.dtype}")
-        if t.shape != ref.shape:
-            rank_dim = {"A": 0, "B": 1}.get(lora_factor(k))
-            same_but_rank = (allow_rank_change and rank_dim is not None and t.dim() == ref.dim() == 2
-                             and t.shape[1 - rank_dim] == ref.shape[1 - rank_dim])
-            if not same_but_rank:
-                raise AdapterError(f"{what}: {k} has shape {tuple(t.shape)}, the model expects {tuple(ref.shape)}")
+    total = 0
+    for k, t in state.items():
+        _check_layout(f"{what}: {k}", t, None if reference is None else reference[k], max_numel,
+                      _rank_dim(k) if allow_rank_change else None)
+        total += t.numel()
+        if reference is None and total > max_numel:
+            raise AdapterError(f"{what}: more than {max_numel} elements in all (at {k})")
+    for k, t in state.items():
         if not torch.isfinite(t).all():
             raise AdapterError(f"{what}: {k} holds NaN or Inf values")
 
 
+check_state = check_tensors  # the name potara.py and older code use
+
+
+def _new_ranks(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[nn.Module, int]:
+    """The rank every LoRA layer gets from `state` (factors missing from it keep theirs); AdapterError unless
+    each layer's A and B factors (all parts of a packed layer) share one rank >= 1."""
+    ranks = {}
+    for name, m in model.named_modules():
+        if isinstance(m, LORA_LAYERS):
+            prefix = f"{name}." if name else ""
+            r = {state.get(prefix + n, p).shape[0 if lora_factor(n) == "A" else 1]
+                 for n, p in m.named_parameters(recurse=False) if lora_factor(n)}
+            if len(r) != 1 or 0 in r:
+                raise AdapterError(f"adapter: the LoRA factors of {name or 'the model'} have ranks {sorted(r)}; "
+                                   f"A and B must share one rank >= 1")
+            ranks[m] = r.pop()
+    return ranks
+
+
 @torch.no_grad()
 def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor], allow_rank_change: bool = False) -> None:
-    """Copy an adapter state into the model's trainable tensors; validate everything first, so a bad
-    state never loads partially. allow_rank_change=True replaces LoRA factors whose rank differs
-    (e.g. the rank-2r adapters of potara.merge_adapters(space="delta")); the scaling stays alpha/r."""
+    """Copy an adapter state into the model's trainable tensors; validate everything first (check_tensors
+    against the model's adapter), so a bad state never loads partially. allow_rank_change=True replaces
+    LoRA factors whose rank differs (e.g. the rank-2r adapters of potara.merge_adapters(space="delta")):
+    each layer's r becomes the new rank and its scaling stays as created, so alpha becomes scaling * r
+    (alpha / r is the scaling actually applied, as peft reads it)."""
     if any(m.merged for m in lora_layers(model)):
         raise AdapterError("cannot load an adapter into a merged model: call unmerge_lora(model) first")
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    check_state(state, params, "adapter", allow_rank_change)
+    check_tensors(state, params, "adapter", allow_rank_change)
+    ranks = _new_ranks(model, state) if allow_rank_change else {}
     for k, p in params.items():
         if state[k].shape == p.shape:
             p.copy_(state[k])
         else:  # a new rank: swap in a fresh Parameter of the new shape
             module_name, _, attr = k.rpartition(".")
-            setattr(model.get_submodule(module_name), attr, nn.Parameter(state[k].to(p.device).clone()))
+            setattr(model.get_submodule(module_name), attr, nn.Parameter(state[k].to(p.device, copy=True)))
+    for m, r in ranks.items():
+        if r != m.r:
+            m.r, m.alpha = r, m.scaling * r
 
 
 def merge_lora(model: nn.Module) -> None:
@@ -316,37 +399,51 @@ def lora_meta(model: nn.Module) -> dict:
 
 
 def save_adapter(path: str | os.PathLike, state: dict[str, torch.Tensor], meta: dict | None = None) -> None:
-    """Write tensors + meta (plain str/int/float/bool/list/dict only) to one file, atomically
-    (temporary file, then rename), so a crash never leaves a half-written adapter."""
+    """Write tensors (checked: check_tensors) + meta (plain str/int/float/bool/list/dict only) to one file,
+    atomically: a temporary file, fsync, rename, fsync of the folder, so a crash leaves the old file or the
+    new one, never half of one."""
     path = os.fspath(path)
+    check_tensors(state, what=f"{path}: adapter to save")
     payload = {"format": ADAPTER_FORMAT, "meta": meta or {},
                "state": {k: v.detach().to("cpu").contiguous() for k, v in state.items()}}
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    if os.name == "posix":  # the rename itself reaches the disk only once the folder is synced
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
-def load_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read a file written by save_adapter. Never executes code from the file (weights_only=True:
-    a pickle that tries to call anything is refused); checks the layout and finite values."""
+def load_adapter(path: str | os.PathLike, max_numel: int = MAX_NUMEL) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a file written by save_adapter. Never executes code from the file (weights_only=True: a pickle
+    that tries to call anything is refused; torch checks each storage's size against the file's record
+    before allocating it); then every tensor is checked (check_tensors, at most max_numel elements in all).
+    Any problem is one AdapterError naming the file."""
     path = os.fspath(path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise AdapterError(f"{path}: no such adapter file") from None
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, TypeError,
-            AttributeError, IndexError, KeyError, OSError) as e:
+    except MemoryError:
+        raise
+    except Exception as e:  # whatever a damaged or hostile file makes the unpickler raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise AdapterError(f"{path}: not a readable potara adapter file (truncated, foreign or unsafe): "
-                           f"{first}") from None
+                           f"{first[:200]}") from None
     if not isinstance(payload, dict) or payload.get("format") != ADAPTER_FORMAT:
         raise AdapterError(f"{path}: not a potara adapter file (no '{ADAPTER_FORMAT}' marker)")
     state, meta = payload.get("state"), payload.get("meta")
     if not isinstance(state, dict) or not isinstance(meta, dict):
         raise AdapterError(f"{path}: malformed adapter file (state or meta is not a dict)")
-    for k, v in state.items():
-        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
-            raise AdapterError(f"{path}: malformed adapter file (entry {k!r} is not a named tensor)")
-        if not torch.isfinite(v).all():
-            raise AdapterError(f"{path}: {k} holds NaN or Inf values")
+    check_tensors(state, what=path, max_numel=max_numel)
     return state, meta

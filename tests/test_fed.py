@@ -1,12 +1,10 @@
-import copy
-
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from fed import (Client, ClientReply, FedState, derive_seed, fedavg, local_update, run_fedit, sample_clients,
-                 server_round, shuffled_batches, state_bytes, train_adapter)
+                 server_round, shuffled_batches, state_bytes, train_adapter, validate_update)
 from lora import AdapterError, add_lora, lora_factor, lora_state_dict
 
 
@@ -53,14 +51,43 @@ def test_fedavg_errors():
         fedavg([], [])
     with pytest.raises(ValueError, match="2 states but 1"):
         fedavg([s, s], [1])
-    with pytest.raises(ValueError, match="positive total"):
+    with pytest.raises(ValueError, match="positive, finite total"):
         fedavg([s, s], [0, 0])
-    with pytest.raises(ValueError, match="positive total"):
-        fedavg([s, s], [-1, 3])
     with pytest.raises(AdapterError, match="missing"):
         fedavg([s, {"v": torch.zeros(2)}], [1, 1])
     with pytest.raises(AdapterError, match="shape"):
         fedavg([s, {"w": torch.zeros(3)}], [1, 1])
+
+
+def test_fedavg_never_returns_silent_nan_or_zeros():
+    ok, nan = {"w": torch.ones(2)}, {"w": torch.tensor([1.0, float("nan")])}
+    for states in ([nan, ok], [ok, nan]):  # client 0 is checked too, not only used as the reference
+        with pytest.raises(AdapterError, match="NaN or Inf"):
+            fedavg(states, [1, 1])
+    for counts in ([float("nan"), 1], [float("inf"), 1], [True, 1], [-1, 3], ["2", 1], [None, 1]):
+        with pytest.raises(ValueError, match="example counts must be finite numbers >= 0"):
+            fedavg([ok, ok], counts)
+    for counts in ([1e308, 1e308], [10**400, 1]):  # the total overflows: refused, not averaged to zeros
+        with pytest.raises(ValueError, match="positive, finite total"):
+            fedavg([ok, ok], counts)
+    out = fedavg([ok, {"w": torch.full((2,), 3.0)}], [1.5, 0.5])  # real-valued weights are fine
+    assert torch.equal(out["w"], torch.full((2,), 1.5))
+    with pytest.raises(AdapterError, match="expanded view"):
+        fedavg([{"w": torch.ones(1).expand(2)}, ok], [1, 1])
+
+
+def test_validate_update_rejects_crafted_tensors_with_a_reason_and_never_raises():
+    ref = {"w": torch.zeros(3, 4), "b": torch.zeros(4)}
+    crafted = {"sparse": torch.zeros(3, 4).to_sparse(), "meta": torch.empty(3, 4, device="meta"),
+               "expanded": torch.zeros(1, 4).expand(3, 4), "int": torch.zeros(3, 4, dtype=torch.int64),
+               "huge": torch.zeros(1).expand(200000, 200000), "list": [[0.0] * 4] * 3}
+    for name, t in crafted.items():
+        reason = validate_update({"w": t, "b": torch.zeros(4)}, ref)
+        assert isinstance(reason, str) and reason.startswith("update: w"), (name, reason)
+    assert validate_update("not a dict", ref) == "update: expected a dict of tensors, got str"
+    assert validate_update({"w": torch.ones(3, 4), "b": torch.zeros(4)}, ref) is None
+    assert "exceeds max_update_norm 3" in validate_update({"w": torch.ones(3, 4), "b": torch.zeros(4)}, ref, 3.0)
+    assert validate_update({"w": torch.ones(3, 4), "b": torch.zeros(4)}, ref, 3.5) is None  # sqrt(12) = 3.46
 
 
 def test_train_adapter_touches_only_adapter_and_counts_examples():
@@ -102,13 +129,12 @@ def test_fedit_reduces_loss_and_counts_bytes():
     assert state_bytes(state.global_state) == adapter_bytes
 
 
-def test_fedit_resume_is_bitwise_and_uses_one_backbone(monkeypatch):
+def test_fedit_resume_is_bitwise():
     clients = make_clients()
     full = run_fedit(small_model(), clients, rounds=3, local_steps=3, clients_per_round=2, lr=1e-2, seed=7,
                      progress=False)
     saved = []
     model = small_model()
-    monkeypatch.setattr(copy, "deepcopy", lambda *a, **k: pytest.fail("run_fedit must not copy the model"))
     run_fedit(model, clients, rounds=1, local_steps=3, clients_per_round=2, lr=1e-2, seed=7, progress=False,
               on_round=lambda s: saved.append(FedState(s.round, dict(s.global_state),
                                                        {k: dict(v) for k, v in s.private_states.items()},
@@ -117,6 +143,21 @@ def test_fedit_resume_is_bitwise_and_uses_one_backbone(monkeypatch):
                         progress=False, resume=saved[-1])
     assert [h["clients"] for h in resumed.history] == [h["clients"] for h in full.history]
     assert all(torch.equal(resumed.global_state[k], full.global_state[k]) for k in full.global_state)
+
+
+def test_fedit_uses_the_one_backbone_it_is_given(monkeypatch):
+    """Clients are switched by loading tensors: no model is built or copied (deepcopy restores a module
+    through __setstate__, a new one runs __init__), and no backbone tensor is reallocated or changed."""
+    model, clients = small_model(), make_clients()
+    frozen = {n: (p, p.data_ptr(), p.detach().clone()) for n, p in model.named_parameters() if not p.requires_grad}
+    for hook in ("__init__", "__setstate__"):
+        monkeypatch.setattr(nn.Module, hook, lambda *a, **k: pytest.fail("run_fedit built or copied a module"))
+    state = run_fedit(model, clients, rounds=2, local_steps=2, clients_per_round=3, lr=1e-2, seed=0, progress=False)
+    monkeypatch.undo()
+    assert len(state.history) == 2 and state.history[0]["mean_train_loss"] is not None
+    now = dict(model.named_parameters())
+    for n, (p, ptr, value) in frozen.items():
+        assert now[n] is p and p.data_ptr() == ptr and torch.equal(p, value)
 
 
 def test_fedsa_shares_only_A():

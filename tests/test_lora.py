@@ -6,8 +6,10 @@ import torch
 import torch.nn as nn
 from torchvision.models import VisionTransformer
 
-from lora import (AdapterError, LoRALinear, LoRAPackedQKV, add_lora, load_adapter, load_lora_state_dict,
-                  lora_meta, lora_state_dict, merge_lora, save_adapter, unmerge_lora)
+import lora
+from lora import (MAX_NUMEL, AdapterError, LoRALinear, LoRAPackedQKV, add_lora, check_tensor, check_tensors,
+                  load_adapter, load_lora_state_dict, lora_factor, lora_meta, lora_state_dict, merge_lora,
+                  save_adapter, unmerge_lora)
 
 
 def tiny_vit(num_classes=5):
@@ -213,6 +215,159 @@ def test_load_adapter_refuses_bad_files(tmp_path):
         load_adapter(raw)
     assert not marker.exists()
     nan = tmp_path / "nan.pt"
-    save_adapter(nan, {"w": torch.tensor([float("inf")])}, {})
+    torch.save({"format": "potara-adapter-v1", "meta": {}, "state": {"w": torch.tensor([float("inf")])}}, nan)
     with pytest.raises(AdapterError, match="NaN or Inf"):
         load_adapter(nan)
+
+
+# ---- the names of LoRA factors ----
+
+def test_lora_factor_recognises_exactly_our_and_peft_factor_keys():
+    ours = {"enc.0.lora_A": "A", "enc.0.lora_B": "B", "attn.lora_A_q": "A", "attn.lora_B_v": "B", "lora_A": "A"}
+    peft = {"base_model.model.q_proj.lora_A.weight": "A", "q_proj.lora_B.weight": "B",
+            "q_proj.lora_A.default.weight": "A", "q_proj.lora_B.default.weight": "B"}
+    others = ["enc.0.lora_Alpha", "enc.0.lora_Bias", "enc.lora_A_x", "enc.lora_A.bias", "enc.xlora_A",
+              "heads.head.weight", "enc.lora_A.default.bias", "lora_A.weight.extra", "enc.lora_a"]
+    for name, factor in {**ours, **peft}.items():
+        assert lora_factor(name) == factor, name
+    for name in others:
+        assert lora_factor(name) is None, name
+
+
+# ---- loading at a different rank (potara's rank-2r delta merge) ----
+
+def _rank_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.MultiheadAttention(8, 2, batch_first=True))
+    add_lora(model, ["0", "2"], r=2, alpha=6, trainable=[])
+    return model
+
+
+def test_rank_change_keeps_r_alpha_and_meta_true_to_the_installed_factors():
+    model = _rank_model()
+    original = lora_state_dict(model)
+    lin, attn = model[0], model[2]
+    scaling = lin.scaling
+    wide = {k: (torch.randn(4, v.shape[1]) if lora_factor(k) == "A" else torch.randn(v.shape[0], 4))
+            for k, v in original.items()}
+    load_lora_state_dict(model, wide, allow_rank_change=True)
+    assert lin.r == attn.r == 4 and lin.lora_A.shape == (4, 6) and attn.lora_B_v.shape == (8, 4)
+    assert lin.scaling == scaling and lin.alpha / lin.r == scaling  # scaling as created; alpha / r says it
+    meta = lora_meta(model)["layers"]
+    assert meta["0"]["r"] == 4 and meta["0"]["alpha"] / meta["0"]["r"] == meta["0"]["scaling"] == scaling
+    x = torch.randn(3, 6)
+    expected = x @ lin.base.weight.T + lin.base.bias + scaling * x @ wide["0.lora_A"].T @ wide["0.lora_B"].T
+    torch.testing.assert_close(lin(x), expected)
+    assert "r=4" in repr(lin)
+    load_lora_state_dict(model, original, allow_rank_change=True)  # and back
+    assert lin.r == attn.r == 2 and lin.alpha == 6 and lora_meta(model)["layers"]["2"]["r"] == 2
+
+
+def test_rank_change_refuses_A_and_B_of_different_ranks_and_leaves_the_model_unchanged():
+    model = _rank_model()
+    original = lora_state_dict(model)
+    bad = dict(original, **{"0.lora_A": torch.randn(3, 6), "0.lora_B": torch.randn(5, 5)})
+    with pytest.raises(AdapterError, match=r"LoRA factors of 0 have ranks \[3, 5\]"):
+        load_lora_state_dict(model, bad, allow_rank_change=True)
+    half = dict(original, **{"2.lora_A_q": torch.randn(4, 8), "2.lora_B_q": torch.randn(8, 4)})  # v stays 2
+    with pytest.raises(AdapterError, match=r"ranks \[2, 4\]"):
+        load_lora_state_dict(model, half, allow_rank_change=True)
+    zero = dict(original, **{"0.lora_A": torch.randn(0, 6), "0.lora_B": torch.randn(5, 0)})
+    with pytest.raises(AdapterError, match=r"rank >= 1"):
+        load_lora_state_dict(model, zero, allow_rank_change=True)
+    assert model[0].r == 2 and all(torch.equal(v, original[k]) for k, v in lora_state_dict(model).items())
+    model[0](torch.randn(2, 6))  # the forward still runs ...
+    load_lora_state_dict(model, original)  # ... and the original adapter still loads
+
+
+# ---- the one validator of untrusted tensors ----
+
+def _shrunk_storage():
+    t = torch.ones(12).view(3, 4)
+    t.untyped_storage().resize_(8)  # the view now addresses 48 bytes of an 8-byte storage
+    return t
+
+
+class _Sub(torch.Tensor):
+    pass
+
+
+def test_check_tensor_refuses_each_kind_of_bad_tensor_with_a_one_line_reason():
+    like = torch.zeros(3, 4)
+    cases = {
+        "not a tensor": ([[0.0] * 4] * 3, "is a list, not a tensor"),
+        "subclass": (torch.zeros(3, 4).as_subclass(_Sub), "is a _Sub, not a tensor"),
+        "sparse": (torch.zeros(3, 4).to_sparse(), "not a dense strided tensor .*sparse_coo"),
+        "nested": (torch.nested.nested_tensor([torch.zeros(4)] * 3), "nested"),
+        "meta": (torch.empty(3, 4, device="meta"), "meta device"),
+        "int": (torch.zeros(3, 4, dtype=torch.int64), "dtype torch.int64, expected torch.float32"),
+        "bool": (torch.zeros(3, 4, dtype=torch.bool), "dtype torch.bool"),
+        "float64 for float32": (torch.zeros(3, 4, dtype=torch.float64), "dtype torch.float64"),
+        "shape": (torch.zeros(4, 3), r"shape \(4, 3\), the model expects \(3, 4\)"),
+        "expanded": (torch.zeros(1, 4).expand(3, 4), "expanded view"),
+        "beyond storage": (_shrunk_storage(), "beyond its storage"),
+        "nan": (torch.zeros(3, 4).index_fill_(1, torch.tensor([2]), float("nan")), "NaN or Inf"),
+        "inf": (torch.full((3, 4), float("-inf")), "NaN or Inf"),
+    }
+    for case, (t, msg) in cases.items():
+        with pytest.raises(AdapterError, match=f"^x: w .*{msg}") as e:
+            check_tensor("x: w", t, like=like)
+        assert "\n" not in str(e.value), case
+    check_tensor("x: w", torch.zeros(4, 3).t(), like=like)  # a transposed (non-contiguous) view is fine
+    check_tensor("x: w", nn.Parameter(torch.zeros(3, 4)), like=like)
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):  # without `like`: any float type ...
+        check_tensor("w", torch.zeros(2, dtype=dtype))
+    with pytest.raises(AdapterError, match="complex64"):  # ... but only those
+        check_tensor("w", torch.zeros(2, dtype=torch.complex64))
+    with pytest.raises(AdapterError, match="12 elements, more than the limit of 11"):
+        check_tensor("w", torch.zeros(3, 4), max_numel=11)
+    assert MAX_NUMEL == 2**28
+
+
+def test_check_tensors_keys_totals_and_metadata_before_values():
+    with pytest.raises(AdapterError, match="keys must be strings"):
+        check_tensors({1: torch.zeros(1), "a": torch.zeros(1)}, {"a": torch.zeros(1)})
+    with pytest.raises(AdapterError, match="expected a dict"):
+        check_tensors([torch.zeros(1)])
+    with pytest.raises(AdapterError, match=r"missing \['b'\], unexpected \['c'\]"):
+        check_tensors({"a": torch.zeros(1), "c": torch.zeros(1)}, {"a": torch.zeros(1), "b": torch.zeros(1)})
+    with pytest.raises(AdapterError, match="more than 10 elements in all"):
+        check_tensors({"a": torch.zeros(6), "b": torch.zeros(6)}, max_numel=10)  # each fits, together not
+    # metadata of every tensor is checked before any value is read: the sparse one is named, not the NaN
+    with pytest.raises(AdapterError, match="b is not a dense"):
+        check_tensors({"a": torch.tensor([float("nan")]), "b": torch.zeros(1).to_sparse()})
+
+
+def test_load_adapter_refuses_crafted_tensors_before_allocating(tmp_path):
+    crafted = {"expanded": (torch.zeros(1).expand(200000, 200000), "more than the limit"),  # 160 GB if read
+               "sparse": (torch.eye(3).to_sparse(), "not a dense strided tensor"),
+               "meta": (torch.empty(2, 2, device="meta"), "meta device"),
+               "int": (torch.ones(3, dtype=torch.int32), "dtype torch.int32")}
+    for name, (t, msg) in crafted.items():
+        path = tmp_path / f"{name}.pt"
+        torch.save({"format": "potara-adapter-v1", "meta": {}, "state": {"w": t}}, path)
+        with pytest.raises(AdapterError, match=f"{name}.pt: w .*{msg}"):
+            load_adapter(path)
+    big = tmp_path / "big.pt"
+    save_adapter(big, {"w": torch.zeros(3, 4)})
+    with pytest.raises(AdapterError, match="12 elements, more than the limit of 11"):
+        load_adapter(big, max_numel=11)
+
+
+def test_save_adapter_is_atomic_fsyncs_and_refuses_bad_states(tmp_path, monkeypatch):
+    path = tmp_path / "a.pt"
+    save_adapter(path, {"w": torch.ones(2)}, {"r": 1})
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(lora.os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")),
+                                                      real_fsync(fd))[1])
+    save_adapter(path, {"w": torch.full((2,), 2.0)}, {"r": 2})
+    assert synced == [f"{path}.tmp{os.getpid()}", str(tmp_path)]  # the data, then the folder after the rename
+    assert load_adapter(path)[1] == {"r": 2}
+    monkeypatch.setattr(lora.torch, "save", lambda obj, f: (f.write(b"half a file"), 1 / 0))
+    with pytest.raises(ZeroDivisionError):
+        save_adapter(path, {"w": torch.zeros(2)}, {"r": 3})
+    assert load_adapter(path)[1] == {"r": 2} and os.listdir(tmp_path) == ["a.pt"]  # old file kept, no temp left
+    with pytest.raises(AdapterError, match="NaN or Inf"):
+        save_adapter(tmp_path / "nan.pt", {"w": torch.tensor([float("nan")])})
+    assert os.listdir(tmp_path) == ["a.pt"]
