@@ -266,7 +266,7 @@ def _reply_problem(reply, global_state: dict[str, torch.Tensor], max_update_norm
         return "malformed reply (expected (state, num_examples, mean_loss))"
     state, n, loss = reply
     reason = validate_update(state, global_state, max_update_norm)
-    if reason is None and (isinstance(n, bool) or not isinstance(n, int) or n <= 0):
+    if reason is None and (isinstance(n, bool) or not isinstance(n, numbers.Integral) or n <= 0):
         reason = f"num_examples must be a positive int, got {n!r}"
     if reason is None and (isinstance(loss, bool) or not isinstance(loss, (int, float)) or not math.isfinite(loss)):
         reason = f"mean_loss must be a finite number, got {loss!r}"

@@ -1,0 +1,236 @@
+"""Fuzz: randomly corrupted adapter files and client updates end in one clear error, never anything else.
+
+Specifies the one validator of untrusted tensors (lora.check_tensors) through its users: lora.load_adapter
+(files: truncations, bit flips, crafted sizes/strides/offsets, wrong dtypes, sparse/meta tensors, non-tensor
+values), lora.save_adapter (nothing written for a bad state), fed.validate_update / fed.server_round (a bad
+update is rejected with a reason, never raised) and fed.fedavg (ValueError, never a silent NaN or zero).
+Each case must finish within a few seconds (no hang) under an address-space limit of current use + 2 GiB
+(no huge allocation). Seeded: the same cases on every run.
+"""
+import contextlib
+import io
+import os
+import random
+import resource
+import signal
+import struct
+import sys
+import zipfile
+from collections import OrderedDict
+
+import pytest
+import torch
+
+from fed import ClientReply, fedavg, server_round, validate_update
+from lora import AdapterError, load_adapter, save_adapter
+
+REFERENCE = {"enc.0.lora_A": torch.randn(2, 6, generator=torch.Generator().manual_seed(0)),
+             "enc.0.lora_B": torch.zeros(5, 2), "head.weight": torch.ones(3, 5)}
+
+
+@contextlib.contextmanager
+def bounded(seconds: int = 5, headroom: int = 2 << 30):
+    """Fail a case that runs longer than `seconds`, or allocates more than `headroom` bytes at once."""
+    limit_as = sys.platform.startswith("linux")
+    if limit_as:
+        used = int(open("/proc/self/statm").read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        cap = used + headroom if hard == resource.RLIM_INFINITY else min(used + headroom, hard)
+        resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+
+    def timeout(*_):
+        raise TimeoutError(f"a fuzz case ran longer than {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, timeout)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+        if limit_as:
+            resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+# ---- corrupted tensors and states ----
+
+def corrupt_tensor(rng: random.Random, t: torch.Tensor, kind: str | None = None):
+    """One randomly chosen way to make a tensor untrustworthy (or not a tensor at all)."""
+    kind = kind or rng.choice(["dtype", "shape", "expand", "zero stride", "huge", "sparse", "meta", "nan", "inf",
+                       "scalar", "string", "list", "none", "nested", "subclass"])
+    if kind == "dtype":
+        return t.to(rng.choice([torch.int64, torch.int8, torch.bool, torch.complex64, torch.float8_e4m3fn]))
+    if kind == "shape":
+        return torch.zeros(t.shape[0] + rng.randint(1, 3), *t.shape[1:])
+    if kind == "expand":
+        return t.flatten()[:1].expand(t.shape)
+    if kind == "zero stride":
+        return t.flatten()[:t.shape[-1]].as_strided(t.shape, (0, 1))
+    if kind == "huge":
+        return torch.zeros(1).expand(rng.choice([200000, 2**20]), rng.choice([200000, 2**20]))
+    if kind == "sparse":
+        return t.to_sparse()
+    if kind == "meta":
+        return torch.empty(t.shape, device="meta")
+    if kind in ("nan", "inf"):
+        bad = t.clone()
+        bad.view(-1)[rng.randrange(bad.numel())] = float("nan") if kind == "nan" else -float("inf")
+        return bad
+    if kind == "nested":
+        return torch.nested.nested_tensor([row.clone() for row in t])
+    if kind == "subclass":
+        return t.clone().as_subclass(type("Sub", (torch.Tensor,), {}))
+    return {"scalar": 1.0, "string": "w", "list": t.tolist(), "none": None}[kind]
+
+
+def corrupt_state(rng: random.Random, state: dict, model_free: bool = False):
+    """A state with one tensor corrupted, a key dropped or added, a non-str key, or not a dict at all.
+    model_free: only what is wrong without a model to compare with (no changed shapes or key sets)."""
+    kind = rng.choice(["tensor"] * 6 + ([] if model_free else ["drop key", "extra key"]) + ["int key", "not a dict"])
+    bad = dict(state)
+    if kind == "tensor":
+        k = rng.choice(sorted(bad))
+        bad[k] = corrupt_tensor(rng, bad[k], "huge" if model_free and rng.random() < 0.1 else None)
+        while (model_free and isinstance(bad[k], torch.Tensor) and not bad[k].is_nested
+               and bad[k].shape != state[k].shape and bad[k].numel() < 2**28):  # another shape alone is not wrong without a model: corrupt otherwise
+            bad[k] = corrupt_tensor(rng, state[k])
+    elif kind == "drop key":
+        del bad[rng.choice(sorted(bad))]
+    elif kind == "extra key":
+        bad["enc.1.lora_A"] = torch.zeros(2, 6)
+    elif kind == "int key":
+        bad[7] = torch.zeros(1)
+    else:
+        return rng.choice([list(state.values()), "state", None, 3])
+    return bad
+
+
+def test_fuzz_updates_are_rejected_with_a_reason_and_never_averaged():
+    rng = random.Random(0)
+    good = {k: v + 0.1 for k, v in REFERENCE.items()}
+    names = ["c0", "c1", "c2"]
+    for case in range(300):
+        bad = corrupt_state(rng, good)
+        with bounded():
+            reason = validate_update(bad, REFERENCE)
+            assert isinstance(reason, str) and reason.startswith("update") and "\n" not in reason, (case, reason)
+            for states in ([good, bad], [bad, good]):
+                with pytest.raises(ValueError, match="fedavg: client state"):
+                    fedavg(states, [1, 2])
+            n_bad = rng.choice([1, 0, -3, True, 2.5, float("nan"), "4", None])
+            out = server_round(case, REFERENCE, [0, 1, 2], {0: ClientReply(good, 4, 0.5),
+                                                            1: ClientReply(bad, 4, 0.5),
+                                                            2: ClientReply(dict(good), n_bad, 0.7)}, names)
+        assert [r["client"] for r in out.history["rejected"]][:1] == ["c1"], case
+        assert 0 in out.accepted and 1 not in out.accepted
+        assert all(torch.isfinite(v).all() for v in out.global_state.values())
+    for counts in ([float("nan"), 1], [float("inf"), 1], [1e308, 1e308], [True, 1], [0, 0], [-1, 2]):
+        with pytest.raises(ValueError, match="example counts"):
+            fedavg([good, good], counts)
+
+
+# ---- corrupted adapter files ----
+
+class _Storage:
+    """Pickled as torch's own storage reference (persistent id), with the numel we choose."""
+
+    def __init__(self, numel: int):
+        self.numel = numel
+
+
+class _View:
+    """Pickled as torch._utils._rebuild_tensor_v2(storage, offset, size, stride): sizes/strides we choose."""
+
+    def __init__(self, storage, offset, size, stride):
+        self.args = (storage, offset, tuple(size), tuple(stride), False, OrderedDict())
+
+    def __reduce__(self):
+        return torch._utils._rebuild_tensor_v2, self.args
+
+
+class _Pickler(torch.serialization.pickle.Pickler):
+    def persistent_id(self, obj):
+        return ("storage", torch.FloatStorage, "0", "cpu", obj.numel) if isinstance(obj, _Storage) else None
+
+
+def crafted_file(template: bytes, numel: int, offset: int, size, stride) -> bytes:
+    """A save_adapter file whose only tensor is the view we describe, over a storage of `numel` floats."""
+    buf = io.BytesIO()
+    _Pickler(buf, protocol=2).dump({"format": "potara-adapter-v1", "meta": {},
+                                    "state": {"w": _View(_Storage(numel), offset, size, stride)}})
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(template)) as zin, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            data = zin.read(info.filename)
+            if info.filename.endswith("data.pkl"):
+                data = buf.getvalue()
+            elif info.filename.endswith("data/0"):
+                data = struct.pack(f"<{numel}f", *range(numel))
+            elif "/data/" in info.filename:
+                continue
+            zout.writestr(info, data)
+    return out.getvalue()
+
+
+def mutated_file(rng: random.Random, template: bytes) -> bytes:
+    kind = rng.choice(["truncate", "bit flips", "byte run", "crafted view", "payload"])
+    if kind == "truncate":
+        return template[:rng.randrange(len(template))]
+    if kind in ("bit flips", "byte run"):
+        data = bytearray(template)
+        if kind == "bit flips":
+            for _ in range(rng.randint(1, 8)):
+                i = rng.randrange(len(data))
+                data[i] ^= 1 << rng.randrange(8)
+        else:
+            i = rng.randrange(len(data))
+            data[i:i + 8] = bytes(rng.randrange(256) for _ in range(8))
+        return bytes(data)
+    if kind == "crafted view":
+        big = lambda: rng.choice([0, 1, 3, 12, 2**20, 2**31 - 1, 2**40, 2**62])
+        size = [big() if rng.random() < 0.5 else rng.randint(0, 4) for _ in range(rng.randint(1, 3))]
+        stride = [big() if rng.random() < 0.5 else rng.randint(0, 4) for _ in size]
+        return crafted_file(template, 12, big() if rng.random() < 0.3 else 0, size, stride)
+    buf = io.BytesIO()
+    state = corrupt_state(rng, REFERENCE)
+    payload = rng.choice([{"format": "potara-adapter-v1", "meta": {}, "state": state}] * 4 + [
+        {"format": "potara-adapter-v1", "meta": [], "state": dict(REFERENCE)},
+        {"format": "other", "meta": {}, "state": dict(REFERENCE)}, [1, 2], "adapter"])
+    try:
+        torch.save(payload, buf)
+    except Exception:  # torch cannot write it (e.g. a nested or subclassed tensor): a crafted view instead
+        return crafted_file(template, 12, 0, [200000, 200000], [0, 0])
+    return buf.getvalue()
+
+
+def test_fuzz_adapter_files_give_one_clear_error_and_write_nothing(tmp_path):
+    rng = random.Random(1)
+    good = tmp_path / "good.pt"
+    save_adapter(good, REFERENCE, {"r": 2})
+    template = good.read_bytes()
+    accepted = 0
+    for case in range(300):
+        path = tmp_path / "case.pt"
+        path.write_bytes(mutated_file(rng, template))
+        before = sorted(os.listdir(tmp_path))
+        with bounded():
+            try:
+                state, meta = load_adapter(path)
+            except AdapterError as e:
+                assert str(e).startswith(str(path)) and "\n" not in str(e), (case, str(e))
+            else:  # a flip that left the file valid (in a value, in zip padding) or an in-bounds view: still safe
+                accepted += 1
+                assert isinstance(meta, dict) and all(isinstance(k, str) for k in state)
+                assert all(type(v) is torch.Tensor and v.dtype.is_floating_point and v.layout == torch.strided
+                           and torch.isfinite(v).all() for v in state.values())
+        assert sorted(os.listdir(tmp_path)) == before, case
+    assert accepted < 100  # most corruptions must be caught, not survive by chance
+
+
+def test_fuzz_save_adapter_writes_nothing_for_a_bad_state(tmp_path):
+    rng = random.Random(2)
+    for case in range(100):
+        bad = corrupt_state(rng, REFERENCE, model_free=True)
+        with bounded(), pytest.raises(AdapterError):
+            save_adapter(tmp_path / "a.pt", bad)
+        assert os.listdir(tmp_path) == [], case
