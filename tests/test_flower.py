@@ -212,3 +212,48 @@ def test_loopback_fedit_bitwise_equals_in_process(federation, tmp_path):
         assert c["lam_potara"] == pipeline["per_client"][name]["lam_potara"], name
         assert c["grid"] == pipeline["per_client"][name]["grid"], name
     assert (out / "results.md").read_text().startswith("| method | mean acc |")
+
+
+# ----------------------------------------------------------------------------- security on the wire
+def tls_and_keys(tmp: Path) -> dict:
+    """A CA, a SuperLink certificate for 127.0.0.1 signed by it (openssl), and two SuperNode key pairs
+    (ssh-keygen, ECDSA P-384): the README's commands."""
+    def sh(*cmd: str) -> None:
+        subprocess.run(cmd, cwd=tmp, check=True, capture_output=True, timeout=60)
+
+    sh("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "1",
+       "-subj", "/CN=potara test CA")
+    sh("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
+       "-subj", "/CN=127.0.0.1")
+    (tmp / "san.ext").write_text("subjectAltName = IP:127.0.0.1, DNS:localhost\n")
+    sh("openssl", "x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+       "-out", "server.pem", "-days", "1", "-extfile", "san.ext")
+    for name in ("member", "stranger"):
+        sh("ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", name, "-C", name)
+    return {"ca": str(tmp / "ca.crt"), "cert": str(tmp / "server.pem"), "key": str(tmp / "server.key")}
+
+
+def test_unregistered_supernode_is_refused(tmp_path):
+    """TLS + SuperNode authentication: the SuperNode whose public key was registered (flwr supernode
+    register) comes online; one with an unregistered key, and one with no key, are refused and exit."""
+    fed = Federation(tmp_path, tls=tls_and_keys(tmp_path))
+    try:
+        fed.superlink("--enable-supernode-auth")
+        registered = fed.flwr("supernode", "register", str(tmp_path / "member.pub"), "test")
+        assert registered.get("success"), registered
+        stranger = fed.supernode("stranger", "partition-id=1 num-partitions=2", "--auth-supernode-private-key",
+                                 str(tmp_path / "stranger"), "--max-retries", "1", "--max-wait-time", "20")
+        anonymous = fed.supernode("anonymous", "partition-id=1 num-partitions=2", "--max-retries", "1",
+                                  "--max-wait-time", "20")  # no key at all
+        fed.supernode("member", "partition-id=0 num-partitions=2", "--auth-supernode-private-key",
+                      str(tmp_path / "member"))
+        online = lambda: [n["node-id"] for n in fed.flwr("supernode", "list", "test")["nodes"] if n["status"] == "online"]
+        wait_for(lambda: online() and stranger.poll() is not None and anonymous.poll() is not None, 60,
+                 "the member online, the stranger and the anonymous node gone",
+                 lambda: fed.log("stranger") + fed.log("anonymous") + fed.log("superlink"))
+        for refused in ("stranger", "anonymous"):
+            assert "could not establish a connection to the SuperLink" in fed.log(refused), refused
+        assert stranger.returncode != 0 and anonymous.returncode != 0
+        assert online() == [str(registered["node-id"])]  # the member, and only the member
+    finally:
+        fed.stop()
