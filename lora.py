@@ -15,11 +15,15 @@ Functional API (minLoRA / loralib style):
     state = lora_state_dict(model)          # the adapter: every trainable tensor, CPU copies
     load_lora_state_dict(model, state)      # validated, all-or-nothing
     merge_lora(model); unmerge_lora(model)
-    save_adapter(path, state, meta); state, meta = load_adapter(path)   # never runs code
+    save_adapter(path, state, meta); state, meta = load_adapter(path)   # atomic + fsync; never runs code
+    check_tensors(state, reference)         # the one validator of untrusted tensors (below)
 
 The adapter of a model is *every trainable tensor*: the LoRA factors plus the extras named
 in `trainable=` (e.g. a new classification head). Federated averaging and the Potara merge
 treat all of them alike (see ../shared/ALGORITHM.md).
+
+Untrusted tensors (adapter files, client updates, checkpoints, backbones) all pass one validator,
+check_tensor / check_tensors, before anything is allocated from them or trusted: AdapterError otherwise.
 """
 from __future__ import annotations
 
@@ -51,6 +55,8 @@ class _LoRALayer(nn.Module):
     """What both LoRA layers share: r, alpha, scaling = alpha / r, a frozen base, merge/unmerge of delta_weight()."""
 
     def __init__(self, base: nn.Module, r: int, alpha: float):
+        if r <= 0:
+            raise ValueError(f"LoRA rank r must be positive, got {r}")
         super().__init__()
         self.base, self.r, self.alpha = base, r, alpha
         self.scaling = alpha / r  # fixed at creation: a rank-2r concatenated adapter keeps it (potara.merge_adapters)
@@ -73,17 +79,15 @@ class _LoRALayer(nn.Module):
             w -= self.delta_weight().to(w.dtype)
             self.merged = False
 
-
-def _check_rank(r: int) -> None:
-    if r <= 0:
-        raise ValueError(f"LoRA rank r must be positive, got {r}")
+    def extra_repr(self) -> str:
+        parts = f"parts={self.parts!r}, " if isinstance(self, LoRAPackedQKV) else ""
+        return f"{parts}r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}"
 
 
 class LoRALinear(_LoRALayer):
     """y = base(x) + (alpha / r) * B A dropout(x); the base layer is frozen."""
 
     def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 16, dropout: float = 0.0):
-        _check_rank(r)
         super().__init__(base, r, alpha)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A, self.lora_B = _init_factors(r, base.in_features, base.out_features, base.weight)
@@ -107,9 +111,6 @@ class LoRALinear(_LoRALayer):
         out = torch.addmm(out, h, self.lora_B.t().contiguous(), alpha=self.scaling)
         return out.view(*x.shape[:-1], out.shape[-1])
 
-    def extra_repr(self) -> str:
-        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}"
-
 
 class LoRAPackedQKV(_LoRALayer):
     """LoRA on parts of nn.MultiheadAttention's packed in-projection (default: q and v, k untouched).
@@ -127,7 +128,6 @@ class LoRAPackedQKV(_LoRALayer):
     """
 
     def __init__(self, base: nn.MultiheadAttention, r: int = 8, alpha: float = 16, parts: str = "qv"):
-        _check_rank(r)
         if base.in_proj_weight is None:
             raise ValueError("LoRAPackedQKV needs a packed in_proj_weight (kdim == vdim == embed_dim)")
         if not parts or set(parts) - set("qkv") or len(set(parts)) != len(parts):
@@ -143,11 +143,9 @@ class LoRAPackedQKV(_LoRALayer):
         return self.base.in_proj_weight
 
     def delta_weight(self) -> torch.Tensor:
-        W0 = self.base.in_proj_weight
-        E = self.base.embed_dim
-        blocks = [self.getattr_lora("B", p) @ self.getattr_lora("A", p) if p in self.parts
-                  else W0.new_zeros(E, E) for p in "qkv"]
-        return self.scaling * torch.cat(blocks, dim=0)
+        E, W0 = self.base.embed_dim, self.base.in_proj_weight
+        return self.scaling * torch.cat([self.getattr_lora("B", p) @ self.getattr_lora("A", p) if p in self.parts
+                                         else W0.new_zeros(E, E) for p in "qkv"], dim=0)
 
     def getattr_lora(self, which: str, part: str) -> torch.Tensor:
         return getattr(self, f"lora_{which}_{part}")
@@ -184,15 +182,8 @@ class LoRAPackedQKV(_LoRALayer):
         o = mha.out_proj(o.transpose(1, 2).reshape(n * t, E)).view(n, t, E)
         return o.squeeze(0) if unbatched else o if mha.batch_first else o.transpose(0, 1)
 
-    def extra_repr(self) -> str:
-        return f"parts={self.parts!r}, r={self.r}, alpha={self.alpha}, merged={self.merged}"
-
 
 LORA_LAYERS = (LoRALinear, LoRAPackedQKV)
-
-
-def _matches(name: str, target: str) -> bool:
-    return name == target or name.endswith("." + target)
 
 
 def add_lora(model: nn.Module, targets: Sequence[str], r: int = 8, alpha: float = 16, dropout: float = 0.0,
@@ -204,12 +195,11 @@ def add_lora(model: nn.Module, targets: Sequence[str], r: int = 8, alpha: float 
     the `mha_parts` of its in-projection. `trainable` names parameters or module prefixes (e.g.
     "heads") that stay trainable and so belong to the adapter. Returns the wrapped module names.
     """
-    if isinstance(targets, str):
-        targets = [targets]
+    targets = [targets] if isinstance(targets, str) else list(targets)
     named = dict(model.named_modules())
     if any(isinstance(m, LORA_LAYERS) for m in named.values()):
         raise ValueError("model already has LoRA layers; add_lora is applied once per model")
-    wanted = [n for n in named if n and any(_matches(n, t) for t in targets)]
+    wanted = [n for n in named if n and any(n == t or n.endswith("." + t) for t in targets)]
     if not wanted:
         candidates = [n for n, m in named.items() if isinstance(m, (nn.Linear, nn.MultiheadAttention))]
         raise ValueError(f"add_lora: no module matches targets {list(targets)}; linear/attention modules are: "
@@ -222,12 +212,10 @@ def add_lora(model: nn.Module, targets: Sequence[str], r: int = 8, alpha: float 
     for p in model.parameters():
         p.requires_grad_(False)
     for name in wanted:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
+        parent, _, child = name.rpartition(".")
         module = named[name]
-        wrapped = (LoRALinear(module, r, alpha, dropout) if isinstance(module, nn.Linear)
-                   else LoRAPackedQKV(module, r, alpha, mha_parts))
-        setattr(parent, child, wrapped)
+        setattr(model.get_submodule(parent), child, LoRALinear(module, r, alpha, dropout)
+                if isinstance(module, nn.Linear) else LoRAPackedQKV(module, r, alpha, mha_parts))
     for t in trainable:
         hits = [p for n, p in model.named_parameters() if n == t or n.startswith(t + ".")]
         if not hits:
@@ -261,10 +249,7 @@ def lora_factor(name: str) -> str | None:
 # ---- untrusted tensors: the one place every container (adapter file, checkpoint, backbone, client update)
 # is validated, the same way, before anything is allocated from it or trusted ----
 
-def _rank_dim(name: str) -> int | None:
-    return {"A": 0, "B": 1}.get(lora_factor(name))
-
-
+_RANK_DIM = {"A": 0, "B": 1}  # where a LoRA factor keeps its rank
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 MAX_NUMEL = 2**28  # elements in one container when no reference bounds the shapes (1 GiB of float32)
 
@@ -301,14 +286,14 @@ def check_tensor(name: str, t, like: torch.Tensor | None = None, max_numel: int 
       1. a plain torch.Tensor or nn.Parameter (no other subclass);
       2. dense and strided (not sparse, mkldnn or nested), not on the meta device;
       3. dtype: like.dtype when `like` is given, and always one of FLOAT_DTYPES (float32/64, float16, bfloat16);
-      4. shape: like.shape when given (with allow_rank_change a LoRA factor, named by lora_factor(name's last
-         word), may differ in its rank dimension), and at most `max_numel` elements;
+      4. shape: like.shape when given (with allow_rank_change a LoRA factor, by lora_factor(name), may
+         differ in its rank dimension), and at most `max_numel` elements;
       5. its storage holds every element its sizes and strides address, and no dimension longer than 1 has
          stride 0 (an expanded view: one stored element posing as 200000 x 200000);
       6. finite values (no NaN/Inf).
     Checkpoint and backbone loaders call this (or check_tensors) on every tensor before using it.
     """
-    _check_layout(name, t, like, max_numel, _rank_dim(name) if allow_rank_change else None)
+    _check_layout(name, t, like, max_numel, _RANK_DIM.get(lora_factor(name)) if allow_rank_change else None)
     if not torch.isfinite(t).all():
         raise AdapterError(f"{name} holds NaN or Inf values")
 
@@ -329,7 +314,7 @@ def check_tensors(state, reference: dict[str, torch.Tensor] | None = None, what:
     total = 0
     for k, t in state.items():
         _check_layout(f"{what}: {k}", t, None if reference is None else reference[k], max_numel,
-                      _rank_dim(k) if allow_rank_change else None)
+                      _RANK_DIM.get(lora_factor(k)) if allow_rank_change else None)
         total += t.numel()
         if reference is None and total > max_numel:
             raise AdapterError(f"{what}: more than {max_numel} elements in all (at {k})")
@@ -348,7 +333,7 @@ def _new_ranks(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[nn.Modu
     for name, m in model.named_modules():
         if isinstance(m, LORA_LAYERS):
             prefix = f"{name}." if name else ""
-            r = {state.get(prefix + n, p).shape[0 if lora_factor(n) == "A" else 1]
+            r = {state.get(prefix + n, p).shape[_RANK_DIM[lora_factor(n)]]
                  for n, p in m.named_parameters(recurse=False) if lora_factor(n)}
             if len(r) != 1 or 0 in r:
                 raise AdapterError(f"adapter: the LoRA factors of {name or 'the model'} have ranks {sorted(r)}; "
