@@ -42,7 +42,8 @@ from tqdm.auto import tqdm
 from data import DataError, class_split_partition, client_splits, dirichlet_partition, load_images, public_and_pool
 from fed import Client, run_fedit
 from lora import lora_state_dict
-from pipeline import ExperimentConfig, grid_choice, lam_grid, local_seed, score_adapter, train_local
+from evaluation import grid_choice, lam_grid, score_adapter
+from pipeline import ExperimentConfig, local_seed, train_local
 from potara import ESTIMATORS, gradient_stats, merge_adapters, weight_from_stats
 from report import atomic_write, write_text
 from vit import PRESETS, build_model, tiny_backbone

@@ -26,7 +26,7 @@ from data import ClientSplits
 from llm_data import (IGNORE, DataError, Example, HFTokenizer, Tokenizer, encode_examples, normalize_answer,
                       public_corpus)
 from potara import causal_lm_likelihood
-from pretrain import cache_path, cached_pretrain, warmup_cosine
+from pretrain import cache_path, cached_pretrain, step, warmup_cosine
 
 TINY_LLAMA = dict(hidden_size=96, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
                   num_key_value_heads=4, max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=True)
@@ -99,11 +99,7 @@ def pretrain_tiny(model: nn.Module, tok: Tokenizer, p: dict, seed: int, cache_di
         for _ in tqdm(range(p["pretrain_steps"]), desc="pre-training the tiny model", disable=not progress):
             x, _ = encode_examples(tok, public_corpus(p["pretrain_batch"], rng), p["max_len"])
             y = x.masked_fill(x == tok.pad_id, IGNORE)  # a language model of the whole text, prompt included
-            loss = lm_loss(model, x.to(device), y.to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+            step(opt, sched, lm_loss(model, x.to(device), y.to(device)))
         model.eval()
         with torch.no_grad():
             held_loss = float(lm_loss(model, hx.to(device), hy.to(device)))

@@ -30,6 +30,14 @@ def warmup_cosine(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_sche
         opt, lambda t: min(1.0, (t + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(t, steps) / steps)))
 
 
+def step(opt: torch.optim.Optimizer, sched, loss: torch.Tensor) -> None:
+    """One pre-training step: backward of `loss`, the optimizer's step, then the schedule's."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+
+
 def cache_path(folder: str, prefix: str, key: dict) -> str:
     """folder/<prefix>-<first 12 hex digits of sha256(key as sorted JSON)>.pt"""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]

@@ -24,7 +24,7 @@ from torchvision.models import VisionTransformer
 from tqdm.auto import tqdm
 
 from lora import add_lora
-from pretrain import cache_path, cached_pretrain, warmup_cosine
+from pretrain import cache_path, cached_pretrain, step, warmup_cosine
 
 CIFAR_MEAN, CIFAR_STD = (0.507, 0.487, 0.441), (0.267, 0.256, 0.276)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -136,10 +136,7 @@ def pretrain_tiny_backbone(p: dict, images: torch.Tensor, labels: torch.Tensor, 
         x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss = F.cross_entropy(model(x.to(device)), labels[idx].to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        step(opt, sched, loss)
     model.eval()
     with torch.no_grad():
         pred = torch.cat([model(images[i:i + 256].to(device)).argmax(-1).cpu() for i in range(n_train, len(images), 256)])

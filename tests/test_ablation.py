@@ -6,7 +6,7 @@ import pytest
 
 import ablation
 import vit
-from pipeline import lam_grid
+from evaluation import lam_grid
 from potara import personalize
 
 from conftest import MICRO_VIT

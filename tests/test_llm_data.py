@@ -1,12 +1,13 @@
 """llm_data: hostile JSONL lines end in one-line DataErrors naming file and line; the up-front checks
 (enough examples, answers that fit --max-len) agree with what encoding the splits would do."""
 import json
+import random
 
 import pytest
 
 import data
-from llm_data import (ByteTokenizer, DataError, Example, check_fits, encode_pair, read_jsonl, split_tasks,
-                      synthetic_tasks)
+from llm_data import (IGNORE, ByteTokenizer, DataError, Example, check_fits, encode_examples, encode_pair,
+                      normalize_answer, public_corpus, read_jsonl, read_task_dir, split_tasks, synthetic_tasks)
 
 GOOD = json.dumps({"prompt": "p", "answer": "a"}).encode()
 
@@ -85,3 +86,70 @@ def test_check_fits_agrees_with_encode_pair():
     with pytest.raises(DataError, match="more than --max-len"):
         encode_pair(tok, "another prompt", "a longer answer", need - 1)
     check_fits({}, tok, 1)  # nothing to check
+
+
+# ----------------------------------------------------------------------------- readers, encoding, synthetic tasks (moved from test_run_llm.py)
+def write(path, lines):
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_jsonl_reader_reads_both_kinds(tmp_path):
+    path = write(tmp_path / "t.jsonl", [json.dumps({"prompt": "p1", "answer": "b", "options": ["a", "b"]}), "",
+                                        json.dumps({"prompt": "p2", "answer": "free"})])
+    assert read_jsonl(path) == [Example("p1", "b", ("a", "b")), Example("p2", "free", None)]
+
+
+@pytest.mark.parametrize("bad, why", [
+    ('{"prompt": "p", "answer": ', "not valid JSON"),
+    ('["p", "a"]', "expected a JSON object"),
+    ('{"prompt": "p"}', "'answer' must be a non-empty string"),
+    ('{"prompt": "", "answer": "a"}', "'prompt' must be a non-empty string"),
+    ('{"prompt": "p", "answer": "c", "options": ["a", "b"]}', "is not one of the options"),
+    ('{"prompt": "p", "answer": "a", "options": "a"}', "'options' must be a list"),
+    ('{"prompt": "p", "answer": "a", "options": ["a", "a"]}', "duplicates"),
+    ('{"prompt": "p", "answer": "a", "label": 1}', "unknown field"),
+])
+def test_jsonl_reader_names_the_bad_line(tmp_path, bad, why):
+    good = json.dumps({"prompt": "p", "answer": "a"})
+    path = write(tmp_path / "task.jsonl", [good, good, bad, good])
+    with pytest.raises(DataError) as e:
+        read_jsonl(path)
+    assert "task.jsonl:3:" in str(e.value) and why in str(e.value)
+
+
+def test_task_dir_errors(tmp_path):
+    with pytest.raises(DataError, match="not a directory"):
+        read_task_dir(str(tmp_path / "missing"))
+    with pytest.raises(DataError, match="no .jsonl files"):
+        read_task_dir(str(tmp_path))
+    write(tmp_path / "b.jsonl", [json.dumps({"prompt": "p", "answer": "a"})])
+    write(tmp_path / "a.jsonl", [json.dumps({"prompt": "q", "answer": "z"})])
+    assert list(read_task_dir(str(tmp_path))) == ["a", "b"]
+
+
+def test_encoding_labels_only_the_answer_and_right_pads():
+    tok = ByteTokenizer()
+    ids, labels = encode_examples(tok, [Example("ab", "c"), Example("abcd", "xy")], max_len=16)
+    # <bos> a b " " c <eos> | <bos> a b c d " " x y <eos>
+    assert ids[0].tolist() == [1, 100, 101, 35, 102, 2, 0, 0, 0]
+    assert labels[0].tolist() == [IGNORE] * 3 + [35, 102, 2] + [IGNORE] * 3
+    assert labels[1].tolist() == [IGNORE] * 5 + [35, 123, 124, 2]
+    short, short_labels = encode_examples(tok, [Example("abcdef", "z")], max_len=6)  # prompt cut from the left
+    assert tok.decode(short[0].tolist()) == "ef z" and (short_labels[0] != IGNORE).sum() == 3
+    with pytest.raises(DataError, match="more than --max-len"):
+        encode_examples(tok, [Example("a", "long answer")], max_len=5)
+    assert tok.decode(tok.encode("héllo")) == "héllo"
+    assert normalize_answer(" The  Tolkien!") == "tolkien"
+
+
+def test_synthetic_tasks_are_deterministic_and_well_formed():
+    a, b = synthetic_tasks(30, seed=3), synthetic_tasks(30, seed=3)
+    assert a == b and len(a) == 8
+    for name, examples in a.items():
+        assert len(examples) == 30 and len({e.prompt for e in examples}) > 5, name
+        for e in examples:
+            assert e.options is None or e.answer in e.options
+    pub = public_corpus(50, random.Random(0))
+    client_prompts = {e.prompt for exs in a.values() for e in exs}
+    assert not client_prompts & {e.prompt for e in pub}  # the public corpus never holds a client task's format

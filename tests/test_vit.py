@@ -1,0 +1,92 @@
+"""vit.py: backbone files load whatever their form, the tiny backbone's cache is reused, rebuilt when damaged
+and skipped when unwritable, and the model build is LoRA on q and v with a zero head."""
+import os
+from urllib.error import URLError
+
+import numpy as np
+import pytest
+import torch
+from torchvision.models import VisionTransformer
+
+import vit
+from data import load_cifar100, write_synthetic_cifar100
+from lora import lora_state_dict
+
+from conftest import MICRO_VIT
+
+
+def micro_backbone(seed=0):
+    torch.manual_seed(seed)
+    return VisionTransformer(**MICRO_VIT, num_classes=100)
+
+
+def test_backbone_file_round_trip(tmp_path, same):
+    """--backbone loads a potara backbone file and a plain state_dict alike; misfits fail in one line."""
+    backbone = micro_backbone()
+    path = tmp_path / "micro.pt"
+    torch.save({"format": "potara-backbone-v1", "vit": {**MICRO_VIT, "num_classes": 100},
+                "state_dict": backbone.state_dict(), "info": {}}, path)
+    loaded = vit.load_backbone_file(str(path), None)
+    plain = tmp_path / "plain.pt"
+    torch.save(backbone.state_dict(), plain)
+    again = vit.load_backbone_file(str(plain), {**MICRO_VIT, "num_classes": 100})
+    body = lambda m: {k: v for k, v in m.state_dict().items() if not k.startswith("heads.")}
+    assert same(body(loaded), body(backbone)) and same(body(again), body(backbone))
+    bad = tmp_path / "bad.pt"
+    torch.save({"encoder.nope": torch.zeros(1)}, bad)
+    with pytest.raises(SystemExit, match="does not fit the ViT"):
+        vit.load_backbone_file(str(bad), {**MICRO_VIT, "num_classes": 100})
+    torch.save(torch.zeros(3), bad)
+    with pytest.raises(SystemExit, match="neither a potara backbone file nor a state_dict"):
+        vit.load_backbone_file(str(bad), None)
+    bad.write_bytes(b"garbage")
+    with pytest.raises(SystemExit, match="not a readable torch file"):
+        vit.load_backbone_file(str(bad), None)
+
+
+def test_imagenet_weights_offline_is_one_line(monkeypatch):
+    def offline(*a, **k):
+        raise URLError("no network")
+    monkeypatch.setattr(vit.torchvision.models, "vit_b_16", offline)
+    with pytest.raises(SystemExit, match=r"ImageNet weights of vit_b_16 \(offline\?.*--backbone PATH") as e:
+        vit.imagenet_vit_b_16()
+    assert "\n" not in str(e.value)
+
+
+def test_build_model_is_a_zero_head_and_lora_on_q_and_v():
+    model = vit.build_model(micro_backbone(), vit.PRESETS["tiny"], rank=2, lora_alpha=4, seed=3)
+    adapter = lora_state_dict(model)
+    layers = MICRO_VIT["num_layers"]
+    assert sorted(adapter) == sorted([f"vit.encoder.layers.encoder_layer_{i}.self_attention.lora_{f}_{p}"
+                                      for i in range(layers) for f in "AB" for p in "qv"]
+                                     + ["vit.heads.head.weight", "vit.heads.head.bias"])
+    assert not model.vit.heads.head.weight.any() and not model.vit.heads.head.bias.any()
+    again = vit.build_model(micro_backbone(), vit.PRESETS["tiny"], rank=2, lora_alpha=4, seed=3)
+    assert all(torch.equal(v, lora_state_dict(again)[k]) for k, v in adapter.items())  # phi_0 from the seed
+    x = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    assert torch.equal(model(x), torch.zeros(3, 100))  # zero head: the adapter starts as "no opinion"
+
+
+def test_tiny_backbone_cache_reused_rebuilt_and_skipped(tmp_path, capsys, micro_preset, same):
+    """A second call reuses the cache file; a damaged one is pre-trained again to the same weights; an
+    unwritable cache folder only skips caching."""
+    write_synthetic_cifar100(str(tmp_path / "syn"), 12, 2)
+    data = load_cifar100(str(tmp_path / "syn"))
+    public = np.arange(0, len(data.labels), 2)
+    call = lambda: vit.tiny_backbone(vit.PRESETS["tiny"], data, public, {"data": "synthetic"}, str(tmp_path / "d"),
+                                     3, torch.device("cpu"), False)
+    first, info = call()
+    cached = tmp_path / "d" / "backbones" / os.listdir(tmp_path / "d" / "backbones")[0]
+    assert info["backbone"] == str(cached) and "pre-trained" in capsys.readouterr().out
+    second, _ = call()
+    assert "reusing" in capsys.readouterr().out and same(second.state_dict(), first.state_dict())
+    cached.write_bytes(cached.read_bytes()[:200])
+    third, _ = call()
+    assert "is unusable (" in capsys.readouterr().out and same(third.state_dict(), first.state_dict())
+    for p in (tmp_path / "d" / "backbones").iterdir():
+        p.unlink()
+    (tmp_path / "d" / "backbones").rmdir()
+    (tmp_path / "d" / "backbones").write_text("a file where the cache folder should be")
+    fourth, info = call()
+    assert "NOT cached" in capsys.readouterr().out and info["backbone"] == "(not cached)"
+    assert same(fourth.state_dict(), first.state_dict())
