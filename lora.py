@@ -262,7 +262,7 @@ def _check_layout(name: str, t, like: torch.Tensor | None, max_numel: int, rank_
         raise AdapterError(f"{name} is not a dense strided tensor ({'nested' if t.is_nested else t.layout})")
     if t.is_meta:
         raise AdapterError(f"{name} is on the meta device: it holds no data")
-    if t.dtype != (like.dtype if like is not None else t.dtype) or t.dtype not in FLOAT_DTYPES:
+    if t.dtype not in ((like.dtype,) if like is not None else FLOAT_DTYPES):
         raise AdapterError(f"{name} has dtype {t.dtype}, expected "
                            f"{like.dtype if like is not None else 'float32, float64, float16 or bfloat16'}")
     if like is not None and t.shape != like.shape and not (
@@ -285,7 +285,8 @@ def check_tensor(name: str, t, like: torch.Tensor | None = None, max_numel: int 
     Checked in this order, nothing allocated before the metadata checks pass:
       1. a plain torch.Tensor or nn.Parameter (no other subclass);
       2. dense and strided (not sparse, mkldnn or nested), not on the meta device;
-      3. dtype: like.dtype when `like` is given, and always one of FLOAT_DTYPES (float32/64, float16, bfloat16);
+      3. dtype: like.dtype when `like` is given (the model's own, e.g. an int64 buffer of a backbone), else
+         one of FLOAT_DTYPES (float32, float64, float16, bfloat16);
       4. shape: like.shape when given (with allow_rank_change a LoRA factor, by lora_factor(name), may
          differ in its rank dimension), and at most `max_numel` elements;
       5. its storage holds every element its sizes and strides address, and no dimension longer than 1 has

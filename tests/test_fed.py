@@ -1,3 +1,4 @@
+"""Specification of fed.py: FedAvg over adapter tensors, local training, one round in pieces, run_fedit."""
 import pytest
 import torch
 import torch.nn as nn
@@ -5,7 +6,7 @@ import torch.nn.functional as F
 
 from fed import (Client, ClientReply, FedState, derive_seed, fedavg, local_update, run_fedit, sample_clients,
                  server_round, shuffled_batches, state_bytes, train_adapter, validate_update)
-from lora import AdapterError, add_lora, lora_factor, lora_state_dict
+from lora import AdapterError, add_lora, load_lora_state_dict, lora_factor, lora_state_dict
 
 
 def small_model(seed=0):
@@ -31,6 +32,8 @@ def total_loss(model, clients):
         return sum(F.cross_entropy(model(c.inputs), c.targets, reduction="sum").item() for c in clients) / sum(
             c.num_examples for c in clients)
 
+
+# ---- fedavg and the checks on client updates ----
 
 def test_fedavg_hand_computed_unequal_sizes():
     s1 = {"w": torch.tensor([1.0, 2.0]), "b": torch.tensor([[0.0]])}
@@ -90,6 +93,8 @@ def test_validate_update_rejects_crafted_tensors_with_a_reason_and_never_raises(
     assert validate_update({"w": torch.ones(3, 4), "b": torch.zeros(4)}, ref, 3.5) is None  # sqrt(12) = 3.46
 
 
+# ---- local training ----
+
 def test_train_adapter_touches_only_adapter_and_counts_examples():
     model = small_model()
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
@@ -111,6 +116,8 @@ def test_shuffled_batches_cover_each_epoch():
     assert sorted(epoch.tolist()) == list(range(10))
 
 
+# ---- run_fedit ----
+
 def test_fedit_reduces_loss_and_counts_bytes():
     model, clients = small_model(), make_clients()
     init = lora_state_dict(model)
@@ -118,7 +125,6 @@ def test_fedit_reduces_loss_and_counts_bytes():
     state = run_fedit(model, clients, rounds=6, local_steps=5, clients_per_round=2, lr=2e-2, seed=0,
                       batch_size=16, progress=False)
     assert all(torch.equal(v, init[k]) for k, v in lora_state_dict(model).items())  # model left at phi_0
-    from lora import load_lora_state_dict
     load_lora_state_dict(model, state.global_state)
     assert total_loss(model, clients) < 0.8 * loss0
     adapter_bytes = sum(t.numel() * 4 for t in init.values())  # float32

@@ -91,8 +91,9 @@ def corrupt_state(rng: random.Random, state: dict, model_free: bool = False):
     if kind == "tensor":
         k = rng.choice(sorted(bad))
         bad[k] = corrupt_tensor(rng, bad[k], "huge" if model_free and rng.random() < 0.1 else None)
+        # without a model another shape alone is not wrong (unless huge): corrupt it another way
         while (model_free and isinstance(bad[k], torch.Tensor) and not bad[k].is_nested
-               and bad[k].shape != state[k].shape and bad[k].numel() < 2**28):  # another shape alone is not wrong without a model: corrupt otherwise
+               and bad[k].shape != state[k].shape and bad[k].numel() < 2**28):
             bad[k] = corrupt_tensor(rng, state[k])
     elif kind == "drop key":
         del bad[rng.choice(sorted(bad))]

@@ -1,3 +1,4 @@
+"""Specification of lora.py: the LoRA layers, adapter state and files, factor names, rank changes, the validator."""
 import os
 import pickle
 
@@ -26,6 +27,8 @@ def randomize_lora(model, scale=0.5):
             if p.requires_grad:
                 p.normal_(0, scale)
 
+
+# ---- the layers ----
 
 def test_lora_linear_formula_and_zero_init():
     torch.manual_seed(0)
@@ -129,6 +132,8 @@ def test_add_lora_errors():
     with pytest.raises(ValueError, match="rank"):
         LoRALinear(nn.Linear(2, 2), r=0)
 
+
+# ---- adapter state and files ----
 
 def test_load_state_checks_everything_and_never_loads_partially():
     model = tiny_vit()
@@ -319,6 +324,10 @@ def test_check_tensor_refuses_each_kind_of_bad_tensor_with_a_one_line_reason():
         check_tensor("w", torch.zeros(2, dtype=dtype))
     with pytest.raises(AdapterError, match="complex64"):  # ... but only those
         check_tensor("w", torch.zeros(2, dtype=torch.complex64))
+    steps = torch.tensor(3)  # with `like`, the model's own dtype, e.g. BatchNorm's int64 num_batches_tracked
+    check_tensor("bn.num_batches_tracked", torch.tensor(7), like=steps)
+    with pytest.raises(AdapterError, match="dtype torch.float32, expected torch.int64"):
+        check_tensor("bn.num_batches_tracked", torch.tensor(7.0), like=steps)
     with pytest.raises(AdapterError, match="12 elements, more than the limit of 11"):
         check_tensor("w", torch.zeros(3, 4), max_numel=11)
     assert MAX_NUMEL == 2**28
