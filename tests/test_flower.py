@@ -20,11 +20,21 @@ import torch
 
 pytest.importorskip("flwr")
 
+import numpy as np  # noqa: E402
+import tomllib  # noqa: E402
+from dataclasses import fields  # noqa: E402
+from flwr.app import Array, ArrayRecord, Context, Error, Message, RecordDict  # noqa: E402
+from flwr.serverapp import Grid  # noqa: E402
 from torchvision.models import VisionTransformer  # noqa: E402
+
+import flower_client  # noqa: E402
+import flower_server  # noqa: E402
+from checkpoint import ResumeError  # noqa: E402
 
 from conftest import MICRO_VIT  # noqa: E402
 from data import client_splits, dirichlet_partition, load_images, public_and_pool  # noqa: E402
 from fed import Client, run_fedit  # noqa: E402
+from flower_task import ADAPTER, CONFIG, METRICS, AppConfig, ConfigError, from_record, to_record  # noqa: E402
 from pipeline import ExperimentConfig, run_experiment  # noqa: E402
 from vit import PRESETS, build_model, load_backbone_file  # noqa: E402
 
@@ -118,6 +128,178 @@ def federation(tmp_path):
         yield fed
     finally:
         fed.stop()
+
+
+# ----------------------------------------------------------------------------- in process (no network)
+class InProcessGrid(Grid):
+    """Flower's Grid with each node's ClientApp called in this process: the ServerApp's whole code path,
+    fast, with hooks to make a node fail or lie. `tamper(partition, msg, reply)` may replace a reply
+    (None: the node never answers). Replies come back in reverse order: arrival order must not matter."""
+
+    def __init__(self, node_configs: list[dict], run_config: dict, tamper=None):
+        self.configs = {1000 + 7 * i: c for i, c in enumerate(node_configs)}  # node ids are not partition ids
+        self.states = {n: RecordDict() for n in self.configs}
+        self.run_config, self.tamper = run_config, tamper
+
+    def get_node_ids(self):
+        return list(self.configs)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for m in messages:
+            n = m.metadata.dst_node_id
+            ctx = Context(run_id=1, node_id=n, node_config=self.configs[n], state=self.states[n],
+                          run_config=self.run_config)
+            try:
+                reply = flower_client.app(m, ctx)
+            except Exception as e:  # what Flower does with a ClientApp that raises
+                reply = Message(Error(code=0, reason=f"{type(e).__name__}: {e}"), reply_to=m)
+            if self.tamper is not None:
+                reply = self.tamper(self.configs[n].get("partition-id"), m, reply)
+            if reply is not None:
+                replies.append(reply)
+        return replies[::-1]
+
+    def set_run(self, run):
+        raise NotImplementedError
+
+    @property
+    def run(self):
+        raise NotImplementedError
+
+    def create_message(self, *args, **kwargs):
+        raise NotImplementedError
+
+    def push_messages(self, messages):
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids):
+        raise NotImplementedError
+
+
+@pytest.fixture
+def task_identity(monkeypatch):
+    """What a Flower task process sets before a ServerApp runs (Message() reads it); restored afterwards."""
+    from flwr.supercore.task_identity import TaskIdentity
+    for attr in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+
+
+@pytest.fixture(scope="module")
+def small_world(tmp_path_factory):
+    """A micro backbone file and synthetic data written once for the in-process tests."""
+    tmp = tmp_path_factory.mktemp("world")
+    micro_backbone(tmp / "backbone.pt")
+    load_images("synthetic", str(tmp / "data"), RUN["synthetic-per-class"])
+    return tmp
+
+
+def serve(world: Path, out: Path, tamper=None, nodes=None, **overrides) -> dict:
+    """Run the ServerApp against 3 in-process clients; results.json (or the exception the server raised)."""
+    run_config = {**RUN, "out-dir": str(out), **{k.replace("_", "-"): v for k, v in overrides.items()}}
+    nodes = nodes or [{"partition-id": k, "num-partitions": 3, "backbone": str(world / "backbone.pt"),
+                       "data-dir": str(world / "data")} for k in range(3)]
+    threads = torch.get_num_threads()
+    try:
+        flower_server.app(InProcessGrid(nodes, run_config, tamper), Context(0, 0, {}, RecordDict(), run_config))
+    finally:
+        torch.set_num_threads(threads)
+    return json.loads((out / "results.json").read_text())
+
+
+def final_adapter(out: Path) -> dict:
+    return torch.load(out / "checkpoint.pt", weights_only=True)["fedit"]["global_state"]
+
+
+def test_resume_continues_the_checkpoint_bitwise(small_world, task_identity, tmp_path):
+    """1 round, then resume=true with rounds=2 == 2 rounds at once (adapter and history); a checkpoint of
+    another run is refused in one line."""
+    whole = serve(small_world, tmp_path / "whole", rounds=2)
+    serve(small_world, tmp_path / "split", rounds=1)
+    resumed = serve(small_world, tmp_path / "split", rounds=2, resume=True)
+    a, b = final_adapter(tmp_path / "whole"), final_adapter(tmp_path / "split")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]
+    assert strip(resumed["fedit_history"]) == strip(whole["fedit_history"])
+    assert resumed["methods"]["potara_ab"] == whole["methods"]["potara_ab"]
+    with pytest.raises(ResumeError, match="another run|other training settings"):
+        serve(small_world, tmp_path / "split", rounds=3, resume=True, lr=0.02)
+
+
+def test_failed_silent_and_lying_clients_are_recorded(small_world, task_identity, tmp_path):
+    """Round 0: client1 raises, client2 never answers; round 1: a NaN adapter and an infinite loss. Each is
+    recorded with its reason (failed / rejected), the round averages the rest, nobody vanishes."""
+    def tamper(k, msg, reply):
+        t = msg.content[CONFIG]["round"] if msg.metadata.message_type == "train" else None
+        if t == 0 and k == 1:
+            return Message(Error(code=0, reason="RuntimeError: out of memory"), reply_to=msg)
+        if t == 0 and k == 2:
+            return None
+        if t == 1 and reply.has_content() and ADAPTER in reply.content:
+            state = from_record(reply.content[ADAPTER])
+            if k == 0:
+                state = {key: torch.full_like(v, float("nan")) for key, v in state.items()}
+                reply.content[ADAPTER] = to_record(state)
+            if k == 2:
+                reply.content[METRICS]["num-examples"] = 10**9  # an inflated FedAvg weight is not checkable...
+                reply.content[METRICS]["train-loss"] = float("inf")  # ...a non-finite loss is
+        return reply
+
+    res = serve(small_world, tmp_path / "out", tamper=tamper, clients_per_round=3, drop_prob=0.0, round_timeout=5.0)
+    h0, h1 = res["fedit_history"]
+    assert h0["failed"] == [{"client": "client1", "reason": "client error: RuntimeError: out of memory"},
+                            {"client": "client2", "reason": "no reply within 5 s"}]
+    assert h0["dropped"] == ["client1", "client2"] and h0["bytes_up"] == res["adapter"]["bytes"]
+    assert h0["mean_train_loss"] is not None  # client0's update was averaged
+    assert [r["client"] for r in h1["rejected"]] == ["client0", "client2"]
+    assert "NaN" in h1["rejected"][0]["reason"] and "finite" in h1["rejected"][1]["reason"]
+    assert res["faults"]["fedit"]["failed"] == [{"round": 0, **f} for f in h0["failed"]]
+    assert res["clients"] == ["client0", "client1", "client2"]  # all three personalised at the end
+    assert "2 client-rounds dropped, 2 updates rejected" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_setup_refuses_a_misconfigured_federation(small_world, task_identity, tmp_path):
+    """Duplicate partition ids, a node without a backbone, a node with another backbone: one-line errors."""
+    node = lambda k, **kw: {"partition-id": k, "num-partitions": 3, "backbone": str(small_world / "backbone.pt"),
+                            "data-dir": str(small_world / "data"), **kw}
+    with pytest.raises(RuntimeError, match=r"partition ids \[0, 1, 1\] are not 0..2 once each"):
+        serve(small_world, tmp_path / "a", nodes=[node(0), node(1), node(1)])
+    missing = node(2)
+    del missing["backbone"]
+    with pytest.raises(RuntimeError, match="node config backbone is missing"):
+        serve(small_world, tmp_path / "b", nodes=[node(0), node(1), missing])
+    other = tmp_path / "other.pt"
+    torch.manual_seed(1)
+    torch.save({"format": "potara-backbone-v1", "vit": {**MICRO_VIT, "num_classes": 100},
+                "state_dict": VisionTransformer(**MICRO_VIT, num_classes=100).state_dict()}, other)
+    with pytest.raises(RuntimeError, match="client2 holds another backbone file"):
+        serve(small_world, tmp_path / "c", nodes=[node(0), node(1), node(2, backbone=str(other))])
+
+
+def test_run_config_is_typed_and_pyproject_matches_the_defaults():
+    """[tool.flwr.app.config] holds exactly AppConfig's fields at their defaults; bad values are one-line errors."""
+    with open(REPO / "pyproject.toml", "rb") as f:
+        table = tomllib.load(f)["tool"]["flwr"]["app"]["config"]
+    assert table == {f.name.replace("_", "-"): f.default for f in fields(AppConfig)}
+    assert AppConfig.from_run_config(table) == AppConfig()
+    for bad, message in (({"rounds": "3"}, "rounds = '3': expected a int"), ({"lr": True}, "expected a float"),
+                         ({"rounds": 0}, "rounds must be > 0"), ({"clients-per-round": 5}, "clients-per-round"),
+                         ({"drop-prob": 1.0}, "drop-prob"), ({"data": "imagenet"}, "data must be")):
+        with pytest.raises(ConfigError, match=message):
+            AppConfig.from_run_config({**table, **bad})
+
+
+def test_adapters_cross_the_wire_as_float32_bitwise():
+    """to_record / from_record: float32 bitwise; bfloat16 sent as float32 (ArrayRecord has no bfloat16); an
+    integer tensor refused; a record that is not numeric refused."""
+    state = {"a": torch.randn(3, 4), "b": torch.randn(5).to(torch.bfloat16)}
+    back = from_record(to_record(state))
+    assert back["a"].dtype == torch.float32 and torch.equal(back["a"], state["a"])
+    assert back["b"].dtype == torch.float32 and torch.equal(back["b"], state["b"].float())
+    with pytest.raises(ValueError, match="only floating tensors"):
+        to_record({"n": torch.arange(3)})
+    with pytest.raises(ValueError, match="not a numeric array"):
+        from_record(ArrayRecord({"s": Array(np.array(["x"]))}))
 
 
 # ----------------------------------------------------------------------------- the loopback run
