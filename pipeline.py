@@ -108,14 +108,14 @@ def start_run(model, splits, cfg, out_dir, resume: bool, **plugins) -> Run:
         raise ValueError(f"fisher_split must be 'train' or 'val', got {cfg.fisher_split!r}")
     os.makedirs(out_dir, exist_ok=True)
     ckpt_path, fp = os.path.join(out_dir, "checkpoint.pt"), fingerprint(model, splits, cfg)
-    state = RunState(fp)
-    if resume and os.path.exists(ckpt_path):
-        state = load_state(ckpt_path, fp)
+    state, init = RunState(fp), lora_state_dict(model)
+    if resume and os.path.exists(ckpt_path):  # every adapter in it checked against phi_0's keys, shapes, dtypes
+        state = load_state(ckpt_path, fp, adapter=init, clients=names, rounds=cfg.rounds)
         print(f"resuming from {ckpt_path}: FedIT at round {state.fedit['round'] if state.fedit else 0}, "
               f"{len(state.local)} local adapters")
     elif resume:
         print(f"--resume: no checkpoint at {ckpt_path}, starting from scratch")
-    return Run(model, splits, cfg, ckpt_path, lora_state_dict(model), state, **plugins)
+    return Run(model, splits, cfg, ckpt_path, init, state, **plugins)
 
 
 def run_experiment(model: nn.Module, splits: Sequence[ClientSplits], cfg: ExperimentConfig, out_dir: str,

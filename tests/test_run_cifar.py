@@ -406,7 +406,7 @@ def test_bad_resume_states_fail_in_one_line(micro, reference, tmp_path):
         (lambda: torch.save({"some": torch.ones(2)}, ckpt), "is not a potara experiment checkpoint"),
         (lambda: save_adapter(ckpt, {"w": torch.ones(2)}), "is not a potara experiment checkpoint"),
         (lambda: torch.save({**good, "fedit": _Boom(str(marker))}, ckpt), "unsafe"),
-        (lambda: torch.save(nan, ckpt), "holds NaN or Inf tensors"),
+        (lambda: torch.save(nan, ckpt), "holds NaN or Inf values"),
         (lambda: torch.save(good, ckpt), "other training settings"),  # resumed with another --drop-prob
     ]
     for i, (make, msg) in enumerate(cases):
