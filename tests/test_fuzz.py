@@ -2,8 +2,9 @@
 
 Specifies the one validator of untrusted tensors (lora.check_tensors) through its users: lora.load_adapter
 (files: truncations, bit flips, crafted sizes/strides/offsets, wrong dtypes, sparse/meta tensors, non-tensor
-values), lora.save_adapter (nothing written for a bad state), fed.validate_update / fed.server_round (a bad
-update is rejected with a reason, never raised) and fed.fedavg (ValueError, never a silent NaN or zero).
+values), lora.save_adapter (nothing written for a bad state), lora.load_lora_state_dict (the model left as it
+was, also when a rank change is allowed), fed.validate_update / fed.server_round (a bad update is rejected with
+a reason, never raised) and fed.fedavg (ValueError, never a silent NaN or zero).
 Each case must finish within a few seconds (no hang) under an address-space limit of current use + 2 GiB
 (no huge allocation). Seeded: the same cases on every run.
 """
@@ -22,7 +23,7 @@ import pytest
 import torch
 
 from fed import ClientReply, fedavg, server_round, validate_update
-from lora import AdapterError, load_adapter, save_adapter
+from lora import AdapterError, add_lora, load_adapter, load_lora_state_dict, lora_state_dict, save_adapter
 
 REFERENCE = {"enc.0.lora_A": torch.randn(2, 6, generator=torch.Generator().manual_seed(0)),
              "enc.0.lora_B": torch.zeros(5, 2), "head.weight": torch.ones(3, 5)}
@@ -128,6 +129,22 @@ def test_fuzz_updates_are_rejected_with_a_reason_and_never_averaged():
     for counts in ([float("nan"), 1], [float("inf"), 1], [1e308, 1e308], [True, 1], [0, 0], [-1, 2]):
         with pytest.raises(ValueError, match="example counts"):
             fedavg([good, good], counts)
+
+
+def test_fuzz_load_lora_state_dict_refuses_and_leaves_the_model_unchanged():
+    torch.manual_seed(0)
+    model = torch.nn.Module()
+    model.enc, model.head = torch.nn.Sequential(torch.nn.Linear(6, 5)), torch.nn.Linear(5, 3, bias=False)
+    add_lora(model, ["enc.0"], r=2, alpha=4, trainable=["head"])
+    assert {k: v.shape for k, v in lora_state_dict(model).items()} == {k: v.shape for k, v in REFERENCE.items()}
+    load_lora_state_dict(model, REFERENCE)
+    rng = random.Random(3)
+    for case in range(200):
+        bad = corrupt_state(rng, REFERENCE)
+        with bounded(), pytest.raises(AdapterError):
+            load_lora_state_dict(model, bad, allow_rank_change=rng.random() < 0.5)
+        assert model.enc[0].r == 2, case
+        assert all(torch.equal(v, REFERENCE[k]) for k, v in lora_state_dict(model).items()), case
 
 
 # ---- corrupted adapter files ----
