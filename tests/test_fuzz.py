@@ -87,9 +87,13 @@ def corrupt_tensor(rng: random.Random, t: torch.Tensor, kind: str | None = None)
 def corrupt_state(rng: random.Random, state: dict, model_free: bool = False):
     """A state with one tensor corrupted, a key dropped or added, a non-str key, or not a dict at all.
     model_free: only what is wrong without a model to compare with (no changed shapes or key sets)."""
-    kind = rng.choice(["tensor"] * 6 + ([] if model_free else ["drop key", "extra key"]) + ["int key", "not a dict"])
+    kind = rng.choice(["tensor"] * 6 + ([] if model_free else ["drop key", "extra key", "rank"] * 2)
+                      + ["int key", "not a dict"])
     bad = dict(state)
-    if kind == "tensor":
+    if kind == "rank":  # one LoRA factor at another rank than its partner (the same module's A or B)
+        r = rng.choice([1, 3, 5])
+        bad.update({"enc.0.lora_A": torch.zeros(r, 6)} if rng.random() < 0.5 else {"enc.0.lora_B": torch.zeros(5, r)})
+    elif kind == "tensor":
         k = rng.choice(sorted(bad))
         bad[k] = corrupt_tensor(rng, bad[k], "huge" if model_free and rng.random() < 0.1 else None)
         # without a model another shape alone is not wrong (unless huge): corrupt it another way
