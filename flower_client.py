@@ -27,19 +27,22 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from checkpoint import RunState
 from data import ClientSplits, class_split_partition, client_splits, dirichlet_partition, load_images, public_and_pool
+from evaluation import METHODS, accuracy, evaluate_client
 from fed import Client, classification_loss, derive_seed, local_update
-from flower_task import ADAPTER, CONFIG, METRICS, AppConfig, ConfigError, experiment_config, from_record, to_record
+from flower_task import (ADAPTER, CONFIG, METRICS, AppConfig, ConfigError, experiment_config, flatten, from_record,
+                         to_record)
 from lora import check_state, lora_meta, lora_state_dict, save_adapter
-from pipeline import METHODS, Run, accuracy, evaluate_client, local_seed, train_from
+from pipeline import Run, local_seed, train_from
 from potara import classification_likelihood, merge_adapters
 from vit import PRESETS, build_model, load_backbone_file
 
@@ -115,6 +118,18 @@ def received_adapter(msg: Message, phi0: dict) -> dict[str, torch.Tensor]:
     return state
 
 
+def process_age() -> float:
+    """Seconds since this process started (Linux /proc; 0.0 elsewhere): Flower starts a fresh process per
+    message, so this is the start-up (interpreter, imports, Flower's hand-over) before a handler runs."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+        with open("/proc/uptime") as f:
+            return float(f.read().split()[0]) - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 @app.query()
 def setup(msg: Message, context: Context) -> Message:
     """Who this client is, its data size n_k (FedAvg's weight) and phi_0 (the server checks all agree)."""
@@ -127,15 +142,16 @@ def setup(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Round t: phi^t -> fed.local_update (seeds (seed, t, k)) -> phi_k^{t+1}, n_k, mean loss."""
+    startup, t0 = process_age(), time.perf_counter()
     config = msg.content[CONFIG]
     if config.get("drop", False):  # a simulated drop-out (fed.sample_clients): answers, but sends nothing
         return Message(RecordDict({CONFIG: ConfigRecord({"dropped": True})}), reply_to=msg)
     cfg, c = load_client(context)
-    phi_t = received_adapter(msg, c.phi0)
-    s = c.split
+    phi_t, s, t1 = received_adapter(msg, c.phi0), c.split, time.perf_counter()
     reply, _ = local_update(c.model, Client(s.name, s.train_inputs, s.train_targets), phi_t, {}, int(config["round"]),
                             c.index, cfg.local_steps, cfg.lr, cfg.seed, cfg.batch_size, progress=False)
-    metrics = MetricRecord({"num-examples": reply.num_examples, "train-loss": reply.mean_loss})
+    metrics = MetricRecord({"num-examples": reply.num_examples, "train-loss": reply.mean_loss,  # + where time goes:
+                            "startup-seconds": startup, "load-seconds": t1 - t0, "train-seconds": time.perf_counter() - t1})
     return Message(RecordDict({ADAPTER: to_record(reply.state), METRICS: metrics}), reply_to=msg)
 
 
@@ -152,17 +168,15 @@ def personalize(msg: Message, context: Context) -> Message:
     run.state.finetuned[s.name] = train_from(run, G, s, cfg.finetune_steps, derive_seed(cfg.seed, k, 202), "fine-tune")
     acc, bad_stats = {m: {} for m in METHODS if m != "fedsa"}, []
     record = evaluate_client(run, k, s, G, None, acc, bad_stats)
-    info = record["potara"]
-    out = {f"acc.{m}": v[s.name] for m, v in acc.items()}
-    out.update({f"potara.{key}": info[key] for key in ("a", "b", "c", "lam", "n_samples", "estimator")})
-    out.update({key: record[key] for key in ("lam_potara", "lam_grid_val", "lam_grid_oracle", "abs_lam_diff")})
-    out.update({f"grid.{key}": [float(v) for v in record["grid"][key]] for key in ("lam", "val", "test")})
-    out.update({"fallbacks": [f"{x['stage']}: {x['reason']}" for x in run.state.fallbacks],
-                "bad-statistics": [x["what"] for x in bad_stats]})
+    out = flatten({"acc": {m: v[s.name] for m, v in acc.items()}, "record": record,
+                   "fallbacks": [f"{x['stage']}: {x['reason']}" for x in run.state.fallbacks],
+                   "bad-statistics": [x["what"] for x in bad_stats]})
     adapter_dir = context.node_config.get("adapter-dir")
     if adapter_dir:  # the personalised adapter stays on the device
-        merged = merge_adapters(G, run.state.local[s.name], info["lam"], "ab")
+        lam = record["potara"]["lam"]
+        merged = merge_adapters(G, run.state.local[s.name], lam, "ab")
         os.makedirs(adapter_dir, exist_ok=True)
-        save_adapter(os.path.join(adapter_dir, f"{s.name}-potara.pt"), merged, {"lam": info["lam"], **lora_meta(c.model)})
+        save_adapter(os.path.join(adapter_dir, f"{s.name}-potara.pt"), merged,
+                     {"lam": lam, **lora_meta(c.model)})
     return Message(RecordDict({CONFIG: ConfigRecord(out)}), reply_to=msg)
 

@@ -34,11 +34,12 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from checkpoint import RunState, fed_dict, load_state, save_state
+from evaluation import METHOD_LABELS
 from fed import ClientReply, FedState, sample_clients, server_round, state_bytes
 from flower_task import (ADAPTER, CONFIG, EVALUATE, METRICS, SETUP, TRAIN, AppConfig, experiment_config, from_record,
-                         record_bytes, to_record)
+                         record_bytes, to_record, unflatten)
 from lora import check_state
-from pipeline import METHOD_LABELS, fed_faults
+from pipeline import fed_faults
 from report import mean, write_outputs
 
 app = ServerApp()
@@ -122,7 +123,7 @@ def fedit_round(grid: Grid, cfg: AppConfig, roster: Roster, fed: FedState, t: in
     content = lambda n: RecordDict({ADAPTER: record, CONFIG: ConfigRecord(
         {"round": t, "drop": roster.index_of(n) in dropped})})
     answers, failed = ask(grid, [roster.node_ids[k] for k in selected], TRAIN, content, cfg.round_timeout)
-    replies, failures, wire_up = {}, [], 0
+    replies, failures, wire_up, seconds = {}, [], 0, {}
     for n, why in failed.items():
         failures.append({"client": roster.names[roster.index_of(n)], "reason": why})
     for n, r in answers.items():
@@ -133,13 +134,15 @@ def fedit_round(grid: Grid, cfg: AppConfig, roster: Roster, fed: FedState, t: in
             metrics = r.content[METRICS]
             replies[k] = ClientReply(from_record(r.content[ADAPTER]), metrics["num-examples"], metrics["train-loss"])
             wire_up += record_bytes(r.content[ADAPTER])
+            seconds[roster.names[k]] = {key: float(metrics[f"{key}-seconds"]) for key in ("startup", "load", "train")
+                                        if f"{key}-seconds" in metrics}
         except Exception as e:  # an unreadable reply: recorded, never raised
             failures.append({"client": roster.names[k], "reason": f"unreadable reply: {type(e).__name__}: {e}"})
     outcome = server_round(t, fed.global_state, selected, replies, roster.names, cfg.update_norm_bound)
     fed.global_state, fed.round = outcome.global_state, t + 1
     fed.history.append({**outcome.history, "failed": sorted(failures, key=lambda f: f["client"]),
                         "wire_bytes_down": record_bytes(record) * len(selected), "wire_bytes_up": wire_up,
-                        "seconds": time.time() - t0})
+                        "seconds": time.time() - t0, "client_seconds": dict(sorted(seconds.items()))})
 
 
 def personalize_all(grid: Grid, cfg: AppConfig, roster: Roster, G: dict) -> tuple[dict, list]:
@@ -147,7 +150,7 @@ def personalize_all(grid: Grid, cfg: AppConfig, roster: Roster, G: dict) -> tupl
     record = to_record(G)
     answers, failed = ask(grid, roster.node_ids, EVALUATE, lambda n: RecordDict({ADAPTER: record}),
                           cfg.round_timeout)
-    out = {roster.names[roster.index_of(n)]: r.content[CONFIG] for n, r in answers.items()}
+    out = {roster.names[roster.index_of(n)]: unflatten(r.content[CONFIG]) for n, r in answers.items()}
     return out, [{"client": roster.names[roster.index_of(n)], "reason": why} for n, why in failed.items()]
 
 
@@ -157,17 +160,15 @@ def collect_results(cfg: AppConfig, context: Context, roster: Roster, fed: FedSt
     names = [n for n in roster.names if n in evals]
     if not names:
         raise RuntimeError("no client returned its personalisation results: " + json.dumps(eval_failed))
-    methods = [m for m in METHOD_LABELS if f"acc.{m}" in evals[names[0]]]
+    methods = [m for m in METHOD_LABELS if m in evals[names[0]]["acc"]]
     sent = sum(h["bytes_down"] + h["bytes_up"] for h in fed.history)
-    acc = {m: {n: float(evals[n][f"acc.{m}"]) for n in names} for m in methods}
-    per_client = {n: {"potara": {k: evals[n][f"potara.{k}"] for k in ("a", "b", "c", "lam", "n_samples", "estimator")},
-                      **{k: float(evals[n][k]) for k in ("lam_potara", "lam_grid_val", "lam_grid_oracle", "abs_lam_diff")},
-                      "grid": {k: list(evals[n][f"grid.{k}"]) for k in ("lam", "val", "test")}} for n in names}
+    acc = {m: {n: float(evals[n]["acc"][m]) for n in names} for m in methods}
+    per_client = {n: evals[n]["record"] for n in names}  # evaluation.evaluate_client's record, as the pipeline's
     faults = {"drop_prob": cfg.drop_prob, "max_update_norm": cfg.update_norm_bound, "fedsa": None,
               "fedit": {**fed_faults(fed.history),
                         "failed": [{"round": h["round"], **f} for h in fed.history for f in h["failed"]]},
-              "fallbacks": [{"client": n, "reason": r} for n in names for r in evals[n]["fallbacks"]],
-              "statistics": [{"client": n, "what": w} for n in names for w in evals[n]["bad-statistics"]],
+              "fallbacks": [{"client": n, "reason": r} for n in names for r in evals[n].get("fallbacks", [])],
+              "statistics": [{"client": n, "what": w} for n in names for w in evals[n].get("bad-statistics", [])],
               "personalization_failed": eval_failed}
     return {"config": {"engine": "flower", "run_config": dict(context.run_config),
                        "backbone_sha256": roster.backbone_sha256, "num_examples": dict(zip(roster.names, roster.num_examples))},

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from pipeline import ExperimentConfig
+from potara import DEFAULT_ESTIMATOR, ESTIMATORS
 
 SETUP, TRAIN, EVALUATE = "query", "train", "evaluate"  # Flower message types (ClientApp handlers)
 ADAPTER, CONFIG, METRICS = "adapter", "config", "metrics"  # keys of a message's RecordDict
@@ -65,7 +66,7 @@ class AppConfig:
     test: int = 200
     local_train_steps: int = 100   # the local adapter phi_L, from phi_0 (after the last round)
     finetune_steps: int = 25       # the "FedIT + local fine-tuning" baseline, from phi_G
-    estimator: str = "hermite"     # a key of potara.ESTIMATORS
+    estimator: str = "default"     # one of potara.ESTIMATORS, or "default": potara.DEFAULT_ESTIMATOR
     fisher_samples: int = 100      # validation samples for Potara's statistics
     grid_step: float = 0.05        # the lam grid of the grid-search baseline
     drop_prob: float = 0.0         # simulated drop-outs (seeded as fed.sample_clients)
@@ -109,6 +110,8 @@ class AppConfig:
             (not 0 <= self.clients_per_round <= self.num_clients, f"clients-per-round must be in [0, num-clients="
              f"{self.num_clients}], got {self.clients_per_round}"),
             (self.preset not in ("tiny", "paper"), f"preset must be 'tiny' or 'paper', got {self.preset!r}"),
+            (self.estimator != "default" and self.estimator not in ESTIMATORS,
+             f"estimator must be 'default' or one of {sorted(ESTIMATORS)}, got {self.estimator!r}"),
             (self.data not in ("synthetic", "cifar"), f"data must be 'synthetic' or 'cifar', got {self.data!r}"),
             (self.partition not in ("dirichlet", "superclass"), f"partition must be 'dirichlet' or 'superclass', "
              f"got {self.partition!r}"),
@@ -135,11 +138,12 @@ class AppConfig:
 
 def experiment_config(cfg: AppConfig) -> ExperimentConfig:
     """The in-process pipeline's settings for the same run (what the client-side stages read; results.json)."""
+    estimator = DEFAULT_ESTIMATOR if cfg.estimator == "default" else cfg.estimator
     return ExperimentConfig(rounds=cfg.rounds, local_steps=cfg.local_steps, clients_per_round=cfg.clients_per_round,
                             lr=cfg.lr, batch_size=cfg.batch_size, local_train_steps=cfg.local_train_steps,
-                            finetune_steps=cfg.finetune_steps, fisher_samples=cfg.fisher_samples,
-                            estimator=cfg.estimator, grid_step=cfg.grid_step, fedsa=False, seed=cfg.seed,
-                            drop_prob=cfg.drop_prob, max_update_norm=cfg.update_norm_bound)
+                            finetune_steps=cfg.finetune_steps, fisher_samples=cfg.fisher_samples, estimator=estimator,
+                            grid_step=cfg.grid_step, fedsa=False, seed=cfg.seed, drop_prob=cfg.drop_prob,
+                            max_update_norm=cfg.update_norm_bound)
 
 
 def to_record(state: dict[str, torch.Tensor]):
@@ -164,6 +168,35 @@ def from_record(record) -> dict[str, torch.Tensor]:
             raise ValueError(f"array {k!r} is not a numeric array")
         state[k] = torch.from_numpy(np.array(a, copy=True))
     return state
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """A nested dict of numbers, strings and lists of them -> one level with "a/b" keys (a ConfigRecord's shape;
+    "/" because adapter module names hold dots). None is left out; a mixed int/float list is sent as floats."""
+    flat = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            flat.update(flatten(v, key + "/"))
+        elif isinstance(v, (list, tuple)):
+            v = list(v)
+            kinds = {type(x) for x in v}
+            flat[key] = [float(x) for x in v] if kinds in ({int, float}, {float, int}) else v
+        elif v is not None:
+            flat[key] = v
+    return flat
+
+
+def unflatten(flat) -> dict:
+    """flatten's inverse (lists come back as lists)."""
+    tree: dict = {}
+    for key, v in flat.items():
+        *parents, leaf = key.split("/")
+        node = tree
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = list(v) if isinstance(v, (list, tuple)) else v
+    return tree
 
 
 def record_bytes(record) -> int:
