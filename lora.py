@@ -384,12 +384,22 @@ def lora_meta(model: nn.Module) -> dict:
     return {"targets": sorted(layers), "layers": layers}
 
 
+def _plain(x) -> bool:
+    if type(x) in (list, tuple):
+        return all(_plain(v) for v in x)
+    if type(x) is dict:
+        return all(type(k) is str and _plain(v) for k, v in x.items())
+    return type(x) in (str, int, float, bool, type(None))
+
+
 def save_adapter(path: str | os.PathLike, state: dict[str, torch.Tensor], meta: dict | None = None) -> None:
     """Write tensors (checked: check_tensors) + meta (plain str/int/float/bool/list/dict only) to one file,
     atomically: a temporary file, fsync, rename, fsync of the folder, so a crash leaves the old file or the
     new one, never half of one."""
     path = os.fspath(path)
     check_tensors(state, what=f"{path}: adapter to save")
+    if not _plain(meta or {}):  # anything else would be written, then refused by load_adapter's weights_only
+        raise AdapterError(f"{path}: meta must be plain data (str, int, float, bool, None, lists, str-keyed dicts)")
     payload = {"format": ADAPTER_FORMAT, "meta": meta or {},
                "state": {k: v.detach().to("cpu").contiguous() for k, v in state.items()}}
     tmp = f"{path}.tmp{os.getpid()}"

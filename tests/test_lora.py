@@ -2,6 +2,7 @@
 import os
 import pickle
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -379,4 +380,11 @@ def test_save_adapter_is_atomic_fsyncs_and_refuses_bad_states(tmp_path, monkeypa
     assert load_adapter(path)[1] == {"r": 2} and os.listdir(tmp_path) == ["a.pt"]  # old file kept, no temp left
     with pytest.raises(AdapterError, match="NaN or Inf"):
         save_adapter(tmp_path / "nan.pt", {"w": torch.tensor([float("nan")])})
+    for meta in ({"lam": np.float64(0.5)}, {"lam": torch.tensor(0.5)}, {1: "r"}, {"f": [print]}):
+        with pytest.raises(AdapterError, match="meta must be plain data"):  # load_adapter could not read it back
+            save_adapter(tmp_path / "meta.pt", {"w": torch.ones(1)}, meta)
     assert os.listdir(tmp_path) == ["a.pt"]
+    monkeypatch.undo()
+    plain = {"lam": {"g0": 0.25}, "targets": ["q", "v"], "pair": (1, 2), "none": None, "ok": True}
+    save_adapter(tmp_path / "meta.pt", {"w": torch.ones(1)}, plain)
+    assert load_adapter(tmp_path / "meta.pt")[1] == plain
