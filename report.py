@@ -57,6 +57,16 @@ def fault_summary(results: dict) -> str | None:
     return "faults: " + "; ".join(parts) + " (details: \"faults\" and the histories in results.json)"
 
 
+def potara_how(info: dict) -> str:
+    """One cell: the paper's a, b, c where that estimator ran; else the default's candidate, its Hermite lam and the
+    barrier its verification pass saw (the val loss there above the chord between the ends)."""
+    fmt = lambda v: f"{mean(v.values()):.4g} (mean of {len(v)} modules)" if isinstance(v, dict) else f"{v:.4g}"
+    if "a" in info:
+        return f"a {fmt(info['a'])}, b {fmt(info['b'])}, c {fmt(info['c'])}"
+    lam_h = "n/a" if info.get("lam_hermite") is None else f"{info['lam_hermite']:.2f}"
+    return f"{info['candidate']} (Hermite lam {lam_h}, barrier seen {info['barrier']:.3g})"
+
+
 def markdown_table(results: dict) -> str:
     """The methods (mean and per-client test accuracy, MB sent) and Potara's weights against the grid's."""
     names = results["clients"]
@@ -65,13 +75,12 @@ def markdown_table(results: dict) -> str:
     for m, r in results["methods"].items():
         cells = " | ".join(f"{r['per_client'][n]:.3f}" for n in names)
         lines.append(f"| {r['label']} | {r['mean']:.3f} | {cells} | {r['bytes'] / 1e6:.2f} |")
-    lines += ["", "| client | a | b | c | lam Potara | lam grid (val) | abs diff | lam grid (test oracle) |",
-              "|---|---|---|---|---|---|---|---|"]
-    fmt = lambda v: f"{mean(v.values()):.4g} (mean of {len(v)} modules)" if isinstance(v, dict) else f"{v:.4g}"
+    lines += ["", "| client | lam Potara | how Potara chose it | val-loss barrier (grid) | lam grid (val) | abs diff | "
+              "lam grid (test oracle) |", "|---|---|---|---|---|---|---|"]
     for n in names:
         c = results["per_client"][n]
-        p = c["potara"]
-        lines.append(f"| {n} | {fmt(p['a'])} | {fmt(p['b'])} | {fmt(p['c'])} | {c['lam_potara']:.3f} | "
+        barrier = f"{c['barrier']:.3g}" if c.get("barrier") is not None else "n/a"
+        lines.append(f"| {n} | {c['lam_potara']:.3f} | {potara_how(c['potara'])} | {barrier} | "
                      f"{c['lam_grid_val']:.2f} | {c['abs_lam_diff']:.3f} | {c['lam_grid_oracle']:.2f} |")
     lines.append(f"\nmean |lam_potara - lam_grid(val)| = {results['mean_abs_lam_diff']:.3f}")
     faults = fault_summary(results)
@@ -112,18 +121,25 @@ def write_outputs(results: dict, out_dir: str, table: str | None = None) -> None
 
 
 def plot_lambda(plt, results: dict):
-    """Per client: accuracy along the merge segment (test and val) with Potara's and the grid's lam."""
+    """Per client: accuracy along the merge segment (test, val) and the val loss (right axis) with Potara's lam
+    (red) and the grid's (green)."""
     names = results["clients"]
     cols = min(len(names), 5)
     rows = math.ceil(len(names) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 2.6 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 2.8 * rows), squeeze=False)
     for ax, n in zip(axes.flat, names):
         c = results["per_client"][n]
-        ax.plot(c["grid"]["lam"], c["grid"]["test"], label="test")
-        ax.plot(c["grid"]["lam"], c["grid"]["val"], ls=":", label="val")
+        ax.plot(c["grid"]["lam"], c["grid"]["test"], label="test acc")
+        ax.plot(c["grid"]["lam"], c["grid"]["val"], ls=":", label="val acc")
         ax.axvline(c["lam_potara"], color="r", label="Potara lam")
         ax.axvline(c["lam_grid_val"], color="g", ls="--", label="grid (val) lam")
         ax.set(title=n, xlabel="lam (weight of the federated adapter)", ylabel="accuracy")
+        if c["grid"].get("val_loss"):
+            loss_ax = ax.twinx()
+            loss_ax.plot(c["grid"]["lam"], c["grid"]["val_loss"], color="0.4", ls="-.", label="val loss")
+            loss_ax.tick_params(labelsize=7)
+            if n == names[0]:
+                loss_ax.legend(fontsize=7, loc="lower right")
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)

