@@ -260,15 +260,15 @@ def local_update(model: nn.Module, client: Client, global_state: dict[str, torch
 
 
 def _reply_problem(reply, global_state: dict[str, torch.Tensor], max_update_norm: float | None) -> str | None:
-    """Why a reply must not be aggregated: malformed, validate_update's reason, n_k not a positive int, or a
-    non-finite loss."""
+    """Why a reply must not be aggregated: malformed, validate_update's reason, n_k not an int in [1, 2**53]
+    (a larger count would overflow fedavg's total and outweigh everyone), or a non-finite loss."""
     if not isinstance(reply, tuple) or len(reply) != 3:
         return "malformed reply (expected (state, num_examples, mean_loss))"
     state, n, loss = reply
     reason = validate_update(state, global_state, max_update_norm)
-    if reason is None and (isinstance(n, bool) or not isinstance(n, numbers.Integral) or n <= 0):
-        reason = f"num_examples must be a positive int, got {n!r}"
-    if reason is None and (isinstance(loss, bool) or not isinstance(loss, (int, float)) or not math.isfinite(loss)):
+    if reason is None and (isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 1 <= n <= 2**53):
+        reason = f"num_examples must be an int in [1, 2**53], got {n!r}"[:200]
+    if reason is None and (isinstance(loss, bool) or not isinstance(loss, numbers.Real) or not math.isfinite(loss)):
         reason = f"mean_loss must be a finite number, got {loss!r}"
     return reason
 
@@ -291,7 +291,7 @@ def server_round(round: int, global_state: dict[str, torch.Tensor], selected: Se
                  max_update_norm: float | None = None) -> RoundOutcome:
     """The server's part of round t, given phi^t, the selected clients S_t and the replies that came
     back (client index -> ClientReply). A selected client with no reply is a drop-out; each reply is
-    checked (_reply_problem: n_k a positive int, a finite loss, then validate_update) and a bad one is
+    checked (validate_update, then n_k an int in [1, 2**53] and a finite loss) and a bad one is
     logged and rejected with its reason, never raised. The accepted updates are averaged in sorted
     client order, phi^{t+1} = sum_k n_k phi_k / sum_k n_k (fedavg); with none accepted phi^t is kept.
     bytes_down = |phi^t| * |S_t| (sent to every selected client), bytes_up = every reply received."""

@@ -279,20 +279,21 @@ def test_server_round_rejects_bad_replies_with_reasons_and_averages_the_rest(cap
     replies = {0: good1, 2: good2, 3: ClientReply({"w": torch.ones(3)}, True, 0.1),
                4: ClientReply({"w": torch.ones(3)}, 2, float("nan")), 5: ("not", "a reply"),
                6: ClientReply({"w": torch.ones(3)}, 2.0, 0.1), 7: ClientReply([1, 2], 2, 0.1),
-               9: good1}  # 9 was never selected
+               8: ClientReply({"w": torch.ones(3)}, 10**400, 0.1), 9: good1}  # 9 was never selected
     names = [f"c{k}" for k in range(10)]
     with caplog.at_level("WARNING", logger="potara.fed"):
-        out = server_round(5, g, [0, 1, 2, 3, 4, 5, 6, 7], replies, names)
+        out = server_round(5, g, [0, 1, 2, 3, 4, 5, 6, 7, 8], replies, names)
     reasons = {r["client"]: r["reason"] for r in out.history["rejected"]}
-    assert set(reasons) == {"c3", "c4", "c5", "c6", "c7", "c9"}
-    assert "num_examples" in reasons["c3"] and "num_examples" in reasons["c6"] and "loss" in reasons["c4"]
+    assert set(reasons) == {"c3", "c4", "c5", "c6", "c7", "c8", "c9"}
+    assert all("num_examples must be an int in [1, 2**53]" in reasons[c] for c in ("c3", "c6", "c8"))
+    assert "loss" in reasons["c4"]
     assert "malformed" in reasons["c5"] and "dict" in reasons["c7"] and "not selected" in reasons["c9"]
     assert "c7" in caplog.text
     assert out.accepted == [0, 2]
     assert torch.equal(out.global_state["w"], torch.full((3,), (1 * 1.0 + 3 * 4.0) / 4))
-    assert out.history["dropped"] == ["c1"] and out.history["clients"] == names[:8]
+    assert out.history["dropped"] == ["c1"] and out.history["clients"] == names[:9]
     assert out.history["mean_train_loss"] == 1.0 and out.history["round"] == 5
-    assert out.history["bytes_down"] == 8 * 12 and out.history["bytes_up"] == 6 * 12  # 5 and 7 sent no tensors
+    assert out.history["bytes_down"] == 9 * 12 and out.history["bytes_up"] == 7 * 12  # 5 and 7 sent no tensors
     nothing = server_round(0, g, [0], {0: replies[4]}, names)
     assert nothing.global_state is g and nothing.accepted == [] and nothing.history["mean_train_loss"] is None
 
