@@ -7,22 +7,20 @@ SIGKILL after a bound), whatever happens; every wait is bounded. Skipped only wh
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import subprocess
-import sys
-import time
+from dataclasses import fields
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 pytest.importorskip("flwr")
 
-import numpy as np  # noqa: E402
-import tomllib  # noqa: E402
-from dataclasses import fields  # noqa: E402
+try:
+    import tomllib  # Python 3.11+
+except ImportError:  # Python 3.10: tomli, which flwr depends on
+    import tomli as tomllib
 from flwr.app import Array, ArrayRecord, Context, Error, Message, RecordDict  # noqa: E402
 from flwr.serverapp import Grid  # noqa: E402
 from torchvision.models import VisionTransformer  # noqa: E402
@@ -30,100 +28,21 @@ from torchvision.models import VisionTransformer  # noqa: E402
 import flower_client  # noqa: E402
 import flower_server  # noqa: E402
 from checkpoint import ResumeError  # noqa: E402
-
 from conftest import MICRO_VIT  # noqa: E402
 from data import client_splits, dirichlet_partition, load_images, public_and_pool  # noqa: E402
 from fed import Client, run_fedit, sample_clients  # noqa: E402
+from flower_local import LocalFederation, wait_for  # noqa: E402
 from flower_task import ADAPTER, CONFIG, METRICS, AppConfig, ConfigError, from_record, to_record  # noqa: E402
 from pipeline import ExperimentConfig, run_experiment  # noqa: E402
 from vit import PRESETS, build_model, load_backbone_file  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent  # flwr, flower-superlink, flower-supernode; Flower starts helpers by name
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Federation:
-    """A SuperLink and SuperNodes on 127.0.0.1 under one tmp dir (FLWR_HOME, logs); stop() ends them all."""
-
-    def __init__(self, tmp: Path, tls: dict | None = None):
-        self.tmp, self.tls, self.procs = tmp, tls, []
-        self.home = tmp / "flwr-home"
-        self.home.mkdir()
-        self.port = free_port()
-        self.env = {**os.environ, "FLWR_HOME": str(self.home), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-                    "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-        certs = f'root-certificates = "{tls["ca"]}"' if tls else "insecure = true"
-        (self.home / "config.toml").write_text(
-            f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{self.port}"\n{certs}\n')
-
-    def start(self, name: str, *args: str) -> subprocess.Popen:
-        log = open(self.tmp / f"{name}.log", "wb")
-        p = subprocess.Popen([str(BIN / args[0]), *args[1:]], stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                             cwd=self.tmp, start_new_session=True)  # its own process group, led by p.pid
-        log.close()
-        self.procs.append(p)
-        return p
-
-    def log(self, name: str) -> str:
-        return (self.tmp / f"{name}.log").read_text(errors="replace")
-
-    def superlink(self, *extra: str) -> None:
-        security = (["--ssl-ca-certfile", self.tls["ca"], "--ssl-certfile", self.tls["cert"], "--ssl-keyfile",
-                     self.tls["key"]] if self.tls else ["--insecure"])
-        self.start("superlink", "flower-superlink", *security, "--host", "127.0.0.1", "--port", str(self.port),
-                   "--disable-runtime-dependency-installation", *extra)
-        wait_for(lambda: "Uvicorn running" in self.log("superlink"), 30, "the SuperLink to listen",
-                 lambda: self.log("superlink"))
-
-    def supernode(self, name: str, node_config: str, *extra: str) -> subprocess.Popen:
-        security = ["--root-certificates", self.tls["ca"]] if self.tls else ["--insecure"]
-        return self.start(name, "flower-supernode", *security, "--superlink", f"127.0.0.1:{self.port}",
-                          "--port", str(free_port()), "--node-config", node_config, *extra)
-
-    def flwr(self, *args: str, timeout: float = 30) -> dict:
-        out = subprocess.run([str(BIN / "flwr"), *args, "--format", "json"], capture_output=True, text=True,
-                             env=self.env, cwd=self.tmp, timeout=timeout)
-        try:
-            return json.loads(out.stdout)
-        except ValueError:
-            raise AssertionError(f"flwr {' '.join(args)}: {out.stdout[-2000:]} {out.stderr[-2000:]}") from None
-
-    def stop(self) -> None:
-        for p in reversed(self.procs):
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGINT)  # the group p.pid leads: the node and its helpers
-                except ProcessLookupError:
-                    continue
-        for p in reversed(self.procs):
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
-            try:
-                os.killpg(p.pid, signal.SIGKILL)  # whatever is left of the group (helpers that ignored SIGINT)
-            except ProcessLookupError:
-                pass
-            p.wait(timeout=10)
-
-
-def wait_for(predicate, timeout: float, what: str, details=lambda: "") -> None:
-    deadline = time.time() + timeout
-    while not predicate():
-        if time.time() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}\n{details()[-3000:]}")
-        time.sleep(0.5)
 
 
 @pytest.fixture
 def federation(tmp_path):
-    fed = Federation(tmp_path)
+    """A loopback federation in tmp_path (flower_local.LocalFederation), stopped in teardown whatever happens."""
+    fed = LocalFederation(tmp_path)
     try:
         yield fed
     finally:
@@ -317,28 +236,6 @@ def micro_backbone(path: Path) -> None:
                 "state_dict": vit.state_dict()}, path)
 
 
-def toml_value(v) -> str:
-    return f"'{v}'" if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else repr(v)
-
-
-def flwr_run(fed: Federation, run_config: dict, timeout: float = 150) -> dict:
-    """flwr run this repository, poll `flwr list --run-id` until the run is finished; its final status."""
-    overrides = " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
-    started = fed.flwr("run", str(REPO), "test", "--run-config", overrides)
-    assert started.get("success"), started
-    run_id = int(started["run-id"])
-    status = {}
-
-    def finished() -> bool:
-        nonlocal status
-        status = fed.flwr("list", "test", "--run-id", str(run_id))["runs"][0]
-        return status["status"].startswith("finished")
-
-    wait_for(finished, timeout, f"run {run_id} to finish",
-             lambda: fed.log("superlink") + "\n".join(fed.log(f"node{k}") for k in range(2)))
-    return status
-
-
 def check_against_in_process(out: Path, data_dir: Path, backbone: Path, run: dict, tmp: Path) -> dict:
     """The app's outputs in `out` against one process on the same data, backbone file and seeds: the final
     global adapter bitwise fed.run_fedit's; participants, drop-outs and byte counts its history's; every
@@ -410,7 +307,7 @@ def test_loopback_fedit_bitwise_equals_in_process(federation, tmp_path):
     for k in range(2):
         federation.supernode(f"node{k}", f"partition-id={k} num-partitions=2 backbone='{backbone}' "
                                          f"data-dir='{data_dir}' threads=1")
-    status = flwr_run(federation, {**LOOPBACK, "out-dir": str(out)})
+    status = federation.run(REPO, {**LOOPBACK, "out-dir": str(out)}, timeout=150)
     assert status["status"] == "finished:completed", federation.log("superlink")[-3000:]
     results = check_against_in_process(out, data_dir, backbone, LOOPBACK, tmp_path)
     assert all(h["failed"] == [] for h in results["fedit_history"])
@@ -438,10 +335,9 @@ def tls_and_keys(tmp: Path) -> dict:
 def test_unregistered_supernode_is_refused(tmp_path):
     """TLS + SuperNode authentication: the SuperNode whose public key was registered (flwr supernode
     register) comes online; one with an unregistered key, and one with no key, are refused and exit."""
-    fed = Federation(tmp_path, tls=tls_and_keys(tmp_path))
-    try:
+    with LocalFederation(tmp_path, tls=tls_and_keys(tmp_path)) as fed:
         fed.superlink("--enable-supernode-auth")
-        registered = fed.flwr("supernode", "register", str(tmp_path / "member.pub"), "test")
+        registered = fed.flwr("supernode", "register", str(tmp_path / "member.pub"), "local")
         assert registered.get("success"), registered
         stranger = fed.supernode("stranger", "partition-id=1 num-partitions=2", "--auth-supernode-private-key",
                                  str(tmp_path / "stranger"), "--max-retries", "1", "--max-wait-time", "20")
@@ -449,7 +345,7 @@ def test_unregistered_supernode_is_refused(tmp_path):
                                   "--max-wait-time", "20")  # no key at all
         fed.supernode("member", "partition-id=0 num-partitions=2", "--auth-supernode-private-key",
                       str(tmp_path / "member"))
-        online = lambda: [n["node-id"] for n in fed.flwr("supernode", "list", "test")["nodes"] if n["status"] == "online"]
+        online = lambda: [n["node-id"] for n in fed.flwr("supernode", "list", "local")["nodes"] if n["status"] == "online"]
         wait_for(lambda: online() and stranger.poll() is not None and anonymous.poll() is not None, 60,
                  "the member online, the stranger and the anonymous node gone",
                  lambda: fed.log("stranger") + fed.log("anonymous") + fed.log("superlink"))
@@ -457,5 +353,3 @@ def test_unregistered_supernode_is_refused(tmp_path):
             assert "could not establish a connection to the SuperLink" in fed.log(refused), refused
         assert stranger.returncode != 0 and anonymous.returncode != 0
         assert online() == [str(registered["node-id"])]  # the member, and only the member
-    finally:
-        fed.stop()

@@ -1,0 +1,154 @@
+"""A Flower federation on this machine's loopback: a flower-superlink and flower-supernode processes on
+127.0.0.1, for trying the app (flower_server.py / flower_client.py), its tests and flower_bench.py.
+
+    with LocalFederation("/tmp/fl") as fed:                       # FLWR_HOME, logs and keys live there
+        fed.superlink()                                          # --insecure (tls=... for TLS)
+        for k in range(2):
+            fed.supernode(f"node{k}", f"partition-id={k} num-partitions=2 backbone='/abs/tiny.pt'")
+        status = fed.run(".", {"num-clients": 2, "rounds": 5, "out-dir": "/abs/runs/flower"})
+    # every process stopped here, whatever happened: SIGINT to its process group, SIGKILL after 10 s
+
+Each process is started in its own process group (its pid leads it: the SuperNode's helpers, such as
+the flwr-clientapp process of each message, go with it) and stopped by that pid, never by name. The
+executables are the ones beside this Python interpreter (Flower starts its helpers by name, so that
+folder also goes first on PATH). Every wait is bounded. On a real deployment, run the same commands
+on each machine instead (README, "Federated deployment with Flower").
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+BIN = Path(sys.executable).parent  # flwr, flower-superlink, flower-supernode
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (the OS's choice) on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str, details: Callable[[], str] = lambda: "") -> None:
+    """Poll predicate() every 0.5 s; TimeoutError naming `what` (and the tail of details()) after `timeout` s."""
+    deadline = time.time() + timeout
+    while not predicate():
+        if time.time() > deadline:
+            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}\n{details()[-3000:]}")
+        time.sleep(0.5)
+
+
+def toml_value(v) -> str:
+    """A Python value as a TOML literal for --run-config (strings single-quoted, booleans lowercase)."""
+    return f"'{v}'" if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else repr(v)
+
+
+class LocalFederation:
+    """A SuperLink and SuperNodes on 127.0.0.1 under one folder; a context manager that stops them all.
+    tls = {"ca": ..., "cert": ..., "key": ...} (PEM paths) runs the SuperLink with TLS instead of --insecure."""
+
+    def __init__(self, folder: str | os.PathLike, tls: dict | None = None):
+        self.dir, self.tls, self.procs = Path(folder), tls, []
+        self.home = self.dir / "flwr-home"
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.env = {**os.environ, "FLWR_HOME": str(self.home), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+                    "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONUNBUFFERED": "1"}
+        certs = f'root-certificates = "{tls["ca"]}"' if tls else "insecure = true"
+        (self.home / "config.toml").write_text(  # the connection `flwr` commands name: "local"
+            f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{self.port}"\n{certs}\n')
+
+    def __enter__(self) -> "LocalFederation":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self, name: str, *args: str) -> subprocess.Popen:
+        """Start BIN/args[0] with its output in <folder>/<name>.log, in a new process group."""
+        with open(self.dir / f"{name}.log", "wb") as log:
+            p = subprocess.Popen([str(BIN / args[0]), *args[1:]], stdout=log, stderr=subprocess.STDOUT,
+                                 env=self.env, cwd=self.dir, start_new_session=True)
+        self.procs.append(p)
+        return p
+
+    def log(self, name: str) -> str:
+        path = self.dir / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def superlink(self, *extra: str, timeout: float = 60) -> subprocess.Popen:
+        """flower-superlink on 127.0.0.1:<port>, not installing app dependencies; returns once it listens."""
+        security = (["--ssl-ca-certfile", self.tls["ca"], "--ssl-certfile", self.tls["cert"], "--ssl-keyfile",
+                     self.tls["key"]] if self.tls else ["--insecure"])
+        p = self.start("superlink", "flower-superlink", *security, "--host", "127.0.0.1", "--port", str(self.port),
+                       "--disable-runtime-dependency-installation", *extra)
+        wait_for(lambda: "Uvicorn running" in self.log("superlink") or p.poll() is not None, timeout,
+                 "the SuperLink to listen", lambda: self.log("superlink"))
+        if p.poll() is not None:
+            raise RuntimeError(f"flower-superlink exited with code {p.returncode}:\n{self.log('superlink')[-3000:]}")
+        return p
+
+    def supernode(self, name: str, node_config: str, *extra: str) -> subprocess.Popen:
+        """flower-supernode connecting to the SuperLink, its own Runtime API port, the given node config."""
+        security = ["--root-certificates", self.tls["ca"]] if self.tls else ["--insecure"]
+        return self.start(name, "flower-supernode", *security, "--superlink", f"127.0.0.1:{self.port}",
+                          "--port", str(free_port()), "--node-config", node_config, *extra)
+
+    def flwr(self, *args: str, timeout: float = 60) -> dict:
+        """A `flwr` CLI command with --format json; its parsed output."""
+        out = subprocess.run([str(BIN / "flwr"), *args, "--format", "json"], capture_output=True, text=True,
+                             env=self.env, cwd=self.dir, timeout=timeout)
+        try:
+            return json.loads(out.stdout)
+        except ValueError:
+            raise RuntimeError(f"flwr {' '.join(args)} (exit {out.returncode}): {out.stdout[-2000:]} "
+                               f"{out.stderr[-2000:]}") from None
+
+    def run(self, app: str | os.PathLike, run_config: dict, timeout: float = 600, poll: float = 1.0) -> dict:
+        """`flwr run app local --run-config ...` (it returns at once), then `flwr list --run-id` every `poll` s
+        until the run's status is finished:*; returns that final status (a dict of `flwr list`'s JSON)."""
+        overrides = " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
+        started = self.flwr("run", str(app), "local", "--run-config", overrides)
+        if not started.get("success"):
+            raise RuntimeError(f"flwr run failed: {started}")
+        run_id, status = str(started["run-id"]), {}
+
+        def finished() -> bool:
+            nonlocal status
+            status = self.flwr("list", "local", "--run-id", run_id)["runs"][0]
+            return status["status"].startswith("finished")
+
+        deadline = time.time() + timeout
+        while not finished():
+            if time.time() > deadline:
+                raise TimeoutError(f"run {run_id} not finished after {timeout:g} s (status {status.get('status')})\n"
+                                   f"{self.log('superlink')[-3000:]}")
+            time.sleep(poll)
+        return status
+
+    def stop(self, grace: float = 10) -> None:
+        """SIGINT to every process group started here (newest first), SIGKILL to what is left after `grace` s."""
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGINT)
+                except ProcessLookupError:
+                    pass
+        for p in reversed(self.procs):
+            try:
+                p.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                pass
+            try:
+                os.killpg(p.pid, signal.SIGKILL)  # helpers of the group that outlived their leader, if any
+            except ProcessLookupError:
+                pass
+            p.wait(timeout=grace)
+        self.procs.clear()
