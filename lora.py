@@ -299,6 +299,11 @@ def check_tensor(name: str, t, like: torch.Tensor | None = None, max_numel: int 
         raise AdapterError(f"{name} holds NaN or Inf values")
 
 
+def _key(k: str) -> str:
+    """A key as messages show it: itself when short and printable, else a clipped repr (errors stay one line)."""
+    return k if k.isprintable() and len(k) <= 100 else repr(k[:100]) + ("..." if len(k) > 100 else "")
+
+
 def check_tensors(state, reference: dict[str, torch.Tensor] | None = None, what: str = "state",
                   allow_rank_change: bool = False, max_numel: int = MAX_NUMEL) -> None:
     """check_tensor on every entry of a {str: tensor} dict, metadata of all first, then values; AdapterError
@@ -307,21 +312,21 @@ def check_tensors(state, reference: dict[str, torch.Tensor] | None = None, what:
     if not isinstance(state, dict):
         raise AdapterError(f"{what}: expected a dict of tensors, got {type(state).__name__}")
     if not all(isinstance(k, str) for k in state):
-        raise AdapterError(f"{what}: keys must be strings, got {[k for k in state if not isinstance(k, str)][:3]}")
+        raise AdapterError(f"{what}: keys must be strings, got {[k for k in state if not isinstance(k, str)][:3]}"[:300])
     if reference is not None and set(state) != set(reference):
         missing, extra = sorted(set(reference) - set(state)), sorted(set(state) - set(reference))
-        raise AdapterError(f"{what}: keys do not match the model's adapter: missing {missing[:5]}, "
-                           f"unexpected {extra[:5]}")
+        raise AdapterError(f"{what}: keys do not match the model's adapter: "
+                           f"missing {[_key(k) for k in missing[:5]]}, unexpected {[_key(k) for k in extra[:5]]}")
     total = 0
     for k, t in state.items():
-        _check_layout(f"{what}: {k}", t, None if reference is None else reference[k], max_numel,
+        _check_layout(f"{what}: {_key(k)}", t, None if reference is None else reference[k], max_numel,
                       _RANK_DIM.get(lora_factor(k)) if allow_rank_change else None)
         total += t.numel()
         if reference is None and total > max_numel:
-            raise AdapterError(f"{what}: more than {max_numel} elements in all (at {k})")
+            raise AdapterError(f"{what}: more than {max_numel} elements in all (at {_key(k)})")
     for k, t in state.items():
         if not torch.isfinite(t).all():
-            raise AdapterError(f"{what}: {k} holds NaN or Inf values")
+            raise AdapterError(f"{what}: {_key(k)} holds NaN or Inf values")
 
 
 check_state = check_tensors  # the name potara.py and older code use

@@ -343,6 +343,11 @@ def test_check_tensors_keys_totals_and_metadata_before_values():
         check_tensors({"a": torch.zeros(1), "c": torch.zeros(1)}, {"a": torch.zeros(1), "b": torch.zeros(1)})
     with pytest.raises(AdapterError, match="more than 10 elements in all"):
         check_tensors({"a": torch.zeros(6), "b": torch.zeros(6)}, max_numel=10)  # each fits, together not
+    for key in ("evil\nkey", "k" * 10**6):  # a crafted key still gives a short, one-line message
+        for ref in (None, {"w": torch.zeros(1)}):
+            with pytest.raises(AdapterError) as e:
+                check_tensors({key: torch.tensor([float("nan")])}, ref)
+            assert "\n" not in str(e.value) and len(str(e.value)) < 300
     # metadata of every tensor is checked before any value is read: the sparse one is named, not the NaN
     with pytest.raises(AdapterError, match="b is not a dense"):
         check_tensors({"a": torch.tensor([float("nan")]), "b": torch.zeros(1).to_sparse()})
