@@ -22,9 +22,10 @@ out-of-process deployment (e.g. a Flower app) calls the same ones on each side:
 A selected client that never answers is a drop-out (in run_fedit, `drop_prob` simulates them with
 sample_clients' second draw). Every reply is untrusted: server_round checks it (validate_update:
 keys, shapes, dtypes, layout, finite values, optional L2 norm bound) and rejects a bad one with its
-reason instead of raising, so one client cannot crash the aggregation. The reported n_k is trusted
-as the FedAvg weight once it is a positive int; a norm bound limits each update, not a group of
-colluding clients that each stay under it.
+reason instead of raising, so one client cannot crash the aggregation. Limits, by design: the
+reported n_k is trusted as the FedAvg weight once it is an int in [1, 2**53] (a client can claim
+more data than it has), and a norm bound limits each update, not a group of colluding clients that
+each stay under it and together still move the average.
 
 Reproducibility: round t draws its clients from a generator seeded with (seed, t) and client
 k's local batches and dropout from (seed, t, k), so a run resumed at round t from its saved
@@ -329,7 +330,8 @@ def run_fedit(model: nn.Module, clients: Sequence[Client], rounds: int, local_st
     drop out, then server_round (validate, fedavg). history[t] is server_round's record.
     `resume` continues a saved FedState; `on_round` is called after every round (checkpointing).
     The model's adapter is restored to phi_0 on return, and torch's global RNG state to the caller's.
-    A client's private (unshared) tensors are kept only when its update was accepted.
+    A client's private (unshared) tensors are kept only when its update was accepted (a deployed client
+    that is not told the verdict would keep them anyway: the two differ only when a FedSA update is rejected).
     """
     if rounds < 0 or local_steps <= 0 or batch_size <= 0:
         raise ValueError(f"run_fedit: need rounds >= 0, local_steps > 0, batch_size > 0; got {rounds}, "
