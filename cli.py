@@ -13,9 +13,16 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
+import tempfile
 import warnings
 from contextlib import contextmanager
-from typing import Callable
+from typing import Callable, NoReturn
+
+try:
+    import fcntl  # POSIX: the --out lock; elsewhere runs are not locked
+except ImportError:  # pragma: no cover
+    fcntl = None
 
 # Idle OpenMP threads sleep instead of spinning: on a shared machine, spinning threads of an oversubscribed
 # pool slowed training here 20x. Read when torch starts its thread pool, so set before torch is used.
@@ -24,8 +31,33 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 
 from checkpoint import ResumeError
+from data import DataError
+from lora import AdapterError
 from pipeline import ExperimentConfig
 from potara import ESTIMATORS
+
+
+MAX_SEED = 2**63
+OUTPUT_FILES = ("checkpoint.pt", "results.json", "results.md", "lambda.png", "communication.png")  # in --out
+LOCK_FILE = ".lock"  # in --out: held by the run using it (out_dir_lock)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each option's default, except where it is None (a preset fills it: describe_presets
+    puts every preset's value in the help) or where the help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or "default:" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def describe_presets(ap: argparse.ArgumentParser, presets: dict[str, dict], flag: str = "--preset") -> None:
+    """Append "(<flag> a: x; b: y)" to the help of every option a preset fills (default None)."""
+    for action in ap._actions:  # argparse has no public accessor for its options
+        values = {name: p[action.dest] for name, p in presets.items() if p.get(action.dest) is not None}
+        if action.default is None and values:
+            action.help = (action.help or "") + " (" + "; ".join(f"{name}: {v}" for name, v in values.items()) + ")"
 
 
 def add_experiment_options(ap: argparse.ArgumentParser) -> None:
@@ -99,6 +131,11 @@ def check_experiment_options(ap: argparse.ArgumentParser, args: argparse.Namespa
             ap.error(f"--{k.replace('_', '-')} must be a positive number, got {getattr(args, k)}")
     if min(args.clients_per_round, args.snapshots, args.seed) < 0:
         ap.error("--clients-per-round, --snapshots and --seed must be >= 0")
+    if args.seed >= MAX_SEED:  # torch.manual_seed and fed.derive_seed take 63-bit seeds
+        ap.error(f"--seed must be < 2**63, got {args.seed}")
+    cores = os.cpu_count() or 1
+    if args.threads > cores:
+        ap.error(f"--threads must be at most the {cores} CPU cores of this machine, got {args.threads}")
     if args.max_update_norm is not None and not (args.max_update_norm > 0 and math.isfinite(args.max_update_norm)):
         ap.error(f"--max-update-norm must be a positive number, got {args.max_update_norm}")
     if not 0 <= args.drop_prob < 1:
@@ -152,6 +189,68 @@ def dir_problem(path: str, mode: int = os.W_OK | os.X_OK) -> str | None:
     return None if os.access(parent, os.W_OK | os.X_OK) else f"cannot be created ({parent} is not writable)"
 
 
+def prepare_out_dir(ap: argparse.ArgumentParser, out: str, flag: str = "--out") -> None:
+    """Before any work: `out` exists (created) and is writable, and none of the run's output files
+    (OUTPUT_FILES, LOCK_FILE) is a directory or anything else that os.replace could not replace."""
+    problem = dir_problem(out)
+    if problem:
+        ap.error(f"{flag} {out}: {problem}")
+    try:
+        os.makedirs(out, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".write-test-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        ap.error(f"{flag} {out}: cannot be created or written ({e.strerror or type(e).__name__})")
+    for name in OUTPUT_FILES + (LOCK_FILE,):
+        path = os.path.join(out, name)
+        if os.path.lexists(path) and not os.path.isfile(path):
+            ap.error(f"{flag} {out}: {name} in it is not a file (a directory?): move it away")
+
+
+@contextmanager
+def out_dir_lock(out: str):
+    """Hold an exclusive lock on out/LOCK_FILE for the run (fcntl.flock: released when the process ends,
+    even killed), so two runs never write the same --out; the second fails in one line."""
+    if fcntl is None:
+        yield
+        return
+    with open(os.path.join(out, LOCK_FILE), "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # BlockingIOError: held by another process (or another open of it in this one)
+            f.seek(0)
+            holder = f.read().strip()[:40] or "another process"
+            fail(f"--out {out} is in use by another run ({holder}): wait for it to end or choose another --out")
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+class CliError(SystemExit):
+    """Exit with `status` after `error: <message>` was printed to stderr (see fail)."""
+
+    def __init__(self, message: str, status: int = 2):
+        super().__init__(status)
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"error: {self.message}"
+
+
+def fail(message: str, status: int = 2) -> NoReturn:
+    """One line `error: <message>` on stderr, then exit `status` (2: a bad argument or input file, as
+    argparse; 1: the run failed, e.g. out of memory)."""
+    message = " ".join(str(message).split())  # one line, whatever the exception said
+    print(f"error: {message}", file=sys.stderr)
+    raise CliError(message, status)
+
+
 def setup_torch(args: argparse.Namespace) -> torch.device:
     """Threads, the torch.func fallback warning silenced, and the device (--device auto: CUDA when present)."""
     torch.set_num_threads(args.threads)
@@ -167,11 +266,15 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
 
 @contextmanager
 def one_line_errors(*errors: type[BaseException]):
-    """Turn the given exception types (default: checkpoint.ResumeError) into `error: <message>` and exit."""
+    """Bad input found during the run (data.DataError, checkpoint.ResumeError, lora.AdapterError and
+    `errors`) -> fail(..., 2); MemoryError -> fail(..., 1) saying it is not bad data."""
     try:
         yield
-    except errors or (ResumeError,) as e:
-        raise SystemExit(f"error: {e}") from None
+    except (DataError, ResumeError, AdapterError, *errors) as e:
+        fail(str(e))
+    except MemoryError as e:
+        fail(f"out of memory ({e or 'MemoryError'}): lower --batch-size, --eval-batch-size or --fisher-chunk, "
+             "or use a machine with more memory (the input files were not the problem)", status=1)
 
 
 def run_main(main: Callable[[], object]) -> None:

@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 
 from data import ClientSplits
 from llm_data import (IGNORE, DataError, Example, HFTokenizer, Tokenizer, encode_examples, normalize_answer,
-                      public_corpus)
+                      public_corpus, split_tasks)
+from lora import check_tensors
 from potara import causal_lm_likelihood
 from pretrain import cache_path, cached_pretrain, step, warmup_cosine
 
@@ -50,22 +51,40 @@ def tiny_llama(vocab_size: int, **overrides):
     return LlamaForCausalLM._from_config(cfg, attn_implementation="eager")
 
 
-def load_hf_model(name: str, attn: str):
-    """AutoModelForCausalLM + AutoTokenizer; any failure (offline, unknown name) is one line."""
+def _hf_failure(name: str, e: Exception) -> DataError:
+    if isinstance(e, ImportError):
+        return DataError(f"--model {name} needs the 'llm' extra (pip install -e '.[llm]'): {e}")
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return DataError(f"--model {name}: could not load it ({type(e).__name__}: {first[:200]}); offline, pass a "
+                     "local folder with config.json, the weights and the tokenizer")
+
+
+def load_hf_tokenizer(name: str) -> HFTokenizer:
+    """AutoTokenizer behind llm_data's interface: loaded before the model, so the data can be checked against
+    it first (llm_data.check_fits). DataError (one line) when it cannot be loaded or has no eos token."""
+    try:
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(name)  # trust_remote_code stays False: no code from the repo
+    except Exception as e:  # noqa: BLE001 -- OSError offline / unknown repo, ImportError, ValueError, ...
+        raise _hf_failure(name, e) from None
+    return HFTokenizer(tokenizer)
+
+
+def load_hf_model(name: str, attn: str) -> nn.Module:
+    """AutoModelForCausalLM in float32 (transformers reads safetensors, or .bin with weights_only); a model
+    with a NaN/Inf parameter is refused. DataError (one line) on any failure."""
     try:
         import transformers
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        tokenizer = AutoTokenizer.from_pretrained(name)
+        from transformers import AutoModelForCausalLM
         new_api = tuple(int(v) for v in transformers.__version__.split(".")[:2]) >= (4, 56)  # torch_dtype -> dtype
         model = AutoModelForCausalLM.from_pretrained(name, attn_implementation=attn,
                                                      **{"dtype" if new_api else "torch_dtype": torch.float32})
-    except ImportError as e:
-        raise SystemExit(f"error: run_llm.py needs the 'llm' extra (pip install -e '.[llm]'): {e}") from None
-    except Exception as e:  # OSError offline / unknown repo, ValueError unknown architecture, ...
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise SystemExit(f"error: --model {name}: could not load it ({type(e).__name__}: {first[:200]}); offline, "
-                         "pass a local folder with config.json, the weights and the tokenizer") from None
-    return model, HFTokenizer(tokenizer)
+    except Exception as e:  # noqa: BLE001
+        raise _hf_failure(name, e) from None
+    bad = next((n for n, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    if bad is not None:
+        raise DataError(f"--model {name}: its weight {bad} holds NaN or Inf values")
+    return model
 
 
 def lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -86,7 +105,8 @@ def pretrain_tiny(model: nn.Module, tok: Tokenizer, p: dict, seed: int, cache_di
            "corpus": hashlib.sha256(repr(public_corpus(64, random.Random(seed))).encode()).hexdigest()}
     path = cache_path(cache_dir, "tiny-llama", key)
 
-    def restore(obj: dict) -> nn.Module:
+    def restore(obj: dict) -> nn.Module:  # an untrusted file: every tensor checked against the model's first
+        check_tensors(obj["state_dict"], model.state_dict(), what=path)
         model.load_state_dict(obj["state_dict"])
         return model
 
@@ -206,15 +226,7 @@ def build_splits(tasks: dict[str, list[Example]], tok: Tokenizer, sizes: tuple[i
     """One client per task: its examples shuffled with (seed, task), then test, val and train taken in
     that order (so --train does not change the test set). Every val/test row is registered with the scorer."""
     splits = []
-    for name, examples in tasks.items():
-        n_train, n_val, n_test = sizes
-        if len(examples) < n_train + n_val + n_test:
-            raise DataError(f"task {name}: {len(examples)} examples, fewer than --train {n_train} + --val {n_val} "
-                            f"+ --test {n_test}")
-        order = list(range(len(examples)))
-        random.Random(f"{seed}/{name}").shuffle(order)
-        test, val, train = (([examples[i] for i in order[a:b]])
-                            for a, b in ((0, n_test), (n_test, n_test + n_val), (n_test + n_val, n_test + n_val + n_train)))
+    for name, (train, val, test) in split_tasks(tasks, sizes, seed).items():
         parts = {}
         for part, exs in (("train", train), ("val", val), ("test", test)):
             parts[part] = encode_examples(tok, exs, max_len)

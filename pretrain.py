@@ -55,8 +55,12 @@ def cached_pretrain(path: str, what: str, restore: Callable[[dict], Any], train:
             restored = restore(obj)
             print(f"{what}: reusing {path} ({describe(obj['info'])})")
             return restored, obj["info"], path
-        except Exception as e:  # noqa: BLE001 -- any unusable cache entry means: pre-train again
-            print(f"{what}: the cached {path} is unusable ({type(e).__name__}); pre-training it again")
+        except MemoryError:  # not a damaged file
+            raise
+        except Exception as e:  # noqa: BLE001 -- any unusable cache entry (damaged, edited, NaN): pre-train again
+            why = " ".join(str(e).split())[:160]
+            print(f"{what}: the cached {path} is unusable ({type(e).__name__}{': ' + why if why else ''}); "
+                  "pre-training it again")
     obj = train()
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)

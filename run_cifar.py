@@ -33,8 +33,8 @@ from vit import PRESETS, build_model, imagenet_vit_b_16, load_backbone_file, tin
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                 epilog="Arguments left at None take the preset's value (see PRESETS in vit.py).")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter,
+                                 epilog="Options showing two values take them from --preset tiny and paper (PRESETS in vit.py).")
     a = ap.add_argument
     a("--preset", choices=sorted(PRESETS), default="tiny", help="tiny: small ViT on a CPU; paper: vit_b_16 on a GPU")
     a("--data", choices=["cifar", "synthetic"], default="cifar", help="real CIFAR-100 (downloaded) or the offline synthetic stand-in")
@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--backbone", help="load this saved backbone instead (potara backbone file or a ViT state_dict)")
     a("--synthetic-per-class", type=int, default=500, help="synthetic training images per class (test: a fifth)")
     cli.add_experiment_options(ap)  # training, Potara, evaluation, run control: shared with run_llm.py
+    cli.describe_presets(ap, {"--preset tiny": PRESETS["tiny"], "paper": PRESETS["paper"]})
     return ap
 
 
@@ -76,16 +77,17 @@ def resolve_args(ap: argparse.ArgumentParser, argv=None) -> tuple[argparse.Names
         ap.error("the tiny preset pre-trains its backbone: needs --pretrain-steps >= 1 and --public >= 1000 "
                  "(or pass --backbone PATH)")
     args.out = args.out or os.path.join("runs", f"{args.preset}-{args.data}-{args.partition}-k{args.clients}-s{args.seed}")
-    cli.check_dirs(ap, ("--data-dir", args.data_dir, os.R_OK | os.X_OK), ("--out", args.out, os.W_OK | os.X_OK))
+    cli.check_dirs(ap, ("--data-dir", args.data_dir, os.R_OK | os.X_OK))
+    cli.prepare_out_dir(ap, args.out)
     return args, p
 
 
 def load_data(args):
-    """CIFAR-100 (downloaded when missing) or the synthetic stand-in (written once), checked; one-line errors."""
+    """CIFAR-100 (downloaded when missing) or the synthetic stand-in (written once), checked; DataError in one line."""
     try:
         return load_images(args.data, args.data_dir, args.synthetic_per_class)[0]
-    except (DataError, OSError) as e:
-        raise SystemExit(f"error: {e}") from None
+    except OSError as e:  # e.g. a read-only --data-dir for the synthetic files
+        raise DataError(f"--data-dir {args.data_dir}: {e.strerror or e} ({e.filename or ''})") from None
 
 
 def get_backbone(args, p: dict, data, public: np.ndarray, device: torch.device):
@@ -116,6 +118,11 @@ def partition(ap: argparse.ArgumentParser, args, data, pool: np.ndarray) -> list
 def main(argv=None) -> dict:
     ap = build_parser()
     args, p = resolve_args(ap, argv)
+    with cli.one_line_errors(), cli.out_dir_lock(args.out):  # bad data, backbone or checkpoint: one line, exit 2
+        return run(ap, args, p)
+
+
+def run(ap: argparse.ArgumentParser, args, p: dict) -> dict:
     device = cli.setup_torch(args)
     data = load_data(args)
     public, pool = public_and_pool(len(data.labels), args.public)
@@ -131,9 +138,8 @@ def main(argv=None) -> dict:
               "synthetic_data": data.synthetic, "backbone": backbone_info, "clients": client_info,
               "device": device.type, "torch": torch.__version__}
     t0 = time.time()
-    with cli.one_line_errors():
-        results = run_experiment(model, splits, cli.config_from_args(args), args.out, resume=args.resume, config=config,
-                                 progress=args.progress, autocast_dtype=cli.autocast_dtype(device))
+    results = run_experiment(model, splits, cli.config_from_args(args), args.out, resume=args.resume, config=config,
+                             progress=args.progress, autocast_dtype=cli.autocast_dtype(device))
     print(("SYNTHETIC DATA (not CIFAR-100)\n" if data.synthetic else "") + markdown_table(results))
     print(f"\n{time.time() - t0:.0f}s on {device} ({args.threads} threads); results in {args.out}/results.json")
     return results

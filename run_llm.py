@@ -26,14 +26,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
+import shutil
 import time
 
 import cli  # first: sets OMP_WAIT_POLICY before torch starts its threads
 import torch
 import torch.nn as nn
 
-from llm_data import ByteTokenizer, DataError, Tokenizer, read_task_dir, synthetic_tasks
-from lm import PRESETS, Scorer, build_splits, chance, lm_loss, load_hf_model, pretrain_tiny, tiny_llama
+from llm_data import ByteTokenizer, Tokenizer, check_fits, public_corpus, read_task_dir, split_tasks, synthetic_tasks
+from lm import (PRESETS, Scorer, build_splits, chance, lm_loss, load_hf_model, load_hf_tokenizer, pretrain_tiny,
+                tiny_llama)
 from lora import add_lora, lora_meta
 from pipeline import run_experiment
 from potara import causal_lm_likelihood, merge_adapters
@@ -42,9 +45,9 @@ from report import markdown_table, write_text
 
 # ----------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                 epilog="Arguments left at None take the value of PRESETS['tiny'] for --model tiny, "
-                                        "else PRESETS['hf'] (see lm.py).")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter,
+                                 epilog="Options showing two values take the first for --model tiny, the second for any "
+                                        "other model (PRESETS in lm.py).")
     a = ap.add_argument
     a("--model", default="tiny", help="'tiny' (a small Llama built and pre-trained here) or any name/path "
                                       "AutoModelForCausalLM loads, e.g. meta-llama/Llama-3.2-3B or Qwen/Qwen3-1.7B")
@@ -63,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--attn", default="eager", help="attention implementation of a --model NAME (eager works under torch.func.vmap)")
     a("--export-peft", metavar="DIR", help="also write each client's Potara adapter (and the federated one) in peft's format")
     cli.add_experiment_options(ap)  # training, Potara, evaluation, run control: shared with run_cifar.py
+    cli.describe_presets(ap, {"--model tiny": PRESETS["tiny"], "other models": PRESETS["hf"]})
     return ap
 
 
@@ -84,38 +88,52 @@ def resolve_args(ap: argparse.ArgumentParser, argv=None) -> tuple[argparse.Names
     tag = lambda s: os.path.basename(os.path.normpath(s)) or "model"
     args.out = args.out or os.path.join("runs", f"llm-{tag(args.model)}-{tag(args.data)}-s{args.seed}")
     rw = os.W_OK | os.X_OK
-    cli.check_dirs(ap, ("--out", args.out, rw), ("--cache-dir", args.cache_dir, rw), ("--export-peft", args.export_peft, rw))
+    cli.check_dirs(ap, ("--cache-dir", args.cache_dir, rw), ("--export-peft", args.export_peft, rw))
+    cli.prepare_out_dir(ap, args.out)
     return args, p
 
 
 def main(argv=None) -> dict:
     ap = build_parser()
     args, p = resolve_args(ap, argv)
-    device = cli.setup_torch(args)
-    try:
-        tasks = (synthetic_tasks(args.synthetic_examples, seed=1234) if args.data == "synthetic"
-                 else read_task_dir(args.data))
-    except DataError as e:
-        raise SystemExit(f"error: {e}") from None
+    with cli.one_line_errors(), cli.out_dir_lock(args.out):  # bad data / checkpoint: one line, exit 2
+        return run(ap, args, p)
+
+
+def load_checked_tasks(ap: argparse.ArgumentParser, args, p: dict) -> tuple[dict, Tokenizer]:
+    """The tasks and the tokenizer, with every data check done before a model is loaded or pre-trained:
+    enough examples per task, every answer fits --max-len (and the tiny model's public corpus too), task
+    names that --export-peft can write."""
+    tasks = synthetic_tasks(args.synthetic_examples, seed=1234) if args.data == "synthetic" else read_task_dir(args.data)
     if args.clients:
         if args.clients > len(tasks):
             ap.error(f"--clients {args.clients}: the data has only {len(tasks)} tasks")
         tasks = dict(list(tasks.items())[:args.clients])
+    if args.clients_per_round > len(tasks):
+        ap.error(f"--clients-per-round must be in [0, {len(tasks)}], got {args.clients_per_round}")
+    reserved = sorted(set(tasks) & set(EXPORT_RESERVED)) if args.export_peft else []
+    if reserved:
+        ap.error(f"--export-peft: a task named {reserved[0]!r} would share a folder with the {reserved[0]} export: "
+                 "rename its .jsonl file")
+    chosen = split_tasks(tasks, (args.train, args.val, args.test), args.seed)
+    tok: Tokenizer = ByteTokenizer() if args.model == "tiny" else load_hf_tokenizer(args.model)
+    check_fits({name: [e for part in parts for e in part] for name, parts in chosen.items()}, tok, args.max_len)
+    if args.model == "tiny":  # the pre-training corpus is encoded at --max-len too; its answers are a fixed set
+        check_fits({"the public pre-training corpus": public_corpus(2000, random.Random(0))}, tok, p["max_len"])
+    return tasks, tok
+
+
+def run(ap: argparse.ArgumentParser, args, p: dict) -> dict:
+    device = cli.setup_torch(args)
+    tasks, tok = load_checked_tasks(ap, args, p)
     if args.model == "tiny":
-        tok: Tokenizer = ByteTokenizer()
         torch.manual_seed(0)
         model = tiny_llama(tok.vocab_size, max_position_embeddings=max(128, args.max_len))
         model_info = pretrain_tiny(model, tok, p, 0, args.cache_dir, device, args.progress)
     else:
-        model, tok = load_hf_model(args.model, args.attn)
-        model_info = {"model": args.model}
+        model, model_info = load_hf_model(args.model, args.attn), {"model": args.model}
     scorer = Scorer(tok, args.max_new_tokens, args.eval_batch_size)
-    try:
-        splits = build_splits(tasks, tok, (args.train, args.val, args.test), args.max_len, args.seed, scorer)
-    except DataError as e:
-        raise SystemExit(f"error: {e}") from None
-    if args.clients_per_round > len(splits):
-        ap.error(f"--clients-per-round must be in [0, {len(splits)}], got {args.clients_per_round}")
+    splits = build_splits(tasks, tok, (args.train, args.val, args.test), args.max_len, args.seed, scorer)
     model.to(device).eval()
     chance_acc = {s.name: chance(tasks[s.name]) for s in splits}
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -126,17 +144,15 @@ def main(argv=None) -> dict:
     except ValueError as e:
         ap.error(f"--targets: {e}")
     model.to(device)
-    cfg = cli.config_from_args(args)
     config = {"args": {k: v for k, v in vars(args).items() if k not in ("progress", "resume", "threads", "export_peft")},
               "model": model_info, "device": device.type, "torch": torch.__version__,
               "reference": {"chance": chance_acc, "pretrained_no_adapter": base},
               "tasks": {s.name: {"examples": len(tasks[s.name]), "multiple_choice": tasks[s.name][0].options is not None}
                         for s in splits}}
     t0 = time.time()
-    with cli.one_line_errors():
-        results = run_experiment(model, splits, cfg, args.out, evaluate=scorer, loss_fn=lm_loss,
-                                 likelihood=causal_lm_likelihood, resume=args.resume, config=config,
-                                 progress=args.progress, autocast_dtype=cli.autocast_dtype(device))
+    results = run_experiment(model, splits, cli.config_from_args(args), args.out, evaluate=scorer, loss_fn=lm_loss,
+                             likelihood=causal_lm_likelihood, resume=args.resume, config=config,
+                             progress=args.progress, autocast_dtype=cli.autocast_dtype(device))
     table = markdown_table(results) + "\n\n" + reference_table(results)
     write_text(os.path.join(args.out, "results.md"), table + "\n")
     if args.export_peft:
@@ -153,6 +169,9 @@ def reference_table(results: dict) -> str:
     return "\n".join(["| reference | mean acc | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)] +
                      [f"| {label} | {sum(d.values()) / len(d):.3f} | " + " | ".join(f"{d[n]:.3f}" for n in names) + " |"
                       for label, d in rows])
+
+
+EXPORT_RESERVED = ("federated", "base_model")  # --export-peft folders that are not a client's
 
 
 def save_tiny_base(model: nn.Module, path: str) -> None:
@@ -174,11 +193,10 @@ def write_peft(args, model: nn.Module, results: dict) -> None:
     base = args.model
     if args.model == "tiny":
         base = os.path.abspath(os.path.join(args.export_peft, "base_model"))
-        save_tiny_base(model, base)
+        write_folder_atomically(base, lambda folder: save_tiny_base(model, folder))
     scaling = {m["scaling"] for m in lora_meta(model)["layers"].values()}.pop()
     export_peft(args.export_peft, adapters, scaling, list(args.targets), base)
     print(f"peft adapters of {len(adapters)} models written to {args.export_peft}/ (base model: {base})")
-
 
 
 # ----------------------------------------------------------------------------- peft export
@@ -204,11 +222,35 @@ def export_peft(out_dir: str, adapters: dict[str, dict[str, torch.Tensor]], scal
                   "use_rslora": False, "use_dora": False, "init_lora_weights": True, "modules_to_save": None,
                   "rank_pattern": {}, "alpha_pattern": {}}
         tensors = {f"base_model.model.{k}.weight": v.detach().to("cpu").contiguous() for k, v in state.items()}
-        folder = os.path.join(out_dir, name)
-        os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, "adapter_config.json"), "w") as f:
-            json.dump(config, f, indent=2)
-        save_file(tensors, os.path.join(folder, "adapter_model.safetensors"), metadata={"format": "pt"})
+
+        def write(folder: str) -> None:
+            os.makedirs(folder)
+            with open(os.path.join(folder, "adapter_config.json"), "w") as f:
+                json.dump(config, f, indent=2)
+            save_file(tensors, os.path.join(folder, "adapter_model.safetensors"), metadata={"format": "pt"})
+        write_folder_atomically(os.path.join(out_dir, name), write)
+
+
+def write_folder_atomically(folder: str, write) -> None:
+    """write(tmp) creates and fills a new folder beside `folder` (files fsynced), which then takes its place
+    by two renames: a crash leaves the old folder or the new one complete (plus a hidden .<name>.partial-<pid>
+    or .<name>.old-<pid> folder), never a half-written one."""
+    parent, name = os.path.split(os.path.abspath(folder))
+    tmp, old = (os.path.join(parent, f".{name}.{what}-{os.getpid()}") for what in ("partial", "old"))
+    os.makedirs(parent, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write(tmp)
+        for f in os.listdir(tmp):
+            if os.path.isfile(os.path.join(tmp, f)):
+                with open(os.path.join(tmp, f), "rb") as handle:
+                    os.fsync(handle.fileno())
+        if os.path.lexists(folder):
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ import torchvision
 from torchvision.models import VisionTransformer
 from tqdm.auto import tqdm
 
-from lora import add_lora
+from data import DataError
+from lora import AdapterError, add_lora, check_tensors
 from pretrain import cache_path, cached_pretrain, step, warmup_cosine
 
 CIFAR_MEAN, CIFAR_STD = (0.507, 0.487, 0.441), (0.267, 0.256, 0.276)
@@ -87,33 +88,89 @@ def build_model(backbone: VisionTransformer, p: dict, rank: int, lora_alpha: flo
     return model
 
 
+class BackboneError(DataError):
+    """A backbone file that cannot be used: unreadable, unsafe, or an architecture or tensors that do not
+    describe a sound ViT (a DataError: the scripts report it in one line, exit status 2)."""
+
+
+VIT_B_16 = dict(image_size=224, patch_size=16, num_layers=12, num_heads=12, hidden_dim=768, mlp_dim=3072)
+ARCH_LIMITS = {"image_size": (1, 1024), "patch_size": (1, 1024), "num_layers": (1, 64), "num_heads": (1, 64),
+               "hidden_dim": (1, 4096), "mlp_dim": (1, 16384), "num_classes": (1, 100_000)}
+MAX_BACKBONE_PARAMS = 10**9  # 4 GB of float32 (torchvision's largest ViT, vit_h_14, has 0.63e9)
+
+
+def check_arch(arch) -> dict:
+    """A backbone file's architecture, checked before anything is built from it: exactly the keys of
+    ARCH_LIMITS (num_classes optional), integers within their limits, patch_size dividing image_size,
+    num_heads dividing hidden_dim, and at most MAX_BACKBONE_PARAMS parameters by the count of a ViT with L
+    layers, width d, MLP width m, patch p and image side s: L (4 d^2 + 2 d m) + ((s/p)^2 + 1) d + 3 p^2 d."""
+    if not isinstance(arch, dict):
+        raise BackboneError(f"the architecture is a {type(arch).__name__}, not a dict")
+    unknown = sorted(str(k)[:40] for k in set(arch) - set(ARCH_LIMITS))
+    missing = sorted(set(ARCH_LIMITS) - {"num_classes"} - set(arch))
+    if unknown or missing:
+        raise BackboneError(f"the architecture has unknown keys {unknown} or lacks {missing}")
+    for k, v in arch.items():
+        lo, hi = ARCH_LIMITS[k]
+        if type(v) is not int or not lo <= v <= hi:
+            raise BackboneError(f"the architecture's {k} must be an integer in [{lo}, {hi}], got {str(v)[:40]}")
+    L, d, m, p, s = (arch[k] for k in ("num_layers", "hidden_dim", "mlp_dim", "patch_size", "image_size"))
+    if s % p or d % arch["num_heads"]:
+        raise BackboneError(f"the architecture needs patch_size | image_size and num_heads | hidden_dim, got {arch}")
+    params = L * (4 * d * d + 2 * d * m) + ((s // p) ** 2 + 1) * d + 3 * p * p * d
+    if params > MAX_BACKBONE_PARAMS:
+        raise BackboneError(f"the architecture has ~{params:.2g} parameters, more than {MAX_BACKBONE_PARAMS:.0e}")
+    return arch
+
+
+def backbone_from_state(arch, state, what: str) -> VisionTransformer:
+    """A VisionTransformer(**arch) holding `state` (its old head dropped), after check_arch and, on the
+    expected shapes taken from a ViT built on the meta device (nothing allocated), lora.check_tensors on
+    every tensor: keys, dtypes, shapes, layout, storage bounds, finite values. BackboneError names `what`."""
+    arch = check_arch(arch)
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        raise BackboneError(f"{what}: the weights are not a dict of named tensors")
+    with torch.device("meta"):
+        expected = {k: v for k, v in VisionTransformer(**arch).state_dict().items() if not k.startswith("heads.")}
+    body = {k: v for k, v in state.items() if not k.startswith("heads.")}
+    if body.keys() != expected.keys():
+        raise BackboneError(f"{what} does not fit a ViT of its architecture: missing "
+                            f"{sorted(expected.keys() - body.keys())[:3]}, unexpected {sorted(body.keys() - expected.keys())[:3]}")
+    try:
+        check_tensors(body, expected, what=what)
+    except AdapterError as e:
+        raise BackboneError(str(e)) from None
+    vit = VisionTransformer(**arch)
+    vit.load_state_dict(body, strict=False)  # the head is replaced (new_head)
+    return vit
+
+
 def load_backbone_file(path: str, default_vit: dict | None) -> VisionTransformer:
-    """A potara backbone file (arch + weights) or a plain state_dict of the preset's architecture
-    (e.g. torchvision's vit_b_16-c6a6e5f1.pth). The old head is dropped."""
+    """A potara backbone file {"format": "potara-backbone-v1", "vit": arch, "state_dict": ...} or a plain
+    state_dict of the preset's architecture (default_vit; None: vit_b_16, e.g. torchvision's
+    vit_b_16-c6a6e5f1.pth). Read with weights_only=True (never runs code) and checked (backbone_from_state)."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise SystemExit(f"error: --backbone {path}: not a readable torch file ({type(e).__name__})") from None
-    if not isinstance(obj, dict) or ("format" in obj and not {"vit", "state_dict"} <= obj.keys()):
-        raise SystemExit(f"error: --backbone {path}: neither a potara backbone file nor a state_dict")
-    arch, state = (obj["vit"], obj["state_dict"]) if "format" in obj else (default_vit, obj)
-    vit = VisionTransformer(**arch) if arch else torchvision.models.vit_b_16()
-    state = {k: v for k, v in state.items() if not k.startswith("heads.")}
-    missing, unexpected = vit.load_state_dict(state, strict=False)
-    if unexpected or [k for k in missing if not k.startswith("heads.")]:
-        raise SystemExit(f"error: --backbone {path} does not fit the ViT: missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}")
-    return vit
+    except Exception as e:  # noqa: BLE001 -- a refused pickle, a truncated zip, ...: all "not usable"
+        raise BackboneError(f"--backbone {path}: not a readable, safe torch file ({type(e).__name__})") from None
+    if not isinstance(obj, dict) or ("format" in obj and (obj.get("format") != "potara-backbone-v1"
+                                                          or not {"vit", "state_dict"} <= obj.keys())):
+        raise BackboneError(f"--backbone {path}: neither a potara backbone file nor a state_dict")
+    arch, state = (obj["vit"], obj["state_dict"]) if "format" in obj else (default_vit or VIT_B_16, obj)
+    try:
+        return backbone_from_state(arch, state, f"--backbone {path}")
+    except BackboneError as e:
+        raise BackboneError(str(e) if str(e).startswith("--backbone") else f"--backbone {path}: {e}") from None
 
 
 def imagenet_vit_b_16() -> VisionTransformer:
     weights = torchvision.models.ViT_B_16_Weights.IMAGENET1K_V1
     try:
         return torchvision.models.vit_b_16(weights=weights)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 -- offline, a damaged download, ...
         where = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
-        raise SystemExit(f"error: could not get the ImageNet weights of vit_b_16 (offline? {type(e).__name__}): "
-                         f"put {os.path.basename(weights.url)} at {where} or pass --backbone PATH") from None
+        raise BackboneError(f"could not get the ImageNet weights of vit_b_16 (offline? {type(e).__name__}): "
+                            f"put {os.path.basename(weights.url)} at {where} or pass --backbone PATH") from None
 
 
 def pretrain_tiny_backbone(p: dict, images: torch.Tensor, labels: torch.Tensor, device: torch.device, seed: int,
@@ -155,10 +212,10 @@ def tiny_backbone(p: dict, data, public: np.ndarray, data_desc: dict, data_dir: 
     images, labels = data.images[public], torch.from_numpy(data.labels[public])
     path = cache_path(os.path.join(data_dir, "backbones"), "tiny", key)
 
-    def restore(obj: dict) -> VisionTransformer:
-        vit = VisionTransformer(**obj["vit"])
-        vit.load_state_dict(obj["state_dict"])
-        return vit
+    def restore(obj: dict) -> VisionTransformer:  # a cache file is checked like any backbone file
+        if not isinstance(obj, dict) or obj.get("vit") != {**p["vit"], "num_classes": NUM_CLASSES}:
+            raise BackboneError(f"{path} holds another architecture")
+        return backbone_from_state(obj["vit"], obj["state_dict"], path)
 
     def train() -> dict:
         t0 = time.time()

@@ -200,7 +200,7 @@ def test_cli_rejects_bad_arguments(extra, msg, data_dir, tmp_path, capsys):
 def test_offline_errors_are_one_line(tmp_path, monkeypatch):
     def offline(*a, **k):
         raise URLError("no network")
-    monkeypatch.setattr("torchvision.datasets.cifar.download_and_extract_archive", offline)
+    monkeypatch.setattr(data_module, "download_and_extract_archive", offline)
     with pytest.raises(SystemExit) as e:
         run_cifar.main(["--data", "cifar", "--data-dir", str(tmp_path), "--out", str(tmp_path / "o"), "--threads", "1"])
     assert "CIFAR-100 not found under" in str(e.value) and "--data synthetic" in str(e.value)

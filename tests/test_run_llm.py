@@ -72,7 +72,7 @@ def test_micro_end_to_end_run(tmp_path):
     (["--data", "/nonexistent/dir"], "not a directory"),
     (["--rounds", "0"], "--rounds must be >= 1"),
     (["--clients", "9"], "only 8 tasks"),
-    (["--model", "/nonexistent/model"], "could not load it"),
+    (["--model", "/nonexistent/model", "--train", "10", "--val", "5", "--test", "5"], "could not load it"),
 ])
 def test_cli_errors_are_one_line(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as e:
@@ -91,3 +91,84 @@ def test_damaged_pretrain_cache_is_rebuilt(tmp_path, capsys):
     assert "unusable" in capsys.readouterr().out
     assert {m: r["per_client"] for m, r in second["methods"].items()} == {m: r["per_client"] for m, r in
                                                                           first["methods"].items()}
+
+
+# ----------------------------------------------------------------------------- adversarial inputs (issue 13)
+def write_task(folder, name, rows):
+    folder.mkdir(exist_ok=True)
+    (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def last_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    return err[-1] if err else ""
+
+
+def test_data_checks_come_before_the_model_is_loaded_or_pretrained(tmp_path, capsys):
+    """Too few examples and answers longer than --max-len: exit 2 in one line, with nothing pre-trained or loaded."""
+    cache = tmp_path / "cache"
+    base = ["--cache-dir", str(cache), "--out", str(tmp_path / "o"), "--threads", "1", "--no-progress"]
+    with pytest.raises(SystemExit) as e:  # counted before the (nonexistent) model is even looked for
+        run_llm.main(base + ["--model", "/nonexistent/model", "--train", "1000"])
+    assert e.value.code == 2 and "task sentiment: 600 examples, fewer than --train 1000" in last_error(capsys)
+    data = tmp_path / "tasks"
+    write_task(data, "t", [{"prompt": f"q{i}", "answer": "a" * (30 if i == 3 else 1)} for i in range(12)])
+    with pytest.raises(SystemExit) as e:
+        run_llm.main(base + ["--data", str(data), "--train", "4", "--val", "4", "--test", "4", "--max-len", "20"])
+    assert e.value.code == 2
+    assert last_error(capsys) == f"error: t: answer '{'a' * 30}' needs 34 tokens with its prompt, more than --max-len 20: use --max-len 34 or more"
+    write_task(data, "t", [{"prompt": f"q{i}", "answer": "a"} for i in range(12)])  # fits --max-len 8 ...
+    with pytest.raises(SystemExit) as e:  # ... but the tiny model's pre-training corpus does not
+        run_llm.main(base + ["--data", str(data), "--max-len", "8", "--train", "4", "--val", "4", "--test", "4"])
+    assert e.value.code == 2 and "the public pre-training corpus: answer" in last_error(capsys)
+    assert not cache.exists()  # nothing was pre-trained
+
+
+def test_bad_jsonl_exits_2_with_file_and_line(tmp_path, capsys):
+    data = tmp_path / "tasks"
+    write_task(data, "t", [{"prompt": "p", "answer": "a"}] * 3)
+    with open(data / "t.jsonl", "ab") as f:
+        f.write(b'{"prompt": "\\ud800", "answer": "a"}\n')
+    with pytest.raises(SystemExit) as e:
+        run_llm.main(["--data", str(data), "--out", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c"), "--threads", "1"])
+    assert e.value.code == 2 and last_error(capsys) == f"error: {data / 't.jsonl'}:4: 'prompt' is not valid Unicode " \
+                                                       "(surrogates not allowed at character 0)"
+
+
+def test_a_tokenizer_without_eos_is_one_line(tmp_path, capsys):
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+    folder = tmp_path / "model"
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "<unk>": 1}, unk_token="<unk>")))
+    tok.save_pretrained(str(folder))
+    with pytest.raises(SystemExit) as e:
+        run_llm.main(["--model", str(folder), "--train", "4", "--val", "2", "--test", "2", "--out", str(tmp_path / "o"),
+                      "--threads", "1"])
+    assert e.value.code == 2
+    assert last_error(capsys) == "error: the model's tokenizer has no eos token: answers could not be terminated"
+
+
+def test_export_task_names_that_would_clash_are_refused_up_front(tmp_path, capsys):
+    data = tmp_path / "tasks"
+    for name in ("federated", "other"):
+        write_task(data, name, [{"prompt": "p", "answer": "a"}] * 12)
+    with pytest.raises(SystemExit) as e:
+        run_llm.main(["--data", str(data), "--export-peft", str(tmp_path / "peft"), "--out", str(tmp_path / "o"),
+                      "--cache-dir", str(tmp_path / "c"), "--threads", "1"])
+    assert e.value.code == 2 and "--export-peft: a task named 'federated' would share a folder" in last_error(capsys)
+    assert not (tmp_path / "c").exists()
+
+
+def test_folder_export_is_atomic(tmp_path):
+    folder = tmp_path / "peft" / "client0"
+    run_llm.write_folder_atomically(str(folder), lambda f: os.makedirs(f) or open(os.path.join(f, "x"), "w").write("old"))
+
+    def dies_halfway(f):
+        os.makedirs(f)
+        open(os.path.join(f, "x"), "w").write("half")
+        raise KeyboardInterrupt  # e.g. Ctrl-C or a full disk in the middle of writing
+    with pytest.raises(KeyboardInterrupt):
+        run_llm.write_folder_atomically(str(folder), dies_halfway)
+    assert os.listdir(tmp_path / "peft") == ["client0"] and (folder / "x").read_text() == "old"  # old one, no debris
+    run_llm.write_folder_atomically(str(folder), lambda f: os.makedirs(f) or open(os.path.join(f, "y"), "w").write("new"))
+    assert os.listdir(folder) == ["y"] and os.listdir(tmp_path / "peft") == ["client0"]

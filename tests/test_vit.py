@@ -34,13 +34,13 @@ def test_backbone_file_round_trip(tmp_path, same):
     assert same(body(loaded), body(backbone)) and same(body(again), body(backbone))
     bad = tmp_path / "bad.pt"
     torch.save({"encoder.nope": torch.zeros(1)}, bad)
-    with pytest.raises(SystemExit, match="does not fit the ViT"):
+    with pytest.raises(vit.BackboneError, match="does not fit a ViT of its architecture"):
         vit.load_backbone_file(str(bad), {**MICRO_VIT, "num_classes": 100})
     torch.save(torch.zeros(3), bad)
-    with pytest.raises(SystemExit, match="neither a potara backbone file nor a state_dict"):
+    with pytest.raises(vit.BackboneError, match="neither a potara backbone file nor a state_dict"):
         vit.load_backbone_file(str(bad), None)
     bad.write_bytes(b"garbage")
-    with pytest.raises(SystemExit, match="not a readable torch file"):
+    with pytest.raises(vit.BackboneError, match="not a readable, safe torch file"):
         vit.load_backbone_file(str(bad), None)
 
 
@@ -48,7 +48,7 @@ def test_imagenet_weights_offline_is_one_line(monkeypatch):
     def offline(*a, **k):
         raise URLError("no network")
     monkeypatch.setattr(vit.torchvision.models, "vit_b_16", offline)
-    with pytest.raises(SystemExit, match=r"ImageNet weights of vit_b_16 \(offline\?.*--backbone PATH") as e:
+    with pytest.raises(vit.BackboneError, match=r"ImageNet weights of vit_b_16 \(offline\?.*--backbone PATH") as e:
         vit.imagenet_vit_b_16()
     assert "\n" not in str(e.value)
 
@@ -90,3 +90,69 @@ def test_tiny_backbone_cache_reused_rebuilt_and_skipped(tmp_path, capsys, micro_
     fourth, info = call()
     assert "NOT cached" in capsys.readouterr().out and info["backbone"] == "(not cached)"
     assert same(fourth.state_dict(), first.state_dict())
+
+
+# ----------------------------------------------------------------------------- hostile backbone files (issue 13, item 3)
+def potara_file(path, arch=None, state=None):
+    backbone = micro_backbone()
+    torch.save({"format": "potara-backbone-v1", "vit": {**MICRO_VIT, "num_classes": 100} if arch is None else arch,
+                "state_dict": backbone.state_dict() if state is None else state, "info": {}}, path)
+    return backbone.state_dict()
+
+
+def edited(key, make):
+    state = micro_backbone().state_dict()
+    state[key] = make(state[key])
+    return state
+
+
+W = "encoder.layers.encoder_layer_0.mlp.0.weight"
+
+
+@pytest.mark.parametrize("arch, state, why", [
+    (None, edited(W, lambda w: w.index_fill(0, torch.tensor([3]), float("nan"))), f"{W} holds NaN or Inf"),
+    (None, edited(W, lambda w: w.to(torch.complex64)), "dtype torch.complex64, expected torch.float32"),
+    (None, edited(W, lambda w: w > 0), "dtype torch.bool, expected torch.float32"),
+    (None, edited(W, lambda w: w.t().contiguous()), "has shape (16, 32), the model expects (32, 16)"),
+    (None, edited(W, lambda w: torch.zeros(1).expand(w.shape)), "expanded view"),
+    ({**MICRO_VIT, "num_classes": 100, "rm_rf": 1}, None, "unknown keys ['rm_rf']"),
+    ({**MICRO_VIT, "hidden_dim": 400000}, None, "hidden_dim must be an integer in [1, 4096], got 400000"),
+    ({**MICRO_VIT, "num_layers": 60, "hidden_dim": 4096, "mlp_dim": 16384}, None, "parameters, more than 1e+09"),
+    ({**MICRO_VIT, "patch_size": 7}, None, "patch_size | image_size"),
+    ({**MICRO_VIT, "num_heads": True}, None, "num_heads must be an integer"),
+    ("a string", None, "the architecture is a str, not a dict"),
+    ([1, 2], None, "the architecture is a list, not a dict"),
+    (None, "a string", "the weights are not a dict of named tensors"),
+    (None, [torch.zeros(2)], "the weights are not a dict of named tensors"),
+])
+def test_malformed_backbone_files_are_refused_before_building(tmp_path, monkeypatch, arch, state, why):
+    """Each is one line naming the file and the problem; no VisionTransformer is built (so no terabyte
+    allocation from a crafted architecture) before the file passed every check."""
+    built = []
+    real = vit.VisionTransformer
+    monkeypatch.setattr(vit, "VisionTransformer", lambda **kw: built.append(torch.get_default_device()) or real(**kw))
+    path = tmp_path / "b.pt"
+    potara_file(path, arch, state)
+    with pytest.raises(vit.BackboneError) as e:
+        vit.load_backbone_file(str(path), None)
+    msg = str(e.value)
+    assert why in msg and msg.startswith(f"--backbone {path}") and "\n" not in msg, msg
+    assert all(d.type == "meta" for d in built)  # at most the meta-device ViT that gives the expected shapes
+
+
+def test_a_nan_cached_tiny_backbone_is_pretrained_again(tmp_path, capsys, micro_preset):
+    root = tmp_path / "data"
+    write_synthetic_cifar100(str(root), 12, 2)
+    d = load_cifar100(str(root), download=False)
+    public = np.arange(1000)
+    p = vit.PRESETS["tiny"]
+    first, _ = vit.tiny_backbone(p, d, public, {"data": "synthetic"}, str(tmp_path), 2, torch.device("cpu"), False)
+    (cached,) = (tmp_path / "backbones").iterdir()
+    obj = torch.load(cached, weights_only=True)
+    obj["state_dict"][W][0, 0] = float("nan")
+    torch.save(obj, cached)
+    capsys.readouterr()
+    again, _ = vit.tiny_backbone(p, d, public, {"data": "synthetic"}, str(tmp_path), 2, torch.device("cpu"), False)
+    out = capsys.readouterr().out
+    assert "is unusable (BackboneError:" in out and "holds NaN or Inf" in out and "pre-training it again" in out
+    assert torch.isfinite(again.state_dict()[W]).all() and torch.equal(again.state_dict()[W], first.state_dict()[W])

@@ -1,0 +1,107 @@
+"""cli.py: --help says what each preset gives, impossible options and unusable --out folders are one-line
+parser errors before any work, a second run on the same --out is refused, and errors found during a run
+leave in one line with the exit status the README gives (2: bad input, 1: out of memory)."""
+import argparse
+import os
+
+import pytest
+
+import cli
+from checkpoint import ResumeError
+from data import DataError
+from lora import AdapterError
+
+
+def parser(presets=None):
+    ap = argparse.ArgumentParser(prog="x", formatter_class=cli.HelpFormatter)
+    ap.add_argument("--train", type=int, help="train examples")
+    ap.add_argument("--out", default=None, help="output folder (default: runs/<name>)")
+    ap.add_argument("--clients", type=int, default=3, help="clients")
+    cli.add_experiment_options(ap)
+    cli.describe_presets(ap, presets or {"tiny": {"train": 400, "rounds": 100, "lr": 3e-3},
+                                         "paper": {"train": 1000, "rounds": 400, "lr": 1e-3}})
+    return ap
+
+
+def test_help_names_each_presets_value_and_never_none(capsys):
+    with pytest.raises(SystemExit):
+        parser().parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "(default: None)" not in text and "(default: runs/<name>) (default" not in text
+    assert "train examples (tiny: 400; paper: 1000)" in text and "(tiny: 100; paper: 400)" in text
+    assert "clients (default: 3)" in text  # a real default is still shown
+
+
+def args_for(ap, *argv):
+    args = ap.parse_args(["--train", "10", "--rounds", "1", "--local-steps", "1", "--local-train-steps", "1",
+                          "--finetune-steps", "1", "--lr", "0.1", "--batch-size", "2", "--rank", "1",
+                          "--lora-alpha", "1", *argv])
+    args.val = 5
+    return args
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--seed", str(10**29)], "--seed must be < 2**63"),
+    (["--seed", str(2**63)], "--seed must be < 2**63"),
+    (["--threads", "1000"], "--threads must be at most the"),
+])
+def test_seed_and_threads_are_bounded(capsys, argv, message):
+    ap = parser()
+    with pytest.raises(SystemExit) as e:
+        cli.check_experiment_options(ap, args_for(ap, *argv))
+    assert e.value.code == 2 and message in capsys.readouterr().err.strip().splitlines()[-1]
+    cli.check_experiment_options(ap, args_for(ap, "--seed", str(2**63 - 1), "--threads", str(os.cpu_count() or 1)))
+
+
+def test_seed_1e29_is_a_parser_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        parser().parse_args(["--seed", "1e29"])
+    assert e.value.code == 2 and "invalid int value: '1e29'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda tmp: "/proc/potara-x", "cannot be created or written"),
+    (lambda tmp: (tmp / "o" / "results.json").mkdir(parents=True) or tmp / "o", "results.json in it is not a file"),
+    (lambda tmp: (tmp / "o" / "checkpoint.pt").mkdir(parents=True) or tmp / "o", "checkpoint.pt in it is not a file"),
+    (lambda tmp: (tmp / "o" / ".lock").mkdir(parents=True) or tmp / "o", ".lock in it is not a file"),
+    (lambda tmp: (tmp / "f").write_text("x") and tmp / "f", "exists and is not a directory"),
+])
+def test_unusable_out_dirs_are_parser_errors(tmp_path, capsys, make, message):
+    out = make(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        cli.prepare_out_dir(parser(), str(out))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"--out {out}" in err and message in err, err
+
+
+def test_prepare_out_dir_creates_it_and_leaves_nothing_behind(tmp_path):
+    out = tmp_path / "a" / "b"
+    cli.prepare_out_dir(parser(), str(out))
+    assert out.is_dir() and os.listdir(out) == []  # the write probe is gone
+
+
+def test_a_second_run_on_the_same_out_is_refused(tmp_path, capsys):
+    with cli.out_dir_lock(str(tmp_path)):
+        assert (tmp_path / cli.LOCK_FILE).read_text() == f"pid {os.getpid()}"
+        with pytest.raises(SystemExit) as e:  # another open file description: flock refuses it like another process
+            with cli.out_dir_lock(str(tmp_path)):
+                pass
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err == (f"error: --out {tmp_path} is in use by another run (pid {os.getpid()}): wait for it to end "
+                       "or choose another --out")
+    with cli.out_dir_lock(str(tmp_path)):  # released when the first run ended
+        pass
+
+
+@pytest.mark.parametrize("error, status", [(DataError("x.jsonl:3: not valid JSON"), 2), (ResumeError("ck: edited"), 2),
+                                           (AdapterError("w holds NaN"), 2), (MemoryError(), 1)])
+def test_errors_during_a_run_are_one_line_with_their_status(capsys, error, status):
+    with pytest.raises(SystemExit) as e:
+        with cli.one_line_errors():
+            raise error
+    assert e.value.code == status
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ")
+    assert ("out of memory" in err and "not the problem" in err) if status == 1 else str(error) in err
