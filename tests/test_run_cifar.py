@@ -160,8 +160,10 @@ def test_resume_checks_training_settings_and_reevaluates_other_options(micro_run
     out_a, _ = micro_run
     out_c = tmp_path / "c"
     shutil.copytree(out_a, out_c)
-    with pytest.raises(SystemExit, match="other training settings"):
+    with pytest.raises(SystemExit, match="other training settings local_train_steps"):
         run_cifar.main(micro_argv(data_dir, out_c, "--resume", "--local-train-steps", "4"))
+    with pytest.raises(SystemExit, match="other LoRA rank/alpha"):  # alpha is no tensor: fingerprinted apart
+        run_cifar.main(micro_argv(data_dir, out_c, "--resume", "--lora-alpha", "1000"))
     # Potara's options are not training settings: the trained adapters are reused, only evaluation reruns
     r = run_cifar.main(micro_argv(data_dir, out_c, "--resume", "--fisher-split", "val", "--eps", "0.1"))
     a = json.loads((out_a / "results.json").read_text())
@@ -401,12 +403,16 @@ def test_bad_resume_states_fail_in_one_line(micro, reference, tmp_path):
     marker = tmp_path / "pwned"
     nan_local = {k: v * float("nan") for k, v in good["local"]["client0"].items()}
     nan = {**good, "local": {**good["local"], "client0": nan_local}}
+    wide = {**good, "local": {**good["local"], "client0": {k: v.double() for k, v in good["local"]["client0"].items()}}}
+    back = {**good, "fedit": {**good["fedit"], "round": -3}}
     cases = [
         (lambda: ckpt.write_bytes((reference / "checkpoint.pt").read_bytes()[:4000]), "is unreadable (truncated"),
         (lambda: torch.save({"some": torch.ones(2)}, ckpt), "is not a potara experiment checkpoint"),
         (lambda: save_adapter(ckpt, {"w": torch.ones(2)}), "is not a potara experiment checkpoint"),
         (lambda: torch.save({**good, "fedit": _Boom(str(marker))}, ckpt), "unsafe"),
         (lambda: torch.save(nan, ckpt), "holds NaN or Inf values"),
+        (lambda: torch.save(wide, ckpt), "has dtype torch.float64, expected torch.float32"),
+        (lambda: torch.save(back, ckpt), "fedit: round -3 is not a count in [0, 3]"),  # once: trained 6 rounds
         (lambda: torch.save(good, ckpt), "other training settings"),  # resumed with another --drop-prob
     ]
     for i, (make, msg) in enumerate(cases):
@@ -422,6 +428,9 @@ def test_bad_resume_states_fail_in_one_line(micro, reference, tmp_path):
 
 @pytest.mark.parametrize("extra, msg", [
     (["--seed", "-1"], "--seed must be >= 0"),
+    (["--seed", "1e29"], "invalid int value: '1e29'"),
+    (["--seed", str(10**29)], "--seed must be < 2**63"),
+    (["--threads", "1000"], "--threads must be at most the"),
     (["--drop-prob", "1"], "--drop-prob must be in [0, 1)"),
     (["--drop-prob", "-0.1"], "--drop-prob must be in [0, 1)"),
     (["--drop-prob", "nan"], "--drop-prob must be in [0, 1)"),
@@ -475,3 +484,40 @@ def test_cli_rejects_unusable_directories(micro, tmp_path, capsys, monkeypatch):
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert f"{flag} " in err and msg in err, err
 
+
+
+# ----------------------------------------------------------------------------- hostile backbones, busy --out (issue 13)
+def test_a_nan_or_edited_backbone_is_refused_and_a_flipped_one_is_another_model(micro, reference, tmp_path, capsys):
+    obj = torch.load(micro / "micro.pt", weights_only=True)
+    w = "encoder.layers.encoder_layer_0.self_attention.out_proj.weight"
+    for i, (edit, msg) in enumerate([
+            (lambda t: t.index_fill(0, torch.tensor([0]), float("nan")), f"{w} holds NaN or Inf values"),
+            (lambda t: t.to(torch.complex64), "has dtype torch.complex64, expected torch.float32")]):
+        bad = tmp_path / f"bad{i}.pt"
+        torch.save({**obj, "state_dict": {**obj["state_dict"], w: edit(obj["state_dict"][w])}}, bad)
+        args = argv(micro, tmp_path / f"o{i}")
+        args[args.index("--backbone") + 1] = str(bad)
+        with pytest.raises(SystemExit) as e:
+            run_cifar.main(args)
+        assert e.value.code == 2 and msg in capsys.readouterr().err.strip().splitlines()[-1]
+        assert not (tmp_path / f"o{i}" / "checkpoint.pt").exists()
+    flipped = tmp_path / "flipped.pt"  # same per-tensor sums as micro.pt, so the old fingerprint could not tell
+    torch.save({**obj, "state_dict": {**obj["state_dict"], w: obj["state_dict"][w].flip(0)}}, flipped)
+    out = tmp_path / "resumed"
+    shutil.copytree(reference, out)
+    args = argv(micro, out, "--resume")
+    args[args.index("--backbone") + 1] = str(flipped)
+    with pytest.raises(SystemExit) as e:
+        run_cifar.main(args)
+    assert e.value.code == 2 and "other model (backbone or initial adapter)" in capsys.readouterr().err
+
+
+def test_a_second_run_on_the_same_out_is_refused(micro, tmp_path, capsys):
+    import cli
+    out = tmp_path / "busy"
+    out.mkdir()
+    with cli.out_dir_lock(str(out)):  # a run holding --out (another process behaves the same: flock)
+        with pytest.raises(SystemExit) as e:
+            run_cifar.main(argv(micro, out))
+    assert e.value.code == 2 and "is in use by another run" in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == [".lock"]  # nothing written by the refused run
