@@ -127,6 +127,9 @@ def read_task_dir(directory: str) -> dict[str, list[Example]]:
     files = sorted(f for f in os.listdir(directory) if f.endswith(".jsonl"))
     if not files:
         raise DataError(f"--data {directory}: no .jsonl files in it (one <task>.jsonl file per client)")
+    odd = [f for f in files if f[:-len(".jsonl")] in ("", ".", "..")]  # a task name is a folder name in exports
+    if odd:
+        raise DataError(f"--data {directory}: {odd[0]!r} gives no usable task name: rename it <task>.jsonl")
     return {f[:-len(".jsonl")]: read_jsonl(os.path.join(directory, f)) for f in files}
 
 

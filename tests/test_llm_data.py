@@ -126,6 +126,11 @@ def test_task_dir_errors(tmp_path):
     write(tmp_path / "b.jsonl", [json.dumps({"prompt": "p", "answer": "a"})])
     write(tmp_path / "a.jsonl", [json.dumps({"prompt": "q", "answer": "z"})])
     assert list(read_task_dir(str(tmp_path))) == ["a", "b"]
+    for odd in ("..jsonl", "...jsonl", ".jsonl"):  # task "." / ".." / "": its export folder would be DIR itself or above
+        write(tmp_path / odd, [json.dumps({"prompt": "q", "answer": "z"})])
+        with pytest.raises(DataError, match=f"{odd!r} gives no usable task name"):
+            read_task_dir(str(tmp_path))
+        (tmp_path / odd).unlink()
 
 
 def test_encoding_labels_only_the_answer_and_right_pads():
