@@ -177,8 +177,17 @@ def test_failed_silent_and_lying_clients_are_recorded(small_world, task_identity
     assert "2 client-rounds dropped, 2 updates rejected" in (tmp_path / "out" / "results.md").read_text()
 
 
+class Unpicklable:
+    """Pickled as a call (os.getpid here, harmless): what a crafted file does to run code when unpickled."""
+
+    def __reduce__(self):
+        import os
+        return (os.getpid, ())
+
+
 def test_setup_refuses_a_misconfigured_federation(small_world, task_identity, tmp_path):
-    """Duplicate partition ids, a node without a backbone, a node with another backbone: one-line errors."""
+    """Duplicate partition ids, a node without a backbone, with another backbone, or with a backbone file crafted
+    to run code (refused unread): the run stops at set-up with one line naming the node."""
     node = lambda k, **kw: {"partition-id": k, "num-partitions": 3, "backbone": str(small_world / "backbone.pt"),
                             "data-dir": str(small_world / "data"), **kw}
     with pytest.raises(RuntimeError, match=r"partition ids \[0, 1, 1\] are not 0..2 once each"):
@@ -193,6 +202,10 @@ def test_setup_refuses_a_misconfigured_federation(small_world, task_identity, tm
                 "state_dict": VisionTransformer(**MICRO_VIT, num_classes=100).state_dict()}, other)
     with pytest.raises(RuntimeError, match="client2 holds another backbone file"):
         serve(small_world, tmp_path / "c", nodes=[node(0), node(1), node(2, backbone=str(other))])
+    unsafe = tmp_path / "unsafe.pt"
+    torch.save({"format": "potara-backbone-v1", "vit": Unpicklable()}, unsafe)  # would call os.getpid if loaded
+    with pytest.raises(RuntimeError, match="node .*: client error: BackboneError: .*not a readable, safe torch file"):
+        serve(small_world, tmp_path / "d", nodes=[node(0), node(1, backbone=str(unsafe)), node(2)])
 
 
 def test_run_config_is_typed_and_pyproject_matches_the_defaults():
