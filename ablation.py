@@ -78,7 +78,7 @@ SOURCES = {  # name -> (client split, samples (None: the whole split), Fisher la
 FROM_INFO = ("verified", "hermite", "quadratic", "verified-loss")  # from one personalize() call
 FROM_STATS = ("paper", "bias")  # from one gradient_stats() call
 ESTIMATORS = FROM_INFO + FROM_STATS
-DEFAULTS = dict(sources="train32,val32,val", rounds=50)
+DEFAULTS = dict(sources="train32,val32,val", rounds=50, synthetic_per_class=500)  # run_cifar.py's
 REFERENCE = ("local", "fedit", "uniform", "grid_val", "grid_oracle")
 
 
@@ -297,11 +297,11 @@ def markdown(summary: dict) -> str:
               + "; ".join(f"{s} mean {summary[s]['barrier']['mean']:.2f}, max {summary[s]['barrier']['max']:.2f}, "
                           f"{summary[s]['barrier']['clients_above_0.1']} clients > 0.1" for s in scens) + "."]
     for m in (m for m in estimators if m.startswith("verified@")):
+        d = {s: summary[s][m]["default"] for s in scens}
         lines.append(f"{m}: " + "; ".join(
-            f"{s}: taken {summary[s][m]['default']['candidates']}, (error, loss) above the better end's "
-            f"{summary[s][m]['default']['above_better_end']}, loss above the lower end's "
-            f"{summary[s][m]['default']['loss_above_lower_end']} (max +{summary[s][m]['default']['max_loss_excess']:.3f}), "
-            f"training-data warnings {summary[s][m]['default']['warned_training_data']}" for s in scens) + ".")
+            f"{s}: taken {d[s]['candidates']}, (error, loss) above the better end's {d[s]['above_better_end']}, "
+            f"loss above the lower end's {d[s]['loss_above_lower_end']} (max +{d[s]['max_loss_excess']:.3f}), "
+            f"training-data warnings {d[s]['warned_training_data']}" for s in scens) + ".")
     return "\n".join(lines)
 
 
@@ -370,7 +370,8 @@ def resolve(ap: argparse.ArgumentParser, argv=None) -> tuple[argparse.Namespace,
             ap.error(f"--{given[0].replace('_', '-')} applies to the synthetic suite only")
         cli.fill_from_preset(args, {**vars(digits.DigitsConfig()), "eps": 1e-3, "grid_step": 0.05})
     else:
-        cli.fill_from_preset(args, {**p, "eps": 1e-3, "grid_step": 0.05, "rounds": DEFAULTS["rounds"]})
+        cli.fill_from_preset(args, {**p, "eps": 1e-3, "grid_step": 0.05, "rounds": DEFAULTS["rounds"],
+                                    "synthetic_per_class": DEFAULTS["synthetic_per_class"]})
     cli.require_positive(ap, args, ("rounds", "clients", "train", "val", "test", "pretrain_steps", "local_steps",
                                     "local_train_steps", "batch_size", "rank", "threads", "synthetic_per_class"))
     cli.require_positive(ap, args, ("conflict_classes",), minimum=2)

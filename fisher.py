@@ -135,7 +135,8 @@ def _grads_and_log_prob(model, params, inputs, targets, likelihood, chunk_size=N
     # for the fused CPU flash kernel (and its backward), where it falls back to a per-sample Python loop.
     with _batchable_attention():
         try:
-            return vmap(grad(log_lik, has_aux=True), in_dims=(None, 0, 0), chunk_size=chunk_size)(params, inputs, targets)
+            per_sample = vmap(grad(log_lik, has_aux=True), in_dims=(None, 0, 0), chunk_size=chunk_size)
+            return per_sample(params, inputs, targets)
         except RuntimeError as e:  # e.g. "vmap: ... data-dependent control flow" (branches on mask values)
             name = type(model).__name__
             if name not in _warned_loop:

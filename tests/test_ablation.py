@@ -1,4 +1,4 @@
-"""ablation.py on micro problems (a shrunk tiny ViT, 2 clients, 2 rounds, one seed; the real digits, 2 rounds): seconds."""
+"""ablation.py on micro problems (a shrunk tiny ViT, 2 clients, 2 rounds, one seed; real digits, 2 rounds): seconds."""
 import json
 
 import numpy as np
@@ -171,3 +171,12 @@ def test_bad_arguments_fail_in_one_line(tmp_path, capsys, extra, msg):
     with pytest.raises(SystemExit) as e:
         ablation.main(micro_argv(tmp_path / "d", tmp_path / "o", *extra))
     assert e.value.code == 2 and msg in capsys.readouterr().err
+
+
+def test_defaults_per_suite(tmp_path):
+    args, _ = ablation.resolve(ablation.build_parser(), ["--out", str(tmp_path), "--data-dir", str(tmp_path)])
+    assert args.synthetic_per_class == 500 and args.rounds == 50 and args.seeds == [0, 1, 2]  # run_cifar's data
+    assert args.scenarios == ["dirichlet-0.1", "dirichlet-1.0", "fewshot", "superclass", "conflict"]
+    real, _ = ablation.resolve(ablation.build_parser(), ["--suite", "real", "--out", str(tmp_path)])
+    assert real.seeds == list(range(10)) and real.scenarios == ["conflict", "dirichlet-0.5"]
+    assert ablation.digits_config(real) == ablation.digits.DigitsConfig()  # the README's table: DigitsConfig

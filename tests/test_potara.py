@@ -197,8 +197,8 @@ def test_property_chosen_loss_never_above_the_better_end_on_random_barrier_curve
     fell_back = 0
     for case in range(60):  # random smooth curves with bumps: f(t) = sum_j a_j sin(j pi t + p_j) + slope t
         a, ph, s = rng.normal(size=4), rng.uniform(0, 2 * np.pi, 4), rng.normal()
-        f = lambda t, a=a, ph=ph, s=s: sum(a[j] * torch.sin((j + 1) * math.pi * t + ph[j]) if isinstance(t, torch.Tensor)
-                                           else a[j] * np.sin((j + 1) * np.pi * t + ph[j]) for j in range(4)) + s * t
+        sin = lambda v: torch.sin(v) if isinstance(v, torch.Tensor) else np.sin(v)
+        f = lambda t, a=a, ph=ph, s=s: sum(a[j] * sin((j + 1) * math.pi * t + ph[j]) for j in range(4)) + s * t
         model, lik, G, L, samples = curve_model(f)
         lam, info = verified_weight(model, G, L, samples, lik)
         assert float(f(lam)) <= min(float(f(0.0)), float(f(1.0))) + 1e-12, case
@@ -284,9 +284,8 @@ def test_personalize_end_to_end_and_its_passes():
     assert info["loss_local"] == pytest.approx(f0)
     _, info_p = personalize(model, G, L, held_out=[(x, y)], n_samples=8, estimator="paper", granularity="module",
                             space="delta")
-    assert set(info_p["lam"]) == {"encoder.layers.encoder_layer_0.self_attention",
-                                  "encoder.layers.encoder_layer_0.mlp.0", "encoder.layers.encoder_layer_1.self_attention",
-                                  "encoder.layers.encoder_layer_1.mlp.0", "heads.head"}
+    layers = [f"encoder.layers.encoder_layer_{i}.{m}" for i in (0, 1) for m in ("self_attention", "mlp.0")]
+    assert set(info_p["lam"]) == {*layers, "heads.head"}
     assert {"a", "b", "c"} <= set(info_p) and "a" not in info
 
 
