@@ -97,7 +97,7 @@ def fedavg(states: Sequence[dict[str, torch.Tensor]], num_examples: Sequence[int
     for k, ref in states[0].items():
         acc = torch.zeros(ref.shape, dtype=torch.float64, device=ref.device)
         for s, n in zip(states, num_examples):
-            acc += (n / total) * s[k].to(torch.float64)
+            acc += (n / total) * s[k].to(ref.device, torch.float64)  # a client's tensor may sit elsewhere
         averaged[k] = acc.to(ref.dtype)
     return averaged
 
@@ -188,7 +188,8 @@ def validate_update(update: dict[str, torch.Tensor], reference: dict[str, torch.
     except ValueError as e:
         return str(e)
     if max_norm is not None:
-        norm = math.sqrt(sum(float((u.double() - reference[k].double()).pow(2).sum()) for k, u in update.items()))
+        norm = math.sqrt(sum(float((u.to("cpu", torch.float64) - reference[k].to("cpu", torch.float64)).pow(2).sum())
+                             for k, u in update.items()))
         if not norm <= max_norm:
             return f"update norm {norm:.4g} exceeds max_update_norm {max_norm:g}"
     return None
