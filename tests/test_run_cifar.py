@@ -521,3 +521,22 @@ def test_a_second_run_on_the_same_out_is_refused(micro, tmp_path, capsys):
             run_cifar.main(argv(micro, out))
     assert e.value.code == 2 and "is in use by another run" in capsys.readouterr().err
     assert sorted(os.listdir(out)) == [".lock"]  # nothing written by the refused run
+
+
+def test_planted_cifar_pickles_run_nothing_with_data_cifar(micro, tmp_path, capsys):
+    """Issue 13, item 1, end to end: train/test/meta pickles whose unpickling would create a file, beside an empty
+    synthetic marker (which switches off the md5 checks): exit 2 in one line, the file is never created."""
+    evidence = tmp_path / "evidence"
+    folder = tmp_path / "d" / "cifar-100-python"
+    folder.mkdir(parents=True)
+    for name in ("train", "test", "meta"):
+        (folder / name).write_bytes(pickle.dumps({"data": _Boom(str(evidence))}))
+    (folder / data_module.SYNTHETIC_MARKER).write_text("{}")
+    args = argv(micro, tmp_path / "o")
+    args[args.index("--data") + 1] = "cifar"
+    args[args.index("--data-dir") + 1] = str(tmp_path / "d")
+    with pytest.raises(SystemExit) as e:
+        run_cifar.main(args)
+    assert not evidence.exists()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "refused to unpickle io.open" in err[0], err
