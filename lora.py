@@ -270,11 +270,14 @@ def _check_layout(name: str, t, like: torch.Tensor | None, max_numel: int, rank_
         raise AdapterError(f"{name} has shape {tuple(t.shape)}, the model expects {tuple(like.shape)}")
     if t.numel() > max_numel:
         raise AdapterError(f"{name} has {t.numel()} elements, more than the limit of {max_numel}")
-    if t.numel() > 0:
-        if any(s == 0 for n, s in zip(t.shape, t.stride()) if n > 1):
-            raise AdapterError(f"{name} is an expanded view (stride 0): expected a dense tensor")
-        last = t.storage_offset() + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
-        if (last + 1) * t.element_size() > t.untyped_storage().nbytes():
+    if t.numel() > 0:  # no element addressed twice (so numel <= what the storage holds), none beyond it
+        extent = 0  # the largest offset the dimensions of smaller stride reach
+        for s, n in sorted((s, n) for n, s in zip(t.shape, t.stride()) if n > 1):
+            if s <= extent:
+                raise AdapterError(f"{name} is an overlapping or expanded view (strides {t.stride()}): "
+                                   f"expected a dense tensor")
+            extent += s * (n - 1)
+        if (t.storage_offset() + extent + 1) * t.element_size() > t.untyped_storage().nbytes():
             raise AdapterError(f"{name} addresses data beyond its storage (corrupt sizes or strides)")
 
 
@@ -289,8 +292,8 @@ def check_tensor(name: str, t, like: torch.Tensor | None = None, max_numel: int 
          one of FLOAT_DTYPES (float32, float64, float16, bfloat16);
       4. shape: like.shape when given (with allow_rank_change a LoRA factor, by lora_factor(name), may
          differ in its rank dimension), and at most `max_numel` elements;
-      5. its storage holds every element its sizes and strides address, and no dimension longer than 1 has
-         stride 0 (an expanded view: one stored element posing as 200000 x 200000);
+      5. no element addressed twice (an expanded view, stride 0, or overlapping strides: one stored element
+         posing as 200000 x 200000), and its storage holds every element its sizes and strides address;
       6. finite values (no NaN/Inf).
     Checkpoint and backbone loaders call this (or check_tensors) on every tensor before using it.
     """
@@ -312,7 +315,8 @@ def check_tensors(state, reference: dict[str, torch.Tensor] | None = None, what:
     if not isinstance(state, dict):
         raise AdapterError(f"{what}: expected a dict of tensors, got {type(state).__name__}")
     if not all(isinstance(k, str) for k in state):
-        raise AdapterError(f"{what}: keys must be strings, got {[k for k in state if not isinstance(k, str)][:3]}"[:300])
+        bad = [k for k in state if not isinstance(k, str)][:3]
+        raise AdapterError(f"{what}: keys must be strings, got {bad}"[:300])
     if reference is not None and set(state) != set(reference):
         missing, extra = sorted(set(reference) - set(state)), sorted(set(state) - set(reference))
         raise AdapterError(f"{what}: keys do not match the model's adapter: "

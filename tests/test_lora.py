@@ -319,7 +319,11 @@ def test_check_tensor_refuses_each_kind_of_bad_tensor_with_a_one_line_reason():
         with pytest.raises(AdapterError, match=f"^x: w .*{msg}") as e:
             check_tensor("x: w", t, like=like)
         assert "\n" not in str(e.value), case
+    with pytest.raises(AdapterError, match="overlapping or expanded view"):  # 16 elements from 7 stored
+        check_tensor("x: w", torch.zeros(7).as_strided((4, 4), (1, 1)), like=torch.zeros(4, 4))
     check_tensor("x: w", torch.zeros(4, 3).t(), like=like)  # a transposed (non-contiguous) view is fine
+    check_tensor("x: w", torch.zeros(3, 8)[:, ::2], like=like)  # so is a strided slice
+    check_tensor("x: w", torch.zeros(10).as_strided((2, 3), (5, 2)), like=torch.zeros(2, 3))  # interleaved, disjoint
     check_tensor("x: w", nn.Parameter(torch.zeros(3, 4)), like=like)
     for dtype in (torch.float16, torch.bfloat16, torch.float64):  # without `like`: any float type ...
         check_tensor("w", torch.zeros(2, dtype=dtype))
