@@ -148,7 +148,8 @@ def train(msg: Message, context: Context) -> Message:
     reply, _ = local_update(c.model, Client(s.name, s.train_inputs, s.train_targets), phi_t, {}, int(config["round"]),
                             c.index, cfg.local_steps, cfg.lr, cfg.seed, cfg.batch_size, progress=False)
     metrics = MetricRecord({"num-examples": reply.num_examples, "train-loss": reply.mean_loss,  # + where time goes:
-                            "startup-seconds": startup, "load-seconds": t1 - t0, "train-seconds": time.perf_counter() - t1})
+                            "startup-seconds": startup, "load-seconds": t1 - t0,
+                            "train-seconds": time.perf_counter() - t1})
     return Message(RecordDict({ADAPTER: to_record(reply.state), METRICS: metrics}), reply_to=msg)
 
 

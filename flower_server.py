@@ -84,22 +84,26 @@ def connect(grid: Grid, cfg: AppConfig) -> tuple[Roster, dict[str, torch.Tensor]
     replies, failed = ask(grid, nodes, SETUP, lambda n: RecordDict({CONFIG: ConfigRecord({})}), cfg.round_timeout)
     if failed:
         raise RuntimeError("setup failed: " + "; ".join(f"node {n}: {why}" for n, why in failed.items()))
-    info = {n: r.content[CONFIG] for n, r in replies.items()}
-    by_partition = {int(i["partition-id"]): n for n, i in info.items()}
+    info, phis = {}, {}
+    for n, r in replies.items():  # untrusted: any malformed reply stops the set-up with one line
+        try:
+            c = r.content[CONFIG]
+            info[n] = (int(c["partition-id"]), int(c["num-examples"]), str(c["backbone-sha256"]))
+            phis[n] = from_record(r.content[ADAPTER])
+        except Exception as e:
+            raise RuntimeError(f"setup failed: node {n}: unreadable reply ({type(e).__name__}: {e})") from None
+    by_partition = {part: n for n, (part, _, _) in info.items()}
     if sorted(by_partition) != list(range(cfg.num_clients)) or len(by_partition) != len(nodes):
-        raise RuntimeError(f"the SuperNodes' partition ids {sorted(int(i['partition-id']) for i in info.values())} "
-                           f"are not 0..{cfg.num_clients - 1} once each (node config partition-id)")
+        raise RuntimeError(f"the SuperNodes' partition ids {sorted(i[0] for i in info.values())} are not "
+                           f"0..{cfg.num_clients - 1} once each (node config partition-id)")
     node_ids = [by_partition[k] for k in range(cfg.num_clients)]
-    phi0 = from_record(replies[node_ids[0]].content[ADAPTER])
+    phi0, sha = phis[node_ids[0]], info[node_ids[0]][2]
     for k, n in enumerate(node_ids):
-        theirs = from_record(replies[n].content[ADAPTER])
-        check_state(theirs, phi0, what=f"client{k}'s phi_0 (against client0's)")
-        if not all(torch.equal(theirs[key], v) for key, v in phi0.items()) or \
-                info[n]["backbone-sha256"] != info[node_ids[0]]["backbone-sha256"]:
+        check_state(phis[n], phi0, what=f"client{k}'s phi_0 (against client0's)")
+        if not all(torch.equal(phis[n][key], v) for key, v in phi0.items()) or info[n][2] != sha:
             raise RuntimeError(f"client{k} holds another backbone file or builds another phi_0 than client0: "
                                "every SuperNode needs the same backbone file and the same run config")
-    roster = Roster(node_ids, [f"client{k}" for k in range(cfg.num_clients)],
-                    [int(info[n]["num-examples"]) for n in node_ids], str(info[node_ids[0]]["backbone-sha256"]))
+    roster = Roster(node_ids, [f"client{k}" for k in range(cfg.num_clients)], [info[n][1] for n in node_ids], sha)
     return roster, phi0
 
 
@@ -150,8 +154,18 @@ def personalize_all(grid: Grid, cfg: AppConfig, roster: Roster, G: dict) -> tupl
     record = to_record(G)
     answers, failed = ask(grid, roster.node_ids, EVALUATE, lambda n: RecordDict({ADAPTER: record}),
                           cfg.round_timeout)
-    out = {roster.names[roster.index_of(n)]: unflatten(r.content[CONFIG]) for n, r in answers.items()}
-    return out, [{"client": roster.names[roster.index_of(n)], "reason": why} for n, why in failed.items()]
+    out, bad = {}, [{"client": roster.names[roster.index_of(n)], "reason": why} for n, why in failed.items()]
+    for n, r in answers.items():
+        name = roster.names[roster.index_of(n)]
+        try:  # untrusted: accuracies must be numbers, the record a dict
+            tree = unflatten(r.content[CONFIG])
+            tree["acc"] = {m: float(v) for m, v in tree["acc"].items()}
+            if not isinstance(tree["record"], dict):
+                raise TypeError("record is not a dict")
+            out[name] = tree
+        except Exception as e:
+            bad.append({"client": name, "reason": f"unreadable reply: {type(e).__name__}: {e}"})
+    return out, sorted(bad, key=lambda f: f["client"])
 
 
 def collect_results(cfg: AppConfig, context: Context, roster: Roster, fed: FedState, phi0: dict, evals: dict,
@@ -160,7 +174,7 @@ def collect_results(cfg: AppConfig, context: Context, roster: Roster, fed: FedSt
     names = [n for n in roster.names if n in evals]
     if not names:
         raise RuntimeError("no client returned its personalisation results: " + json.dumps(eval_failed))
-    methods = [m for m in METHOD_LABELS if m in evals[names[0]]["acc"]]
+    methods = [m for m in METHOD_LABELS if all(m in evals[n]["acc"] for n in names)]
     sent = sum(h["bytes_down"] + h["bytes_up"] for h in fed.history)
     acc = {m: {n: float(evals[n]["acc"][m]) for n in names} for m in methods}
     per_client = {n: evals[n]["record"] for n in names}  # evaluation.evaluate_client's record, as the pipeline's
@@ -171,14 +185,16 @@ def collect_results(cfg: AppConfig, context: Context, roster: Roster, fed: FedSt
               "statistics": [{"client": n, "what": w} for n in names for w in evals[n].get("bad-statistics", [])],
               "personalization_failed": eval_failed}
     return {"config": {"engine": "flower", "run_config": dict(context.run_config),
-                       "backbone_sha256": roster.backbone_sha256, "num_examples": dict(zip(roster.names, roster.num_examples))},
+                       "backbone_sha256": roster.backbone_sha256,
+                       "num_examples": dict(zip(roster.names, roster.num_examples))},
             "experiment": asdict(experiment_config(cfg)), "seed": cfg.seed, "clients": names,
             "methods": {m: {"label": METHOD_LABELS[m], "mean": mean(acc[m].values()), "per_client": acc[m],
                             "bytes": 0 if m == "local" else sent} for m in methods},
             "per_client": per_client, "mean_abs_lam_diff": mean(c["abs_lam_diff"] for c in per_client.values()),
             "adapter": {"numel": sum(v.numel() for v in phi0.values()), "bytes": state_bytes(phi0),
                         "wire_bytes": record_bytes(to_record(phi0))},
-            "communication": [{"round": 0, "bytes": 0, "fedit": None, "potara": None, "local": mean(acc["local"].values())},
+            "communication": [{"round": 0, "bytes": 0, "fedit": None, "potara": None,
+                               "local": mean(acc["local"].values())},
                               {"round": fed.round, "bytes": sent, "fedit": mean(acc["fedit"].values()),
                                "potara": mean(acc["potara_ab"].values())}],
             "fedit_history": fed.history, "fedsa_history": None, "faults": faults, "timing_s": timing}

@@ -21,7 +21,7 @@ try:
     import tomllib  # Python 3.11+
 except ImportError:  # Python 3.10: tomli, which flwr depends on
     import tomli as tomllib
-from flwr.app import Array, ArrayRecord, Context, Error, Message, RecordDict  # noqa: E402
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict  # noqa: E402
 from flwr.serverapp import Grid  # noqa: E402
 from torchvision.models import VisionTransformer  # noqa: E402
 
@@ -146,14 +146,18 @@ def test_resume_continues_the_checkpoint_bitwise(small_world, task_identity, tmp
 
 
 def test_failed_silent_and_lying_clients_are_recorded(small_world, task_identity, tmp_path):
-    """Round 0: client1 raises, client2 never answers; round 1: a NaN adapter and an infinite loss. Each is
-    recorded with its reason (failed / rejected), the round averages the rest, nobody vanishes."""
+    """Round 0: client1 raises, client2 never answers; round 1: a NaN adapter and an infinite loss; at the end an
+    unreadable personalisation reply. Each is recorded with its reason (failed / rejected / personalization_failed),
+    the round averages the rest, nobody vanishes."""
     def tamper(k, msg, reply):
         t = msg.content[CONFIG]["round"] if msg.metadata.message_type == "train" else None
         if t == 0 and k == 1:
             return Message(Error(code=0, reason="RuntimeError: out of memory"), reply_to=msg)
         if t == 0 and k == 2:
             return None
+        if msg.metadata.message_type == "evaluate" and k == 1:  # accuracies that are not numbers
+            return Message(RecordDict({CONFIG: ConfigRecord({"acc/local": "all of them", "record/x": 1})}),
+                           reply_to=msg)
         if t == 1 and reply.has_content() and ADAPTER in reply.content:
             state = from_record(reply.content[ADAPTER])
             if k == 0:
@@ -173,7 +177,9 @@ def test_failed_silent_and_lying_clients_are_recorded(small_world, task_identity
     assert [r["client"] for r in h1["rejected"]] == ["client0", "client2"]
     assert "NaN" in h1["rejected"][0]["reason"] and "finite" in h1["rejected"][1]["reason"]
     assert res["faults"]["fedit"]["failed"] == [{"round": 0, **f} for f in h0["failed"]]
-    assert res["clients"] == ["client0", "client1", "client2"]  # all three personalised at the end
+    assert res["clients"] == ["client0", "client2"]  # client1's personalisation reply was unreadable...
+    why = "unreadable reply: ValueError: could not convert string to float: 'all of them'"
+    assert res["faults"]["personalization_failed"] == [{"client": "client1", "reason": why}]  # ...and says so
     assert "2 client-rounds dropped, 2 updates rejected" in (tmp_path / "out" / "results.md").read_text()
 
 
@@ -206,6 +212,10 @@ def test_setup_refuses_a_misconfigured_federation(small_world, task_identity, tm
     torch.save({"format": "potara-backbone-v1", "vit": Unpicklable()}, unsafe)  # would call os.getpid if loaded
     with pytest.raises(RuntimeError, match="node .*: client error: BackboneError: .*not a readable, safe torch file"):
         serve(small_world, tmp_path / "d", nodes=[node(0), node(1, backbone=str(unsafe)), node(2)])
+    liar = lambda k, msg, reply: (Message(RecordDict({CONFIG: ConfigRecord({"partition-id": "two"})}), reply_to=msg)
+                                  if k == 2 and msg.metadata.message_type == "query" else reply)
+    with pytest.raises(RuntimeError, match="setup failed: node .*: unreadable reply"):
+        serve(small_world, tmp_path / "e", tamper=liar)
 
 
 def test_run_config_is_typed_and_pyproject_matches_the_defaults():
@@ -358,7 +368,8 @@ def test_unregistered_supernode_is_refused(tmp_path):
                                   "--max-wait-time", "20")  # no key at all
         fed.supernode("member", "partition-id=0 num-partitions=2", "--auth-supernode-private-key",
                       str(tmp_path / "member"))
-        online = lambda: [n["node-id"] for n in fed.flwr("supernode", "list", "local")["nodes"] if n["status"] == "online"]
+        online = lambda: [n["node-id"] for n in fed.flwr("supernode", "list", "local")["nodes"]
+                          if n["status"] == "online"]
         wait_for(lambda: online() and stranger.poll() is not None and anonymous.poll() is not None, 60,
                  "the member online, the stranger and the anonymous node gone",
                  lambda: fed.log("stranger") + fed.log("anonymous") + fed.log("superlink"))
