@@ -60,7 +60,8 @@ class LocalFederation:
         self.home.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.env = {**os.environ, "FLWR_HOME": str(self.home), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-                    "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONUNBUFFERED": "1"}
+                    "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONUNBUFFERED": "1",
+                    "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}  # loopback only: no calls out
         certs = f'root-certificates = "{tls["ca"]}"' if tls else "insecure = true"
         (self.home / "config.toml").write_text(  # the connection `flwr` commands name: "local"
             f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{self.port}"\n{certs}\n')
@@ -115,7 +116,7 @@ class LocalFederation:
         """`flwr run app local --run-config ...` (it returns at once), then `flwr list --run-id` every `poll` s
         until the run's status is finished:*; returns that final status (a dict of `flwr list`'s JSON)."""
         overrides = " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
-        started = self.flwr("run", str(app), "local", "--run-config", overrides)
+        started = self.flwr("run", str(Path(app).resolve()), "local", "--run-config", overrides)
         if not started.get("success"):
             raise RuntimeError(f"flwr run failed: {started}")
         run_id, status = str(started["run-id"]), {}
