@@ -89,7 +89,9 @@ def load_hf_model(name: str, attn: str) -> nn.Module:
 
 def lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Token-level cross-entropy, mean over the answer tokens only: logits[:, t] predicts token t+1,
-    positions whose label is -100 (prompt, padding) are dropped before the softmax (saves memory)."""
+    positions whose label is -100 (prompt, padding) are dropped before the softmax (saves memory). The same
+    shift and mask as fisher.causal_lm_likelihood's per-sample log_prob, which multiplies by the mask instead
+    (boolean indexing cannot run under torch.func.vmap); test_lm checks that the two agree."""
     logits = model(input_ids).logits[:, :-1]
     target = labels[:, 1:]
     keep = target != IGNORE

@@ -38,6 +38,10 @@ def test_lm_loss_counts_only_answer_tokens(small_llama):
     terms = [F.log_softmax(logits[i, t - 1], -1)[ids[i, t]] for i in range(2) for t in range(ids.shape[1])
              if labels[i, t] != IGNORE]
     torch.testing.assert_close(lm.lm_loss(model, ids, labels), -torch.stack(terms).mean())
+    # the same shift and mask as Potara's per-sample likelihood (fisher.py): summed, it is the same loss
+    from fisher import causal_lm_likelihood
+    summed = causal_lm_likelihood.log_prob(model(ids), labels)
+    torch.testing.assert_close(lm.lm_loss(model, ids, labels), -summed.sum() / (labels[:, 1:] != IGNORE).sum())
 
 
 def test_per_sample_grads_vmap_on_llama_matches_a_loop(small_llama, randomize_lora):
