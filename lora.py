@@ -295,7 +295,8 @@ def check_tensor(name: str, t, like: torch.Tensor | None = None, max_numel: int 
       5. no element addressed twice (an expanded view, stride 0, or overlapping strides: one stored element
          posing as 200000 x 200000), and its storage holds every element its sizes and strides address;
       6. finite values (no NaN/Inf).
-    Checkpoint and backbone loaders call this (or check_tensors) on every tensor before using it.
+    Keep the signature simple: checkpoint and backbone loaders call this (or check_tensors, for a dict) on
+    every tensor before using it, with `like` the model's own tensor where there is one.
     """
     _check_layout(name, t, like, max_numel, _RANK_DIM.get(lora_factor(name)) if allow_rank_change else None)
     if not torch.isfinite(t).all():
