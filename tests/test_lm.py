@@ -107,3 +107,22 @@ def test_greedy_decode_matches_a_naive_loop_and_exact_match(small_llama):
         ids, labels = encode_examples(tok, [ex], max_len=32)
         scorer.register(ids, labels, [ex])
         assert scorer(model, ids, labels) == expected
+
+
+def test_a_nan_pretraining_cache_is_trained_again(tmp_path, capsys, small_llama):
+    """The cached tiny model is untrusted like any file: one NaN in it and it is pre-trained again (with the
+    reason printed), to the same weights as the first time; never loaded into the model."""
+    from llm_data import ByteTokenizer
+    p = {**lm.PRESETS["tiny"], "pretrain_steps": 2, "pretrain_batch": 4, "max_len": 32}
+    first = small_llama(0)
+    info = lm.pretrain_tiny(first, ByteTokenizer(), p, 0, str(tmp_path), torch.device("cpu"), False)
+    obj = torch.load(info["cache"], weights_only=True)
+    key = next(k for k, v in obj["state_dict"].items() if v.is_floating_point())
+    obj["state_dict"][key].view(-1)[0] = float("nan")
+    torch.save(obj, info["cache"])
+    capsys.readouterr()
+    again = small_llama(0)
+    lm.pretrain_tiny(again, ByteTokenizer(), p, 0, str(tmp_path), torch.device("cpu"), False)
+    out = capsys.readouterr().out
+    assert "is unusable (AdapterError:" in out and "holds NaN or Inf" in out and "pre-training it again" in out
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), first.state_dict().values()))
