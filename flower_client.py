@@ -7,8 +7,9 @@ message. Declared in pyproject.toml ([tool.flwr.app.components]); started by a S
 Node config (per device): partition-id k and num-partitions K (which client this device is),
 backbone (a local backbone file: vit.py's potara-backbone-v1 format, e.g. the tiny preset's cache file
 that run_cifar.py wrote; loaded, never re-trained), data-dir (where cifar-100-python/ or synthetic/ live,
-default "data"), threads (torch CPU threads, default torch's own), adapter-dir (optional: the client
-saves its personalised Potara adapter there, on the device).
+default "data"), threads (torch CPU threads, default torch's own), device ("cpu", the default, or "cuda":
+bfloat16 autocast as the pipelines on CUDA; bitwise equality with the in-process loop is a CPU
+property), adapter-dir (optional: the client saves its personalised Potara adapter there, on the device).
 
 Every message rebuilds the same client: the CIFAR-100 (or synthetic) images, the partition of
 data.py exactly as run_cifar.py draws it (public set, Dirichlet or superclass split, client k's
@@ -56,8 +57,9 @@ class LocalClient:
     num_partitions: int     # K
     split: ClientSplits     # its train / val / test data
     model: nn.Module        # backbone + phi_0
-    phi0: dict[str, torch.Tensor]
+    phi0: dict[str, torch.Tensor]  # on the CPU, like everything received
     backbone_sha256: str
+    autocast_dtype: torch.dtype | None  # bfloat16 autocast on CUDA, none on the CPU
 
 
 def node_value(node_config, key: str, kind: type, default=None):
@@ -93,9 +95,14 @@ def load_client(context: Context) -> tuple[AppConfig, LocalClient]:
     if not 0 <= k < K or K != cfg.num_clients:
         raise ConfigError(f"node config partition-id={k} num-partitions={K}: need 0 <= partition-id < "
                           f"num-partitions = the run's num-clients ({cfg.num_clients})")
-    threads = node.get("threads")
-    if threads is not None:
-        torch.set_num_threads(node_value(node, "threads", int))
+    if node.get("threads") is not None:
+        threads = node_value(node, "threads", int)
+        if threads < 1:
+            raise ConfigError(f"node config threads={threads}: must be >= 1")
+        torch.set_num_threads(threads)
+    device = node_value(node, "device", str, "cpu")
+    if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
+        raise ConfigError(f"node config device={device!r}: 'cpu', or 'cuda' on a device where CUDA is available")
     path = node_value(node, "backbone", str)
     if not os.path.isfile(path):
         raise ConfigError(f"node config backbone={path!r}: no such file on this device")
@@ -103,9 +110,11 @@ def load_client(context: Context) -> tuple[AppConfig, LocalClient]:
         sha = hashlib.sha256(f.read()).hexdigest()
     p = PRESETS[cfg.preset]
     backbone = load_backbone_file(path, p["vit"])  # weights_only=True, checked: vit.BackboneError, one line
-    model = build_model(backbone, p, cfg.rank, cfg.lora_alpha, cfg.seed)
+    model = build_model(backbone, p, cfg.rank, cfg.lora_alpha, cfg.seed).to(device)
     split = client_split(cfg, node_value(node, "data-dir", str, "data"), k, K)
-    return cfg, LocalClient(k, K, split, model, lora_state_dict(model), sha)
+    phi0 = {name: v.detach().cpu() for name, v in lora_state_dict(model).items()}
+    autocast = torch.bfloat16 if device == "cuda" else None  # as the pipelines on CUDA (cli.autocast_dtype)
+    return cfg, LocalClient(k, K, split, model, phi0, sha, autocast)
 
 
 def received_adapter(msg: Message, phi0: dict) -> dict[str, torch.Tensor]:
@@ -146,7 +155,8 @@ def train(msg: Message, context: Context) -> Message:
     cfg, c = load_client(context)
     phi_t, s, t1 = received_adapter(msg, c.phi0), c.split, time.perf_counter()
     reply, _ = local_update(c.model, Client(s.name, s.train_inputs, s.train_targets), phi_t, {}, int(config["round"]),
-                            c.index, cfg.local_steps, cfg.lr, cfg.seed, cfg.batch_size, progress=False)
+                            c.index, cfg.local_steps, cfg.lr, cfg.seed, cfg.batch_size,
+                            autocast_dtype=c.autocast_dtype, progress=False)
     metrics = MetricRecord({"num-examples": reply.num_examples, "train-loss": reply.mean_loss,  # + where time goes:
                             "startup-seconds": startup, "load-seconds": t1 - t0,
                             "train-seconds": time.perf_counter() - t1})
@@ -161,7 +171,7 @@ def personalize(msg: Message, context: Context) -> Message:
     G, s, k = received_adapter(msg, c.phi0), c.split, c.index
     run = Run(c.model, [s], experiment_config(cfg), ckpt_path="", init=c.phi0, state=RunState(""),
               evaluate=accuracy, loss_fn=classification_loss, likelihood=classification_likelihood,
-              autocast_dtype=None, progress=False)
+              autocast_dtype=c.autocast_dtype, progress=False)
     run.state.local[s.name] = train_from(run, c.phi0, s, cfg.local_train_steps, local_seed(cfg.seed, k), "local")
     run.state.finetuned[s.name] = train_from(run, G, s, cfg.finetune_steps, derive_seed(cfg.seed, k, 202), "fine-tune")
     acc, bad_stats = {m: {} for m in METHODS if m != "fedsa"}, []

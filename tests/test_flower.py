@@ -33,6 +33,7 @@ from data import client_splits, dirichlet_partition, load_images, public_and_poo
 from fed import Client, run_fedit, sample_clients  # noqa: E402
 from flower_local import LocalFederation, wait_for  # noqa: E402
 from flower_task import ADAPTER, CONFIG, METRICS, AppConfig, ConfigError, from_record, to_record  # noqa: E402
+from lora import load_adapter  # noqa: E402
 from pipeline import ExperimentConfig, run_experiment  # noqa: E402
 from vit import PRESETS, build_model, load_backbone_file  # noqa: E402
 
@@ -212,6 +213,10 @@ def test_setup_refuses_a_misconfigured_federation(small_world, task_identity, tm
     torch.save({"format": "potara-backbone-v1", "vit": Unpicklable()}, unsafe)  # would call os.getpid if loaded
     with pytest.raises(RuntimeError, match="node .*: client error: BackboneError: .*not a readable, safe torch file"):
         serve(small_world, tmp_path / "d", nodes=[node(0), node(1, backbone=str(unsafe)), node(2)])
+    for bad, message in (({"device": "tpu"}, "node config device='tpu'"), ({"threads": 0}, "threads=0: must be >= 1"),
+                         ({"partition-id": 5}, "partition-id=5 num-partitions=3")):
+        with pytest.raises(RuntimeError, match=message):
+            serve(small_world, tmp_path / "f", nodes=[node(0), node(1), node(2, **bad)])
     liar = lambda k, msg, reply: (Message(RecordDict({CONFIG: ConfigRecord({"partition-id": "two"})}), reply_to=msg)
                                   if k == 2 and msg.metadata.message_type == "query" else reply)
     with pytest.raises(RuntimeError, match="setup failed: node .*: unreadable reply"):
@@ -309,10 +314,19 @@ def test_in_process_app_equals_run_fedit_with_drop_outs(small_world, task_identi
     network) gives fed.run_fedit's adapter bitwise and the pipeline's numbers."""
     picks = [sample_clients(RUN["seed"], t, 3, 2, RUN["drop-prob"]) for t in range(2)]
     assert any(d for _, d in picks) and all(len(d) < len(s) for s, d in picks), picks  # the case is covered
-    serve(small_world, tmp_path / "out")
+    devices = tmp_path / "devices"
+    nodes = [{"partition-id": k, "num-partitions": 3, "backbone": str(small_world / "backbone.pt"),
+              "data-dir": str(small_world / "data"), "device": "cpu", "adapter-dir": str(devices / f"node{k}")}
+             for k in range(3)]
+    serve(small_world, tmp_path / "out", nodes=nodes)
     results = check_against_in_process(tmp_path / "out", small_world / "data", small_world / "backbone.pt", RUN,
                                        tmp_path)
     assert any(h["dropped"] for h in results["fedit_history"])
+    for k in range(3):  # each device kept its personalised adapter (and only its own)
+        [path] = (devices / f"node{k}").iterdir()
+        state, meta = load_adapter(path)
+        assert path.name == f"client{k}-potara.pt" and meta["lam"] == results["per_client"][f"client{k}"]["lam_potara"]
+        assert sorted(state) == sorted(final_adapter(tmp_path / "out"))
 
 
 LOOPBACK = {**RUN, "num-clients": 2, "clients-per-round": 1, "drop-prob": 0.0}  # 2 processes: CI has 2 cores
