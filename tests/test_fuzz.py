@@ -42,13 +42,16 @@ def bounded(seconds: int = 5, headroom: int = 2 << 30):
     def timeout(*_):
         raise TimeoutError(f"a fuzz case ran longer than {seconds} s")
 
-    old = signal.signal(signal.SIGALRM, timeout)
-    signal.alarm(seconds)
+    alarm = hasattr(signal, "SIGALRM")  # POSIX only
+    if alarm:
+        old = signal.signal(signal.SIGALRM, timeout)
+        signal.alarm(seconds)
     try:
         yield
     finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
+        if alarm:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, old)
         if limit_as:
             resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
