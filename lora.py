@@ -41,7 +41,8 @@ ADAPTER_FORMAT = "potara-adapter-v1"
 
 
 class AdapterError(ValueError):
-    """A LoRA state or adapter file that does not fit the model (keys, shapes, dtypes, values)."""
+    """An adapter state or file, or any untrusted tensor container, that is malformed or does not fit the
+    model (keys, layout, dtype, shape, values). A ValueError, so callers can catch either."""
 
 
 def _init_factors(r: int, in_features: int, out_features: int, like: torch.Tensor):
