@@ -20,9 +20,11 @@ the protocol):
     query     -> partition-id, num-partitions, n_k, the backbone file's sha256, phi_0
     train     -> fed.local_update from phi^t: the same seeds (seed, t, k) as fed.run_fedit, so the
                  update is bitwise the one the in-process loop computes
-    evaluate  -> after the last round, with phi_G: pipeline.train_from (local adapter phi_L from phi_0,
-                 phi_G fine-tuned) and pipeline.evaluate_client (Potara's lam from the client's own
-                 validation split, every merge scored on its test split): numbers go back, adapters stay
+    evaluate  -> after the last round, with phi_G = phi^R: pipeline.train_from (the local adapter phi_L
+                 from phi_0, and phi_G fine-tuned) and evaluation.evaluate_client: Potara's weight lam
+                 from the client's own validation split (potara.personalize, the default estimator),
+                 the merge phi(lam) = lam phi_G + (1 - lam) phi_L and every baseline scored on its
+                 test split. Numbers go back (evaluate_client's record); the adapters stay here.
 """
 from __future__ import annotations
 

@@ -192,7 +192,11 @@ def collect_results(cfg: AppConfig, context: Context, roster: Roster, fed: FedSt
                             "bytes": 0 if m == "local" else sent} for m in methods},
             "per_client": per_client, "mean_abs_lam_diff": mean(c["abs_lam_diff"] for c in per_client.values()),
             "adapter": {"numel": sum(v.numel() for v in phi0.values()), "bytes": state_bytes(phi0),
-                        "wire_bytes": record_bytes(to_record(phi0))},
+                        "wire_bytes": record_bytes(to_record(phi0)),
+                        # outside FedIT's history (as in the pipeline, not charged to any method): phi_0 from
+                        # every client at set-up, phi_R to every client for the Potara step
+                        "setup_bytes_up": state_bytes(phi0) * len(roster.names),
+                        "final_bytes_down": state_bytes(phi0) * len(roster.names)},
             "communication": [{"round": 0, "bytes": 0, "fedit": None, "potara": None,
                                "local": mean(acc["local"].values())},
                               {"round": fed.round, "bytes": sent, "fedit": mean(acc["fedit"].values()),
