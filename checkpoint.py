@@ -83,8 +83,9 @@ def fingerprint(model: nn.Module, splits: Sequence[ClientSplits], cfg) -> str:
     tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}  # buffers: persistent or not
     return json.dumps({"training": training, "lora": lora_meta(model)["layers"],
                        "model": {n: tensor_digest(t) for n, t in tensors.items()},
-                       "clients": [[s.name] + [tensor_digest(getattr(s, f"{part}_{what}")) for part in ("train", "val", "test")
-                                               for what in ("inputs", "targets")] for s in splits]}, sort_keys=True)
+                       "clients": [[s.name] + [tensor_digest(getattr(s, f"{part}_{what}"))
+                                               for part in ("train", "val", "test") for what in ("inputs", "targets")]
+                                   for s in splits]}, sort_keys=True)
 
 
 def _differs(saved: str, fp: str) -> str:
@@ -94,7 +95,8 @@ def _differs(saved: str, fp: str) -> str:
     except (TypeError, ValueError):
         return "training settings, model or data"
     if a.get("training") != b.get("training") and isinstance(a.get("training"), dict):
-        keys = sorted(k for k in set(a["training"]) | set(b["training"]) if a["training"].get(k) != b["training"].get(k))
+        ta, tb = a["training"], b.get("training") or {}
+        keys = sorted(k for k in set(ta) | set(tb) if ta.get(k) != tb.get(k))
         return "training settings " + ", ".join(keys)
     labels = {"lora": "LoRA rank/alpha", "model": "model (backbone or initial adapter)", "clients": "client data"}
     return ", ".join(label for k, label in labels.items() if a.get(k) != b.get(k)) or "training settings, model or data"
@@ -198,12 +200,14 @@ def _check_history(stage: str, history, completed: int, client_key) -> None:
     _require(isinstance(history, list) and len(history) == completed,
              f"{stage}: history must list one record per completed round ({completed})")
     for t, h in enumerate(history):
-        _require(isinstance(h, dict) and h.get("round") == t and type(h.get("round")) is int, f"{stage}: history[{t}] malformed")
+        _require(isinstance(h, dict) and type(h.get("round")) is int and h["round"] == t,
+                 f"{stage}: history[{t}] malformed")
         _require(all(_is_count(h.get(k), 0, None) for k in ("bytes_down", "bytes_up")), f"{stage}: history[{t}] bytes")
         for k in ("clients", "dropped"):
             _require(isinstance(h.get(k), list) and all(map(client_key, h[k])), f"{stage}: history[{t}] {k}")
-        _require(isinstance(h.get("rejected"), list) and all(isinstance(r, dict) and client_key(r.get("client"))
-                                                               for r in h["rejected"]), f"{stage}: history[{t}] rejected")
+        rejected = h.get("rejected")
+        _require(isinstance(rejected, list) and all(isinstance(r, dict) and client_key(r.get("client")) for r in rejected),
+                 f"{stage}: history[{t}] rejected")
         loss = h.get("mean_train_loss")
         _require(loss is None or (type(loss) in (int, float) and loss == loss and abs(loss) != float("inf")),
                  f"{stage}: history[{t}] mean_train_loss")

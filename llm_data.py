@@ -83,7 +83,8 @@ def parse_line(text: str, where: str) -> Example:
         raise DataError(f"{where}: expected a JSON object with 'prompt' and 'answer', got {type(obj).__name__}")
     unknown = sorted(set(obj) - {"prompt", "answer", "options"})
     if unknown:
-        raise DataError(f"{where}: unknown field(s) {[u[:40] for u in unknown[:5]]!r}; allowed: prompt, answer, options")
+        raise DataError(f"{where}: unknown field(s) {[u[:40] for u in unknown[:5]]!r}; "
+                        "allowed: prompt, answer, options")
     prompt, answer = _text(obj.get("prompt"), where, "prompt"), _text(obj.get("answer"), where, "answer")
     options = obj.get("options")
     if options is not None:
@@ -109,7 +110,8 @@ def read_jsonl(path: str) -> list[Example]:
                 try:
                     line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
                 except UnicodeDecodeError as e:
-                    raise DataError(f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
+                    bad = f"byte 0x{raw[e.start]:02x} at column {e.start + 1}"
+                    raise DataError(f"{where}: not UTF-8 text ({bad})") from None
                 if line.strip():
                     examples.append(parse_line(line, where))
     except OSError as e:

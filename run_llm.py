@@ -104,7 +104,8 @@ def load_checked_tasks(ap: argparse.ArgumentParser, args, p: dict) -> tuple[dict
     """The tasks and the tokenizer, with every data check done before a model is loaded or pre-trained:
     enough examples per task, every answer fits --max-len (and the tiny model's public corpus too), task
     names that --export-peft can write."""
-    tasks = synthetic_tasks(args.synthetic_examples, seed=1234) if args.data == "synthetic" else read_task_dir(args.data)
+    tasks = (synthetic_tasks(args.synthetic_examples, seed=1234) if args.data == "synthetic"
+             else read_task_dir(args.data))
     if args.clients:
         if args.clients > len(tasks):
             ap.error(f"--clients {args.clients}: the data has only {len(tasks)} tasks")

@@ -134,8 +134,8 @@ def backbone_from_state(arch, state, what: str) -> VisionTransformer:
         expected = {k: v for k, v in VisionTransformer(**arch).state_dict().items() if not k.startswith("heads.")}
     body = {k: v for k, v in state.items() if not k.startswith("heads.")}
     if body.keys() != expected.keys():
-        raise BackboneError(f"{what} does not fit a ViT of its architecture: missing "
-                            f"{sorted(expected.keys() - body.keys())[:3]}, unexpected {sorted(body.keys() - expected.keys())[:3]}")
+        missing, unexpected = sorted(expected.keys() - body.keys())[:3], sorted(body.keys() - expected.keys())[:3]
+        raise BackboneError(f"{what} does not fit a ViT of its architecture: missing {missing}, unexpected {unexpected}")
     try:
         check_tensors(body, expected, what=what)
     except AdapterError as e:
