@@ -106,6 +106,16 @@ def add_run_options(ap: argparse.ArgumentParser) -> None:
     a("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
+def check_run_options(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """add_run_options' bounds: 0 <= --seed < 2**63 (torch.manual_seed and fed.derive_seed take 63-bit seeds)
+    and 1 <= --threads <= the machine's cores (more only oversubscribes them)."""
+    if not 0 <= args.seed < MAX_SEED:
+        ap.error(f"--seed must be >= 0 and < 2**63, got {args.seed}")
+    cores = os.cpu_count() or 1
+    if not 1 <= args.threads <= cores:
+        ap.error(f"--threads must be in [1, {cores}] (the CPU cores of this machine), got {args.threads}")
+
+
 def fill_from_preset(args: argparse.Namespace, preset: dict) -> None:
     """Options the user left at None take the preset's value (keys the parser does not have are skipped)."""
     for k, v in preset.items():
@@ -131,11 +141,7 @@ def check_experiment_options(ap: argparse.ArgumentParser, args: argparse.Namespa
             ap.error(f"--{k.replace('_', '-')} must be a positive number, got {getattr(args, k)}")
     if min(args.clients_per_round, args.snapshots, args.seed) < 0:
         ap.error("--clients-per-round, --snapshots and --seed must be >= 0")
-    if args.seed >= MAX_SEED:  # torch.manual_seed and fed.derive_seed take 63-bit seeds
-        ap.error(f"--seed must be < 2**63, got {args.seed}")
-    cores = os.cpu_count() or 1
-    if args.threads > cores:
-        ap.error(f"--threads must be at most the {cores} CPU cores of this machine, got {args.threads}")
+    check_run_options(ap, args)
     if args.max_update_norm is not None and not (args.max_update_norm > 0 and math.isfinite(args.max_update_norm)):
         ap.error(f"--max-update-norm must be a positive number, got {args.max_update_norm}")
     if not 0 <= args.drop_prob < 1:
