@@ -77,18 +77,19 @@ def add_experiment_options(ap: argparse.ArgumentParser) -> None:
     a("--batch-size", type=int, help="training batch size")
     a("--rank", type=int, help="LoRA rank r")
     a("--lora-alpha", type=float, help="LoRA alpha (scaling alpha / r)")
-    a("--estimator", default=d.estimator, help=f"how Potara estimates a, b, c: one of {sorted(ESTIMATORS)} "
-      "(hermite: needs held-out samples, see README; paper: ALGORITHM.md's inverse-Fisher reconstruction)")
+    a("--estimator", default=d.estimator, help=f"how Potara chooses its weight: one of {sorted(ESTIMATORS)} "
+      "(verified: needs held-out samples, see README; paper: ALGORITHM.md's inverse-Fisher reconstruction)")
     a("--fisher-split", choices=["train", "val"], default=d.fisher_split,
-      help="client split Potara's statistics use (val: held out, what hermite needs; train: the paper's setting)")
+      help="client split Potara's statistics use (val: held out, what verified needs; train: the paper's setting)")
     a("--fisher-samples", type=int, default=None,
       help=f"samples of that split for the statistics (default: {d.fisher_samples}, or the whole split if smaller)")
     a("--fisher-chunk", type=int, default=None,
       help="per-sample gradients held at once (lower it for a large model on one GPU; default: all)")
-    a("--labels", choices=["empirical", "sampled"], default=d.fisher_labels, help="Fisher labels: data's or model-sampled")
-    a("--eps", type=float, default=d.eps, help="relative Fisher floor of the paper/bias estimators")
+    a("--labels", choices=["empirical", "sampled"], default=d.fisher_labels,
+      help="Fisher labels: data's or model-sampled")
+    a("--eps", type=float, default=d.eps, help="relative Fisher floor of the paper estimator")
     a("--granularity", choices=["client", "module"], default=d.granularity,
-      help="one lam per client or per adapted module (paper, bias, quadratic)")
+      help="one lam per client or per adapted module (paper estimator only)")
     a("--grid-step", type=float, default=d.grid_step, help="lam grid step (1/step must be an integer)")
     a("--snapshots", type=int, default=d.snapshots, help="FedIT round counts for the communication curve")
     a("--no-fedsa", dest="fedsa", action="store_false", help="skip the FedSA-LoRA baseline (a second federated run)")
@@ -150,8 +151,9 @@ def check_experiment_options(ap: argparse.ArgumentParser, args: argparse.Namespa
         ap.error(f"--grid-step must be 1/n for an integer n >= 1 (e.g. 0.05), got {args.grid_step}")
     if args.estimator not in ESTIMATORS:
         ap.error(f"--estimator must be one of {sorted(ESTIMATORS)}, got {args.estimator!r}")
-    if args.estimator == "hermite" and args.granularity == "module":
-        ap.error("--estimator hermite gives one weight per client: use --granularity client (or another estimator)")
+    if args.estimator != "paper" and args.granularity == "module":  # else potara.personalize refuses it, after training
+        ap.error(f"--estimator {args.estimator} gives one weight per client: use --granularity client "
+                 "(or --estimator paper)")
     split = args.train if args.fisher_split == "train" else args.val
     if args.fisher_samples is None:
         args.fisher_samples = min(ExperimentConfig.fisher_samples, split)

@@ -165,7 +165,7 @@ def test_resume_checks_training_settings_and_reevaluates_other_options(micro_run
     with pytest.raises(SystemExit, match="other LoRA rank/alpha"):  # alpha is no tensor: fingerprinted apart
         run_cifar.main(micro_argv(data_dir, out_c, "--resume", "--lora-alpha", "1000"))
     # Potara's options are not training settings: the trained adapters are reused, only evaluation reruns
-    r = run_cifar.main(micro_argv(data_dir, out_c, "--resume", "--fisher-split", "val", "--eps", "0.1"))
+    r = run_cifar.main(micro_argv(data_dir, out_c, "--resume", "--estimator", "paper", "--eps", "0.1"))
     a = json.loads((out_a / "results.json").read_text())
     for m in ("local", "fedit", "fedit_ft", "fedsa", "uniform", "grid_val"):
         assert r["methods"][m] == a["methods"][m], m
@@ -183,7 +183,7 @@ def test_resume_checks_training_settings_and_reevaluates_other_options(micro_run
     (["--grid-step", "0.3"], "--grid-step must be 1/n"),
     (["--clients-per-round", "3"], "--clients-per-round must be in [0, --clients=2]"),
     (["--fisher-samples", "17"], "--fisher-samples 17 exceeds the client's val split"),
-    (["--estimator", "hermite", "--granularity", "module"], "gives one weight per client"),
+    (["--estimator", "verified", "--granularity", "module"], "gives one weight per client"),
     (["--estimator", "nope"], "--estimator must be one of"),
     (["--partition", "superclass", "--clients", "21"], "--clients must be <= 20"),
     (["--backbone", "/nonexistent/backbone.pt"], "no such file"),
