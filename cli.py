@@ -143,6 +143,7 @@ def check_experiment_options(ap: argparse.ArgumentParser, args: argparse.Namespa
     if min(args.clients_per_round, args.snapshots, args.seed) < 0:
         ap.error("--clients-per-round, --snapshots and --seed must be >= 0")
     check_run_options(ap, args)
+    args.snapshots = min(args.snapshots, args.rounds)  # the same round counts (every round), and no 10**20-long loop
     if args.max_update_norm is not None and not (args.max_update_norm > 0 and math.isfinite(args.max_update_norm)):
         ap.error(f"--max-update-norm must be a positive number, got {args.max_update_norm}")
     if not 0 <= args.drop_prob < 1:
@@ -280,9 +281,18 @@ def one_line_errors(*errors: type[BaseException]):
         yield
     except (DataError, ResumeError, AdapterError, *errors) as e:
         fail(str(e))
-    except MemoryError as e:
-        fail(f"out of memory ({e or 'MemoryError'}): lower --batch-size, --eval-batch-size or --fisher-chunk, "
-             "or use a machine with more memory (the input files were not the problem)", status=1)
+    except (MemoryError, RuntimeError) as e:  # torch reports a failed allocation as a RuntimeError
+        if isinstance(e, RuntimeError) and not _out_of_memory(e):
+            raise
+        fail(f"out of memory ({' '.join(str(e).split())[:200] or 'MemoryError'}): lower --rank, --batch-size, "
+             "--eval-batch-size or --fisher-chunk, or use a machine with more memory (the input files were not the "
+             "problem)", status=1)
+
+
+def _out_of_memory(e: RuntimeError) -> bool:
+    """torch.OutOfMemoryError (CUDA) or the CPU allocator's "can't allocate memory"."""
+    return isinstance(e, getattr(torch, "OutOfMemoryError", ())) or "can't allocate memory" in str(e) \
+        or "out of memory" in str(e).lower()
 
 
 def run_main(main: Callable[[], object]) -> None:

@@ -95,8 +95,12 @@ def test_a_second_run_on_the_same_out_is_refused(tmp_path, capsys):
         pass
 
 
-@pytest.mark.parametrize("error, status", [(DataError("x.jsonl:3: not valid JSON"), 2), (ResumeError("ck: edited"), 2),
-                                           (AdapterError("w holds NaN"), 2), (MemoryError(), 1)])
+@pytest.mark.parametrize("error, status", [
+    (DataError("x.jsonl:3: not valid JSON"), 2), (ResumeError("ck: edited"), 2), (AdapterError("w holds NaN"), 2),
+    (MemoryError(), 1),
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried to "
+                  "allocate 6400000000000 bytes"), 1),  # what --rank 10**11 gave: torch's CPU allocator
+])
 def test_errors_during_a_run_are_one_line_with_their_status(capsys, error, status):
     with pytest.raises(SystemExit) as e:
         with cli.one_line_errors():
@@ -105,3 +109,18 @@ def test_errors_during_a_run_are_one_line_with_their_status(capsys, error, statu
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ")
     assert ("out of memory" in err and "not the problem" in err) if status == 1 else str(error) in err
+
+
+def test_other_runtime_errors_are_not_called_out_of_memory():
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        with cli.one_line_errors():
+            raise RuntimeError("shape mismatch")
+
+
+def test_snapshots_beyond_the_rounds_are_every_round(capsys):
+    """--snapshots 10**20 with 2 rounds: the same round counts as --snapshots 2 (every round), no endless loop."""
+    from pipeline import snapshot_rounds
+    ap = parser()
+    args = args_for(ap, "--snapshots", str(10**20), "--rounds", "2")
+    cli.check_experiment_options(ap, args)
+    assert args.snapshots == 2 and snapshot_rounds(2, args.snapshots) == snapshot_rounds(2, 7) == [1, 2]
