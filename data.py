@@ -1,7 +1,7 @@
 """CIFAR-100 for federated personalisation: the loader, client partitions, and an offline synthetic
 stand-in written in the real `cifar-100-python` layout and read back by the same loader.
 
-    data = load_cifar100("data")                       # torchvision; downloads when online
+    data = load_cifar100("data")                       # torchvision downloads and md5-checks; we read
     parts = dirichlet_partition(data.labels, num_clients=10, alpha=0.5, samples_per_client=1500, seed=0)
     parts = class_split_partition(data.labels, data.coarse_labels, 10, 1500, seed=0)   # task split
     train, val, test = split_client(parts[0], (1000, 100, 400), seed=0)
@@ -10,6 +10,8 @@ stand-in written in the real `cifar-100-python` layout and read back by the same
 
 Images stay uint8 tensors (N, 3, 32, 32); resizing and normalisation happen inside the model.
 All partitions are deterministic for a seed (numpy Generator) and return per-client index arrays.
+Data files are untrusted input: CIFAR-100's pickles are read by a restricted unpickler that runs nothing
+(_CifarUnpickler), then checked for layout, dtype and label ranges.
 """
 from __future__ import annotations
 
