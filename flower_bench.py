@@ -7,10 +7,11 @@ wall time per FedIT round, and where Flower's time goes (measured by the clients
 In-process: fed.run_fedit on the clients flower_client.py would build (flower_client.client_split, the
 backbone file, vit.build_model), timed per round. Flower: flower_local.LocalFederation (a SuperLink and
 --clients SuperNodes on 127.0.0.1, each SuperNode's clients on --threads torch threads), `flwr run` of
-this folder with the same run config; per round the server's wall time, and from every client its
-process start-up (interpreter, imports, Flower's hand-over: Flower starts a process per message), data
-and model loading, and local training. What is left of a round is Flower's messaging (push, the
-SuperNodes' polling, pull). The final global adapters of both runs are compared bitwise.
+this folder with the same run config; per round the server's wall time, and from every client (Flower
+starts a process per message) how long Flower took to start its process, the app's imports, the
+hand-over of the message, data and model loading, and local training (flower_client.startup_seconds).
+What is left of a round is Flower's messaging (push, the SuperNodes' polling, pull), taken against the
+slowest client. The final global adapters of both runs are compared bitwise.
 Output: a table on stdout and --out/flower_bench.json (atomic).
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 from fed import Client, run_fedit
 from flower_client import client_split
 from flower_local import LocalFederation
+from flower_server import TIMINGS
 from flower_task import AppConfig, ConfigError
 from report import atomic_write, mean
 from vit import PRESETS, build_model, load_backbone_file
@@ -67,10 +69,10 @@ def breakdown(results: dict) -> dict:
     rows = []
     for h in results["fedit_history"]:
         clients = h["client_seconds"].values()
-        slowest = max(clients, key=lambda c: sum(c.values()), default={"startup": 0.0, "load": 0.0, "train": 0.0})
-        rows.append({"round": h["seconds"], **slowest,
-                     "messaging": h["seconds"] - sum(slowest.values())})
-    return {k: mean(r[k] for r in rows) for k in ("round", "startup", "load", "train", "messaging")}
+        slowest = max(clients, key=lambda c: sum(c.values()), default={})
+        parts = {k: slowest.get(k, 0.0) for k in TIMINGS}
+        rows.append({"round": h["seconds"], **parts, "messaging": h["seconds"] - sum(parts.values())})
+    return {k: mean(r[k] for r in rows) for k in ("round", *TIMINGS, "messaging")}
 
 
 def main(argv=None) -> dict:
@@ -110,7 +112,9 @@ def main(argv=None) -> dict:
           f"| in-process (fed.run_fedit) | {mean(seconds):.2f} |\n| Flower on loopback | {flower['round']:.2f} "
           f"({flower['round'] / mean(seconds):.0f}x) |\n"
           + "".join(f"| - {label} | {flower[k]:.2f} |\n" for k, label in (
-              ("startup", "client process start-up (interpreter, imports, Flower's hand-over)"),
+              ("flower-start", "Flower starts a client process (interpreter, flwr-clientapp, SuperNode hand-shake)"),
+              ("imports", "the app's imports (torch, torchvision, the project)"),
+              ("handover", "app imported -> handler called (Flower hands over the message)"),
               ("load", "client data + model loading"), ("train", "client local training"),
               ("messaging", "Flower messaging (push, SuperNode polling, pull)"))))
     print(f"Flower stages: {', '.join(f'{k} {v:.1f} s' for k, v in results['timing_s'].items())}; final adapters "

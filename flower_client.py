@@ -33,6 +33,8 @@ import os
 import time
 from dataclasses import dataclass
 
+IMPORTS_STARTED = time.time()  # with IMPORTS_DONE: where a message's start-up goes (train's timings)
+
 import torch
 import torch.nn as nn
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -49,6 +51,7 @@ from pipeline import Run, local_seed, train_from
 from potara import classification_likelihood, merge_adapters
 from vit import PRESETS, build_model, load_backbone_file
 
+IMPORTS_DONE = time.time()
 app = ClientApp()
 
 
@@ -126,16 +129,28 @@ def received_adapter(msg: Message, phi0: dict) -> dict[str, torch.Tensor]:
     return state
 
 
-def process_age() -> float:
-    """Seconds since this process started (Linux /proc; 0.0 elsewhere): Flower starts a fresh process per
-    message, so this is the start-up (interpreter, imports, Flower's hand-over) before a handler runs."""
+def process_age() -> float | None:
+    """Seconds since this process started (Linux /proc; None elsewhere). Flower starts a fresh process per
+    message: this is everything before a handler runs."""
     try:
         with open("/proc/self/stat") as f:
             start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime
         with open("/proc/uptime") as f:
             return float(f.read().split()[0]) - start_ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
-        return 0.0
+        return None
+
+
+def startup_seconds() -> dict[str, float]:
+    """A message's start-up in three measured parts: Flower starting the process until this module is
+    imported (interpreter, flwr-clientapp, its hand-shake with the SuperNode), this module's imports
+    (torch, torchvision, the project), and from then until the handler runs (Flower loading the app and
+    the message)."""
+    age, now = process_age(), time.time()
+    parts = {"imports": IMPORTS_DONE - IMPORTS_STARTED, "handover": now - IMPORTS_DONE}
+    if age is not None:
+        parts["flower-start"] = age - (now - IMPORTS_STARTED)
+    return parts
 
 
 @app.query()
@@ -150,7 +165,7 @@ def setup(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Round t: phi^t -> fed.local_update (seeds (seed, t, k)) -> phi_k^{t+1}, n_k, mean loss."""
-    startup, t0 = process_age(), time.perf_counter()
+    startup, t0 = startup_seconds(), time.perf_counter()
     config = msg.content[CONFIG]
     if config.get("drop", False):  # a simulated drop-out (fed.sample_clients): answers, but sends nothing
         return Message(RecordDict({CONFIG: ConfigRecord({"dropped": True})}), reply_to=msg)
@@ -159,9 +174,9 @@ def train(msg: Message, context: Context) -> Message:
     reply, _ = local_update(c.model, Client(s.name, s.train_inputs, s.train_targets), phi_t, {}, int(config["round"]),
                             c.index, cfg.local_steps, cfg.lr, cfg.seed, cfg.batch_size,
                             autocast_dtype=c.autocast_dtype, progress=False)
-    metrics = MetricRecord({"num-examples": reply.num_examples, "train-loss": reply.mean_loss,  # + where time goes:
-                            "startup-seconds": startup, "load-seconds": t1 - t0,
-                            "train-seconds": time.perf_counter() - t1})
+    seconds = {**startup, "load": t1 - t0, "train": time.perf_counter() - t1}  # where the time went
+    metrics = MetricRecord({"num-examples": reply.num_examples, "train-loss": reply.mean_loss,
+                            **{f"{k}-seconds": v for k, v in seconds.items()}})
     return Message(RecordDict({ADAPTER: to_record(reply.state), METRICS: metrics}), reply_to=msg)
 
 

@@ -43,6 +43,7 @@ from pipeline import fed_faults
 from report import mean, write_outputs
 
 app = ServerApp()
+TIMINGS = ("flower-start", "imports", "handover", "load", "train")  # a client's round, measured by itself
 
 
 @dataclass
@@ -138,7 +139,7 @@ def fedit_round(grid: Grid, cfg: AppConfig, roster: Roster, fed: FedState, t: in
             metrics = r.content[METRICS]
             replies[k] = ClientReply(from_record(r.content[ADAPTER]), metrics["num-examples"], metrics["train-loss"])
             wire_up += record_bytes(r.content[ADAPTER])
-            seconds[roster.names[k]] = {key: float(metrics[f"{key}-seconds"]) for key in ("startup", "load", "train")
+            seconds[roster.names[k]] = {key: float(metrics[f"{key}-seconds"]) for key in TIMINGS
                                         if f"{key}-seconds" in metrics}
         except Exception as e:  # an unreadable reply: recorded, never raised
             failures.append({"client": roster.names[k], "reason": f"unreadable reply: {type(e).__name__}: {e}"})

@@ -10,11 +10,14 @@ import flower_bench  # noqa: E402
 def test_breakdown_charges_the_rest_of_a_round_to_messaging():
     """Per round: the slowest client's start-up, loading and training (clients run in parallel), and what is
     left of the server's round time; means over rounds. Hand-computed."""
-    history = [{"seconds": 10.0, "client_seconds": {"client0": {"startup": 5.0, "load": 1.0, "train": 0.5},
-                                                    "client1": {"startup": 6.0, "load": 1.0, "train": 1.0}}},
-               {"seconds": 6.0, "client_seconds": {"client1": {"startup": 3.0, "load": 0.5, "train": 0.5}}}]
+    c = lambda start, imports, hand, load, train: {"flower-start": start, "imports": imports, "handover": hand,
+                                                   "load": load, "train": train}
+    history = [{"seconds": 10.0, "client_seconds": {"client0": c(2.0, 2.5, 0.5, 1.0, 0.5),      # 6.5
+                                                    "client1": c(2.0, 3.0, 1.0, 1.0, 1.0)}},    # 8.0: slowest
+               {"seconds": 6.0, "client_seconds": {"client1": c(1.0, 1.5, 0.5, 0.5, 0.5)}}]   # 4.0
     got = flower_bench.breakdown({"fedit_history": history})
-    want = {"round": 8.0, "startup": 4.5, "load": 0.75, "train": 0.75, "messaging": (2.0 + 2.0) / 2}
+    want = {"round": 8.0, "flower-start": 1.5, "imports": 2.25, "handover": 0.75, "load": 0.75, "train": 0.75,
+            "messaging": (2.0 + 2.0) / 2}
     assert got == pytest.approx(want)
 
 
