@@ -451,17 +451,21 @@ def bench_potara(cfg: BenchConfig, device: torch.device) -> list[dict]:
         model.zero_grad(set_to_none=True)
         F.cross_entropy(model(Xh), Yh).backward()
 
-    def worst_case():  # what the default costs when its Hermite candidate is interior: 2 fwd-bwd + 1 fwd
+    def ends():  # what the default costs when its Hermite candidate is an end: 2 fwd-bwd
         potara.segment_loss(model, G, L, 0.0, held)
         potara.segment_loss(model, G, L, 1.0, held)
+
+    def worst_case():  # when its Hermite candidate is interior: 2 fwd-bwd + 1 fwd (the verification pass)
+        ends()
         potara.segment_loss(model, G, L, 0.5, held, slope=False)
 
     grid = lambda: [score_adapter(model, potara.merge_adapters(G, L, lam), L, Xh, Yh) for lam in lam_grid(0.05)]
     _, info = potara.personalize(model, G, L, held_out=held)
     times = measure({"one forward-backward pass": forward_backward,
                      "potara.personalize (default)": lambda: potara.personalize(model, G, L, held_out=held),
+                     "default, candidate at an end (2 fwd-bwd)": ends,
                      "default, worst case (2 fwd-bwd + 1 fwd)": worst_case, "21-point grid search": grid,
-                     "local training": local_training}, cfg, device, reps=max(3, cfg.reps // 2))
+                     "local training": local_training}, cfg, device)
     load_lora_state_dict(model, init)
     note = (f"tiny preset ViT, {n} held-out samples in one batch; personalize took {info['passes']} here "
             f"(candidate: {info['candidate']}); local training: {p['local_train_steps']} steps of batch "
