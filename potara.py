@@ -224,7 +224,8 @@ def verified_weight(model: nn.Module, global_state: dict, local_state: dict, sam
 def _warn_if_training_data(info: dict, loss_tol: float = 0.05, slope_tol: float = 0.1) -> None:
     """Held-out samples are required: on the local adapter's own training samples its loss and its slope
     toward phi_G are both ~0 (an over-fitted minimum), which always favours phi_L. Thresholds in nats per
-    sample (real digits, README: 59 of 60 clients' training splits flagged, none of their validation splits)."""
+    sample, set on the real digits (README: 116 of 120 training-split runs flagged, 0 of 120 validation-split
+    runs); an adapter that does not fit its training data to ~0 loss is not flagged (synthetic: 25 of 75)."""
     f0, d0 = info["loss_local"], info["slope_local"]
     if f0 < loss_tol and abs(d0) < slope_tol:
         warnings.warn(f"personalize: the local adapter's loss ({f0:.3g}) and slope ({d0:.3g}) on these samples are "
