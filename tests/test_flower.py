@@ -40,14 +40,64 @@ from vit import PRESETS, build_model, load_backbone_file  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def federation(tmp_path):
-    """A loopback federation in tmp_path (flower_local.LocalFederation), stopped in teardown whatever happens."""
-    fed = LocalFederation(tmp_path)
-    try:
-        yield fed
-    finally:
-        fed.stop()
+# ----------------------------------------------------------------------------- the run, and its in-process reference
+RUN = {"num-clients": 3, "rounds": 2, "local-steps": 2, "clients-per-round": 2, "lr": 0.01, "batch-size": 8,
+       "rank": 2, "lora-alpha": 4.0, "seed": 1, "synthetic-per-class": 20, "public": 0, "alpha": 0.5, "train": 40,
+       "val": 20, "test": 20, "local-train-steps": 3, "finetune-steps": 2, "fisher-samples": 20, "grid-step": 0.25,
+       "drop-prob": 0.3}
+
+
+def micro_backbone(path: Path) -> None:
+    """A micro ViT in the tiny backbone file format (random weights: nothing is pre-trained)."""
+    torch.manual_seed(0)
+    vit = VisionTransformer(**MICRO_VIT, num_classes=100)
+    torch.save({"format": "potara-backbone-v1", "vit": {**MICRO_VIT, "num_classes": 100},
+                "state_dict": vit.state_dict()}, path)
+
+
+def check_against_in_process(out: Path, data_dir: Path, backbone: Path, run: dict, tmp: Path) -> dict:
+    """The app's outputs in `out` against one process on the same data, backbone file and seeds: the final
+    global adapter bitwise fed.run_fedit's; participants, drop-outs and byte counts its history's; every
+    client's accuracies, lam and grid curves pipeline.run_experiment's. Returns results.json."""
+    K, R, cpr = run["num-clients"], run["rounds"], run["clients-per-round"] or run["num-clients"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the clients ran (node config threads=1): same kernels, same sums
+    data, _ = load_images("synthetic", str(data_dir), run["synthetic-per-class"])
+    _, pool = public_and_pool(len(data.labels), run["public"])
+    sizes = (run["train"], run["val"], run["test"])
+    parts = dirichlet_partition(data.labels[pool], K, run["alpha"], sum(sizes), run["seed"])
+    splits = client_splits(data.images, data.labels, pool, parts, sizes, run["seed"])
+    model = build_model(load_backbone_file(str(backbone), None), PRESETS["tiny"], run["rank"], run["lora-alpha"],
+                        run["seed"])
+    ref = run_fedit(model, [Client(s.name, s.train_inputs, s.train_targets) for s in splits], R, run["local-steps"],
+                    cpr, run["lr"], run["seed"], run["batch-size"], progress=False, drop_prob=run["drop-prob"])
+    cfg = ExperimentConfig(rounds=R, local_steps=run["local-steps"], clients_per_round=run["clients-per-round"],
+                           lr=run["lr"], batch_size=run["batch-size"], local_train_steps=run["local-train-steps"],
+                           finetune_steps=run["finetune-steps"], fisher_samples=run["fisher-samples"],
+                           grid_step=run["grid-step"], fedsa=False, snapshots=1, seed=run["seed"],
+                           drop_prob=run["drop-prob"])
+    pipeline = run_experiment(model, splits, cfg, str(tmp / "in-process"), progress=False)
+    torch.set_num_threads(threads)
+
+    got = torch.load(out / "checkpoint.pt", weights_only=True)["fedit"]["global_state"]
+    assert sorted(got) == sorted(ref.global_state)
+    for k, v in ref.global_state.items():
+        assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
+    assert not all(torch.equal(got[k], v) for k, v in model.state_dict().items() if k in got)  # it trained
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["fedit_history"]) == R
+    for mine, theirs in zip(results["fedit_history"], ref.history):
+        for key in ("round", "clients", "dropped", "rejected", "bytes_down", "bytes_up"):
+            assert mine[key] == theirs[key], key
+        assert mine["wire_bytes_down"] > mine["bytes_down"]  # npy headers and keys on top of the tensors
+    for m, r in results["methods"].items():
+        assert r["per_client"] == pipeline["methods"][m]["per_client"], m
+        assert r["bytes"] == pipeline["methods"][m]["bytes"], m
+    for name, c in results["per_client"].items():
+        assert c["lam_potara"] == pipeline["per_client"][name]["lam_potara"], name
+        assert c["grid"] == pipeline["per_client"][name]["grid"], name
+    assert (out / "results.md").read_text().startswith("| method | mean acc |")
+    return results
 
 
 # ----------------------------------------------------------------------------- in process (no network)
@@ -249,66 +299,6 @@ def test_adapters_cross_the_wire_as_float32_bitwise():
         from_record(ArrayRecord({"s": Array(np.array(["x"]))}))
 
 
-# ----------------------------------------------------------------------------- the loopback run
-RUN = {"num-clients": 3, "rounds": 2, "local-steps": 2, "clients-per-round": 2, "lr": 0.01, "batch-size": 8,
-       "rank": 2, "lora-alpha": 4.0, "seed": 1, "synthetic-per-class": 20, "public": 0, "alpha": 0.5, "train": 40,
-       "val": 20, "test": 20, "local-train-steps": 3, "finetune-steps": 2, "fisher-samples": 20, "grid-step": 0.25,
-       "drop-prob": 0.3}
-
-
-def micro_backbone(path: Path) -> None:
-    """A micro ViT in the tiny backbone file format (random weights: nothing is pre-trained)."""
-    torch.manual_seed(0)
-    vit = VisionTransformer(**MICRO_VIT, num_classes=100)
-    torch.save({"format": "potara-backbone-v1", "vit": {**MICRO_VIT, "num_classes": 100},
-                "state_dict": vit.state_dict()}, path)
-
-
-def check_against_in_process(out: Path, data_dir: Path, backbone: Path, run: dict, tmp: Path) -> dict:
-    """The app's outputs in `out` against one process on the same data, backbone file and seeds: the final
-    global adapter bitwise fed.run_fedit's; participants, drop-outs and byte counts its history's; every
-    client's accuracies, lam and grid curves pipeline.run_experiment's. Returns results.json."""
-    K, R, cpr = run["num-clients"], run["rounds"], run["clients-per-round"] or run["num-clients"]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the clients ran (node config threads=1): same kernels, same sums
-    data, _ = load_images("synthetic", str(data_dir), run["synthetic-per-class"])
-    _, pool = public_and_pool(len(data.labels), run["public"])
-    sizes = (run["train"], run["val"], run["test"])
-    parts = dirichlet_partition(data.labels[pool], K, run["alpha"], sum(sizes), run["seed"])
-    splits = client_splits(data.images, data.labels, pool, parts, sizes, run["seed"])
-    model = build_model(load_backbone_file(str(backbone), None), PRESETS["tiny"], run["rank"], run["lora-alpha"],
-                        run["seed"])
-    ref = run_fedit(model, [Client(s.name, s.train_inputs, s.train_targets) for s in splits], R, run["local-steps"],
-                    cpr, run["lr"], run["seed"], run["batch-size"], progress=False, drop_prob=run["drop-prob"])
-    cfg = ExperimentConfig(rounds=R, local_steps=run["local-steps"], clients_per_round=run["clients-per-round"],
-                           lr=run["lr"], batch_size=run["batch-size"], local_train_steps=run["local-train-steps"],
-                           finetune_steps=run["finetune-steps"], fisher_samples=run["fisher-samples"],
-                           grid_step=run["grid-step"], fedsa=False, snapshots=1, seed=run["seed"],
-                           drop_prob=run["drop-prob"])
-    pipeline = run_experiment(model, splits, cfg, str(tmp / "in-process"), progress=False)
-    torch.set_num_threads(threads)
-
-    got = torch.load(out / "checkpoint.pt", weights_only=True)["fedit"]["global_state"]
-    assert sorted(got) == sorted(ref.global_state)
-    for k, v in ref.global_state.items():
-        assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
-    assert not all(torch.equal(got[k], v) for k, v in model.state_dict().items() if k in got)  # it trained
-    results = json.loads((out / "results.json").read_text())
-    assert len(results["fedit_history"]) == R
-    for mine, theirs in zip(results["fedit_history"], ref.history):
-        for key in ("round", "clients", "dropped", "rejected", "bytes_down", "bytes_up"):
-            assert mine[key] == theirs[key], key
-        assert mine["wire_bytes_down"] > mine["bytes_down"]  # npy headers and keys on top of the tensors
-    for m, r in results["methods"].items():
-        assert r["per_client"] == pipeline["methods"][m]["per_client"], m
-        assert r["bytes"] == pipeline["methods"][m]["bytes"], m
-    for name, c in results["per_client"].items():
-        assert c["lam_potara"] == pipeline["per_client"][name]["lam_potara"], name
-        assert c["grid"] == pipeline["per_client"][name]["grid"], name
-    assert (out / "results.md").read_text().startswith("| method | mean acc |")
-    return results
-
-
 def test_in_process_app_equals_run_fedit_with_drop_outs(small_world, task_identity, tmp_path):
     """3 clients, 2 rounds of 2 sampled clients, a simulated drop-out: the ServerApp + ClientApp code path (no
     network) gives fed.run_fedit's adapter bitwise and the pipeline's numbers."""
@@ -327,6 +317,17 @@ def test_in_process_app_equals_run_fedit_with_drop_outs(small_world, task_identi
         state, meta = load_adapter(path)
         assert path.name == f"client{k}-potara.pt" and meta["lam"] == results["per_client"][f"client{k}"]["lam_potara"]
         assert sorted(state) == sorted(final_adapter(tmp_path / "out"))
+
+
+# ----------------------------------------------------------------------------- the loopback run
+@pytest.fixture
+def federation(tmp_path):
+    """A loopback federation in tmp_path (flower_local.LocalFederation), stopped in teardown whatever happens."""
+    fed = LocalFederation(tmp_path)
+    try:
+        yield fed
+    finally:
+        fed.stop()
 
 
 LOOPBACK = {**RUN, "num-clients": 2, "clients-per-round": 1, "drop-prob": 0.0}  # 2 processes: CI has 2 cores
