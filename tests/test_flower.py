@@ -29,7 +29,7 @@ import flower_client  # noqa: E402
 import flower_server  # noqa: E402
 from checkpoint import ResumeError  # noqa: E402
 from conftest import MICRO_VIT  # noqa: E402
-from data import client_splits, dirichlet_partition, load_images, public_and_pool  # noqa: E402
+from data import load_images  # noqa: E402
 from fed import Client, run_fedit, sample_clients  # noqa: E402
 from flower_local import LocalFederation, wait_for  # noqa: E402
 from flower_task import ADAPTER, CONFIG, METRICS, AppConfig, ConfigError, from_record, to_record  # noqa: E402
@@ -243,10 +243,13 @@ class Unpicklable:
 
 
 def test_setup_refuses_a_misconfigured_federation(small_world, task_identity, tmp_path):
-    """Duplicate partition ids, a node without a backbone, with another backbone, or with a backbone file crafted
-    to run code (refused unread): the run stops at set-up with one line naming the node."""
+    """Too few SuperNodes, duplicate partition ids, a node without a backbone, with another backbone, or with a
+    backbone file crafted to run code (refused unread), bad node settings, an unreadable set-up reply: the run
+    stops at set-up with one line (naming the node)."""
     node = lambda k, **kw: {"partition-id": k, "num-partitions": 3, "backbone": str(small_world / "backbone.pt"),
                             "data-dir": str(small_world / "data"), **kw}
+    with pytest.raises(RuntimeError, match="only 2 of num-clients=3 SuperNodes connected within connect-timeout=1 s"):
+        serve(small_world, tmp_path / "z", nodes=[node(0), node(1)], connect_timeout=1.0)
     with pytest.raises(RuntimeError, match=r"partition ids \[0, 1, 1\] are not 0..2 once each"):
         serve(small_world, tmp_path / "a", nodes=[node(0), node(1), node(1)])
     missing = node(2)
