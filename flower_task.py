@@ -14,7 +14,7 @@ partition-id=k; every client holds the same backbone file and builds the same ph
     setup      server -> every node: {}            node -> server: its partition, n_k, phi_0, backbone hash
     train      server -> k in S_t:   phi^t         k -> server:    phi_k^{t+1}, n_k, mean loss
                (a simulated drop-out gets {"drop": 1} and answers without training or tensors)
-    evaluate   server -> every k:    phi^R         k -> server:    accuracies, a, b, c, lam (numbers only)
+    evaluate   server -> every k:    phi^R         k -> server:    accuracies, evaluate_client's record (numbers)
 
 What crosses the wire: the federated adapter (float32: Flower's ArrayRecord cannot carry bfloat16)
 and plain numbers. What never does: the client's data, its local adapter phi_L, its fine-tuned and
