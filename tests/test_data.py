@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import data
-from data import (DataError, class_split_partition, dirichlet_partition, load_cifar100, split_client, unassigned,
-                  write_synthetic_cifar100)
+from data import DataError, load_cifar100, write_synthetic_cifar100
+from partition import class_split_partition, dirichlet_partition, split_client, unassigned
 
 
 def labels_of(num_classes, per_class, seed=0):
