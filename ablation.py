@@ -46,7 +46,8 @@ import torch
 from tqdm.auto import tqdm
 
 import digits
-from data import DataError, class_split_partition, client_splits, dirichlet_partition, load_images, public_and_pool
+from data import DataError, load_images
+from partition import class_split_partition, client_splits, dirichlet_partition, public_and_pool
 from evaluation import grid_choice, lam_grid, score_adapter
 from fed import Client, run_fedit
 from fisher import gradient_stats
