@@ -41,7 +41,8 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from checkpoint import RunState
-from data import ClientSplits, class_split_partition, client_splits, dirichlet_partition, load_images, public_and_pool
+from data import ClientSplits, load_images
+from partition import class_split_partition, client_splits, dirichlet_partition, public_and_pool
 from evaluation import METHODS, accuracy, evaluate_client
 from fed import Client, classification_loss, derive_seed, local_update
 from flower_task import (ADAPTER, CONFIG, METRICS, AppConfig, ConfigError, experiment_config, flatten, from_record,
