@@ -28,8 +28,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import ClientSplits, DataError, client_splits, dirichlet_partition
+from data import ClientSplits, DataError
 from lora import add_lora
+from partition import client_splits, dirichlet_partition
 
 TASKS = {  # client k's task: TASK_ORDER[k % 6]; each maps the digit to the client's label (all in 0..9)
     "digit": lambda d: d, "parity": lambda d: d % 2, "greater-than-4": lambda d: (d > 4).astype(np.int64),

@@ -25,8 +25,8 @@ import cli  # first: sets OMP_WAIT_POLICY before torch starts its threads
 import numpy as np
 import torch
 
-from data import (DataError, class_split_partition, client_splits, dirichlet_partition, load_images,
-                  public_and_pool)
+from data import DataError, load_images
+from partition import class_split_partition, client_splits, dirichlet_partition, public_and_pool
 from pipeline import run_experiment
 from report import markdown_table
 from vit import PRESETS, build_model, imagenet_vit_b_16, load_backbone_file, tiny_backbone

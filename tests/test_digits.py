@@ -7,9 +7,10 @@ import torch
 
 pytest.importorskip("sklearn")
 
-from data import DataError, public_and_pool  # noqa: E402
+from data import DataError  # noqa: E402
 from digits import (DigitsConfig, build_model, load_digits_data, pretrain_backbone, scenario_splits,  # noqa: E402
                     task_tables)
+from partition import public_and_pool  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -20,9 +20,9 @@ import data as data_module
 import run_cifar
 import vit
 from data import write_synthetic_cifar100
-from data import client_splits, public_and_pool
 from lora import lora_factor, lora_state_dict, save_adapter
 from evaluation import METHODS, lam_grid, score_adapter
+from partition import client_splits, public_and_pool
 from potara import merge_adapters
 
 from conftest import MICRO_VIT
