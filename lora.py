@@ -15,7 +15,6 @@ Functional API (minLoRA / loralib style):
     state = lora_state_dict(model)          # the adapter: every trainable tensor, CPU copies
     load_lora_state_dict(model, state)      # validated, all-or-nothing
     merge_lora(model); unmerge_lora(model)
-    save_adapter(path, state, meta); state, meta = load_adapter(path)   # atomic + fsync; never runs code
     check_tensors(state, reference)         # the one validator of untrusted tensors (below)
 
 The adapter of a model is *every trainable tensor*: the LoRA factors plus the extras named
@@ -28,7 +27,6 @@ check_tensor / check_tensors, before anything is allocated from them or trusted:
 from __future__ import annotations
 
 import math
-import os
 import re
 from typing import Iterable, Sequence
 
@@ -36,9 +34,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
-
-ADAPTER_FORMAT = "potara-adapter-v1"
-
 
 class AdapterError(ValueError):
     """An adapter state or file, or any untrusted tensor container, that is malformed or does not fit the
@@ -388,69 +383,8 @@ def unmerge_lora(model: nn.Module) -> None:
 
 
 def lora_meta(model: nn.Module) -> dict:
-    """Plain-data description of the model's LoRA layers (what save_adapter stores beside the tensors)."""
+    """Plain-data description of the model's LoRA layers (what adapter_file.save_adapter stores beside the tensors)."""
     layers = {n: {"r": int(m.r), "alpha": float(m.alpha), "scaling": float(m.scaling),
                   "kind": type(m).__name__, **({"parts": m.parts} if isinstance(m, LoRAPackedQKV) else {})}
               for n, m in model.named_modules() if isinstance(m, LORA_LAYERS)}
     return {"targets": sorted(layers), "layers": layers}
-
-
-def _plain(x) -> bool:
-    if type(x) in (list, tuple):
-        return all(_plain(v) for v in x)
-    if type(x) is dict:
-        return all(type(k) is str and _plain(v) for k, v in x.items())
-    return type(x) in (str, int, float, bool, type(None))
-
-
-def save_adapter(path: str | os.PathLike, state: dict[str, torch.Tensor], meta: dict | None = None) -> None:
-    """Write tensors (checked: check_tensors) + meta (plain str/int/float/bool/list/dict only) to one file,
-    atomically: a temporary file, fsync, rename, fsync of the folder, so a crash leaves the old file or the
-    new one, never half of one."""
-    path = os.fspath(path)
-    check_tensors(state, what=f"{path}: adapter to save")
-    if not _plain(meta or {}):  # anything else would be written, then refused by load_adapter's weights_only
-        raise AdapterError(f"{path}: meta must be plain data (str, int, float, bool, None, lists, str-keyed dicts)")
-    payload = {"format": ADAPTER_FORMAT, "meta": meta or {},
-               "state": {k: v.detach().to("cpu").contiguous() for k, v in state.items()}}
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    if os.name == "posix":  # the rename itself reaches the disk only once the folder is synced
-        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def load_adapter(path: str | os.PathLike, max_numel: int = MAX_NUMEL) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read a file written by save_adapter. Never executes code from the file (weights_only=True: a pickle
-    that tries to call anything is refused; torch checks each storage's size against the file's record
-    before allocating it); then every tensor is checked (check_tensors, at most max_numel elements in all).
-    Any problem is one AdapterError naming the file."""
-    path = os.fspath(path)
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise AdapterError(f"{path}: no such adapter file") from None
-    except MemoryError:
-        raise
-    except Exception as e:  # whatever a damaged or hostile file makes the unpickler raise
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise AdapterError(f"{path}: not a readable potara adapter file (truncated, foreign or unsafe): "
-                           f"{first[:200]}") from None
-    if not isinstance(payload, dict) or payload.get("format") != ADAPTER_FORMAT:
-        raise AdapterError(f"{path}: not a potara adapter file (no '{ADAPTER_FORMAT}' marker)")
-    state, meta = payload.get("state"), payload.get("meta")
-    if not isinstance(state, dict) or not isinstance(meta, dict):
-        raise AdapterError(f"{path}: malformed adapter file (state or meta is not a dict)")
-    check_tensors(state, what=path, max_numel=max_numel)
-    return state, meta

@@ -1,8 +1,8 @@
 """Fuzz: randomly corrupted adapter files and client updates end in one clear error, never anything else.
 
-Specifies the one validator of untrusted tensors (lora.check_tensors) through its users: lora.load_adapter
+Specifies the one validator of untrusted tensors (lora.check_tensors) through its users: adapter_file.load_adapter
 (files: truncations, bit flips, crafted sizes/strides/offsets, wrong dtypes, sparse/meta tensors, non-tensor
-values), lora.save_adapter (nothing written for a bad state), lora.load_lora_state_dict (the model left as it
+values), adapter_file.save_adapter (nothing written for a bad state), lora.load_lora_state_dict (the model left as it
 was, also when a rank change is allowed), fed.validate_update / fed.server_round (a bad update is rejected with
 a reason, never raised) and fed.fedavg (ValueError, never a silent NaN or zero).
 Each case must finish within a few seconds (no hang) under an address-space limit of current use + 2 GiB
@@ -23,7 +23,8 @@ import pytest
 import torch
 
 from fed import ClientReply, fedavg, server_round, validate_update
-from lora import AdapterError, add_lora, load_adapter, load_lora_state_dict, lora_state_dict, save_adapter
+from adapter_file import load_adapter, save_adapter
+from lora import AdapterError, add_lora, load_lora_state_dict, lora_state_dict
 
 REFERENCE = {"enc.0.lora_A": torch.randn(2, 6, generator=torch.Generator().manual_seed(0)),
              "enc.0.lora_B": torch.zeros(5, 2), "head.weight": torch.ones(3, 5)}
