@@ -27,13 +27,13 @@ from torchvision.models import VisionTransformer  # noqa: E402
 
 import flower_client  # noqa: E402
 import flower_server  # noqa: E402
+from adapter_file import load_adapter  # noqa: E402
 from checkpoint import ResumeError  # noqa: E402
 from conftest import MICRO_VIT  # noqa: E402
 from data import load_images  # noqa: E402
 from fed import Client, run_fedit, sample_clients  # noqa: E402
 from flower_local import LocalFederation, wait_for  # noqa: E402
 from flower_task import ADAPTER, CONFIG, METRICS, AppConfig, ConfigError, from_record, to_record  # noqa: E402
-from lora import load_adapter  # noqa: E402
 from partition import client_splits, dirichlet_partition, public_and_pool  # noqa: E402
 from pipeline import ExperimentConfig, run_experiment  # noqa: E402
 from vit import PRESETS, build_model, load_backbone_file  # noqa: E402
