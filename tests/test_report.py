@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import data as data_module
+from adapter_file import save_adapter
 from checkpoint import RunState, save_state
 from data import write_synthetic_cifar100
-from lora import save_adapter
 from pipeline import ExperimentConfig, run_experiment
 from report import atomic_write, markdown_table, strict_json, write_outputs
 

@@ -19,8 +19,9 @@ from torchvision.models import VisionTransformer
 import data as data_module
 import run_cifar
 import vit
+from adapter_file import save_adapter
 from data import write_synthetic_cifar100
-from lora import lora_factor, lora_state_dict, save_adapter
+from lora import lora_factor, lora_state_dict
 from evaluation import METHODS, lam_grid, score_adapter
 from partition import client_splits, public_and_pool
 from potara import merge_adapters
