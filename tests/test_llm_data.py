@@ -1,13 +1,13 @@
 """llm_data: hostile JSONL lines end in one-line DataErrors naming file and line; the up-front checks
 (enough examples, answers that fit --max-len) agree with what encoding the splits would do."""
 import json
-import random
 
 import pytest
 
 import data
 from llm_data import (IGNORE, ByteTokenizer, DataError, Example, check_fits, encode_examples, encode_pair,
-                      normalize_answer, public_corpus, read_jsonl, read_task_dir, split_tasks, synthetic_tasks)
+                      normalize_answer, read_jsonl, read_task_dir, split_tasks)
+from llm_tasks import synthetic_tasks
 
 GOOD = json.dumps({"prompt": "p", "answer": "a"}).encode()
 
@@ -146,15 +146,3 @@ def test_encoding_labels_only_the_answer_and_right_pads():
         encode_examples(tok, [Example("a", "long answer")], max_len=5)
     assert tok.decode(tok.encode("héllo")) == "héllo"
     assert normalize_answer(" The  Tolkien!") == "tolkien"
-
-
-def test_synthetic_tasks_are_deterministic_and_well_formed():
-    a, b = synthetic_tasks(30, seed=3), synthetic_tasks(30, seed=3)
-    assert a == b and len(a) == 8
-    for name, examples in a.items():
-        assert len(examples) == 30 and len({e.prompt for e in examples}) > 5, name
-        for e in examples:
-            assert e.options is None or e.answer in e.options
-    pub = public_corpus(50, random.Random(0))
-    client_prompts = {e.prompt for exs in a.values() for e in exs}
-    assert not client_prompts & {e.prompt for e in pub}  # the public corpus never holds a client task's format
