@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 
 from data import ClientSplits
 from llm_data import (IGNORE, DataError, Example, HFTokenizer, Tokenizer, encode_examples, normalize_answer,
-                      public_corpus, split_tasks)
+                      split_tasks)
+from llm_tasks import public_corpus
 from lora import check_tensors
 from potara import causal_lm_likelihood
 from pretrain import cache_path, cached_pretrain, step, warmup_cosine

@@ -34,7 +34,8 @@ import cli  # first: sets OMP_WAIT_POLICY before torch starts its threads
 import torch
 import torch.nn as nn
 
-from llm_data import ByteTokenizer, Tokenizer, check_fits, public_corpus, read_task_dir, split_tasks, synthetic_tasks
+from llm_data import ByteTokenizer, Tokenizer, check_fits, read_task_dir, split_tasks
+from llm_tasks import public_corpus, synthetic_tasks
 from lm import (PRESETS, Scorer, build_splits, chance, lm_loss, load_hf_model, load_hf_tokenizer, pretrain_tiny,
                 tiny_llama)
 from lora import add_lora, lora_meta
