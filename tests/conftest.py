@@ -1,5 +1,18 @@
 """Shared test helpers, as fixtures: the micro ViT standing in for the tiny preset's backbone, a tiny MLP
-problem (a bias-free LoRA MLP and its clients) for pipeline-level tests, nested tensor equality."""
+problem (a bias-free LoRA MLP and its clients) for pipeline-level tests, nested tensor equality, and the
+untrusted-file fuzzing kit (bounded cases, corrupted tensors, crafted and corrupted torch files). Module-level
+helpers of a test file that cannot take fixtures import the plain functions from here."""
+import contextlib
+import io
+import os
+import random
+import resource
+import signal
+import struct
+import sys
+import zipfile
+from collections import OrderedDict
+
 import pytest
 import torch
 import torch.nn as nn
@@ -89,3 +102,205 @@ def randomize_lora():
                 if p.requires_grad:
                     p.copy_(torch.randn(p.shape, generator=g) * scale)
     return randomize
+
+
+# ----------------------------------------------------------------------------- untrusted files (fuzz tests)
+@contextlib.contextmanager
+def bounded_case(seconds: int = 5, headroom: int = 2 << 30):
+    """Fail a case that runs longer than `seconds`, or allocates more than `headroom` bytes at once."""
+    limit_as = sys.platform.startswith("linux")
+    if limit_as:
+        used = int(open("/proc/self/statm").read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        cap = used + headroom if hard == resource.RLIM_INFINITY else min(used + headroom, hard)
+        resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+
+    def timeout(*_):
+        raise TimeoutError(f"a fuzz case ran longer than {seconds} s")
+
+    alarm = hasattr(signal, "SIGALRM")  # POSIX only
+    if alarm:
+        old = signal.signal(signal.SIGALRM, timeout)
+        signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        if alarm:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, old)
+        if limit_as:
+            resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+@pytest.fixture
+def bounded():
+    """`with bounded(): ...` runs one fuzz case under a time limit (5 s) and an address-space cap (+2 GiB)."""
+    return bounded_case
+
+
+def corrupt_tensor(rng: random.Random, t: torch.Tensor, kind: str | None = None):
+    """One randomly chosen way to make a tensor untrustworthy (or not a tensor at all)."""
+    kind = kind or rng.choice(["dtype", "shape", "expand", "zero stride", "huge", "sparse", "meta", "nan", "inf",
+                               "scalar", "string", "list", "none", "nested", "subclass"])
+    if kind == "dtype":
+        return t.to(rng.choice([torch.int64, torch.int8, torch.bool, torch.complex64, torch.float8_e4m3fn]))
+    if kind == "shape":
+        return torch.zeros(t.shape[0] + rng.randint(1, 3), *t.shape[1:])
+    if kind == "expand":
+        return t.flatten()[:1].expand(t.shape)
+    if kind == "zero stride":
+        return t.flatten()[:t.shape[-1]].as_strided(t.shape, (0, 1))
+    if kind == "huge":
+        return torch.zeros(1).expand(rng.choice([200000, 2**20]), rng.choice([200000, 2**20]))
+    if kind == "sparse":
+        return t.to_sparse()
+    if kind == "meta":
+        return torch.empty(t.shape, device="meta")
+    if kind in ("nan", "inf"):
+        bad = t.clone()
+        bad.view(-1)[rng.randrange(bad.numel())] = float("nan") if kind == "nan" else -float("inf")
+        return bad
+    if kind == "nested":
+        return torch.nested.nested_tensor([row.clone() for row in t])
+    if kind == "subclass":
+        return t.clone().as_subclass(type("Sub", (torch.Tensor,), {}))
+    return {"scalar": 1.0, "string": "w", "list": t.tolist(), "none": None}[kind]
+
+
+def damaged_bytes(rng: random.Random, template: bytes, kind: str) -> bytes:
+    """The file's bytes cut at a random point ("truncate"), with 1-8 bit flips, or with a run of 8 random bytes."""
+    data = bytearray(template)
+    if kind == "truncate":
+        return bytes(data[:rng.randrange(len(data))])
+    if kind == "bit flips":
+        for _ in range(rng.randint(1, 8)):
+            data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+        return bytes(data)
+    i = rng.randrange(len(data))
+    data[i:i + 8] = bytes(rng.randrange(256) for _ in range(8))
+    return bytes(data)
+
+
+class FakeStorage:
+    """Pickled as torch's own storage reference (persistent id), with the numel we choose."""
+
+    def __init__(self, numel: int):
+        self.numel = numel
+
+
+class CraftedView:
+    """Pickled as torch._utils._rebuild_tensor_v2(storage, offset, size, stride): sizes/strides we choose."""
+
+    def __init__(self, storage, offset, size, stride):
+        self.args = (storage, offset, tuple(size), tuple(stride), False, OrderedDict())
+
+    def __reduce__(self):
+        return torch._utils._rebuild_tensor_v2, self.args
+
+
+class CraftedPickler(torch.serialization.pickle.Pickler):
+    def persistent_id(self, obj):
+        return ("storage", torch.FloatStorage, "0", "cpu", obj.numel) if isinstance(obj, FakeStorage) else None
+
+
+def crafted_torch_file(payload, numel: int, template: bytes | None = None) -> bytes:
+    """A torch.save zip (by default that of torch.zeros(numel)) whose pickle is `payload` (its CraftedViews:
+    tensors over one storage of numel floats, data/0), any other stored tensor data left out."""
+    if template is None:
+        zeros = io.BytesIO()
+        torch.save(torch.zeros(numel), zeros)
+        template = zeros.getvalue()
+    pkl = io.BytesIO()
+    CraftedPickler(pkl, protocol=2).dump(payload)
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(template)) as zin, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            data = zin.read(info.filename)
+            if info.filename.endswith("data.pkl"):
+                data = pkl.getvalue()
+            elif info.filename.endswith("data/0"):
+                data = struct.pack(f"<{numel}f", *range(numel))
+            elif "/data/" in info.filename:
+                continue
+            zout.writestr(info, data)
+    return out.getvalue()
+
+
+def as_views(obj, storage):
+    """obj with every tensor replaced by a contiguous CraftedView of `storage`."""
+    if isinstance(obj, torch.Tensor):
+        strides = [1] * obj.dim()
+        for i in range(obj.dim() - 2, -1, -1):
+            strides[i] = strides[i + 1] * obj.shape[i + 1]
+        return CraftedView(storage, 0, obj.shape, strides)
+    if isinstance(obj, dict):
+        return {k: as_views(v, storage) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [as_views(v, storage) for v in obj]
+    return obj
+
+
+def copy_nested(obj):
+    if isinstance(obj, dict):
+        return {k: copy_nested(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [copy_nested(v) for v in obj]
+    return obj
+
+
+def tensor_paths(obj, prefix=()):
+    """The key paths of every tensor in nested dicts."""
+    if isinstance(obj, torch.Tensor):
+        return [prefix]
+    if isinstance(obj, dict):
+        return [p for k, v in obj.items() for p in tensor_paths(v, prefix + (k,))]
+    return []
+
+
+def crafted_view_file(rng: random.Random, obj: dict, path: tuple, numel: int) -> bytes:
+    """obj as a torch file whose tensor at `path` is a view with huge or zero strides / sizes / offset."""
+    big = lambda: rng.choice([0, 1, 3, 2**20, 2**31 - 1, 2**40, 2**62])
+    size = [big() if rng.random() < 0.5 else rng.randint(0, 4) for _ in range(rng.randint(1, 3))]
+    stride = [big() if rng.random() < 0.5 else rng.randint(0, 4) for _ in size]
+    storage = FakeStorage(numel)
+    obj = as_views(obj, storage)
+    parent = obj
+    for k in path[:-1]:
+        parent = parent[k]
+    parent[path[-1]] = CraftedView(storage, big() if rng.random() < 0.3 else 0, size, stride)
+    return crafted_torch_file(obj, numel)
+
+
+def corrupt_torch_file(rng: random.Random, template: bytes, plain: dict, numel: int) -> bytes:
+    """One random corruption of a torch file holding the dict `plain`: truncation, bit flips, a byte run, one
+    tensor made untrustworthy (corrupt_tensor), a crafted view (crafted_view_file), or one field replaced by junk."""
+    kind = rng.choice(["truncate", "bit flips", "byte run", "tensor", "tensor", "crafted view", "junk field"])
+    if kind in ("truncate", "bit flips", "byte run"):
+        return damaged_bytes(rng, template, kind)
+    path = rng.choice(tensor_paths(plain))
+    obj = copy_nested(plain)
+    if kind == "crafted view":
+        return crafted_view_file(rng, obj, path, numel)
+    parent = obj
+    for k in path[:-1]:
+        parent = parent[k]
+    if kind == "junk field":  # the tensor, or a top-level field, replaced by a value of another type
+        holder, key = (parent, path[-1]) if rng.random() < 0.5 else (obj, rng.choice(sorted(obj)))
+        holder[key] = rng.choice(["x", -3, None, [1, 2], {"a": 1}, True, 10**30, 1e308])
+    else:
+        try:
+            parent[path[-1]] = corrupt_tensor(rng, parent[path[-1]])
+        except RuntimeError:  # its "zero stride" corruption is written for 2-D tensors
+            parent[path[-1]] = corrupt_tensor(rng, parent[path[-1]], "expand")
+    buf = io.BytesIO()
+    try:
+        torch.save(obj, buf)
+    except Exception:  # torch cannot write it (a nested or subclassed tensor): truncate instead
+        return template[:len(template) // 2]
+    return buf.getvalue()
+
+
+@pytest.fixture
+def corrupted_torch_file():
+    """corrupted_torch_file(rng, template, plain, numel): one random corruption of a torch file (corrupt_torch_file)."""
+    return corrupt_torch_file

@@ -126,128 +126,23 @@ def test_edited_checkpoint_with_a_valid_fingerprint_is_refused(tmp_path, mlp_pro
 
 
 # ----------------------------------------------------------------------------- fuzz: randomly corrupted checkpoints
-def as_views(obj, storage):
-    """obj with every tensor replaced by a contiguous view of `storage` (pickled as torch's own storage reference)."""
-    from test_fuzz import _View
-    if isinstance(obj, torch.Tensor):
-        strides = [1] * obj.dim()
-        for i in range(obj.dim() - 2, -1, -1):
-            strides[i] = strides[i + 1] * obj.shape[i + 1]
-        return _View(storage, 0, obj.shape, strides)
-    if isinstance(obj, dict):
-        return {k: as_views(v, storage) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [as_views(v, storage) for v in obj]
-    return obj
-
-
-def crafted_torch_file(payload, numel: int) -> bytes:
-    """A torch.save zip whose pickle is `payload` (its _View objects: tensors over one storage of numel floats)."""
-    import io
-    import struct
-    import zipfile
-    from test_fuzz import _Pickler
-    template = io.BytesIO()
-    torch.save(torch.zeros(numel), template)
-    pkl = io.BytesIO()
-    _Pickler(pkl, protocol=2).dump(payload)
-    out = io.BytesIO()
-    with zipfile.ZipFile(io.BytesIO(template.getvalue())) as zin, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as zout:
-        for info in zin.infolist():
-            data = zin.read(info.filename)
-            if info.filename.endswith("data.pkl"):
-                data = pkl.getvalue()
-            elif info.filename.endswith("data/0"):
-                data = struct.pack(f"<{numel}f", *range(numel))
-            zout.writestr(info, data)
-    return out.getvalue()
-
-
-def corrupted_file(rng, template: bytes, plain: dict, tensor_paths: list, numel: int) -> bytes:
-    """One random corruption of a torch file holding the dict `plain`: truncation, bit flips, a byte run, one
-    tensor (at a path of keys) made untrustworthy (lora fuzz's corrupt_tensor), a crafted view with huge or
-    zero strides / sizes / offset, or one field replaced by junk."""
-    import io
-    from test_fuzz import _Storage, _View, corrupt_tensor
-    kind = rng.choice(["truncate", "bit flips", "byte run", "tensor", "tensor", "crafted view", "junk field"])
-    data = bytearray(template)
-    if kind == "truncate":
-        return bytes(data[:rng.randrange(len(data))])
-    if kind == "bit flips":
-        for _ in range(rng.randint(1, 8)):
-            data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
-        return bytes(data)
-    if kind == "byte run":
-        i = rng.randrange(len(data))
-        data[i:i + 8] = bytes(rng.randrange(256) for _ in range(8))
-        return bytes(data)
-    path = rng.choice(tensor_paths)
-    obj = copy_nested(plain)
-    parent = obj
-    for k in path[:-1]:
-        parent = parent[k]
-    if kind == "junk field":  # the tensor, or a top-level field, replaced by a value of another type
-        holder, key = (parent, path[-1]) if rng.random() < 0.5 else (obj, rng.choice(sorted(obj)))
-        holder[key] = rng.choice(["x", -3, None, [1, 2], {"a": 1}, True, 10**30, 1e308])
-    elif kind == "tensor":
-        try:
-            parent[path[-1]] = corrupt_tensor(rng, parent[path[-1]])
-        except RuntimeError:  # its "zero stride" corruption is written for 2-D tensors
-            parent[path[-1]] = corrupt_tensor(rng, parent[path[-1]], "expand")
-    else:
-        big = lambda: rng.choice([0, 1, 3, 2**20, 2**31 - 1, 2**40, 2**62])
-        size = [big() if rng.random() < 0.5 else rng.randint(0, 4) for _ in range(rng.randint(1, 3))]
-        stride = [big() if rng.random() < 0.5 else rng.randint(0, 4) for _ in size]
-        storage = _Storage(numel)
-        obj = as_views(obj, storage)
-        parent = obj
-        for k in path[:-1]:
-            parent = parent[k]
-        parent[path[-1]] = _View(storage, big() if rng.random() < 0.3 else 0, size, stride)
-        return crafted_torch_file(obj, numel)
-    buf = io.BytesIO()
-    try:
-        torch.save(obj, buf)
-    except Exception:  # torch cannot write it (a nested or subclassed tensor): truncate instead
-        return bytes(data[:len(data) // 2])
-    return buf.getvalue()
-
-
-def copy_nested(obj):
-    if isinstance(obj, dict):
-        return {k: copy_nested(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [copy_nested(v) for v in obj]
-    return obj
-
-
-def tensor_paths(obj, prefix=()):
-    if isinstance(obj, torch.Tensor):
-        return [prefix]
-    if isinstance(obj, dict):
-        return [p for k, v in obj.items() for p in tensor_paths(v, prefix + (k,))]
-    return []
-
-
-def test_fuzz_checkpoints_give_one_clear_error_or_a_sound_state(tmp_path, mlp_problem):
+def test_fuzz_checkpoints_give_one_clear_error_or_a_sound_state(tmp_path, mlp_problem, bounded, corrupted_torch_file):
     """300 seeded corruptions of a sound checkpoint: each ends in a one-line ResumeError or loads a state that is
     sound by the validator; none hangs, allocates gigabytes (RLIMIT_AS) or writes anything."""
     import os
     import random
     from lora import check_tensors
-    from test_fuzz import bounded
     bias_free_model, _ = mlp_problem
     adapter, state = sound_state(bias_free_model(), "fp")
     good = tmp_path / "good.pt"
     save_state(state, str(good))
     template = good.read_bytes()
     plain = torch.load(good, weights_only=True)
-    paths = tensor_paths(plain)
     numel = max(t.numel() for t in adapter.values())
     rng, accepted = random.Random(0), 0
     for case in range(300):
         path = tmp_path / "checkpoint.pt"
-        path.write_bytes(corrupted_file(rng, template, plain, paths, numel))
+        path.write_bytes(corrupted_torch_file(rng, template, plain, numel))
         before = sorted(os.listdir(tmp_path))
         with bounded():
             try:

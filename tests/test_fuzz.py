@@ -6,87 +6,26 @@ values), adapter_file.save_adapter (nothing written for a bad state), lora.load_
 was, also when a rank change is allowed), fed.validate_update / fed.server_round (a bad update is rejected with
 a reason, never raised) and fed.fedavg (ValueError, never a silent NaN or zero).
 Each case must finish within a few seconds (no hang) under an address-space limit of current use + 2 GiB
-(no huge allocation). Seeded: the same cases on every run.
+(no huge allocation). Seeded: the same cases on every run. The kit (bounded, corrupt_tensor, crafted torch
+files) is shared with the checkpoint and backbone fuzz tests in conftest.py.
 """
-import contextlib
 import io
 import os
 import random
-import resource
-import signal
-import struct
-import sys
-import zipfile
-from collections import OrderedDict
 
 import pytest
 import torch
 
-from fed import ClientReply, fedavg, server_round, validate_update
 from adapter_file import load_adapter, save_adapter
+from conftest import CraftedView, FakeStorage, corrupt_tensor, crafted_torch_file, damaged_bytes
+from fed import ClientReply, fedavg, server_round, validate_update
 from lora import AdapterError, add_lora, load_lora_state_dict, lora_state_dict
 
 REFERENCE = {"enc.0.lora_A": torch.randn(2, 6, generator=torch.Generator().manual_seed(0)),
              "enc.0.lora_B": torch.zeros(5, 2), "head.weight": torch.ones(3, 5)}
 
 
-@contextlib.contextmanager
-def bounded(seconds: int = 5, headroom: int = 2 << 30):
-    """Fail a case that runs longer than `seconds`, or allocates more than `headroom` bytes at once."""
-    limit_as = sys.platform.startswith("linux")
-    if limit_as:
-        used = int(open("/proc/self/statm").read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
-        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-        cap = used + headroom if hard == resource.RLIM_INFINITY else min(used + headroom, hard)
-        resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
-
-    def timeout(*_):
-        raise TimeoutError(f"a fuzz case ran longer than {seconds} s")
-
-    alarm = hasattr(signal, "SIGALRM")  # POSIX only
-    if alarm:
-        old = signal.signal(signal.SIGALRM, timeout)
-        signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        if alarm:
-            signal.alarm(0)
-            signal.signal(signal.SIGALRM, old)
-        if limit_as:
-            resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
-
-
-# ---- corrupted tensors and states ----
-
-def corrupt_tensor(rng: random.Random, t: torch.Tensor, kind: str | None = None):
-    """One randomly chosen way to make a tensor untrustworthy (or not a tensor at all)."""
-    kind = kind or rng.choice(["dtype", "shape", "expand", "zero stride", "huge", "sparse", "meta", "nan", "inf",
-                       "scalar", "string", "list", "none", "nested", "subclass"])
-    if kind == "dtype":
-        return t.to(rng.choice([torch.int64, torch.int8, torch.bool, torch.complex64, torch.float8_e4m3fn]))
-    if kind == "shape":
-        return torch.zeros(t.shape[0] + rng.randint(1, 3), *t.shape[1:])
-    if kind == "expand":
-        return t.flatten()[:1].expand(t.shape)
-    if kind == "zero stride":
-        return t.flatten()[:t.shape[-1]].as_strided(t.shape, (0, 1))
-    if kind == "huge":
-        return torch.zeros(1).expand(rng.choice([200000, 2**20]), rng.choice([200000, 2**20]))
-    if kind == "sparse":
-        return t.to_sparse()
-    if kind == "meta":
-        return torch.empty(t.shape, device="meta")
-    if kind in ("nan", "inf"):
-        bad = t.clone()
-        bad.view(-1)[rng.randrange(bad.numel())] = float("nan") if kind == "nan" else -float("inf")
-        return bad
-    if kind == "nested":
-        return torch.nested.nested_tensor([row.clone() for row in t])
-    if kind == "subclass":
-        return t.clone().as_subclass(type("Sub", (torch.Tensor,), {}))
-    return {"scalar": 1.0, "string": "w", "list": t.tolist(), "none": None}[kind]
-
+# ---- corrupted states ----
 
 def corrupt_state(rng: random.Random, state: dict, model_free: bool = False):
     """A state with one tensor corrupted, a key dropped or added, a non-str key, or not a dict at all.
@@ -115,7 +54,7 @@ def corrupt_state(rng: random.Random, state: dict, model_free: bool = False):
     return bad
 
 
-def test_fuzz_updates_are_rejected_with_a_reason_and_never_averaged():
+def test_fuzz_updates_are_rejected_with_a_reason_and_never_averaged(bounded):
     rng = random.Random(0)
     good = {k: v + 0.1 for k, v in REFERENCE.items()}
     names = ["c0", "c1", "c2"]
@@ -139,7 +78,7 @@ def test_fuzz_updates_are_rejected_with_a_reason_and_never_averaged():
             fedavg([good, good], counts)
 
 
-def test_fuzz_load_lora_state_dict_refuses_and_leaves_the_model_unchanged():
+def test_fuzz_load_lora_state_dict_refuses_and_leaves_the_model_unchanged(bounded):
     torch.manual_seed(0)
     model = torch.nn.Module()
     model.enc, model.head = torch.nn.Sequential(torch.nn.Linear(6, 5)), torch.nn.Linear(5, 3, bias=False)
@@ -157,61 +96,16 @@ def test_fuzz_load_lora_state_dict_refuses_and_leaves_the_model_unchanged():
 
 # ---- corrupted adapter files ----
 
-class _Storage:
-    """Pickled as torch's own storage reference (persistent id), with the numel we choose."""
-
-    def __init__(self, numel: int):
-        self.numel = numel
-
-
-class _View:
-    """Pickled as torch._utils._rebuild_tensor_v2(storage, offset, size, stride): sizes/strides we choose."""
-
-    def __init__(self, storage, offset, size, stride):
-        self.args = (storage, offset, tuple(size), tuple(stride), False, OrderedDict())
-
-    def __reduce__(self):
-        return torch._utils._rebuild_tensor_v2, self.args
-
-
-class _Pickler(torch.serialization.pickle.Pickler):
-    def persistent_id(self, obj):
-        return ("storage", torch.FloatStorage, "0", "cpu", obj.numel) if isinstance(obj, _Storage) else None
-
-
 def crafted_file(template: bytes, numel: int, offset: int, size, stride) -> bytes:
     """A save_adapter file whose only tensor is the view we describe, over a storage of `numel` floats."""
-    buf = io.BytesIO()
-    _Pickler(buf, protocol=2).dump({"format": "potara-adapter-v1", "meta": {},
-                                    "state": {"w": _View(_Storage(numel), offset, size, stride)}})
-    out = io.BytesIO()
-    with zipfile.ZipFile(io.BytesIO(template)) as zin, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as zout:
-        for info in zin.infolist():
-            data = zin.read(info.filename)
-            if info.filename.endswith("data.pkl"):
-                data = buf.getvalue()
-            elif info.filename.endswith("data/0"):
-                data = struct.pack(f"<{numel}f", *range(numel))
-            elif "/data/" in info.filename:
-                continue
-            zout.writestr(info, data)
-    return out.getvalue()
+    view = CraftedView(FakeStorage(numel), offset, size, stride)
+    return crafted_torch_file({"format": "potara-adapter-v1", "meta": {}, "state": {"w": view}}, numel, template)
 
 
 def mutated_file(rng: random.Random, template: bytes) -> bytes:
     kind = rng.choice(["truncate", "bit flips", "byte run", "crafted view", "payload"])
-    if kind == "truncate":
-        return template[:rng.randrange(len(template))]
-    if kind in ("bit flips", "byte run"):
-        data = bytearray(template)
-        if kind == "bit flips":
-            for _ in range(rng.randint(1, 8)):
-                i = rng.randrange(len(data))
-                data[i] ^= 1 << rng.randrange(8)
-        else:
-            i = rng.randrange(len(data))
-            data[i:i + 8] = bytes(rng.randrange(256) for _ in range(8))
-        return bytes(data)
+    if kind in ("truncate", "bit flips", "byte run"):
+        return damaged_bytes(rng, template, kind)
     if kind == "crafted view":
         big = lambda: rng.choice([0, 1, 3, 12, 2**20, 2**31 - 1, 2**40, 2**62])
         size = [big() if rng.random() < 0.5 else rng.randint(0, 4) for _ in range(rng.randint(1, 3))]
@@ -229,7 +123,7 @@ def mutated_file(rng: random.Random, template: bytes) -> bytes:
     return buf.getvalue()
 
 
-def test_fuzz_adapter_files_give_one_clear_error_and_write_nothing(tmp_path):
+def test_fuzz_adapter_files_give_one_clear_error_and_write_nothing(tmp_path, bounded):
     rng = random.Random(1)
     good = tmp_path / "good.pt"
     save_adapter(good, REFERENCE, {"r": 2})
@@ -253,7 +147,7 @@ def test_fuzz_adapter_files_give_one_clear_error_and_write_nothing(tmp_path):
     assert accepted < 100  # most corruptions must be caught, not survive by chance
 
 
-def test_fuzz_save_adapter_writes_nothing_for_a_bad_state(tmp_path):
+def test_fuzz_save_adapter_writes_nothing_for_a_bad_state(tmp_path, bounded):
     rng = random.Random(2)
     for case in range(100):
         bad = corrupt_state(rng, REFERENCE, model_free=True)

@@ -158,18 +158,15 @@ def test_a_nan_cached_tiny_backbone_is_pretrained_again(tmp_path, capsys, micro_
     assert torch.isfinite(again.state_dict()[W]).all() and torch.equal(again.state_dict()[W], first.state_dict()[W])
 
 
-def test_fuzz_backbone_files_give_one_clear_error_or_a_sound_backbone(tmp_path):
+def test_fuzz_backbone_files_give_one_clear_error_or_a_sound_backbone(tmp_path, bounded, corrupted_torch_file):
     """300 seeded corruptions of a micro backbone file (truncations, bit flips, untrustworthy tensors, crafted
     huge / zero strides, junk architecture values): each ends in a one-line BackboneError or a backbone whose
     every weight is finite, with no hang or huge allocation (RLIMIT_AS) and nothing written."""
     import random
-    from test_checkpoint import corrupted_file, tensor_paths
-    from test_fuzz import bounded
     good = tmp_path / "good.pt"
     potara_file(good)
     template = good.read_bytes()
     plain = torch.load(good, weights_only=True)
-    paths = tensor_paths(plain)
     rng, accepted = random.Random(0), 0
     for case in range(300):
         path = tmp_path / "backbone.pt"
@@ -178,7 +175,7 @@ def test_fuzz_backbone_files_give_one_clear_error_or_a_sound_backbone(tmp_path):
             junk = rng.choice([400000, 2**62, -1, 0, 3.5, "16", None, True, [16], {"a": 1}])
             torch.save({**plain, "vit": {**plain["vit"], key: junk}}, path)
         else:
-            path.write_bytes(corrupted_file(rng, template, plain, paths, 1700))
+            path.write_bytes(corrupted_torch_file(rng, template, plain, 1700))
         before = sorted(os.listdir(tmp_path))
         with bounded():
             try:
