@@ -1,14 +1,12 @@
-"""LoRA by hand: low-rank adapters on nn.Linear and on the packed q/k/v in-projection
-of nn.MultiheadAttention, plus the small functional API the rest of potara uses.
+"""LoRA by hand: low-rank adapters on nn.Linear and on the packed q/k/v in-projection of
+nn.MultiheadAttention, plus the small functional API the rest of potara uses.
 
-LoRA (Hu et al., 2021, arXiv 2106.09685) keeps a pre-trained weight W0 frozen and
-learns a low-rank update:
+LoRA (Hu et al., 2021, arXiv 2106.09685) keeps a pre-trained weight W0 frozen and learns a low-rank update:
 
     y = W0 x + b + (alpha / r) * B A dropout(x),   A in R^{r x in}, B in R^{out x r}
 
-A is Kaiming-uniform, B is zero, so a fresh adapter leaves the model unchanged.
-`merge()` folds the update into W0 (inference then costs exactly a plain layer) and
-`unmerge()` takes it out again.
+A is Kaiming-uniform, B is zero, so a fresh adapter leaves the model unchanged. `merge()` folds the update
+into W0 (inference then costs exactly a plain layer) and `unmerge()` takes it out again.
 
 Functional API (minLoRA / loralib style):
     names = add_lora(model, targets=["self_attention"], r=8, alpha=16, trainable=["heads"])
@@ -17,9 +15,9 @@ Functional API (minLoRA / loralib style):
     merge_lora(model); unmerge_lora(model)
     check_tensors(state, reference)         # the one validator of untrusted tensors (below)
 
-The adapter of a model is *every trainable tensor*: the LoRA factors plus the extras named
-in `trainable=` (e.g. a new classification head). Federated averaging and the Potara merge
-treat all of them alike (see ../shared/ALGORITHM.md).
+The adapter of a model is *every trainable tensor*: the LoRA factors plus the extras named in `trainable=`
+(e.g. a new classification head). Federated averaging and the Potara merge treat all of them alike (see
+../shared/ALGORITHM.md). Its file format (save_adapter / load_adapter) is adapter_file.py.
 
 Untrusted tensors (adapter files, client updates, checkpoints, backbones) all pass one validator,
 check_tensor / check_tensors, before anything is allocated from them or trusted: AdapterError otherwise.
