@@ -138,6 +138,7 @@ def plot_lambda(plt, results: dict):
             loss_ax = ax.twinx()
             loss_ax.plot(c["grid"]["lam"], c["grid"]["val_loss"], color="0.4", ls="-.", label="val loss")
             loss_ax.tick_params(labelsize=7)
+            loss_ax.set_ylabel("val loss (-mean log p)", fontsize=7)
             if n == names[0]:
                 loss_ax.legend(fontsize=7, loc="lower right")
     for ax in list(axes.flat)[len(names):]:
