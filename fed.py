@@ -7,7 +7,8 @@ local steps, and the server averages what comes back, weighted by client data si
     phi^{t+1} = sum_{k in S_t} n_k phi_k^{t+1} / sum_{k in S_t} n_k
 
 A client is its data plus its adapter tensors: switching client loads tensors into the one
-shared backbone (lora.load_lora_state_dict), never a copy of the model.
+shared backbone (lora.load_lora_state_dict), never a copy of the model. Its local steps are
+training.train_adapter (AdamW on the adapter only).
 
 One round is three public functions; `run_fedit` is a short loop over them in one process, and an
 out-of-process deployment (e.g. a Flower app) calls the same ones on each side:
@@ -43,22 +44,16 @@ import numbers
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Mapping, NamedTuple, Sequence
+from typing import Callable, Iterator, Mapping, NamedTuple, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from lora import check_tensors, load_lora_state_dict, lora_state_dict
+from training import LossFn, classification_loss, model_device, shuffled_batches, train_adapter
 
 log = logging.getLogger("potara.fed")
-LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def classification_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of model(inputs) against integer labels."""
-    return F.cross_entropy(model(inputs), targets)
 
 
 def state_bytes(state: dict[str, torch.Tensor]) -> int:
@@ -101,60 +96,6 @@ def fedavg(states: Sequence[dict[str, torch.Tensor]], num_examples: Sequence[int
             acc += (n / total) * s[k].to(ref.device, torch.float64)  # a client's tensor may sit elsewhere
         averaged[k] = acc.to(ref.dtype)
     return averaged
-
-
-def shuffled_batches(inputs: torch.Tensor, targets: torch.Tensor, batch_size: int, seed: int) -> Iterator:
-    """Endless stream of (inputs, targets) minibatches, a fresh permutation every epoch."""
-    if len(inputs) == 0:
-        raise ValueError("shuffled_batches: a client with no examples")
-    g = torch.Generator().manual_seed(seed)
-    while True:
-        perm = torch.randperm(len(inputs), generator=g)
-        for i in range(0, len(perm), batch_size):
-            idx = perm[i:i + batch_size]
-            yield inputs[idx], targets[idx]
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-class TrainResult(NamedTuple):
-    state: dict[str, torch.Tensor]
-    num_examples: int  # examples seen (sum of batch sizes)
-    mean_loss: float
-
-
-def train_adapter(model: nn.Module, batches: Iterable, steps: int, lr: float, weight_decay: float = 0.0,
-                  loss_fn: LossFn = classification_loss, autocast_dtype: torch.dtype | None = None,
-                  desc: str | None = None, progress: bool = True) -> TrainResult:
-    """`steps` AdamW steps on the model's trainable tensors only; `batches` yields (inputs, targets)
-    and is re-iterated when exhausted. Returns the adapter state, examples seen and mean loss."""
-    if steps <= 0:
-        raise ValueError(f"train_adapter: steps must be positive, got {steps}")
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("train_adapter: the model has no trainable tensors (call lora.add_lora first)")
-    device = _device_of(model)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    model.train()
-    it, seen, loss_sum = iter(batches), 0, torch.zeros((), device=device)
-    for _ in tqdm(range(steps), desc=desc or "local training", leave=False, disable=not progress):
-        try:
-            inputs, targets = next(it)
-        except StopIteration:
-            it = iter(batches)
-            inputs, targets = next(it)
-        inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-            loss = loss_fn(model, inputs, targets)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        loss_sum += loss.detach().float()  # stays on the device: no host sync per step
-        seen += len(targets)
-    model.eval()
-    return TrainResult(lora_state_dict(model), seen, loss_sum.item() / steps)
 
 
 @dataclass
@@ -253,7 +194,7 @@ def local_update(model: nn.Module, client: Client, global_state: dict[str, torch
     derive_seed(seed, t, k, 1) in a forked RNG (the caller's global RNG state is left as it was).
     The model keeps the trained adapter; `global_state`'s keys decide which tensors are shared."""
     load_lora_state_dict(model, {**global_state, **private_state})
-    with _seeded(derive_seed(seed, round, client_index, 1), _device_of(model)):
+    with _seeded(derive_seed(seed, round, client_index, 1), model_device(model)):
         batches = shuffled_batches(client.inputs, client.targets, batch_size, derive_seed(seed, round, client_index))
         result = train_adapter(model, batches, local_steps, lr, weight_decay, loss_fn, autocast_dtype,
                                desc=f"round {round} client {client.name}", progress=progress)

@@ -1,11 +1,12 @@
-"""Specification of fed.py: FedAvg over adapter tensors, local training, one round in pieces, run_fedit."""
+"""Specification of fed.py: FedAvg over adapter tensors, one round in pieces, run_fedit (local training:
+test_training.py)."""
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from fed import (Client, ClientReply, FedState, derive_seed, fedavg, local_update, run_fedit, sample_clients,
-                 server_round, shuffled_batches, state_bytes, train_adapter, validate_update)
+                 server_round, state_bytes, validate_update)
 from lora import AdapterError, add_lora, load_lora_state_dict, lora_factor, lora_state_dict
 
 
@@ -91,29 +92,6 @@ def test_validate_update_rejects_crafted_tensors_with_a_reason_and_never_raises(
     assert validate_update({"w": torch.ones(3, 4), "b": torch.zeros(4)}, ref) is None
     assert "exceeds max_update_norm 3" in validate_update({"w": torch.ones(3, 4), "b": torch.zeros(4)}, ref, 3.0)
     assert validate_update({"w": torch.ones(3, 4), "b": torch.zeros(4)}, ref, 3.5) is None  # sqrt(12) = 3.46
-
-
-# ---- local training ----
-
-def test_train_adapter_touches_only_adapter_and_counts_examples():
-    model = small_model()
-    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    c = make_clients(1)[0]
-    before = lora_state_dict(model)
-    result = train_adapter(model, shuffled_batches(c.inputs, c.targets, 10, seed=0), steps=7, lr=1e-2,
-                           progress=False)
-    assert result.num_examples == 4 * 10 + 8 + 2 * 10  # 48 examples: an epoch is 10,10,10,10,8
-    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
-    assert any(not torch.equal(result.state[k], before[k]) for k in before)
-    with pytest.raises(ValueError, match="steps"):
-        train_adapter(model, [(c.inputs, c.targets)], steps=0, lr=1e-2)
-
-
-def test_shuffled_batches_cover_each_epoch():
-    x = torch.arange(10).float().unsqueeze(1)
-    it = shuffled_batches(x, torch.arange(10), 4, seed=3)
-    epoch = torch.cat([next(it)[1] for _ in range(3)])  # 4 + 4 + 2
-    assert sorted(epoch.tolist()) == list(range(10))
 
 
 # ---- run_fedit ----

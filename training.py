@@ -1,0 +1,84 @@
+"""Local training of an adapter: AdamW steps on a model's trainable tensors only (the LoRA factors and the
+extras add_lora named), the frozen backbone untouched. The one loop behind every client's FedIT round
+(fed.local_update), the local-only adapter and the fine-tuned baseline (pipeline.train_local).
+
+    batches = shuffled_batches(inputs, targets, batch_size=32, seed=0)   # endless, reshuffled every epoch
+    result = train_adapter(model, batches, steps=100, lr=1e-3)          # TrainResult(state, num_examples, mean_loss)
+
+Each step: loss = loss_fn(model, x, y) (default: classification_loss, mean cross-entropy), then AdamW on the
+adapter, theta <- AdamW(theta, grad_theta loss). The mean loss stays on the device during the loop (no host
+sync per step). Randomness: batches from `seed`; dropout from torch's global RNG (fed.local_update seeds it
+per round and client in a forked RNG).
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Iterator, NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from lora import lora_state_dict
+
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def classification_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of model(inputs) against integer labels."""
+    return F.cross_entropy(model(inputs), targets)
+
+
+def shuffled_batches(inputs: torch.Tensor, targets: torch.Tensor, batch_size: int, seed: int) -> Iterator:
+    """Endless stream of (inputs, targets) minibatches, a fresh permutation every epoch."""
+    if len(inputs) == 0:
+        raise ValueError("shuffled_batches: a client with no examples")
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        perm = torch.randperm(len(inputs), generator=g)
+        for i in range(0, len(perm), batch_size):
+            idx = perm[i:i + batch_size]
+            yield inputs[idx], targets[idx]
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's (first) parameters live: batches are moved there."""
+    return next(model.parameters()).device
+
+
+class TrainResult(NamedTuple):
+    state: dict[str, torch.Tensor]
+    num_examples: int  # examples seen (sum of batch sizes)
+    mean_loss: float
+
+
+def train_adapter(model: nn.Module, batches: Iterable, steps: int, lr: float, weight_decay: float = 0.0,
+                  loss_fn: LossFn = classification_loss, autocast_dtype: torch.dtype | None = None,
+                  desc: str | None = None, progress: bool = True) -> TrainResult:
+    """`steps` AdamW steps on the model's trainable tensors only; `batches` yields (inputs, targets)
+    and is re-iterated when exhausted. Returns the adapter state, examples seen and mean loss."""
+    if steps <= 0:
+        raise ValueError(f"train_adapter: steps must be positive, got {steps}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("train_adapter: the model has no trainable tensors (call lora.add_lora first)")
+    device = model_device(model)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    model.train()
+    it, seen, loss_sum = iter(batches), 0, torch.zeros((), device=device)
+    for _ in tqdm(range(steps), desc=desc or "local training", leave=False, disable=not progress):
+        try:
+            inputs, targets = next(it)
+        except StopIteration:
+            it = iter(batches)
+            inputs, targets = next(it)
+        inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            loss = loss_fn(model, inputs, targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss_sum += loss.detach().float()  # stays on the device: no host sync per step
+        seen += len(targets)
+    model.eval()
+    return TrainResult(lora_state_dict(model), seen, loss_sum.item() / steps)
