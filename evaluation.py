@@ -16,11 +16,12 @@ import torch
 import torch.nn as nn
 
 from data import ClientSplits
-from fed import FedState, derive_seed, shuffled_batches
+from fed import FedState, derive_seed
 from lora import load_lora_state_dict
 from potara import (check_adapters, fisher_merge, gradient_stats, merge_adapters, paper_weight, personalize,
                     segment_loss)
 from report import mean
+from training import shuffled_batches
 
 if TYPE_CHECKING:  # only for the annotations: pipeline imports this module
     from pipeline import Run
@@ -89,7 +90,7 @@ def potara_step(run: Run, i: int, s: ClientSplits, global_state: dict, stats=Non
     cfg, L = run.cfg, run.state.local[s.name]
     if cfg.estimator == "paper" and stats is not None:
         check_adapters(run.model, global_state, L)
-        lam, info = paper_weight(stats, cfg.eps, cfg.granularity)
+        lam, info = paper_weight(stats, cfg.eps * 1000, cfg.granularity)
         info.update(lam=lam, estimator="paper", space="ab", n_samples=stats.n, granularity=cfg.granularity,
                     labels=cfg.fisher_labels, eps=cfg.eps)
         return merge_adapters(global_state, L, lam, "ab"), info

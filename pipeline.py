@@ -38,11 +38,11 @@ import torch.nn as nn
 from checkpoint import RunState, fed_dict, fingerprint, load_state, save_state
 from data import ClientSplits
 from evaluation import METHOD_LABELS, METHODS, Evaluate, accuracy, evaluate_client, potara_step, score
-from fed import (Client, FedState, LossFn, classification_loss, derive_seed, run_fedit, shuffled_batches,
-                 state_bytes, train_adapter)
+from fed import Client, FedState, derive_seed, run_fedit, state_bytes
 from lora import load_lora_state_dict, lora_factor, lora_state_dict
 from potara import DEFAULT_ESTIMATOR, Likelihood, classification_likelihood
 from report import mean, write_outputs
+from training import LossFn, classification_loss, shuffled_batches, train_adapter
 
 
 @dataclass
