@@ -54,10 +54,11 @@ import torch.nn.functional as F
 from torchvision.models import VisionTransformer, vit_b_16
 
 import potara
-from fed import shuffled_batches, state_bytes, train_adapter
+from fed import state_bytes
 from lora import LoRALinear, LoRAPackedQKV, add_lora, load_lora_state_dict, lora_state_dict, merge_lora
 from evaluation import lam_grid, score_adapter
 from pipeline import ExperimentConfig
+from training import shuffled_batches, train_adapter
 from vit import PRESETS
 
 SECTIONS = ("lora", "merged", "fisher", "clients", "potara", "pipeline")
