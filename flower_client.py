@@ -44,13 +44,14 @@ from adapter_file import save_adapter
 from checkpoint import RunState
 from data import ClientSplits, load_images
 from evaluation import METHODS, accuracy, evaluate_client
-from fed import Client, classification_loss, derive_seed, local_update
+from fed import Client, derive_seed, local_update
 from flower_task import (ADAPTER, CONFIG, METRICS, AppConfig, ConfigError, experiment_config, flatten, from_record,
                          to_record)
 from lora import check_state, lora_meta, lora_state_dict
 from partition import class_split_partition, client_splits, dirichlet_partition, public_and_pool
 from pipeline import Run, local_seed, train_from
 from potara import classification_likelihood, merge_adapters
+from training import classification_loss
 from vit import PRESETS, build_model, load_backbone_file
 
 IMPORTS_DONE = time.time()
