@@ -90,7 +90,7 @@ def potara_step(run: Run, i: int, s: ClientSplits, global_state: dict, stats=Non
     cfg, L = run.cfg, run.state.local[s.name]
     if cfg.estimator == "paper" and stats is not None:
         check_adapters(run.model, global_state, L)
-        lam, info = paper_weight(stats, cfg.eps * 1000, cfg.granularity)
+        lam, info = paper_weight(stats, cfg.eps, cfg.granularity)
         info.update(lam=lam, estimator="paper", space="ab", n_samples=stats.n, granularity=cfg.granularity,
                     labels=cfg.fisher_labels, eps=cfg.eps)
         return merge_adapters(global_state, L, lam, "ab"), info
