@@ -1,0 +1,73 @@
+"""evaluation.py's Potara and grid stages: the statistics' samples, potara_step (the default, and "paper" reading the
+Fisher-merging statistics), the grid's val loss and the loss barrier. Checked against potara.personalize and plain
+forward passes of the merged model."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from checkpoint import RunState
+from data import ClientSplits
+from evaluation import accuracy, grid_search, potara_step, stat_batches
+from fed import derive_seed
+from fisher import classification_likelihood, gradient_stats
+from lora import add_lora, load_lora_state_dict, lora_state_dict
+from pipeline import ExperimentConfig, Run
+from potara import merge_adapters, personalize
+from training import classification_loss
+
+
+def micro_run(**cfg) -> tuple[Run, dict, dict, ClientSplits]:
+    """A LoRA MLP, one client (24 train / 20 val / 12 test), two trained-looking adapters G and L."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    add_lora(model, ["0"], r=2, alpha=4, trainable=["2"])
+    init = lora_state_dict(model)
+    g = torch.Generator().manual_seed(1)
+    G, L = ({k: v + 0.5 * torch.randn(v.shape, generator=g) for k, v in init.items()} for _ in range(2))
+    x, y = torch.randn(56, 6, generator=g), torch.randint(0, 3, (56,), generator=g)
+    s = ClientSplits("c0", x[:24], y[:24], x[24:44], y[24:44], x[44:], y[44:])
+    run = Run(model, [s], ExperimentConfig(**cfg), "", init, RunState(""), accuracy, classification_loss,
+              classification_likelihood, None, False)
+    run.state.local["c0"] = L
+    return run, G, L, s
+
+
+def test_stat_batches_read_each_sample_once():
+    run, _, _, s = micro_run(fisher_samples=100)  # more than the 20 val samples
+    (x, y), = stat_batches(run, 0, s)
+    assert len(y) == 20 and len(torch.unique(x, dim=0)) == 20
+    assert sorted(y.tolist()) == sorted(s.val_targets.tolist())
+    run, _, _, s = micro_run(fisher_samples=8, fisher_split="train")
+    (x, y), = stat_batches(run, 0, s)
+    assert len(y) == 8 and all(any(torch.equal(r, t) for t in s.train_inputs) for r in x)
+
+
+def test_potara_step_is_personalize_and_paper_reads_the_fisher_statistics():
+    run, G, L, s = micro_run()
+    merged, info = potara_step(run, 0, s, G)
+    _, ref = personalize(run.model, G, L, held_out=[(s.val_inputs, s.val_targets)])
+    assert info["lam"] == pytest.approx(ref["lam"]) and info["estimator"] == "verified"
+    assert all(torch.equal(merged[k], merge_adapters(G, L, info["lam"])[k]) for k in G)
+    run, G, L, s = micro_run(estimator="paper")
+    stats = gradient_stats(run.model, G, L, stat_batches(run, 0, s), seed=derive_seed(0, 0, 404))
+    _, from_stats = potara_step(run, 0, s, G, stats)
+    _, direct = potara_step(run, 0, s, G)  # no statistics given: personalize(estimator="paper") computes them
+    assert from_stats["lam"] == pytest.approx(direct["lam"]) and {"a", "b", "c"} <= set(from_stats)
+    assert from_stats["a"] == pytest.approx(direct["a"])
+
+
+def test_grid_search_val_loss_and_barrier_against_plain_forwards():
+    run, G, L, s = micro_run(grid_step=0.25)
+    out = grid_search(run, s, G, L)
+    curves = out["curves"]
+    assert curves["lam"] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    for lam, loss, val in zip(curves["lam"], curves["val_loss"], curves["val"]):
+        load_lora_state_dict(run.model, merge_adapters(G, L, lam))
+        with torch.no_grad():
+            logits = run.model(s.val_inputs)
+        assert loss == pytest.approx(float(F.cross_entropy(logits, s.val_targets)), rel=1e-5)
+        assert val == pytest.approx(float((logits.argmax(-1) == s.val_targets).float().mean()))
+    f = curves["val_loss"]
+    assert out["barrier"] == pytest.approx(max(v - ((1 - lam) * f[0] + lam * f[-1]) for lam, v in zip(curves["lam"], f)))
+    assert out["barrier"] >= 0  # the ends themselves are on the chord
