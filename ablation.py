@@ -47,11 +47,11 @@ from tqdm.auto import tqdm
 
 import digits
 from data import DataError, load_images
-from partition import class_split_partition, client_splits, dirichlet_partition, public_and_pool
 from evaluation import grid_choice, lam_grid, score_adapter
 from fed import Client, run_fedit
 from fisher import gradient_stats
 from lora import lora_state_dict
+from partition import class_split_partition, client_splits, dirichlet_partition, public_and_pool
 from pipeline import ExperimentConfig, local_seed, train_local
 from potara import merge_adapters, paper_weight, personalize, potara_weight, segment_loss, variance_terms
 from report import atomic_write, write_text
