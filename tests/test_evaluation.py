@@ -69,5 +69,6 @@ def test_grid_search_val_loss_and_barrier_against_plain_forwards():
         assert loss == pytest.approx(float(F.cross_entropy(logits, s.val_targets)), rel=1e-5)
         assert val == pytest.approx(float((logits.argmax(-1) == s.val_targets).float().mean()))
     f = curves["val_loss"]
-    assert out["barrier"] == pytest.approx(max(v - ((1 - lam) * f[0] + lam * f[-1]) for lam, v in zip(curves["lam"], f)))
+    chord = [(1 - lam) * f[0] + lam * f[-1] for lam in curves["lam"]]
+    assert out["barrier"] == pytest.approx(max(v - c for v, c in zip(f, chord)))
     assert out["barrier"] >= 0  # the ends themselves are on the chord
