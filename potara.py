@@ -21,13 +21,18 @@ segment, on HELD-OUT client samples (a validation split the adapters were not tr
   1. f(0), f'(0), f(1), f'(1): one batched forward-backward pass at each end (slopes are exact directional
      derivatives, autograd through the merge, in the merge's own space);
   2. lam_h = argmin over [0, 1] of the cubic Hermite interpolant of those four numbers (closed form);
-  3. if lam_h is inside (0, 1): one forward pass gives f(lam_h); keep lam_h if f(lam_h) < min(f(0), f(1)),
-     else take the better end (a loss barrier: the two adapters are not linearly connected there).
+  3. if lam_h is inside (0, 1): one forward pass gives its held-out loss (and error); lam_h is kept only if it
+     beats both ends, compared by held-out error first (likelihood.correct: the metric a grid search over lam
+     chooses by), then loss (by loss alone where the likelihood defines no error); else the better end is
+     taken (a loss barrier: the two adapters are not linearly connected there) and the barrier reported;
+     lam_h at an end: the better end in the same order, with no extra pass.
 Cost: 2 forward-backward passes + at most 1 forward pass over the n held-out samples; never a grid. The
-chosen lam's held-out loss is never above the better end's. The paper's estimator assumes linear mode
-connectivity; under conflicting tasks (real digits, README) it fails, and any weight read off the two ends
-alone can land on a barrier: the verification pass is what sees it. On the adapters' own training samples
-f(0) and f'(0) are ~0 and the weight favours phi_L: personalize warns when the samples look like that.
+chosen lam is never worse than the better end in that (error, loss) order on the held-out samples; by loss
+alone it can be, where the end with fewer errors has the higher loss (over-confident mistakes; README).
+The paper's estimator assumes linear mode connectivity; under conflicting tasks (real digits, README) it
+fails, and any weight read off the two ends alone can land on a barrier: the verification pass sees it.
+On the adapters' own training samples f(0) and f'(0) are ~0 and the weight favours phi_L: personalize
+warns when the samples look like that.
 
 Usage:  merged, info = personalize(model, global_state, local_state, held_out=validation_batches)
 Degenerate numerics (tested): NaN/Inf adapters, merged models and adapters that do not match the model's
