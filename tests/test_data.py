@@ -141,7 +141,8 @@ def batch(n, seed, **override):
     rng = np.random.default_rng(seed)
     fine = rng.integers(0, 100, n).tolist()
     return {"filenames": [f"{i}.png" for i in range(n)], "batch_label": "x", "fine_labels": fine,
-            "coarse_labels": [c // 5 for c in fine], "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), **override}
+            "coarse_labels": [c // 5 for c in fine], "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            **override}
 
 
 META = {"fine_label_names": [f"c{i}" for i in range(100)], "coarse_label_names": [f"s{i}" for i in range(20)]}
@@ -179,7 +180,8 @@ def test_malformed_files_are_refused(tmp_path, train, why):
 
 
 @pytest.mark.parametrize("payload, why", [
-    (b"\x80\x02}r" + struct.pack("<I", 2 ** 31) + b".", "'data' must be"),  # memo index 2**31: a dict memo, no 16 GB array
+    # memo index 2**31: a dict memo, no 16 GB array
+    (b"\x80\x02}r" + struct.pack("<I", 2 ** 31) + b".", "'data' must be"),
     (b"\x80\x02cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n(J\x00\x00\x00\x7fJ\x00\x00\x00\x7ft"
      b"U\x01b\x87R.", "unexpected array reconstruction"),  # _reconstruct(ndarray, (2**31, 2**31), 'b'): 4 EB
     (b"\x80\x02}q\x00(U\x04dataq\x01", "not a CIFAR-100 pickle (EOFError)"),  # truncated

@@ -33,7 +33,8 @@ def test_lone_surrogate_is_refused_with_its_line(tmp_path):
     msg = one_line_error(write_lines(tmp_path / "t.jsonl", [GOOD, bad]))
     assert msg.startswith(f"{tmp_path / 't.jsonl'}:2: 'prompt' is not valid Unicode"), msg
     bad_option = b'{"prompt": "p", "answer": "a", "options": ["a", "\\udfff"]}'
-    assert "t2.jsonl:1: 'options' is not valid Unicode" in one_line_error(write_lines(tmp_path / "t2.jsonl", [bad_option]))
+    error = one_line_error(write_lines(tmp_path / "t2.jsonl", [bad_option]))
+    assert "t2.jsonl:1: 'options' is not valid Unicode" in error
 
 
 def test_deep_nesting_is_refused_with_its_line(tmp_path):
@@ -88,7 +89,7 @@ def test_check_fits_agrees_with_encode_pair():
     check_fits({}, tok, 1)  # nothing to check
 
 
-# ----------------------------------------------------------------------------- readers, encoding, synthetic tasks (moved from test_run_llm.py)
+# ----------------------------------------------------------------------------- readers and encoding
 def write(path, lines):
     path.write_text("\n".join(lines) + "\n")
     return str(path)
@@ -126,7 +127,8 @@ def test_task_dir_errors(tmp_path):
     write(tmp_path / "b.jsonl", [json.dumps({"prompt": "p", "answer": "a"})])
     write(tmp_path / "a.jsonl", [json.dumps({"prompt": "q", "answer": "z"})])
     assert list(read_task_dir(str(tmp_path))) == ["a", "b"]
-    for odd in ("..jsonl", "...jsonl", ".jsonl"):  # task "." / ".." / "": its export folder would be DIR itself or above
+    # task "." / ".." / "": its export folder would be DIR itself or above
+    for odd in ("..jsonl", "...jsonl", ".jsonl"):
         write(tmp_path / odd, [json.dumps({"prompt": "q", "answer": "z"})])
         with pytest.raises(DataError, match=f"{odd!r} gives no usable task name"):
             read_task_dir(str(tmp_path))
