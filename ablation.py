@@ -376,6 +376,7 @@ def resolve(ap: argparse.ArgumentParser, argv=None) -> tuple[argparse.Namespace,
     cli.require_positive(ap, args, ("rounds", "clients", "train", "val", "test", "pretrain_steps", "local_steps",
                                     "local_train_steps", "batch_size", "rank", "threads", "synthetic_per_class"))
     cli.require_positive(ap, args, ("conflict_classes",), minimum=2)
+    cli.check_run_options(ap, args)
     for k in FLOATS:
         if not (getattr(args, k) > 0 and math.isfinite(getattr(args, k))):
             ap.error(f"--{k.replace('_', '-')} must be a positive number, got {getattr(args, k)}")
@@ -408,7 +409,7 @@ def setup(args, p: dict):
                                                         f"public images", "digit_accuracy_on_pool": acc}
         data, _ = load_images("synthetic", args.data_dir, args.synthetic_per_class)
     except (DataError, OSError) as e:
-        raise SystemExit(f"error: {e}") from None
+        cli.fail(str(e))  # one line, exit 2: bad input
     public, pool = public_and_pool(len(data.labels), args.public)
     desc = {"data": "synthetic", "synthetic_per_class": args.synthetic_per_class}
     backbone, backbone_info = tiny_backbone(p, data, public, desc, args.data_dir, args.pretrain_steps,
@@ -440,7 +441,7 @@ def scenario(args, p: dict, scen: str, seed: int, data, pool, backbone, backbone
         spec = scenario_spec(args, scen)
         splits = make_splits(spec, data, pool, args, seed)
     except DataError as e:
-        raise SystemExit(f"error: scenario {scen}: {e}") from None
+        cli.fail(f"scenario {scen}: {e}")
     model = fresh_model(backbone, p, args, seed)
     return splits, model, *train_adapters(model, splits, args, seed, cache_path(args, scen, spec, seed, backbone_info))
 

@@ -216,7 +216,8 @@ def main(grid: Grid, context: Context) -> None:
     timing["setup"], t0 = time.time() - t0, time.time()
     run_state = RunState(fingerprint(cfg, roster, phi0))
     if cfg.resume and os.path.exists(ckpt):
-        run_state = load_state(ckpt, run_state.fingerprint)  # ResumeError (one line) if not this run's
+        # ResumeError (one line) if not this run's, or if any part is unsound for this federation
+        run_state = load_state(ckpt, run_state.fingerprint, adapter=phi0, clients=roster.names, rounds=cfg.rounds)
         print(f"resuming from {ckpt} at round {run_state.fedit['round']}")
     fed = run_state.fed_state("fedit") or FedState(0, dict(phi0), {n: {} for n in roster.names})
     check_state(fed.global_state, phi0, what=f"{ckpt}'s global adapter")

@@ -100,7 +100,7 @@ def lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> 
 
 
 def pretrain_tiny(model: nn.Module, tok: Tokenizer, p: dict, seed: int, cache_dir: str, device, progress: bool) -> dict:
-    """Full-model language-model pre-training of the tiny Llama on the public corpus (llm_data.public_corpus:
+    """Full-model language-model pre-training of the tiny Llama on the public corpus (llm_tasks.public_corpus:
     the synthetic tasks in their generic form, no client's data), cached on disk by a hash of everything
     that shapes it (pretrain.cached_pretrain). Returns info (cache path, held-out loss, seconds)."""
     key = {"arch": TINY_LLAMA, "steps": p["pretrain_steps"], "lr": p["pretrain_lr"], "batch": p["pretrain_batch"],

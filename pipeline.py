@@ -4,7 +4,7 @@
 
     results = run_experiment(model, splits, ExperimentConfig(rounds=20, ...), "runs/x",
                              evaluate=accuracy,                    # (model, inputs, targets) -> float
-                             loss_fn=fed.classification_loss,      # (model, inputs, targets) -> loss
+                             loss_fn=training.classification_loss, # (model, inputs, targets) -> loss
                              likelihood=potara.classification_likelihood, resume=False, config={...})
 
 Stages (one backbone in memory; a client is switched in by loading adapter tensors):
