@@ -42,13 +42,12 @@ from flwr.clientapp import ClientApp
 
 from adapter_file import save_adapter
 from checkpoint import RunState
-from data import ClientSplits, load_images
+from data import ClientSplits
 from evaluation import METHODS, accuracy, evaluate_client
 from fed import Client, derive_seed, local_update
-from flower_task import (ADAPTER, CONFIG, METRICS, AppConfig, ConfigError, experiment_config, flatten, from_record,
-                         to_record)
+from flower_task import (ADAPTER, CONFIG, METRICS, AppConfig, ConfigError, client_split, experiment_config, flatten,
+                         from_record, to_record)
 from lora import check_state, lora_meta, lora_state_dict
-from partition import class_split_partition, client_splits, dirichlet_partition, public_and_pool
 from pipeline import Run, local_seed, train_from
 from potara import classification_likelihood, merge_adapters
 from training import classification_loss
@@ -80,19 +79,6 @@ def node_value(node_config, key: str, kind: type, default=None):
     if kind is str and not isinstance(value, str):
         raise ConfigError(f"node config {key} = {value!r}: expected a quoted string")
     return value
-
-
-def client_split(cfg: AppConfig, data_dir: str, k: int, num_partitions: int) -> ClientSplits:
-    """Client k's data, drawn exactly as run_cifar.py draws it for --clients num_partitions."""
-    data, _ = load_images(cfg.data, data_dir, cfg.synthetic_per_class)
-    _, pool = public_and_pool(len(data.labels), cfg.public)
-    per_client = cfg.train + cfg.val + cfg.test
-    if cfg.partition == "dirichlet":
-        parts = dirichlet_partition(data.labels[pool], num_partitions, cfg.alpha, per_client, cfg.seed)
-    else:
-        parts = class_split_partition(data.labels[pool], data.coarse_labels[pool], num_partitions, per_client,
-                                      cfg.seed)
-    return client_splits(data.images, data.labels, pool, parts, (cfg.train, cfg.val, cfg.test), cfg.seed)[k]
 
 
 def load_client(context: Context) -> tuple[AppConfig, LocalClient]:

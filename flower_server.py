@@ -36,14 +36,13 @@ from flwr.serverapp import Grid, ServerApp
 from checkpoint import RunState, fed_dict, load_state, save_state
 from evaluation import METHOD_LABELS
 from fed import ClientReply, FedState, sample_clients, server_round, state_bytes
-from flower_task import (ADAPTER, CONFIG, EVALUATE, METRICS, SETUP, TRAIN, AppConfig, experiment_config, from_record,
-                         record_bytes, to_record, unflatten)
+from flower_task import (ADAPTER, CONFIG, EVALUATE, METRICS, SETUP, TIMINGS, TRAIN, AppConfig, experiment_config,
+                         from_record, record_bytes, to_record, unflatten)
 from lora import check_state
 from pipeline import fed_faults
 from report import mean, write_outputs
 
 app = ServerApp()
-TIMINGS = ("flower-start", "imports", "handover", "load", "train")  # a client's round, measured by itself
 
 
 @dataclass

@@ -32,6 +32,8 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
+from data import ClientSplits, load_images
+from partition import client_splits, label_partition, public_and_pool
 from pipeline import ExperimentConfig
 from potara import DEFAULT_ESTIMATOR, ESTIMATORS
 
@@ -202,3 +204,16 @@ def unflatten(flat) -> dict:
 def record_bytes(record) -> int:
     """What an ArrayRecord weighs on the wire: each array's serialized bytes (npy header included) and its key."""
     return int(record.count_bytes())
+
+
+TIMINGS = ("flower-start", "imports", "handover", "load", "train")  # a client's round, measured by itself
+
+
+def client_split(cfg: AppConfig, data_dir: str, k: int, num_partitions: int) -> ClientSplits:
+    """Client k's data, drawn exactly as run_cifar.py draws it for --clients num_partitions."""
+    data, _ = load_images(cfg.data, data_dir, cfg.synthetic_per_class)
+    _, pool = public_and_pool(len(data.labels), cfg.public)
+    per_client = cfg.train + cfg.val + cfg.test
+    parts = label_partition(cfg.partition, data.labels[pool], data.coarse_labels[pool], num_partitions, cfg.alpha,
+                            per_client, cfg.seed)
+    return client_splits(data.images, data.labels, pool, parts, (cfg.train, cfg.val, cfg.test), cfg.seed)[k]

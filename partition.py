@@ -85,6 +85,17 @@ def class_split_partition(labels: Sequence[int], groups: Sequence[int], num_clie
     return parts
 
 
+def label_partition(kind: str, labels: np.ndarray, coarse_labels: np.ndarray, num_clients: int, alpha: float,
+                    samples_per_client: int, seed: int) -> list[np.ndarray]:
+    """The CIFAR pipelines' choice: "dirichlet" (label skew, dirichlet_partition with `alpha`) or "superclass"
+    (each client its own superclasses, class_split_partition over `coarse_labels`)."""
+    if kind == "dirichlet":
+        return dirichlet_partition(labels, num_clients, alpha, samples_per_client, seed)
+    if kind == "superclass":
+        return class_split_partition(labels, coarse_labels, num_clients, samples_per_client, seed)
+    raise DataError(f"unknown partition {kind!r}: 'dirichlet' or 'superclass'")
+
+
 def split_client(indices: np.ndarray, sizes: Sequence[int], seed: int = 0) -> list[np.ndarray]:
     """A client's indices -> disjoint random parts of the given sizes (train, val, test), all drawn from
     the same client distribution."""

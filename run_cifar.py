@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from data import DataError, load_images
-from partition import class_split_partition, client_splits, dirichlet_partition, public_and_pool
+from partition import client_splits, label_partition, public_and_pool
 from pipeline import run_experiment
 from report import markdown_table
 from vit import PRESETS, build_model, imagenet_vit_b_16, load_backbone_file, tiny_backbone
@@ -108,9 +108,8 @@ def partition(ap: argparse.ArgumentParser, args, data, pool: np.ndarray) -> list
         ap.error(f"{args.clients} clients x {per_client} images + {args.public} public images > the "
                  f"{len(data.labels)} images available: lower --clients, --train/--val/--test or --public")
     try:
-        if args.partition == "dirichlet":
-            return dirichlet_partition(data.labels[pool], args.clients, args.alpha, per_client, args.seed)
-        return class_split_partition(data.labels[pool], data.coarse_labels[pool], args.clients, per_client, args.seed)
+        return label_partition(args.partition, data.labels[pool], data.coarse_labels[pool], args.clients, args.alpha,
+                               per_client, args.seed)
     except DataError as e:
         ap.error(str(e))
 

@@ -310,7 +310,8 @@ def test_in_process_app_equals_run_fedit_with_drop_outs(small_world, task_identi
     assert any(d for _, d in picks) and all(len(d) < len(s) for s, d in picks), picks  # the case is covered
     devices = tmp_path / "devices"
     nodes = [{"partition-id": k, "num-partitions": 3, "backbone": str(small_world / "backbone.pt"),
-              "data-dir": str(small_world / "data"), "device": "cpu", "adapter-dir": str(devices / f"node{k}")}
+              "data-dir": str(small_world / "data"), "device": "cpu", "adapter-dir": str(devices / f"node{k}"),
+              "threads": 1}  # as the reference runs: the same kernels, the same float sums, whatever ran before
              for k in range(3)]
     serve(small_world, tmp_path / "out", nodes=nodes)
     results = check_against_in_process(tmp_path / "out", small_world / "data", small_world / "backbone.pt", RUN,

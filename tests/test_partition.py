@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from data import DataError
-from partition import (class_split_partition, client_splits, dirichlet_partition, public_and_pool, split_client,
-                       unassigned)
+from partition import (class_split_partition, client_splits, dirichlet_partition, label_partition, public_and_pool,
+                       split_client, unassigned)
 
 
 def labels_of(num_classes, per_class, seed=0):
@@ -125,3 +125,16 @@ def test_client_splits_take_each_clients_own_part_and_relabel():
         assert all(np.array_equal(i, e) for i, e in zip(ids, expected))
         for x, y in ((s.train_inputs, s.train_targets), (s.val_inputs, s.val_targets), (s.test_inputs, s.test_targets)):
             assert torch.equal(y, torch.from_numpy((x.flatten().numpy() % 7 + k) % 7))  # client 1's labels shifted
+
+
+def test_label_partition_is_the_pipelines_choice_of_partition():
+    labels = np.random.default_rng(0).permutation(np.repeat(np.arange(100), 12))
+    coarse = labels // 5
+    got = label_partition("dirichlet", labels, coarse, 4, 0.5, 30, seed=2)
+    want = dirichlet_partition(labels, 4, 0.5, 30, 2)
+    assert all(np.array_equal(a, b) for a, b in zip(got, want)) and len(got) == 4
+    got = label_partition("superclass", labels, coarse, 4, 0.5, 30, seed=2)
+    want = class_split_partition(labels, coarse, 4, 30, 2)
+    assert all(np.array_equal(a, b) for a, b in zip(got, want)) and len(got) == 4
+    with pytest.raises(DataError, match="unknown partition 'nope'"):
+        label_partition("nope", labels, coarse, 4, 0.5, 30, seed=2)
