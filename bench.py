@@ -55,7 +55,8 @@ from torchvision.models import VisionTransformer, vit_b_16
 
 import potara
 from fed import state_bytes
-from lora import LoRALinear, LoRAPackedQKV, add_lora, load_lora_state_dict, lora_state_dict, merge_lora
+from lora import LoRALinear, add_lora, load_lora_state_dict, lora_state_dict, merge_lora
+from lora_mha import LoRAPackedQKV
 from evaluation import lam_grid, score_adapter
 from pipeline import ExperimentConfig
 from training import shuffled_batches, train_adapter

@@ -1,5 +1,6 @@
-"""LoRA by hand: low-rank adapters on nn.Linear and on the packed q/k/v in-projection of
-nn.MultiheadAttention, plus the small functional API the rest of potara uses.
+"""LoRA by hand: low-rank adapters on nn.Linear (and, with lora_mha.py beside it, on the packed q/k/v
+in-projection of nn.MultiheadAttention), plus the small functional API the rest of potara uses. This file
+alone (torch only) is LoRA for any model of nn.Linear layers.
 
 LoRA (Hu et al., 2021, arXiv 2106.09685) keeps a pre-trained weight W0 frozen and learns a low-rank update:
 
@@ -31,21 +32,20 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.func import functional_call
 
 class AdapterError(ValueError):
     """An adapter state or file, or any untrusted tensor container, that is malformed or does not fit the
     model (keys, layout, dtype, shape, values). A ValueError, so callers can catch either."""
 
 
-def _init_factors(r: int, in_features: int, out_features: int, like: torch.Tensor):
+def init_factors(r: int, in_features: int, out_features: int, like: torch.Tensor):
     A = torch.empty(r, in_features, dtype=like.dtype, device=like.device)
     nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # what nn.Linear uses for its weight (loralib does the same)
     B = torch.zeros(out_features, r, dtype=like.dtype, device=like.device)
     return nn.Parameter(A), nn.Parameter(B)
 
 
-class _LoRALayer(nn.Module):
+class LoRALayer(nn.Module):
     """What both LoRA layers share: r, alpha, scaling = alpha / r, a frozen base, merge/unmerge of delta_weight()."""
 
     def __init__(self, base: nn.Module, r: int, alpha: float):
@@ -74,17 +74,17 @@ class _LoRALayer(nn.Module):
             self.merged = False
 
     def extra_repr(self) -> str:
-        parts = f"parts={self.parts!r}, " if isinstance(self, LoRAPackedQKV) else ""
+        parts = f"parts={self.parts!r}, " if hasattr(self, "parts") else ""  # LoRAPackedQKV's q/k/v choice
         return f"{parts}r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}"
 
 
-class LoRALinear(_LoRALayer):
+class LoRALinear(LoRALayer):
     """y = base(x) + (alpha / r) * B A dropout(x); the base layer is frozen."""
 
     def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 16, dropout: float = 0.0):
         super().__init__(base, r, alpha)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.lora_A, self.lora_B = _init_factors(r, base.in_features, base.out_features, base.weight)
+        self.lora_A, self.lora_B = init_factors(r, base.in_features, base.out_features, base.weight)
 
     def frozen_weight(self) -> torch.Tensor:
         return self.base.weight
@@ -106,92 +106,18 @@ class LoRALinear(_LoRALayer):
         return out.view(*x.shape[:-1], out.shape[-1])
 
 
-class LoRAPackedQKV(_LoRALayer):
-    """LoRA on parts of nn.MultiheadAttention's packed in-projection (default: q and v, k untouched).
-
-    MultiheadAttention stores W_q, W_k, W_v stacked as one in_proj_weight (3E x E) and runs its
-    own fused kernel, so in general we adapt in weight space: W = W0 + (alpha/r) [B_q A_q; 0; B_v A_v],
-    and call the wrapped module with W swapped in (torch.func.functional_call), gradients flowing to
-    the factors. For plain self-attention (the ViT case: query is key is value, no masks, no attention
-    weights returned) the forward instead runs in activation space, q = x W_q^T + b_q + (alpha/r) x A_q^T B_q^T,
-    then attention exactly as MultiheadAttention computes it: the same function, but autograd never forms
-    the full 3E x E weight gradient (per sample, under torch.func) -- bench.py sections "lora" and "fisher".
-    The q part is mathematically the same as LoRALinear on a separate q projection.
-    Input dropout cannot be applied in weight space, so `dropout` is not offered here.
-    Factors are named lora_A_q, lora_B_q, lora_A_v, lora_B_v.
-    """
-
-    def __init__(self, base: nn.MultiheadAttention, r: int = 8, alpha: float = 16, parts: str = "qv"):
-        if base.in_proj_weight is None:
-            raise ValueError("LoRAPackedQKV needs a packed in_proj_weight (kdim == vdim == embed_dim)")
-        if not parts or set(parts) - set("qkv") or len(set(parts)) != len(parts):
-            raise ValueError(f"parts must be a non-empty subset of 'qkv', got {parts!r}")
-        super().__init__(base, r, alpha)
-        self.parts, E = "".join(p for p in "qkv" if p in parts), base.embed_dim
-        for p in self.parts:
-            A, B = _init_factors(r, E, E, base.in_proj_weight)
-            self.register_parameter(f"lora_A_{p}", A)
-            self.register_parameter(f"lora_B_{p}", B)
-
-    def frozen_weight(self) -> torch.Tensor:
-        return self.base.in_proj_weight
-
-    def delta_weight(self) -> torch.Tensor:
-        E, W0 = self.base.embed_dim, self.base.in_proj_weight
-        return self.scaling * torch.cat([self.getattr_lora("B", p) @ self.getattr_lora("A", p) if p in self.parts
-                                         else W0.new_zeros(E, E) for p in "qkv"], dim=0)
-
-    def getattr_lora(self, which: str, part: str) -> torch.Tensor:
-        return getattr(self, f"lora_{which}_{part}")
-
-    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
-                average_attn_weights=True, is_causal=False):
-        """nn.MultiheadAttention.forward's signature and results."""
-        mha = self.base
-        kwargs = dict(key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
-                      average_attn_weights=average_attn_weights, is_causal=is_causal)
-        if self.merged:
-            return mha(query, key, value, **kwargs)
-        if (query is key and key is value and not need_weights and key_padding_mask is None and attn_mask is None
-                and not is_causal and mha.bias_k is None and not mha.add_zero_attn):
-            return self._self_attention(query), None
-        weight = mha.in_proj_weight + self.delta_weight()
-        return functional_call(mha, {"in_proj_weight": weight}, (query, key, value), kwargs)
-
-    def _self_attention(self, x: torch.Tensor) -> torch.Tensor:
-        """Plain self-attention with the LoRA terms added to q/k/v in activation space (as LoRALinear)."""
-        mha, E = self.base, self.base.embed_dim
-        unbatched = x.dim() == 2
-        x = x.unsqueeze(0) if unbatched else x if mha.batch_first else x.transpose(0, 1)  # [batch, tokens, E]
-        n, t = x.shape[0], x.shape[1]
-        x2, heads = x.reshape(n * t, E), []
-        for i, p in enumerate("qkv"):
-            bias = None if mha.in_proj_bias is None else mha.in_proj_bias[i * E:(i + 1) * E]
-            y = F.linear(x2, mha.in_proj_weight[i * E:(i + 1) * E], bias)
-            if p in self.parts:
-                y = torch.addmm(y, F.linear(x2, self.getattr_lora("A", p)), self.getattr_lora("B", p).t().contiguous(),
-                                alpha=self.scaling)
-            heads.append(y.view(n, t, mha.num_heads, mha.head_dim).transpose(1, 2))  # [batch, heads, tokens, dim]
-        o = F.scaled_dot_product_attention(*heads, dropout_p=mha.dropout if mha.training else 0.0)
-        o = mha.out_proj(o.transpose(1, 2).reshape(n * t, E)).view(n, t, E)
-        return o.squeeze(0) if unbatched else o if mha.batch_first else o.transpose(0, 1)
-
-
-LORA_LAYERS = (LoRALinear, LoRAPackedQKV)
-
-
 def add_lora(model: nn.Module, targets: Sequence[str], r: int = 8, alpha: float = 16, dropout: float = 0.0,
              trainable: Sequence[str] = (), mha_parts: str = "qv") -> list[str]:
     """Wrap the modules named by `targets` with LoRA and freeze everything else except `trainable`.
 
     A target matches a module whose dotted name equals it or ends with "." + target (as peft's
-    target_modules). nn.Linear becomes LoRALinear; nn.MultiheadAttention becomes LoRAPackedQKV on
+    target_modules). nn.Linear becomes LoRALinear; nn.MultiheadAttention becomes LoRAPackedQKV (lora_mha.py) on
     the `mha_parts` of its in-projection. `trainable` names parameters or module prefixes (e.g.
     "heads") that stay trainable and so belong to the adapter. Returns the wrapped module names.
     """
     targets = [targets] if isinstance(targets, str) else list(targets)
     named = dict(model.named_modules())
-    if any(isinstance(m, LORA_LAYERS) for m in named.values()):
+    if any(isinstance(m, LoRALayer) for m in named.values()):
         raise ValueError("model already has LoRA layers; add_lora is applied once per model")
     wanted = [n for n in named if n and any(n == t or n.endswith("." + t) for t in targets)]
     if not wanted:
@@ -205,6 +131,10 @@ def add_lora(model: nn.Module, targets: Sequence[str], r: int = 8, alpha: float 
                          f"nn.MultiheadAttention: {bad}")
     for p in model.parameters():
         p.requires_grad_(False)
+    if any(isinstance(named[n], nn.MultiheadAttention) for n in wanted):
+        # imported here, not at the top: lora.py alone serves any model of nn.Linear layers (LLMs, MLPs);
+        # attention's packed in-projection (torchvision's ViT) needs lora_mha.py beside it
+        from lora_mha import LoRAPackedQKV
     for name in wanted:
         parent, _, child = name.rpartition(".")
         module = named[name]
@@ -220,7 +150,7 @@ def add_lora(model: nn.Module, targets: Sequence[str], r: int = 8, alpha: float 
 
 
 def lora_layers(model: nn.Module) -> Iterable[nn.Module]:
-    return (m for m in model.modules() if isinstance(m, LORA_LAYERS))
+    return (m for m in model.modules() if isinstance(m, LoRALayer))
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -336,7 +266,7 @@ def _new_ranks(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[nn.Modu
     each layer's A and B factors (all parts of a packed layer) share one rank >= 1."""
     ranks = {}
     for name, m in model.named_modules():
-        if isinstance(m, LORA_LAYERS):
+        if isinstance(m, LoRALayer):
             prefix = f"{name}." if name else ""
             r = {state.get(prefix + n, p).shape[_RANK_DIM[lora_factor(n)]]
                  for n, p in m.named_parameters(recurse=False) if lora_factor(n)}
@@ -383,6 +313,6 @@ def unmerge_lora(model: nn.Module) -> None:
 def lora_meta(model: nn.Module) -> dict:
     """Plain-data description of the model's LoRA layers (what adapter_file.save_adapter stores beside the tensors)."""
     layers = {n: {"r": int(m.r), "alpha": float(m.alpha), "scaling": float(m.scaling),
-                  "kind": type(m).__name__, **({"parts": m.parts} if isinstance(m, LoRAPackedQKV) else {})}
-              for n, m in model.named_modules() if isinstance(m, LORA_LAYERS)}
+                  "kind": type(m).__name__, **({"parts": m.parts} if hasattr(m, "parts") else {})}
+              for n, m in model.named_modules() if isinstance(m, LoRALayer)}
     return {"targets": sorted(layers), "layers": layers}

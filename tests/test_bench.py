@@ -8,7 +8,8 @@ import torch.nn as nn
 
 import bench
 import potara
-from lora import LoRALinear, LoRAPackedQKV
+from lora import LoRALinear
+from lora_mha import LoRAPackedQKV
 
 
 def test_rows_from_pairs_ratios_per_round():

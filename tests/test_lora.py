@@ -1,13 +1,16 @@
 """Specification of lora.py: the LoRA layers, adapter state, factor names, rank changes, the validator
 (the adapter file: test_adapter_file.py)."""
 
+import os
+
 import pytest
 import torch
 import torch.nn as nn
 from torchvision.models import VisionTransformer
 
-from lora import (MAX_NUMEL, AdapterError, LoRALinear, LoRAPackedQKV, add_lora, check_tensor, check_tensors,
+from lora import (MAX_NUMEL, AdapterError, LoRALinear, add_lora, check_tensor, check_tensors,
                   load_lora_state_dict, lora_factor, lora_meta, lora_state_dict, merge_lora, unmerge_lora)
+from lora_mha import LoRAPackedQKV
 
 
 def tiny_vit(num_classes=5):
@@ -295,3 +298,35 @@ def test_check_tensors_keys_totals_and_metadata_before_values():
     # metadata of every tensor is checked before any value is read: the sparse one is named, not the NaN
     with pytest.raises(AdapterError, match="b is not a dense"):
         check_tensors({"a": torch.tensor([float("nan")]), "b": torch.zeros(1).to_sparse()})
+
+
+def test_lora_py_alone_serves_a_model_of_linear_layers(tmp_path):
+    """Copied alone into an empty folder (torch only), lora.py adds, trains-ready, saves, reloads and merges
+    LoRA on an MLP: the merged output equals the unmerged one."""
+    import shutil
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    shutil.copy(os.path.join(repo, "lora.py"), tmp_path)
+    code = ("import sys, torch, torch.nn as nn\n"
+            "import lora\n"
+            "torch.manual_seed(0)\n"
+            "m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))\n"
+            "lora.add_lora(m, ['0', '2'], r=2, alpha=4)\n"
+            "with torch.no_grad():\n"
+            "    for n, p in m.named_parameters():\n"
+            "        if p.requires_grad: p.normal_()\n"
+            "state = lora.lora_state_dict(m)\n"
+            "lora.load_lora_state_dict(m, state)\n"
+            "x = torch.randn(5, 4)\n"
+            "y = m(x)\n"
+            "lora.merge_lora(m)\n"
+            "import os\n"
+            f"assert not [n for n, v in sys.modules.items() if os.path.dirname(getattr(v, '__file__', None) or '') == {repo!r}]\n"
+            "print(sorted(state), float((m(x) - y).abs().max() / y.abs().max()))\n")  # nothing of the repository was imported
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    keys, diff = out.stdout.rsplit("] ", 1)
+    assert keys.count("lora_A") == 2 and keys.count("lora_B") == 2 and float(diff) < 1e-5
