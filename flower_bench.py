@@ -4,8 +4,8 @@ wall time per FedIT round, and where Flower's time goes (measured by the clients
     python flower_bench.py --backbone data/backbones/tiny-<key>.pt                # tiny preset, 2 clients, 5 rounds
     python flower_bench.py --backbone B --clients 2 --rounds 5 --out runs/flower-bench
 
-In-process: fed.run_fedit on the clients flower_client.py would build (flower_task.client_split, the
-backbone file, vit.build_model), timed per round. Flower: flower_local.LocalFederation (a SuperLink and
+In-process: fed.run_fedit on the clients flower_client.py would build (deployment.client_split, the
+backbone file, vit.build_model), timed per round. Flower: loopback.LocalFederation (a SuperLink and
 --clients SuperNodes on 127.0.0.1, each SuperNode's clients on --threads torch threads), `flwr run` of
 this folder with the same run config; per round the server's wall time, and from every client (Flower
 starts a process per message) how long Flower took to start its process, the app's imports, the
@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from fed import Client, run_fedit
-from flower_local import LocalFederation
-from flower_task import TIMINGS, AppConfig, ConfigError, client_split
+from loopback import LocalFederation
+from deployment import TIMINGS, AppConfig, ConfigError, client_split
 from report import atomic_write, mean
 from vit import PRESETS, build_model, load_backbone_file
 

@@ -14,7 +14,7 @@ property), adapter-dir (optional: the client saves its personalised Potara adapt
 Every message rebuilds the same client: the CIFAR-100 (or synthetic) images, the partition of
 data.py exactly as run_cifar.py draws it (public set, Dirichlet or superclass split, client k's
 train / val / test), and the model vit.build_model(backbone, preset, rank, lora_alpha, seed), whose
-initial adapter phi_0 every client and the in-process pipeline share. Handlers (flower_task.py has
+initial adapter phi_0 every client and the in-process pipeline share. Handlers (deployment.py has
 the protocol):
 
     query     -> partition-id, num-partitions, n_k, the backbone file's sha256, phi_0
@@ -45,7 +45,7 @@ from checkpoint import RunState
 from data import ClientSplits
 from evaluation import METHODS, accuracy, evaluate_client
 from fed import Client, derive_seed, local_update
-from flower_task import (ADAPTER, CONFIG, METRICS, AppConfig, ConfigError, client_split, experiment_config, flatten,
+from deployment import (ADAPTER, CONFIG, METRICS, AppConfig, ConfigError, client_split, experiment_config, flatten,
                          from_record, to_record)
 from lora import check_state, lora_meta, lora_state_dict
 from pipeline import Run, local_seed, train_from

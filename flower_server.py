@@ -36,7 +36,7 @@ from flwr.serverapp import Grid, ServerApp
 from checkpoint import RunState, fed_dict, load_state, save_state
 from evaluation import METHOD_LABELS
 from fed import ClientReply, FedState, sample_clients, server_round, state_bytes
-from flower_task import (ADAPTER, CONFIG, EVALUATE, METRICS, SETUP, TIMINGS, TRAIN, AppConfig, experiment_config,
+from deployment import (ADAPTER, CONFIG, EVALUATE, METRICS, SETUP, TIMINGS, TRAIN, AppConfig, experiment_config,
                          from_record, record_bytes, to_record, unflatten)
 from lora import check_state
 from pipeline import fed_faults

@@ -32,8 +32,8 @@ from checkpoint import ResumeError  # noqa: E402
 from conftest import MICRO_VIT  # noqa: E402
 from data import load_images  # noqa: E402
 from fed import Client, run_fedit, sample_clients  # noqa: E402
-from flower_local import LocalFederation, wait_for  # noqa: E402
-from flower_task import ADAPTER, CONFIG, METRICS, AppConfig, ConfigError, from_record, to_record  # noqa: E402
+from loopback import LocalFederation, wait_for  # noqa: E402
+from deployment import ADAPTER, CONFIG, METRICS, AppConfig, ConfigError, from_record, to_record  # noqa: E402
 from partition import client_splits, dirichlet_partition, public_and_pool  # noqa: E402
 from pipeline import ExperimentConfig, run_experiment  # noqa: E402
 from vit import PRESETS, build_model, load_backbone_file  # noqa: E402
@@ -327,7 +327,7 @@ def test_in_process_app_equals_run_fedit_with_drop_outs(small_world, task_identi
 # ----------------------------------------------------------------------------- the loopback run
 @pytest.fixture
 def federation(tmp_path):
-    """A loopback federation in tmp_path (flower_local.LocalFederation), stopped in teardown whatever happens."""
+    """A loopback federation in tmp_path (loopback.LocalFederation), stopped in teardown whatever happens."""
     fed = LocalFederation(tmp_path)
     try:
         yield fed
