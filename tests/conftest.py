@@ -16,6 +16,7 @@ from collections import OrderedDict
 import pytest
 import torch
 import torch.nn as nn
+from torchvision.models import VisionTransformer
 
 import vit
 from data import ClientSplits
@@ -304,3 +305,28 @@ def corrupt_torch_file(rng: random.Random, template: bytes, plain: dict, numel: 
 def corrupted_torch_file():
     """corrupted_torch_file(rng, template, plain, numel): one random corruption of a torch file (corrupt_torch_file)."""
     return corrupt_torch_file
+
+
+# ----------------------------------------------------------------------------- small models and hostile pickles
+def lora_vit(seed: int = 0, targets=("self_attention",)) -> nn.Module:
+    """A 2-layer 16 px ViT with LoRA (r = 2) on `targets` and a trainable 5-class head, every adapter tensor
+    drawn from N(0, 0.3^2): a trained-looking adapter, so every gradient is non-zero. In eval mode."""
+    torch.manual_seed(seed)
+    model = VisionTransformer(image_size=16, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32,
+                              num_classes=5)
+    add_lora(model, list(targets), r=2, alpha=4, trainable=["heads"])
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.3)
+    return model.eval()
+
+
+class PlantedPickle:
+    """Unpickling this creates the file `path` (open(path, "w")): a file that would run code if trusted."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))

@@ -13,6 +13,8 @@ import adapter_file
 from adapter_file import load_adapter, save_adapter
 from lora import AdapterError, add_lora, lora_meta, lora_state_dict
 
+from conftest import PlantedPickle
+
 
 def test_save_load_adapter_round_trip(tmp_path, randomize_lora):
     model = nn.ModuleDict({"attn": nn.MultiheadAttention(8, 2), "head": nn.Linear(8, 3)})
@@ -27,14 +29,6 @@ def test_save_load_adapter_round_trip(tmp_path, randomize_lora):
                                                                  "attn.lora_B_v", "head.weight", "head.bias"}
     assert all(torch.equal(loaded[k], state[k]) for k in state)
     assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
-
-
-class _Boom:  # unpickling this would create a marker file
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
 
 
 def test_load_adapter_refuses_bad_files(tmp_path):
@@ -56,12 +50,12 @@ def test_load_adapter_refuses_bad_files(tmp_path):
         load_adapter(text)
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pt"
-    torch.save({"format": "potara-adapter-v1", "meta": {}, "state": {"w": _Boom(str(marker))}}, evil)
+    torch.save({"format": "potara-adapter-v1", "meta": {}, "state": {"w": PlantedPickle(str(marker))}}, evil)
     with pytest.raises(AdapterError, match="unsafe"):
         load_adapter(evil)
     assert not marker.exists()
     raw = tmp_path / "raw.pkl"
-    raw.write_bytes(pickle.dumps(_Boom(str(marker))))
+    raw.write_bytes(pickle.dumps(PlantedPickle(str(marker))))
     with pytest.raises(AdapterError):
         load_adapter(raw)
     assert not marker.exists()

@@ -5,24 +5,13 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torchvision.models import VisionTransformer
 
 import fisher
 from fisher import (causal_lm_likelihood, classification_likelihood, diag_fisher, first_samples, gradient_stats,
                     per_sample_grads)
-from lora import add_lora, load_lora_state_dict, lora_state_dict
+from lora import load_lora_state_dict, lora_state_dict
 
-
-def lora_vit(seed=0):
-    torch.manual_seed(seed)
-    model = VisionTransformer(image_size=16, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32,
-                              num_classes=5)
-    add_lora(model, ["self_attention"], r=2, alpha=4, trainable=["heads"])
-    with torch.no_grad():  # a trained-looking adapter: non-zero B and head, so every gradient is non-zero
-        for p in model.parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.3)
-    return model.eval()
+from conftest import lora_vit
 
 
 def naive_grads(model, call, n, y):

@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torchvision.models import VisionTransformer
 
 import fisher
 import potara
@@ -19,17 +18,7 @@ from lora import AdapterError, LoRALinear, add_lora, load_lora_state_dict, lora_
 from potara import (cubic_minimiser, fisher_merge, merge_adapters, personalize, potara_weight, segment_loss,
                     variance_bound, variance_terms, verified_weight)
 
-
-def lora_vit(seed=0):
-    torch.manual_seed(seed)
-    model = VisionTransformer(image_size=16, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32,
-                              num_classes=5)
-    add_lora(model, ["self_attention", "mlp.0"], r=2, alpha=4, trainable=["heads"])
-    with torch.no_grad():  # a trained-looking adapter: non-zero B and head, so every gradient is non-zero
-        for p in model.parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.3)
-    return model.eval()
+from conftest import lora_vit
 
 
 def perturbed(state, seed, scale=0.3):
@@ -128,7 +117,7 @@ def test_cubic_minimiser_hand_cases():
 
 @pytest.mark.parametrize("space", ["ab", "delta"])
 def test_segment_loss_value_and_slope_against_the_merged_model_and_finite_differences(space):
-    model = lora_vit()
+    model = lora_vit(targets=("self_attention", "mlp.0"))
     G = lora_state_dict(model)
     L = perturbed(G, 1)
     x, y = torch.randn(7, 3, 16, 16), torch.randint(0, 5, (7,))
@@ -267,7 +256,7 @@ def test_fisher_merge_hand_computed():
 
 # ----------------------------------------------------------------------------- personalize
 def test_personalize_end_to_end_and_its_passes():
-    model = lora_vit()
+    model = lora_vit(targets=("self_attention", "mlp.0"))
     G = lora_state_dict(model)
     L = perturbed(G, 3)
     x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 5, (8,))
@@ -290,7 +279,7 @@ def test_personalize_end_to_end_and_its_passes():
 
 
 def test_personalize_api_is_hard_to_misuse():
-    model = lora_vit()
+    model = lora_vit(targets=("self_attention", "mlp.0"))
     G = lora_state_dict(model)
     L = perturbed(G, 3)
     batch = [(torch.randn(4, 3, 16, 16), torch.randint(0, 5, (4,)))]
@@ -314,7 +303,7 @@ def test_personalize_api_is_hard_to_misuse():
 
 
 def test_personalize_checks_the_adapters_against_the_model():
-    model = lora_vit()
+    model = lora_vit(targets=("self_attention", "mlp.0"))
     G = lora_state_dict(model)
     L = perturbed(G, 3)
     batch = [(torch.randn(4, 3, 16, 16), torch.randint(0, 5, (4,)))]

@@ -26,7 +26,7 @@ from evaluation import METHODS, lam_grid, score_adapter
 from partition import client_splits, public_and_pool
 from potara import merge_adapters
 
-from conftest import MICRO_VIT
+from conftest import MICRO_VIT, PlantedPickle
 ROUNDS, CLIENTS, RANK, TEST = 2, 2, 2, 10
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -387,14 +387,6 @@ def test_max_update_norm_rejects_and_keeps_the_global_adapter(micro, tmp_path, c
 
 
 
-class _Boom:  # unpickling this would create a marker file
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
-
-
 
 def test_bad_resume_states_fail_in_one_line(micro, reference, tmp_path):
     good = torch.load(reference / "checkpoint.pt", weights_only=True)
@@ -410,7 +402,7 @@ def test_bad_resume_states_fail_in_one_line(micro, reference, tmp_path):
         (lambda: ckpt.write_bytes((reference / "checkpoint.pt").read_bytes()[:4000]), "is unreadable (truncated"),
         (lambda: torch.save({"some": torch.ones(2)}, ckpt), "is not a potara experiment checkpoint"),
         (lambda: save_adapter(ckpt, {"w": torch.ones(2)}), "is not a potara experiment checkpoint"),
-        (lambda: torch.save({**good, "fedit": _Boom(str(marker))}, ckpt), "unsafe"),
+        (lambda: torch.save({**good, "fedit": PlantedPickle(str(marker))}, ckpt), "unsafe"),
         (lambda: torch.save(nan, ckpt), "holds NaN or Inf values"),
         (lambda: torch.save(wide, ckpt), "has dtype torch.float64, expected torch.float32"),
         (lambda: torch.save(back, ckpt), "fedit: round -3 is not a count in [0, 3]"),  # once: trained 6 rounds
@@ -531,7 +523,7 @@ def test_planted_cifar_pickles_run_nothing_with_data_cifar(micro, tmp_path, caps
     folder = tmp_path / "d" / "cifar-100-python"
     folder.mkdir(parents=True)
     for name in ("train", "test", "meta"):
-        (folder / name).write_bytes(pickle.dumps({"data": _Boom(str(evidence))}))
+        (folder / name).write_bytes(pickle.dumps({"data": PlantedPickle(str(evidence))}))
     (folder / data_module.SYNTHETIC_MARKER).write_text("{}")
     args = argv(micro, tmp_path / "o")
     args[args.index("--data") + 1] = "cifar"
