@@ -361,8 +361,8 @@ def resolve(ap: argparse.ArgumentParser, argv=None) -> tuple[argparse.Namespace,
         args.seeds = [int(x) for x in seeds.split(",") if x.strip()]
     except ValueError:
         args.seeds = []
-    if not args.seeds:
-        ap.error(f"--seeds {seeds!r}: expected comma-separated integers")
+    if not args.seeds or not all(0 <= x < cli.MAX_SEED for x in args.seeds):
+        ap.error(f"--seeds {seeds!r}: expected comma-separated integers in [0, 2**63)")
     args.out = args.out or os.path.join("runs", "ablation" if args.suite == "synthetic" else "ablation-real")
     p = PRESETS["tiny"]
     if args.suite == "real":
@@ -384,8 +384,8 @@ def resolve(ap: argparse.ArgumentParser, argv=None) -> tuple[argparse.Namespace,
         ap.error(f"--grid-step must be 1/n for an integer n >= 1 (e.g. 0.05), got {args.grid_step}")
     if args.suite == "synthetic" and args.public < 1000:
         ap.error(f"--public must be >= 1000 (the tiny backbone is pre-trained on it), got {args.public}")
-    cli.check_dirs(ap, ("--data-dir", args.data_dir if args.suite == "synthetic" else "", os.R_OK | os.X_OK),
-                   ("--out", args.out, os.W_OK | os.X_OK))
+    cli.check_dirs(ap, ("--data-dir", args.data_dir if args.suite == "synthetic" else "", os.R_OK | os.X_OK))
+    cli.prepare_out_dir(ap, args.out)  # created and probed now: an unusable --out fails before any training
     args.data = args.suite
     return args, p
 

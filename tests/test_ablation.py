@@ -167,7 +167,9 @@ def test_goal_and_table_by_hand():
 
 @pytest.mark.parametrize("extra, msg", [(["--scenarios", "nope"], "--scenarios"), (["--seeds", "x"], "--seeds"),
                                         (["--estimators", "magic"], "--estimators"), (["--rounds", "0"], "--rounds"),
-                                        (["--threads", "100000"], "--threads must be in [1, ")])
+                                        (["--threads", "100000"], "--threads must be in [1, "),
+                                        (["--seeds", "-3"], "--seeds '-3': expected"),
+                                        (["--out", "/proc/x"], "--out /proc/x: cannot be created or written")])
 def test_bad_arguments_fail_in_one_line(tmp_path, capsys, extra, msg):
     with pytest.raises(SystemExit) as e:
         ablation.main(micro_argv(tmp_path / "d", tmp_path / "o", *extra))
