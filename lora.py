@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+
 class AdapterError(ValueError):
     """An adapter state or file, or any untrusted tensor container, that is malformed or does not fit the
     model (keys, layout, dtype, shape, values). A ValueError, so callers can catch either."""

@@ -48,9 +48,19 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
-from fisher import (N_SAMPLES, GradStats, Likelihood, call_model, causal_lm_likelihood,  # noqa: F401 (re-exported)
-                    classification_likelihood, diag_fisher, first_samples, gradient_stats, per_sample_grads,
-                    to_device)
+from fisher import (  # noqa: F401 (re-exported)
+    N_SAMPLES,
+    GradStats,
+    Likelihood,
+    call_model,
+    causal_lm_likelihood,
+    classification_likelihood,
+    diag_fisher,
+    first_samples,
+    gradient_stats,
+    per_sample_grads,
+    to_device,
+)
 from lora import AdapterError, check_tensors, lora_factor, lora_layers
 
 

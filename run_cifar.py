@@ -21,15 +21,15 @@ import argparse
 import os
 import time
 
-import cli  # first: sets OMP_WAIT_POLICY before torch starts its threads
 import numpy as np
 import torch
 
 from data import DataError, load_images
-from partition import client_splits, label_partition, public_and_pool
-from pipeline import run_experiment
-from report import markdown_table
-from vit import PRESETS, build_model, imagenet_vit_b_16, load_backbone_file, tiny_backbone
+from potara_harness import cli  # first: sets OMP_WAIT_POLICY before torch starts its threads
+from potara_harness.partition import client_splits, label_partition, public_and_pool
+from potara_harness.pipeline import run_experiment
+from potara_harness.report import markdown_table
+from potara_harness.vit import PRESETS, build_model, imagenet_vit_b_16, load_backbone_file, tiny_backbone
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -30,18 +30,27 @@ import random
 import shutil
 import time
 
-import cli  # first: sets OMP_WAIT_POLICY before torch starts its threads
 import torch
 import torch.nn as nn
 
-from llm_data import ByteTokenizer, Tokenizer, check_fits, read_task_dir, split_tasks
-from llm_tasks import public_corpus, synthetic_tasks
-from lm import (PRESETS, Scorer, build_splits, chance, lm_loss, load_hf_model, load_hf_tokenizer, pretrain_tiny,
-                tiny_llama)
 from lora import add_lora, lora_meta
-from pipeline import run_experiment
 from potara import causal_lm_likelihood, merge_adapters
-from report import markdown_table, write_text
+from potara_harness import cli  # first: sets OMP_WAIT_POLICY before torch starts its threads
+from potara_harness.llm_data import ByteTokenizer, Tokenizer, check_fits, read_task_dir, split_tasks
+from potara_harness.llm_tasks import public_corpus, synthetic_tasks
+from potara_harness.lm import (
+    PRESETS,
+    Scorer,
+    build_splits,
+    chance,
+    lm_loss,
+    load_hf_model,
+    load_hf_tokenizer,
+    pretrain_tiny,
+    tiny_llama,
+)
+from potara_harness.pipeline import run_experiment
+from potara_harness.report import markdown_table, write_text
 
 
 # ----------------------------------------------------------------------------- CLI

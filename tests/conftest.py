@@ -18,9 +18,9 @@ import torch
 import torch.nn as nn
 from torchvision.models import VisionTransformer
 
-import vit
 from data import ClientSplits
 from lora import add_lora
+from potara_harness import vit
 
 MICRO_VIT = dict(image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32)
 
@@ -84,8 +84,8 @@ SMALL_LLAMA = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, nu
 def small_llama():
     """A factory: small_llama(seed) -> a 2-layer tiny Llama (lm.tiny_llama) in eval mode."""
     pytest.importorskip("transformers")
-    import lm
-    from llm_data import ByteTokenizer
+    from potara_harness import lm
+    from potara_harness.llm_data import ByteTokenizer
 
     def make(seed=0):
         torch.manual_seed(seed)

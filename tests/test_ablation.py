@@ -3,13 +3,13 @@ import json
 
 import numpy as np
 import pytest
-
-import ablation
-import vit
-from evaluation import lam_grid
-from potara import personalize
-
 from conftest import MICRO_VIT
+
+from potara import personalize
+from potara_harness import vit
+from potara_harness.evaluation import lam_grid
+from potara_studies import ablation
+
 TEST, STEP = 10, 0.25
 SCENS = ["dirichlet-0.1", "conflict"]
 

@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from conftest import PlantedPickle
 
 import adapter_file
 from adapter_file import load_adapter, save_adapter
 from lora import AdapterError, add_lora, lora_meta, lora_state_dict
-
-from conftest import PlantedPickle
 
 
 def test_save_load_adapter_round_trip(tmp_path, randomize_lora):

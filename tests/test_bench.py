@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-import bench
 import potara
 from lora import LoRALinear
 from lora_mha import LoRAPackedQKV
+from potara_studies import bench
 
 
 def test_rows_from_pairs_ratios_per_round():

@@ -3,8 +3,8 @@ or not sound is refused in one line, without running code."""
 import pytest
 import torch
 
-from checkpoint import ResumeError, RunState, fingerprint, load_state, save_state
-from pipeline import ExperimentConfig
+from potara_harness.checkpoint import ResumeError, RunState, fingerprint, load_state, save_state
+from potara_harness.pipeline import ExperimentConfig
 
 
 def test_fault_options_are_fingerprinted_only_when_set(mlp_problem):
@@ -33,7 +33,9 @@ def test_saved_state_loads_back_and_foreign_states_are_refused(tmp_path, same):
 # ----------------------------------------------------------------------------- the fingerprint (issue 13, item 2)
 def test_fingerprint_covers_lora_alpha_every_weight_byte_and_buffers(mlp_problem):
     import copy
+
     import torch.nn as nn
+
     from lora import add_lora
     bias_free_model, client = mlp_problem
     splits, cfg = [client("c0", 0)], ExperimentConfig()
@@ -131,6 +133,7 @@ def test_fuzz_checkpoints_give_one_clear_error_or_a_sound_state(tmp_path, mlp_pr
     sound by the validator; none hangs, allocates gigabytes (RLIMIT_AS) or writes anything."""
     import os
     import random
+
     from lora import check_tensors
     bias_free_model, _ = mlp_problem
     adapter, state = sound_state(bias_free_model(), "fp")

@@ -6,10 +6,10 @@ import os
 
 import pytest
 
-import cli
-from checkpoint import ResumeError
 from data import DataError
 from lora import AdapterError
+from potara_harness import cli
+from potara_harness.checkpoint import ResumeError
 
 
 def parser(presets=None):
@@ -119,7 +119,7 @@ def test_other_runtime_errors_are_not_called_out_of_memory():
 
 def test_snapshots_beyond_the_rounds_are_every_round(capsys):
     """--snapshots 10**20 with 2 rounds: the same round counts as --snapshots 2 (every round), no endless loop."""
-    from pipeline import snapshot_rounds
+    from potara_harness.pipeline import snapshot_rounds
     ap = parser()
     args = args_for(ap, "--snapshots", str(10**20), "--rounds", "2")
     cli.check_experiment_options(ap, args)

@@ -8,9 +8,15 @@ import torch
 pytest.importorskip("sklearn")
 
 from data import DataError  # noqa: E402
-from digits import (DigitsConfig, build_model, load_digits_data, pretrain_backbone, scenario_splits,  # noqa: E402
-                    task_tables)
-from partition import public_and_pool  # noqa: E402
+from potara_harness.partition import public_and_pool  # noqa: E402
+from potara_studies.digits import (  # noqa: E402
+    DigitsConfig,
+    build_model,
+    load_digits_data,
+    pretrain_backbone,
+    scenario_splits,
+    task_tables,
+)
 
 
 @pytest.fixture(scope="module")

@@ -6,14 +6,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import RunState
 from data import ClientSplits
-from evaluation import accuracy, grid_search, potara_step, stat_batches
 from fed import derive_seed
 from fisher import classification_likelihood, gradient_stats
 from lora import add_lora, load_lora_state_dict, lora_state_dict
-from pipeline import ExperimentConfig, Run
 from potara import merge_adapters, personalize
+from potara_harness.checkpoint import RunState
+from potara_harness.evaluation import accuracy, grid_search, potara_step, stat_batches
+from potara_harness.pipeline import ExperimentConfig, Run
 from training import classification_loss
 
 

@@ -5,8 +5,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fed import (Client, ClientReply, FedState, derive_seed, fedavg, local_update, run_fedit, sample_clients,
-                 server_round, state_bytes, validate_update)
+from fed import (
+    Client,
+    ClientReply,
+    FedState,
+    derive_seed,
+    fedavg,
+    local_update,
+    run_fedit,
+    sample_clients,
+    server_round,
+    state_bytes,
+    validate_update,
+)
 from lora import AdapterError, add_lora, load_lora_state_dict, lora_factor, lora_state_dict
 
 

@@ -5,13 +5,18 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import lora_vit
 
 import fisher
-from fisher import (causal_lm_likelihood, classification_likelihood, diag_fisher, first_samples, gradient_stats,
-                    per_sample_grads)
+from fisher import (
+    causal_lm_likelihood,
+    classification_likelihood,
+    diag_fisher,
+    first_samples,
+    gradient_stats,
+    per_sample_grads,
+)
 from lora import load_lora_state_dict, lora_state_dict
-
-from conftest import lora_vit
 
 
 def naive_grads(model, call, n, y):

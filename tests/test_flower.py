@@ -21,22 +21,22 @@ try:
     import tomllib  # Python 3.11+
 except ImportError:  # Python 3.10: tomli, which flwr depends on
     import tomli as tomllib
+from conftest import MICRO_VIT  # noqa: E402
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict  # noqa: E402
 from flwr.serverapp import Grid  # noqa: E402
 from torchvision.models import VisionTransformer  # noqa: E402
 
-import flower_client  # noqa: E402
-import flower_server  # noqa: E402
 from adapter_file import load_adapter  # noqa: E402
-from checkpoint import ResumeError  # noqa: E402
-from conftest import MICRO_VIT  # noqa: E402
 from data import load_images  # noqa: E402
 from fed import Client, run_fedit, sample_clients  # noqa: E402
-from loopback import LocalFederation, wait_for  # noqa: E402
-from deployment import ADAPTER, CONFIG, METRICS, AppConfig, ConfigError, from_record, to_record  # noqa: E402
-from partition import client_splits, dirichlet_partition, public_and_pool  # noqa: E402
-from pipeline import ExperimentConfig, run_experiment  # noqa: E402
-from vit import PRESETS, build_model, load_backbone_file  # noqa: E402
+from potara_flower import client_app as flower_client  # noqa: E402
+from potara_flower import server_app as flower_server  # noqa: E402
+from potara_flower.loopback import LocalFederation, wait_for  # noqa: E402
+from potara_flower.task import ADAPTER, CONFIG, METRICS, AppConfig, ConfigError, from_record, to_record  # noqa: E402
+from potara_harness.checkpoint import ResumeError  # noqa: E402
+from potara_harness.partition import client_splits, dirichlet_partition, public_and_pool  # noqa: E402
+from potara_harness.pipeline import ExperimentConfig, run_experiment  # noqa: E402
+from potara_harness.vit import PRESETS, build_model, load_backbone_file  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

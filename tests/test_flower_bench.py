@@ -4,7 +4,7 @@ import pytest
 
 pytest.importorskip("flwr")
 
-import flower_bench  # noqa: E402
+from potara_flower import bench as flower_bench  # noqa: E402
 
 
 def test_breakdown_charges_the_rest_of_a_round_to_messaging():

@@ -5,9 +5,20 @@ import json
 import pytest
 
 import data
-from llm_data import (IGNORE, ByteTokenizer, DataError, Example, check_fits, encode_examples, encode_pair,
-                      normalize_answer, read_jsonl, read_task_dir, split_tasks)
-from llm_tasks import synthetic_tasks
+from potara_harness.llm_data import (
+    IGNORE,
+    ByteTokenizer,
+    DataError,
+    Example,
+    check_fits,
+    encode_examples,
+    encode_pair,
+    normalize_answer,
+    read_jsonl,
+    read_task_dir,
+    split_tasks,
+)
+from potara_harness.llm_tasks import synthetic_tasks
 
 GOOD = json.dumps({"prompt": "p", "answer": "a"}).encode()
 

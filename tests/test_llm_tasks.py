@@ -3,7 +3,7 @@ every answer is the right one (recomputed here from the prompt text alone)."""
 import random
 import re
 
-from llm_tasks import FEMALE, POSITIVE, public_corpus, synthetic_tasks
+from potara_harness.llm_tasks import FEMALE, POSITIVE, public_corpus, synthetic_tasks
 
 
 def test_synthetic_tasks_are_deterministic_and_well_formed():

@@ -6,10 +6,10 @@ import torch.nn.functional as F
 
 pytest.importorskip("transformers")
 
-import lm
-from llm_data import IGNORE, ByteTokenizer, Example, encode_examples, normalize_answer
 from lora import LoRALinear, add_lora, lora_state_dict, merge_lora
 from potara import causal_lm_likelihood, per_sample_grads
+from potara_harness import lm
+from potara_harness.llm_data import IGNORE, ByteTokenizer, Example, encode_examples, normalize_answer
 
 
 def test_lora_injection_into_transformers_llama(small_llama, randomize_lora):
@@ -112,7 +112,7 @@ def test_greedy_decode_matches_a_naive_loop_and_exact_match(small_llama):
 def test_a_nan_pretraining_cache_is_trained_again(tmp_path, capsys, small_llama):
     """The cached tiny model is untrusted like any file: one NaN in it and it is pre-trained again (with the
     reason printed), to the same weights as the first time; never loaded into the model."""
-    from llm_data import ByteTokenizer
+    from potara_harness.llm_data import ByteTokenizer
     p = {**lm.PRESETS["tiny"], "pretrain_steps": 2, "pretrain_batch": 4, "max_len": 32}
     first = small_llama(0)
     info = lm.pretrain_tiny(first, ByteTokenizer(), p, 0, str(tmp_path), torch.device("cpu"), False)

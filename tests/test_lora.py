@@ -8,8 +8,20 @@ import torch
 import torch.nn as nn
 from torchvision.models import VisionTransformer
 
-from lora import (MAX_NUMEL, AdapterError, LoRALinear, add_lora, check_tensor, check_tensors,
-                  load_lora_state_dict, lora_factor, lora_meta, lora_state_dict, merge_lora, unmerge_lora)
+from lora import (
+    MAX_NUMEL,
+    AdapterError,
+    LoRALinear,
+    add_lora,
+    check_tensor,
+    check_tensors,
+    load_lora_state_dict,
+    lora_factor,
+    lora_meta,
+    lora_state_dict,
+    merge_lora,
+    unmerge_lora,
+)
 from lora_mha import LoRAPackedQKV
 
 

@@ -6,8 +6,15 @@ import pytest
 import torch
 
 from data import DataError
-from partition import (class_split_partition, client_splits, dirichlet_partition, label_partition, public_and_pool,
-                       split_client, unassigned)
+from potara_harness.partition import (
+    class_split_partition,
+    client_splits,
+    dirichlet_partition,
+    label_partition,
+    public_and_pool,
+    split_client,
+    unassigned,
+)
 
 
 def labels_of(num_classes, per_class, seed=0):

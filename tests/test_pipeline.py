@@ -6,9 +6,9 @@ import warnings
 import pytest
 import torch
 
-from checkpoint import _tensors
 from lora import lora_state_dict
-from pipeline import ExperimentConfig, run_experiment
+from potara_harness.checkpoint import _tensors
+from potara_harness.pipeline import ExperimentConfig, run_experiment
 
 MLP_CFG = dict(rounds=2, local_steps=3, lr=1e-2, batch_size=8, local_train_steps=4, finetune_steps=3,
                fisher_samples=8, grid_step=0.25, snapshots=2,

@@ -10,15 +10,23 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import lora_vit
 
 import fisher
 import potara
 from fisher import GradStats, Likelihood
 from lora import AdapterError, LoRALinear, add_lora, load_lora_state_dict, lora_state_dict, merge_lora
-from potara import (cubic_minimiser, fisher_merge, merge_adapters, personalize, potara_weight, segment_loss,
-                    variance_bound, variance_terms, verified_weight)
-
-from conftest import lora_vit
+from potara import (
+    cubic_minimiser,
+    fisher_merge,
+    merge_adapters,
+    personalize,
+    potara_weight,
+    segment_loss,
+    variance_bound,
+    variance_terms,
+    verified_weight,
+)
 
 
 def perturbed(state, seed, scale=0.3):

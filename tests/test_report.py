@@ -8,10 +8,10 @@ import torch
 
 import data as data_module
 from adapter_file import save_adapter
-from checkpoint import RunState, save_state
 from data import write_synthetic_cifar100
-from pipeline import ExperimentConfig, run_experiment
-from report import atomic_write, markdown_table, strict_json, write_outputs
+from potara_harness.checkpoint import RunState, save_state
+from potara_harness.pipeline import ExperimentConfig, run_experiment
+from potara_harness.report import atomic_write, markdown_table, strict_json, write_outputs
 
 
 @pytest.fixture(scope="module")

@@ -14,19 +14,19 @@ from urllib.error import URLError
 
 import pytest
 import torch
+from conftest import MICRO_VIT, PlantedPickle
 from torchvision.models import VisionTransformer
 
 import data as data_module
 import run_cifar
-import vit
 from adapter_file import save_adapter
 from data import write_synthetic_cifar100
 from lora import lora_factor, lora_state_dict
-from evaluation import METHODS, lam_grid, score_adapter
-from partition import client_splits, public_and_pool
 from potara import merge_adapters
+from potara_harness import vit
+from potara_harness.evaluation import METHODS, lam_grid, score_adapter
+from potara_harness.partition import client_splits, public_and_pool
 
-from conftest import MICRO_VIT, PlantedPickle
 ROUNDS, CLIENTS, RANK, TEST = 2, 2, 2, 10
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -506,7 +506,7 @@ def test_a_nan_or_edited_backbone_is_refused_and_a_flipped_one_is_another_model(
 
 
 def test_a_second_run_on_the_same_out_is_refused(micro, tmp_path, capsys):
-    import cli
+    from potara_harness import cli
     out = tmp_path / "busy"
     out.mkdir()
     with cli.out_dir_lock(str(out)):  # a run holding --out (another process behaves the same: flock)

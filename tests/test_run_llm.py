@@ -7,10 +7,10 @@ import torch
 
 pytest.importorskip("transformers")
 
-import lm
 import run_llm
 from lora import add_lora, load_lora_state_dict, lora_state_dict
 from potara import merge_adapters
+from potara_harness import lm
 
 
 def test_peft_export_loads_in_peft_with_equal_logits(tmp_path, small_llama, randomize_lora):

@@ -6,13 +6,12 @@ from urllib.error import URLError
 import numpy as np
 import pytest
 import torch
+from conftest import MICRO_VIT
 from torchvision.models import VisionTransformer
 
-import vit
 from data import load_cifar100, write_synthetic_cifar100
 from lora import lora_state_dict
-
-from conftest import MICRO_VIT
+from potara_harness import vit
 
 
 def micro_backbone(seed=0):

@@ -23,12 +23,20 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from data import ClientSplits
-from llm_data import (IGNORE, DataError, Example, HFTokenizer, Tokenizer, encode_examples, normalize_answer,
-                      split_tasks)
-from llm_tasks import public_corpus
 from lora import check_tensors
 from potara import causal_lm_likelihood
-from pretrain import cache_path, cached_pretrain, step, warmup_cosine
+from potara_harness.llm_data import (
+    IGNORE,
+    DataError,
+    Example,
+    HFTokenizer,
+    Tokenizer,
+    encode_examples,
+    normalize_answer,
+    split_tasks,
+)
+from potara_harness.llm_tasks import public_corpus
+from potara_harness.pretrain import cache_path, cached_pretrain, step, warmup_cosine
 
 TINY_LLAMA = dict(hidden_size=96, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
                   num_key_value_heads=4, max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=True)

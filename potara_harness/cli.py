@@ -30,12 +30,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 
-from checkpoint import ResumeError
 from data import DataError
 from lora import AdapterError
-from pipeline import ExperimentConfig
 from potara import ESTIMATORS
-
+from potara_harness.checkpoint import ResumeError
+from potara_harness.pipeline import ExperimentConfig
 
 MAX_SEED = 2**63
 OUTPUT_FILES = ("checkpoint.pt", "results.json", "results.md", "lambda.png", "communication.png")  # in --out

@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import random
 
-from llm_data import Example
-
+from potara_harness.llm_data import Example
 
 # A small closed world (names with genders, mood words with polarities, digits, letters). The public
 # corpus teaches the tiny model this world's generic skills; each client's task composes them in its own

@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 
 from fed import Client, run_fedit
-from loopback import LocalFederation
-from deployment import TIMINGS, AppConfig, ConfigError, client_split
-from report import atomic_write, mean
-from vit import PRESETS, build_model, load_backbone_file
+from potara_flower.loopback import LocalFederation
+from potara_flower.task import TIMINGS, AppConfig, ConfigError, client_split
+from potara_harness.report import atomic_write, mean
+from potara_harness.vit import PRESETS, build_model, load_backbone_file
 
 APP = Path(__file__).resolve().parent  # this folder is the Flower app (pyproject.toml's [tool.flwr.app])
 

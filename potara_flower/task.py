@@ -33,9 +33,9 @@ import numpy as np
 import torch
 
 from data import ClientSplits, load_images
-from partition import client_splits, label_partition, public_and_pool
-from pipeline import ExperimentConfig
 from potara import DEFAULT_ESTIMATOR, ESTIMATORS
+from potara_harness.partition import client_splits, label_partition, public_and_pool
+from potara_harness.pipeline import ExperimentConfig
 
 SETUP, TRAIN, EVALUATE = "query", "train", "evaluate"  # Flower message types (ClientApp handlers)
 ADAPTER, CONFIG, METRICS = "adapter", "config", "metrics"  # keys of a message's RecordDict

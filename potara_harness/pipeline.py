@@ -35,13 +35,13 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
-from checkpoint import RunState, fed_dict, fingerprint, load_state, save_state
 from data import ClientSplits
-from evaluation import METHOD_LABELS, METHODS, Evaluate, accuracy, evaluate_client, potara_step, score
 from fed import Client, FedState, derive_seed, run_fedit, state_bytes
 from lora import load_lora_state_dict, lora_factor, lora_state_dict
 from potara import DEFAULT_ESTIMATOR, Likelihood, classification_likelihood
-from report import mean, write_outputs
+from potara_harness.checkpoint import RunState, fed_dict, fingerprint, load_state, save_state
+from potara_harness.evaluation import METHOD_LABELS, METHODS, Evaluate, accuracy, evaluate_client, potara_step, score
+from potara_harness.report import mean, write_outputs
 from training import LossFn, classification_loss, shuffled_batches, train_adapter
 
 

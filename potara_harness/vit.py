@@ -15,7 +15,6 @@ import os
 import time
 
 import numpy as np
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -25,7 +24,7 @@ from tqdm.auto import tqdm
 
 from data import DataError
 from lora import AdapterError, add_lora, check_tensors
-from pretrain import cache_path, cached_pretrain, step, warmup_cosine
+from potara_harness.pretrain import cache_path, cached_pretrain, step, warmup_cosine
 
 CIFAR_MEAN, CIFAR_STD = (0.507, 0.487, 0.441), (0.267, 0.256, 0.276)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

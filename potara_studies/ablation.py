@@ -40,22 +40,22 @@ import os
 import time
 import warnings
 
-import cli  # first: sets OMP_WAIT_POLICY before torch starts its threads
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-import digits
 from data import DataError, load_images
-from evaluation import grid_choice, lam_grid, score_adapter
 from fed import Client, run_fedit
 from fisher import gradient_stats
 from lora import lora_state_dict
-from partition import class_split_partition, client_splits, dirichlet_partition, public_and_pool
-from pipeline import ExperimentConfig, local_seed, train_local
 from potara import merge_adapters, paper_weight, personalize, potara_weight, segment_loss, variance_terms
-from report import atomic_write, write_text
-from vit import PRESETS, build_model, tiny_backbone
+from potara_harness import cli  # first: sets OMP_WAIT_POLICY before torch starts its threads
+from potara_harness.evaluation import grid_choice, lam_grid, score_adapter
+from potara_harness.partition import class_split_partition, client_splits, dirichlet_partition, public_and_pool
+from potara_harness.pipeline import ExperimentConfig, local_seed, train_local
+from potara_harness.report import atomic_write, write_text
+from potara_harness.vit import PRESETS, build_model, tiny_backbone
+from potara_studies import digits
 
 SCENARIOS = {  # synthetic suite: name -> how clients get their data ("train": a smaller training split than --train)
     "dirichlet-0.1": {"partition": "dirichlet", "alpha": 0.1},

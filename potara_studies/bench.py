@@ -57,10 +57,10 @@ import potara
 from fed import state_bytes
 from lora import LoRALinear, add_lora, load_lora_state_dict, lora_state_dict, merge_lora
 from lora_mha import LoRAPackedQKV
-from evaluation import lam_grid, score_adapter
-from pipeline import ExperimentConfig
+from potara_harness.evaluation import lam_grid, score_adapter
+from potara_harness.pipeline import ExperimentConfig
+from potara_harness.vit import PRESETS
 from training import shuffled_batches, train_adapter
-from vit import PRESETS
 
 SECTIONS = ("lora", "merged", "fisher", "clients", "potara", "pipeline")
 # the tiny preset's numbers (vit.PRESETS) and Potara's statistics at the pipelines' default sample count

@@ -41,17 +41,27 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from adapter_file import save_adapter
-from checkpoint import RunState
 from data import ClientSplits
-from evaluation import METHODS, accuracy, evaluate_client
 from fed import Client, derive_seed, local_update
-from deployment import (ADAPTER, CONFIG, METRICS, AppConfig, ConfigError, client_split, experiment_config, flatten,
-                         from_record, to_record)
 from lora import check_state, lora_meta, lora_state_dict
-from pipeline import Run, local_seed, train_from
 from potara import classification_likelihood, merge_adapters
+from potara_flower.task import (
+    ADAPTER,
+    CONFIG,
+    METRICS,
+    AppConfig,
+    ConfigError,
+    client_split,
+    experiment_config,
+    flatten,
+    from_record,
+    to_record,
+)
+from potara_harness.checkpoint import RunState
+from potara_harness.evaluation import METHODS, accuracy, evaluate_client
+from potara_harness.pipeline import Run, local_seed, train_from
+from potara_harness.vit import PRESETS, build_model, load_backbone_file
 from training import classification_loss
-from vit import PRESETS, build_model, load_backbone_file
 
 IMPORTS_DONE = time.time()
 app = ClientApp()

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import torch
 
-from report import atomic_write
+from potara_harness.report import atomic_write
 
 
 def warmup_cosine(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:

@@ -33,14 +33,27 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from checkpoint import RunState, fed_dict, load_state, save_state
-from evaluation import METHOD_LABELS
 from fed import ClientReply, FedState, sample_clients, server_round, state_bytes
-from deployment import (ADAPTER, CONFIG, EVALUATE, METRICS, SETUP, TIMINGS, TRAIN, AppConfig, experiment_config,
-                         from_record, record_bytes, to_record, unflatten)
 from lora import check_state
-from pipeline import fed_faults
-from report import mean, write_outputs
+from potara_flower.task import (
+    ADAPTER,
+    CONFIG,
+    EVALUATE,
+    METRICS,
+    SETUP,
+    TIMINGS,
+    TRAIN,
+    AppConfig,
+    experiment_config,
+    from_record,
+    record_bytes,
+    to_record,
+    unflatten,
+)
+from potara_harness.checkpoint import RunState, fed_dict, load_state, save_state
+from potara_harness.evaluation import METHOD_LABELS
+from potara_harness.pipeline import fed_faults
+from potara_harness.report import mean, write_outputs
 
 app = ServerApp()
 

@@ -1,6 +1,6 @@
 """Real handwritten digits for the merge-weight study (ablation.py --suite real): data, backbone, clients.
 
-    from digits import DigitsConfig, load_digits_data, pretrain_backbone, build_model, scenario_splits
+    from potara_studies.digits import DigitsConfig, load_digits_data, pretrain_backbone, build_model, scenario_splits
     x, y = load_digits_data()                      # 1797 real 8x8 images (UCI optical digits), labels 0-9
     public, pool = public_and_pool(len(y), cfg.public)
     backbone = pretrain_backbone(x[public], y[public], cfg)       # ~1 s on one CPU thread: not cached
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from data import ClientSplits, DataError
 from lora import add_lora
-from partition import client_splits, dirichlet_partition
+from potara_harness.partition import client_splits, dirichlet_partition
 
 TASKS = {  # client k's task: TASK_ORDER[k % 6]; each maps the digit to the client's label (all in 0..9)
     "digit": lambda d: d, "parity": lambda d: d % 2, "greater-than-4": lambda d: (d > 4).astype(np.int64),

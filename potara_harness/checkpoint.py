@@ -31,7 +31,7 @@ import torch.nn as nn
 from data import ClientSplits
 from fed import FedState
 from lora import AdapterError, check_tensors, lora_meta
-from report import atomic_write
+from potara_harness.report import atomic_write
 
 
 class ResumeError(ValueError):

@@ -18,13 +18,12 @@ import torch.nn as nn
 from data import ClientSplits
 from fed import FedState, derive_seed
 from lora import load_lora_state_dict
-from potara import (check_adapters, fisher_merge, gradient_stats, merge_adapters, paper_weight, personalize,
-                    segment_loss)
-from report import mean
+from potara import check_adapters, fisher_merge, gradient_stats, merge_adapters, paper_weight, personalize, segment_loss
+from potara_harness.report import mean
 from training import shuffled_batches
 
 if TYPE_CHECKING:  # only for the annotations: pipeline imports this module
-    from pipeline import Run
+    from potara_harness.pipeline import Run
 
 Evaluate = Callable[[nn.Module, torch.Tensor, torch.Tensor], float]
 
