@@ -1,0 +1,129 @@
+"""The paper's 8 FLAN tasks as run_llm.py data: one <task>.jsonl per client (docs/language-models.md).
+
+    pip install datasets                                 # Hugging Face datasets: not a dependency of potara
+    python -m potara_harness.export_flan data/flan 2000  # 8 files of up to 2000 examples each
+    python run_llm.py --model Qwen/Qwen3-1.7B --data data/flan
+
+For each task: every split the dataset has, concatenated and shuffled (seed 0); the first N rows that
+convert are written, one JSON object a line, in llm_data.py's format:
+    multiple choice  {"prompt": ..., "answer": <one of the options>, "options": [...]}
+    free-form        {"prompt": ..., "answer": ...}                                (squad_v1)
+A multiple-choice row converts only with an integer gold index inside its options and distinct options,
+so unlabelled rows (GLUE and HellaSwag test splits: label -1 or ""; an ARC answer key naming no choice)
+are dropped, as are a SQuAD row without an answer and any row with an empty prompt or answer.
+Each file is written to a temporary name and renamed: whole or not at all.
+
+The dataset ids and field names were written from the datasets' public descriptions and not checked
+against the hub from the machine this was written on (no network); tests/test_docs.py runs the export
+against a stand-in `datasets` module.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Callable
+
+
+def mc(prompt: str, options, gold) -> dict | None:
+    """A multiple-choice example, or None for a row without a usable label."""
+    options = list(options)
+    ok = (isinstance(gold, int) and not isinstance(gold, bool) and 0 <= gold < len(options)
+          and len(set(options)) == len(options))
+    return {"prompt": prompt, "answer": options[gold], "options": options} if ok else None
+
+
+def _arc(r: dict) -> dict | None:
+    labels = list(r["choices"]["label"])
+    gold = labels.index(r["answerKey"]) if r["answerKey"] in labels else None
+    return mc(f"Question: {r['question']}\nAnswer:", r["choices"]["text"], gold)
+
+
+def _hellaswag(r: dict) -> dict | None:
+    label = str(r["label"]).strip()
+    return mc(f"{r['activity_label']}: {r['ctx']}", r["endings"], int(label) if label.isdigit() else None)
+
+
+def _squad(r: dict) -> dict | None:
+    answers = r["answers"]["text"]
+    return {"prompt": f"{r['context']}\nQuestion: {r['question']}\nAnswer:", "answer": answers[0]} if answers else None
+
+
+# task (file name) -> (dataset id, config or None, row -> example or None)
+TASKS: dict[str, tuple[str, str | None, Callable[[dict], dict | None]]] = {
+    "arc_challenge": ("allenai/ai2_arc", "ARC-Challenge", _arc),
+    "cosmos_qa": ("allenai/cosmos_qa", None, lambda r: mc(
+        f"{r['context']}\nQuestion: {r['question']}\nAnswer:", [r[f"answer{i}"] for i in range(4)], r["label"])),
+    "definite_pronoun_resolution": ("community-datasets/definite_pronoun_resolution", "plain_text", lambda r: mc(
+        f"{r['sentence']}\nWho is \"{r['pronoun']}\"?\nAnswer:", r["candidates"], r["label"])),
+    "glue_qqp": ("nyu-mll/glue", "qqp", lambda r: mc(
+        f"Question 1: {r['question1']}\nQuestion 2: {r['question2']}\nDo they ask the same thing?\nAnswer:",
+        ["no", "yes"], r["label"])),
+    "hellaswag": ("Rowan/hellaswag", None, _hellaswag),
+    "mnli": ("nyu-mll/glue", "mnli", lambda r: mc(
+        f"Premise: {r['premise']}\nHypothesis: {r['hypothesis']}\nDoes the premise entail the hypothesis?\nAnswer:",
+        ["yes", "maybe", "no"], r["label"])),
+    "squad_v1": ("rajpurkar/squad", None, _squad),
+    "sst2": ("nyu-mll/glue", "sst2", lambda r: mc(f"Review: {r['sentence']}\nSentiment:", ["negative", "positive"],
+                                                  r["label"])),
+}
+
+
+def convert(task: str, row: dict) -> dict | None:
+    """One dataset row as an example of `task`, or None when the row has no usable label or text."""
+    ex = TASKS[task][2](row)
+    return ex if ex and ex["prompt"].strip() and ex["answer"].strip() else None
+
+
+def export(out: str, per_task: int, datasets) -> dict[str, int]:
+    """Write out/<task>.jsonl for every task; `datasets` is the Hugging Face module. Returns rows kept per task."""
+    os.makedirs(out, exist_ok=True)
+    kept = {}
+    for task, (hub, cfg, _) in TASKS.items():
+        splits = datasets.get_dataset_split_names(hub, cfg)
+        rows = datasets.concatenate_datasets([datasets.load_dataset(hub, cfg, split=s) for s in splits]).shuffle(seed=0)
+        path = os.path.join(out, f"{task}.jsonl")
+        tmp = f"{path}.tmp{os.getpid()}"
+        n = 0
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                for row in rows:
+                    ex = convert(task, row)
+                    if ex is not None:
+                        f.write(json.dumps(ex, ensure_ascii=False) + "\n")
+                        n += 1
+                        if n == per_task:
+                            break
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        kept[task] = n
+        print(f"{path}: {n} examples", flush=True)
+    return kept
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m potara_harness.export_flan", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("out", nargs="?", default=os.path.join("data", "flan"), help="output folder (run_llm.py --data)")
+    ap.add_argument("per_task", nargs="?", type=int, default=2000, help="examples per task, at most")
+    return ap
+
+
+def main(argv=None) -> dict[str, int]:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.per_task < 1:
+        ap.error(f"per_task must be >= 1, got {args.per_task}")
+    try:
+        import datasets
+    except ImportError:
+        print("error: the Hugging Face `datasets` package is not installed: pip install datasets", file=sys.stderr)
+        raise SystemExit(2) from None
+    return export(args.out, args.per_task, datasets)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,366 @@
+"""The documentation: every command in README.md and docs/*.md is checked, so none goes stale.
+
+Commands are every line of a ```bash block (continuations joined, comments dropped, `&&` chains split) and
+every inline `python run_*.py ...` / `python -m potara_*...` span of the prose. Each one is, by its program:
+
+- a project script (`python run_cifar.py ...`, `python -m potara_studies.ablation ...`): its own `main` is
+  called with the documented arguments and stopped right after its argument parser has parsed them (the
+  parser main really uses; `--help` lines run to the end of the help). Every `--option` must be spelled
+  exactly as the parser knows it: argparse would accept an abbreviation of a renamed option.
+- `python -m pytest`, `python3 -m venv`, `. .venv/bin/activate`, `pip install -e ".[extras]"`: what .ci/run
+  does; the extras must exist in pyproject.toml, named packages must be dependencies (or be the one
+  external package a project module imports, `datasets` for export_flan).
+- `flower-superlink`, `flower-supernode`, `flwr`, `openssl`, `ssh-keygen`: each option (and flwr/openssl
+  subcommand) must be one that tests/test_flower.py runs (its literals, and those of the
+  potara_flower/loopback.py methods it drives). `--run-config` keys must be keys of pyproject's
+  [tool.flwr.app.config], `--node-config` keys ones client_app.py reads. flwr subcommands no test runs
+  (NOT_RUN_BY_TESTS) are checked against the installed flwr's own `--help`.
+- anything else fails: add a check here.
+
+`test_a_broken_command_is_caught` feeds the checker wrong lines, so the checker itself cannot rot into
+accepting everything. Also: the README's size, links that stay inside the repository, and
+potara_harness/export_flan.py run against a stand-in `datasets` module.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib
+import importlib.util
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+README_LIMIT = 12 * 1024  # bytes
+FLOWER_TOOLS = ("flower-superlink", "flower-supernode", "flwr", "openssl", "ssh-keygen")
+NOT_RUN_BY_TESTS = {("log",), ("stop",)}  # flwr subcommands the docs name and no test runs
+EXTERNAL = {"datasets": "potara_harness/export_flan.py"}  # pip packages the project does not depend on
+PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
+INLINE = re.compile(r"`(python3? (?:run_\w+\.py|-m potara_\w+\.\w+)[^`]*)`")
+
+
+# ----------------------------------------------------------------------------- extracting the commands
+def doc_commands(path: Path) -> list[tuple[str, str]]:
+    """(where, command) for every command line of a markdown file."""
+    out, block, pending = [], None, ""
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        where = f"{path.relative_to(REPO)}:{n}"
+        if line.startswith("```"):
+            block = None if block is not None else line[3:].strip()
+            continue
+        if block == "bash":
+            pending += line.rstrip()
+            if pending.endswith("\\"):
+                pending = pending[:-1] + " "
+                continue
+            text, pending = pending, ""
+            for cmd in split_chain(shlex.split(text, comments=True)):
+                out.append((where, cmd))
+        elif block is None:
+            out += [(where, m.group(1)) for m in INLINE.finditer(line)]
+    return out
+
+
+def split_chain(tokens: list[str]) -> list[str]:
+    cmds, cur = [], []
+    for t in tokens + ["&&"]:
+        if t == "&&":
+            if cur:
+                cmds.append(shlex.join(cur))
+            cur = []
+        else:
+            cur.append(t)
+    return cmds
+
+
+ALL = [(w, c) for p in DOCS for w, c in doc_commands(p)]
+
+
+# ----------------------------------------------------------------------------- checking one command
+class _Parsed(Exception):
+    pass
+
+
+def check_script(module: str, argv: list[str]) -> str | None:
+    """Call module.main(argv) until its parser has parsed argv; the problem, or None."""
+    mod = importlib.import_module(module)
+    original = argparse.ArgumentParser.parse_args
+
+    def parse_only(self, args=None, namespace=None):
+        known = set(self._option_string_actions)
+        unknown = [a.split("=")[0] for a in (args or []) if a.startswith("--") and a.split("=")[0] not in known]
+        if unknown:
+            raise _Parsed(f"{module}: no option {unknown} (an abbreviation or a removed option)")
+        raise _Parsed(original(self, args, namespace))
+
+    argparse.ArgumentParser.parse_args = parse_only
+    try:
+        mod.main(argv)
+    except _Parsed as e:
+        return e.args[0] if isinstance(e.args[0], str) else None
+    except SystemExit as e:  # argparse: --help exits 0, a bad argument 2 with its message on stderr
+        return None if e.code == 0 else f"{module}: its parser refused {argv} (exit {e.code})"
+    finally:
+        argparse.ArgumentParser.parse_args = original
+    return f"{module}.main returned without parsing its arguments"
+
+
+def check_pip(args: list[str]) -> str | None:
+    if args[:1] != ["install"]:
+        return f"pip {args[:1]}: only `pip install` is documented"
+    deps = {re.split(r"[<>=\[; ]", d)[0].lower() for d in PYPROJECT["project"]["dependencies"]}
+    extras = PYPROJECT["project"]["optional-dependencies"]
+    rest = iter(args[1:])
+    for a in rest:
+        if a == "--index-url":
+            next(rest)
+        elif a == "-e":
+            target = next(rest)
+            m = re.fullmatch(r"\.(?:\[([\w,]+)\])?", target)
+            if not m:
+                return f"pip install -e {target}: expected . or .[extras]"
+            missing = sorted(set((m.group(1) or "").split(",")) - set(extras) - {""})
+            if missing:
+                return f"pip install -e {target}: no extra {missing} in pyproject.toml"
+        elif a.startswith("-"):
+            return f"pip install {a}: not an option these docs use"
+        elif a.lower() not in deps and not (a in EXTERNAL and re.search(
+                rf"^\s*import {a}\b", (REPO / EXTERNAL[a]).read_text(), re.M)):
+            return f"pip install {a}: neither a dependency in pyproject.toml nor imported by {EXTERNAL.get(a)}"
+    return None
+
+
+def strings_in(path: Path, *names: str) -> set[str]:
+    """Every string literal in the named functions (or methods) of a Python file; no names: in the whole file."""
+    tree = ast.parse(path.read_text())
+    nodes = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name in names] if names else [tree]
+    return {c.value for node in nodes for c in ast.walk(node) if isinstance(c, ast.Constant) and isinstance(c.value, str)}
+
+
+def flower_literals() -> dict[str, set[str]]:
+    """Per tool, the words tests/test_flower.py passes to it (directly or through loopback.LocalFederation)."""
+    test, loop = REPO / "tests" / "test_flower.py", REPO / "potara_flower" / "loopback.py"
+    auth = strings_in(test, "test_unregistered_supernode_is_refused")
+    keys = strings_in(test, "tls_and_keys")
+    return {"openssl": keys, "ssh-keygen": keys, "flower-superlink": strings_in(loop, "superlink") | auth,
+            "flower-supernode": strings_in(loop, "supernode") | auth,
+            "flwr": strings_in(loop, "flwr", "run") | auth}
+
+
+def config_keys(text: str) -> list[str]:
+    return [kv.split("=")[0] for kv in shlex.split(text)]
+
+
+def check_flower(tool: str, args: list[str]) -> str | None:
+    seen = flower_literals()[tool]
+    words = [a for a in args if re.fullmatch(r"[a-z][a-z0-9-]*", a) and a not in ("potara", "RUN_ID")]
+    if tool == "flwr":
+        sub = tuple(w for w in words[:2] if w in ("run", "list", "log", "stop", "supernode", "register"))
+        if sub in NOT_RUN_BY_TESTS:
+            help_text = subprocess.run([str(Path(sys.executable).parent / "flwr"), *sub, "--help"],
+                                       capture_output=True, text=True, timeout=60).stdout
+            bad = [a for a in args if a.startswith("-") and a not in help_text]
+            return f"flwr {' '.join(sub)}: not in flwr's help: {bad or sub}" if bad or "Usage" not in help_text else None
+        if not sub or not set(sub) <= seen:
+            return f"flwr {' '.join(words[:2])}: no test runs this subcommand (add it to NOT_RUN_BY_TESTS?)"
+    if tool == "openssl" and (not words or words[0] not in seen):
+        return f"openssl {words[:1]}: no test runs this subcommand"
+    flags = [a for a in args if a.startswith("-") and len(a) > 1]
+    missing = [f for f in flags if f not in seen]
+    if missing:
+        return f"{tool}: options no test in tests/test_flower.py passes: {missing}"
+    for flag, known, what in (("--run-config", PYPROJECT["tool"]["flwr"]["app"]["config"], "pyproject's "
+                               "[tool.flwr.app.config]"),
+                              ("--node-config", strings_in(REPO / "potara_flower" / "client_app.py"),
+                               "potara_flower/client_app.py")):
+        if flag in args:
+            bad = [k for k in config_keys(args[args.index(flag) + 1]) if k not in known]
+            if bad:
+                return f"{tool} {flag}: keys {bad} are not in {what}"
+    return None
+
+
+def check(cmd: str) -> str | None:
+    """Why a documented command would not work as written, or None."""
+    tokens = shlex.split(cmd)
+    prog, args = tokens[0], tokens[1:]
+    ci = (REPO / ".ci" / "run").read_text()
+    if prog in ("python", "python3"):
+        if args[:2] == ["-m", "venv"]:
+            return None if "python3 -m venv" in ci else ".ci/run no longer makes a virtual environment"
+        if args[:2] == ["-m", "pytest"]:
+            missing = [a for a in args[2:] if not a.startswith("-") and not (REPO / a.split("::")[0]).exists()]
+            return (f"pytest: no {missing}" if missing else
+                    None if "python -m pytest" in ci else ".ci/run no longer runs python -m pytest")
+        if args[:1] == ["-m"]:
+            module, argv = args[1], args[2:]
+        elif args and args[0].endswith(".py"):
+            if not (REPO / args[0]).is_file():
+                return f"no script {args[0]}"
+            module, argv = args[0][:-3].replace("/", "."), args[1:]
+        else:
+            return f"python {args[:1]}: unknown form"
+        if importlib.util.find_spec(module) is None:
+            return f"no module {module}"
+        return check_script(module, argv)
+    if prog in (".", "source"):
+        return None if args == [".venv/bin/activate"] and "bin/activate" in ci else f"{cmd}: unexpected"
+    if prog == "pip":
+        return check_pip(args)
+    if prog in FLOWER_TOOLS:
+        return check_flower(prog, args)
+    if prog == "printf":  # the SAN file of the TLS recipe: tests/test_flower.py writes the same one
+        return None if "san.ext" in flower_literals()["openssl"] else "printf: the test no longer writes san.ext"
+    return f"{prog}: no check for this program in tests/test_docs.py"
+
+
+# ----------------------------------------------------------------------------- the tests
+def test_the_docs_have_commands_and_the_readme_links_every_page():
+    assert len(ALL) > 30 and any("run_cifar.py" in c for _, c in ALL)
+    readme = (REPO / "README.md").read_text()
+    unlinked = [p.name for p in DOCS[1:] if f"docs/{p.name}" not in readme]
+    assert not unlinked, f"README.md links no {unlinked}"
+
+
+@pytest.mark.parametrize("where,cmd", ALL, ids=[f"{w} {c[:60]}" for w, c in ALL])
+def test_documented_command(where, cmd, capsys):
+    problem = check(cmd)
+    capsys.readouterr()  # --help output
+    assert problem is None, f"{where}: `{cmd}`: {problem}"
+
+
+@pytest.mark.parametrize("cmd", [
+    "python run_cifar.py --preset tiny --no-such-option",
+    "python run_cifar.py --pres tiny",                    # an abbreviation: breaks when --preset is renamed
+    "python run_cifar.py --preset huge",
+    "python -m potara_studies.ablation --suite imaginary",
+    "python -m potara_flower.bench --clients 2",          # --backbone is required
+    "python -m potara_harness.no_such_module",
+    "python no_such_script.py",
+    'pip install -e ".[dev,nonexistent]"',
+    "pip install leftpad",
+    "flower-superlink --insecure --no-such-flag",
+    "flwr frobnicate potara",
+    "flwr run . potara --run-config \"num-clients=2 no-such-key=1\"",
+    "flower-supernode --insecure --superlink SERVER:9093 --node-config \"partition-id=0 colour='red'\"",
+    "openssl genpkey -algorithm ed25519",
+    "rm -rf data",
+])
+def test_a_broken_command_is_caught(cmd, capsys):
+    assert check(cmd) is not None, cmd
+    capsys.readouterr()
+
+
+def test_the_readme_stays_short():
+    size = len((REPO / "README.md").read_bytes())
+    assert size <= README_LIMIT, f"README.md is {size} bytes; move detail to docs/ (limit {README_LIMIT})"
+
+
+def slug(heading: str) -> str:
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_links_stay_inside_the_repository_and_resolve():
+    for path in DOCS:
+        text = path.read_text()
+        assert "../shared" not in text and "/work/" not in text, path
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"https?://", target):
+                continue
+            file, _, anchor = target.partition("#")
+            dest = (path.parent / file).resolve() if file else path
+            assert dest.exists() and REPO in dest.parents or dest == REPO, f"{path.name}: link {target}"
+            if anchor and dest.suffix == ".md":
+                slugs = {slug(h) for h in re.findall(r"^#+ (.*)$", dest.read_text(), re.M)}
+                assert anchor in slugs, f"{path.name}: link {target}: no heading #{anchor} in {dest.name}"
+
+
+# ----------------------------------------------------------------------------- export_flan.py
+STUB_ROWS = {  # (dataset id, config) -> {split: rows}; the shuffle of the stub keeps the order
+    ("allenai/ai2_arc", "ARC-Challenge"): {"train": [
+        {"question": "Which is a metal?", "choices": {"text": ["wood", "iron"], "label": ["A", "B"]}, "answerKey": "B"},
+        {"question": "No key?", "choices": {"text": ["x", "y"], "label": ["A", "B"]}, "answerKey": "E"}]},
+    ("allenai/cosmos_qa", None): {"train": [
+        {"context": "It rained.", "question": "Why wet?", **{f"answer{i}": f"a{i}" for i in range(4)}, "label": 2}]},
+    ("community-datasets/definite_pronoun_resolution", "plain_text"): {"train": [
+        {"sentence": "Tom thanked Bob because he helped.", "pronoun": "he", "candidates": ["Tom", "Bob"], "label": 1}]},
+    ("nyu-mll/glue", "qqp"): {"train": [{"question1": "a?", "question2": "b?", "label": 0}],
+                              "test": [{"question1": "c?", "question2": "d?", "label": -1}]},
+    ("Rowan/hellaswag", None): {"train": [{"activity_label": "Cooking", "ctx": "He stirs", "endings": list("abcd"),
+                                           "label": "3"}],
+                                "test": [{"activity_label": "Cooking", "ctx": "She", "endings": list("abcd"),
+                                          "label": ""}]},
+    ("nyu-mll/glue", "mnli"): {"train": [{"premise": "p", "hypothesis": "h", "label": 1},
+                                         {"premise": "q", "hypothesis": "h", "label": 2}]},
+    ("rajpurkar/squad", None): {"train": [{"context": "Paris is in France.", "question": "Where is Paris?",
+                                           "answers": {"text": ["France", "in France"]}},
+                                          {"context": "c", "question": "q", "answers": {"text": []}},
+                                          {"context": "c", "question": "q", "answers": {"text": ["  "]}}]},
+    ("nyu-mll/glue", "sst2"): {"train": [{"sentence": "great", "label": 1}, {"sentence": "awful", "label": 0},
+                                         {"sentence": "fine", "label": 1}],
+                               "validation": [{"sentence": "dull", "label": 0}]},
+}
+STUB = """
+ROWS = {rows!r}
+class Rows(list):
+    def shuffle(self, seed):
+        assert seed == 0
+        return self
+def get_dataset_split_names(hub, cfg=None):
+    return list(ROWS[(hub, cfg)])
+def load_dataset(hub, cfg=None, split=None):
+    return Rows(ROWS[(hub, cfg)][split])
+def concatenate_datasets(parts):
+    return Rows(r for p in parts for r in p)
+"""
+
+
+def run_export(tmp_path, *args, stub: str | None) -> subprocess.CompletedProcess:
+    (tmp_path / "datasets").mkdir(exist_ok=True)
+    (tmp_path / "datasets" / "__init__.py").write_text(
+        stub if stub is not None else "raise ImportError('No module named datasets')")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])}
+    return subprocess.run([sys.executable, "-m", "potara_harness.export_flan", *args], capture_output=True,
+                          text=True, env=env, cwd=tmp_path, timeout=60)
+
+
+def test_export_flan_writes_run_llm_data_and_drops_unlabelled_rows(tmp_path):
+    out = tmp_path / "flan"
+    r = run_export(tmp_path, str(out), "3", stub=STUB.format(rows=STUB_ROWS))
+    assert r.returncode == 0, r.stderr
+    got = {p.stem: [json.loads(line) for line in p.read_text().splitlines()] for p in out.glob("*.jsonl")}
+    assert sorted(got) == sorted(["arc_challenge", "cosmos_qa", "definite_pronoun_resolution", "glue_qqp",
+                                  "hellaswag", "mnli", "squad_v1", "sst2"])
+    assert got["arc_challenge"] == [{"prompt": "Question: Which is a metal?\nAnswer:", "answer": "iron",
+                                     "options": ["wood", "iron"]}]               # the key naming no choice: dropped
+    assert got["glue_qqp"] == [{"prompt": "Question 1: a?\nQuestion 2: b?\nDo they ask the same thing?\nAnswer:",
+                                "answer": "no", "options": ["no", "yes"]}]     # the test split's -1: dropped
+    assert [e["answer"] for e in got["hellaswag"]] == ["d"]                    # label "3" kept, "" dropped
+    assert got["squad_v1"] == [{"prompt": "Paris is in France.\nQuestion: Where is Paris?\nAnswer:",
+                                "answer": "France"}]                           # free-form; none or a blank one: dropped
+    assert [e["answer"] for e in got["mnli"]] == ["maybe", "no"]
+    assert got["cosmos_qa"][0]["answer"] == "a2" and got["definite_pronoun_resolution"][0]["answer"] == "Bob"
+    assert [e["prompt"] for e in got["sst2"]] == [f"Review: {s}\nSentiment:" for s in ("great", "awful", "fine")]
+    for task, examples in got.items():  # at most N, every answer among its options
+        assert 1 <= len(examples) <= 3
+        assert all(e["answer"] in e["options"] for e in examples if "options" in e), task
+    from potara_harness.llm_data import read_task_dir  # what run_llm.py --data reads
+    assert {k: len(v) for k, v in read_task_dir(str(out)).items()} == {k: len(v) for k, v in got.items()}
+    assert not [p for p in out.iterdir() if ".tmp" in p.name]
+
+
+def test_export_flan_without_datasets_is_one_line(tmp_path):
+    r = run_export(tmp_path, str(tmp_path / "flan"), stub=None)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "pip install datasets" in r.stderr
+    assert not (tmp_path / "flan").exists()
+    r = run_export(tmp_path, "--help", stub=None)
+    assert r.returncode == 0 and "per_task" in r.stdout
