@@ -15,7 +15,7 @@ out-of-process deployment (e.g. a Flower app) calls the same ones on each side:
 
     server: selected, _ = sample_clients(seed, t, K, clients_per_round)    # S_t, seeded by (seed, t)
             send phi^t (the shared tensors) to every k in selected
-    client: reply, private = local_update(model, client, phi_t, private, t, k, local_steps, lr, seed, ...)
+    client: reply, private = local_update(model, client, phi_t, private, t, k, FedConfig(...))
             send reply = (shared tensors, n_k, mean loss); keep `private` (the unshared tensors)
     server: outcome = server_round(t, phi_t, selected, {k: reply_k received}, names, max_update_norm)
             phi^{t+1} = outcome.global_state; outcome.history is the round's record
@@ -111,6 +111,34 @@ class Client:
 
 
 @dataclass
+class FedConfig:
+    """How a federated run trains: the settings run_fedit and local_update share (no defaults for what an
+    experiment must choose)."""
+    rounds: int                    # FedIT rounds R
+    local_steps: int               # AdamW steps per client per round
+    lr: float
+    batch_size: int = 32
+    weight_decay: float = 0.0
+    clients_per_round: int = 0     # |S_t|; 0 = every client every round
+    seed: int = 0                  # every draw of the run: fed.derive_seed(seed, round, client, ...)
+    drop_prob: float = 0.0         # chance that a selected client never answers (simulated drop-outs)
+    max_update_norm: float | None = None  # reject ||phi_k - phi^t||_2 above it (None: no bound)
+
+    def check(self, num_clients: int) -> None:
+        """A one-line ValueError for settings no run can have with num_clients clients."""
+        if self.rounds < 0 or self.local_steps <= 0 or self.batch_size <= 0:
+            raise ValueError(f"run_fedit: need rounds >= 0, local_steps > 0, batch_size > 0; got {self.rounds}, "
+                             f"{self.local_steps}, {self.batch_size}")
+        if not 0.0 <= self.drop_prob < 1.0:
+            raise ValueError(f"run_fedit: drop_prob must be in [0, 1), got {self.drop_prob}")
+        if self.max_update_norm is not None and not self.max_update_norm > 0:
+            raise ValueError(f"run_fedit: max_update_norm must be positive, got {self.max_update_norm}")
+        if not 0 <= self.clients_per_round <= num_clients:
+            raise ValueError(f"run_fedit: clients_per_round must be in [0, {num_clients}] (0: all), "
+                             f"got {self.clients_per_round}")
+
+
+@dataclass
 class FedState:
     """Everything needed to continue a federated run: checkpoint this after each round."""
     round: int  # rounds completed
@@ -174,7 +202,7 @@ class ClientReply(NamedTuple):
 
 
 @contextmanager
-def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+def seeded(seed: int, device: torch.device) -> Iterator[None]:
     """torch.manual_seed(seed) inside the block (dropout etc.); the caller's CPU and accelerator
     generator states are restored on exit, so callers' own random streams are not disturbed."""
     devices = [] if device.type == "cpu" else list(range(torch.get_device_module(device.type).device_count()))
@@ -184,19 +212,19 @@ def _seeded(seed: int, device: torch.device) -> Iterator[None]:
 
 
 def local_update(model: nn.Module, client: Client, global_state: dict[str, torch.Tensor],
-                 private_state: dict[str, torch.Tensor], round: int, client_index: int, local_steps: int,
-                 lr: float, seed: int, batch_size: int = 32, weight_decay: float = 0.0,
+                 private_state: dict[str, torch.Tensor], round: int, client_index: int, cfg: FedConfig, *,
                  loss_fn: LossFn = classification_loss, autocast_dtype: torch.dtype | None = None,
                  progress: bool = True) -> tuple[ClientReply, dict[str, torch.Tensor]]:
-    """Client k's part of round t: load phi^t (+ its private tensors) into the model, run `local_steps`
+    """Client k's part of round t: load phi^t (+ its private tensors) into the model, run cfg.local_steps
     AdamW steps on its data, and return (the reply to send: shared tensors, n_k, mean loss; its new
     private tensors). Batches come from derive_seed(seed, t, k), dropout etc. from
     derive_seed(seed, t, k, 1) in a forked RNG (the caller's global RNG state is left as it was).
     The model keeps the trained adapter; `global_state`'s keys decide which tensors are shared."""
     load_lora_state_dict(model, {**global_state, **private_state})
-    with _seeded(derive_seed(seed, round, client_index, 1), model_device(model)):
-        batches = shuffled_batches(client.inputs, client.targets, batch_size, derive_seed(seed, round, client_index))
-        result = train_adapter(model, batches, local_steps, lr, weight_decay, loss_fn, autocast_dtype,
+    with seeded(derive_seed(cfg.seed, round, client_index, 1), model_device(model)):
+        batches = shuffled_batches(client.inputs, client.targets, cfg.batch_size,
+                                   derive_seed(cfg.seed, round, client_index))
+        result = train_adapter(model, batches, cfg.local_steps, cfg.lr, cfg.weight_decay, loss_fn, autocast_dtype,
                                desc=f"round {round} client {client.name}", progress=progress)
     shared = {k: v for k, v in result.state.items() if k in global_state}
     private = {k: v for k, v in result.state.items() if k not in global_state}
@@ -262,13 +290,11 @@ def server_round(round: int, global_state: dict[str, torch.Tensor], selected: Se
     return RoundOutcome(new_global, accepted, history)
 
 
-def run_fedit(model: nn.Module, clients: Sequence[Client], rounds: int, local_steps: int, clients_per_round: int,
-              lr: float, seed: int, batch_size: int = 32, weight_decay: float = 0.0,
+def run_fedit(model: nn.Module, clients: Sequence[Client], cfg: FedConfig, *,
               loss_fn: LossFn = classification_loss, share: Callable[[str], bool] | None = None,
               resume: FedState | None = None, on_round: Callable[[FedState], None] | None = None,
-              autocast_dtype: torch.dtype | None = None, progress: bool = True,
-              drop_prob: float = 0.0, max_update_norm: float | None = None) -> FedState:
-    """FedIT from the model's current adapter (the shared initial adapter phi_0) for `rounds` rounds,
+              autocast_dtype: torch.dtype | None = None, progress: bool = True) -> FedState:
+    """FedIT from the model's current adapter (the shared initial adapter phi_0) for cfg.rounds rounds,
     in one process: per round, sample_clients, local_update for each selected client that does not
     drop out, then server_round (validate, fedavg). history[t] is server_round's record.
     `resume` continues a saved FedState; `on_round` is called after every round (checkpointing).
@@ -276,17 +302,10 @@ def run_fedit(model: nn.Module, clients: Sequence[Client], rounds: int, local_st
     A client's private (unshared) tensors are kept only when its update was accepted (a deployed client
     that is not told the verdict would keep them anyway: the two differ only when a FedSA update is rejected).
     """
-    if rounds < 0 or local_steps <= 0 or batch_size <= 0:
-        raise ValueError(f"run_fedit: need rounds >= 0, local_steps > 0, batch_size > 0; got {rounds}, "
-                         f"{local_steps}, {batch_size}")
     if not clients:
         raise ValueError("run_fedit: no clients")
-    if not 0.0 <= drop_prob < 1.0:
-        raise ValueError(f"run_fedit: drop_prob must be in [0, 1), got {drop_prob}")
-    if max_update_norm is not None and not max_update_norm > 0:
-        raise ValueError(f"run_fedit: max_update_norm must be positive, got {max_update_norm}")
-    if not 1 <= clients_per_round <= len(clients):
-        raise ValueError(f"run_fedit: clients_per_round must be in [1, {len(clients)}], got {clients_per_round}")
+    cfg.check(len(clients))
+    per_round = cfg.clients_per_round or len(clients)
     share = share or (lambda name: True)
     init = lora_state_dict(model)
     shared_keys = [k for k in init if share(k)]
@@ -296,16 +315,16 @@ def run_fedit(model: nn.Module, clients: Sequence[Client], rounds: int, local_st
                                {c.name: {k: v for k, v in init.items() if k not in shared_keys} for c in clients})
     names = [c.name for c in clients]
     try:
-        for t in tqdm(range(state.round, rounds), desc="FedIT rounds", initial=state.round, total=rounds,
+        for t in tqdm(range(state.round, cfg.rounds), desc="FedIT rounds", initial=state.round, total=cfg.rounds,
                       disable=not progress):
-            selected, dropped = sample_clients(seed, t, len(clients), clients_per_round, drop_prob)
+            selected, dropped = sample_clients(cfg.seed, t, len(clients), per_round, cfg.drop_prob)
             replies, private = {}, {}
             for k in selected:
                 if k not in dropped:
                     replies[k], private[k] = local_update(
-                        model, clients[k], state.global_state, state.private_states[names[k]], t, k, local_steps,
-                        lr, seed, batch_size, weight_decay, loss_fn, autocast_dtype, progress)
-            outcome = server_round(t, state.global_state, selected, replies, names, max_update_norm)
+                        model, clients[k], state.global_state, state.private_states[names[k]], t, k, cfg,
+                        loss_fn=loss_fn, autocast_dtype=autocast_dtype, progress=progress)
+            outcome = server_round(t, state.global_state, selected, replies, names, cfg.max_update_norm)
             for k in outcome.accepted:
                 state.private_states[names[k]] = private[k]
             state.global_state, state.round = outcome.global_state, t + 1

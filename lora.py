@@ -1,6 +1,6 @@
 """LoRA by hand: low-rank adapters on nn.Linear (and, with lora_mha.py beside it, on the packed q/k/v
 in-projection of nn.MultiheadAttention), plus the small functional API the rest of potara uses. This file
-alone (torch only) is LoRA for any model of nn.Linear layers.
+alone (torch only) is LoRA for any model of nn.Linear layers; it imports nothing of the project.
 
 LoRA (Hu et al., 2021, arXiv 2106.09685) keeps a pre-trained weight W0 frozen and learns a low-rank update:
 
@@ -10,7 +10,8 @@ A is Kaiming-uniform, B is zero, so a fresh adapter leaves the model unchanged. 
 into W0 (inference then costs exactly a plain layer) and `unmerge()` takes it out again.
 
 Functional API (minLoRA / loralib style):
-    names = add_lora(model, targets=["self_attention"], r=8, alpha=16, trainable=["heads"])
+    names = add_lora(model, targets=["fc1", "fc2"], r=8, alpha=16, trainable=["head"])
+    add_lora(vit, ["self_attention"], layers=lora_mha.LORA_LAYERS)   # attention: lora_mha.py beside this file
     state = lora_state_dict(model)          # the adapter: every trainable tensor, CPU copies
     load_lora_state_dict(model, state)      # validated, all-or-nothing
     merge_lora(model); unmerge_lora(model)
@@ -18,7 +19,7 @@ Functional API (minLoRA / loralib style):
 
 The adapter of a model is *every trainable tensor*: the LoRA factors plus the extras named in `trainable=`
 (e.g. a new classification head). Federated averaging and the Potara merge treat all of them alike (see
-../shared/ALGORITHM.md). Its file format (save_adapter / load_adapter) is adapter_file.py.
+docs/algorithm.md). Its file format (save_adapter / load_adapter) is adapter_file.py.
 
 Untrusted tensors (adapter files, client updates, checkpoints, backbones) all pass one validator,
 check_tensor / check_tensors, before anything is allocated from them or trusted: AdapterError otherwise.
@@ -107,40 +108,41 @@ class LoRALinear(LoRALayer):
         return out.view(*x.shape[:-1], out.shape[-1])
 
 
+LORA_LAYERS = {nn.Linear: LoRALinear}  # module type -> its LoRA layer, built as layer(module, r, alpha, dropout)
+
+
 def add_lora(model: nn.Module, targets: Sequence[str], r: int = 8, alpha: float = 16, dropout: float = 0.0,
-             trainable: Sequence[str] = (), mha_parts: str = "qv") -> list[str]:
+             trainable: Sequence[str] = (), layers: dict = LORA_LAYERS) -> list[str]:
     """Wrap the modules named by `targets` with LoRA and freeze everything else except `trainable`.
 
     A target matches a module whose dotted name equals it or ends with "." + target (as peft's
-    target_modules). nn.Linear becomes LoRALinear; nn.MultiheadAttention becomes LoRAPackedQKV (lora_mha.py) on
-    the `mha_parts` of its in-projection. `trainable` names parameters or module prefixes (e.g.
-    "heads") that stay trainable and so belong to the adapter. Returns the wrapped module names.
+    target_modules). Each matched module becomes layers[its type](module, r, alpha, dropout): nn.Linear
+    becomes LoRALinear; with layers=lora_mha.LORA_LAYERS nn.MultiheadAttention becomes LoRAPackedQKV on its
+    q and v. `trainable` names parameters or module prefixes (e.g. "heads") that stay trainable and so
+    belong to the adapter. Returns the wrapped module names.
     """
     targets = [targets] if isinstance(targets, str) else list(targets)
     named = dict(model.named_modules())
     if any(isinstance(m, LoRALayer) for m in named.values()):
         raise ValueError("model already has LoRA layers; add_lora is applied once per model")
     wanted = [n for n in named if n and any(n == t or n.endswith("." + t) for t in targets)]
+    kinds = tuple(layers) + (nn.MultiheadAttention,)
     if not wanted:
-        candidates = [n for n, m in named.items() if isinstance(m, (nn.Linear, nn.MultiheadAttention))]
+        candidates = [n for n, m in named.items() if isinstance(m, kinds)]
         raise ValueError(f"add_lora: no module matches targets {list(targets)}; linear/attention modules are: "
                          f"{candidates[:20]}{' ...' if len(candidates) > 20 else ''}")
-    bad = [f"{n} ({type(named[n]).__name__})" for n in wanted
-           if not isinstance(named[n], (nn.Linear, nn.MultiheadAttention))]
+    builders = {n: next((b for t, b in layers.items() if isinstance(named[n], t)), None) for n in wanted}
+    bad = [f"{n} ({type(named[n]).__name__})" for n in wanted if builders[n] is None]
     if bad:
-        raise ValueError(f"add_lora: targets {list(targets)} match modules that are not nn.Linear or "
-                         f"nn.MultiheadAttention: {bad}")
+        hint = (" (for nn.MultiheadAttention pass layers=lora_mha.LORA_LAYERS)"
+                if any(isinstance(named[n], nn.MultiheadAttention) for n in wanted) else "")
+        kinds = " or ".join(f"nn.{t.__name__}" for t in layers)
+        raise ValueError(f"add_lora: targets {list(targets)} match modules that are not {kinds}: {bad}{hint}")
     for p in model.parameters():
         p.requires_grad_(False)
-    if any(isinstance(named[n], nn.MultiheadAttention) for n in wanted):
-        # imported here, not at the top: lora.py alone serves any model of nn.Linear layers (LLMs, MLPs);
-        # attention's packed in-projection (torchvision's ViT) needs lora_mha.py beside it
-        from lora_mha import LoRAPackedQKV
     for name in wanted:
         parent, _, child = name.rpartition(".")
-        module = named[name]
-        setattr(model.get_submodule(parent), child, LoRALinear(module, r, alpha, dropout)
-                if isinstance(module, nn.Linear) else LoRAPackedQKV(module, r, alpha, mha_parts))
+        setattr(model.get_submodule(parent), child, builders[name](named[name], r, alpha, dropout))
     for t in trainable:
         hits = [p for n, p in model.named_parameters() if n == t or n.startswith(t + ".")]
         if not hits:

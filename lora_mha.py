@@ -1,7 +1,8 @@
 """LoRA on nn.MultiheadAttention's packed q/k/v in-projection (torchvision's ViT attention): LoRAPackedQKV,
-which lora.add_lora puts on every targeted nn.MultiheadAttention. Copy it together with lora.py.
+which lora.add_lora puts on every targeted nn.MultiheadAttention when given LORA_LAYERS. Copy it together
+with lora.py (it imports lora; lora never imports it).
 
-    add_lora(vit, ["self_attention"], r=8, alpha=16)     # -> LoRAPackedQKV on q and v of every block
+    add_lora(vit, ["self_attention"], r=8, alpha=16, layers=LORA_LAYERS)   # LoRAPackedQKV on q and v
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from lora import LORA_LAYERS as LINEAR_LAYERS
 from lora import LoRALayer, init_factors
 
 
@@ -82,3 +84,13 @@ class LoRAPackedQKV(LoRALayer):
         o = F.scaled_dot_product_attention(*heads, dropout_p=mha.dropout if mha.training else 0.0)
         o = mha.out_proj(o.transpose(1, 2).reshape(n * t, E)).view(n, t, E)
         return o.squeeze(0) if unbatched else o if mha.batch_first else o.transpose(0, 1)
+
+
+def packed_qv(base: nn.MultiheadAttention, r: int, alpha: float, dropout: float = 0.0) -> LoRAPackedQKV:
+    """lora.add_lora's builder for attention: LoRAPackedQKV on q and v (no input dropout in weight space)."""
+    if dropout:
+        raise ValueError("LoRA on nn.MultiheadAttention takes no dropout (it adapts the packed weight)")
+    return LoRAPackedQKV(base, r, alpha, "qv")
+
+
+LORA_LAYERS = {**LINEAR_LAYERS, nn.MultiheadAttention: packed_qv}  # for lora.add_lora(..., layers=LORA_LAYERS)

@@ -1,14 +1,14 @@
 """Potara: merge a federated adapter phi_G and a local adapter phi_L with a closed-form weight.
 
-Read ../shared/ALGORITHM.md: (P) = the paper states it, (R) = a third-party reading of the
-paper, (OURS) = this project's reconstruction, checked against a grid search (ablation.py).
+docs/algorithm.md: (P) = the paper states it, (R) = a third-party reading of the paper, (OURS) = this
+project's reconstruction, checked against a grid search (potara_studies/ablation.py).
 
 Merge (P):       phi(lam) = lam * phi_G + (1 - lam) * phi_L    (both start from the same phi_0)
 Bound (P, R):    E[L_k(phi(lam))] <= L_k* + (beta/2) tr Var(phi(lam)),
                  tr Var(phi(lam)) = lam^2 a + (1 - lam)^2 b + 2 lam (1 - lam) c,
                  a = tr Sigma_G, b = tr Sigma_L, c = tr Sigma_GL.
 Closed form (R): lam* = (b - c) / (a + b - 2c), value (ab - c^2)/(a + b - 2c) <= min(a, b).
-The paper's estimator, "paper" (OURS, ALGORITHM.md's reconstruction), from the diagonal Fisher of each
+The paper's estimator, "paper" (OURS, docs/algorithm.md's reconstruction), from the diagonal Fisher of each
 model on n client samples (fisher.py: per-sample gradients):
                  a = sum_j 1/(F_G[j] + eps'),   b = sum_j 1/(F_L[j] + eps'),
                  rho = clip(sum_j X[j] / sqrt(sum_j E_G[j] sum_j E_L[j]), 0, 1),  c = min(rho sqrt(ab), a, b)
@@ -48,17 +48,14 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
-from fisher import (  # noqa: F401 (re-exported)
+from fisher import (
     N_SAMPLES,
     GradStats,
     Likelihood,
     call_model,
-    causal_lm_likelihood,
     classification_likelihood,
-    diag_fisher,
     first_samples,
     gradient_stats,
-    per_sample_grads,
     to_device,
 )
 from lora import AdapterError, check_tensors, lora_factor, lora_layers
@@ -288,6 +285,39 @@ def fisher_merge(global_state: dict, local_state: dict, fisher_G: dict, fisher_L
 # ----------------------------------------------------------------------------- the client-side step
 ESTIMATORS = ("verified", "paper")
 DEFAULT_ESTIMATOR = "verified"
+PAPER_OPTIONS = {"granularity": "client", "labels": "empirical", "eps": 1e-3, "seed": 0, "chunk_size": None}
+
+
+def estimator_options(estimator: str, strict: bool = True, **options) -> dict:
+    """The one place that decides which of personalize's options an estimator takes: "paper" takes
+    PAPER_OPTIONS (one lam per module with granularity="module", the true Fisher with labels="sampled", the
+    Fisher floor eps, the label-sampling seed, the vmap chunk); "verified" none of them (it reads loss values
+    and slopes and gives one weight per client). Returns the options to pass to personalize for `estimator`.
+    A ValueError (one line) for an unknown estimator or option, and for an option set away from its default
+    that `estimator` does not take: always for granularity (it changes what is asked for), and for the others
+    when strict (with strict=False they are dropped: a pipeline's labels and seed also serve Fisher merging)."""
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {estimator!r}; choose from {list(ESTIMATORS)}")
+    unknown = sorted(set(options) - set(PAPER_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown estimator options {unknown}; the options are {sorted(PAPER_OPTIONS)}")
+    if estimator == "paper":
+        return options
+    unused = sorted(k for k, v in options.items() if v != PAPER_OPTIONS[k] and (strict or k == "granularity"))
+    if unused:
+        raise ValueError(f"personalize: {unused} only apply to estimator='paper' (the default 'verified' uses "
+                         f"loss values and slopes, one weight per client)")
+    return {}
+
+
+def paper_merge(stats: GradStats, global_state: dict, local_state: dict, space: str = "ab", eps: float = 1e-3,
+                granularity: str = "client", labels: str = "empirical") -> tuple[dict[str, torch.Tensor], dict]:
+    """The paper's step from per-sample gradient statistics (fisher.gradient_stats, `labels` recorded):
+    lam = paper_weight(stats), then the merge; returns (merged_state, info) as personalize does."""
+    lam, info = paper_weight(stats, eps, granularity)
+    info.update(lam=lam, estimator="paper", space=space, n_samples=stats.n, granularity=granularity,
+                labels=labels, eps=eps)
+    return merge_adapters(global_state, local_state, lam, space), info
 
 
 def check_adapters(model: nn.Module, global_state: dict, local_state: dict) -> None:
@@ -321,16 +351,9 @@ def personalize(model: nn.Module, global_state: dict, local_state: dict, *, held
     Fisher), `eps`, `seed` (label sampling) and `chunk_size` (vmap memory) apply to it only, and passing
     them with "verified" is an error. The model's own adapter is left as it was.
     """
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"unknown estimator {estimator!r}; choose from {list(ESTIMATORS)}")
     if space not in ("ab", "delta"):
         raise ValueError(f"space must be 'ab' or 'delta', got {space!r}")
-    unused = {k: v for k, v in (("granularity", granularity), ("labels", labels), ("eps", eps), ("seed", seed),
-                                ("chunk_size", chunk_size))
-              if v != {"granularity": "client", "labels": "empirical", "eps": 1e-3, "seed": 0, "chunk_size": None}[k]}
-    if estimator == "verified" and unused:
-        raise ValueError(f"personalize: {sorted(unused)} only apply to estimator='paper' (the default "
-                         f"'verified' uses loss values and slopes, one weight per client)")
+    estimator_options(estimator, granularity=granularity, labels=labels, eps=eps, seed=seed, chunk_size=chunk_size)
     check_adapters(model, global_state, local_state)
     samples = list(first_samples(held_out, n_samples))
     was_training = model.training
@@ -339,14 +362,14 @@ def personalize(model: nn.Module, global_state: dict, local_state: dict, *, held
         if estimator == "verified":
             lam, info = verified_weight(model, global_state, local_state, samples, likelihood, space)
             _warn_if_training_data(info)
+            merged = merge_adapters(global_state, local_state, lam, space)
+            info = {**info, "lam": lam, "estimator": estimator, "space": space,
+                    "n_samples": sum(len(y) for _, y in samples)}
         else:
             stats = gradient_stats(model, global_state, local_state, samples, n_samples, labels, likelihood, seed,
                                    chunk_size)
-            lam, info = paper_weight(stats, eps, granularity)
-            info.update(granularity=granularity, labels=labels, eps=eps)
+            merged, info = paper_merge(stats, global_state, local_state, space, eps, granularity, labels)
     finally:
         model.train(was_training)
-    merged = merge_adapters(global_state, local_state, lam, space)
     check_tensors(merged, what="merged adapter")  # never hand back a NaN adapter
-    return merged, {**info, "lam": lam, "estimator": estimator, "space": space,
-                    "n_samples": sum(len(y) for _, y in samples)}
+    return merged, info

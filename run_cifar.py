@@ -25,18 +25,19 @@ import numpy as np
 import torch
 
 from data import DataError, load_images
-from potara_harness import cli  # first: sets OMP_WAIT_POLICY before torch starts its threads
+from potara_harness import cli
+from potara_harness.config import VIT_PRESETS
 from potara_harness.partition import client_splits, label_partition, public_and_pool
 from potara_harness.pipeline import run_experiment
 from potara_harness.report import markdown_table
-from potara_harness.vit import PRESETS, build_model, imagenet_vit_b_16, load_backbone_file, tiny_backbone
+from potara_harness.vit import build_model, imagenet_vit_b_16, load_backbone_file, tiny_backbone
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter,
-                                 epilog="Options showing two values take them from --preset tiny and paper (PRESETS in vit.py).")
+                                 epilog="Options showing two values take them from --preset tiny and paper (VIT_PRESETS in potara_harness/config.py).")
     a = ap.add_argument
-    a("--preset", choices=sorted(PRESETS), default="tiny", help="tiny: small ViT on a CPU; paper: vit_b_16 on a GPU")
+    a("--preset", choices=sorted(VIT_PRESETS), default="tiny", help="tiny: small ViT on a CPU; paper: vit_b_16 on a GPU")
     a("--data", choices=["cifar", "synthetic"], default="cifar", help="real CIFAR-100 (downloaded) or the offline synthetic stand-in")
     a("--data-dir", default="data", help="where cifar-100-python/, synthetic/ and cached backbones live")
     a("--out", default=None, help="output folder (default: runs/<preset>-<data>-<partition>-k<clients>-s<seed>)")
@@ -51,14 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
     a("--backbone", help="load this saved backbone instead (potara backbone file or a ViT state_dict)")
     a("--synthetic-per-class", type=int, default=500, help="synthetic training images per class (test: a fifth)")
     cli.add_experiment_options(ap)  # training, Potara, evaluation, run control: shared with run_llm.py
-    cli.describe_presets(ap, {"--preset tiny": PRESETS["tiny"], "paper": PRESETS["paper"]})
+    cli.describe_presets(ap, {"--preset tiny": VIT_PRESETS["tiny"], "paper": VIT_PRESETS["paper"]})
     return ap
 
 
 def resolve_args(ap: argparse.ArgumentParser, argv=None) -> tuple[argparse.Namespace, dict]:
     """Parse, fill None from the preset, and reject every impossible value with a one-line error."""
     args = ap.parse_args(argv)
-    p = PRESETS[args.preset]
+    p = VIT_PRESETS[args.preset]
     cli.fill_from_preset(args, p)
     cli.require_positive(ap, args, ("clients", "train", "val", "test", "synthetic_per_class"))
     if not (args.alpha > 0 and np.isfinite(args.alpha)):
@@ -122,7 +123,7 @@ def main(argv=None) -> dict:
 
 
 def run(ap: argparse.ArgumentParser, args, p: dict) -> dict:
-    device = cli.setup_torch(args)
+    device = cli.start_torch(args)
     data = load_data(args)
     public, pool = public_and_pool(len(data.labels), args.public)
     parts = partition(ap, args, data, pool)

@@ -33,13 +33,13 @@ import time
 import torch
 import torch.nn as nn
 
+from fisher import causal_lm_likelihood
 from lora import add_lora, lora_meta
-from potara import causal_lm_likelihood, merge_adapters
-from potara_harness import cli  # first: sets OMP_WAIT_POLICY before torch starts its threads
+from potara_harness import cli
+from potara_harness.config import LM_PRESETS
 from potara_harness.llm_data import ByteTokenizer, Tokenizer, check_fits, read_task_dir, split_tasks
 from potara_harness.llm_tasks import public_corpus, synthetic_tasks
 from potara_harness.lm import (
-    PRESETS,
     Scorer,
     build_splits,
     chance,
@@ -57,7 +57,7 @@ from potara_harness.report import markdown_table, write_text
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter,
                                  epilog="Options showing two values take the first for --model tiny, the second for any "
-                                        "other model (PRESETS in lm.py).")
+                                        "other model (LM_PRESETS in potara_harness/config.py).")
     a = ap.add_argument
     a("--model", default="tiny", help="'tiny' (a small Llama built and pre-trained here) or any name/path "
                                       "AutoModelForCausalLM loads, e.g. meta-llama/Llama-3.2-3B or Qwen/Qwen3-1.7B")
@@ -76,14 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
     a("--attn", default="eager", help="attention implementation of a --model NAME (eager works under torch.func.vmap)")
     a("--export-peft", metavar="DIR", help="also write each client's Potara adapter (and the federated one) in peft's format")
     cli.add_experiment_options(ap)  # training, Potara, evaluation, run control: shared with run_cifar.py
-    cli.describe_presets(ap, {"--model tiny": PRESETS["tiny"], "other models": PRESETS["hf"]})
+    cli.describe_presets(ap, {"--model tiny": LM_PRESETS["tiny"], "other models": LM_PRESETS["hf"]})
     return ap
 
 
 def resolve_args(ap: argparse.ArgumentParser, argv=None) -> tuple[argparse.Namespace, dict]:
     """Parse, fill None from the preset, and reject every impossible value with a one-line error."""
     args = ap.parse_args(argv)
-    p = dict(PRESETS["tiny" if args.model == "tiny" else "hf"])
+    p = dict(LM_PRESETS["tiny" if args.model == "tiny" else "hf"])
     cli.fill_from_preset(args, p)
     p.update(pretrain_steps=args.pretrain_steps, max_len=args.max_len)
     cli.require_positive(ap, args, ("train", "val", "test", "max_len", "max_new_tokens", "eval_batch_size",
@@ -135,7 +135,7 @@ def load_checked_tasks(ap: argparse.ArgumentParser, args, p: dict) -> tuple[dict
 
 
 def run(ap: argparse.ArgumentParser, args, p: dict) -> dict:
-    device = cli.setup_torch(args)
+    device = cli.start_torch(args)
     tasks, tok = load_checked_tasks(ap, args, p)
     if args.model == "tiny":
         torch.manual_seed(0)
@@ -160,14 +160,14 @@ def run(ap: argparse.ArgumentParser, args, p: dict) -> dict:
               "reference": {"chance": chance_acc, "pretrained_no_adapter": base},
               "tasks": {s.name: {"examples": len(tasks[s.name]), "multiple_choice": tasks[s.name][0].options is not None}
                         for s in splits}}
-    t0 = time.time()
+    t0, adapters = time.time(), {}
     results = run_experiment(model, splits, cli.config_from_args(args), args.out, evaluate=scorer, loss_fn=lm_loss,
                              likelihood=causal_lm_likelihood, resume=args.resume, config=config,
-                             progress=args.progress, autocast_dtype=cli.autocast_dtype(device))
+                             progress=args.progress, autocast_dtype=cli.autocast_dtype(device), adapters=adapters)
     table = markdown_table(results) + "\n\n" + reference_table(results)
     write_text(os.path.join(args.out, "results.md"), table + "\n")
     if args.export_peft:
-        write_peft(args, model, results)
+        write_peft(args, model, adapters)
     print(("SYNTHETIC TASKS (run_llm.py --data synthetic)\n" if args.data == "synthetic" else "") + table)
     print(f"\n{time.time() - t0:.0f}s on {device} ({args.threads} threads); results in {args.out}/results.json")
     return results
@@ -193,14 +193,10 @@ def save_tiny_base(model: nn.Module, path: str) -> None:
     base.save_pretrained(path)
 
 
-def write_peft(args, model: nn.Module, results: dict) -> None:
-    """--export-peft DIR: the Potara adapter of each client (A/B-space merge with its lam) and the federated
-    adapter, recomputed from the run's checkpoint; for --model tiny also the base model in HF format."""
-    ck = torch.load(os.path.join(args.out, "checkpoint.pt"), map_location="cpu", weights_only=True)
-    G = ck["fedit"]["global_state"]
-    adapters = {"federated": G}
-    for name in results["clients"]:
-        adapters[name] = merge_adapters(G, ck["local"][name], results["per_client"][name]["potara"]["lam"], "ab")
+def write_peft(args, model: nn.Module, adapters: dict) -> None:
+    """--export-peft DIR: the adapters the run ended with (pipeline.run_experiment's `adapters`: each client's
+    Potara adapter, the A/B-space merge at its lam, and the federated one); for --model tiny also the base
+    model in HF format."""
     base = args.model
     if args.model == "tiny":
         base = os.path.abspath(os.path.join(args.export_peft, "base_model"))

@@ -1,15 +1,15 @@
 """Flower on loopback against the in-process loop: the same model, data, seeds and rounds, run both ways;
 wall time per FedIT round, and where Flower's time goes (measured by the clients and the server).
 
-    python flower_bench.py --backbone data/backbones/tiny-<key>.pt                # tiny preset, 2 clients, 5 rounds
-    python flower_bench.py --backbone B --clients 2 --rounds 5 --out runs/flower-bench
+    python -m potara_flower.bench --backbone data/backbones/tiny-<key>.pt                # tiny preset, 2 clients, 5 rounds
+    python -m potara_flower.bench --backbone B --clients 2 --rounds 5 --out runs/flower-bench
 
-In-process: fed.run_fedit on the clients flower_client.py would build (deployment.client_split, the
+In-process: fed.run_fedit on the clients client_app.py would build (task.client_split, the
 backbone file, vit.build_model), timed per round. Flower: loopback.LocalFederation (a SuperLink and
 --clients SuperNodes on 127.0.0.1, each SuperNode's clients on --threads torch threads), `flwr run` of
 this folder with the same run config; per round the server's wall time, and from every client (Flower
 starts a process per message) how long Flower took to start its process, the app's imports, the
-hand-over of the message, data and model loading, and local training (flower_client.startup_seconds).
+hand-over of the message, data and model loading, and local training (client_app.startup_seconds).
 What is left of a round is Flower's messaging (push, the SuperNodes' polling, pull), taken against the
 slowest client. The final global adapters of both runs are compared bitwise.
 Output: a table on stdout and --out/flower_bench.json (atomic).
@@ -26,9 +26,10 @@ import torch
 
 from fed import Client, run_fedit
 from potara_flower.loopback import LocalFederation
-from potara_flower.task import TIMINGS, AppConfig, ConfigError, client_split
+from potara_flower.task import TIMINGS, client_split
+from potara_harness.config import VIT_PRESETS, AppConfig, ConfigError
 from potara_harness.report import atomic_write, mean
-from potara_harness.vit import PRESETS, build_model, load_backbone_file
+from potara_harness.vit import build_model, load_backbone_file
 
 APP = Path(__file__).resolve().parent  # this folder is the Flower app (pyproject.toml's [tool.flwr.app])
 
@@ -36,12 +37,11 @@ APP = Path(__file__).resolve().parent  # this folder is the Flower app (pyprojec
 def in_process(cfg: AppConfig, backbone: str, data_dir: str) -> tuple[dict, list[float]]:
     """fed.run_fedit on the same clients and model as the Flower run; (final global adapter, seconds per round)."""
     splits = [client_split(cfg, data_dir, k, cfg.num_clients) for k in range(cfg.num_clients)]
-    p = PRESETS[cfg.preset]
+    p = VIT_PRESETS[cfg.preset]
     model = build_model(load_backbone_file(backbone, p["vit"]), p, cfg.rank, cfg.lora_alpha, cfg.seed)
     stamps = [time.perf_counter()]
-    state = run_fedit(model, [Client(s.name, s.train_inputs, s.train_targets) for s in splits], cfg.rounds,
-                      cfg.local_steps, cfg.per_round, cfg.lr, cfg.seed, cfg.batch_size, progress=False,
-                      drop_prob=cfg.drop_prob, max_update_norm=cfg.update_norm_bound,
+    state = run_fedit(model, [Client(s.name, s.train_inputs, s.train_targets) for s in splits],
+                      cfg.experiment().fed_config(), progress=False,
                       on_round=lambda _: stamps.append(time.perf_counter()))
     return state.global_state, [b - a for a, b in zip(stamps, stamps[1:])]
 

@@ -14,13 +14,13 @@ property), adapter-dir (optional: the client saves its personalised Potara adapt
 Every message rebuilds the same client: the CIFAR-100 (or synthetic) images, the partition of
 data.py exactly as run_cifar.py draws it (public set, Dirichlet or superclass split, client k's
 train / val / test), and the model vit.build_model(backbone, preset, rank, lora_alpha, seed), whose
-initial adapter phi_0 every client and the in-process pipeline share. Handlers (deployment.py has
+initial adapter phi_0 every client and the in-process pipeline share. Handlers (task.py has
 the protocol):
 
     query     -> partition-id, num-partitions, n_k, the backbone file's sha256, phi_0
     train     -> fed.local_update from phi^t: the same seeds (seed, t, k) as fed.run_fedit, so the
                  update is bitwise the one the in-process loop computes
-    evaluate  -> after the last round, with phi_G = phi^R: pipeline.train_from (the local adapter phi_L
+    evaluate  -> after the last round, with phi_G = phi^R: pipeline.train_checked (the local adapter phi_L
                  from phi_0, and phi_G fine-tuned) and evaluation.evaluate_client: Potara's weight lam
                  from the client's own validation split (potara.personalize, the default estimator),
                  the merge phi(lam) = lam phi_G + (1 - lam) phi_L and every baseline scored on its
@@ -42,26 +42,13 @@ from flwr.clientapp import ClientApp
 
 from adapter_file import save_adapter
 from data import ClientSplits
-from fed import Client, derive_seed, local_update
+from fed import Client, FedConfig, local_update
 from lora import check_state, lora_meta, lora_state_dict
-from potara import classification_likelihood, merge_adapters
-from potara_flower.task import (
-    ADAPTER,
-    CONFIG,
-    METRICS,
-    AppConfig,
-    ConfigError,
-    client_split,
-    experiment_config,
-    flatten,
-    from_record,
-    to_record,
-)
-from potara_harness.checkpoint import RunState
-from potara_harness.evaluation import METHODS, accuracy, evaluate_client
-from potara_harness.pipeline import Run, local_seed, train_from
-from potara_harness.vit import PRESETS, build_model, load_backbone_file
-from training import classification_loss
+from potara_flower.task import ADAPTER, CONFIG, METRICS, client_split, flatten, from_record, to_record
+from potara_harness.config import VIT_PRESETS, AppConfig, ConfigError
+from potara_harness.evaluation import Evaluator, evaluate_client
+from potara_harness.pipeline import finetune_seed, local_seed, train_checked
+from potara_harness.vit import build_model, load_backbone_file
 
 IMPORTS_DONE = time.time()
 app = ClientApp()
@@ -112,7 +99,7 @@ def load_client(context: Context) -> tuple[AppConfig, LocalClient]:
         raise ConfigError(f"node config backbone={path!r}: no such file on this device")
     with open(path, "rb") as f:
         sha = hashlib.sha256(f.read()).hexdigest()
-    p = PRESETS[cfg.preset]
+    p = VIT_PRESETS[cfg.preset]
     backbone = load_backbone_file(path, p["vit"])  # weights_only=True, checked: vit.BackboneError, one line
     model = build_model(backbone, p, cfg.rank, cfg.lora_alpha, cfg.seed).to(device)
     split = client_split(cfg, node_value(node, "data-dir", str, "data"), k, K)
@@ -170,9 +157,9 @@ def train(msg: Message, context: Context) -> Message:
         return Message(RecordDict({CONFIG: ConfigRecord({"dropped": True})}), reply_to=msg)
     cfg, c = load_client(context)
     phi_t, s, t1 = received_adapter(msg, c.phi0), c.split, time.perf_counter()
+    fed_cfg = FedConfig(cfg.rounds, cfg.local_steps, cfg.lr, cfg.batch_size, seed=cfg.seed)
     reply, _ = local_update(c.model, Client(s.name, s.train_inputs, s.train_targets), phi_t, {}, int(config["round"]),
-                            c.index, cfg.local_steps, cfg.lr, cfg.seed, cfg.batch_size,
-                            autocast_dtype=c.autocast_dtype, progress=False)
+                            c.index, fed_cfg, autocast_dtype=c.autocast_dtype, progress=False)
     seconds = {**startup, "load": t1 - t0, "train": time.perf_counter() - t1}  # where the time went
     metrics = MetricRecord({"num-examples": reply.num_examples, "train-loss": reply.mean_loss,
                             **{f"{k}-seconds": v for k, v in seconds.items()}})
@@ -185,22 +172,19 @@ def personalize(msg: Message, context: Context) -> Message:
     validation split, and every method scored on its test split. Only numbers go back."""
     cfg, c = load_client(context)
     G, s, k = received_adapter(msg, c.phi0), c.split, c.index
-    run = Run(c.model, [s], experiment_config(cfg), ckpt_path="", init=c.phi0, state=RunState(""),
-              evaluate=accuracy, loss_fn=classification_loss, likelihood=classification_likelihood,
-              autocast_dtype=c.autocast_dtype, progress=False)
-    run.state.local[s.name] = train_from(run, c.phi0, s, cfg.local_train_steps, local_seed(cfg.seed, k), "local")
-    run.state.finetuned[s.name] = train_from(run, G, s, cfg.finetune_steps, derive_seed(cfg.seed, k, 202), "fine-tune")
-    acc, bad_stats = {m: {} for m in METHODS if m != "fedsa"}, []
-    record = evaluate_client(run, k, s, G, None, acc, bad_stats)
-    out = flatten({"acc": {m: v[s.name] for m, v in acc.items()}, "record": record,
-                   "fallbacks": [f"{x['stage']}: {x['reason']}" for x in run.state.fallbacks],
-                   "bad-statistics": [x["what"] for x in bad_stats]})
+    ecfg = cfg.experiment()
+    L, local_fallback = train_checked(c.model, c.phi0, s, cfg.local_train_steps, local_seed(cfg.seed, k), ecfg,
+                                      "local", autocast_dtype=c.autocast_dtype)
+    F, finetune_fallback = train_checked(c.model, G, s, cfg.finetune_steps, finetune_seed(cfg.seed, k), ecfg,
+                                         "fine-tune", autocast_dtype=c.autocast_dtype)
+    e = evaluate_client(Evaluator(c.model, c.phi0, ecfg, autocast_dtype=c.autocast_dtype), k, s, G, L, F)
+    out = flatten({"acc": e.acc, "record": e.record,
+                   "fallbacks": [f"{x['stage']}: {x['reason']}" for x in (local_fallback, finetune_fallback) if x],
+                   "bad-statistics": [x["what"] for x in e.bad_stats]})
     adapter_dir = context.node_config.get("adapter-dir")
     if adapter_dir:  # the personalised adapter stays on the device
-        lam = record["potara"]["lam"]
-        merged = merge_adapters(G, run.state.local[s.name], lam, "ab")
         os.makedirs(adapter_dir, exist_ok=True)
-        save_adapter(os.path.join(adapter_dir, f"{s.name}-potara.pt"), merged,
-                     {"lam": lam, **lora_meta(c.model)})
+        save_adapter(os.path.join(adapter_dir, f"{s.name}-potara.pt"), e.potara_adapter,
+                     {"lam": e.record["potara"]["lam"], **lora_meta(c.model)})
     return Message(RecordDict({CONFIG: ConfigRecord(out)}), reply_to=msg)
 

@@ -1,6 +1,6 @@
 """The Flower ServerApp of Potara: FedIT across real processes, then Potara on every client.
 Declared in pyproject.toml ([tool.flwr.app.components]); started by `flwr run . <connection>` against
-a running SuperLink (README, "Federated deployment with Flower").
+a running SuperLink (docs/flower.md).
 
     1. setup: wait for num-clients SuperNodes; ask each who it is (partition-id k, n_k, backbone hash,
        phi_0). Partition ids must be 0..K-1 once each; every client must hold the same backbone file
@@ -14,7 +14,7 @@ a running SuperLink (README, "Federated deployment with Flower").
        recorded in the round's "failed" (with its reason) and counted as dropped: it never vanishes.
        checkpoint.pt (checkpoint.RunState, atomic) after every round; resume=true continues it.
     3. personalise: send phi_R to every client; each trains phi_L, runs Potara on its own validation
-       split and returns its test accuracies, a, b, c and lam (flower_client.personalize).
+       split and returns its test accuracies, a, b, c and lam (client_app.personalize).
     4. out-dir/results.json and results.md with the in-process pipeline's fields (report.write_outputs),
        plus "flower": wire bytes (npy-serialised arrays with their keys) and wall time per stage.
 
@@ -43,17 +43,14 @@ from potara_flower.task import (
     SETUP,
     TIMINGS,
     TRAIN,
-    AppConfig,
-    experiment_config,
     from_record,
     record_bytes,
     to_record,
     unflatten,
 )
 from potara_harness.checkpoint import RunState, fed_dict, load_state, save_state
-from potara_harness.evaluation import METHOD_LABELS
-from potara_harness.pipeline import fed_faults
-from potara_harness.report import mean, write_outputs
+from potara_harness.config import AppConfig, update_bound
+from potara_harness.report import METHOD_LABELS, collect_results, mean, sent_bytes, write_outputs
 
 app = ServerApp()
 
@@ -155,7 +152,7 @@ def fedit_round(grid: Grid, cfg: AppConfig, roster: Roster, fed: FedState, t: in
                                         if f"{key}-seconds" in metrics}
         except Exception as e:  # an unreadable reply: recorded, never raised
             failures.append({"client": roster.names[k], "reason": f"unreadable reply: {type(e).__name__}: {e}"})
-    outcome = server_round(t, fed.global_state, selected, replies, roster.names, cfg.update_norm_bound)
+    outcome = server_round(t, fed.global_state, selected, replies, roster.names, update_bound(cfg.max_update_norm))
     fed.global_state, fed.round = outcome.global_state, t + 1
     fed.history.append({**outcome.history, "failed": sorted(failures, key=lambda f: f["client"]),
                         "wire_bytes_down": record_bytes(record) * len(selected), "wire_bytes_up": wire_up,
@@ -181,40 +178,29 @@ def personalize_all(grid: Grid, cfg: AppConfig, roster: Roster, G: dict) -> tupl
     return out, sorted(bad, key=lambda f: f["client"])
 
 
-def collect_results(cfg: AppConfig, context: Context, roster: Roster, fed: FedState, phi0: dict, evals: dict,
-                    eval_failed: list, timing: dict) -> dict:
-    """pipeline.collect_results' fields for the methods that ran (no FedSA-LoRA, curve at round R only)."""
+def collect_server_results(cfg: AppConfig, context: Context, roster: Roster, fed: FedState, phi0: dict,
+                           evals: dict, eval_failed: list, timing: dict) -> dict:
+    """report.collect_results for the methods that ran (no FedSA-LoRA, curve at round R only), plus what only a
+    deployment has: the run config, the roster, wire bytes and the clients that failed."""
     names = [n for n in roster.names if n in evals]
     if not names:
         raise RuntimeError("no client returned its personalisation results: " + json.dumps(eval_failed))
     methods = [m for m in METHOD_LABELS if all(m in evals[n]["acc"] for n in names)]
-    sent = sum(h["bytes_down"] + h["bytes_up"] for h in fed.history)
     acc = {m: {n: float(evals[n]["acc"][m]) for n in names} for m in methods}
-    per_client = {n: evals[n]["record"] for n in names}  # evaluation.evaluate_client's record, as the pipeline's
-    faults = {"drop_prob": cfg.drop_prob, "max_update_norm": cfg.update_norm_bound, "fedsa": None,
-              "fedit": {**fed_faults(fed.history),
-                        "failed": [{"round": h["round"], **f} for h in fed.history for f in h["failed"]]},
-              "fallbacks": [{"client": n, "reason": r} for n in names for r in evals[n].get("fallbacks", [])],
-              "statistics": [{"client": n, "what": w} for n in names for w in evals[n].get("bad-statistics", [])],
-              "personalization_failed": eval_failed}
-    return {"config": {"engine": "flower", "run_config": dict(context.run_config),
-                       "backbone_sha256": roster.backbone_sha256,
-                       "num_examples": dict(zip(roster.names, roster.num_examples))},
-            "experiment": asdict(experiment_config(cfg)), "seed": cfg.seed, "clients": names,
-            "methods": {m: {"label": METHOD_LABELS[m], "mean": mean(acc[m].values()), "per_client": acc[m],
-                            "bytes": 0 if m == "local" else sent} for m in methods},
-            "per_client": per_client, "mean_abs_lam_diff": mean(c["abs_lam_diff"] for c in per_client.values()),
-            "adapter": {"numel": sum(v.numel() for v in phi0.values()), "bytes": state_bytes(phi0),
-                        "wire_bytes": record_bytes(to_record(phi0)),
-                        # outside FedIT's history (as in the pipeline, not charged to any method): phi_0 from
-                        # every client at set-up, phi_R to every client for the Potara step
-                        "setup_bytes_up": state_bytes(phi0) * len(roster.names),
-                        "final_bytes_down": state_bytes(phi0) * len(roster.names)},
-            "communication": [{"round": 0, "bytes": 0, "fedit": None, "potara": None,
-                               "local": mean(acc["local"].values())},
-                              {"round": fed.round, "bytes": sent, "fedit": mean(acc["fedit"].values()),
-                               "potara": mean(acc["potara_ab"].values())}],
-            "fedit_history": fed.history, "fedsa_history": None, "faults": faults, "timing_s": timing}
+    curve = [{"round": 0, "bytes": 0, "fedit": None, "potara": None, "local": mean(acc["local"].values())},
+             {"round": fed.round, "bytes": sent_bytes(fed.history), "fedit": mean(acc["fedit"].values()),
+              "potara": mean(acc["potara_ab"].values())}]
+    config = {"engine": "flower", "run_config": dict(context.run_config), "backbone_sha256": roster.backbone_sha256,
+              "num_examples": dict(zip(roster.names, roster.num_examples))}
+    # outside FedIT's history (as in the pipeline, not charged to any method): phi_0 from every client at
+    # set-up, phi_R to every client for the Potara step
+    wire = {"wire_bytes": record_bytes(to_record(phi0)), "setup_bytes_up": state_bytes(phi0) * len(roster.names),
+            "final_bytes_down": state_bytes(phi0) * len(roster.names)}
+    fallbacks = [{"client": n, "reason": r} for n in names for r in evals[n].get("fallbacks", [])]
+    statistics = [{"client": n, "what": w} for n in names for w in evals[n].get("bad-statistics", [])]
+    return collect_results(config, cfg.experiment(), names, acc, {n: evals[n]["record"] for n in names}, curve,
+                           phi0, fed.history, None, fallbacks, statistics, timing, adapter_extra=wire,
+                           faults_extra={"personalization_failed": eval_failed})
 
 
 @app.main()
@@ -243,7 +229,7 @@ def main(grid: Grid, context: Context) -> None:
     timing["fedit"], t0 = time.time() - t0, time.time()
     evals, eval_failed = personalize_all(grid, cfg, roster, fed.global_state)
     timing["personalize"] = time.time() - t0
-    results = collect_results(cfg, context, roster, fed, phi0, evals, eval_failed, timing)
+    results = collect_server_results(cfg, context, roster, fed, phi0, evals, eval_failed, timing)
     write_outputs(results, out_dir)
     print(f"results in {out_dir}/results.json")
 

@@ -24,17 +24,10 @@ try:
 except ImportError:  # pragma: no cover
     fcntl = None
 
-# Idle OpenMP threads sleep instead of spinning: on a shared machine, spinning threads of an oversubscribed
-# pool slowed training here 20x. Read when torch starts its thread pool, so set before torch is used.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from potara_harness.config import ESTIMATORS, ExperimentConfig, grid_step_problem, update_bound
 
-import torch
-
-from data import DataError
-from lora import AdapterError
-from potara import ESTIMATORS
-from potara_harness.checkpoint import ResumeError
-from potara_harness.pipeline import ExperimentConfig
+# This module imports no torch (nor anything that does) at its top: a script parses and checks its command line
+# first, so --help and a bad option answer at once; start_torch then loads torch.
 
 MAX_SEED = 2**63
 OUTPUT_FILES = ("checkpoint.pt", "results.json", "results.md", "lambda.png", "communication.png")  # in --out
@@ -67,7 +60,7 @@ def add_experiment_options(ap: argparse.ArgumentParser) -> None:
     a("--local-steps", type=int, help="local steps per client per round")
     a("--clients-per-round", type=int, default=0, help="clients sampled per round (0 = all)")
     a("--max-update-norm", type=float, default=None,
-      help="reject a client update whose L2 distance to the global adapter exceeds this (unset: none)")
+      help="reject a client update whose L2 distance to the global adapter exceeds this (unset or 0: no bound)")
     a("--drop-prob", type=float, default=0.0,
       help="probability that a selected client never returns its update in a round (simulated drop-out)")
     a("--local-train-steps", type=int, help="steps of the local-only adapter")
@@ -143,15 +136,16 @@ def check_experiment_options(ap: argparse.ArgumentParser, args: argparse.Namespa
         ap.error("--clients-per-round, --snapshots and --seed must be >= 0")
     check_run_options(ap, args)
     args.snapshots = min(args.snapshots, args.rounds)  # the same round counts (every round), and no 10**20-long loop
-    if args.max_update_norm is not None and not (args.max_update_norm > 0 and math.isfinite(args.max_update_norm)):
-        ap.error(f"--max-update-norm must be a positive number, got {args.max_update_norm}")
+    if args.max_update_norm is not None and not (args.max_update_norm >= 0 and math.isfinite(args.max_update_norm)):
+        ap.error(f"--max-update-norm must be a number >= 0 (0: no bound), got {args.max_update_norm}")
     if not 0 <= args.drop_prob < 1:
         ap.error(f"--drop-prob must be in [0, 1), got {args.drop_prob}")
-    if not (0 < args.grid_step <= 1 and abs(1 / args.grid_step - round(1 / args.grid_step)) < 1e-6):
-        ap.error(f"--grid-step must be 1/n for an integer n >= 1 (e.g. 0.05), got {args.grid_step}")
+    grid = grid_step_problem(args.grid_step)
+    if grid:
+        ap.error(f"--grid-step {grid}")
     if args.estimator not in ESTIMATORS:
         ap.error(f"--estimator must be one of {sorted(ESTIMATORS)}, got {args.estimator!r}")
-    if args.estimator != "paper" and args.granularity == "module":  # else potara.personalize refuses it, after training
+    if args.estimator != "paper" and args.granularity == "module":  # potara.estimator_options' rule, before training
         ap.error(f"--estimator {args.estimator} gives one weight per client: use --granularity client "
                  "(or --estimator paper)")
     split = args.train if args.fisher_split == "train" else args.val
@@ -159,8 +153,11 @@ def check_experiment_options(ap: argparse.ArgumentParser, args: argparse.Namespa
         args.fisher_samples = min(ExperimentConfig.fisher_samples, split)
     elif args.fisher_samples > split:
         ap.error(f"--fisher-samples {args.fisher_samples} exceeds the client's {args.fisher_split} split ({split})")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda: no CUDA device is available (use --device cpu or auto)")
+    if args.device == "cuda":
+        import torch  # only here: asking for CUDA is the one check that needs it
+
+        if not torch.cuda.is_available():
+            ap.error("--device cuda: no CUDA device is available (use --device cpu or auto)")
 
 
 def check_dirs(ap: argparse.ArgumentParser, *flag_path_mode) -> None:
@@ -179,7 +176,7 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
         fisher_samples=args.fisher_samples, fisher_labels=args.labels, fisher_split=args.fisher_split,
         fisher_chunk=args.fisher_chunk, eps=args.eps, granularity=args.granularity, estimator=args.estimator,
         grid_step=args.grid_step, snapshots=args.snapshots, fedsa=args.fedsa, seed=args.seed,
-        drop_prob=args.drop_prob, max_update_norm=args.max_update_norm)
+        drop_prob=args.drop_prob, max_update_norm=update_bound(args.max_update_norm))
 
 
 def dir_problem(path: str, mode: int = os.W_OK | os.X_OK) -> str | None:
@@ -259,16 +256,24 @@ def fail(message: str, status: int = 2) -> NoReturn:
     raise CliError(message, status)
 
 
-def setup_torch(args: argparse.Namespace) -> torch.device:
-    """Threads, the torch.func fallback warning silenced, and the device (--device auto: CUDA when present)."""
+def start_torch(args: argparse.Namespace):
+    """Load torch for the run, once the command line is checked: idle OpenMP threads set to sleep, threads,
+    the torch.func fallback warning silenced; returns the device (--device auto: CUDA when present)."""
+    # Idle OpenMP threads sleep instead of spinning: on a shared machine, spinning threads of an oversubscribed
+    # pool slowed training here 20x. The OpenMP runtime reads this when it loads (with torch): set it first.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    import torch
+
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message="There is a performance drop")  # torch.func's SDPA fallback (Fisher)
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     return torch.device("cuda" if cuda else "cpu")
 
 
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
+def autocast_dtype(device):
     """bf16 autocast on CUDA, full precision on the CPU."""
+    import torch
+
     return torch.bfloat16 if device.type == "cuda" else None
 
 
@@ -276,6 +281,10 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
 def one_line_errors(*errors: type[BaseException]):
     """Bad input found during the run (data.DataError, checkpoint.ResumeError, lora.AdapterError and
     `errors`) -> fail(..., 2); MemoryError -> fail(..., 1) saying it is not bad data."""
+    from data import DataError
+    from lora import AdapterError
+    from potara_harness.checkpoint import ResumeError
+
     try:
         yield
     except (DataError, ResumeError, AdapterError, *errors) as e:
@@ -290,6 +299,8 @@ def one_line_errors(*errors: type[BaseException]):
 
 def _out_of_memory(e: RuntimeError) -> bool:
     """torch.OutOfMemoryError (CUDA) or the CPU allocator's "can't allocate memory"."""
+    import torch
+
     return isinstance(e, getattr(torch, "OutOfMemoryError", ())) or "can't allocate memory" in str(e) \
         or "out of memory" in str(e).lower()
 

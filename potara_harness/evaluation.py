@@ -1,37 +1,42 @@
-"""Scoring and the per-client evaluation stages of the pipeline (pipeline.run_experiment): every method of
-METHODS on each client's own test split, and the lam grid on val and test.
+"""Scoring, and the per-client evaluation the pipeline (pipeline.run_experiment) and the Flower client run:
+every method of report.METHODS on a client's own test split, and the lam grid on val and test.
 
-    acc = score_adapter(model, adapter, restore=phi_0, x, y)     # evaluate(model holding adapter), then restore
-    j = grid_choice(lam_grid(0.05), val_curve)                   # the grid search's lam (ties: nearest 0.5)
+    ev = Evaluator(model, init=phi_0, cfg=ExperimentConfig(...))     # + evaluate, likelihood, autocast_dtype
+    acc = ev.score(adapter, x, y)                                    # evaluate(model holding adapter), phi_0 back
+    e = evaluate_client(ev, i, split, G, L, finetuned)               # a ClientEvaluation: acc, record, adapter
+    j = grid_choice(lam_grid(0.05), val_curve)                       # the grid search's lam (ties: nearest 0.5)
 
-The stage functions take the pipeline's `Run` (the one model, the clients, the settings, the run state).
+Seeds (config.SALT_*): client i's statistics read the samples of derive_seed(seed, i, SALT_STATS), and sample
+labels ("paper" with sampled labels) from derive_seed(seed, i, SALT_LABELS).
 """
 from __future__ import annotations
 
 import math
 import warnings
-from typing import TYPE_CHECKING, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
 
 from data import ClientSplits
-from fed import FedState, derive_seed
+from fed import derive_seed
+from fisher import Likelihood, classification_likelihood, gradient_stats
 from lora import load_lora_state_dict
-from potara import check_adapters, fisher_merge, gradient_stats, merge_adapters, paper_weight, personalize, segment_loss
+from potara import (
+    check_adapters,
+    estimator_options,
+    fisher_merge,
+    merge_adapters,
+    paper_merge,
+    personalize,
+    segment_loss,
+)
+from potara_harness.config import SALT_LABELS, SALT_STATS, ExperimentConfig
 from potara_harness.report import mean
 from training import shuffled_batches
 
-if TYPE_CHECKING:  # only for the annotations: pipeline imports this module
-    from potara_harness.pipeline import Run
-
 Evaluate = Callable[[nn.Module, torch.Tensor, torch.Tensor], float]
-
-METHOD_LABELS = {"local": "Local only", "fedit": "FedIT (global adapter)", "fedit_ft": "FedIT + local fine-tuning",
-                 "uniform": "Uniform merge (lam = 0.5)", "fisher": "Fisher merging", "fedsa": "FedSA-LoRA",
-                 "grid_val": "Grid search on val", "grid_oracle": "Grid oracle on test (not a method)",
-                 "potara_ab": "Potara (A/B space)", "potara_delta": "Potara (delta space)"}
-METHODS = tuple(METHOD_LABELS)
 
 
 @torch.no_grad()
@@ -70,61 +75,75 @@ def score_adapter(model: nn.Module, adapter: dict, restore: dict, x: torch.Tenso
     return value
 
 
-def score(run: Run, adapter: dict, x: torch.Tensor, y: torch.Tensor) -> float:
-    return score_adapter(run.model, adapter, run.init, x, y, run.evaluate, run.autocast_dtype)
+@dataclass
+class Evaluator:
+    """What scoring and the client-side steps need: the one model, phi_0 (loaded back after every score), the
+    settings, and the plug-ins (the metric, the likelihood of the statistics, autocast)."""
+    model: nn.Module
+    init: dict
+    cfg: ExperimentConfig
+    evaluate: Evaluate = accuracy
+    likelihood: Likelihood = classification_likelihood
+    autocast_dtype: torch.dtype | None = None
+
+    def score(self, adapter: dict, x: torch.Tensor, y: torch.Tensor) -> float:
+        return score_adapter(self.model, adapter, self.init, x, y, self.evaluate, self.autocast_dtype)
 
 
-def stat_batches(run: Run, i: int, s: ClientSplits) -> list:
+def stat_batches(ev: Evaluator, i: int, s: ClientSplits) -> list:
     """The statistics' samples, one batch: min(fisher_samples, split size) of the chosen split (val: held out),
     the first batch of a seeded shuffle. Never more than the split (no sample read twice)."""
-    x, y = (s.train_inputs, s.train_targets) if run.cfg.fisher_split == "train" else (s.val_inputs, s.val_targets)
-    return [next(shuffled_batches(x, y, min(run.cfg.fisher_samples, len(y)), derive_seed(run.cfg.seed, i, 303)))]
+    x, y = (s.train_inputs, s.train_targets) if ev.cfg.fisher_split == "train" else (s.val_inputs, s.val_targets)
+    return [next(shuffled_batches(x, y, min(ev.cfg.fisher_samples, len(y)), derive_seed(ev.cfg.seed, i, SALT_STATS)))]
 
 
-def potara_step(run: Run, i: int, s: ClientSplits, global_state: dict, stats=None) -> tuple[dict, dict]:
-    """The client-side Potara merge of global_state and the client's local adapter (potara.personalize on the
+def potara_options(ev: Evaluator, i: int) -> dict:
+    """personalize's options for client i under the settings (potara.estimator_options decides which apply)."""
+    cfg = ev.cfg
+    return estimator_options(cfg.estimator, strict=False, granularity=cfg.granularity, labels=cfg.fisher_labels,
+                             eps=cfg.eps, seed=derive_seed(cfg.seed, i, SALT_LABELS), chunk_size=cfg.fisher_chunk)
+
+
+def potara_step(ev: Evaluator, i: int, s: ClientSplits, G: dict, L: dict, stats=None) -> tuple[dict, dict]:
+    """The client-side Potara merge of G and the client's local adapter L (potara.personalize on the
     statistics' samples: val by default, held out). With estimator "paper" and `stats`, the per-sample statistics
-    Fisher merging computed on the same samples and adapters, the weight is read off them (potara.paper_weight):
-    one per-sample gradient pass per client, not two."""
-    cfg, L = run.cfg, run.state.local[s.name]
-    if cfg.estimator == "paper" and stats is not None:
-        check_adapters(run.model, global_state, L)
-        lam, info = paper_weight(stats, cfg.eps, cfg.granularity)
-        info.update(lam=lam, estimator="paper", space="ab", n_samples=stats.n, granularity=cfg.granularity,
-                    labels=cfg.fisher_labels, eps=cfg.eps)
-        return merge_adapters(global_state, L, lam, "ab"), info
-    paper_only = dict(labels=cfg.fisher_labels, eps=cfg.eps, seed=derive_seed(cfg.seed, i, 404),
-                      chunk_size=cfg.fisher_chunk) if cfg.estimator == "paper" else {}
-    return personalize(run.model, global_state, L, held_out=stat_batches(run, i, s), n_samples=cfg.fisher_samples,
-                       estimator=cfg.estimator, likelihood=run.likelihood, granularity=cfg.granularity,
-                       **paper_only)
+    Fisher merging computed on the same samples and adapters, the weight is read off them (potara.paper_merge,
+    personalize's own "paper" step): one per-sample gradient pass per client, not two."""
+    options = potara_options(ev, i)
+    if ev.cfg.estimator == "paper" and stats is not None:
+        check_adapters(ev.model, G, L)
+        return paper_merge(stats, G, L, eps=options["eps"], granularity=options["granularity"],
+                           labels=options["labels"])
+    return personalize(ev.model, G, L, held_out=stat_batches(ev, i, s), n_samples=ev.cfg.fisher_samples,
+                       estimator=ev.cfg.estimator, likelihood=ev.likelihood, **options)
 
 
-def fisher_merging(run: Run, i: int, s: ClientSplits, G: dict, L: dict, bad_stats: list) -> tuple[dict, object]:
-    """The Fisher merging baseline on the statistics' samples; returns (merged adapter, the gradient statistics)."""
-    cfg = run.cfg
-    stats = gradient_stats(run.model, G, L, stat_batches(run, i, s), cfg.fisher_samples, cfg.fisher_labels,
-                           run.likelihood, seed=derive_seed(cfg.seed, i, 404), chunk_size=cfg.fisher_chunk)
-    fisher = {"G": stats.fisher_G, "L": stats.fisher_L}
+def fisher_merging(ev: Evaluator, i: int, s: ClientSplits, G: dict, L: dict) -> tuple[dict, object, dict | None]:
+    """The Fisher merging baseline on the statistics' samples: (merged adapter, the gradient statistics, a fault
+    record when the Fisher had NaN/Inf entries, taken as 0, else None)."""
+    cfg = ev.cfg
+    stats = gradient_stats(ev.model, G, L, stat_batches(ev, i, s), cfg.fisher_samples, cfg.fisher_labels,
+                           ev.likelihood, seed=derive_seed(cfg.seed, i, SALT_LABELS), chunk_size=cfg.fisher_chunk)
+    fisher, fault = {"G": stats.fisher_G, "L": stats.fisher_L}, None
     if not all(torch.isfinite(v).all() for f in fisher.values() for v in f.values()):
         warnings.warn(f"client {s.name}: NaN/Inf in the Fisher; Fisher merging takes those entries as 0")
         fisher = {m: {k: torch.nan_to_num(v, nan=0.0, posinf=0.0) for k, v in f.items()} for m, f in fisher.items()}
-        bad_stats.append({"client": s.name, "what": "Fisher (Fisher merging: non-finite entries taken as 0)"})
-    return fisher_merge(G, L, fisher["G"], fisher["L"]), stats
+        fault = {"client": s.name, "what": "Fisher (Fisher merging: non-finite entries taken as 0)"}
+    return fisher_merge(G, L, fisher["G"], fisher["L"]), stats, fault
 
 
-def grid_search(run: Run, s: ClientSplits, G: dict, L: dict) -> dict:
-    """Merged adapters at every lam of the grid, scored on val and test, and the val loss (run.likelihood's
+def grid_search(ev: Evaluator, s: ClientSplits, G: dict, L: dict) -> dict:
+    """Merged adapters at every lam of the grid, scored on val and test, and the val loss (ev.likelihood's
     -mean log p, what the default weight reads); the val choice, the test oracle, and the loss barrier: the
     largest val loss above the chord between the two ends, max_lam f(lam) - ((1 - lam) f(0) + lam f(1))."""
-    grid, val_curve, test_curve, loss_curve = lam_grid(run.cfg.grid_step), [], [], []
+    grid, val_curve, test_curve, loss_curve = lam_grid(ev.cfg.grid_step), [], [], []
     val = [(s.val_inputs[k:k + 64], s.val_targets[k:k + 64]) for k in range(0, len(s.val_targets), 64)]
     for lam in grid:
-        merged = merge_adapters(G, L, lam, run.cfg.grid_space)
-        val_curve.append(score(run, merged, s.val_inputs, s.val_targets))
-        test_curve.append(score(run, merged, s.test_inputs, s.test_targets))
-        run.model.eval()
-        loss_curve.append(segment_loss(run.model, G, L, lam, val, run.likelihood, run.cfg.grid_space, slope=False)[0])
+        merged = merge_adapters(G, L, lam, ev.cfg.grid_space)
+        val_curve.append(ev.score(merged, s.val_inputs, s.val_targets))
+        test_curve.append(ev.score(merged, s.test_inputs, s.test_targets))
+        ev.model.eval()
+        loss_curve.append(segment_loss(ev.model, G, L, lam, val, ev.likelihood, ev.cfg.grid_space, slope=False)[0])
     j = grid_choice(grid, val_curve)
     oracle = max(range(len(grid)), key=lambda j: test_curve[j])
     barrier = max(f - ((1 - lam) * loss_curve[0] + lam * loss_curve[-1]) for lam, f in zip(grid, loss_curve))
@@ -133,31 +152,49 @@ def grid_search(run: Run, s: ClientSplits, G: dict, L: dict) -> dict:
             "curves": {"lam": grid, "val": val_curve, "test": test_curve, "val_loss": loss_curve}}
 
 
-def evaluate_client(run: Run, i: int, s: ClientSplits, G: dict, fedsa: FedState | None, acc: dict,
-                    bad_stats: list) -> dict:
-    """Every method on client i's test split (into acc[method][client]); returns the client's Potara/grid record."""
-    L, test, cfg = run.state.local[s.name], (s.test_inputs, s.test_targets), run.cfg
-    acc["local"][s.name], acc["fedit"][s.name] = score(run, L, *test), score(run, G, *test)
-    acc["fedit_ft"][s.name] = score(run, run.state.finetuned[s.name], *test)
-    acc["uniform"][s.name] = score(run, merge_adapters(G, L, 0.5, cfg.grid_space), *test)
-    fisher_merged, stats = fisher_merging(run, i, s, G, L, bad_stats)
-    acc["fisher"][s.name] = score(run, fisher_merged, *test)
-    if fedsa is not None:
-        acc["fedsa"][s.name] = score(run, {**fedsa.global_state, **fedsa.private_states[s.name]}, *test)
-    merged, info = potara_step(run, i, s, G, stats)  # "paper": the statistics Fisher merging used
+@dataclass
+class ClientEvaluation:
+    """One client's evaluation: acc[method] on its test split, its Potara/grid record (results.json's
+    per_client entry), its Potara adapter (A/B space: what a device keeps or exports), and its faults."""
+    acc: dict[str, float]
+    record: dict
+    potara_adapter: dict[str, torch.Tensor]
+    bad_stats: list[dict] = field(default_factory=list)
+
+
+def statistics_fault(name: str, info: dict) -> dict | None:
+    """A fault record when Potara's statistics were not finite (warned), else None."""
     if "a" in info:  # the paper's estimator: its variance terms
         terms = [v for t in "abc" for v in (info[t].values() if isinstance(info[t], dict) else [info[t]])]
         if not all(math.isfinite(v) for v in terms):
-            warnings.warn(f"client {s.name}: non-finite variance terms (a, b, c) = {info['a']}, {info['b']}, "
+            warnings.warn(f"client {name}: non-finite variance terms (a, b, c) = {info['a']}, {info['b']}, "
                           f"{info['c']}; Potara's lam = {info['lam']}")
-            bad_stats.append({"client": s.name, "what": f"variance terms (Potara: lam = {info['lam']})"})
+            return {"client": name, "what": f"variance terms (Potara: lam = {info['lam']})"}
     elif info["candidate"].startswith("fallback"):  # the default: non-finite held-out loss or slope (warned)
-        bad_stats.append({"client": s.name, "what": f"held-out loss/slope (Potara: lam = {info['lam']})"})
-    acc["potara_ab"][s.name] = score(run, merged, *test)
+        return {"client": name, "what": f"held-out loss/slope (Potara: lam = {info['lam']})"}
+    return None
+
+
+def evaluate_client(ev: Evaluator, i: int, s: ClientSplits, G: dict, L: dict, finetuned: dict,
+                    fedsa_adapter: dict | None = None) -> ClientEvaluation:
+    """Every method on client i's test split, given the federated adapter G, its local adapter L, its fine-tuned
+    adapter and (when FedSA-LoRA ran) its FedSA adapter. Writes nothing; the caller keeps what it needs."""
+    test, space = (s.test_inputs, s.test_targets), ev.cfg.grid_space
+    acc = {"local": ev.score(L, *test), "fedit": ev.score(G, *test), "fedit_ft": ev.score(finetuned, *test),
+           "uniform": ev.score(merge_adapters(G, L, 0.5, space), *test)}
+    fisher_merged, stats, fisher_fault = fisher_merging(ev, i, s, G, L)
+    acc["fisher"] = ev.score(fisher_merged, *test)
+    if fedsa_adapter is not None:
+        acc["fedsa"] = ev.score(fedsa_adapter, *test)
+    merged, info = potara_step(ev, i, s, G, L, stats)  # "paper": the statistics Fisher merging used
+    bad_stats = [f for f in (fisher_fault, statistics_fault(s.name, info)) if f is not None]
+    acc["potara_ab"] = ev.score(merged, *test)
     # the same lam in both spaces: the statistics are of phi_G and phi_L, not of the merged adapter
-    acc["potara_delta"][s.name] = score(run, merge_adapters(G, L, info["lam"], "delta"), *test)
-    grid = grid_search(run, s, G, L)
-    acc["grid_val"][s.name], acc["grid_oracle"][s.name] = grid["test_at_val"], grid["test_oracle"]
+    acc["potara_delta"] = ev.score(merge_adapters(G, L, info["lam"], "delta"), *test)
+    grid = grid_search(ev, s, G, L)
+    acc["grid_val"], acc["grid_oracle"] = grid["test_at_val"], grid["test_oracle"]
     lam_p = mean(info["lam"].values()) if isinstance(info["lam"], dict) else info["lam"]
-    return {"potara": info, "lam_potara": lam_p, "lam_grid_val": grid["lam_val"], "lam_grid_oracle": grid["lam_oracle"],
-            "abs_lam_diff": abs(lam_p - grid["lam_val"]), "barrier": grid["barrier"], "grid": grid["curves"]}
+    record = {"potara": info, "lam_potara": lam_p, "lam_grid_val": grid["lam_val"],
+              "lam_grid_oracle": grid["lam_oracle"], "abs_lam_diff": abs(lam_p - grid["lam_val"]),
+              "barrier": grid["barrier"], "grid": grid["curves"]}
+    return ClientEvaluation(acc, record, merged, bad_stats)

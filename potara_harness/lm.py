@@ -3,7 +3,7 @@ the token-level loss over answer tokens, the cached pre-training of the tiny mod
 client splits, and the scorer (multiple choice by summed log-likelihood, free-form by greedy decoding).
 
     tok = ByteTokenizer(); model = tiny_llama(tok.vocab_size)
-    info = pretrain_tiny(model, tok, PRESETS["tiny"], seed=0, cache_dir="data/llm", device=cpu, progress=True)
+    info = pretrain_tiny(model, tok, config.LM_PRESETS["tiny"], seed=0, cache_dir="data/llm", device=cpu, progress=True)
     scorer = Scorer(tok, max_new_tokens=16)
     splits = build_splits(synthetic_tasks(600), tok, (200, 50, 100), max_len=96, seed=0, scorer=scorer)
     run_experiment(model, splits, cfg, out, evaluate=scorer, loss_fn=lm_loss, likelihood=causal_lm_likelihood)
@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from data import ClientSplits
+from fisher import causal_lm_likelihood
 from lora import check_tensors
-from potara import causal_lm_likelihood
+from potara_harness.config import TINY_LLAMA
 from potara_harness.llm_data import (
     IGNORE,
     DataError,
@@ -37,17 +38,6 @@ from potara_harness.llm_data import (
 )
 from potara_harness.llm_tasks import public_corpus
 from potara_harness.pretrain import cache_path, cached_pretrain, step, warmup_cosine
-
-TINY_LLAMA = dict(hidden_size=96, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
-                  num_key_value_heads=4, max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=True)
-PRESETS = {  # every default that depends on the model: "tiny" or any other (a Hugging Face model on a GPU)
-    "tiny": dict(train=200, val=50, test=100, max_len=96, max_new_tokens=16, rounds=20, local_steps=5,
-                 local_train_steps=100, finetune_steps=25, lr=3e-3, batch_size=32, rank=8, lora_alpha=16,
-                 pretrain_steps=2500, pretrain_lr=3e-3, pretrain_batch=32),
-    "hf": dict(train=1000, val=100, test=500, max_len=512, max_new_tokens=32, rounds=50, local_steps=5,
-               local_train_steps=300, finetune_steps=100, lr=2e-4, batch_size=8, rank=8, lora_alpha=16,
-               pretrain_steps=0, pretrain_lr=0.0, pretrain_batch=0),
-}
 
 
 # ----------------------------------------------------------------------------- models

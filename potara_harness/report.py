@@ -4,7 +4,7 @@ written atomically (atomic_write: a temporary file, fsync, os.replace).
     write_outputs(results, out_dir)      # results.json, results.md, lambda.png, communication.png
     print(markdown_table(results))       # the methods and Potara's weights, as markdown
 
-`results` is pipeline.run_experiment's dict: results["methods"][m] = {label, mean, per_client, bytes},
+`results` is collect_results' dict (pipeline.run_experiment and the Flower server build it here): results["methods"][m] = {label, mean, per_client, bytes},
 results["per_client"][client] = {potara, lam_potara, lam_grid_val, lam_grid_oracle, abs_lam_diff, grid},
 results["faults"], results["communication"]. The plots need the `plot` extra (matplotlib); without it
 only the two text files are written.
@@ -14,7 +14,11 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import asdict
 from typing import IO, Callable
+
+from fed import state_bytes
+from lora import lora_factor
 
 
 def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
@@ -33,9 +37,56 @@ def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
         raise
 
 
+METHOD_LABELS = {"local": "Local only", "fedit": "FedIT (global adapter)", "fedit_ft": "FedIT + local fine-tuning",
+                 "uniform": "Uniform merge (lam = 0.5)", "fisher": "Fisher merging", "fedsa": "FedSA-LoRA",
+                 "grid_val": "Grid search on val", "grid_oracle": "Grid oracle on test (not a method)",
+                 "potara_ab": "Potara (A/B space)", "potara_delta": "Potara (delta space)"}
+METHODS = tuple(METHOD_LABELS)
+
+
 def mean(xs) -> float:
     xs = list(xs)
     return sum(xs) / len(xs)
+
+
+def sent_bytes(history: list[dict]) -> int:
+    """Bytes a federated run sent both ways: its rounds' bytes_down + bytes_up."""
+    return sum(h["bytes_down"] + h["bytes_up"] for h in history)
+
+
+def fed_faults(history: list[dict]) -> dict:
+    """A federated run's faults: drop-outs, rejected updates and (in a deployment) failed clients."""
+    faults = {"dropped": sum(len(h.get("dropped", [])) for h in history),
+              "rejected": [{"round": h["round"], **r} for h in history for r in h.get("rejected", [])]}
+    if any("failed" in h for h in history):
+        faults["failed"] = [{"round": h["round"], **f} for h in history for f in h.get("failed", [])]
+    return faults
+
+
+def collect_results(config: dict, cfg, clients: list[str], acc: dict, per_client: dict, curve: list[dict],
+                    init: dict, fedit_history: list[dict], fedsa_history: list[dict] | None, fallbacks: list,
+                    bad_stats: list, timing: dict, adapter_extra: dict | None = None,
+                    faults_extra: dict | None = None) -> dict:
+    """The results dict written to results.json, for the pipeline and the Flower server alike. cfg is the
+    ExperimentConfig; acc[method][client] the test accuracies of the methods that ran; init phi_0. Bytes: a
+    method costs what its training sent both ways: local only 0, FedSA-LoRA its own history, every other method
+    FedIT's history (merging and Fisher statistics are on-device)."""
+    bytes_of = {m: 0 if m == "local" else sent_bytes(fedsa_history) if m == "fedsa" else sent_bytes(fedit_history)
+                for m in acc}
+    A = {k: v for k, v in init.items() if lora_factor(k) == "A"}  # what FedSA-LoRA shares
+    return {"config": config, "experiment": asdict(cfg), "seed": cfg.seed, "clients": clients,
+            "methods": {m: {"label": METHOD_LABELS[m], "mean": mean(acc[m].values()), "per_client": acc[m],
+                            "bytes": bytes_of[m]} for m in acc},
+            "per_client": per_client,
+            "mean_abs_lam_diff": mean(c["abs_lam_diff"] for c in per_client.values()),
+            "adapter": {"numel": sum(v.numel() for v in init.values()), "bytes": state_bytes(init),
+                        "fedsa_shared_bytes": state_bytes(A), **(adapter_extra or {})},
+            "communication": curve, "fedit_history": fedit_history, "fedsa_history": fedsa_history,
+            "faults": {"drop_prob": cfg.drop_prob, "max_update_norm": cfg.max_update_norm,
+                       "fedit": fed_faults(fedit_history),
+                       "fedsa": fed_faults(fedsa_history) if fedsa_history is not None else None,
+                       "fallbacks": fallbacks, "statistics": bad_stats, **(faults_extra or {})},
+            "timing_s": timing}
 
 
 def fault_summary(results: dict) -> str | None:

@@ -2,7 +2,7 @@
 backbone (ImageNet vit_b_16 for the paper's setting; a small ViT pre-trained here on public CIFAR images,
 cached, for a CPU).
 
-    p = PRESETS["tiny"]                                     # every default of run_cifar.py, per preset
+    p = config.VIT_PRESETS["tiny"]                          # every default of run_cifar.py, per preset
     backbone, info = tiny_backbone(p, data, public, {"data": "synthetic", ...}, "data", 1000, device, True)
     model = build_model(backbone, p, rank=8, lora_alpha=16, seed=0)   # zero head + LoRA on q, v
 
@@ -24,20 +24,9 @@ from tqdm.auto import tqdm
 
 from data import DataError
 from lora import AdapterError, add_lora, check_tensors
+from lora_mha import LORA_LAYERS
 from potara_harness.pretrain import cache_path, cached_pretrain, step, warmup_cosine
 
-CIFAR_MEAN, CIFAR_STD = (0.507, 0.487, 0.441), (0.267, 0.256, 0.276)
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-TINY_VIT = dict(image_size=32, patch_size=8, num_layers=4, num_heads=4, hidden_dim=96, mlp_dim=192)
-PRESETS = {  # every default of the CIFAR pipeline, per preset (None: not used by that preset)
-    "tiny": dict(vit=TINY_VIT, mean=CIFAR_MEAN, std=CIFAR_STD, public=30000, pretrain_steps=1000, pretrain_lr=2e-3,
-                 pretrain_batch=128, clients=5, alpha=0.5, train=400, val=100, test=200, rounds=100, local_steps=5,
-                 local_train_steps=100, finetune_steps=25, lr=3e-3, batch_size=32, rank=8, lora_alpha=16),
-    "paper": dict(vit=None, mean=IMAGENET_MEAN, std=IMAGENET_STD, public=0, pretrain_steps=None, pretrain_lr=None,
-                  pretrain_batch=None, clients=10, alpha=0.5, train=1000, val=100, test=500, rounds=400,
-                  local_steps=5, local_train_steps=300, finetune_steps=100, lr=1e-3, batch_size=32, rank=8,
-                  lora_alpha=16),
-}
 NUM_CLASSES = 100
 
 
@@ -83,7 +72,7 @@ def build_model(backbone: VisionTransformer, p: dict, rank: int, lora_alpha: flo
     new_head(backbone, num_classes)
     model = ImageClassifier(backbone, p["mean"], p["std"])
     torch.manual_seed(seed)
-    add_lora(model, ["self_attention"], r=rank, alpha=lora_alpha, trainable=["vit.heads"])
+    add_lora(model, ["self_attention"], r=rank, alpha=lora_alpha, trainable=["vit.heads"], layers=LORA_LAYERS)
     return model
 
 

@@ -49,12 +49,13 @@ from fed import Client, run_fedit
 from fisher import gradient_stats
 from lora import lora_state_dict
 from potara import merge_adapters, paper_weight, personalize, potara_weight, segment_loss, variance_terms
-from potara_harness import cli  # first: sets OMP_WAIT_POLICY before torch starts its threads
+from potara_harness import cli
+from potara_harness.config import VIT_PRESETS, ExperimentConfig, grid_step_problem
 from potara_harness.evaluation import grid_choice, lam_grid, score_adapter
 from potara_harness.partition import class_split_partition, client_splits, dirichlet_partition, public_and_pool
-from potara_harness.pipeline import ExperimentConfig, local_seed, train_local
+from potara_harness.pipeline import local_seed, train_local
 from potara_harness.report import atomic_write, write_text
-from potara_harness.vit import PRESETS, build_model, tiny_backbone
+from potara_harness.vit import build_model, tiny_backbone
 from potara_studies import digits
 
 SCENARIOS = {  # synthetic suite: name -> how clients get their data ("train": a smaller training split than --train)
@@ -155,8 +156,7 @@ def train_adapters(model, splits, args, seed: int, cache: str | None) -> tuple[d
         return saved["global"], saved["local"]
     init, cfg = lora_state_dict(model), training_config(args, seed)
     clients = [Client(s.name, s.train_inputs, s.train_targets) for s in splits]
-    fedit = run_fedit(model, clients, cfg.rounds, cfg.local_steps, len(clients), cfg.lr, seed, cfg.batch_size,
-                      progress=False)
+    fedit = run_fedit(model, clients, cfg.fed_config(), progress=False)
     local = {s.name: train_local(model, init, s, cfg.local_train_steps, local_seed(seed, i), cfg)
              for i, s in enumerate(splits)}
     if cache:
@@ -323,7 +323,7 @@ REAL_FIELDS = ("clients", "train", "val", "test", "public", "pretrain_steps", "l
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                 epilog="Options left at None take the suite's value: vit.PRESETS['tiny'] (synthetic) "
+                                 epilog="Options left at None take the suite's value: config.VIT_PRESETS['tiny'] (synthetic) "
                                         "or digits.DigitsConfig (real).")
     a = ap.add_argument
     a("--suite", choices=list(SUITES), default="synthetic", help="synthetic images + tiny ViT, or real digits + MLP")
@@ -364,14 +364,14 @@ def resolve(ap: argparse.ArgumentParser, argv=None) -> tuple[argparse.Namespace,
     if not args.seeds or not all(0 <= x < cli.MAX_SEED for x in args.seeds):
         ap.error(f"--seeds {seeds!r}: expected comma-separated integers in [0, 2**63)")
     args.out = args.out or os.path.join("runs", "ablation" if args.suite == "synthetic" else "ablation-real")
-    p = PRESETS["tiny"]
+    p = VIT_PRESETS["tiny"]
     if args.suite == "real":
         given = [k for k in SHARED if k not in REAL_FIELDS + ("eps", "grid_step") and getattr(args, k) is not None]
         if given:
             ap.error(f"--{given[0].replace('_', '-')} applies to the synthetic suite only")
-        cli.fill_from_preset(args, {**vars(digits.DigitsConfig()), "eps": 1e-3, "grid_step": 0.05})
+        cli.fill_from_preset(args, {**vars(digits.DigitsConfig()), "eps": ExperimentConfig.eps, "grid_step": ExperimentConfig.grid_step})
     else:
-        cli.fill_from_preset(args, {**p, "eps": 1e-3, "grid_step": 0.05, "rounds": DEFAULTS["rounds"],
+        cli.fill_from_preset(args, {**p, "eps": ExperimentConfig.eps, "grid_step": ExperimentConfig.grid_step, "rounds": DEFAULTS["rounds"],
                                     "synthetic_per_class": DEFAULTS["synthetic_per_class"]})
     cli.require_positive(ap, args, ("rounds", "clients", "train", "val", "test", "pretrain_steps", "local_steps",
                                     "local_train_steps", "batch_size", "rank", "threads", "synthetic_per_class"))
@@ -380,8 +380,9 @@ def resolve(ap: argparse.ArgumentParser, argv=None) -> tuple[argparse.Namespace,
     for k in FLOATS:
         if not (getattr(args, k) > 0 and math.isfinite(getattr(args, k))):
             ap.error(f"--{k.replace('_', '-')} must be a positive number, got {getattr(args, k)}")
-    if not abs(1 / args.grid_step - round(1 / args.grid_step)) < 1e-6 or args.grid_step > 1:
-        ap.error(f"--grid-step must be 1/n for an integer n >= 1 (e.g. 0.05), got {args.grid_step}")
+    grid = grid_step_problem(args.grid_step)
+    if grid:
+        ap.error(f"--grid-step {grid}")
     if args.suite == "synthetic" and args.public < 1000:
         ap.error(f"--public must be >= 1000 (the tiny backbone is pre-trained on it), got {args.public}")
     cli.check_dirs(ap, ("--data-dir", args.data_dir if args.suite == "synthetic" else "", os.R_OK | os.X_OK))
@@ -449,7 +450,7 @@ def scenario(args, p: dict, scen: str, seed: int, data, pool, backbone, backbone
 def main(argv=None) -> dict:
     args, p = resolve(build_parser(), argv)
     args.device = "cpu"
-    cli.setup_torch(args)
+    cli.start_torch(args)
     data, pool, backbone, backbone_info = setup(args, p)
     os.makedirs(args.out, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k not in ("progress", "threads", "resume")}

@@ -8,7 +8,7 @@ Sections (each with the goal it checks):
             768x3072, and the attention's packed q/v in-projection), and against peft's LoRA layer when peft
             is installed. Goal: our overhead no larger than peft's.
   merged    inference of a ViT-B/16 whose adapter is merged (lora.merge_lora) against the plain model. Goal: 1.00x.
-  fisher    potara.diag_fisher (torch.func) against a naive one-sample-at-a-time loop and against one ordinary
+  fisher    fisher.diag_fisher (torch.func) against a naive one-sample-at-a-time loop and against one ordinary
             training pass (AdamW steps on batches of 32) over the same samples, on run_cifar's tiny-preset ViT and
             a larger small ViT; and per_sample_grads with the math attention kernel against the default one.
             Goals: >= 5x faster than the loop at 32 samples; within 2x of the training pass.
@@ -53,18 +53,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models import VisionTransformer, vit_b_16
 
+import fisher
 import potara
 from fed import state_bytes
 from lora import LoRALinear, add_lora, load_lora_state_dict, lora_state_dict, merge_lora
-from lora_mha import LoRAPackedQKV
+from lora_mha import LORA_LAYERS, LoRAPackedQKV
+from potara_harness.config import VIT_PRESETS, ExperimentConfig
 from potara_harness.evaluation import lam_grid, score_adapter
-from potara_harness.pipeline import ExperimentConfig
-from potara_harness.vit import PRESETS
 from training import shuffled_batches, train_adapter
 
 SECTIONS = ("lora", "merged", "fisher", "clients", "potara", "pipeline")
-# the tiny preset's numbers (vit.PRESETS) and Potara's statistics at the pipelines' default sample count
-TINY = {**{k: v for k, v in PRESETS["tiny"].items() if k in ("vit", "train", "local_train_steps", "lr", "batch_size",
+# the tiny preset's numbers (config.VIT_PRESETS) and Potara's statistics at the pipelines' default sample count
+TINY = {**{k: v for k, v in VIT_PRESETS["tiny"].items() if k in ("vit", "train", "local_train_steps", "lr", "batch_size",
                                                              "rank", "lora_alpha")},
         "fisher_samples": ExperimentConfig.fisher_samples}
 SMALL_VIT = dict(image_size=32, patch_size=4, num_layers=6, num_heads=6, hidden_dim=192, mlp_dim=768)  # 65 tokens
@@ -157,7 +157,7 @@ def lora_vit(vit: VisionTransformer, rank: int, alpha: float, num_classes: int, 
     (a trained adapter) so that nothing is skipped because a factor is zero."""
     torch.manual_seed(seed)
     vit.heads.head = nn.Linear(vit.hidden_dim, num_classes)
-    add_lora(vit, ["self_attention"], r=rank, alpha=alpha, trainable=["heads"])
+    add_lora(vit, ["self_attention"], r=rank, alpha=alpha, trainable=["heads"], layers=LORA_LAYERS)
     with torch.no_grad():
         for n, p in vit.named_parameters():
             if ".lora_B" in n:
@@ -283,13 +283,13 @@ def naive_fisher(model: nn.Module, batches, n: int) -> dict[str, torch.Tensor]:
 
 
 def per_sample_grads_fused_attention(model: nn.Module, params: dict, x: torch.Tensor, y: torch.Tensor):
-    """potara.per_sample_grads as it was: vmap(grad) under the default attention kernel choice."""
+    """fisher.per_sample_grads as it was: vmap(grad) under the default attention kernel choice."""
     frozen = {n: p for n, p in model.named_parameters() if n not in params}
     buffers = dict(model.named_buffers())
 
     def log_lik(p, xi, yi):
         out = torch.func.functional_call(model, (p, frozen, buffers), (xi.unsqueeze(0),))
-        return potara.classification_likelihood.log_prob(out, yi.unsqueeze(0)).sum()
+        return fisher.classification_likelihood.log_prob(out, yi.unsqueeze(0)).sum()
 
     return torch.func.vmap(torch.func.grad(log_lik), in_dims=(None, 0, 0))(params, x, y)
 
@@ -323,7 +323,7 @@ def fisher_rows(model: nn.Module, p: dict, geometry: str, cfg: BenchConfig, devi
             model.eval()
 
         variants = {"training pass": train_pass,
-                    "diag_fisher (torch.func)": lambda: potara.diag_fisher(model, batches, n_samples=n),
+                    "diag_fisher (torch.func)": lambda: fisher.diag_fisher(model, batches, n_samples=n),
                     "naive per-sample loop": lambda: naive_fisher(model, batches, n)}
         times = measure(variants, cfg, device, reps=cfg.reps if n <= 32 else max(3, cfg.reps // 2))
         got = rows_from("fisher", times, "training pass", note=f"{geometry}, {n} samples, batches of {cfg.fisher_batch}")
@@ -336,7 +336,7 @@ def fisher_rows(model: nn.Module, p: dict, geometry: str, cfg: BenchConfig, devi
         rows.append(value_row("fisher", f"{geometry}, {n} samples: naive loop / diag_fisher", statistics.median(speedup),
                               "x", f"min-max {min(speedup):.2f}-{max(speedup):.2f}",
                               **({"goal": ">= 5x", "met": statistics.median(speedup) >= 5} if n == 32 else {})))
-        f_func, f_naive = potara.diag_fisher(model, batches, n_samples=n), naive_fisher(model, batches, n)
+        f_func, f_naive = fisher.diag_fisher(model, batches, n_samples=n), naive_fisher(model, batches, n)
         err = max(float((f_func[k] - f_naive[k]).abs().max() / f_naive[k].abs().max().clamp_min(1e-30)) for k in f_func)
         rows.append(value_row("fisher", f"{geometry}, {n} samples: max rel. diff torch.func vs loop", err, "rel",
                               "correctness"))
@@ -349,7 +349,7 @@ def fisher_rows(model: nn.Module, p: dict, geometry: str, cfg: BenchConfig, devi
     fell_back = any("batching rule" in str(w.message) for w in caught)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        times = measure({"per_sample_grads, math attention (potara)": lambda: potara.per_sample_grads(model, state, x, y),
+        times = measure({"per_sample_grads, math attention (potara)": lambda: fisher.per_sample_grads(model, state, x, y),
                          "per_sample_grads, default attention kernel": lambda: per_sample_grads_fused_attention(
                              model, state, x, y)}, cfg, device)
     got = rows_from("fisher", times, "per_sample_grads, math attention (potara)",

@@ -20,7 +20,8 @@ from torchvision.models import VisionTransformer
 
 from data import ClientSplits
 from lora import add_lora
-from potara_harness import vit
+from lora_mha import LORA_LAYERS
+from potara_harness import config
 
 MICRO_VIT = dict(image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32)
 
@@ -28,7 +29,7 @@ MICRO_VIT = dict(image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_
 @pytest.fixture
 def micro_preset(monkeypatch):
     """vit.py's tiny preset with the micro ViT; torch's thread count restored afterwards (the CLI sets it)."""
-    monkeypatch.setitem(vit.PRESETS["tiny"], "vit", MICRO_VIT)
+    monkeypatch.setitem(config.VIT_PRESETS["tiny"], "vit", MICRO_VIT)
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
@@ -314,7 +315,7 @@ def lora_vit(seed: int = 0, targets=("self_attention",)) -> nn.Module:
     torch.manual_seed(seed)
     model = VisionTransformer(image_size=16, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32,
                               num_classes=5)
-    add_lora(model, list(targets), r=2, alpha=4, trainable=["heads"])
+    add_lora(model, list(targets), r=2, alpha=4, trainable=["heads"], layers=LORA_LAYERS)
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:

@@ -6,7 +6,7 @@ import pytest
 from conftest import MICRO_VIT
 
 from potara import personalize
-from potara_harness import vit
+from potara_harness import config
 from potara_harness.evaluation import lam_grid
 from potara_studies import ablation
 
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.usefixtures("micro_preset")
 def micro(tmp_path_factory):
     data_dir, out = tmp_path_factory.mktemp("data"), tmp_path_factory.mktemp("ablation")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(vit.PRESETS["tiny"], "vit", MICRO_VIT)
+        mp.setitem(config.VIT_PRESETS["tiny"], "vit", MICRO_VIT)
         results = ablation.main(micro_argv(data_dir, out))
     return data_dir, out, results
 

@@ -13,11 +13,12 @@ from conftest import PlantedPickle
 import adapter_file
 from adapter_file import load_adapter, save_adapter
 from lora import AdapterError, add_lora, lora_meta, lora_state_dict
+from lora_mha import LORA_LAYERS
 
 
 def test_save_load_adapter_round_trip(tmp_path, randomize_lora):
     model = nn.ModuleDict({"attn": nn.MultiheadAttention(8, 2), "head": nn.Linear(8, 3)})
-    add_lora(model, ["attn"], r=2, alpha=8, trainable=["head"])
+    add_lora(model, ["attn"], r=2, alpha=8, trainable=["head"], layers=LORA_LAYERS)
     randomize_lora(model)
     state, meta = lora_state_dict(model), lora_meta(model)
     assert meta["layers"]["attn"] == {"r": 2, "alpha": 8.0, "scaling": 4.0, "kind": "LoRAPackedQKV", "parts": "qv"}

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-import potara
+import fisher
 from lora import LoRALinear
 from lora_mha import LoRAPackedQKV
 from potara_studies import bench
@@ -67,7 +67,7 @@ def test_naive_fisher_loop_matches_diag_fisher():
     model = bench.lora_vit(vit, rank=2, alpha=4, num_classes=3)
     x, y = torch.randn(6, 3, 16, 16), torch.tensor([0, 1, 2, 0, 1, 2])
     batches = [(x[:4], y[:4]), (x[4:], y[4:])]
-    loop, func = bench.naive_fisher(model, batches, 5), potara.diag_fisher(model, batches, n_samples=5)
+    loop, func = bench.naive_fisher(model, batches, 5), fisher.diag_fisher(model, batches, n_samples=5)
     assert set(loop) == set(func)
     for k in func:
         assert torch.allclose(func[k], loop[k], rtol=1e-4, atol=1e-9), k

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from potara_harness.checkpoint import ResumeError, RunState, fingerprint, load_state, save_state
-from potara_harness.pipeline import ExperimentConfig
+from potara_harness.config import ExperimentConfig
 
 
 def test_fault_options_are_fingerprinted_only_when_set(mlp_problem):

@@ -8,16 +8,15 @@ import torch.nn.functional as F
 
 from data import ClientSplits
 from fed import derive_seed
-from fisher import classification_likelihood, gradient_stats
+from fisher import gradient_stats
 from lora import add_lora, load_lora_state_dict, lora_state_dict
 from potara import merge_adapters, personalize
-from potara_harness.checkpoint import RunState
-from potara_harness.evaluation import accuracy, grid_search, potara_step, stat_batches
-from potara_harness.pipeline import ExperimentConfig, Run
-from training import classification_loss
+from potara_harness.config import SALT_LABELS, ExperimentConfig
+from potara_harness.evaluation import Evaluator, evaluate_client, grid_search, potara_step, stat_batches
+from potara_harness.report import METHODS
 
 
-def micro_run(**cfg) -> tuple[Run, dict, dict, ClientSplits]:
+def micro_run(**cfg) -> tuple[Evaluator, dict, dict, ClientSplits]:
     """A LoRA MLP, one client (24 train / 20 val / 12 test), two trained-looking adapters G and L."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
@@ -27,10 +26,7 @@ def micro_run(**cfg) -> tuple[Run, dict, dict, ClientSplits]:
     G, L = ({k: v + 0.5 * torch.randn(v.shape, generator=g) for k, v in init.items()} for _ in range(2))
     x, y = torch.randn(56, 6, generator=g), torch.randint(0, 3, (56,), generator=g)
     s = ClientSplits("c0", x[:24], y[:24], x[24:44], y[24:44], x[44:], y[44:])
-    run = Run(model, [s], ExperimentConfig(**cfg), "", init, RunState(""), accuracy, classification_loss,
-              classification_likelihood, None, False)
-    run.state.local["c0"] = L
-    return run, G, L, s
+    return Evaluator(model, init, ExperimentConfig(**cfg)), G, L, s
 
 
 def test_stat_batches_read_each_sample_once():
@@ -45,14 +41,14 @@ def test_stat_batches_read_each_sample_once():
 
 def test_potara_step_is_personalize_and_paper_reads_the_fisher_statistics():
     run, G, L, s = micro_run()
-    merged, info = potara_step(run, 0, s, G)
+    merged, info = potara_step(run, 0, s, G, L)
     _, ref = personalize(run.model, G, L, held_out=[(s.val_inputs, s.val_targets)])
     assert info["lam"] == pytest.approx(ref["lam"]) and info["estimator"] == "verified"
     assert all(torch.equal(merged[k], merge_adapters(G, L, info["lam"])[k]) for k in G)
     run, G, L, s = micro_run(estimator="paper")
-    stats = gradient_stats(run.model, G, L, stat_batches(run, 0, s), seed=derive_seed(0, 0, 404))
-    _, from_stats = potara_step(run, 0, s, G, stats)
-    _, direct = potara_step(run, 0, s, G)  # no statistics given: personalize(estimator="paper") computes them
+    stats = gradient_stats(run.model, G, L, stat_batches(run, 0, s), seed=derive_seed(0, 0, SALT_LABELS))
+    _, from_stats = potara_step(run, 0, s, G, L, stats)
+    _, direct = potara_step(run, 0, s, G, L)  # no statistics given: personalize(estimator="paper") computes them
     assert from_stats["lam"] == pytest.approx(direct["lam"]) and {"a", "b", "c"} <= set(from_stats)
     assert from_stats["a"] == pytest.approx(direct["a"])
 
@@ -72,3 +68,25 @@ def test_grid_search_val_loss_and_barrier_against_plain_forwards():
     chord = [(1 - lam) * f[0] + lam * f[-1] for lam in curves["lam"]]
     assert out["barrier"] == pytest.approx(max(v - c for v, c in zip(f, chord)))
     assert out["barrier"] >= 0  # the ends themselves are on the chord
+
+
+def test_evaluate_client_returns_its_record_and_the_adapter_it_scored():
+    """evaluate_client writes into nothing: every accuracy is a plain forward of the adapter it names, and the
+    Potara adapter it hands back is the A/B merge at its lam (what a device keeps), merged once."""
+    ev, G, L, s = micro_run(grid_step=0.25)
+    F_ = {k: v + 0.1 for k, v in L.items()}
+    e = evaluate_client(ev, 0, s, G, L, F_)
+    assert set(e.acc) == set(METHODS) - {"fedsa"}
+    assert all(torch.equal(v, ev.init[k]) for k, v in lora_state_dict(ev.model).items())  # left at phi_0
+
+    def plain(adapter):
+        load_lora_state_dict(ev.model, adapter)
+        with torch.no_grad():
+            return int((ev.model(s.test_inputs).argmax(-1) == s.test_targets).sum()) / len(s.test_targets)
+
+    lam = e.record["potara"]["lam"]
+    expected = merge_adapters(G, L, lam)
+    assert all(torch.equal(e.potara_adapter[k], expected[k]) for k in G)
+    assert e.acc["local"] == plain(L) and e.acc["fedit"] == plain(G) and e.acc["fedit_ft"] == plain(F_)
+    assert e.acc["potara_ab"] == plain(expected) and e.acc["uniform"] == plain(merge_adapters(G, L, 0.5))
+    assert e.record["lam_potara"] == lam and e.record["abs_lam_diff"] == abs(lam - e.record["lam_grid_val"])

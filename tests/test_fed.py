@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from fed import (
     Client,
     ClientReply,
+    FedConfig,
     FedState,
     derive_seed,
     fedavg,
@@ -107,11 +108,17 @@ def test_validate_update_rejects_crafted_tensors_with_a_reason_and_never_raises(
 
 # ---- run_fedit ----
 
+def fedit(model, clients, progress=False, share=None, resume=None, on_round=None, **settings):
+    """run_fedit with its settings given as keywords (fed.FedConfig's fields)."""
+    return run_fedit(model, clients, FedConfig(**settings), progress=progress, share=share, resume=resume,
+                     on_round=on_round)
+
+
 def test_fedit_reduces_loss_and_counts_bytes():
     model, clients = small_model(), make_clients()
     init = lora_state_dict(model)
     loss0 = total_loss(model, clients)
-    state = run_fedit(model, clients, rounds=6, local_steps=5, clients_per_round=2, lr=2e-2, seed=0,
+    state = fedit(model, clients, rounds=6, local_steps=5, clients_per_round=2, lr=2e-2, seed=0,
                       batch_size=16, progress=False)
     assert all(torch.equal(v, init[k]) for k, v in lora_state_dict(model).items())  # model left at phi_0
     load_lora_state_dict(model, state.global_state)
@@ -126,15 +133,15 @@ def test_fedit_reduces_loss_and_counts_bytes():
 
 def test_fedit_resume_is_bitwise():
     clients = make_clients()
-    full = run_fedit(small_model(), clients, rounds=3, local_steps=3, clients_per_round=2, lr=1e-2, seed=7,
+    full = fedit(small_model(), clients, rounds=3, local_steps=3, clients_per_round=2, lr=1e-2, seed=7,
                      progress=False)
     saved = []
     model = small_model()
-    run_fedit(model, clients, rounds=1, local_steps=3, clients_per_round=2, lr=1e-2, seed=7, progress=False,
+    fedit(model, clients, rounds=1, local_steps=3, clients_per_round=2, lr=1e-2, seed=7, progress=False,
               on_round=lambda s: saved.append(FedState(s.round, dict(s.global_state),
                                                        {k: dict(v) for k, v in s.private_states.items()},
                                                        list(s.history))))
-    resumed = run_fedit(model, clients, rounds=3, local_steps=3, clients_per_round=2, lr=1e-2, seed=7,
+    resumed = fedit(model, clients, rounds=3, local_steps=3, clients_per_round=2, lr=1e-2, seed=7,
                         progress=False, resume=saved[-1])
     assert [h["clients"] for h in resumed.history] == [h["clients"] for h in full.history]
     assert all(torch.equal(resumed.global_state[k], full.global_state[k]) for k in full.global_state)
@@ -147,7 +154,7 @@ def test_fedit_uses_the_one_backbone_it_is_given(monkeypatch):
     frozen = {n: (p, p.data_ptr(), p.detach().clone()) for n, p in model.named_parameters() if not p.requires_grad}
     for hook in ("__init__", "__setstate__"):
         monkeypatch.setattr(nn.Module, hook, lambda *a, **k: pytest.fail("run_fedit built or copied a module"))
-    state = run_fedit(model, clients, rounds=2, local_steps=2, clients_per_round=3, lr=1e-2, seed=0, progress=False)
+    state = fedit(model, clients, rounds=2, local_steps=2, clients_per_round=3, lr=1e-2, seed=0, progress=False)
     monkeypatch.undo()
     assert len(state.history) == 2 and state.history[0]["mean_train_loss"] is not None
     now = dict(model.named_parameters())
@@ -158,7 +165,7 @@ def test_fedit_uses_the_one_backbone_it_is_given(monkeypatch):
 def test_fedsa_shares_only_A():
     model, clients = small_model(), make_clients()
     init = lora_state_dict(model)
-    state = run_fedit(model, clients, rounds=2, local_steps=2, clients_per_round=3, lr=1e-2, seed=0,
+    state = fedit(model, clients, rounds=2, local_steps=2, clients_per_round=3, lr=1e-2, seed=0,
                       share=lambda k: lora_factor(k) == "A", progress=False)
     assert set(state.global_state) == {k for k in init if lora_factor(k) == "A"}
     a_bytes = sum(init[k].numel() * 4 for k in state.global_state)
@@ -171,13 +178,13 @@ def test_fedsa_shares_only_A():
 def test_run_fedit_errors():
     model, clients = small_model(), make_clients()
     with pytest.raises(ValueError, match="clients_per_round"):
-        run_fedit(model, clients, 1, 1, 4, 1e-2, 0)
+        run_fedit(model, clients, FedConfig(1, 1, 1e-2, clients_per_round=4))
     with pytest.raises(ValueError, match="no clients"):
-        run_fedit(model, [], 1, 1, 1, 1e-2, 0)
+        run_fedit(model, [], FedConfig(1, 1, 1e-2))
     with pytest.raises(ValueError, match="local_steps"):
-        run_fedit(model, clients, 1, 0, 1, 1e-2, 0)
+        run_fedit(model, clients, FedConfig(1, 0, 1e-2))
     with pytest.raises(ValueError, match="selects no adapter"):
-        run_fedit(model, clients, 1, 1, 1, 1e-2, 0, share=lambda k: False)
+        run_fedit(model, clients, FedConfig(1, 1, 1e-2), share=lambda k: False)
 
 
 def test_bad_updates_are_rejected_and_the_rest_aggregated(caplog):
@@ -186,7 +193,7 @@ def test_bad_updates_are_rejected_and_the_rest_aggregated(caplog):
     poisoned.inputs[0, 0] = float("nan")  # its training produces a NaN adapter
     model = small_model()
     with caplog.at_level("WARNING", logger="potara.fed"):
-        state = run_fedit(model, [clients[1], poisoned, clients[2]], rounds=1, local_steps=2, clients_per_round=3,
+        state = fedit(model, [clients[1], poisoned, clients[2]], rounds=1, local_steps=2, clients_per_round=3,
                           lr=1e-2, seed=0, progress=False)
     assert state.history[0]["rejected"][0]["client"] == "poisoned"
     assert "NaN" in state.history[0]["rejected"][0]["reason"] and "poisoned" in caplog.text
@@ -194,10 +201,10 @@ def test_bad_updates_are_rejected_and_the_rest_aggregated(caplog):
     # the poisoned client has no influence: another poison at its place gives the same aggregate
     other = Client("poisoned", clients[0].inputs.clone(), clients[0].targets)
     other.inputs[:, 1] = float("inf")
-    state2 = run_fedit(small_model(), [clients[1], other, clients[2]], rounds=1, local_steps=2, clients_per_round=3,
+    state2 = fedit(small_model(), [clients[1], other, clients[2]], rounds=1, local_steps=2, clients_per_round=3,
                        lr=1e-2, seed=0, progress=False)
     assert all(torch.equal(state.global_state[k], state2.global_state[k]) for k in state.global_state)
-    honest = run_fedit(small_model(), [clients[1], poisoned, clients[2]], rounds=1, local_steps=2,
+    honest = fedit(small_model(), [clients[1], poisoned, clients[2]], rounds=1, local_steps=2,
                        clients_per_round=3, lr=1e-2, seed=0, progress=False, max_update_norm=1e-9)
     assert len(honest.history[0]["rejected"]) == 3  # a tiny norm bound rejects everyone ...
     init = lora_state_dict(small_model())
@@ -209,7 +216,7 @@ def test_bad_updates_are_rejected_and_the_rest_aggregated(caplog):
 
 def test_dropout_clients_are_recorded_and_not_counted():
     clients = make_clients(num=6)
-    state = run_fedit(small_model(), clients, rounds=8, local_steps=1, clients_per_round=4, lr=1e-2, seed=1,
+    state = fedit(small_model(), clients, rounds=8, local_steps=1, clients_per_round=4, lr=1e-2, seed=1,
                       progress=False, drop_prob=0.5)
     adapter_bytes = state_bytes(lora_state_dict(small_model()))
     dropped = [len(h["dropped"]) for h in state.history]
@@ -220,7 +227,7 @@ def test_dropout_clients_are_recorded_and_not_counted():
         assert h["bytes_up"] == (4 - len(h["dropped"])) * adapter_bytes
     assert all(torch.isfinite(v).all() for v in state.global_state.values())
     with pytest.raises(ValueError, match="drop_prob"):
-        run_fedit(small_model(), clients, 1, 1, 1, 1e-2, 0, drop_prob=1.0)
+        run_fedit(small_model(), clients, FedConfig(1, 1, 1e-2, drop_prob=1.0))
 
 
 # ---- the per-round pieces an out-of-process server and client call ----
@@ -243,7 +250,7 @@ def test_run_fedit_equals_its_pieces_run_as_separate_server_and_clients():
     """A deployment: the server holds only tensors, each client its own model copy; same bits as run_fedit."""
     clients = make_clients(num=4)
     kw = dict(local_steps=3, lr=2e-2, seed=11, batch_size=16)
-    ref = run_fedit(small_model(), clients, rounds=3, clients_per_round=3, progress=False, drop_prob=0.3, **kw)
+    ref = fedit(small_model(), clients, rounds=3, clients_per_round=3, progress=False, drop_prob=0.3, **kw)
     client_models = [small_model() for _ in clients]
     init = lora_state_dict(small_model())
     global_state, private, names = dict(init), {c.name: {} for c in clients}, [c.name for c in clients]
@@ -253,7 +260,8 @@ def test_run_fedit_equals_its_pieces_run_as_separate_server_and_clients():
         for k in selected:
             if k not in dropped:
                 replies[k], new_private = local_update(client_models[k], clients[k], global_state,
-                                                       private[names[k]], t, k, progress=False, **kw)
+                                                       private[names[k]], t, k, FedConfig(rounds=3, **kw),
+                                                       progress=False)
                 private[names[k]] = new_private
         outcome = server_round(t, global_state, selected, replies, names)
         global_state = outcome.global_state
@@ -296,7 +304,7 @@ def test_run_fedit_leaves_the_callers_rng_alone_and_does_not_depend_on_it():
     for caller_seed in (1, 2):
         torch.manual_seed(caller_seed)
         before = torch.get_rng_state()
-        runs.append(run_fedit(model, clients, rounds=2, local_steps=2, clients_per_round=2, lr=1e-2, seed=0,
+        runs.append(fedit(model, clients, rounds=2, local_steps=2, clients_per_round=2, lr=1e-2, seed=0,
                               progress=False))
         assert torch.equal(torch.get_rng_state(), before)
     assert all(torch.equal(runs[0].global_state[k], runs[1].global_state[k]) for k in runs[0].global_state)

@@ -28,15 +28,21 @@ from torchvision.models import VisionTransformer  # noqa: E402
 
 from adapter_file import load_adapter  # noqa: E402
 from data import load_images  # noqa: E402
-from fed import Client, run_fedit, sample_clients  # noqa: E402
+from fed import Client, FedConfig, run_fedit, sample_clients  # noqa: E402
 from potara_flower import client_app as flower_client  # noqa: E402
 from potara_flower import server_app as flower_server  # noqa: E402
 from potara_flower.loopback import LocalFederation, wait_for  # noqa: E402
-from potara_flower.task import ADAPTER, CONFIG, METRICS, AppConfig, ConfigError, from_record, to_record  # noqa: E402
+from potara_flower.task import ADAPTER, CONFIG, METRICS, from_record, to_record  # noqa: E402
 from potara_harness.checkpoint import ResumeError  # noqa: E402
+from potara_harness.config import (  # noqa: E402
+    VIT_PRESETS,
+    AppConfig,
+    ConfigError,
+    ExperimentConfig,  # noqa: E402
+)
 from potara_harness.partition import client_splits, dirichlet_partition, public_and_pool  # noqa: E402
-from potara_harness.pipeline import ExperimentConfig, run_experiment  # noqa: E402
-from potara_harness.vit import PRESETS, build_model, load_backbone_file  # noqa: E402
+from potara_harness.pipeline import run_experiment  # noqa: E402
+from potara_harness.vit import build_model, load_backbone_file  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -68,10 +74,11 @@ def check_against_in_process(out: Path, data_dir: Path, backbone: Path, run: dic
     sizes = (run["train"], run["val"], run["test"])
     parts = dirichlet_partition(data.labels[pool], K, run["alpha"], sum(sizes), run["seed"])
     splits = client_splits(data.images, data.labels, pool, parts, sizes, run["seed"])
-    model = build_model(load_backbone_file(str(backbone), None), PRESETS["tiny"], run["rank"], run["lora-alpha"],
+    model = build_model(load_backbone_file(str(backbone), None), VIT_PRESETS["tiny"], run["rank"], run["lora-alpha"],
                         run["seed"])
-    ref = run_fedit(model, [Client(s.name, s.train_inputs, s.train_targets) for s in splits], R, run["local-steps"],
-                    cpr, run["lr"], run["seed"], run["batch-size"], progress=False, drop_prob=run["drop-prob"])
+    fed_cfg = FedConfig(R, run["local-steps"], run["lr"], run["batch-size"], clients_per_round=cpr, seed=run["seed"],
+                        drop_prob=run["drop-prob"])
+    ref = run_fedit(model, [Client(s.name, s.train_inputs, s.train_targets) for s in splits], fed_cfg, progress=False)
     cfg = ExperimentConfig(rounds=R, local_steps=run["local-steps"], clients_per_round=run["clients-per-round"],
                            lr=run["lr"], batch_size=run["batch-size"], local_train_steps=run["local-train-steps"],
                            finetune_steps=run["finetune-steps"], fisher_samples=run["fisher-samples"],

@@ -6,9 +6,9 @@ import torch.nn.functional as F
 
 pytest.importorskip("transformers")
 
+from fisher import causal_lm_likelihood, per_sample_grads
 from lora import LoRALinear, add_lora, lora_state_dict, merge_lora
-from potara import causal_lm_likelihood, per_sample_grads
-from potara_harness import lm
+from potara_harness import config, lm
 from potara_harness.llm_data import IGNORE, ByteTokenizer, Example, encode_examples, normalize_answer
 
 
@@ -113,7 +113,7 @@ def test_a_nan_pretraining_cache_is_trained_again(tmp_path, capsys, small_llama)
     """The cached tiny model is untrusted like any file: one NaN in it and it is pre-trained again (with the
     reason printed), to the same weights as the first time; never loaded into the model."""
     from potara_harness.llm_data import ByteTokenizer
-    p = {**lm.PRESETS["tiny"], "pretrain_steps": 2, "pretrain_batch": 4, "max_len": 32}
+    p = {**config.LM_PRESETS["tiny"], "pretrain_steps": 2, "pretrain_batch": 4, "max_len": 32}
     first = small_llama(0)
     info = lm.pretrain_tiny(first, ByteTokenizer(), p, 0, str(tmp_path), torch.device("cpu"), False)
     obj = torch.load(info["cache"], weights_only=True)

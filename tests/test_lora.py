@@ -22,7 +22,7 @@ from lora import (
     merge_lora,
     unmerge_lora,
 )
-from lora_mha import LoRAPackedQKV
+from lora_mha import LORA_LAYERS, LoRAPackedQKV
 
 
 def tiny_vit(num_classes=5):
@@ -93,7 +93,7 @@ def test_packed_qv_changes_q_and_v_only():
     model.eval()
     x = torch.randn(2, 3, 16, 16)
     ref = model(x)
-    names = add_lora(model, ["self_attention"], r=2, alpha=4)
+    names = add_lora(model, ["self_attention"], r=2, alpha=4, layers=LORA_LAYERS)
     assert all(isinstance(model.get_submodule(n), LoRAPackedQKV) for n in names)
     torch.testing.assert_close(model(x), ref)  # fresh adapter: unchanged
     randomize_lora(model)
@@ -149,7 +149,7 @@ def test_add_lora_errors():
 
 def test_load_state_checks_everything_and_never_loads_partially():
     model = tiny_vit()
-    add_lora(model, ["self_attention"], r=2, trainable=["heads"])
+    add_lora(model, ["self_attention"], r=2, trainable=["heads"], layers=LORA_LAYERS)
     good = lora_state_dict(model)
     randomize_lora(model)
     before = lora_state_dict(model)
@@ -200,7 +200,7 @@ def test_lora_factor_recognises_exactly_our_and_peft_factor_keys():
 def _rank_model():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.MultiheadAttention(8, 2, batch_first=True))
-    add_lora(model, ["0", "2"], r=2, alpha=6, trainable=[])
+    add_lora(model, ["0", "2"], r=2, alpha=6, trainable=[], layers=LORA_LAYERS)
     return model
 
 

@@ -8,7 +8,8 @@ import torch
 
 from lora import lora_state_dict
 from potara_harness.checkpoint import _tensors
-from potara_harness.pipeline import ExperimentConfig, run_experiment
+from potara_harness.config import ExperimentConfig
+from potara_harness.pipeline import run_experiment
 
 MLP_CFG = dict(rounds=2, local_steps=3, lr=1e-2, batch_size=8, local_train_steps=4, finetune_steps=3,
                fisher_samples=8, grid_step=0.25, snapshots=2,

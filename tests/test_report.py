@@ -10,7 +10,8 @@ import data as data_module
 from adapter_file import save_adapter
 from data import write_synthetic_cifar100
 from potara_harness.checkpoint import RunState, save_state
-from potara_harness.pipeline import ExperimentConfig, run_experiment
+from potara_harness.config import ExperimentConfig
+from potara_harness.pipeline import run_experiment
 from potara_harness.report import atomic_write, markdown_table, strict_json, write_outputs
 
 

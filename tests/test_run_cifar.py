@@ -23,9 +23,10 @@ from adapter_file import save_adapter
 from data import write_synthetic_cifar100
 from lora import lora_factor, lora_state_dict
 from potara import merge_adapters
-from potara_harness import vit
-from potara_harness.evaluation import METHODS, lam_grid, score_adapter
+from potara_harness import config, vit
+from potara_harness.evaluation import lam_grid, score_adapter
 from potara_harness.partition import client_splits, public_and_pool
+from potara_harness.report import METHODS
 
 ROUNDS, CLIENTS, RANK, TEST = 2, 2, 2, 10
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,7 +56,7 @@ def data_dir(tmp_path_factory):
 def micro_run(data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(vit.PRESETS["tiny"], "vit", MICRO_VIT)
+        mp.setitem(config.VIT_PRESETS["tiny"], "vit", MICRO_VIT)
         results = run_cifar.main(micro_argv(data_dir, out))
     return out, results
 
@@ -427,9 +428,9 @@ def test_bad_resume_states_fail_in_one_line(micro, reference, tmp_path):
     (["--drop-prob", "1"], "--drop-prob must be in [0, 1)"),
     (["--drop-prob", "-0.1"], "--drop-prob must be in [0, 1)"),
     (["--drop-prob", "nan"], "--drop-prob must be in [0, 1)"),
-    (["--max-update-norm", "0"], "--max-update-norm must be a positive number"),
-    (["--max-update-norm", "-2"], "--max-update-norm must be a positive number"),
-    (["--max-update-norm", "inf"], "--max-update-norm must be a positive number"),
+    (["--max-update-norm", "nan"], "--max-update-norm must be a number >= 0"),
+    (["--max-update-norm", "-2"], "--max-update-norm must be a number >= 0"),
+    (["--max-update-norm", "inf"], "--max-update-norm must be a number >= 0"),
     (["--train", "-3"], "--train must be >= 1"),
     (["--test", "0"], "--test must be >= 1"),
     (["--local-steps", "0"], "--local-steps must be >= 1"),

@@ -11,7 +11,7 @@ from torchvision.models import VisionTransformer
 
 from data import load_cifar100, write_synthetic_cifar100
 from lora import lora_state_dict
-from potara_harness import vit
+from potara_harness import config, vit
 
 
 def micro_backbone(seed=0):
@@ -53,14 +53,14 @@ def test_imagenet_weights_offline_is_one_line(monkeypatch):
 
 
 def test_build_model_is_a_zero_head_and_lora_on_q_and_v():
-    model = vit.build_model(micro_backbone(), vit.PRESETS["tiny"], rank=2, lora_alpha=4, seed=3)
+    model = vit.build_model(micro_backbone(), config.VIT_PRESETS["tiny"], rank=2, lora_alpha=4, seed=3)
     adapter = lora_state_dict(model)
     layers = MICRO_VIT["num_layers"]
     assert sorted(adapter) == sorted([f"vit.encoder.layers.encoder_layer_{i}.self_attention.lora_{f}_{p}"
                                       for i in range(layers) for f in "AB" for p in "qv"]
                                      + ["vit.heads.head.weight", "vit.heads.head.bias"])
     assert not model.vit.heads.head.weight.any() and not model.vit.heads.head.bias.any()
-    again = vit.build_model(micro_backbone(), vit.PRESETS["tiny"], rank=2, lora_alpha=4, seed=3)
+    again = vit.build_model(micro_backbone(), config.VIT_PRESETS["tiny"], rank=2, lora_alpha=4, seed=3)
     assert all(torch.equal(v, lora_state_dict(again)[k]) for k, v in adapter.items())  # phi_0 from the seed
     x = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
     assert torch.equal(model(x), torch.zeros(3, 100))  # zero head: the adapter starts as "no opinion"
@@ -72,7 +72,7 @@ def test_tiny_backbone_cache_reused_rebuilt_and_skipped(tmp_path, capsys, micro_
     write_synthetic_cifar100(str(tmp_path / "syn"), 12, 2)
     data = load_cifar100(str(tmp_path / "syn"))
     public = np.arange(0, len(data.labels), 2)
-    call = lambda: vit.tiny_backbone(vit.PRESETS["tiny"], data, public, {"data": "synthetic"}, str(tmp_path / "d"),
+    call = lambda: vit.tiny_backbone(config.VIT_PRESETS["tiny"], data, public, {"data": "synthetic"}, str(tmp_path / "d"),
                                      3, torch.device("cpu"), False)
     first, info = call()
     cached = tmp_path / "d" / "backbones" / os.listdir(tmp_path / "d" / "backbones")[0]
@@ -144,7 +144,7 @@ def test_a_nan_cached_tiny_backbone_is_pretrained_again(tmp_path, capsys, micro_
     write_synthetic_cifar100(str(root), 12, 2)
     d = load_cifar100(str(root), download=False)
     public = np.arange(1000)
-    p = vit.PRESETS["tiny"]
+    p = config.VIT_PRESETS["tiny"]
     first, _ = vit.tiny_backbone(p, d, public, {"data": "synthetic"}, str(tmp_path), 2, torch.device("cpu"), False)
     (cached,) = (tmp_path / "backbones").iterdir()
     obj = torch.load(cached, weights_only=True)

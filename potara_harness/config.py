@@ -1,0 +1,215 @@
+"""Every default of the project in one place: the experiment's settings, the presets of the two demos, the
+Flower app's run configuration, the seed salts and the rules that bound them.
+
+    cfg = ExperimentConfig(rounds=20, local_steps=5)   # the pipeline's settings (results.json "experiment")
+    p = VIT_PRESETS["tiny"]                            # run_cifar.py --preset tiny: model and training
+    p = LM_PRESETS["tiny"]                             # run_llm.py --model tiny
+    app = AppConfig.from_run_config(run_config)        # the Flower app; pyproject's [tool.flwr.app.config]
+                                                       # is AppConfig's defaults (a test holds them equal)
+
+Precedence, for a command line: an option given > the script's preset > ExperimentConfig's default.
+"No bound" for max_update_norm is None inside the code; on a command line and in the Flower table (TOML has
+no None) it is 0 (update_bound maps both).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+# potara.ESTIMATORS and potara.DEFAULT_ESTIMATOR, written here so that this module (and so every --help) imports
+# no torch; tests/test_config.py holds them equal to potara's.
+ESTIMATORS = ("verified", "paper")
+DEFAULT_ESTIMATOR = "verified"
+MAX_GRID_POINTS = 1000  # the lam grid 0, step, ..., 1 has at most this many steps (grid-step >= 0.001)
+
+
+@dataclass
+class ExperimentConfig:
+    rounds: int = 20                # FedIT rounds R
+    local_steps: int = 10           # optimizer steps per client per round
+    clients_per_round: int = 0      # 0 = every client every round
+    lr: float = 1e-3                # AdamW, for FedIT, FedSA, local training and fine-tuning alike
+    weight_decay: float = 0.0
+    batch_size: int = 32
+    local_train_steps: int = 200    # the local-only adapter phi_L, from phi_0
+    finetune_steps: int = 50        # "FedIT then local fine-tuning", from phi_G
+    fisher_samples: int = 100       # client samples for Potara's statistics (at most the split's size)
+    fisher_labels: str = "empirical"  # "empirical" (true labels) or "sampled" (true Fisher)
+    fisher_split: str = "val"       # the split the statistics use: "val" (held out: what the default needs)
+                                    # or "train" (the paper's ~32 training samples, for "paper")
+    fisher_chunk: int | None = None  # vmap chunk of per-sample gradients (lower GPU memory for large models)
+    eps: float = 1e-3               # potara's relative Fisher floor ("paper")
+    granularity: str = "client"     # one lam per client, or "module": one per adapted module
+    estimator: str = DEFAULT_ESTIMATOR  # one of potara.ESTIMATORS
+    grid_step: float = 0.05         # lam grid 0, step, ..., 1
+    grid_space: str = "ab"          # merge space of the uniform merge and of the grid
+    snapshots: int = 4              # evenly spaced FedIT round counts for the communication curve
+    fedsa: bool = True              # run the FedSA-LoRA baseline (a second federated run)
+    seed: int = 0
+    drop_prob: float = 0.0          # chance that a selected client never returns its update (simulated)
+    max_update_norm: float | None = None  # reject updates with ||phi_k - phi^t||_2 above it (None: no bound)
+
+    def fed_config(self):
+        """The settings of a federated run (fed.FedConfig: fed.run_fedit, fed.local_update) these describe."""
+        from fed import FedConfig  # here, not at the top: this module imports no torch
+
+        return FedConfig(rounds=self.rounds, local_steps=self.local_steps, lr=self.lr, batch_size=self.batch_size,
+                         weight_decay=self.weight_decay, clients_per_round=self.clients_per_round, seed=self.seed,
+                         drop_prob=self.drop_prob, max_update_norm=self.max_update_norm)
+
+
+# Seeds: every random draw of a run is fed.derive_seed(seed, <where>, salt): the salt names the stream.
+SALT_LOCAL = 101      # client i's local-only adapter phi_L: derive_seed(seed, i, SALT_LOCAL)
+SALT_FINETUNE = 202   # client i's "FedIT + local fine-tuning" adapter
+SALT_STATS = 303      # which held-out samples Potara's statistics (and Fisher merging) read
+SALT_LABELS = 404     # labels sampled for the true Fisher ("paper" with fisher_labels="sampled")
+
+# ----------------------------------------------------------------------------- the demos' presets
+CIFAR_MEAN, CIFAR_STD = (0.507, 0.487, 0.441), (0.267, 0.256, 0.276)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+TINY_VIT = dict(image_size=32, patch_size=8, num_layers=4, num_heads=4, hidden_dim=96, mlp_dim=192)
+VIT_PRESETS = {  # every default of run_cifar.py, per --preset (None: not used by that preset)
+    "tiny": dict(vit=TINY_VIT, mean=CIFAR_MEAN, std=CIFAR_STD, public=30000, pretrain_steps=1000, pretrain_lr=2e-3,
+                 pretrain_batch=128, clients=5, alpha=0.5, train=400, val=100, test=200, rounds=100, local_steps=5,
+                 local_train_steps=100, finetune_steps=25, lr=3e-3, batch_size=32, rank=8, lora_alpha=16),
+    "paper": dict(vit=None, mean=IMAGENET_MEAN, std=IMAGENET_STD, public=0, pretrain_steps=None, pretrain_lr=None,
+                  pretrain_batch=None, clients=10, alpha=0.5, train=1000, val=100, test=500, rounds=400,
+                  local_steps=5, local_train_steps=300, finetune_steps=100, lr=1e-3, batch_size=32, rank=8,
+                  lora_alpha=16),
+}
+TINY_LLAMA = dict(hidden_size=96, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=4, max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=True)
+LM_PRESETS = {  # every default of run_llm.py that depends on the model: "tiny" or "hf" (any Hugging Face model)
+    "tiny": dict(train=200, val=50, test=100, max_len=96, max_new_tokens=16, rounds=20, local_steps=5,
+                 local_train_steps=100, finetune_steps=25, lr=3e-3, batch_size=32, rank=8, lora_alpha=16,
+                 pretrain_steps=2500, pretrain_lr=3e-3, pretrain_batch=32),
+    "hf": dict(train=1000, val=100, test=500, max_len=512, max_new_tokens=32, rounds=50, local_steps=5,
+               local_train_steps=300, finetune_steps=100, lr=2e-4, batch_size=8, rank=8, lora_alpha=16,
+               pretrain_steps=0, pretrain_lr=0.0, pretrain_batch=0),
+}
+
+
+# ----------------------------------------------------------------------------- rules every entry point shares
+def grid_step_problem(step: float) -> str | None:
+    """Why `step` cannot be the lam grid's step (None if it can): 1/step must be an integer n in [1, MAX_GRID_POINTS]."""
+    if not (isinstance(step, (int, float)) and math.isfinite(step) and 0 < step <= 1):
+        return f"must be 1/n for an integer n >= 1 (e.g. 0.05), got {step}"
+    n = 1 / step
+    if abs(n - round(n)) >= 1e-6:
+        return f"must be 1/n for an integer n >= 1 (e.g. 0.05), got {step}"
+    if round(n) > MAX_GRID_POINTS:
+        return f"must be >= {1 / MAX_GRID_POINTS:g} (at most {MAX_GRID_POINTS} grid steps), got {step}"
+    return None
+
+
+def update_bound(value: float | None) -> float | None:
+    """max_update_norm as fed.run_fedit takes it: None for "no bound", written None or 0 outside the code."""
+    return None if value is None or value == 0 else float(value)
+
+
+# ----------------------------------------------------------------------------- the Flower app
+class ConfigError(ValueError):
+    """A run or node configuration value that is missing, of the wrong type, or out of range (one line)."""
+
+
+_TINY = VIT_PRESETS["tiny"]
+
+
+@dataclass
+class AppConfig:
+    """The Flower app's run configuration; every field is a key of [tool.flwr.app.config] with - for _.
+    The tiny preset's settings, over 2 SuperNodes and 20 rounds."""
+    num_clients: int = 2           # SuperNodes (= partitions) the server waits for
+    rounds: int = 20               # FedIT rounds R
+    local_steps: int = _TINY["local_steps"]
+    clients_per_round: int = 0     # 0 = every client every round
+    lr: float = _TINY["lr"]
+    batch_size: int = _TINY["batch_size"]
+    rank: int = _TINY["rank"]      # LoRA rank r on the attention q and v
+    lora_alpha: float = float(_TINY["lora_alpha"])
+    seed: int = 0
+    preset: str = "tiny"           # VIT_PRESETS: the image normalisation (and architecture of a plain state_dict)
+    data: str = "synthetic"        # "synthetic" (written offline) or "cifar" (CIFAR-100 under the node's data-dir)
+    synthetic_per_class: int = 500
+    partition: str = "dirichlet"   # "dirichlet" (label skew) or "superclass"
+    alpha: float = _TINY["alpha"]  # Dirichlet concentration
+    public: int = _TINY["public"]  # images no client holds (the tiny backbone's pre-training set)
+    train: int = _TINY["train"]    # images per client and split
+    val: int = _TINY["val"]
+    test: int = _TINY["test"]
+    local_train_steps: int = _TINY["local_train_steps"]  # the local adapter phi_L, from phi_0
+    finetune_steps: int = _TINY["finetune_steps"]        # the "FedIT + local fine-tuning" baseline, from phi_G
+    estimator: str = "default"     # one of potara.ESTIMATORS, or "default": potara.DEFAULT_ESTIMATOR
+    fisher_samples: int = ExperimentConfig.fisher_samples  # validation samples for Potara's statistics
+    grid_step: float = ExperimentConfig.grid_step          # the lam grid of the grid-search baseline
+    drop_prob: float = 0.0         # simulated drop-outs (seeded as fed.sample_clients)
+    max_update_norm: float = 0.0   # reject ||phi_k - phi^t|| above it; 0 = no bound
+    out_dir: str = "runs/flower"   # on the server: results.json, results.md, checkpoint.pt
+    resume: bool = False           # continue out-dir/checkpoint.pt (same run configuration)
+    connect_timeout: float = 300.0  # seconds to wait for num-clients SuperNodes
+    round_timeout: float = 600.0   # seconds to wait for the replies of one round
+
+    @classmethod
+    def from_run_config(cls, run_config) -> "AppConfig":
+        """Typed and range-checked; unknown keys are ignored, a missing key keeps its default."""
+        values = {}
+        for f in fields(cls):
+            key, default = f.name.replace("_", "-"), f.default
+            v = run_config.get(key, default)
+            if isinstance(default, bool):
+                ok = isinstance(v, bool)
+            elif isinstance(default, int):
+                ok = isinstance(v, int) and not isinstance(v, bool)
+            elif isinstance(default, float):
+                ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                v = float(v) if ok else v
+            else:
+                ok = isinstance(v, str)
+            if not ok:
+                raise ConfigError(f"run config {key} = {v!r}: expected a {type(default).__name__}")
+            values[f.name] = v
+        cfg = cls(**values)
+        cfg.check()
+        return cfg
+
+    def check(self) -> None:
+        positive = ("num_clients", "rounds", "local_steps", "batch_size", "rank", "synthetic_per_class", "train",
+                    "val", "test", "local_train_steps", "finetune_steps", "fisher_samples", "lr", "lora_alpha",
+                    "alpha", "connect_timeout", "round_timeout")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"run config {name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        grid = grid_step_problem(self.grid_step)
+        problems = [
+            (not 0 <= self.clients_per_round <= self.num_clients, f"clients-per-round must be in [0, num-clients="
+             f"{self.num_clients}], got {self.clients_per_round}"),
+            (self.preset not in VIT_PRESETS, f"preset must be one of {sorted(VIT_PRESETS)}, got {self.preset!r}"),
+            (self.estimator != "default" and self.estimator not in ESTIMATORS,
+             f"estimator must be 'default' or one of {sorted(ESTIMATORS)}, got {self.estimator!r}"),
+            (self.data not in ("synthetic", "cifar"), f"data must be 'synthetic' or 'cifar', got {self.data!r}"),
+            (self.partition not in ("dirichlet", "superclass"), f"partition must be 'dirichlet' or 'superclass', "
+             f"got {self.partition!r}"),
+            (min(self.public, self.seed) < 0, "public and seed must be >= 0"),
+            (not 0 <= self.drop_prob < 1, f"drop-prob must be in [0, 1), got {self.drop_prob}"),
+            (self.max_update_norm < 0, f"max-update-norm must be >= 0 (0: no bound), got {self.max_update_norm}"),
+            (self.fisher_samples > self.val, f"fisher-samples {self.fisher_samples} exceeds val {self.val}"),
+            (grid is not None, f"grid-step {grid}"),
+            (not self.out_dir, "out-dir must not be empty"),
+        ]
+        for bad, message in problems:
+            if bad:
+                raise ConfigError(f"run config {message}")
+
+    @property
+    def per_round(self) -> int:
+        return self.clients_per_round or self.num_clients
+
+    def experiment(self) -> ExperimentConfig:
+        """The in-process pipeline's settings for the same run (what the client-side stages read; results.json)."""
+        return ExperimentConfig(
+            rounds=self.rounds, local_steps=self.local_steps, clients_per_round=self.clients_per_round, lr=self.lr,
+            batch_size=self.batch_size, local_train_steps=self.local_train_steps, finetune_steps=self.finetune_steps,
+            fisher_samples=self.fisher_samples,
+            estimator=DEFAULT_ESTIMATOR if self.estimator == "default" else self.estimator,
+            grid_step=self.grid_step, fedsa=False, seed=self.seed, drop_prob=self.drop_prob,
+            max_update_norm=update_bound(self.max_update_norm))
