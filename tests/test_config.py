@@ -34,3 +34,28 @@ def test_grid_step_rule():
     for bad in (0.0, -0.1, 0.3, 1.5, float("nan"), float("inf"), 1e-9, 0.0005):
         assert config.grid_step_problem(bad), bad
     assert "at most 1000" in config.grid_step_problem(1e-9)
+
+
+def test_the_cli_refuses_exactly_what_potara_refuses():
+    """cli checks --estimator/--granularity before torch loads; potara.estimator_options is the rule: they agree."""
+    import argparse
+
+    import pytest
+
+    from potara_harness import cli
+    for estimator in config.ESTIMATORS:
+        for granularity in ("client", "module"):
+            ap = argparse.ArgumentParser()
+            cli.add_experiment_options(ap)
+            args = ap.parse_args(["--estimator", estimator, "--granularity", granularity])
+            cli.fill_from_preset(args, {**config.VIT_PRESETS["tiny"], "train": 10, "val": 10})
+            try:
+                potara.estimator_options(estimator, strict=False, granularity=granularity)
+                potara_ok = True
+            except ValueError:
+                potara_ok = False
+            if potara_ok:
+                cli.check_experiment_options(ap, args)
+            else:
+                with pytest.raises(SystemExit):
+                    cli.check_experiment_options(ap, args)
