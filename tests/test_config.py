@@ -48,7 +48,8 @@ def test_the_cli_refuses_exactly_what_potara_refuses():
             ap = argparse.ArgumentParser()
             cli.add_experiment_options(ap)
             args = ap.parse_args(["--estimator", estimator, "--granularity", granularity])
-            cli.fill_from_preset(args, {**config.VIT_PRESETS["tiny"], "train": 10, "val": 10})
+            cli.fill_from_preset(args, config.VIT_PRESETS["tiny"])
+            args.train = args.val = 10
             try:
                 potara.estimator_options(estimator, strict=False, granularity=granularity)
                 potara_ok = True
