@@ -253,7 +253,7 @@ class Parts:
 
 def read_run(out_dir: str) -> dict:
     """A run folder as one dict, to inspect it (tests, studies): checkpoint.pt's fields plus "snapshots"
-    {round: adapter}, "local" / "finetuned" {client: adapter} and "fallbacks" (in client order). Read with
+    {round: adapter}, "local" / "finetuned" {client: adapter} and "fallbacks" (by file name). Read with
     weights_only (no code runs) but not checked against a run: load_state is what a resume trusts."""
     ck = torch.load(os.path.join(out_dir, "checkpoint.pt"), map_location="cpu", weights_only=True)
     run = {**ck, "snapshots": {}, "local": {}, "finetuned": {}, "fallbacks": []}
