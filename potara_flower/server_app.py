@@ -215,7 +215,8 @@ def main(grid: Grid, context: Context) -> None:
     run_state = RunState(fingerprint(cfg, roster, phi0))
     if cfg.resume and os.path.exists(ckpt):
         # ResumeError (one line) if not this run's, or if any part is unsound for this federation
-        run_state = load_state(ckpt, run_state.fingerprint, adapter=phi0, clients=roster.names, rounds=cfg.rounds)
+        run_state = load_state(ckpt, run_state.fingerprint, adapter=phi0, clients=roster.names, rounds=cfg.rounds,
+                               flower=True)
         print(f"resuming from {ckpt} at round {run_state.fedit['round']}")
     fed = run_state.fed_state("fedit") or FedState(0, dict(phi0), {n: {} for n in roster.names})
     check_state(fed.global_state, phi0, what=f"{ckpt}'s global adapter")

@@ -1,28 +1,48 @@
-"""The pipeline's run state and its checkpoint: what has been trained so far, saved atomically after every
-round and every client's local training, and resumed only by the same run.
+"""The run state and its files: what has been trained so far, written so that a kill at any instant loses
+nothing, the bytes a run writes grow linearly with its clients, and a resume accepts only this run's files.
 
-    state = RunState(fingerprint(model, splits, cfg))     # a fresh run
-    save_state(state, path)                               # atomic (report.atomic_write)
-    state = load_state(path, fingerprint(model, splits, cfg), adapter=lora_state_dict(model),
-                       clients=[s.name for s in splits], rounds=cfg.rounds)   # --resume
+    state = RunState(fingerprint(model, splits, cfg))       # a fresh run (a random run_id)
+    save_state(state, path)                                 # checkpoint.pt: the federated rounds (atomic)
+    parts = Parts(path, state, adapter=lora_state_dict(model), clients=names)
+    parts.save("local", i, adapter, fallback)               # adapters/local-0003.pt: written once, atomic
+    adapter, fallback = parts.load("local", i)              # read back when needed, checked
+    state = load_state(path, fp, adapter=..., clients=names, rounds=R, snapshots=[2, 4])   # --resume
+
+Two kinds of file (issue 20: the old single checkpoint held every client's adapters and was rewritten after
+each client, K^2 bytes for K clients):
+  checkpoint.pt    what changes each round: FedIT's and FedSA-LoRA's fed.FedState (global adapter, FedSA's
+                   per-client private tensors, histories), the fingerprint and the run_id. Rewritten after every
+                   round; R rounds write R x (adapter + K x FedSA private part): linear in K.
+  adapters/*.pt    what is made once: each client's local adapter phi_L and fine-tuned phi_G
+                   (local-<i>.pt, finetuned-<i>.pt, i = the client's index) and FedIT's global snapshots
+                   (snapshot-<round>.pt). Each is written once when it is made, never rewritten: 2K adapters.
+Every file is written atomically (report.atomic_write: temporary file, fsync, rename), so a kill leaves each
+file complete or absent; an absent part is trained again (every stage is seeded: the same bits). Nothing is
+held in memory beyond what a stage uses: parts are read back when needed (memory flat in K).
 
 The fingerprint is what the checkpointed adapters depend on: every training setting of the config, every
 tensor of the model (parameters and buffers: the backbone, phi_0, normalisation constants; a sha256 of the
 bytes, so one changed weight is a different model), the LoRA layers' scaling alpha / r (not a tensor) and
 every client's data (sha256). Potara's and the grid's options are left out on purpose: resuming a finished
-run with other estimator options only re-evaluates (cheap ablations).
+run with other estimator options only re-evaluates (cheap ablations). Each part file carries the sha256 of the
+fingerprint and the run_id (random, drawn when a run starts from scratch): a part of another run (other
+settings, or the same settings started over) is refused, as is one filed under another client or kind.
 
-A checkpoint is untrusted input: it is loaded with torch.load(weights_only=True) (it never runs code) and
-then every part is checked before it is used: each adapter against the model's (lora.check_tensors: keys,
-shapes, dtypes, layout, storage bounds, finite values), round counts as integers within the run's rounds,
-histories as lists of round records, client names among the run's clients. Any failure is a one-line
-ResumeError.
+Every file is untrusted input: torch.load(weights_only=True) (it never runs code), then every part is checked
+before it is used: each adapter against the model's (lora.check_tensors: keys, shapes, dtypes, layout, storage
+bounds, finite values), round counts as integers within the run's rounds, histories as lists of round records
+(with the Flower server's own fields when flower=True), client names among the run's clients, a snapshot for
+every snapshot round already trained. Any failure is a one-line ResumeError, raised by load_state: the whole
+state is checked when loading, never half-way through the run.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field, fields
+import os
+import re
+import secrets
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -33,6 +53,13 @@ from fed import FedState
 from lora import AdapterError, check_tensors, lora_meta
 from potara_harness.report import atomic_write
 
+CHECKPOINT_FORMAT = "potara-checkpoint-v2"
+PART_FORMAT = "potara-run-part-v1"
+PARTS_DIR = "adapters"  # beside checkpoint.pt
+PART_KINDS = ("local", "finetuned", "snapshot")
+PART_NAME = re.compile(r"(local|finetuned|snapshot)-(\d{4,})\.pt")
+START_OVER = "rerun without --resume to start over (or delete it)"
+
 
 class ResumeError(ValueError):
     """The checkpoint cannot be resumed: another run's (training settings, model or data differ),
@@ -41,16 +68,12 @@ class ResumeError(ValueError):
 
 @dataclass
 class RunState:
-    """Everything trained so far. fedit / fedsa: the federated runs (fed.FedState fields as a dict, None
-    before round 1); snapshots: {round: FedIT's global adapter} for the communication curve; local /
-    finetuned: {client: adapter}; fallbacks: trainings that diverged (the client kept its start adapter)."""
+    """What changes each round (checkpoint.pt). fedit / fedsa: the federated runs (fed.FedState fields as a
+    dict, None before round 1); run_id: drawn when the run starts from scratch, written into each of its parts."""
     fingerprint: str
     fedit: dict | None = None
     fedsa: dict | None = None
-    snapshots: dict = field(default_factory=dict)
-    local: dict = field(default_factory=dict)
-    finetuned: dict = field(default_factory=dict)
-    fallbacks: list = field(default_factory=list)
+    run_id: str = field(default_factory=lambda: secrets.token_hex(8))
 
     def fed_state(self, stage: str) -> FedState | None:
         saved = getattr(self, stage)
@@ -102,45 +125,145 @@ def _differs(saved: str, fp: str) -> str:
     return ", ".join(label for k, label in labels.items() if a.get(k) != b.get(k)) or "training settings, model or data"
 
 
-def _tensors(obj):
-    """Every tensor in nested dicts / lists (a checkpoint's)."""
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _tensors(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _tensors(v)
-
-
 def save_state(state: RunState, path: str) -> None:
-    plain = {f.name: getattr(state, f.name) for f in fields(state)}  # not asdict: it deep-copies every tensor
+    """checkpoint.pt: the fingerprint, the run_id and the federated states (atomic: report.atomic_write)."""
+    plain = {"format": CHECKPOINT_FORMAT, "fingerprint": state.fingerprint, "run_id": state.run_id,
+             "fedit": state.fedit, "fedsa": state.fedsa}
     atomic_write(path, lambda f: torch.save(plain, f))
 
 
-def load_state(path: str, fp: str, adapter: dict[str, torch.Tensor] | None = None,
-               clients: Sequence[str] | None = None, rounds: int | None = None) -> RunState:
-    """The checkpoint at `path` if it is this run's (fingerprint fp) and sound; else ResumeError (one line).
-    adapter (the model's, e.g. phi_0), clients (the run's client names) and rounds (the run's round count)
-    bound what the checkpoint may hold; each left None is not checked (beyond finite tensors)."""
-    start_over = "rerun without --resume to start over (or delete it)"
+def _read(path: str, what: str) -> object:
+    """torch.load(weights_only=True): never runs code; any failure is a one-line ResumeError."""
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 -- a pickle refused, truncated zip, ...: all mean "not usable"
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- a pickle refused, truncated zip, a folder, ...: all mean "not usable"
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise ResumeError(f"{path} is unreadable (truncated, foreign or unsafe: {first}); {start_over}") from None
-    keys = ("fingerprint", "fedit", "fedsa", "snapshots", "local", "finetuned")
-    if not isinstance(ck, dict) or any(k not in ck for k in keys):
-        raise ResumeError(f"{path} is not a potara experiment checkpoint; {start_over}")
+        raise ResumeError(f"{path} is unreadable (truncated, foreign or unsafe: {first}); {what}") from None
+
+
+def load_state(path: str, fp: str, adapter: dict[str, torch.Tensor] | None = None,
+               clients: Sequence[str] | None = None, rounds: int | None = None,
+               snapshots: Sequence[int] | None = None, flower: bool = False) -> RunState:
+    """The run state at `path` if it is this run's (fingerprint fp) and sound, with every part file beside it
+    (Parts) checked when `snapshots` (the run's snapshot rounds) is given; else ResumeError (one line).
+    adapter (the model's, e.g. phi_0), clients (the run's client names) and rounds (the run's round count; needed
+    with snapshots) bound what the files may hold; each left None is not checked (beyond finite tensors). flower=True: the
+    Flower server's checkpoint (FedIT only, at least one round, its history records' own fields)."""
+    ck = _read(path, START_OVER)
+    keys = ("format", "fingerprint", "run_id", "fedit", "fedsa")
+    if not isinstance(ck, dict) or set(ck) != set(keys) or ck["format"] != CHECKPOINT_FORMAT:
+        raise ResumeError(f"{path} is not a potara experiment checkpoint ({CHECKPOINT_FORMAT}); {START_OVER}")
     if ck["fingerprint"] != fp:
         raise ResumeError(f"{path} was written by a run with other {_differs(ck['fingerprint'], fp)}; "
                           "rerun with the same arguments, or without --resume to start over")
+    state = RunState(fp, ck["fedit"], ck["fedsa"], ck["run_id"])
     try:
-        _check_state(ck, adapter, clients, rounds)
+        _require(isinstance(state.run_id, str) and re.fullmatch(r"[0-9a-f]{16}", state.run_id) is not None,
+                 "run_id malformed")
+        _check_state(ck, adapter, clients, rounds, flower)
+        if snapshots is not None:
+            Parts(path, state, adapter, clients).check_all(snapshots, rounds)
     except (AdapterError, _Malformed) as e:
-        raise ResumeError(f"{path} is damaged or edited ({e}); {start_over}") from None
-    return RunState(**{k: ck[k] for k in keys}, fallbacks=ck.get("fallbacks", []))
+        raise ResumeError(f"{path} is damaged or edited ({e}); {START_OVER}") from None
+    return state
+
+
+class Parts:
+    """The adapters a run makes once (module docstring): adapters/<kind>-<index>.pt beside checkpoint.pt, each
+    stamped with the run it belongs to (the fingerprint's sha256 and the run_id), its kind and its client.
+    kind "local" / "finetuned": index = the client's index in `clients`; kind "snapshot": index = the round."""
+
+    def __init__(self, ckpt_path: str, state: RunState, adapter: dict | None = None,
+                 clients: Sequence[str] | None = None):
+        self.folder = os.path.join(os.path.dirname(os.path.abspath(ckpt_path)), PARTS_DIR)
+        self.owner = {"fingerprint_sha256": hashlib.sha256(state.fingerprint.encode()).hexdigest(),
+                      "run_id": state.run_id}
+        self.state, self.adapter, self.clients = state, adapter, list(clients) if clients is not None else None
+
+    def path(self, kind: str, index: int) -> str:
+        return os.path.join(self.folder, f"{kind}-{index:04d}.pt")
+
+    def exists(self, kind: str, index: int) -> bool:
+        return os.path.isfile(self.path(kind, index))
+
+    def _client(self, kind: str, index: int) -> str | None:
+        return None if kind == "snapshot" or self.clients is None else self.clients[index]
+
+    def save(self, kind: str, index: int, adapter: dict[str, torch.Tensor], fallback: dict | None = None) -> None:
+        """Write one part, atomically (a kill leaves it complete or absent)."""
+        os.makedirs(self.folder, exist_ok=True)
+        payload = {"format": PART_FORMAT, **self.owner, "kind": kind, "index": index,
+                   "client": self._client(kind, index), "adapter": adapter, "fallback": fallback}
+        atomic_write(self.path(kind, index), lambda f: torch.save(payload, f))
+
+    def load(self, kind: str, index: int) -> tuple[dict[str, torch.Tensor], dict | None]:
+        """(adapter, the fallback record of its training or None), checked; ResumeError (one line) otherwise."""
+        path = self.path(kind, index)
+        part = _read(path, START_OVER)
+        try:
+            self._check(part, kind, index)
+        except (AdapterError, _Malformed) as e:
+            raise ResumeError(f"{path} is damaged, edited or another run's ({e}); {START_OVER}") from None
+        return part["adapter"], part["fallback"]
+
+    def _check(self, part, kind: str, index: int) -> None:
+        keys = {"format", "fingerprint_sha256", "run_id", "kind", "index", "client", "adapter", "fallback"}
+        _require(isinstance(part, dict) and set(part) == keys and part["format"] == PART_FORMAT,
+                 f"not a part file ({PART_FORMAT})")
+        _require(part["fingerprint_sha256"] == self.owner["fingerprint_sha256"] and part["run_id"] == self.owner["run_id"],
+                 "a part of another run")
+        client = self._client(kind, index)
+        _require(part["kind"] == kind and part["index"] == index and type(part["index"]) is int
+                 and part["client"] == client, f"filed as {kind} {index} ({client}), it holds another part")
+        check_tensors(part["adapter"], self.adapter, what=f"{kind} adapter {index}")
+        fb = part["fallback"]
+        _require(fb is None or (kind != "snapshot" and isinstance(fb, dict) and set(fb) == {"client", "stage", "reason"}
+                                and fb["client"] == client and isinstance(fb["stage"], str)
+                                and isinstance(fb["reason"], str)), "fallback malformed")
+
+    def check_all(self, snapshots: Sequence[int], rounds: int) -> None:
+        """Every part file in the folder is this run's and sound, and every snapshot of a round FedIT has
+        completed is there (the communication curve needs it); else _Malformed / ResumeError."""
+        done = self.state.fedit["round"] if self.state.fedit else 0
+        for r in snapshots:
+            _require(r > done or self.exists("snapshot", r), f"the snapshot of round {r} is missing")
+        names = sorted(os.listdir(self.folder)) if os.path.isdir(self.folder) else []
+        for name in names:
+            m = PART_NAME.fullmatch(name)
+            if m is None:
+                continue  # not a part (a leftover temporary file of a killed write): never read
+            kind, index = m.group(1), int(m.group(2))
+            expected = index in snapshots if kind == "snapshot" else (
+                self.clients is not None and index < len(self.clients))
+            _require(expected and name == os.path.basename(self.path(kind, index)),
+                     f"{PARTS_DIR}/{name} is no part of this run")
+            _require(kind == "snapshot" or done == rounds,
+                     f"{PARTS_DIR}/{name}: a client adapter before FedIT ended")
+            self.load(kind, index)
+
+    def clear(self) -> None:
+        """Remove every part file (and leftover temporary file of one) of an earlier run: a run started from
+        scratch must not meet them on --resume. Only names this module writes are touched."""
+        if not os.path.isdir(self.folder):
+            return
+        for name in os.listdir(self.folder):
+            if PART_NAME.fullmatch(name.split(".tmp")[0]):
+                os.remove(os.path.join(self.folder, name))
+
+
+def read_run(out_dir: str) -> dict:
+    """A run folder as one dict, to inspect it (tests, studies): checkpoint.pt's fields plus "snapshots"
+    {round: adapter}, "local" / "finetuned" {client: adapter} and "fallbacks" (by file name). Read with
+    weights_only (no code runs) but not checked against a run: load_state is what a resume trusts."""
+    ck = torch.load(os.path.join(out_dir, "checkpoint.pt"), map_location="cpu", weights_only=True)
+    run = {**ck, "snapshots": {}, "local": {}, "finetuned": {}, "fallbacks": []}
+    folder = os.path.join(out_dir, PARTS_DIR)
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if PART_NAME.fullmatch(name):
+            part = torch.load(os.path.join(folder, name), map_location="cpu", weights_only=True)
+            run[part["kind"] + ("s" if part["kind"] == "snapshot" else "")][part["client"] or part["index"]] = part["adapter"]
+            run["fallbacks"] += [part["fallback"]] if part["fallback"] else []
+    return run
 
 
 class _Malformed(ValueError):
@@ -156,10 +279,13 @@ def _is_count(x, low: int, high: int | None) -> bool:
     return type(x) is int and x >= low and (high is None or x <= high)
 
 
-def _check_state(ck: dict, adapter: dict | None, clients: Sequence[str] | None, rounds: int | None) -> None:
-    """Every part of a checkpoint dict, before any of it is used (ResumeError's reasons)."""
+def _check_state(ck: dict, adapter: dict | None, clients: Sequence[str] | None, rounds: int | None,
+                 flower: bool) -> None:
+    """Every part of checkpoint.pt, before any of it is used (ResumeError's reasons)."""
     known = set(clients) if clients is not None else None
     client_key = lambda c: isinstance(c, str) and (known is None or c in known)
+    if flower:  # the server writes its checkpoint after each round, FedIT only
+        _require(ck["fedit"] is not None and ck["fedsa"] is None, "fedit: missing (a Flower checkpoint has it)")
     for stage in ("fedit", "fedsa"):
         fed = ck[stage]
         if fed is None:
@@ -180,23 +306,18 @@ def _check_state(ck: dict, adapter: dict | None, clients: Sequence[str] | None, 
                  f"{stage}: private states of other clients than the run's")
         for c, state in private.items():
             check_tensors(state, ref_private, what=f"{stage} private adapter of {c}")
-        _check_history(stage, fed["history"], fed["round"], client_key)
-    _require(isinstance(ck["snapshots"], dict) and all(_is_count(r, 1, rounds) for r in ck["snapshots"]),
-             "snapshots: rounds must be counts within the run's rounds")
-    for r, state in ck["snapshots"].items():
-        check_tensors(state, adapter, what=f"snapshot of round {r}")
-    for part in ("local", "finetuned"):
-        _require(isinstance(ck[part], dict) and all(map(client_key, ck[part])), f"{part}: adapters of unknown clients")
-        for c, state in ck[part].items():
-            check_tensors(state, adapter, what=f"{part} adapter of {c}")
-    fallbacks = ck.get("fallbacks", [])
-    _require(isinstance(fallbacks, list) and all(
-        isinstance(f, dict) and set(f) == {"client", "stage", "reason"} and client_key(f["client"])
-        and isinstance(f["stage"], str) and isinstance(f["reason"], str) for f in fallbacks), "fallbacks: malformed")
+        _check_history(stage, fed["history"], fed["round"], client_key, flower)
+    _require(ck["fedsa"] is None or (ck["fedit"] is not None and rounds in (None, ck["fedit"]["round"])),
+             "fedsa: started before FedIT ended")
 
 
-def _check_history(stage: str, history, completed: int, client_key) -> None:
-    """One record per completed round, as fed.server_round writes it."""
+def _number(x) -> bool:
+    return type(x) in (int, float) and x == x and abs(x) != float("inf")
+
+
+def _check_history(stage: str, history, completed: int, client_key, flower: bool = False) -> None:
+    """One record per completed round, as fed.server_round writes it (flower: plus the fields the Flower server
+    adds, server_app.fedit_round: failed clients with their reasons, wire bytes, seconds)."""
     _require(isinstance(history, list) and len(history) == completed,
              f"{stage}: history must list one record per completed round ({completed})")
     for t, h in enumerate(history):
@@ -205,9 +326,15 @@ def _check_history(stage: str, history, completed: int, client_key) -> None:
         _require(all(_is_count(h.get(k), 0, None) for k in ("bytes_down", "bytes_up")), f"{stage}: history[{t}] bytes")
         for k in ("clients", "dropped"):
             _require(isinstance(h.get(k), list) and all(map(client_key, h[k])), f"{stage}: history[{t}] {k}")
-        rejected = h.get("rejected")
-        _require(isinstance(rejected, list) and all(isinstance(r, dict) and client_key(r.get("client")) for r in rejected),
-                 f"{stage}: history[{t}] rejected")
+        for k in ("rejected",) + (("failed",) if flower else ()):
+            _require(isinstance(h.get(k), list) and all(isinstance(r, dict) and client_key(r.get("client"))
+                                                        and isinstance(r.get("reason"), str) for r in h[k]),
+                     f"{stage}: history[{t}] {k}")
         loss = h.get("mean_train_loss")
-        _require(loss is None or (type(loss) in (int, float) and loss == loss and abs(loss) != float("inf")),
-                 f"{stage}: history[{t}] mean_train_loss")
+        _require(loss is None or _number(loss), f"{stage}: history[{t}] mean_train_loss")
+        if flower:
+            _require(all(_is_count(h.get(k), 0, None) for k in ("wire_bytes_down", "wire_bytes_up"))
+                     and _number(h.get("seconds")) and isinstance(h.get("client_seconds"), dict)
+                     and all(client_key(c) and isinstance(s, dict) and all(map(_number, s.values()))
+                             for c, s in h["client_seconds"].items()),
+                     f"{stage}: history[{t}] wire bytes or seconds")

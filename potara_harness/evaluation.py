@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -22,7 +23,7 @@ import torch.nn as nn
 from data import ClientSplits
 from fed import derive_seed
 from fisher import Likelihood, classification_likelihood, gradient_stats
-from lora import load_lora_state_dict
+from lora import load_lora_state_dict, lora_layers
 from potara import (
     check_adapters,
     estimator_options,
@@ -62,14 +63,35 @@ def grid_choice(grid: Sequence[float], val_curve: Sequence[float]) -> int:
     return min((j for j, v in enumerate(val_curve) if v == best), key=lambda j: (abs(grid[j] - 0.5), j))
 
 
+@contextmanager
+def merged_weights(model: nn.Module, enabled: bool = True):
+    """Inside: every LoRA layer's scaling * B A folded into its frozen weight (LoRALayer.merge), so a forward
+    costs the plain model's (no rank-r branch per layer: ~0.8x the unmerged scoring, issue 20). On exit the
+    frozen weights are copied back from a saved copy, not unmerged: (W0 + D) - D is not W0 in floating point,
+    and a backbone that drifted by a rounding error per score would be another model. Only in full precision
+    (score_adapter): under bf16 autocast a merged W0 + D is rounded to bf16 as a whole, which loses a small D
+    that the separate rank-r branch keeps."""
+    layers = [m for m in lora_layers(model) if not m.merged] if enabled else []
+    saved = [m.frozen_weight().detach().clone() for m in layers]
+    for m in layers:
+        m.merge()
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, w in zip(layers, saved):
+                m.frozen_weight().copy_(w)
+                m.merged = False
+
+
 def score_adapter(model: nn.Module, adapter: dict, restore: dict, x: torch.Tensor, y: torch.Tensor,
                   evaluate: Evaluate = accuracy, autocast_dtype: torch.dtype | None = None) -> float:
-    """evaluate(model holding `adapter`, x, y) in eval mode, then `restore` loaded back (ranks may differ: a
-    delta merge has rank 2r)."""
+    """evaluate(model holding `adapter`, x, y) in eval mode, on merged weights in full precision
+    (merged_weights), then `restore` loaded back (ranks may differ: a delta merge has rank 2r)."""
     load_lora_state_dict(model, adapter, allow_rank_change=True)
     model.eval()
     with torch.autocast(next(model.parameters()).device.type, dtype=autocast_dtype or torch.bfloat16,
-                        enabled=autocast_dtype is not None):
+                        enabled=autocast_dtype is not None), merged_weights(model, enabled=autocast_dtype is None):
         value = float(evaluate(model, x, y))
     load_lora_state_dict(model, restore, allow_rank_change=True)
     return value
@@ -132,18 +154,50 @@ def fisher_merging(ev: Evaluator, i: int, s: ClientSplits, G: dict, L: dict) -> 
     return fisher_merge(G, L, fisher["G"], fisher["L"]), stats, fault
 
 
+@torch.no_grad()
+def accuracy_and_loss(ev: Evaluator, adapter: dict, x: torch.Tensor, y: torch.Tensor,
+                      batch_size: int = 256) -> tuple[float, float]:
+    """(accuracy, -mean log p) of the model holding `adapter` from ONE forward of (x, y), on merged weights:
+    the accuracy is evaluation.accuracy's (the same batches, the same logits' argmax), the loss
+    ev.likelihood's -(1/n) sum_i log p(y_i | x_i). For ev.evaluate = accuracy in full precision."""
+    model, device = ev.model, next(ev.model.parameters()).device
+    load_lora_state_dict(model, adapter, allow_rank_change=True)
+    model.eval()
+    correct, total = 0, 0.0
+    with merged_weights(model):
+        for i in range(0, len(x), batch_size):
+            out = model(x[i:i + batch_size].to(device))
+            logits, targets = (out.logits if hasattr(out, "logits") else out), y[i:i + batch_size]
+            correct += int((logits.argmax(-1).cpu() == targets).sum())
+            total += float(-ev.likelihood.log_prob(out, targets.to(device)).sum())
+    load_lora_state_dict(model, ev.init, allow_rank_change=True)
+    return correct / len(x), total / len(x)
+
+
+def val_score_and_loss(ev: Evaluator, s: ClientSplits, G: dict, L: dict, lam: float, merged: dict) -> tuple:
+    """The grid's val score and val loss at lam: one forward when the metric is accuracy in full precision
+    (accuracy_and_loss); otherwise (a generated-answer metric, autocast) the metric, then the loss by
+    potara.segment_loss (no autocast, as the default weight reads it)."""
+    if ev.evaluate is accuracy and ev.autocast_dtype is None:
+        return accuracy_and_loss(ev, merged, s.val_inputs, s.val_targets)
+    score = ev.score(merged, s.val_inputs, s.val_targets)
+    val = [(s.val_inputs[k:k + 64], s.val_targets[k:k + 64]) for k in range(0, len(s.val_targets), 64)]
+    ev.model.eval()
+    return score, segment_loss(ev.model, G, L, lam, val, ev.likelihood, ev.cfg.grid_space, slope=False)[0]
+
+
 def grid_search(ev: Evaluator, s: ClientSplits, G: dict, L: dict) -> dict:
     """Merged adapters at every lam of the grid, scored on val and test, and the val loss (ev.likelihood's
     -mean log p, what the default weight reads); the val choice, the test oracle, and the loss barrier: the
-    largest val loss above the chord between the two ends, max_lam f(lam) - ((1 - lam) f(0) + lam f(1))."""
+    largest val loss above the chord between the two ends, max_lam f(lam) - ((1 - lam) f(0) + lam f(1)).
+    Per lam: one val forward (score and loss from the same logits, val_score_and_loss) and one test forward."""
     grid, val_curve, test_curve, loss_curve = lam_grid(ev.cfg.grid_step), [], [], []
-    val = [(s.val_inputs[k:k + 64], s.val_targets[k:k + 64]) for k in range(0, len(s.val_targets), 64)]
     for lam in grid:
         merged = merge_adapters(G, L, lam, ev.cfg.grid_space)
-        val_curve.append(ev.score(merged, s.val_inputs, s.val_targets))
+        score, loss = val_score_and_loss(ev, s, G, L, lam, merged)
+        val_curve.append(score)
+        loss_curve.append(loss)
         test_curve.append(ev.score(merged, s.test_inputs, s.test_targets))
-        ev.model.eval()
-        loss_curve.append(segment_loss(ev.model, G, L, lam, val, ev.likelihood, ev.cfg.grid_space, slope=False)[0])
     j = grid_choice(grid, val_curve)
     oracle = max(range(len(grid)), key=lambda j: test_curve[j])
     barrier = max(f - ((1 - lam) * loss_curve[0] + lam * loss_curve[-1]) for lam, f in zip(grid, loss_curve))

@@ -15,8 +15,10 @@ Stages (one backbone in memory; a client is switched in by loading adapter tenso
   3. evaluation.evaluate_client: on each client's test split, every method of report.METHODS; the lam grid
      on val and test
   4. communication_curve: FedIT alone and Potara after each snapshot, against bytes sent
-Checkpoint (checkpoint.RunState): rewritten atomically after every round and every client's local training;
-resume=True continues it (training settings, model and data must match: checkpoint.fingerprint) and ends
+Checkpoint (checkpoint.py): checkpoint.pt (checkpoint.RunState) rewritten atomically after every federated round;
+each client's local and fine-tuned adapter and each FedIT snapshot written once, atomically, to its own file
+when it is made (checkpoint.Parts: the bytes written grow linearly with the clients, and only the adapters a
+stage uses are in memory); a kill in any stage loses at most the adapter being trained. resume=True continues it (training settings, model and data must match: checkpoint.fingerprint) and ends
 bitwise equal to an uninterrupted run on CPU (every stage is seeded from (seed, round or salt, client):
 fed.derive_seed, config.SALT_*; every seeded stage runs in a forked RNG, fed.seeded).
 Bytes: a method costs what its training sent both ways: local only 0, FedSA-LoRA its own history, every
@@ -40,7 +42,7 @@ from data import ClientSplits
 from fed import Client, FedState, derive_seed, run_fedit, seeded
 from fisher import Likelihood, classification_likelihood
 from lora import load_lora_state_dict, lora_factor, lora_state_dict
-from potara_harness.checkpoint import RunState, fed_dict, fingerprint, load_state, save_state
+from potara_harness.checkpoint import Parts, RunState, fed_dict, fingerprint, load_state, save_state
 from potara_harness.config import SALT_FINETUNE, SALT_LOCAL, ExperimentConfig
 from potara_harness.evaluation import Evaluate, Evaluator, accuracy, evaluate_client, potara_step
 from potara_harness.report import METHODS, collect_results, mean, write_outputs
@@ -65,12 +67,13 @@ def finetune_seed(seed: int, client_index: int) -> int:
 @dataclass
 class Run:
     """What every stage needs: the evaluator (the one model, phi_0, the settings, the scoring plug-ins), the
-    clients' data, the training plug-ins and the checkpointed state (saved to ckpt_path after every round and
-    client)."""
+    clients' data, the training plug-ins, the round state (saved to ckpt_path after every round) and the
+    adapters made once (parts: one file each)."""
     ev: Evaluator
     splits: Sequence[ClientSplits]
     ckpt_path: str
     state: RunState
+    parts: Parts
     loss_fn: LossFn
     progress: bool
     on_round: Callable[[str, FedState], None] | None = None
@@ -86,7 +89,8 @@ class Run:
 
 def start_run(model, splits, cfg, out_dir, resume: bool, evaluate, loss_fn, likelihood, autocast_dtype, progress,
               on_round) -> Run:
-    """Check the inputs, then a fresh run state or the checkpoint's (resume=True)."""
+    """Check the inputs, then a fresh run state (an earlier run's parts removed, checkpoint.pt written: its
+    run_id is what this run's parts carry) or the checkpoint's (resume=True: every file checked)."""
     names = [s.name for s in splits]
     if not splits or len(set(names)) != len(names):
         raise ValueError(f"run_experiment: need at least one client and unique client names, got {names}")
@@ -94,15 +98,21 @@ def start_run(model, splits, cfg, out_dir, resume: bool, evaluate, loss_fn, like
         raise ValueError(f"fisher_split must be 'train' or 'val', got {cfg.fisher_split!r}")
     os.makedirs(out_dir, exist_ok=True)
     ckpt_path, fp = os.path.join(out_dir, "checkpoint.pt"), fingerprint(model, splits, cfg)
-    state, init = RunState(fp), lora_state_dict(model)
-    if resume and os.path.exists(ckpt_path):  # every adapter in it checked against phi_0's keys, shapes, dtypes
-        state = load_state(ckpt_path, fp, adapter=init, clients=names, rounds=cfg.rounds)
+    init, snaps = lora_state_dict(model), snapshot_rounds(cfg.rounds, cfg.snapshots)
+    if resume and os.path.exists(ckpt_path):  # every adapter checked against phi_0's keys, shapes, dtypes
+        state = load_state(ckpt_path, fp, adapter=init, clients=names, rounds=cfg.rounds, snapshots=snaps)
+        parts = Parts(ckpt_path, state, init, names)
         print(f"resuming from {ckpt_path}: FedIT at round {state.fedit['round'] if state.fedit else 0}, "
-              f"{len(state.local)} local adapters")
-    elif resume:
-        print(f"--resume: no checkpoint at {ckpt_path}, starting from scratch")
+              f"{sum(parts.exists('local', i) for i in range(len(names)))} local adapters")
+    else:
+        if resume:
+            print(f"--resume: no checkpoint at {ckpt_path}, starting from scratch")
+        state = RunState(fp)
+        parts = Parts(ckpt_path, state, init, names)
+        parts.clear()  # first: a kill before the next line leaves the earlier run whole but for retrainable parts
+        save_state(state, ckpt_path)
     ev = Evaluator(model, init, cfg, evaluate, likelihood, autocast_dtype)
-    return Run(ev, splits, ckpt_path, state, loss_fn, progress, on_round)
+    return Run(ev, splits, ckpt_path, state, parts, loss_fn, progress, on_round)
 
 
 def run_experiment(model: nn.Module, splits: Sequence[ClientSplits], cfg: ExperimentConfig, out_dir: str,
@@ -127,11 +137,12 @@ def run_experiment(model: nn.Module, splits: Sequence[ClientSplits], cfg: Experi
     local_training(run, fedit.global_state)
     timing["local"], t0 = time.time() - t0, time.time()
     acc = {m: {} for m in METHODS if cfg.fedsa or m != "fedsa"}
-    per_client, bad_stats = {}, []
+    per_client, bad_stats, fallbacks = {}, [], []
     for i, s in enumerate(_bar(splits, "evaluation", progress)):
         fedsa_adapter = {**fedsa.global_state, **fedsa.private_states[s.name]} if fedsa else None
-        e = evaluate_client(run.ev, i, s, fedit.global_state, run.state.local[s.name], run.state.finetuned[s.name],
-                            fedsa_adapter)
+        (local, fb_local), (finetuned, fb_ft) = run.parts.load("local", i), run.parts.load("finetuned", i)
+        fallbacks += [fb for fb in (fb_local, fb_ft) if fb is not None]
+        e = evaluate_client(run.ev, i, s, fedit.global_state, local, finetuned, fedsa_adapter)
         for m in acc:
             acc[m][s.name] = e.acc[m]
         per_client[s.name], bad_stats = e.record, bad_stats + e.bad_stats
@@ -141,20 +152,21 @@ def run_experiment(model: nn.Module, splits: Sequence[ClientSplits], cfg: Experi
     curve = communication_curve(run, fedit, acc)
     timing["communication_curve"] = time.time() - t0
     results = collect_results(config or {}, cfg, [s.name for s in splits], acc, per_client, curve, run.ev.init,
-                              fedit.history, fedsa.history if fedsa else None, run.state.fallbacks, bad_stats, timing)
+                              fedit.history, fedsa.history if fedsa else None, fallbacks, bad_stats, timing)
     write_outputs(results, out_dir)
     return results
 
 
 # ----------------------------------------------------------------------------- stages
 def federated_training(run: Run, stage: str, share=None) -> FedState:
-    """FedIT (share=None: every adapter tensor) or FedSA-LoRA, checkpointed after every round."""
+    """FedIT (share=None: every adapter tensor) or FedSA-LoRA, checkpointed after every round; FedIT's global
+    adapter at each snapshot round written to its own file first (a kill between the two: the round reruns)."""
     snaps = snapshot_rounds(run.cfg.rounds, run.cfg.snapshots)
 
     def checkpoint(fed: FedState) -> None:
         setattr(run.state, stage, fed_dict(fed))
         if stage == "fedit" and fed.round in snaps:
-            run.state.snapshots[fed.round] = fed.global_state
+            run.parts.save("snapshot", fed.round, fed.global_state)
         save_state(run.state, run.ckpt_path)
         if run.on_round is not None:
             run.on_round(stage, fed)
@@ -193,26 +205,17 @@ def train_checked(model: nn.Module, start: dict, split: ClientSplits, steps: int
     return dict(start), {"client": split.name, "stage": stage, "reason": reason}
 
 
-def train_from(run: Run, start: dict, split: ClientSplits, steps: int, seed: int, stage: str) -> dict:
-    """train_checked inside a run: a fallback is recorded in the run state."""
-    state, fallback = train_checked(run.model, start, split, steps, seed, run.cfg, stage, run.loss_fn,
-                                    run.ev.autocast_dtype, run.progress)
-    if fallback is not None:
-        run.state.fallbacks.append(fallback)
-    return state
-
-
 def local_training(run: Run, global_state: dict) -> None:
-    """Per client, unless checkpointed: the local-only adapter phi_L from phi_0, and phi_G fine-tuned locally."""
+    """Per client, unless its file exists: the local-only adapter phi_L from phi_0, and phi_G fine-tuned locally,
+    each written once to its own file (checkpoint.Parts) with the fallback record of a diverged training."""
+    cfg, m, ac = run.cfg, run.model, run.ev.autocast_dtype
     for i, s in enumerate(_bar(run.splits, "local training", run.progress)):
-        if s.name not in run.state.local:
-            run.state.local[s.name] = train_from(run, run.ev.init, s, run.cfg.local_train_steps,
-                                                 local_seed(run.cfg.seed, i), "local")
-            save_state(run.state, run.ckpt_path)
-        if s.name not in run.state.finetuned:
-            run.state.finetuned[s.name] = train_from(run, global_state, s, run.cfg.finetune_steps,
-                                                     finetune_seed(run.cfg.seed, i), "fine-tune")
-            save_state(run.state, run.ckpt_path)
+        for kind, start, steps, seed, stage in (
+                ("local", run.ev.init, cfg.local_train_steps, local_seed(cfg.seed, i), "local"),
+                ("finetuned", global_state, cfg.finetune_steps, finetune_seed(cfg.seed, i), "fine-tune")):
+            if not run.parts.exists(kind, i):
+                adapter, fallback = train_checked(m, start, s, steps, seed, cfg, stage, run.loss_fn, ac, run.progress)
+                run.parts.save(kind, i, adapter, fallback)
     load_lora_state_dict(run.model, run.ev.init)
 
 
@@ -224,10 +227,10 @@ def communication_curve(run: Run, fedit: FedState, acc: dict) -> list[dict]:
         if r == cfg.rounds:
             fa, pa = mean(acc["fedit"].values()), mean(acc["potara_ab"].values())
         else:
-            Gr = run.state.snapshots[r]
+            Gr = run.parts.load("snapshot", r)[0]
             fa = mean(ev.score(Gr, s.test_inputs, s.test_targets) for s in splits)
-            pa = mean(ev.score(potara_step(ev, i, s, Gr, run.state.local[s.name])[0], s.test_inputs, s.test_targets)
-                      for i, s in enumerate(splits))
+            pa = mean(ev.score(potara_step(ev, i, s, Gr, run.parts.load("local", i)[0])[0], s.test_inputs,
+                               s.test_targets) for i, s in enumerate(splits))
         curve.append({"round": r, "bytes": sum(h["bytes_down"] + h["bytes_up"] for h in fedit.history[:r]),
                       "fedit": fa, "potara": pa})
     return curve

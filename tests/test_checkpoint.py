@@ -3,7 +3,10 @@ or not sound is refused in one line, without running code."""
 import pytest
 import torch
 
-from potara_harness.checkpoint import ResumeError, RunState, fingerprint, load_state, save_state
+import os
+import shutil
+
+from potara_harness.checkpoint import Parts, ResumeError, RunState, fingerprint, load_state, save_state
 from potara_harness.config import ExperimentConfig
 
 
@@ -19,10 +22,11 @@ def test_fault_options_are_fingerprinted_only_when_set(mlp_problem):
 def test_saved_state_loads_back_and_foreign_states_are_refused(tmp_path, same):
     path = str(tmp_path / "checkpoint.pt")
     state = RunState("fp", fedit={"round": 0, "global_state": {"w": torch.ones(2)}, "private_states": {},
-                                  "history": []}, local={"c0": {"w": torch.arange(3.0)}})
+                                  "history": []})
     save_state(state, path)
     back = load_state(path, "fp")
-    assert same(back.fedit, state.fedit) and same(back.local, state.local) and back.fallbacks == []
+    assert same(back.fedit, state.fedit) and back.fedsa is None and back.run_id == state.run_id
+    assert set(torch.load(path, weights_only=True)) == {"format", "fingerprint", "run_id", "fedit", "fedsa"}
     with pytest.raises(ResumeError, match="other training settings"):
         load_state(path, "another run")
     torch.save({"fingerprint": "fp"}, path)
@@ -77,20 +81,34 @@ def test_fingerprint_holds_every_training_setting(mlp_problem, change, fingerpri
         == fingerprinted
 
 
-# ----------------------------------------------------------------------------- edited checkpoints (item 7)
-def sound_state(model, fp):
-    """A checkpoint as the pipeline writes it after FedIT round 1 of 2 (FedSA-LoRA not started)."""
+# ----------------------------------------------------------------------------- edited checkpoints (item 7, issue 17 item 4)
+RECORD = {"round": 0, "clients": ["c0"], "dropped": [], "rejected": [], "mean_train_loss": 1.5,
+          "bytes_down": 10, "bytes_up": 10}
+
+
+def sound_run(model, folder, fp="fp", rounds=2):
+    """A run folder as the pipeline leaves it after FedIT (rounds of rounds, snapshots at 1..rounds) and client c0's
+    local adapter (FedSA-LoRA and fine-tuning not started): checkpoint.pt + adapters/snapshot-*.pt + local-0000.pt.
+    Returns (phi_0, state, parts, checkpoint path)."""
     from lora import lora_state_dict
     adapter = {k: v.detach().clone() for k, v in lora_state_dict(model).items()}
-    record = {"round": 0, "clients": ["c0"], "dropped": [], "rejected": [], "mean_train_loss": 1.5,
-              "bytes_down": 10, "bytes_up": 10}
-    return adapter, RunState(fp, fedit={"round": 1, "global_state": dict(adapter), "private_states": {"c0": {}},
-                                        "history": [record]},
-                             snapshots={1: dict(adapter)}, local={"c0": dict(adapter)})
+    state = RunState(fp, fedit={"round": rounds, "global_state": dict(adapter), "private_states": {"c0": {}},
+                                "history": [{**RECORD, "round": t} for t in range(rounds)]})
+    path = str(folder / "checkpoint.pt")
+    save_state(state, path)
+    parts = Parts(path, state, adapter, ["c0"])
+    for r in range(1, rounds + 1):
+        parts.save("snapshot", r, dict(adapter))
+    parts.save("local", 0, dict(adapter))
+    return adapter, state, parts, path
 
 
 def edits(adapter):
+    """(what to edit: the checkpoint's fedit dict, or a function of (state, parts), the reason in the error)."""
     k = next(iter(adapter))
+    nan = {kk: v * float("nan") for kk, v in adapter.items()}
+    beside = lambda p, state, clients=("c0",): Parts(os.path.join(os.path.dirname(p.folder), "checkpoint.pt"), state,
+                                                     adapter, list(clients))  # writes into the same folder
     return [
         ("fedit", lambda f: {**f, "global_state": {**f["global_state"], k: f["global_state"][k].double()}}, "dtype torch.float64"),
         ("fedit", lambda f: {**f, "global_state": {**f["global_state"], k: torch.zeros(7, 7)}}, "has shape (7, 7)"),
@@ -99,64 +117,115 @@ def edits(adapter):
         ("fedit", lambda f: {**f, "round": -3}, "round -3 is not a count"),
         ("fedit", lambda f: {**f, "round": 5}, "round 5 is not a count in [0, 2]"),
         ("fedit", lambda f: {**f, "history": "junk"}, "history must list one record"),
-        ("fedit", lambda f: {**f, "history": [{"round": 0, "bytes_down": "x"}]}, "history[0] bytes"),
+        ("fedit", lambda f: {**f, "history": [{"round": 0, "bytes_down": "x"}, RECORD]}, "history[0] bytes"),
         ("fedit", lambda f: {**f, "private_states": {"mallory": {}}}, "private states of other clients"),
-        ("snapshots", lambda s: {99: s[1]}, "snapshots: rounds must be counts"),
-        ("local", lambda s: {"c0": {kk: v * float("nan") for kk, v in s["c0"].items()}}, "holds NaN or Inf"),
-        ("local", lambda s: {"c0": {kk: torch.zeros(1).expand(v.shape) for kk, v in s["c0"].items()}}, "expanded view"),
-        ("local", lambda s: {"mallory": s["c0"]}, "local: adapters of unknown clients"),
-        ("fallbacks", lambda f: [{"client": "c0"}], "fallbacks: malformed"),
+        ("parts", lambda st, p: os.remove(p.path("snapshot", 2)), "the snapshot of round 2 is missing"),
+        ("parts", lambda st, p: p.save("snapshot", 99, adapter), "adapters/snapshot-0099.pt is no part of this run"),
+        ("parts", lambda st, p: p.save("local", 0, nan), "holds NaN or Inf"),
+        ("parts", lambda st, p: p.save("local", 0, {kk: torch.zeros(1).expand(v.shape) for kk, v in adapter.items()}),
+         "expanded view"),
+        ("parts", lambda st, p: beside(p, st, "c0 c1 c2 c3".split()).save("local", 3, adapter),
+         "adapters/local-0003.pt is no part of this run"),
+        ("parts", lambda st, p: p.save("local", 0, adapter, {"client": "c0"}), "fallback malformed"),
+        ("parts", lambda st, p: beside(p, RunState("fp")).save("local", 0, adapter),
+         "a part of another run"),  # the same settings, started over: another run_id
+        ("parts", lambda st, p: beside(p, RunState("other", run_id=st.run_id)).save("local", 0, adapter),
+         "a part of another run"),  # another fingerprint
+        ("parts", lambda st, p: shutil.copy(p.path("snapshot", 1), p.path("local", 0)), "holds another part"),
     ]
 
 
-@pytest.mark.parametrize("case", range(14))
+@pytest.mark.parametrize("case", range(18))
 def test_edited_checkpoint_with_a_valid_fingerprint_is_refused(tmp_path, mlp_problem, same, case):
-    bias_free_model, client = mlp_problem
-    model = bias_free_model()
-    adapter, state = sound_state(model, "fp")
-    path = str(tmp_path / "checkpoint.pt")
-    save_state(state, path)
-    back = load_state(path, "fp", adapter=adapter, clients=["c0"], rounds=2)  # the sound one loads
-    assert same(back.fedit, state.fedit) and same(back.snapshots, state.snapshots)
+    """Each edit of a sound run folder (checkpoint.pt or a part file) is refused by load_state, in one line, before
+    anything is trained: issue 17 item 4 (a missing snapshot), issue 20 (a part of another run)."""
+    bias_free_model, _ = mlp_problem
+    adapter, state, parts, path = sound_run(bias_free_model(), tmp_path)
+    back = load_state(path, "fp", adapter=adapter, clients=["c0"], rounds=2, snapshots=[1, 2])  # the sound one loads
+    assert same(back.fedit, state.fedit) and back.run_id == state.run_id
     part, edit, why = edits(adapter)[case]
-    setattr(state, part, edit(getattr(state, part)))
-    save_state(state, path)
+    if part == "fedit":
+        state.fedit = edit(state.fedit)
+        save_state(state, path)
+    else:
+        edit(state, parts)
     with pytest.raises(ResumeError) as e:
-        load_state(path, "fp", adapter=adapter, clients=["c0"], rounds=2)
+        load_state(path, "fp", adapter=adapter, clients=["c0"], rounds=2, snapshots=[1, 2])
     msg = str(e.value)
-    assert "is damaged or edited" in msg and why in msg and "\n" not in msg, msg
+    assert ("is damaged" in msg) and why in msg and "\n" not in msg, msg
+
+
+def test_a_snapshot_or_adapter_not_yet_made_is_not_required(tmp_path, mlp_problem):
+    """Killed after round 1 of 4 (snapshots at 2 and 4): nothing is missing; a snapshot file one round ahead of
+    checkpoint.pt (killed between the two writes) is this run's and accepted (the round reruns and rewrites it)."""
+    bias_free_model, _ = mlp_problem
+    adapter, state, parts, path = sound_run(bias_free_model(), tmp_path, rounds=1)
+    os.remove(parts.path("local", 0))
+    os.remove(parts.path("snapshot", 1))
+    load_state(path, "fp", adapter=adapter, clients=["c0"], rounds=4, snapshots=[2, 4])
+    parts.save("snapshot", 2, adapter)
+    load_state(path, "fp", adapter=adapter, clients=["c0"], rounds=4, snapshots=[2, 4])
+    parts.save("local", 0, adapter)  # a client adapter before FedIT ended: an edited checkpoint.pt
+    with pytest.raises(ResumeError, match="a client adapter before FedIT ended"):
+        load_state(path, "fp", adapter=adapter, clients=["c0"], rounds=4, snapshots=[2, 4])
+
+
+FLOWER_RECORD = {**RECORD, "failed": [], "wire_bytes_down": 12, "wire_bytes_up": 12, "seconds": 0.5,
+                 "client_seconds": {"c0": {"train": 0.25}}}
+
+
+@pytest.mark.parametrize("edit, why", [
+    (lambda f: None, "fedit: missing"),
+    (lambda f: {**f, "history": [{k: v for k, v in FLOWER_RECORD.items() if k != "failed"}]}, "history[0] failed"),
+    (lambda f: {**f, "history": [{**FLOWER_RECORD, "failed": [{"client": "c0"}]}]}, "history[0] failed"),
+    (lambda f: {**f, "history": [{**FLOWER_RECORD, "wire_bytes_up": -1}]}, "history[0] wire bytes or seconds"),
+    (lambda f: {**f, "history": [{**FLOWER_RECORD, "client_seconds": {"c0": {"train": "x"}}}]}, "wire bytes or seconds"),
+])
+def test_edited_flower_checkpoint_is_refused_at_load(tmp_path, mlp_problem, edit, why):
+    """Issue 17 item 4: the Flower server's checkpoint with fedit = None or history records without `failed`
+    (TypeError / KeyError in the server before) is refused by load_state(flower=True) in one line."""
+    from lora import lora_state_dict
+    adapter = lora_state_dict(mlp_problem[0]())
+    fedit = {"round": 1, "global_state": dict(adapter), "private_states": {"c0": {}}, "history": [FLOWER_RECORD]}
+    path = str(tmp_path / "checkpoint.pt")
+    save_state(RunState("fp", fedit=fedit), path)
+    load_state(path, "fp", adapter=adapter, clients=["c0"], rounds=2, flower=True)  # the sound one loads
+    save_state(RunState("fp", fedit=edit(fedit)), path)
+    with pytest.raises(ResumeError) as e:
+        load_state(path, "fp", adapter=adapter, clients=["c0"], rounds=2, flower=True)
+    assert "is damaged or edited" in str(e.value) and why in str(e.value) and "\n" not in str(e.value)
 
 
 # ----------------------------------------------------------------------------- fuzz: randomly corrupted checkpoints
 def test_fuzz_checkpoints_give_one_clear_error_or_a_sound_state(tmp_path, mlp_problem, bounded, corrupted_torch_file):
-    """300 seeded corruptions of a sound checkpoint: each ends in a one-line ResumeError or loads a state that is
-    sound by the validator; none hangs, allocates gigabytes (RLIMIT_AS) or writes anything."""
-    import os
+    """300 seeded corruptions of a sound run folder (checkpoint.pt, or the local adapter's part file): each ends in
+    a one-line ResumeError or loads a state that is sound by the validator; none hangs, allocates gigabytes
+    (RLIMIT_AS) or writes anything."""
     import random
 
     from lora import check_tensors
     bias_free_model, _ = mlp_problem
-    adapter, state = sound_state(bias_free_model(), "fp")
-    good = tmp_path / "good.pt"
-    save_state(state, str(good))
-    template = good.read_bytes()
-    plain = torch.load(good, weights_only=True)
+    adapter, _, parts, path = sound_run(bias_free_model(), tmp_path)
+    files = {name: (open(name, "rb").read(), torch.load(name, weights_only=True)) for name in (path, parts.path("local", 0))}
     numel = max(t.numel() for t in adapter.values())
     rng, accepted = random.Random(0), 0
     for case in range(300):
-        path = tmp_path / "checkpoint.pt"
-        path.write_bytes(corrupted_torch_file(rng, template, plain, numel))
+        target = sorted(files)[case % 2]
+        template, plain = files[target]
+        with open(target, "wb") as f:
+            f.write(corrupted_torch_file(rng, template, plain, numel))
         before = sorted(os.listdir(tmp_path))
         with bounded():
             try:
-                back = load_state(str(path), "fp", adapter=adapter, clients=["c0"], rounds=2)
+                back = load_state(path, "fp", adapter=adapter, clients=["c0"], rounds=2, snapshots=[1, 2])
             except ResumeError as e:
-                assert str(e).startswith(str(path)) and "\n" not in str(e), (case, str(e))
+                assert str(e).startswith(target) and "\n" not in str(e), (case, str(e))
             else:  # a flip in a value or in zip padding: still a sound state
                 accepted += 1
-                for part in (back.local, back.snapshots):
-                    for s in part.values():
-                        check_tensors(s, adapter)
+                check_tensors(back.fedit["global_state"], adapter)
+                check_tensors(parts.load("local", 0)[0], adapter)
         assert sorted(os.listdir(tmp_path)) == before, case
+        with open(target, "wb") as f:
+            f.write(template)
     assert accepted < 100, accepted  # as test_fuzz.py: most are caught; flips inside values stay sound
-    print(f"{accepted} of 300 corrupted checkpoints were still sound")
+    print(f"{accepted} of 300 corrupted run folders were still sound")

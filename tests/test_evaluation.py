@@ -90,3 +90,41 @@ def test_evaluate_client_returns_its_record_and_the_adapter_it_scored():
     assert e.acc["local"] == plain(L) and e.acc["fedit"] == plain(G) and e.acc["fedit_ft"] == plain(F_)
     assert e.acc["potara_ab"] == plain(expected) and e.acc["uniform"] == plain(merge_adapters(G, L, 0.5))
     assert e.record["lam_potara"] == lam and e.record["abs_lam_diff"] == abs(lam - e.record["lam_grid_val"])
+
+
+# ----------------------------------------------------------------------------- the faster grid (issue 20)
+def old_grid_curves(ev, s, G, L):
+    """The grid as it was scored before issue 20: per lam the merged adapter loaded, accuracy on val and on test
+    through the rank-r branches (no merged weights), and the val loss by potara.segment_loss: three forwards."""
+    from potara import segment_loss
+    from potara_harness.evaluation import accuracy, lam_grid
+    val, test, loss = [], [], []
+    batches = [(s.val_inputs[k:k + 64], s.val_targets[k:k + 64]) for k in range(0, len(s.val_targets), 64)]
+    for lam in lam_grid(ev.cfg.grid_step):
+        merged = merge_adapters(G, L, lam, ev.cfg.grid_space)
+        load_lora_state_dict(ev.model, merged, allow_rank_change=True)
+        ev.model.eval()
+        val.append(accuracy(ev.model, s.val_inputs, s.val_targets))
+        test.append(accuracy(ev.model, s.test_inputs, s.test_targets))
+        loss.append(segment_loss(ev.model, G, L, lam, batches, ev.likelihood, ev.cfg.grid_space, slope=False)[0])
+        load_lora_state_dict(ev.model, ev.init, allow_rank_change=True)
+    return val, test, loss
+
+
+@pytest.mark.parametrize("space", ["ab", "delta"])
+def test_faster_grid_equals_the_three_forward_grid(space):
+    """One val forward per lam on merged weights gives the accuracies exactly and the loss to 1e-6 of the old
+    grid (independent loop above), on 300 val samples (two batches of the scorer, five of segment_loss); the
+    backbone's weights are bitwise what they were (merged_weights restores a copy, never W0 + D - D)."""
+    ev, G, L, s = micro_run(grid_step=0.05, grid_space=space)
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(300, 6, generator=g), torch.randint(0, 3, (300,), generator=g)
+    s = ClientSplits("c0", s.train_inputs, s.train_targets, x, y, x[:120], y[:120])
+    before = {k: v.clone() for k, v in ev.model.state_dict().items()}
+    val, test, loss = old_grid_curves(ev, s, G, L)
+    got = grid_search(ev, s, G, L)["curves"]
+    assert got["val"] == val and got["test"] == test
+    assert max(abs(a - b) for a, b in zip(got["val_loss"], loss)) < 1e-6
+    assert len(set(val)) > 3  # the curve moves: the comparison is not between constants
+    after = ev.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -1,15 +1,25 @@
 """pipeline.run_experiment on the tiny MLP problem: degenerate numerics never give a NaN adapter, faults
 reach results.json, and the stages reproduce what a hand replay of the library calls gives."""
 import json
+import os
 import warnings
 
 import pytest
 import torch
 
 from lora import lora_state_dict
-from potara_harness.checkpoint import _tensors
+from potara_harness.checkpoint import read_run
 from potara_harness.config import ExperimentConfig
 from potara_harness.pipeline import run_experiment
+
+def _tensors(obj):
+    """Every tensor in nested dicts / lists (a run folder's, read_run)."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (dict, list, tuple)):
+        for v in obj.values() if isinstance(obj, dict) else obj:
+            yield from _tensors(v)
+
 
 MLP_CFG = dict(rounds=2, local_steps=3, lr=1e-2, batch_size=8, local_train_steps=4, finetune_steps=3,
                fisher_samples=8, grid_step=0.25, snapshots=2,
@@ -32,7 +42,7 @@ def test_zero_fisher_and_nan_client_warn_and_give_finite_adapters_and_results(tm
                      "client c_nan: NaN/Inf in the Fisher", "client c_nan: non-finite variance terms",
                      "all zero"):
         assert expected in text, expected
-    ck = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
+    ck = read_run(str(tmp_path / "a"))
     assert all(torch.isfinite(t).all() for t in _tensors(ck))
     init = lora_state_dict(bias_free_model())
     assert same(ck["local"]["c_nan"], init) and same(ck["finetuned"]["c_nan"], ck["fedit"]["global_state"])
@@ -49,6 +59,23 @@ def test_zero_fisher_and_nan_client_warn_and_give_finite_adapters_and_results(tm
     with pytest.warns(UserWarning, match="all zero"):
         clean = run_experiment(bias_free_model(), healthy, ExperimentConfig(**MLP_CFG), str(tmp_path / "b"),
                                progress=False)
-    ck_clean = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    ck_clean = read_run(str(tmp_path / "b"))
     assert same(ck["fedit"]["global_state"], ck_clean["fedit"]["global_state"])
     assert r["methods"]["fedit"]["per_client"]["c0"] == clean["methods"]["fedit"]["per_client"]["c0"]
+
+
+@pytest.mark.parametrize("clients", [2, 4])
+def test_each_adapter_is_written_once_and_the_checkpoint_once_a_round(tmp_path, mlp_problem, monkeypatch, clients):
+    """Issue 20: bytes written linear in the clients. checkpoint.pt is written once at the start and once per
+    federated round (never per client), every client's local and fine-tuned adapter and every snapshot once."""
+    from potara_harness import checkpoint
+    bias_free_model, client = mlp_problem
+    writes, real = [], checkpoint.atomic_write
+    monkeypatch.setattr(checkpoint, "atomic_write", lambda path, write: writes.append(path) or real(path, write))
+    run_experiment(bias_free_model(), [client(f"c{k}", k) for k in range(clients)],
+                   ExperimentConfig(**{**MLP_CFG, "estimator": "verified"}), str(tmp_path), progress=False)
+    names = sorted(os.path.relpath(p, tmp_path) for p in writes)
+    R = MLP_CFG["rounds"]
+    expected = sorted(["checkpoint.pt"] * (1 + 2 * R) + [f"adapters/snapshot-{r:04d}.pt" for r in (1, 2)]
+                      + [f"adapters/{kind}-{i:04d}.pt" for kind in ("local", "finetuned") for i in range(clients)])
+    assert names == expected

@@ -24,6 +24,7 @@ from data import write_synthetic_cifar100
 from lora import lora_factor, lora_state_dict
 from potara import merge_adapters
 from potara_harness import config, vit
+from potara_harness.checkpoint import read_run
 from potara_harness.evaluation import lam_grid, score_adapter
 from potara_harness.partition import client_splits, public_and_pool
 from potara_harness.report import METHODS
@@ -102,7 +103,7 @@ def test_potara_scores_are_the_merges_at_its_lam_rescored_from_the_checkpoint(mi
                            (args.train, args.val, args.test), args.seed)
     backbone, _ = run_cifar.get_backbone(args, p, data, public, torch.device("cpu"))
     model = vit.build_model(backbone, p, args.rank, args.lora_alpha, args.seed)
-    init, ck = lora_state_dict(model), torch.load(out / "checkpoint.pt", weights_only=True)
+    init, ck = lora_state_dict(model), read_run(str(out))
     G = ck["fedit"]["global_state"]
     for s in splits:
         lam = r["per_client"][s.name]["lam_potara"]
@@ -152,7 +153,7 @@ def test_interrupted_run_resumes_to_the_same_result(micro_run, data_dir, tmp_pat
     a, b = (json.loads((o / "results.json").read_text()) for o in (out_a, out_b))
     for key in ("methods", "per_client", "communication", "fedit_history", "fedsa_history", "adapter"):
         assert a[key] == b[key], key
-    ck_a, ck_b = (torch.load(o / "checkpoint.pt", weights_only=True) for o in (out_a, out_b))
+    ck_a, ck_b = (read_run(str(o)) for o in (out_a, out_b))
     for key in ("fedit", "fedsa", "snapshots", "local", "finetuned"):
         assert same(ck_a[key], ck_b[key]), key
 
@@ -275,18 +276,15 @@ def file_version(path):
 
 
 
-def run_and_kill(cmd, ckpt, writes, log):
-    """Start cmd, SIGKILL it once it has (re)written checkpoint.pt `writes` times (polled every 2 ms)."""
-    last, seen, deadline = file_version(ckpt), 0, time.time() + 120
+def run_and_kill(cmd, when, log):
+    """Start cmd, SIGKILL it as soon as when() is true (polled every 2 ms)."""
+    deadline = time.time() + 120
     with open(log, "wb") as err:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
         try:
-            while seen < writes:
+            while not when():
                 assert proc.poll() is None, f"the run ended before it was killed: {open(log).read()[-2000:]}"
-                assert time.time() < deadline, "too few checkpoint writes in 120 s"
-                now = file_version(ckpt)
-                if now is not None and now != last:
-                    seen, last = seen + 1, now
+                assert time.time() < deadline, "the kill's moment did not come in 120 s"
                 time.sleep(0.002)
             proc.send_signal(signal.SIGKILL)
         finally:
@@ -294,28 +292,64 @@ def run_and_kill(cmd, ckpt, writes, log):
     assert proc.returncode == -signal.SIGKILL
 
 
+def writes_of(path, count):
+    """A when() for run_and_kill: true once `path` has been (re)written `count` times from now."""
+    seen = {"n": 0, "last": file_version(path)}
 
-def test_sigkill_mid_run_then_resume_is_bitwise_equal_to_an_uninterrupted_run(micro, reference, tmp_path, same):
+    def when():
+        now = file_version(path)
+        if now is not None and now != seen["last"]:
+            seen["n"], seen["last"] = seen["n"] + 1, now
+        return seen["n"] >= count
+    return when
+
+
+def test_sigkill_in_each_stage_then_resume_is_bitwise_equal_to_an_uninterrupted_run(micro, reference, tmp_path, same):
+    """SIGKILL in FedIT, in FedSA-LoRA, in the local adapters, in the evaluation; each time --resume goes on from
+    what was written (whatever instant the kill hit, every file is complete or absent), and the last one ends with
+    the files and results of the uninterrupted run, bitwise."""
     out = tmp_path / "killed"
     cmd = [sys.executable, "run_cifar.py", *argv(micro, out)]
-    ckpt = out / "checkpoint.pt"
-    run_and_kill(cmd, ckpt, writes=1, log=tmp_path / "err1")  # in FedIT (its round 1 is the first checkpoint)
-    assert not (out / "results.json").exists()
-    first = torch.load(ckpt, weights_only=True)  # whatever instant the kill hit, the checkpoint is complete
-    assert 1 <= first["fedit"]["round"] < REL_ROUNDS
-    # resumed, killed again in the local-training stage: FedIT's last rounds + FedSA's 3 + >= 1 local adapter
-    run_and_kill(cmd + ["--resume"], ckpt, writes=REL_ROUNDS - first["fedit"]["round"] + REL_ROUNDS + 1, log=tmp_path / "err2")
+    ckpt, parts = out / "checkpoint.pt", out / "adapters"
+    made = lambda: sorted(p.name for p in parts.glob("*.pt")) if parts.is_dir() else []
+    clients = [f"{kind}-{i:04d}.pt" for kind in ("finetuned", "local") for i in range(CLIENTS)]
+    run_and_kill(cmd, writes_of(ckpt, 2), tmp_path / "err1")  # the run's start + FedIT round 1
+    first = torch.load(ckpt, weights_only=True)
+    assert 1 <= first["fedit"]["round"] < REL_ROUNDS and first["fedsa"] is None
+    run_and_kill(cmd + ["--resume"], writes_of(ckpt, REL_ROUNDS - first["fedit"]["round"] + 1), tmp_path / "err2")
     second = torch.load(ckpt, weights_only=True)
-    assert second["fedsa"]["round"] == REL_ROUNDS and len(second["local"]) >= 1 and not (out / "results.json").exists()
+    assert second["fedit"]["round"] == REL_ROUNDS and 1 <= second["fedsa"]["round"] < REL_ROUNDS
+    run_and_kill(cmd + ["--resume"], lambda: (parts / "local-0000.pt").exists(), tmp_path / "err3")
+    assert "local-0000.pt" in made() and not set(clients) <= set(made())  # killed among the local adapters
+    run_and_kill(cmd + ["--resume"], lambda: set(clients) <= set(made()), tmp_path / "err4")
+    assert not (out / "results.json").exists()  # killed in the evaluation
     (out / "checkpoint.pt.tmp999999").write_bytes(b"a partial write left by a killed process")
+    (parts / "local-0001.pt.tmp999999").write_bytes(b"a partial write left by a killed process")
     done = subprocess.run(cmd + ["--resume"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "resuming from" in done.stdout
     assert load_results(out) == load_results(reference)
-    ck, ref = (torch.load(o / "checkpoint.pt", weights_only=True) for o in (out, reference))
-    for key in ("fedit", "fedsa", "snapshots", "local", "finetuned"):
+    ck, ref = read_run(str(out)), read_run(str(reference))
+    for key in ("fedit", "fedsa", "snapshots", "local", "finetuned", "fallbacks"):
         assert same(ck[key], ref[key]), key
 
+
+def test_a_missing_snapshot_or_a_part_of_another_run_is_refused_at_resume(micro, reference, tmp_path):
+    """Issue 17 item 4 (--rounds 4 --snapshots 2 without the snapshot of round 2: a bare KeyError in the
+    communication curve after all the evaluation, before) and issue 20 (a client's adapter file of another run):
+    refused when loading, in one line, exit 2, nothing written."""
+    out = tmp_path / "four"
+    run_cifar.main(argv(micro, out, "--rounds", "4", "--snapshots", "2"))
+    os.remove(out / "results.json")
+    cases = [(lambda: shutil.copy(reference / "adapters" / "local-0000.pt", out / "adapters" / "local-0000.pt"),
+              "local-0000.pt is damaged, edited or another run's (a part of another run)"),
+             (lambda: os.remove(out / "adapters" / "snapshot-0002.pt"), "the snapshot of round 2 is missing")]
+    for make, msg in cases:
+        make()
+        with pytest.raises(SystemExit) as e:
+            run_cifar.main(argv(micro, out, "--rounds", "4", "--snapshots", "2", "--resume"))
+        assert e.value.code == 2 and msg in str(e.value) and "\n" not in str(e.value), str(e.value)
+        assert not (out / "results.json").exists()
 
 
 def test_damaged_synthetic_files_and_marker_are_handled(tmp_path, capsys, micro):
@@ -392,21 +426,23 @@ def test_max_update_norm_rejects_and_keeps_the_global_adapter(micro, tmp_path, c
 def test_bad_resume_states_fail_in_one_line(micro, reference, tmp_path):
     good = torch.load(reference / "checkpoint.pt", weights_only=True)
     out = tmp_path / "r"
-    out.mkdir()
-    ckpt = out / "checkpoint.pt"
+    shutil.copytree(reference, out)
+    os.remove(out / "results.json")
+    ckpt, local = out / "checkpoint.pt", out / "adapters" / "local-0000.pt"
     marker = tmp_path / "pwned"
-    nan_local = {k: v * float("nan") for k, v in good["local"]["client0"].items()}
-    nan = {**good, "local": {**good["local"], "client0": nan_local}}
-    wide = {**good, "local": {**good["local"], "client0": {k: v.double() for k, v in good["local"]["client0"].items()}}}
+    part = torch.load(local, weights_only=True)
+    nan = {**part, "adapter": {k: v * float("nan") for k, v in part["adapter"].items()}}
+    wide = {**part, "adapter": {k: v.double() for k, v in part["adapter"].items()}}
     back = {**good, "fedit": {**good["fedit"], "round": -3}}
     cases = [
         (lambda: ckpt.write_bytes((reference / "checkpoint.pt").read_bytes()[:4000]), "is unreadable (truncated"),
         (lambda: torch.save({"some": torch.ones(2)}, ckpt), "is not a potara experiment checkpoint"),
         (lambda: save_adapter(ckpt, {"w": torch.ones(2)}), "is not a potara experiment checkpoint"),
         (lambda: torch.save({**good, "fedit": PlantedPickle(str(marker))}, ckpt), "unsafe"),
-        (lambda: torch.save(nan, ckpt), "holds NaN or Inf values"),
-        (lambda: torch.save(wide, ckpt), "has dtype torch.float64, expected torch.float32"),
-        (lambda: torch.save(back, ckpt), "fedit: round -3 is not a count in [0, 3]"),  # once: trained 6 rounds
+        (lambda: torch.save(good, ckpt) or torch.save(nan, local), "holds NaN or Inf values"),
+        (lambda: torch.save(wide, local), "has dtype torch.float64, expected torch.float32"),
+        (lambda: torch.save(part, local) or torch.save({**part, "adapter": PlantedPickle(str(marker))}, local), "unsafe"),
+        (lambda: torch.save(part, local) or torch.save(back, ckpt), "fedit: round -3 is not a count in [0, 3]"),
         (lambda: torch.save(good, ckpt), "other training settings"),  # resumed with another --drop-prob
     ]
     for i, (make, msg) in enumerate(cases):
