@@ -85,3 +85,35 @@ def test_the_split_cache_gives_the_drawn_split_and_refuses_what_does_not_match(t
     os.utime(f, ns=(os.stat(f).st_atime_ns, os.stat(f).st_mtime_ns + 10**9))  # the data changed on disk
     task.client_split(SMALL, data, 1, 3, cache)
     assert len(draws) == 5
+
+
+def test_the_app_round_is_set_against_the_floor():
+    """ratio = app / floor; the goal is app <= 1.25 floor + the app's training. Hand-computed."""
+    got = flower_bench.against_floor({"round": 9.0, "train": 0.5}, 6.0)
+    assert got == pytest.approx({"floor_round_s": 6.0, "ratio_to_floor": 1.5, "goal_bound_s": 8.0,
+                                 "goal_met": False})
+    assert flower_bench.against_floor({"round": 7.9, "train": 0.5}, 6.0)["goal_met"]
+
+
+def test_the_floor_app_echoes_its_input(tmp_path):
+    """The floor's ClientApp sends back exactly what it received (no torch in that app)."""
+    import importlib.util
+
+    from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+    spec = importlib.util.spec_from_file_location("floor_app", flower_bench.FLOOR / "floor_app.py")
+    floor = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(floor)
+    old = {a: getattr(TaskIdentity, a) for a in ("_run_id", "_node_id", "_task_id")}
+    try:
+        for a in old:
+            setattr(TaskIdentity, a, 1)
+        import numpy as np
+        x = np.arange(7, dtype=np.float32)
+        msg = Message(RecordDict({"adapter": ArrayRecord({"a": Array(x)})}), dst_node_id=5, message_type="train")
+        reply = floor.app(msg, Context(1, 5, {}, RecordDict(), {}))
+    finally:
+        for a, v in old.items():
+            setattr(TaskIdentity, a, v)
+    assert np.array_equal(reply.content["adapter"]["a"].numpy(), x)
+    assert "import torch" not in (flower_bench.FLOOR / "floor_app.py").read_text()
