@@ -14,7 +14,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-app, server = ClientApp(), ServerApp()
+app = ClientApp()  # one name per line: flwr finds components by reading the file (ast), not importing it
+server = ServerApp()
 
 
 @app.train()
