@@ -7,7 +7,8 @@ message. Declared in pyproject.toml ([tool.flwr.app.components]); started by a S
 Node config (per device): partition-id k and num-partitions K (which client this device is),
 backbone (a local backbone file: vit.py's potara-backbone-v1 format, e.g. the tiny preset's cache file
 that run_cifar.py wrote; loaded, never re-trained), data-dir (where cifar-100-python/ or synthetic/ live,
-default "data"), threads (torch CPU threads, default torch's own), device ("cpu", the default, or "cuda":
+default "data"), cache-dir (optional: client k's split is kept there between messages, task.client_split),
+threads (torch CPU threads, default torch's own), device ("cpu", the default, or "cuda":
 bfloat16 autocast as the pipelines on CUDA; bitwise equality with the in-process loop is a CPU
 property), adapter-dir (optional: the client saves its personalised Potara adapter there, on the device).
 
@@ -40,14 +41,11 @@ import torch.nn as nn
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from adapter_file import save_adapter
 from data import ClientSplits
 from fed import Client, FedConfig, local_update
 from lora import check_state, lora_meta, lora_state_dict
 from potara_flower.task import ADAPTER, CONFIG, METRICS, client_split, flatten, from_record, to_record
 from potara_harness.config import VIT_PRESETS, AppConfig, ConfigError
-from potara_harness.evaluation import Evaluator, evaluate_client
-from potara_harness.pipeline import finetune_seed, local_seed, train_checked
 from potara_harness.vit import build_model, load_backbone_file
 
 IMPORTS_DONE = time.time()
@@ -102,7 +100,8 @@ def load_client(context: Context) -> tuple[AppConfig, LocalClient]:
     p = VIT_PRESETS[cfg.preset]
     backbone = load_backbone_file(path, p["vit"])  # weights_only=True, checked: vit.BackboneError, one line
     model = build_model(backbone, p, cfg.rank, cfg.lora_alpha, cfg.seed).to(device)
-    split = client_split(cfg, node_value(node, "data-dir", str, "data"), k, K)
+    cache = node_value(node, "cache-dir", str, "") or None  # optional: the device's split cache (task.py)
+    split = client_split(cfg, node_value(node, "data-dir", str, "data"), k, K, cache)
     phi0 = {name: v.detach().cpu() for name, v in lora_state_dict(model).items()}
     autocast = torch.bfloat16 if device == "cuda" else None  # as the pipelines on CUDA (cli.autocast_dtype)
     return cfg, LocalClient(k, K, split, model, phi0, sha, autocast)
@@ -169,7 +168,12 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def personalize(msg: Message, context: Context) -> Message:
     """After the last round: the local adapter phi_L, phi_G fine-tuned, Potara's lam on the client's own
-    validation split, and every method scored on its test split. Only numbers go back."""
+    validation split, and every method scored on its test split. Only numbers go back. (Its modules are
+    imported here: a training round does not pay for them.)"""
+    from adapter_file import save_adapter
+    from potara_harness.evaluation import Evaluator, evaluate_client
+    from potara_harness.pipeline import finetune_seed, local_seed, train_checked
+
     cfg, c = load_client(context)
     G, s, k = received_adapter(msg, c.phi0), c.split, c.index
     ecfg = cfg.experiment()

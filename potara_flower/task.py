@@ -26,6 +26,9 @@ max-update-norm = 0 means "no bound".
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from collections import OrderedDict
 
 import numpy as np
@@ -34,6 +37,7 @@ import torch
 from data import ClientSplits, load_images
 from potara_harness.config import AppConfig
 from potara_harness.partition import client_splits, label_partition, public_and_pool
+from potara_harness.report import atomic_write
 
 SETUP, TRAIN, EVALUATE = "query", "train", "evaluate"  # Flower message types (ClientApp handlers)
 ADAPTER, CONFIG, METRICS = "adapter", "config", "metrics"  # keys of a message's RecordDict
@@ -100,7 +104,7 @@ def record_bytes(record) -> int:
 TIMINGS = ("flower-start", "imports", "handover", "load", "train")  # a client's round, measured by itself
 
 
-def client_split(cfg: AppConfig, data_dir: str, k: int, num_partitions: int) -> ClientSplits:
+def draw_split(cfg: AppConfig, data_dir: str, k: int, num_partitions: int) -> ClientSplits:
     """Client k's data, drawn exactly as run_cifar.py draws it for --clients num_partitions."""
     data, _ = load_images(cfg.data, data_dir, cfg.synthetic_per_class)
     _, pool = public_and_pool(len(data.labels), cfg.public)
@@ -108,3 +112,64 @@ def client_split(cfg: AppConfig, data_dir: str, k: int, num_partitions: int) -> 
     parts = label_partition(cfg.partition, data.labels[pool], data.coarse_labels[pool], num_partitions, cfg.alpha,
                             per_client, cfg.seed)
     return client_splits(data.images, data.labels, pool, parts, (cfg.train, cfg.val, cfg.test), cfg.seed)[k]
+
+
+# ----------------------------------------------------------------------------- a device's split cache
+# Flower starts a fresh process per message, so every message would read all of CIFAR-100 (or the synthetic
+# stand-in) and partition it again for the ~700 images this client holds. The split is cached on the device
+# as one torch file of plain tensors, keyed by a hash of everything that determines it: the run settings in
+# SPLIT_SETTINGS, (k, K), the data folder and each data file's name, size and modification time. Read with
+# weights_only=True (no code runs) and checked; a file whose key, keys, dtypes, shapes or label range do not
+# match is not used: the split is drawn again and the file rewritten (atomically: a killed process leaves the
+# old file or none).
+SPLIT_CACHE_FORMAT = "potara-split-v1"
+SPLIT_SETTINGS = ("data", "synthetic_per_class", "public", "partition", "alpha", "train", "val", "test", "seed")
+SPLIT_PARTS = [f"{p}_{kind}" for p in ("train", "val", "test") for kind in ("inputs", "targets")]
+
+
+def split_key(cfg: AppConfig, data_dir: str, k: int, num_partitions: int) -> str:
+    """sha256 of what client k's split depends on (the data files by name, size and mtime: hashing 160 MB
+    of CIFAR-100 per message would cost what the cache saves)."""
+    folder = os.path.join(data_dir, "synthetic" if cfg.data == "synthetic" else "", "cifar-100-python")
+    stat = lambda n: os.stat(os.path.join(folder, n))
+    files = ([(n, stat(n).st_size, stat(n).st_mtime_ns) for n in sorted(os.listdir(folder))]
+             if os.path.isdir(folder) else None)
+    blob = {"format": SPLIT_CACHE_FORMAT, "settings": {f: getattr(cfg, f) for f in SPLIT_SETTINGS},
+            "client": [k, num_partitions], "folder": os.path.abspath(folder), "files": files}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
+
+
+def read_cached_split(path: str, key: str, cfg: AppConfig, k: int) -> ClientSplits | None:
+    """The cached split if the file is this key's and well-formed, else None (the file is never executed)."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # missing, truncated, or not a plain torch file
+        return None
+    if not isinstance(obj, dict) or set(obj) != {"format", "key", "name", *SPLIT_PARTS} or obj["key"] != key \
+            or obj["name"] != f"client{k}":
+        return None
+    for part, n in zip(("train", "val", "test"), (cfg.train, cfg.val, cfg.test)):
+        x, y = obj[f"{part}_inputs"], obj[f"{part}_targets"]
+        if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.dtype == torch.uint8
+                and tuple(x.shape) == (n, 3, 32, 32) and y.dtype == torch.int64 and tuple(y.shape) == (n,)
+                and (n == 0 or 0 <= int(y.min()) and int(y.max()) < 100)):
+            return None
+    return ClientSplits(obj["name"], *(obj[p] for p in SPLIT_PARTS))
+
+
+def client_split(cfg: AppConfig, data_dir: str, k: int, num_partitions: int,
+                 cache_dir: str | None = None) -> ClientSplits:
+    """Client k's data (draw_split); with cache_dir, from the device's cache when it holds this exact split."""
+    if cache_dir is None:
+        return draw_split(cfg, data_dir, k, num_partitions)
+    path = lambda key: os.path.join(cache_dir, f"client{k}-of-{num_partitions}-{key[:16]}.pt")
+    key = split_key(cfg, data_dir, k, num_partitions)
+    split = read_cached_split(path(key), key, cfg, k)
+    if split is None:
+        split = draw_split(cfg, data_dir, k, num_partitions)
+        key = split_key(cfg, data_dir, k, num_partitions)  # the synthetic files may have been written just now
+        obj = {"format": SPLIT_CACHE_FORMAT, "key": key, "name": split.name,
+               **{p: getattr(split, p).clone() for p in SPLIT_PARTS}}  # own storage, not a view of all images
+        os.makedirs(cache_dir, exist_ok=True)
+        atomic_write(path(key), lambda f: torch.save(obj, f))
+    return split

@@ -29,3 +29,91 @@ def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         flower_bench.main(["--backbone", str(tmp_path / "b.pt"), "--rounds", "0"])
     assert e.value.code == 2 and "rounds must be > 0" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- the device's split cache (task.py)
+import os  # noqa: E402
+
+import torch  # noqa: E402
+
+from data import load_images  # noqa: E402
+from potara_flower import task  # noqa: E402
+from potara_harness.config import AppConfig  # noqa: E402
+
+SMALL = AppConfig(num_clients=3, synthetic_per_class=20, public=0, train=40, val=20, test=20, fisher_samples=20, seed=1)
+PARTS = [f"{p}_{kind}" for p in ("train", "val", "test") for kind in ("inputs", "targets")]
+
+
+class Unpicklable:
+    """Pickled as a call (os.getpid: harmless): what a crafted file does to run code when unpickled."""
+
+    def __reduce__(self):
+        return (os.getpid, ())
+
+
+def test_the_split_cache_gives_the_drawn_split_and_refuses_what_does_not_match(tmp_path, monkeypatch):
+    """A cached split is bitwise the drawn one and is read without drawing; another setting, a touched data
+    file, a tampered or code-carrying file are not used (drawn again, file rewritten)."""
+    data, cache = str(tmp_path / "data"), str(tmp_path / "cache")
+    load_images("synthetic", data, SMALL.synthetic_per_class)
+    want = task.draw_split(SMALL, data, 1, 3)
+    draws = []
+    real_draw = task.draw_split
+    monkeypatch.setattr(task, "draw_split", lambda *a: draws.append(a) or real_draw(*a))
+
+    def same(split):
+        return split.name == want.name and all(torch.equal(getattr(split, p), getattr(want, p)) for p in PARTS)
+
+    assert same(task.client_split(SMALL, data, 1, 3, cache)) and len(draws) == 1   # drawn and written
+    [path] = [os.path.join(cache, f) for f in os.listdir(cache)]
+    assert os.path.getsize(path) < 2 * 80 * 3072  # its 80 images, not a view of all 2400
+    assert same(task.client_split(SMALL, data, 1, 3, cache)) and len(draws) == 1   # read, not drawn
+    other = AppConfig(**{**SMALL.__dict__, "seed": 2})
+    task.client_split(other, data, 1, 3, cache)
+    assert len(draws) == 2  # another seed: another key
+
+    obj = torch.load(path, weights_only=True)
+    obj["train_targets"] = obj["train_targets"] + 100  # labels out of range, same key
+    torch.save(obj, path)
+    assert same(task.client_split(SMALL, data, 1, 3, cache)) and len(draws) == 3
+    torch.save({"format": "potara-split-v1", "key": Unpicklable()}, path)
+    assert same(task.client_split(SMALL, data, 1, 3, cache)) and len(draws) == 4
+    assert same(task.client_split(SMALL, data, 1, 3, cache)) and len(draws) == 4  # rewritten sound
+
+    folder = os.path.join(data, "synthetic", "cifar-100-python")
+    f = os.path.join(folder, sorted(os.listdir(folder))[0])
+    os.utime(f, ns=(os.stat(f).st_atime_ns, os.stat(f).st_mtime_ns + 10**9))  # the data changed on disk
+    task.client_split(SMALL, data, 1, 3, cache)
+    assert len(draws) == 5
+
+
+def test_the_app_round_is_set_against_the_floor():
+    """ratio = app / floor; the goal is app <= 1.25 floor + the app's training. Hand-computed."""
+    got = flower_bench.against_floor({"round": 9.0, "train": 0.5}, 6.0)
+    assert got == pytest.approx({"floor_round_s": 6.0, "ratio_to_floor": 1.5, "goal_bound_s": 8.0,
+                                 "goal_met": False})
+    assert flower_bench.against_floor({"round": 7.9, "train": 0.5}, 6.0)["goal_met"]
+
+
+def test_the_floor_app_echoes_its_input(tmp_path):
+    """The floor's ClientApp sends back exactly what it received (no torch in that app)."""
+    import importlib.util
+
+    from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+    spec = importlib.util.spec_from_file_location("floor_app", flower_bench.FLOOR / "floor_app.py")
+    floor = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(floor)
+    old = {a: getattr(TaskIdentity, a) for a in ("_run_id", "_node_id", "_task_id")}
+    try:
+        for a in old:
+            setattr(TaskIdentity, a, 1)
+        import numpy as np
+        x = np.arange(7, dtype=np.float32)
+        msg = Message(RecordDict({"adapter": ArrayRecord({"a": Array(x)})}), dst_node_id=5, message_type="train")
+        reply = floor.app(msg, Context(1, 5, {}, RecordDict(), {}))
+    finally:
+        for a, v in old.items():
+            setattr(TaskIdentity, a, v)
+    assert np.array_equal(reply.content["adapter"]["a"].numpy(), x)
+    assert "import torch" not in (flower_bench.FLOOR / "floor_app.py").read_text()

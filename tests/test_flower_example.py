@@ -1,0 +1,120 @@
+"""docs/flower-your-app.md's example (potara_flower/example_app.py) run in-process: its ServerApp (Flower's own
+FedAvg) against 3 of its ClientApps through a Grid that calls them in this process, checked against an
+independent FedAvg loop and a direct potara.personalize call, and for what crosses the wire."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("flwr")
+
+from flwr.app import Context, Message, RecordDict  # noqa: E402
+from flwr.serverapp import Grid  # noqa: E402
+
+from potara import personalize  # noqa: E402
+from potara_flower import example_app as ex  # noqa: E402
+
+RUN = {"num-clients": 3, "rounds": 2, "local-steps": 5, "local-train-steps": 40, "lr": 0.01, "seed": 3}
+
+
+class CallingGrid(Grid):
+    """Each message goes to the node's ClientApp, called here with that node's own Context (its state kept
+    between messages, as a SuperNode keeps it); every message and reply is recorded."""
+
+    def __init__(self, num_nodes: int):
+        self.contexts = {100 + k: Context(run_id=1, node_id=100 + k, node_config={"partition-id": k},
+                                          state=RecordDict(), run_config=RUN) for k in range(num_nodes)}
+        self.sent, self.replies = [], []
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        out = []
+        for m in messages:
+            self.sent.append(m)
+            out.append(ex.app(m, self.contexts[m.metadata.dst_node_id]))
+        self.replies += out
+        return out[::-1]  # arrival order must not matter
+
+    def set_run(self, run):
+        raise NotImplementedError
+
+    @property
+    def run(self):
+        raise NotImplementedError
+
+    def create_message(self, *args, **kwargs):
+        raise NotImplementedError
+
+    def push_messages(self, messages):
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids):
+        raise NotImplementedError
+
+
+@pytest.fixture
+def task_identity(monkeypatch):
+    """What a Flower task process sets before an app runs (Message() reads it); restored afterwards."""
+    from flwr.supercore.task_identity import TaskIdentity
+    for attr in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+
+
+def naive_fedavg(seed: int) -> dict[str, torch.Tensor]:
+    """The same rounds without Flower: each client's fit from phi^t with the example's seeds, then
+    sum_k n_k phi_k / sum_k n_k in float64."""
+    state = ex.make_model(seed).state_dict()
+    for t in range(1, RUN["rounds"] + 1):
+        updates = []
+        for k in range(RUN["num-clients"]):
+            model = ex.make_model(seed)
+            model.load_state_dict(state)
+            x, y = ex.client_data(k, seed)["train"]
+            ex.fit(model, x, y, RUN["local-steps"], RUN["lr"], seed=10_000 * t + k)
+            updates.append((len(y), model.state_dict()))
+        total = sum(n for n, _ in updates)
+        state = {key: sum(n / total * s[key].double() for n, s in updates).float() for key in state}
+    return state
+
+
+def test_potara_in_a_users_flower_app(task_identity):
+    grid = CallingGrid(RUN["num-clients"])
+    ex.server(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=RUN))
+
+    # the global model the last round's evaluate carried = an independent FedAvg of the same clients
+    last = [m for m in grid.sent if m.metadata.message_type == "evaluate"][-RUN["num-clients"]:]
+    G = last[0].content["arrays"].to_torch_state_dict()
+    want = naive_fedavg(RUN["seed"])
+    for key, v in want.items():
+        torch.testing.assert_close(G[key], v, rtol=0, atol=1e-6)
+
+    # each client's lam and test accuracies = personalize called directly on its held-out split
+    replies = {r.metadata.src_node_id: r for r in grid.replies if r.metadata.message_type == "evaluate"}
+    for node, ctx in grid.contexts.items():
+        k, data = ctx.node_config["partition-id"], ex.client_data(ctx.node_config["partition-id"], RUN["seed"])
+        L = ex.make_model(RUN["seed"])
+        ex.fit(L, *data["train"], RUN["local-train-steps"], RUN["lr"], seed=99_999 - k)
+        model = ex.make_model(RUN["seed"])
+        merged, info = personalize(model, G, L.state_dict(), held_out=[data["val"]])
+        x, y = data["test"]
+        with torch.no_grad():
+            model.load_state_dict(merged)
+            acc = sum(int(model(x[i:i + 1]).argmax()) == int(y[i]) for i in range(len(y))) / len(y)
+        got = replies[node].content["metrics"]
+        assert got["lam"] == pytest.approx(info["lam"], abs=1e-12), k
+        assert got["acc-potara"] == pytest.approx(acc, abs=1e-6), k
+
+    # on the wire: train, model arrays and two numbers; evaluate, numbers only (no arrays, no data)
+    keys = set(ex.make_model(0).state_dict())
+    for r in grid.replies:
+        if r.metadata.message_type == "train":
+            assert set(r.content.array_records) == {"arrays"} and set(r.content["arrays"].keys()) == keys
+            assert set(r.content["metrics"].keys()) == {"num-examples", "train-loss"}
+        else:
+            assert not r.content.array_records and not r.content.config_records
+            assert set(r.content["metrics"].keys()) == {"num-examples", "lam", "acc-global", "acc-local",
+                                                        "acc-potara"}
+    # phi_L stayed on the device, in the node's state
+    assert all(set(c.state["potara-local"].keys()) == keys for c in grid.contexts.values())
