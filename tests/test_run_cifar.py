@@ -534,3 +534,50 @@ def test_planted_cifar_pickles_run_nothing_with_data_cifar(micro, tmp_path, caps
     assert not evidence.exists()
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and "refused to unpickle io.open" in err[0], err
+
+
+# ----------------------------------------------------------------------------- what a log and results.md hold
+def test_a_log_gets_one_line_per_stage_not_a_bar_per_step(micro, tmp_path):
+    """stderr to a file (not a terminal), progress on: at most one short line per stage (FedIT, FedSA-LoRA, local
+    training, evaluation, communication curve), where bars redrawn per step of 20 rounds x 2 clients x 5 steps
+    and of every local training filled the log; with --no-progress: nothing."""
+    rounds, steps = 20, 5
+    sizes = {}
+    for flag in ("", "--no-progress"):
+        cmd = [sys.executable, "run_cifar.py", *argv(micro, tmp_path / f"out{flag}", "--rounds", str(rounds),
+                                                     "--snapshots", "2", "--local-steps", str(steps))]
+        cmd = [c for c in cmd if c != "--no-progress"] + ([flag] if flag else [])
+        with open(tmp_path / "err.log", "wb") as err:
+            subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err, check=True, timeout=600)
+        log = (tmp_path / "err.log").read_text()
+        sizes[flag] = len(log)
+        if flag:
+            assert log == ""
+        else:
+            lines = log.splitlines()
+            assert "\r" not in log and len(lines) <= 5 and all(len(line) < 80 for line in lines), log[:2000]
+            assert any(line.startswith("FedIT") for line in lines) and any("FedSA" in line for line in lines), log
+
+
+def test_results_md_names_its_data_and_command(micro, reference):
+    """results.md starts with what the data was and the command that made it (a shared file says what it is)."""
+    md = (reference / "results.md").read_text()
+    expected_command = " ".join(["python", "run_cifar.py", *argv(micro, reference)])
+    assert md.startswith("Data: SYNTHETIC DATA (not CIFAR-100)")
+    assert f"Command: `{expected_command}`" in md.split("| method |")[0]
+    config = json.loads((reference / "results.json").read_text())["config"]
+    assert config["command"] == expected_command and config["data_source"].startswith("SYNTHETIC DATA")
+
+
+def test_the_default_data_is_the_offline_synthetic_set(tmp_path, monkeypatch):
+    """No --data: the embedded synthetic stand-in (the README's first command runs offline); --data cifar is
+    the real set, and its output folder says so."""
+    ap = run_cifar.build_parser()
+    args, _ = run_cifar.resolve_args(ap, ["--out", str(tmp_path / "o"), "--data-dir", str(tmp_path)])
+    assert args.data == "synthetic"
+    assert run_cifar.data_source(args).startswith("SYNTHETIC DATA (not CIFAR-100)")
+    args, _ = run_cifar.resolve_args(ap, ["--data", "cifar", "--data-dir", str(tmp_path), "--out", str(tmp_path / "c")])
+    assert run_cifar.data_source(args).startswith("CIFAR-100 (real)")
+    monkeypatch.chdir(tmp_path)  # the default --out is made under the current folder
+    args, _ = run_cifar.resolve_args(ap, ["--data-dir", str(tmp_path)])
+    assert args.out == os.path.join("runs", "tiny-synthetic-dirichlet-k5-s0")
