@@ -92,7 +92,7 @@ def add_experiment_options(ap: argparse.ArgumentParser) -> None:
     a("--rank", type=int, help="LoRA rank r")
     a("--lora-alpha", type=float, help="LoRA alpha (scaling alpha / r)")
     a("--estimator", default=d.estimator, help=f"how Potara chooses its weight: one of {sorted(ESTIMATORS)} "
-      "(verified: needs held-out samples, see README; paper: ALGORITHM.md's inverse-Fisher reconstruction)")
+      "(verified: needs held-out samples; paper: the paper's Fisher estimate; docs/algorithm.md)")
     a("--fisher-split", choices=["train", "val"], default=d.fisher_split,
       help="client split Potara's statistics use (val: held out, what verified needs; train: the paper's setting)")
     a("--fisher-samples", type=int, default=None,
@@ -112,19 +112,21 @@ def add_experiment_options(ap: argparse.ArgumentParser) -> None:
     a("--resume", action="store_true", help="continue from --out/checkpoint.pt (same arguments)")
 
 
-def add_run_options(ap: argparse.ArgumentParser) -> None:
-    """--threads, --seed, --no-progress: shared by every script."""
+def add_run_options(ap: argparse.ArgumentParser, seed: bool = True) -> None:
+    """--threads, --seed (unless seed=False: a script with its own seeds option), --no-progress."""
     a = ap.add_argument
     a("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
       help="CPU threads for torch (default: half the cores; oversubscribed cores slow torch down badly)")
-    a("--seed", type=int, default=0)
-    a("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    if seed:
+        a("--seed", type=int, default=0, help="seed of the run: partition, initial adapter, batches, sampling")
+    a("--no-progress", dest="progress", action="store_false",
+      help="no progress bars (they are drawn only when stderr is a terminal)")
 
 
 def check_run_options(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """add_run_options' bounds: 0 <= --seed < 2**63 (torch.manual_seed and fed.derive_seed take 63-bit seeds)
     and 1 <= --threads <= the machine's cores (more only oversubscribes them)."""
-    if not 0 <= args.seed < MAX_SEED:
+    if not 0 <= getattr(args, "seed", 0) < MAX_SEED:
         ap.error(f"--seed must be >= 0 and < 2**63, got {args.seed}")
     cores = os.cpu_count() or 1
     if not 1 <= args.threads <= cores:
