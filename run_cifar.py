@@ -1,7 +1,7 @@
 """Potara on CIFAR-100 with a ViT: the paper's vision experiment end to end on one machine.
 
     python run_cifar.py --preset tiny                       # small ViT, CPU, offline (the embedded synthetic data)
-    python run_cifar.py --preset tiny --data cifar          # the same on real CIFAR-100 (downloaded once, 161 MB)
+    python run_cifar.py --preset tiny --data cifar          # the same on real CIFAR-100 (downloaded once, 161 MiB)
     python run_cifar.py --preset paper --data cifar --clients 20   # vit_b_16 (ImageNet weights), 224 px, one GPU
     python run_cifar.py --preset tiny --resume              # continue an interrupted run (same arguments)
     python run_cifar.py --preset tiny --drop-prob 0.2 --max-update-norm 10   # unreliable clients
