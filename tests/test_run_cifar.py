@@ -23,7 +23,7 @@ from adapter_file import save_adapter
 from data import write_synthetic_cifar100
 from lora import lora_factor, lora_state_dict
 from potara import merge_adapters
-from potara_harness import config, vit
+from potara_harness import config, pipeline, vit
 from potara_harness.evaluation import lam_grid, score_adapter
 from potara_harness.partition import client_splits, public_and_pool
 from potara_harness.report import METHODS
@@ -137,7 +137,7 @@ def test_interrupted_run_resumes_to_the_same_result(micro_run, data_dir, tmp_pat
         if stage == "fedit" and state.round == 1:
             raise KeyboardInterrupt
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(run_cifar, "run_experiment", functools.partial(run_cifar.run_experiment, on_round=interrupt))
+        mp.setattr(pipeline, "run_experiment", functools.partial(pipeline.run_experiment, on_round=interrupt))
         with pytest.raises(KeyboardInterrupt):
             run_cifar.main(micro_argv(data_dir, out_b))
     ck = torch.load(out_b / "checkpoint.pt", weights_only=True)
@@ -145,8 +145,8 @@ def test_interrupted_run_resumes_to_the_same_result(micro_run, data_dir, tmp_pat
 
     seen = []
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(run_cifar, "run_experiment", functools.partial(
-            run_cifar.run_experiment, on_round=lambda stage, state: seen.append((stage, state.round))))
+        mp.setattr(pipeline, "run_experiment", functools.partial(
+            pipeline.run_experiment, on_round=lambda stage, state: seen.append((stage, state.round))))
         run_cifar.main(micro_argv(data_dir, out_b, "--resume"))
     assert seen == [("fedit", 2), ("fedsa", 1), ("fedsa", 2)]  # FedIT went on from its checkpoint
     a, b = (json.loads((o / "results.json").read_text()) for o in (out_a, out_b))
@@ -262,6 +262,7 @@ def load_results(out):
     r = json.loads((out / "results.json").read_text())
     r.pop("timing_s")
     r["config"]["args"].pop("out")
+    r["config"].pop("command")  # names --out (and --resume)
     return r
 
 
