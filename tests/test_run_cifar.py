@@ -540,9 +540,9 @@ def test_planted_cifar_pickles_run_nothing_with_data_cifar(micro, tmp_path, caps
 # ----------------------------------------------------------------------------- what a log and results.md hold
 def test_a_log_gets_one_line_per_stage_not_a_bar_per_step(micro, tmp_path):
     """stderr to a file (not a terminal), progress on: at most one short line per stage (FedIT, FedSA-LoRA, local
-    training, evaluation, communication curve), where bars redrawn per step of 20 rounds x 2 clients x 5 steps
+    training, evaluation, communication curve), where bars redrawn per step of 10 rounds x 2 clients x 5 steps
     and of every local training filled the log; with --no-progress: nothing."""
-    rounds, steps = 20, 5
+    rounds, steps = 10, 5
     sizes = {}
     for flag in ("", "--no-progress"):
         cmd = [sys.executable, "run_cifar.py", *argv(micro, tmp_path / f"out{flag}", "--rounds", str(rounds),
