@@ -541,23 +541,25 @@ def test_planted_cifar_pickles_run_nothing_with_data_cifar(micro, tmp_path, caps
 def test_a_log_gets_one_line_per_stage_not_a_bar_per_step(micro, tmp_path):
     """stderr to a file (not a terminal), progress on: at most one short line per stage (FedIT, FedSA-LoRA, local
     training, evaluation, communication curve), where bars redrawn per step of 10 rounds x 2 clients x 5 steps
-    and of every local training filled the log; with --no-progress: nothing."""
-    rounds, steps = 10, 5
-    sizes = {}
-    for flag in ("", "--no-progress"):
-        cmd = [sys.executable, "run_cifar.py", *argv(micro, tmp_path / f"out{flag}", "--rounds", str(rounds),
-                                                     "--snapshots", "2", "--local-steps", str(steps))]
-        cmd = [c for c in cmd if c != "--no-progress"] + ([flag] if flag else [])
-        with open(tmp_path / "err.log", "wb") as err:
-            subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err, check=True, timeout=600)
-        log = (tmp_path / "err.log").read_text()
-        sizes[flag] = len(log)
-        if flag:
-            assert log == ""
-        else:
-            lines = log.splitlines()
-            assert "\r" not in log and len(lines) <= 5 and all(len(line) < 80 for line in lines), log[:2000]
-            assert any(line.startswith("FedIT") for line in lines) and any("FedSA" in line for line in lines), log
+    and of every local training filled the log."""
+    cmd = [c for c in argv(micro, tmp_path / "out", "--rounds", "10", "--snapshots", "2", "--local-steps", "5")
+           if c != "--no-progress"]
+    with open(tmp_path / "err.log", "wb") as err:
+        subprocess.run([sys.executable, "run_cifar.py", *cmd], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err,
+                       check=True, timeout=600)
+    log = (tmp_path / "err.log").read_text()
+    lines = log.splitlines()
+    assert "\r" not in log and len(lines) <= 5 and all(len(line) < 80 for line in lines), log[:2000]
+    assert any(line.startswith("FedIT") for line in lines) and any("FedSA" in line for line in lines), log
+
+
+def test_no_progress_writes_nothing_and_a_log_gets_the_stage_line(capsys):
+    """training.progress_bar: progress=False is silent, stage or not; progress on, not a terminal: one line."""
+    from training import progress_bar
+    list(progress_bar(range(3), "FedIT rounds", progress=False, stage=True))
+    assert capsys.readouterr().err == ""
+    list(progress_bar(range(3), "FedIT rounds", progress=True, stage=True))  # pytest's stderr: not a terminal
+    assert capsys.readouterr().err == "FedIT rounds: 0/3\n"
 
 
 def test_results_md_names_its_data_and_command(micro, reference):
