@@ -48,10 +48,9 @@ from typing import Callable, Iterator, Mapping, NamedTuple, Sequence
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 from lora import check_tensors, load_lora_state_dict, lora_state_dict
-from training import LossFn, classification_loss, model_device, shuffled_batches, train_adapter
+from training import LossFn, classification_loss, model_device, progress_bar, shuffled_batches, train_adapter
 
 log = logging.getLogger("potara.fed")
 
@@ -293,11 +292,12 @@ def server_round(round: int, global_state: dict[str, torch.Tensor], selected: Se
 def run_fedit(model: nn.Module, clients: Sequence[Client], cfg: FedConfig, *,
               loss_fn: LossFn = classification_loss, share: Callable[[str], bool] | None = None,
               resume: FedState | None = None, on_round: Callable[[FedState], None] | None = None,
-              autocast_dtype: torch.dtype | None = None, progress: bool = True) -> FedState:
+              autocast_dtype: torch.dtype | None = None, progress: bool = True, desc: str = "FedIT rounds") -> FedState:
     """FedIT from the model's current adapter (the shared initial adapter phi_0) for cfg.rounds rounds,
     in one process: per round, sample_clients, local_update for each selected client that does not
     drop out, then server_round (validate, fedavg). history[t] is server_round's record.
-    `resume` continues a saved FedState; `on_round` is called after every round (checkpointing).
+    `resume` continues a saved FedState; `on_round` is called after every round (checkpointing); `desc` names the
+    rounds' progress bar (training.progress_bar).
     The model's adapter is restored to phi_0 on return, and torch's global RNG state to the caller's.
     A client's private (unshared) tensors are kept only when its update was accepted (a deployed client
     that is not told the verdict would keep them anyway: the two differ only when a FedSA update is rejected).
@@ -315,8 +315,8 @@ def run_fedit(model: nn.Module, clients: Sequence[Client], cfg: FedConfig, *,
                                {c.name: {k: v for k, v in init.items() if k not in shared_keys} for c in clients})
     names = [c.name for c in clients]
     try:
-        for t in tqdm(range(state.round, cfg.rounds), desc="FedIT rounds", initial=state.round, total=cfg.rounds,
-                      disable=not progress):
+        for t in progress_bar(range(state.round, cfg.rounds), desc, progress, stage=True, initial=state.round,
+                              total=cfg.rounds):
             selected, dropped = sample_clients(cfg.seed, t, len(clients), per_round, cfg.drop_prob)
             replies, private = {}, {}
             for k in selected:

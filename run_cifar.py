@@ -1,10 +1,15 @@
 """Potara on CIFAR-100 with a ViT: the paper's vision experiment end to end on one machine.
 
-    python run_cifar.py --preset tiny                       # small ViT, 2-core CPU, ~15 min (downloads CIFAR-100)
-    python run_cifar.py --preset tiny --data synthetic      # offline: synthetic images in the CIFAR-100 layout
-    python run_cifar.py --preset paper --clients 20         # vit_b_16 (ImageNet weights), 224 px, one GPU
+    python run_cifar.py --preset tiny                       # small ViT, CPU, offline (the embedded synthetic data)
+    python run_cifar.py --preset tiny --data cifar          # the same on real CIFAR-100 (downloaded once, 161 MiB)
+    python run_cifar.py --preset paper --data cifar --clients 20   # vit_b_16 (ImageNet weights), 224 px, one GPU
     python run_cifar.py --preset tiny --resume              # continue an interrupted run (same arguments)
     python run_cifar.py --preset tiny --drop-prob 0.2 --max-update-norm 10   # unreliable clients
+
+The tiny preset's work: pre-training the small ViT once (1000 steps of 128 images, cached under --data-dir), then
+FedIT 100 rounds x 5 local steps x 5 clients, a FedSA-LoRA run of the same size, 100 local and 25 fine-tuning
+steps per client, and Potara and every baseline scored per client. On this project's 2-core CPU, shared with other
+jobs, that took 122-231 s with the backbone cached, plus 69-196 s for the pre-training (README.md).
 
 Pipeline: data (data.py) -> images no client holds become the public set -> Dirichlet (label skew) or
 superclass partition of the rest, each client a train / val / test split -> backbone (paper: torchvision
@@ -18,19 +23,15 @@ Images stay uint8 (N, 3, 32, 32) on the CPU; the model resizes and normalises th
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import time
 
-import numpy as np
-import torch
-
-from data import DataError, load_images
 from potara_harness import cli
 from potara_harness.config import VIT_PRESETS
-from potara_harness.partition import client_splits, label_partition, public_and_pool
-from potara_harness.pipeline import run_experiment
-from potara_harness.report import markdown_table
-from potara_harness.vit import build_model, imagenet_vit_b_16, load_backbone_file, tiny_backbone
+
+# The command line is parsed and checked before torch loads (--help and a bad option answer at once): this module
+# imports torch, torchvision and everything that uses them inside the functions that run after the checks.
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                                  epilog="Options showing two values take them from --preset tiny and paper (VIT_PRESETS in potara_harness/config.py).")
     a = ap.add_argument
     a("--preset", choices=sorted(VIT_PRESETS), default="tiny", help="tiny: small ViT on a CPU; paper: vit_b_16 on a GPU")
-    a("--data", choices=["cifar", "synthetic"], default="cifar", help="real CIFAR-100 (downloaded) or the offline synthetic stand-in")
+    a("--data", choices=["synthetic", "cifar"], default="synthetic",
+      help="synthetic: the embedded offline stand-in in CIFAR-100's layout (data.py); cifar: real CIFAR-100, "
+           "downloaded once into --data-dir")
     a("--data-dir", default="data", help="where cifar-100-python/, synthetic/ and cached backbones live")
     a("--out", default=None, help="output folder (default: runs/<preset>-<data>-<partition>-k<clients>-s<seed>)")
     a("--partition", choices=["dirichlet", "superclass"], default="dirichlet",
@@ -62,7 +65,7 @@ def resolve_args(ap: argparse.ArgumentParser, argv=None) -> tuple[argparse.Names
     p = VIT_PRESETS[args.preset]
     cli.fill_from_preset(args, p)
     cli.require_positive(ap, args, ("clients", "train", "val", "test", "synthetic_per_class"))
-    if not (args.alpha > 0 and np.isfinite(args.alpha)):
+    if not (args.alpha > 0 and math.isfinite(args.alpha)):
         ap.error(f"--alpha must be a positive number, got {args.alpha}")
     cli.require_positive(ap, args, ("public",), minimum=0)
     cli.check_experiment_options(ap, args)
@@ -85,15 +88,19 @@ def resolve_args(ap: argparse.ArgumentParser, argv=None) -> tuple[argparse.Names
 
 def load_data(args):
     """CIFAR-100 (downloaded when missing) or the synthetic stand-in (written once), checked; DataError in one line."""
+    from data import DataError, load_images
+
     try:
         return load_images(args.data, args.data_dir, args.synthetic_per_class)[0]
     except OSError as e:  # e.g. a read-only --data-dir for the synthetic files
         raise DataError(f"--data-dir {args.data_dir}: {e.strerror or e} ({e.filename or ''})") from None
 
 
-def get_backbone(args, p: dict, data, public: np.ndarray, device: torch.device):
+def get_backbone(args, p: dict, data, public, device):
     """--backbone PATH; else vit_b_16's ImageNet weights (paper); else the cached tiny backbone,
-    pre-trained on the public images when no cache file has its key (tiny)."""
+    pre-trained on the public images (indices into data) when no cache file has its key (tiny)."""
+    from potara_harness.vit import imagenet_vit_b_16, load_backbone_file, tiny_backbone
+
     if args.backbone:
         return load_backbone_file(args.backbone, p["vit"]), {"backbone": args.backbone}
     if args.preset == "paper":
@@ -102,8 +109,12 @@ def get_backbone(args, p: dict, data, public: np.ndarray, device: torch.device):
     return tiny_backbone(p, data, public, desc, args.data_dir, args.pretrain_steps, device, args.progress)
 
 
-def partition(ap: argparse.ArgumentParser, args, data, pool: np.ndarray) -> list[np.ndarray]:
-    """Each client's indices into `pool`: Dirichlet label skew or superclass tasks (one-line error if impossible)."""
+def partition(ap: argparse.ArgumentParser, args, data, pool) -> list:
+    """Each client's indices into `pool` (numpy arrays): Dirichlet label skew or superclass tasks (one-line error
+    if impossible)."""
+    from data import DataError
+    from potara_harness.partition import label_partition
+
     per_client = args.train + args.val + args.test
     if args.public + args.clients * per_client > len(data.labels):
         ap.error(f"{args.clients} clients x {per_client} images + {args.public} public images > the "
@@ -119,11 +130,28 @@ def main(argv=None) -> dict:
     ap = build_parser()
     args, p = resolve_args(ap, argv)
     with cli.one_line_errors(), cli.out_dir_lock(args.out):  # bad data, backbone or checkpoint: one line, exit 2
-        return run(ap, args, p)
+        return run(ap, args, p, cli.command_line("run_cifar.py", argv))
 
 
-def run(ap: argparse.ArgumentParser, args, p: dict) -> dict:
+def data_source(args) -> str:
+    """What the clients' images are, for results.md and results.json."""
+    if args.data == "synthetic":
+        return (f"SYNTHETIC DATA (not CIFAR-100): data.py's generated stand-in in CIFAR-100's layout, "
+                f"{args.synthetic_per_class} training images per class, {args.data_dir}/synthetic")
+    return f"CIFAR-100 (real), {args.data_dir}/cifar-100-python"
+
+
+def run(ap: argparse.ArgumentParser, args, p: dict, command: str) -> dict:
+    """The run, once the command line is checked: torch and the pipeline load here."""
     device = cli.start_torch(args)
+    import numpy as np
+    import torch
+
+    from potara_harness.partition import client_splits, public_and_pool
+    from potara_harness.pipeline import run_experiment
+    from potara_harness.report import markdown_table, results_header
+    from potara_harness.vit import build_model
+
     data = load_data(args)
     public, pool = public_and_pool(len(data.labels), args.public)
     parts = partition(ap, args, data, pool)
@@ -135,12 +163,12 @@ def run(ap: argparse.ArgumentParser, args, p: dict) -> dict:
     backbone, backbone_info = get_backbone(args, p, data, public, device)
     model = build_model(backbone, p, args.rank, args.lora_alpha, args.seed).to(device)
     config = {"args": {k: v for k, v in vars(args).items() if k not in ("progress", "resume", "threads")},
-              "synthetic_data": data.synthetic, "backbone": backbone_info, "clients": client_info,
-              "device": device.type, "torch": torch.__version__}
+              "synthetic_data": data.synthetic, "data_source": data_source(args), "command": command,
+              "backbone": backbone_info, "clients": client_info, "device": device.type, "torch": torch.__version__}
     t0 = time.time()
     results = run_experiment(model, splits, cli.config_from_args(args), args.out, resume=args.resume, config=config,
                              progress=args.progress, autocast_dtype=cli.autocast_dtype(device))
-    print(("SYNTHETIC DATA (not CIFAR-100)\n" if data.synthetic else "") + markdown_table(results))
+    print(results_header(results) + markdown_table(results))
     print(f"\n{time.time() - t0:.0f}s on {device} ({args.threads} threads); results in {args.out}/results.json")
     return results
 

@@ -1,6 +1,6 @@
 """Potara on a causal language model: one instruction task per client (FLAN-style), LoRA on attention.
 
-    python run_llm.py --model tiny --data synthetic              # offline, 2-core CPU, ~10 min with pre-training
+    python run_llm.py --model tiny --data synthetic              # offline, CPU (work and time below)
     python run_llm.py --model meta-llama/Llama-3.2-3B --data data/flan   # one GPU, bf16 autocast
     python run_llm.py --model tiny --data synthetic --resume     # continue an interrupted run (same arguments)
     python run_llm.py ... --export-peft adapters/                # each client's Potara adapter in peft's format
@@ -20,6 +20,12 @@ potara.causal_lm_likelihood). Per-sample gradients (torch.func.vmap over grad wi
 on the transformers model; eager attention avoids torch.func's slow fallback for SDPA (--attn).
 --export-peft DIR writes each client's Potara adapter as peft's adapter_config.json +
 adapter_model.safetensors (loadable with peft.PeftModel.from_pretrained or a multi-LoRA server).
+
+--model tiny's work: pre-training the tiny Llama once (2500 steps of 32 sequences, cached in --cache-dir), then
+per client (8 synthetic tasks) FedIT 20 rounds x 5 local steps, a FedSA-LoRA run of the same size, 100 local and
+25 fine-tuning steps, and scoring every method on 100 test examples. On this project's 2-core CPU, shared with
+other jobs, the run took 109 s with the tiny model cached, and the pre-training 95-441 s, depending on the
+load (docs/language-models.md); a first run has taken 18 min on a busier machine (issue 19).
 """
 from __future__ import annotations
 
@@ -29,28 +35,19 @@ import os
 import random
 import shutil
 import time
+from typing import TYPE_CHECKING
 
-import torch
-import torch.nn as nn
-
-from fisher import causal_lm_likelihood
-from lora import add_lora, lora_meta
 from potara_harness import cli
 from potara_harness.config import LM_PRESETS
-from potara_harness.llm_data import ByteTokenizer, Tokenizer, check_fits, read_task_dir, split_tasks
-from potara_harness.llm_tasks import public_corpus, synthetic_tasks
-from potara_harness.lm import (
-    Scorer,
-    build_splits,
-    chance,
-    lm_loss,
-    load_hf_model,
-    load_hf_tokenizer,
-    pretrain_tiny,
-    tiny_llama,
-)
-from potara_harness.pipeline import run_experiment
-from potara_harness.report import markdown_table, write_text
+
+if TYPE_CHECKING:  # annotations only
+    import torch
+    import torch.nn as nn
+
+    from potara_harness.llm_data import Tokenizer
+
+# The command line is parsed and checked before torch loads (--help and a bad option answer at once): this module
+# imports torch, transformers and everything that uses them inside the functions that run after the checks.
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -107,13 +104,17 @@ def main(argv=None) -> dict:
     ap = build_parser()
     args, p = resolve_args(ap, argv)
     with cli.one_line_errors(), cli.out_dir_lock(args.out):  # bad data / checkpoint: one line, exit 2
-        return run(ap, args, p)
+        return run(ap, args, p, cli.command_line("run_llm.py", argv))
 
 
 def load_checked_tasks(ap: argparse.ArgumentParser, args, p: dict) -> tuple[dict, Tokenizer]:
     """The tasks and the tokenizer, with every data check done before a model is loaded or pre-trained:
     enough examples per task, every answer fits --max-len (and the tiny model's public corpus too), task
     names that --export-peft can write."""
+    from potara_harness.llm_data import ByteTokenizer, check_fits, read_task_dir, split_tasks
+    from potara_harness.llm_tasks import public_corpus, synthetic_tasks
+    from potara_harness.lm import load_hf_tokenizer
+
     tasks = (synthetic_tasks(args.synthetic_examples, seed=1234) if args.data == "synthetic"
              else read_task_dir(args.data))
     if args.clients:
@@ -134,8 +135,26 @@ def load_checked_tasks(ap: argparse.ArgumentParser, args, p: dict) -> tuple[dict
     return tasks, tok
 
 
-def run(ap: argparse.ArgumentParser, args, p: dict) -> dict:
+def data_source(args, tasks: dict) -> str:
+    """What the clients' tasks are, for results.md and results.json."""
+    names = ", ".join(tasks)
+    if args.data == "synthetic":
+        return (f"SYNTHETIC TASKS (not FLAN): llm_tasks.py's generated tasks, {args.synthetic_examples} examples "
+                f"each: {names}")
+    return f"tasks read from {args.data}: {names}"
+
+
+def run(ap: argparse.ArgumentParser, args, p: dict, command: str) -> dict:
+    """The run, once the command line is checked: torch, the model and the pipeline load here."""
     device = cli.start_torch(args)
+    import torch
+
+    from fisher import causal_lm_likelihood
+    from lora import add_lora
+    from potara_harness.lm import Scorer, build_splits, chance, lm_loss, load_hf_model, pretrain_tiny, tiny_llama
+    from potara_harness.pipeline import run_experiment
+    from potara_harness.report import markdown_table, results_header, write_text
+
     tasks, tok = load_checked_tasks(ap, args, p)
     if args.model == "tiny":
         torch.manual_seed(0)
@@ -156,6 +175,7 @@ def run(ap: argparse.ArgumentParser, args, p: dict) -> dict:
         ap.error(f"--targets: {e}")
     model.to(device)
     config = {"args": {k: v for k, v in vars(args).items() if k not in ("progress", "resume", "threads", "export_peft")},
+              "data_source": data_source(args, tasks), "command": command,
               "model": model_info, "device": device.type, "torch": torch.__version__,
               "reference": {"chance": chance_acc, "pretrained_no_adapter": base},
               "tasks": {s.name: {"examples": len(tasks[s.name]), "multiple_choice": tasks[s.name][0].options is not None}
@@ -164,11 +184,11 @@ def run(ap: argparse.ArgumentParser, args, p: dict) -> dict:
     results = run_experiment(model, splits, cli.config_from_args(args), args.out, evaluate=scorer, loss_fn=lm_loss,
                              likelihood=causal_lm_likelihood, resume=args.resume, config=config,
                              progress=args.progress, autocast_dtype=cli.autocast_dtype(device), adapters=adapters)
-    table = markdown_table(results) + "\n\n" + reference_table(results)
+    table = results_header(results) + markdown_table(results) + "\n\n" + reference_table(results)
     write_text(os.path.join(args.out, "results.md"), table + "\n")
     if args.export_peft:
         write_peft(args, model, adapters)
-    print(("SYNTHETIC TASKS (run_llm.py --data synthetic)\n" if args.data == "synthetic" else "") + table)
+    print(table)
     print(f"\n{time.time() - t0:.0f}s on {device} ({args.threads} threads); results in {args.out}/results.json")
     return results
 
@@ -197,6 +217,8 @@ def write_peft(args, model: nn.Module, adapters: dict) -> None:
     """--export-peft DIR: the adapters the run ended with (pipeline.run_experiment's `adapters`: each client's
     Potara adapter, the A/B-space merge at its lam, and the federated one); for --model tiny also the base
     model in HF format."""
+    from lora import lora_meta
+
     base = args.model
     if args.model == "tiny":
         base = os.path.abspath(os.path.join(args.export_peft, "base_model"))

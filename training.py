@@ -12,6 +12,7 @@ per round and client in a forked RNG).
 """
 from __future__ import annotations
 
+import sys
 from typing import Callable, Iterable, Iterator, NamedTuple
 
 import torch
@@ -22,6 +23,17 @@ from tqdm.auto import tqdm
 from lora import lora_state_dict
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def progress_bar(items: Iterable, desc: str, progress: bool = True, stage: bool = False, **tqdm_args) -> tqdm:
+    """tqdm over `items`, drawn only when stderr is a terminal (tqdm's disable=None), never with progress=False.
+    In a log (stderr a file or a pipe) bars redrawn at every step would fill it, so there a stage (stage=True:
+    FedIT's rounds, local training, evaluation, pre-training) writes one line as it starts, "<desc>: <done>/<total>",
+    and an inner bar (one client's steps) nothing."""
+    bar = tqdm(items, desc=desc, disable=None if progress else True, **tqdm_args)
+    if progress and stage and not sys.stderr.isatty():
+        print(f"{desc}: {bar.n}/{bar.total if bar.total is not None else '?'}", file=sys.stderr, flush=True)
+    return bar
 
 
 def classification_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -66,7 +78,7 @@ def train_adapter(model: nn.Module, batches: Iterable, steps: int, lr: float, we
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     model.train()
     it, seen, loss_sum = iter(batches), 0, torch.zeros((), device=device)
-    for _ in tqdm(range(steps), desc=desc or "local training", leave=False, disable=not progress):
+    for _ in progress_bar(range(steps), desc or "local training", progress, leave=False):
         try:
             inputs, targets = next(it)
         except StopIteration:

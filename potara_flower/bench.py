@@ -22,14 +22,12 @@ import os
 import time
 from pathlib import Path
 
-import torch
-
-from fed import Client, run_fedit
 from potara_flower.loopback import LocalFederation
-from potara_flower.task import TIMINGS, client_split
+from potara_harness import cli
 from potara_harness.config import VIT_PRESETS, AppConfig, ConfigError
-from potara_harness.report import atomic_write, mean
-from potara_harness.vit import build_model, load_backbone_file
+
+# The command line is checked before torch loads (--help and a bad option answer at once): torch and what uses it
+# are imported inside the functions that run after the checks.
 
 APP = Path(__file__).resolve().parents[1]  # the repository root holds the Flower app (pyproject.toml's [tool.flwr.app])
 FLOOR = Path(__file__).resolve().parent / "floor"  # the trivial app: its ClientApp returns its input at once
@@ -38,6 +36,10 @@ GOAL = 1.25  # the app's round within GOAL x the floor's round plus its own trai
 
 def in_process(cfg: AppConfig, backbone: str, data_dir: str) -> tuple[dict, list[float]]:
     """fed.run_fedit on the same clients and model as the Flower run; (final global adapter, seconds per round)."""
+    from fed import Client, run_fedit
+    from potara_flower.task import client_split
+    from potara_harness.vit import build_model, load_backbone_file
+
     splits = [client_split(cfg, data_dir, k, cfg.num_clients) for k in range(cfg.num_clients)]
     p = VIT_PRESETS[cfg.preset]
     model = build_model(load_backbone_file(backbone, p["vit"]), p, cfg.rank, cfg.lora_alpha, cfg.seed)
@@ -52,6 +54,8 @@ def on_flower(run_config: dict, backbone: str, data_dir: str, threads: int, fold
               superexec_poll: float | None, numel: int) -> tuple[dict, dict, list[float]]:
     """The floor app, then the same run as in_process, through Flower on one loopback federation; (final
     global adapter, results.json, the floor's seconds per round)."""
+    import torch
+
     k_total = run_config["num-clients"]
     with LocalFederation(folder / "federation") as fed:
         if superexec_poll is not None:  # the SuperNodes' SuperExec inherits it (flwr's default: 1 s)
@@ -75,6 +79,9 @@ def on_flower(run_config: dict, backbone: str, data_dir: str, threads: int, fold
 
 def breakdown(results: dict) -> dict:
     """Mean per round of Flower's wall time and of its parts (clients in parallel: the slowest one's)."""
+    from potara_flower.task import TIMINGS
+    from potara_harness.report import mean
+
     rows = []
     for h in results["fedit_history"]:
         clients = h["client_seconds"].values()
@@ -93,7 +100,7 @@ def against_floor(flower: dict, floor_round: float) -> dict:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=cli.HelpFormatter)
     ap.add_argument("--backbone", required=True, help="a backbone file (vit.py's format, e.g. the tiny preset's cache)")
     ap.add_argument("--clients", type=int, default=2, help="SuperNodes (= clients), every one trained every round")
     ap.add_argument("--rounds", type=int, default=5)
@@ -117,6 +124,10 @@ def main(argv=None) -> dict:
         ap.error(str(e))
     backbone, data_dir = os.path.abspath(args.backbone), os.path.abspath(args.data_dir)
     out.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    from potara_harness.report import atomic_write, mean
+
     torch.set_num_threads(args.threads)
     t0 = time.time()
     ref, seconds = in_process(cfg, backbone, data_dir)

@@ -13,8 +13,10 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shlex
 import sys
 import tempfile
+import textwrap
 import warnings
 from contextlib import contextmanager
 from typing import Callable, NoReturn
@@ -35,13 +37,33 @@ LOCK_FILE = ".lock"  # in --out: held by the run using it (out_dir_lock)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help with each option's default, except where it is None (a preset fills it: describe_presets
-    puts every preset's value in the help) or where the help already says it."""
+    """--help as a reader wants it: each option's default once, and lines broken only at spaces.
+
+    The default is shown, as "(default: x)", except where it is None (a preset fills it: describe_presets puts
+    every preset's value in the help), for a flag (--no-fedsa's stored False is no "default: True" to read) and
+    where the help already says it ("default" in it). argparse's wrapping (textwrap) breaks a word longer than a
+    line and after a hyphen ("dirichle" / "t-0.1"); here a line breaks at a space only, so a long token sticks
+    out past the width instead."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default is None or "default:" in (action.help or ""):
-            return action.help or ""
+        text = action.help or ""
+        if action.default is None or action.nargs == 0 or "default" in text:
+            return text
         return super()._get_help_string(action)
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_long_words=False, break_on_hyphens=False)
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return textwrap.fill(" ".join(text.split()), width, initial_indent=indent, subsequent_indent=indent,
+                             break_long_words=False, break_on_hyphens=False)
+
+
+class DocstringHelpFormatter(HelpFormatter):
+    """HelpFormatter whose description and epilog are printed as written (a module docstring's own lines)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "".join(indent + line for line in text.splitlines(keepends=True))
 
 
 def describe_presets(ap: argparse.ArgumentParser, presets: dict[str, dict], flag: str = "--preset") -> None:
@@ -70,7 +92,7 @@ def add_experiment_options(ap: argparse.ArgumentParser) -> None:
     a("--rank", type=int, help="LoRA rank r")
     a("--lora-alpha", type=float, help="LoRA alpha (scaling alpha / r)")
     a("--estimator", default=d.estimator, help=f"how Potara chooses its weight: one of {sorted(ESTIMATORS)} "
-      "(verified: needs held-out samples, see README; paper: ALGORITHM.md's inverse-Fisher reconstruction)")
+      "(verified: needs held-out samples; paper: the paper's Fisher estimate; docs/algorithm.md)")
     a("--fisher-split", choices=["train", "val"], default=d.fisher_split,
       help="client split Potara's statistics use (val: held out, what verified needs; train: the paper's setting)")
     a("--fisher-samples", type=int, default=None,
@@ -90,23 +112,31 @@ def add_experiment_options(ap: argparse.ArgumentParser) -> None:
     a("--resume", action="store_true", help="continue from --out/checkpoint.pt (same arguments)")
 
 
-def add_run_options(ap: argparse.ArgumentParser) -> None:
-    """--threads, --seed, --no-progress: shared by every script."""
+def add_run_options(ap: argparse.ArgumentParser, seed: bool = True) -> None:
+    """--threads, --seed (unless seed=False: a script with its own seeds option), --no-progress."""
     a = ap.add_argument
     a("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
       help="CPU threads for torch (default: half the cores; oversubscribed cores slow torch down badly)")
-    a("--seed", type=int, default=0)
-    a("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    if seed:
+        a("--seed", type=int, default=0, help="seed of the run: partition, initial adapter, batches, sampling")
+    a("--no-progress", dest="progress", action="store_false",
+      help="no progress bars (they are drawn only when stderr is a terminal)")
 
 
 def check_run_options(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """add_run_options' bounds: 0 <= --seed < 2**63 (torch.manual_seed and fed.derive_seed take 63-bit seeds)
     and 1 <= --threads <= the machine's cores (more only oversubscribes them)."""
-    if not 0 <= args.seed < MAX_SEED:
+    if not 0 <= getattr(args, "seed", 0) < MAX_SEED:
         ap.error(f"--seed must be >= 0 and < 2**63, got {args.seed}")
     cores = os.cpu_count() or 1
     if not 1 <= args.threads <= cores:
         ap.error(f"--threads must be in [1, {cores}] (the CPU cores of this machine), got {args.threads}")
+
+
+def command_line(script: str, argv=None) -> str:
+    """The command a run was started with, for its output files: "python <script> <arguments>", each argument
+    shell-quoted (argv None: this process's sys.argv[1:])."""
+    return " ".join(["python", script, *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
 
 
 def fill_from_preset(args: argparse.Namespace, preset: dict) -> None:

@@ -213,3 +213,50 @@ class AppConfig:
             estimator=DEFAULT_ESTIMATOR if self.estimator == "default" else self.estimator,
             grid_step=self.grid_step, fedsa=False, seed=self.seed, drop_prob=self.drop_prob,
             max_update_norm=update_bound(self.max_update_norm))
+
+
+# ----------------------------------------------------------------------------- the estimator study
+# potara_studies/ablation.py's scenarios, statistics sources and estimators, and the real-data suite's settings
+# (potara_studies/digits.py): here, so that the study's --help and argument checks import no torch.
+ABLATION_SCENARIOS = {  # synthetic suite: name -> how clients get their data ("train": a smaller training split)
+    "dirichlet-0.1": {"partition": "dirichlet", "alpha": 0.1},
+    "dirichlet-1.0": {"partition": "dirichlet", "alpha": 1.0},
+    "dirichlet-10": {"partition": "dirichlet", "alpha": 10.0},
+    "fewshot": {"partition": "dirichlet", "alpha": 10.0, "train": 50},
+    "superclass": {"partition": "superclass"},
+    "conflict": {"partition": "conflict", "classes": 20},
+}
+ABLATION_SOURCES = {  # name -> (client split, samples (None: the whole split), Fisher labels: the data's or sampled)
+    "train32": ("train", 32, "empirical"),
+    "val32": ("val", 32, "empirical"),
+    "val": ("val", None, "empirical"),
+    "train32-sampled": ("train", 32, "sampled"),
+    "val-sampled": ("val", None, "sampled"),
+}
+ABLATION_ESTIMATORS = ("verified", "hermite", "quadratic", "verified-loss", "paper", "bias")
+DIGITS_SCENARIOS = {"conflict": {"partition": "uniform", "tasks": True},  # real suite (digits.py)
+                    "dirichlet-0.5": {"partition": "dirichlet", "alpha": 0.5, "tasks": False}}
+ABLATION_SUITES = {
+    "synthetic": {"scenarios": ABLATION_SCENARIOS, "default": "dirichlet-0.1,dirichlet-1.0,fewshot,superclass,conflict",
+                  "seeds": "0,1,2", "title": "SYNTHETIC DATA (not CIFAR-100)"},
+    "real": {"scenarios": DIGITS_SCENARIOS, "default": ",".join(DIGITS_SCENARIOS), "seeds": "0,1,2,3,4,5,6,7,8,9",
+             "title": "REAL DATA: handwritten digits (scikit-learn's bundled UCI set), MLP backbone"}}
+
+
+@dataclass
+class DigitsConfig:
+    """Sizes and training of the real-data study (digits.py); the defaults are what the README's table used."""
+    clients: int = 6
+    train: int = 60          # per client: FedIT / local training samples
+    val: int = 50            # held out: the weight's statistics and the grid search's choice
+    test: int = 50           # what every method is scored on
+    public: int = 500        # backbone pre-training images, no client holds them
+    hidden: int = 64
+    pretrain_steps: int = 300
+    rank: int = 4
+    lora_alpha: float = 8.0
+    rounds: int = 30         # FedIT
+    local_steps: int = 10    # per client per round
+    local_train_steps: int = 150
+    lr: float = 1e-2
+    batch_size: int = 16

@@ -20,7 +20,6 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from data import ClientSplits
 from fisher import causal_lm_likelihood
@@ -38,6 +37,7 @@ from potara_harness.llm_data import (
 )
 from potara_harness.llm_tasks import public_corpus
 from potara_harness.pretrain import cache_path, cached_pretrain, step, warmup_cosine
+from training import progress_bar
 
 
 # ----------------------------------------------------------------------------- models
@@ -117,7 +117,7 @@ def pretrain_tiny(model: nn.Module, tok: Tokenizer, p: dict, seed: int, cache_di
         model.to(device).train()
         opt = torch.optim.AdamW(model.parameters(), lr=p["pretrain_lr"], weight_decay=0.01)
         sched = warmup_cosine(opt, p["pretrain_steps"])
-        for _ in tqdm(range(p["pretrain_steps"]), desc="pre-training the tiny model", disable=not progress):
+        for _ in progress_bar(range(p["pretrain_steps"]), "pre-training the tiny model", progress, stage=True):
             x, _ = encode_examples(tok, public_corpus(p["pretrain_batch"], rng), p["max_len"])
             y = x.masked_fill(x == tok.pad_id, IGNORE)  # a language model of the whole text, prompt included
             step(opt, sched, lm_loss(model, x.to(device), y.to(device)))

@@ -46,7 +46,7 @@ from potara_harness.checkpoint import Parts, RunState, fed_dict, fingerprint, lo
 from potara_harness.config import SALT_FINETUNE, SALT_LOCAL, ExperimentConfig
 from potara_harness.evaluation import Evaluate, Evaluator, accuracy, evaluate_client, potara_step
 from potara_harness.report import METHODS, collect_results, mean, write_outputs
-from training import LossFn, classification_loss, model_device, shuffled_batches, train_adapter
+from training import LossFn, classification_loss, model_device, progress_bar, shuffled_batches, train_adapter
 
 
 def snapshot_rounds(rounds: int, snapshots: int) -> list[int]:
@@ -174,7 +174,7 @@ def federated_training(run: Run, stage: str, share=None) -> FedState:
     clients = [Client(s.name, s.train_inputs, s.train_targets) for s in run.splits]
     return run_fedit(run.model, clients, run.cfg.fed_config(), loss_fn=run.loss_fn, share=share,
                      resume=run.state.fed_state(stage), on_round=checkpoint, autocast_dtype=run.ev.autocast_dtype,
-                     progress=run.progress)
+                     progress=run.progress, desc="FedIT rounds" if share is None else "FedSA-LoRA rounds")
 
 
 def train_local(model: nn.Module, start: dict, split: ClientSplits, steps: int, seed: int, cfg: ExperimentConfig,
@@ -237,5 +237,5 @@ def communication_curve(run: Run, fedit: FedState, acc: dict) -> list[dict]:
 
 
 def _bar(items, desc: str, progress: bool):
-    from tqdm.auto import tqdm
-    return tqdm(items, desc=desc, leave=False, disable=not progress)
+    """A stage's bar over clients or snapshot rounds: on a terminal, or one line in a log (training.progress_bar)."""
+    return progress_bar(items, desc, progress, stage=True, leave=False)

@@ -2,7 +2,7 @@
 written atomically (atomic_write: a temporary file, fsync, os.replace).
 
     write_outputs(results, out_dir)      # results.json, results.md, lambda.png, communication.png
-    print(markdown_table(results))       # the methods and Potara's weights, as markdown
+    print(results_header(results) + markdown_table(results))   # what the run was on and how it was made; the table
 
 `results` is collect_results' dict (pipeline.run_experiment and the Flower server build it here): results["methods"][m] = {label, mean, per_client, bytes},
 results["per_client"][client] = {potara, lam_potara, lam_grid_val, lam_grid_oracle, abs_lam_diff, grid},
@@ -138,6 +138,16 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines + ([faults] if faults else []))
 
 
+def results_header(results: dict) -> str:
+    """results.md's first lines, so that a copied file still says what it is: results["config"]["data_source"]
+    (what the clients' data was: synthetic or real, which set or tasks) and ["command"] (the command line that
+    made it), each a paragraph; "" when the config has neither (e.g. the Flower server's)."""
+    config = results.get("config") or {}
+    lines = ([f"Data: {config['data_source']}"] if config.get("data_source") else []) + \
+            ([f"Command: `{config['command']}`"] if config.get("command") else [])
+    return "".join(line + "\n\n" for line in lines)
+
+
 def strict_json(x):
     """NaN/Inf -> None, recursively: json.dumps would write NaN, which is not JSON."""
     if isinstance(x, float):
@@ -154,11 +164,11 @@ def write_text(path: str, text: str) -> None:
 
 
 def write_outputs(results: dict, out_dir: str, table: str | None = None) -> None:
-    """results.json (strict JSON: NaN/Inf as null), results.md (`table`, default markdown_table(results)) and
-    the two plots when matplotlib is installed, each written atomically."""
+    """results.json (strict JSON: NaN/Inf as null), results.md (results_header, then `table`, default
+    markdown_table(results)) and the two plots when matplotlib is installed, each written atomically."""
     write_text(os.path.join(out_dir, "results.json"),
                json.dumps(strict_json(results), indent=1, default=str, allow_nan=False))
-    write_text(os.path.join(out_dir, "results.md"), (table or markdown_table(results)) + "\n")
+    write_text(os.path.join(out_dir, "results.md"), results_header(results) + (table or markdown_table(results)) + "\n")
     try:
         import matplotlib
         matplotlib.use("Agg")

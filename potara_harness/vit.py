@@ -20,12 +20,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from torchvision.models import VisionTransformer
-from tqdm.auto import tqdm
 
 from data import DataError
 from lora import AdapterError, add_lora, check_tensors
 from lora_mha import LORA_LAYERS
 from potara_harness.pretrain import cache_path, cached_pretrain, step, warmup_cosine
+from training import progress_bar
 
 NUM_CLASSES = 100
 
@@ -173,7 +173,7 @@ def pretrain_tiny_backbone(p: dict, images: torch.Tensor, labels: torch.Tensor, 
     sched = warmup_cosine(opt, p["pretrain_steps"])
     g = torch.Generator().manual_seed(seed)
     n_train = len(images) - held
-    for _ in tqdm(range(p["pretrain_steps"]), desc="pre-training the tiny backbone", disable=not progress):
+    for _ in progress_bar(range(p["pretrain_steps"]), "pre-training the tiny backbone", progress, stage=True):
         idx = torch.randint(n_train, (p["pretrain_batch"],), generator=g)
         dx, dy = torch.randint(-4, 5, (2,), generator=g).tolist()
         x = torch.roll(images[idx], (dx, dy), dims=(2, 3))  # random translation (wrapping)

@@ -1,6 +1,7 @@
 """Real handwritten digits for the merge-weight study (ablation.py --suite real): data, backbone, clients.
 
-    from potara_studies.digits import DigitsConfig, load_digits_data, pretrain_backbone, build_model, scenario_splits
+    from potara_studies.digits import load_digits_data, pretrain_backbone, build_model, scenario_splits
+    cfg = DigitsConfig()                           # sizes and training: potara_harness/config.py
     x, y = load_digits_data()                      # 1797 real 8x8 images (UCI optical digits), labels 0-9
     public, pool = public_and_pool(len(y), cfg.public)
     backbone = pretrain_backbone(x[public], y[public], cfg)       # ~1 s on one CPU thread: not cached
@@ -12,7 +13,7 @@ The data is scikit-learn's bundled copy of the UCI "optical recognition of handw
 offline on data nobody here made. scikit-learn is imported only here, lazily (the `study` extra).
 The backbone is a 2-hidden-layer MLP pre-trained to classify the digit on a fixed public split no client
 holds; clients adapt it with LoRA on both hidden layers plus a new zero head (10 outputs for every task).
-Scenarios (SCENARIOS):
+Scenarios (config.DIGITS_SCENARIOS):
   conflict        every client holds a disjoint uniform sample of the same digits and labels it its own way
                   (TASKS: the digit, its parity, digit > 4, digit mod 3, 9 - digit, digit mod 4): what FedIT
                   learns fits no client, and the two adapters need not be linearly connected;
@@ -21,7 +22,6 @@ Scenarios (SCENARIOS):
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from data import ClientSplits, DataError
 from lora import add_lora
+from potara_harness.config import DIGITS_SCENARIOS, DigitsConfig
 from potara_harness.partition import client_splits, dirichlet_partition
 
 TASKS = {  # client k's task: TASK_ORDER[k % 6]; each maps the digit to the client's label (all in 0..9)
@@ -37,27 +38,6 @@ TASKS = {  # client k's task: TASK_ORDER[k % 6]; each maps the digit to the clie
     "mod-3": lambda d: d % 3, "mirror": lambda d: 9 - d, "mod-4": lambda d: d % 4,
 }
 TASK_ORDER = list(TASKS)
-SCENARIOS = {"conflict": {"partition": "uniform", "tasks": True},
-             "dirichlet-0.5": {"partition": "dirichlet", "alpha": 0.5, "tasks": False}}
-
-
-@dataclass
-class DigitsConfig:
-    """Sizes and training of the real-data study; the defaults are what the README's table used."""
-    clients: int = 6
-    train: int = 60          # per client: FedIT / local training samples
-    val: int = 50            # held out: the weight's statistics and the grid search's choice
-    test: int = 50           # what every method is scored on
-    public: int = 500        # backbone pre-training images, no client holds them
-    hidden: int = 64
-    pretrain_steps: int = 300
-    rank: int = 4
-    lora_alpha: float = 8.0
-    rounds: int = 30         # FedIT
-    local_steps: int = 10    # per client per round
-    local_train_steps: int = 150
-    lr: float = 1e-2
-    batch_size: int = 16
 
 
 def load_digits_data() -> tuple[torch.Tensor, np.ndarray]:
@@ -119,9 +99,9 @@ def scenario_splits(name: str, x: torch.Tensor, y: np.ndarray, pool: np.ndarray,
                     seed: int) -> list[ClientSplits]:
     """The clients of scenario `name`: disjoint samples of the pool, each split train / val / test from the
     client's own distribution (and labelled by its own task under "conflict")."""
-    if name not in SCENARIOS:
-        raise DataError(f"unknown real-data scenario {name!r}; choose from {list(SCENARIOS)}")
-    spec, per_client = SCENARIOS[name], cfg.train + cfg.val + cfg.test
+    if name not in DIGITS_SCENARIOS:
+        raise DataError(f"unknown real-data scenario {name!r}; choose from {list(DIGITS_SCENARIOS)}")
+    spec, per_client = DIGITS_SCENARIOS[name], cfg.train + cfg.val + cfg.test
     labels = y[pool]
     if spec["partition"] == "dirichlet":
         parts = dirichlet_partition(labels, cfg.clients, spec["alpha"], per_client, seed)

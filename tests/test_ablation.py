@@ -1,4 +1,5 @@
-"""ablation.py on micro problems (a shrunk tiny ViT, 2 clients, 2 rounds, one seed; real digits, 2 rounds): seconds."""
+"""ablation.py (the command line) and estimator_study.py (the study) on micro problems (a shrunk tiny ViT,
+2 clients, 2 rounds, one seed; real digits, 2 rounds): seconds."""
 import json
 
 import numpy as np
@@ -8,7 +9,7 @@ from conftest import MICRO_VIT
 from potara import personalize
 from potara_harness import config
 from potara_harness.evaluation import lam_grid
-from potara_studies import ablation
+from potara_studies import ablation, estimator_study
 
 TEST, STEP = 10, 0.25
 SCENS = ["dirichlet-0.1", "conflict"]
@@ -35,7 +36,7 @@ def micro(tmp_path_factory):
 
 
 def test_per_client_figures_and_summary(micro):
-    _, out, returned = micro
+    data_dir, out, returned = micro
     r = json.loads((out / "ablation.json").read_text())
     assert list(r["runs"]) == SCENS and r["summary"] == returned["summary"]
     grid = lam_grid(STEP)
@@ -48,7 +49,7 @@ def test_per_client_figures_and_summary(micro):
             best = [lam for lam, v in zip(grid, val) if v == max(val)]  # ties: nearest 0.5, then smaller
             assert c["lam_grid"] == sorted(best, key=lambda lam: (abs(lam - 0.5), lam))[0]
             assert c["grid_val"] == test[grid.index(c["lam_grid"])] and c["grid_oracle"] == max(test)
-            assert set(c["estimators"]) == {f"{e}@{s}" for e in ablation.ESTIMATORS for s in ("train32", "val")}
+            assert set(c["estimators"]) == {f"{e}@{s}" for e in config.ABLATION_ESTIMATORS for s in ("train32", "val")}
             loss = c["grid"]["val_loss"]
             assert c["barrier"] == pytest.approx(max(f - ((1 - lam) * loss[0] + lam * loss[-1])
                                                      for lam, f in zip(grid, loss)))
@@ -68,6 +69,8 @@ def test_per_client_figures_and_summary(micro):
         assert sum(checks["candidates"].values()) == len(clients) and checks["above_better_end"] == 0
     md = (out / "ablation.md").read_text()
     assert md.startswith("SYNTHETIC DATA") and all(f"| {m} |" in md for m in ("local", "grid_val", "verified@val"))
+    command = " ".join(["python", "-m", "potara_studies.ablation", *micro_argv(data_dir, out)])
+    assert md.split("\n\n")[1] == f"Command: `{command}`" and r["settings"]["command"] == command
 
 
 def test_estimator_weights_are_what_the_library_gives(micro):
@@ -75,11 +78,12 @@ def test_estimator_weights_are_what_the_library_gives(micro):
     # paper's weight on 32 (here 16) training samples, and the study-only ones must follow from the default's info
     data_dir, out, r = micro
     args, p = ablation.resolve(ablation.build_parser(), micro_argv(data_dir, out))
-    data, pool, backbone, info = ablation.setup(args, p)
-    spec = ablation.scenario_spec(args, "conflict")
-    splits = ablation.make_splits(spec, data, pool, args, 0)
-    model = ablation.fresh_model(backbone, p, args, 0)
-    G, local = ablation.train_adapters(model, splits, args, 0, ablation.cache_path(args, "conflict", spec, 0, info))
+    data, pool, backbone, info = estimator_study.setup(args, p)
+    spec = estimator_study.scenario_spec(args, "conflict")
+    splits = estimator_study.make_splits(spec, data, pool, args, 0)
+    model = estimator_study.fresh_model(backbone, p, args, 0)
+    cache = estimator_study.cache_path(args, "conflict", spec, 0, info)
+    G, local = estimator_study.train_adapters(model, splits, args, 0, cache)
     for s in splits:
         got = r["runs"]["conflict"]["0"][s.name]["estimators"]
         _, default = personalize(model, G, local[s.name], held_out=[(s.val_inputs, s.val_targets)])
@@ -94,12 +98,12 @@ def test_estimator_weights_are_what_the_library_gives(micro):
 def test_study_only_estimators_by_hand():
     info = lambda f0, f1, d0, d1, fh=None, lh=None: {"loss_local": f0, "loss_federated": f1, "slope_local": d0,
                                                       "slope_federated": d1, "loss_at_hermite": fh, "lam_hermite": lh}
-    assert ablation.quadratic_lam(info(1.0, 1.0, -1.0, 3.0)) == pytest.approx(0.25)  # f' = -1 + 4 t: zero at 1/4
-    assert ablation.quadratic_lam(info(1.0, 0.5, 0.5, 2.0)) == 0.0  # rising from the local end
-    assert ablation.quadratic_lam(info(1.0, 0.5, -2.0, -0.5)) == 1.0  # still falling at the federated end
-    assert ablation.quadratic_lam(info(1.0, 0.5, 1.0, -1.0)) == 1.0  # concave: the lower end
-    assert ablation.loss_only_lam(info(0.48, 1.06, -1.0, 2.0, 0.9, 0.3)) == 0.0  # the barrier: the lower end
-    assert ablation.loss_only_lam(info(0.48, 1.06, -1.0, 2.0, 0.4, 0.3)) == 0.3  # below both ends: taken
+    assert estimator_study.quadratic_lam(info(1.0, 1.0, -1.0, 3.0)) == pytest.approx(0.25)  # f' = -1 + 4 t: 0 at 1/4
+    assert estimator_study.quadratic_lam(info(1.0, 0.5, 0.5, 2.0)) == 0.0  # rising from the local end
+    assert estimator_study.quadratic_lam(info(1.0, 0.5, -2.0, -0.5)) == 1.0  # still falling at the federated end
+    assert estimator_study.quadratic_lam(info(1.0, 0.5, 1.0, -1.0)) == 1.0  # concave: the lower end
+    assert estimator_study.loss_only_lam(info(0.48, 1.06, -1.0, 2.0, 0.9, 0.3)) == 0.0  # the barrier: lower end
+    assert estimator_study.loss_only_lam(info(0.48, 1.06, -1.0, 2.0, 0.4, 0.3)) == 0.3  # below both ends: taken
 
 
 def test_real_suite_runs_on_the_digits(tmp_path):
@@ -126,14 +130,14 @@ def test_second_run_reuses_the_cached_adapters(micro, monkeypatch):
     def no_training(*a, **k):
         raise AssertionError("retrained although the adapters are cached")
 
-    monkeypatch.setattr(ablation, "run_fedit", no_training)
+    monkeypatch.setattr(estimator_study, "run_fedit", no_training)
     again = ablation.main(micro_argv(data_dir, out))
     assert again["runs"] == first["runs"]
 
 
 def test_conflict_partition_same_classes_own_labelling():
     labels = np.random.default_rng(0).permutation(np.repeat(np.arange(100), 10))
-    parts, relabel = ablation.conflict_partition(labels, 3, 15, classes=5, seed=1)
+    parts, relabel = estimator_study.conflict_partition(labels, 3, 15, classes=5, seed=1)
     flat = np.concatenate(parts)
     assert [len(p) for p in parts] == [15] * 3 and len(np.unique(flat)) == len(flat)
     chosen = np.unique(labels[flat])
@@ -145,8 +149,8 @@ def test_conflict_partition_same_classes_own_labelling():
     for table in relabel:  # a permutation of the chosen classes onto themselves
         moved = np.flatnonzero(table != np.arange(100))
         assert set(table[moved]) == set(moved)
-    with pytest.raises(ablation.DataError, match="clients x"):
-        ablation.conflict_partition(labels, 3, 17, classes=5, seed=1)
+    with pytest.raises(estimator_study.DataError, match="clients x"):
+        estimator_study.conflict_partition(labels, 3, 17, classes=5, seed=1)
 
 
 def test_goal_and_table_by_hand():
@@ -156,12 +160,12 @@ def test_goal_and_table_by_hand():
                                            "lam_grid": 0.3, "clients_x_seeds": 5}
     ok, too_low, below_local = row(0.8, 0.5, 0.9, 0.885), row(0.8, 0.5, 0.9, 0.87), row(0.8, 0.5, 0.805, 0.794)
     just_below = row(0.8, 0.5, 0.805, 0.7951)  # 0.0049 below local: within the 0.005 the goal allows
-    assert ablation.goal_met(ok, "x@val") and not ablation.goal_met(too_low, "x@val")
-    assert not ablation.goal_met(below_local, "x@val")  # 0.986 of the grid, but 0.006 below local
-    assert ablation.goal_met(just_below, "x@val")
+    assert estimator_study.goal_met(ok, "x@val") and not estimator_study.goal_met(too_low, "x@val")
+    assert not estimator_study.goal_met(below_local, "x@val")  # 0.986 of the grid, but 0.006 below local
+    assert estimator_study.goal_met(just_below, "x@val")
     for r_ in (ok, below_local):
         r_["barrier"] = {"mean": 0.5, "max": 2.0, "clients_above_0.1": 3}
-    md = ablation.markdown({"a": ok, "b": below_local})
+    md = estimator_study.markdown({"a": ok, "b": below_local})
     assert "| 0.983 | no: b |" in md and "0.885 (0.983; 0.10)" in md and "a mean 0.50, max 2.00, 3 clients" in md
 
 
@@ -182,4 +186,4 @@ def test_defaults_per_suite(tmp_path):
     assert args.scenarios == ["dirichlet-0.1", "dirichlet-1.0", "fewshot", "superclass", "conflict"]
     real, _ = ablation.resolve(ablation.build_parser(), ["--suite", "real", "--out", str(tmp_path)])
     assert real.seeds == list(range(10)) and real.scenarios == ["conflict", "dirichlet-0.5"]
-    assert ablation.digits_config(real) == ablation.digits.DigitsConfig()  # the README's table: DigitsConfig
+    assert estimator_study.digits_config(real) == config.DigitsConfig()  # the README's table: DigitsConfig

@@ -1,5 +1,5 @@
-"""bench.py's helpers, and the fast paths it measures computing the same function as the slow ones.
-No timed assertions: timings are only reported, never tested."""
+"""bench.py (the command line) and benchmarks.py's helpers, and the fast paths they measure computing the same
+function as the slow ones. No timed assertions: timings are only reported, never tested."""
 import json
 
 import pytest
@@ -9,12 +9,12 @@ import torch.nn as nn
 import fisher
 from lora import LoRALinear
 from lora_mha import LoRAPackedQKV
-from potara_studies import bench
+from potara_studies import bench, benchmarks
 
 
 def test_rows_from_pairs_ratios_per_round():
     times = {"base": [1.0, 2.0, 4.0], "x": [3.0, 2.0, 4.0]}  # per-round ratios 3, 1, 1
-    rows = {r["name"]: r for r in bench.rows_from("s", times, "base")}
+    rows = {r["name"]: r for r in benchmarks.rows_from("s", times, "base")}
     assert rows["x"]["ratio"] == 1.0 and rows["x"]["ratio_min"] == 1.0 and rows["x"]["ratio_max"] == 3.0
     assert rows["x"]["median_s"] == 3.0 and rows["base"]["ratio"] == 1.0
 
@@ -22,7 +22,7 @@ def test_rows_from_pairs_ratios_per_round():
 def test_measure_runs_every_variant_reps_times_after_warmup():
     calls = {"a": 0, "b": 0}
     variants = {k: (lambda k=k: calls.__setitem__(k, calls[k] + 1)) for k in calls}
-    times = bench.measure(variants, bench.BenchConfig(reps=4, warmup=2, min_sample_s=0), torch.device("cpu"))
+    times = benchmarks.measure(variants, benchmarks.BenchConfig(reps=4, warmup=2, min_sample_s=0), torch.device("cpu"))
     assert calls == {"a": 6, "b": 6} and all(len(t) == 4 for t in times.values())
 
 
@@ -63,11 +63,11 @@ def test_packed_qkv_activation_path_equals_weight_path_and_merge(batch_first, pa
 
 def test_naive_fisher_loop_matches_diag_fisher():
     torch.manual_seed(0)
-    vit = bench.VisionTransformer(image_size=16, patch_size=8, num_layers=1, num_heads=2, hidden_dim=8, mlp_dim=16)
-    model = bench.lora_vit(vit, rank=2, alpha=4, num_classes=3)
+    vit = benchmarks.VisionTransformer(image_size=16, patch_size=8, num_layers=1, num_heads=2, hidden_dim=8, mlp_dim=16)
+    model = benchmarks.lora_vit(vit, rank=2, alpha=4, num_classes=3)
     x, y = torch.randn(6, 3, 16, 16), torch.tensor([0, 1, 2, 0, 1, 2])
     batches = [(x[:4], y[:4]), (x[4:], y[4:])]
-    loop, func = bench.naive_fisher(model, batches, 5), fisher.diag_fisher(model, batches, n_samples=5)
+    loop, func = benchmarks.naive_fisher(model, batches, 5), fisher.diag_fisher(model, batches, n_samples=5)
     assert set(loop) == set(func)
     for k in func:
         assert torch.allclose(func[k], loop[k], rtol=1e-4, atol=1e-9), k

@@ -8,9 +8,9 @@ import torch
 pytest.importorskip("sklearn")
 
 from data import DataError  # noqa: E402
+from potara_harness.config import DigitsConfig  # noqa: E402
 from potara_harness.partition import public_and_pool  # noqa: E402
 from potara_studies.digits import (  # noqa: E402
-    DigitsConfig,
     build_model,
     load_digits_data,
     pretrain_backbone,

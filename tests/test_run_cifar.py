@@ -23,7 +23,7 @@ from adapter_file import save_adapter
 from data import write_synthetic_cifar100
 from lora import lora_factor, lora_state_dict
 from potara import merge_adapters
-from potara_harness import config, vit
+from potara_harness import config, pipeline, vit
 from potara_harness.checkpoint import read_run
 from potara_harness.evaluation import lam_grid, score_adapter
 from potara_harness.partition import client_splits, public_and_pool
@@ -138,7 +138,7 @@ def test_interrupted_run_resumes_to_the_same_result(micro_run, data_dir, tmp_pat
         if stage == "fedit" and state.round == 1:
             raise KeyboardInterrupt
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(run_cifar, "run_experiment", functools.partial(run_cifar.run_experiment, on_round=interrupt))
+        mp.setattr(pipeline, "run_experiment", functools.partial(pipeline.run_experiment, on_round=interrupt))
         with pytest.raises(KeyboardInterrupt):
             run_cifar.main(micro_argv(data_dir, out_b))
     ck = torch.load(out_b / "checkpoint.pt", weights_only=True)
@@ -146,8 +146,8 @@ def test_interrupted_run_resumes_to_the_same_result(micro_run, data_dir, tmp_pat
 
     seen = []
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(run_cifar, "run_experiment", functools.partial(
-            run_cifar.run_experiment, on_round=lambda stage, state: seen.append((stage, state.round))))
+        mp.setattr(pipeline, "run_experiment", functools.partial(
+            pipeline.run_experiment, on_round=lambda stage, state: seen.append((stage, state.round))))
         run_cifar.main(micro_argv(data_dir, out_b, "--resume"))
     assert seen == [("fedit", 2), ("fedsa", 1), ("fedsa", 2)]  # FedIT went on from its checkpoint
     a, b = (json.loads((o / "results.json").read_text()) for o in (out_a, out_b))
@@ -263,6 +263,7 @@ def load_results(out):
     r = json.loads((out / "results.json").read_text())
     r.pop("timing_s")
     r["config"]["args"].pop("out")
+    r["config"].pop("command")  # names --out (and --resume)
     return r
 
 
@@ -570,3 +571,52 @@ def test_planted_cifar_pickles_run_nothing_with_data_cifar(micro, tmp_path, caps
     assert not evidence.exists()
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and "refused to unpickle io.open" in err[0], err
+
+
+# ----------------------------------------------------------------------------- what a log and results.md hold
+def test_a_log_gets_one_line_per_stage_not_a_bar_per_step(micro, tmp_path):
+    """stderr to a file (not a terminal), progress on: at most one short line per stage (FedIT, FedSA-LoRA, local
+    training, evaluation, communication curve), where bars redrawn per step of 10 rounds x 2 clients x 5 steps
+    and of every local training filled the log."""
+    cmd = [c for c in argv(micro, tmp_path / "out", "--rounds", "10", "--snapshots", "2", "--local-steps", "5")
+           if c != "--no-progress"]
+    with open(tmp_path / "err.log", "wb") as err:
+        subprocess.run([sys.executable, "run_cifar.py", *cmd], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err,
+                       check=True, timeout=600)
+    log = (tmp_path / "err.log").read_text()
+    lines = log.splitlines()
+    assert "\r" not in log and len(lines) <= 5 and all(len(line) < 80 for line in lines), log[:2000]
+    assert any(line.startswith("FedIT") for line in lines) and any("FedSA" in line for line in lines), log
+
+
+def test_no_progress_writes_nothing_and_a_log_gets_the_stage_line(capsys):
+    """training.progress_bar: progress=False is silent, stage or not; progress on, not a terminal: one line."""
+    from training import progress_bar
+    list(progress_bar(range(3), "FedIT rounds", progress=False, stage=True))
+    assert capsys.readouterr().err == ""
+    list(progress_bar(range(3), "FedIT rounds", progress=True, stage=True))  # pytest's stderr: not a terminal
+    assert capsys.readouterr().err == "FedIT rounds: 0/3\n"
+
+
+def test_results_md_names_its_data_and_command(micro, reference):
+    """results.md starts with what the data was and the command that made it (a shared file says what it is)."""
+    md = (reference / "results.md").read_text()
+    expected_command = " ".join(["python", "run_cifar.py", *argv(micro, reference)])
+    assert md.startswith("Data: SYNTHETIC DATA (not CIFAR-100)")
+    assert f"Command: `{expected_command}`" in md.split("| method |")[0]
+    config = json.loads((reference / "results.json").read_text())["config"]
+    assert config["command"] == expected_command and config["data_source"].startswith("SYNTHETIC DATA")
+
+
+def test_the_default_data_is_the_offline_synthetic_set(tmp_path, monkeypatch):
+    """No --data: the embedded synthetic stand-in (the README's first command runs offline); --data cifar is
+    the real set, and its output folder says so."""
+    ap = run_cifar.build_parser()
+    args, _ = run_cifar.resolve_args(ap, ["--out", str(tmp_path / "o"), "--data-dir", str(tmp_path)])
+    assert args.data == "synthetic"
+    assert run_cifar.data_source(args).startswith("SYNTHETIC DATA (not CIFAR-100)")
+    args, _ = run_cifar.resolve_args(ap, ["--data", "cifar", "--data-dir", str(tmp_path), "--out", str(tmp_path / "c")])
+    assert run_cifar.data_source(args).startswith("CIFAR-100 (real)")
+    monkeypatch.chdir(tmp_path)  # the default --out is made under the current folder
+    args, _ = run_cifar.resolve_args(ap, ["--data-dir", str(tmp_path)])
+    assert args.out == os.path.join("runs", "tiny-synthetic-dirichlet-k5-s0")

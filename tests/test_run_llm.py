@@ -60,7 +60,12 @@ def test_micro_end_to_end_run(tmp_path):
     assert saved["methods"]["fedit"]["bytes"] == 2 * 2 * 2 * adapter_bytes  # rounds x clients x both ways
     assert saved["methods"]["local"]["bytes"] == 0
     assert saved["config"]["reference"]["chance"] == {"sentiment": 0.5, "duplicate": 0.5}
-    assert "Pre-trained model, no adapter" in open(os.path.join(out, "results.md")).read()
+    md = open(os.path.join(out, "results.md")).read()
+    assert "Pre-trained model, no adapter" in md
+    command = " ".join(["python", "run_llm.py", *MICRO, "--out", out, "--cache-dir", str(tmp_path / "cache"),
+                        "--export-peft", str(tmp_path / "peft")])
+    assert md.startswith("Data: SYNTHETIC TASKS (not FLAN)") and "sentiment, duplicate" in md.split("\n")[0]
+    assert f"Command: `{command}`" in md.split("| method |")[0] and saved["config"]["command"] == command
     assert sorted(os.listdir(tmp_path / "peft")) == ["base_model", "duplicate", "federated", "sentiment"]
     assert results["methods"]["potara_ab"]["mean"] == saved["methods"]["potara_ab"]["mean"]
     again = run_llm.main(MICRO + ["--out", out, "--cache-dir", str(tmp_path / "cache"), "--resume"])  # from checkpoint
