@@ -25,10 +25,11 @@ from pathlib import Path
 import torch
 
 from fed import Client, run_fedit
+from files import atomic_write
 from potara_flower.loopback import LocalFederation
 from potara_flower.task import TIMINGS, client_split
 from potara_harness.config import VIT_PRESETS, AppConfig, ConfigError
-from potara_harness.report import atomic_write, mean
+from potara_harness.report import mean
 from potara_harness.vit import build_model, load_backbone_file
 
 APP = Path(__file__).resolve().parent  # this folder is the Flower app (pyproject.toml's [tool.flwr.app])

@@ -40,7 +40,7 @@ import torch.nn as nn
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from adapter_file import save_adapter
+from files import save_adapter
 from data import ClientSplits
 from fed import Client, FedConfig, local_update
 from lora import check_state, lora_meta, lora_state_dict

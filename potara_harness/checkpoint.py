@@ -2,7 +2,7 @@
 round and every client's local training, and resumed only by the same run.
 
     state = RunState(fingerprint(model, splits, cfg))     # a fresh run
-    save_state(state, path)                               # atomic (report.atomic_write)
+    save_state(state, path)                               # atomic (files.atomic_write)
     state = load_state(path, fingerprint(model, splits, cfg), adapter=lora_state_dict(model),
                        clients=[s.name for s in splits], rounds=cfg.rounds)   # --resume
 
@@ -30,8 +30,8 @@ import torch.nn as nn
 
 from data import ClientSplits
 from fed import FedState
+from files import atomic_write
 from lora import AdapterError, check_tensors, lora_meta
-from potara_harness.report import atomic_write
 
 
 class ResumeError(ValueError):

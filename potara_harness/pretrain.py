@@ -5,7 +5,7 @@ Llama (lm.py), which are trained here because no pre-trained weights can be down
     path = cache_path("data/backbones", "tiny", key)  # the file name carries a hash of everything that shapes it
     model, info = cached_pretrain(path, "tiny backbone", restore, train, describe)
 
-A cache file is {"state_dict": ..., "info": {...}, ...} written atomically (report.atomic_write) and read
+A cache file is {"state_dict": ..., "info": {...}, ...} written atomically (files.atomic_write) and read
 with torch.load(weights_only=True): it never runs code. A cache file that cannot be restored (damaged,
 stale, foreign) is pre-trained again; a cache folder that cannot be written is reported, not fatal.
 """
@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import torch
 
-from potara_harness.report import atomic_write
+from files import atomic_write
 
 
 def warmup_cosine(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:

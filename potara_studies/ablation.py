@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 
 from data import DataError, load_images
 from fed import Client, run_fedit
+from files import atomic_write
 from fisher import gradient_stats
 from lora import lora_state_dict
 from potara import merge_adapters, paper_weight, personalize, potara_weight, segment_loss, variance_terms
@@ -54,7 +55,7 @@ from potara_harness.config import VIT_PRESETS, ExperimentConfig, grid_step_probl
 from potara_harness.evaluation import grid_choice, lam_grid, score_adapter
 from potara_harness.partition import class_split_partition, client_splits, dirichlet_partition, public_and_pool
 from potara_harness.pipeline import local_seed, train_local
-from potara_harness.report import atomic_write, write_text
+from potara_harness.report import write_text
 from potara_harness.vit import build_model, tiny_backbone
 from potara_studies import digits
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 from conftest import CraftedView, FakeStorage, corrupt_tensor, crafted_torch_file, damaged_bytes
 
-from adapter_file import load_adapter, save_adapter
+from files import load_adapter, save_adapter
 from fed import ClientReply, fedavg, server_round, validate_update
 from lora import AdapterError, add_lora, load_lora_state_dict, lora_state_dict
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import data as data_module
-from adapter_file import save_adapter
+from files import save_adapter
 from data import write_synthetic_cifar100
 from potara_harness.checkpoint import RunState, save_state
 from potara_harness.config import ExperimentConfig

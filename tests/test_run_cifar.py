@@ -19,7 +19,7 @@ from torchvision.models import VisionTransformer
 
 import data as data_module
 import run_cifar
-from adapter_file import save_adapter
+from files import save_adapter
 from data import write_synthetic_cifar100
 from lora import lora_factor, lora_state_dict
 from potara import merge_adapters
