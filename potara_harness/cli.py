@@ -25,7 +25,7 @@ except ImportError:  # pragma: no cover
     fcntl = None
 
 from files import UnsafeFile, WriteError, open_lock, remove_leftovers, run_folder_problem
-from potara_harness.config import ESTIMATORS, ExperimentConfig, grid_step_problem, update_bound
+from potara_harness.config import ESTIMATORS, ExperimentConfig, grid_step_problem, size_problem, update_bound
 
 # This module imports no torch (nor anything that does) at its top: a script parses and checks its command line
 # first, so --help and a bad option answer at once; start_torch then loads torch.
@@ -123,6 +123,15 @@ def require_positive(ap: argparse.ArgumentParser, args: argparse.Namespace, name
         v = getattr(args, k)
         if v is not None and v < minimum:
             ap.error(f"--{k.replace('_', '-')} must be >= {minimum}, got {v}")
+
+
+def check_sizes(ap: argparse.ArgumentParser, args: argparse.Namespace, names) -> None:
+    """A one-line parser error for the first size-like option in `names` above its bound (config.SIZE_BOUNDS:
+    what the program can hold), before any work."""
+    for k in names:
+        problem = size_problem(k, getattr(args, k))
+        if problem:
+            ap.error(f"--{k.replace('_', '-')} {problem}")
 
 
 def check_experiment_options(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
