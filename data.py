@@ -18,6 +18,7 @@ import json
 import os
 import pickle
 import struct
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,6 +64,21 @@ class ClientSplits:
             if len(x) != len(y) or len(x) == 0:
                 raise ValueError(f"client {self.name}: {part} split needs as many inputs as targets and at "
                                  f"least one example, got {len(x)} inputs and {len(y)} targets")
+
+
+def warn_single_class(splits, fisher_split: str = "val") -> list[str]:
+    """Warn (warnings.warn, one line per client) when a client's held-out split (the one Potara's statistics and
+    the grid search read: `fisher_split`) holds a single class (every target equal; for a language model every
+    answer row equal): its loss cannot tell the adapters apart on anything but that class, so lam follows that
+    class alone (lam 1.0 where the grid on test chose 0.0 was seen). Returns the clients warned about."""
+    single = []
+    for s in splits:
+        y = s.train_targets if fisher_split == "train" else s.val_targets
+        if len(y) > 1 and len(torch.unique(y.reshape(len(y), -1), dim=0)) == 1:
+            single.append(s.name)
+            warnings.warn(f"client {s.name}: its {fisher_split} split holds a single class ({len(y)} examples, one "
+                          "target): Potara's weight and the grid's choice see only that class")
+    return single
 
 
 # ----------------------------------------------------------------------------- reading CIFAR-100 safely
