@@ -212,3 +212,20 @@ def test_leftovers_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
     assert sorted(os.listdir(tmp_path)) == sorted(kept)
     atomic_write(tmp_path / "other.json", lambda f: f.write(b"{}"))  # each write clears its own name's leftovers
     assert sorted(os.listdir(tmp_path)) == sorted(set(kept) - {f".other.json.{theirs}.0a1b2c3d4e5f.tmp"} | {"other.json"})
+
+
+def test_a_cache_file_that_is_a_fifo_is_pretrained_again_not_waited_on(tmp_path, alarm, capsys):
+    from potara_harness.pretrain import cached_pretrain
+
+    path = tmp_path / "tiny-0123456789ab.pt"
+    os.mkfifo(path)
+    restored, info, where = cached_pretrain(str(path), "tiny", lambda obj: obj["w"], lambda: {"w": 3, "info": {}},
+                                            lambda info: "ok")
+    out = capsys.readouterr().out
+    assert restored == 3 and "is unusable (UnsafeFile" in out and "a FIFO" in out and "NOT cached" in out
+    assert where == "(not cached)" and stat_is_fifo(path)  # the planted file is left alone, never written through
+
+
+def stat_is_fifo(path) -> bool:
+    import stat
+    return stat.S_ISFIFO(os.lstat(path).st_mode)
