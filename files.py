@@ -150,7 +150,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
         cause = _os_error(e)
         if cause is None or isinstance(e, UnsafeFile):
             raise
-        raise WriteError(f"cannot write {path} ({cause.strerror or type(cause).__name__}): nothing "
+        raise WriteError(f"cannot write {path} ({cause.strerror or str(cause)[:200] or type(cause).__name__}): nothing "
                          "was replaced, the previous file is intact; free space or raise the file-size limit "
                          "(ulimit -f), then rerun (with --resume to continue a run)") from None
     sync_folder(folder)

@@ -21,8 +21,8 @@ import pytest
 import torch
 from conftest import CraftedView, FakeStorage, corrupt_tensor, crafted_torch_file, damaged_bytes
 
-from files import load_adapter, save_adapter
 from fed import ClientReply, fedavg, server_round, validate_update
+from files import load_adapter, save_adapter
 from lora import AdapterError, add_lora, load_lora_state_dict, lora_state_dict
 
 REFERENCE = {"enc.0.lora_A": torch.randn(2, 6, generator=torch.Generator().manual_seed(0)),

@@ -19,8 +19,8 @@ from torchvision.models import VisionTransformer
 
 import data as data_module
 import run_cifar
-from files import save_adapter
 from data import write_synthetic_cifar100
+from files import save_adapter
 from lora import lora_factor, lora_state_dict
 from potara import merge_adapters
 from potara_harness import config, vit
