@@ -513,8 +513,9 @@ def test_a_second_run_on_the_same_out_is_refused(micro, tmp_path, capsys):
     with cli.out_dir_lock(str(out)):  # a run holding --out (another process behaves the same: flock)
         with pytest.raises(SystemExit) as e:
             run_cifar.main(argv(micro, out))
+        assert sorted(os.listdir(out)) == [".lock"]  # nothing written by the refused run
     assert e.value.code == 2 and "is in use by another run" in capsys.readouterr().err
-    assert sorted(os.listdir(out)) == [".lock"]  # nothing written by the refused run
+    assert os.listdir(out) == []  # the holder wrote nothing either: its lock went with it
 
 
 def test_planted_cifar_pickles_run_nothing_with_data_cifar(micro, tmp_path, capsys):
