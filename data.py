@@ -18,6 +18,7 @@ import json
 import os
 import pickle
 import struct
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.datasets import CIFAR100
 from torchvision.datasets.utils import check_integrity, download_and_extract_archive
+
+from files import UnsafeFile, atomic_write, open_regular, read_regular
 
 SYNTHETIC_MARKER = "potara-synthetic.json"  # inside cifar-100-python/: synthetic files, no md5s to check
 MAX_FILE_BYTES = 1 << 30  # the real train file is 155 MB: anything larger is not CIFAR-100
@@ -61,6 +64,21 @@ class ClientSplits:
             if len(x) != len(y) or len(x) == 0:
                 raise ValueError(f"client {self.name}: {part} split needs as many inputs as targets and at "
                                  f"least one example, got {len(x)} inputs and {len(y)} targets")
+
+
+def warn_single_class(splits, fisher_split: str = "val") -> list[str]:
+    """Warn (warnings.warn, one line per client) when a client's held-out split (the one Potara's statistics and
+    the grid search read: `fisher_split`) holds a single class (every target equal; for a language model every
+    answer row equal): its loss cannot tell the adapters apart on anything but that class, so lam follows that
+    class alone (lam 1.0 where the grid on test chose 0.0 was seen). Returns the clients warned about."""
+    single = []
+    for s in splits:
+        y = s.train_targets if fisher_split == "train" else s.val_targets
+        if len(y) > 1 and len(torch.unique(y.reshape(len(y), -1), dim=0)) == 1:
+            single.append(s.name)
+            warnings.warn(f"client {s.name}: its {fisher_split} split holds a single class ({len(y)} examples, one "
+                          "target): Potara's weight and the grid's choice see only that class")
+    return single
 
 
 # ----------------------------------------------------------------------------- reading CIFAR-100 safely
@@ -103,10 +121,12 @@ class _CifarUnpickler(pickle._Unpickler):
 
 
 def _read_pickle(path: str) -> dict:
-    if os.path.getsize(path) > MAX_FILE_BYTES:
-        raise _Unreadable(f"{os.path.basename(path)} is larger than {MAX_FILE_BYTES:,} bytes")
-    with open(path, "rb") as f:
-        payload = f.read()
+    """A regular file of at most MAX_FILE_BYTES (files.read_regular: a link, /dev/zero or a FIFO planted under
+    a CIFAR name is refused at once, and the bytes actually read are bounded), unpickled by _CifarUnpickler."""
+    try:
+        payload = read_regular(path, MAX_FILE_BYTES)
+    except UnsafeFile as e:
+        raise _Unreadable(f"{os.path.basename(path)}: {str(e).split(': ', 1)[-1]}") from None
     try:
         obj = _CifarUnpickler(io.BytesIO(payload), encoding="latin1").load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError,
@@ -145,6 +165,13 @@ def _read_cifar_files(folder: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
 def _intact(folder: str) -> bool:
     """torchvision's md5s of the real files (train, test, meta)."""
     files = CIFAR100.train_list + CIFAR100.test_list + [[CIFAR100.meta["filename"], CIFAR100.meta["md5"]]]
+    for name, _ in files:  # torchvision's md5 reads to the end: only regular files of a bounded size get there
+        try:
+            open_regular(os.path.join(folder, name), MAX_FILE_BYTES).close()
+        except FileNotFoundError:
+            return False
+        except UnsafeFile as e:
+            raise _Unreadable(f"{name}: {str(e).split(': ', 1)[-1]}") from None
     return all(check_integrity(os.path.join(folder, name), md5) for name, md5 in files)
 
 
@@ -231,15 +258,14 @@ def write_synthetic_cifar100(root: str, train_per_class: int = 500, test_per_cla
               "version": 1}
     marker = os.path.join(folder, SYNTHETIC_MARKER)
     try:
-        with open(marker) as f:
-            if json.load(f) == params:
-                return folder
-    except (OSError, ValueError):  # absent or unreadable: (re)write the files
+        if json.loads(read_regular(marker, 4096)) == params:
+            return folder
+    except (OSError, ValueError):  # absent or unreadable (UnsafeFile too: the write below refuses a link): rewrite
         pass
     if train_per_class < 1 or test_per_class < 1:
         raise DataError(f"synthetic data needs >= 1 image per class and split, got {train_per_class}, {test_per_class}")
     os.makedirs(folder, exist_ok=True)
-    if os.path.exists(marker):
+    if os.path.lexists(marker):
         os.remove(marker)  # written last: a half-written set of files is never taken for a finished one
     rng = np.random.default_rng(seed)
     proto = np.repeat(_smooth_fields(rng, 20, 4), 5, axis=0) + 0.7 * _smooth_fields(rng, 100, 8)
@@ -258,19 +284,10 @@ def write_synthetic_cifar100(root: str, train_per_class: int = 500, test_per_cla
         entry = {"filenames": [f"synthetic_{name}_{i}.png" for i in range(len(fine))],
                  "batch_label": f"synthetic {name} batch", "fine_labels": fine.tolist(),
                  "coarse_labels": (fine // 5).tolist(), "data": np.concatenate(rows)[order]}
-        _write_atomic(os.path.join(folder, name), pickle.dumps(entry, protocol=4))
-    _write_atomic(os.path.join(folder, "meta"), pickle.dumps({
-        "fine_label_names": [f"synthetic_class_{c:02d}" for c in range(100)],
-        "coarse_label_names": [f"synthetic_superclass_{s:02d}" for s in range(20)]}, protocol=4))
-    _write_atomic(marker, json.dumps(params).encode())
+        atomic_write(os.path.join(folder, name), lambda f: f.write(pickle.dumps(entry, protocol=4)))
+    names = pickle.dumps({"fine_label_names": [f"synthetic_class_{c:02d}" for c in range(100)],
+                          "coarse_label_names": [f"synthetic_superclass_{s:02d}" for s in range(20)]}, protocol=4)
+    atomic_write(os.path.join(folder, "meta"), lambda f: f.write(names))
+    atomic_write(marker, lambda f: f.write(json.dumps(params).encode()))
     return folder
 
-
-def _write_atomic(path: str, payload: bytes) -> None:
-    """Temporary file, fsync, os.replace: a killed writer (or a concurrent one) never leaves a partial file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

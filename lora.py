@@ -19,7 +19,7 @@ Functional API (minLoRA / loralib style):
 
 The adapter of a model is *every trainable tensor*: the LoRA factors plus the extras named in `trainable=`
 (e.g. a new classification head). Federated averaging and the Potara merge treat all of them alike (see
-docs/algorithm.md). Its file format (save_adapter / load_adapter) is adapter_file.py.
+docs/algorithm.md). Its file format (save_adapter / load_adapter) is files.py.
 
 Untrusted tensors (adapter files, client updates, checkpoints, backbones) all pass one validator,
 check_tensor / check_tensors, before anything is allocated from them or trusted: AdapterError otherwise.
@@ -314,7 +314,7 @@ def unmerge_lora(model: nn.Module) -> None:
 
 
 def lora_meta(model: nn.Module) -> dict:
-    """Plain-data description of the model's LoRA layers (what adapter_file.save_adapter stores beside the tensors)."""
+    """Plain-data description of the model's LoRA layers (what files.save_adapter stores beside the tensors)."""
     layers = {n: {"r": int(m.r), "alpha": float(m.alpha), "scaling": float(m.scaling),
                   "kind": type(m).__name__, **({"parts": m.parts} if hasattr(m, "parts") else {})}
               for n, m in model.named_modules() if isinstance(m, LoRALayer)}

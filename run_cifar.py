@@ -65,6 +65,7 @@ def resolve_args(ap: argparse.ArgumentParser, argv=None) -> tuple[argparse.Names
     p = VIT_PRESETS[args.preset]
     cli.fill_from_preset(args, p)
     cli.require_positive(ap, args, ("clients", "train", "val", "test", "synthetic_per_class"))
+    cli.check_sizes(ap, args, ("synthetic_per_class",))
     if not (args.alpha > 0 and math.isfinite(args.alpha)):
         ap.error(f"--alpha must be a positive number, got {args.alpha}")
     cli.require_positive(ap, args, ("public",), minimum=0)

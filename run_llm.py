@@ -34,9 +34,11 @@ import json
 import os
 import random
 import shutil
+import stat
 import time
 from typing import TYPE_CHECKING
 
+from files import UnsafeFile, remove_leftovers
 from potara_harness import cli
 from potara_harness.config import LM_PRESETS
 
@@ -85,6 +87,7 @@ def resolve_args(ap: argparse.ArgumentParser, argv=None) -> tuple[argparse.Names
     p.update(pretrain_steps=args.pretrain_steps, max_len=args.max_len)
     cli.require_positive(ap, args, ("train", "val", "test", "max_len", "max_new_tokens", "eval_batch_size",
                                     "synthetic_examples"))
+    cli.check_sizes(ap, args, ("synthetic_examples", "max_len", "max_new_tokens"))
     if args.clients < 0:
         ap.error(f"--clients must be >= 0, got {args.clients}")
     cli.check_experiment_options(ap, args)
@@ -123,10 +126,8 @@ def load_checked_tasks(ap: argparse.ArgumentParser, args, p: dict) -> tuple[dict
         tasks = dict(list(tasks.items())[:args.clients])
     if args.clients_per_round > len(tasks):
         ap.error(f"--clients-per-round must be in [0, {len(tasks)}], got {args.clients_per_round}")
-    reserved = sorted(set(tasks) & set(EXPORT_RESERVED)) if args.export_peft else []
-    if reserved:
-        ap.error(f"--export-peft: a task named {reserved[0]!r} would share a folder with the {reserved[0]} export: "
-                 "rename its .jsonl file")
+    if args.export_peft:
+        check_export_targets(ap, args, tasks)
     chosen = split_tasks(tasks, (args.train, args.val, args.test), args.seed)
     tok: Tokenizer = ByteTokenizer() if args.model == "tiny" else load_hf_tokenizer(args.model)
     check_fits({name: [e for part in parts for e in part] for name, parts in chosen.items()}, tok, args.max_len)
@@ -203,6 +204,45 @@ def reference_table(results: dict) -> str:
 
 
 EXPORT_RESERVED = ("federated", "base_model")  # --export-peft folders that are not a client's
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # what export_peft writes in a folder
+BASE_MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors")  # what save_tiny_base writes
+
+
+def export_target_problem(folder: str, may_hold) -> str | None:
+    """Why the export must not replace `folder` (None if absent or a folder an export wrote: a real folder
+    holding only files named in may_hold). The export replaces only what it wrote: never a link, a file,
+    or a folder with anything else in it (a task named like a user's folder, or like the run's checkpoint)."""
+    try:
+        st = os.lstat(folder)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISLNK(st.st_mode):
+        return "is a symbolic link"
+    if not stat.S_ISDIR(st.st_mode):
+        return "is a file, not a folder an export wrote"
+    other = sorted(set(os.listdir(folder)) - set(may_hold))
+    return f"holds {other[0][:60]!a}, which no export writes" if other else None
+
+
+def check_export_targets(ap: argparse.ArgumentParser, args, tasks: dict) -> None:
+    """Before any work: every folder --export-peft will write (one per task, federated, base_model) is absent
+    or an earlier export's; no task takes the name of a reserved folder or, when --export-peft is --out, of one
+    of the run's own files (a task file checkpoint.pt.jsonl would turn the checkpoint into an adapter folder)."""
+    reserved = sorted(set(tasks) & set(EXPORT_RESERVED))
+    if reserved:
+        ap.error(f"--export-peft: a task named {reserved[0]!r} would share a folder with the {reserved[0]} export: "
+                 "rename its .jsonl file")
+    if os.path.realpath(args.export_peft) == os.path.realpath(args.out):
+        clash = sorted(set(tasks) & set(cli.OUTPUT_FILES + (cli.LOCK_FILE,)))
+        if clash:
+            ap.error(f"--export-peft is --out: a task named {clash[0]!r} would replace the run's {clash[0]}: rename "
+                     "its .jsonl file or choose another --export-peft")
+    for name in [*tasks, *EXPORT_RESERVED]:
+        problem = export_target_problem(os.path.join(args.export_peft, name),
+                                        BASE_MODEL_FILES if name == "base_model" else ADAPTER_FILES)
+        if problem:
+            ap.error(f"--export-peft {args.export_peft}: {name} in it {problem}: move it away or choose another "
+                     "--export-peft (an export replaces only the folders it wrote)")
 
 
 def save_tiny_base(model: nn.Module, path: str) -> None:
@@ -263,10 +303,13 @@ def export_peft(out_dir: str, adapters: dict[str, dict[str, torch.Tensor]], scal
 def write_folder_atomically(folder: str, write) -> None:
     """write(tmp) creates and fills a new folder beside `folder` (files fsynced), which then takes its place
     by two renames: a crash leaves the old folder or the new one complete (plus a hidden .<name>.partial-<pid>
-    or .<name>.old-<pid> folder), never a half-written one."""
+    or .<name>.old-<pid> folder, removed by the next export of that name once its pid is gone:
+    files.remove_leftovers), never a half-written one. An existing `folder` is replaced only if an export wrote
+    it (export_target_problem: a real folder holding only files the new one holds), else files.UnsafeFile."""
     parent, name = os.path.split(os.path.abspath(folder))
     tmp, old = (os.path.join(parent, f".{name}.{what}-{os.getpid()}") for what in ("partial", "old"))
     os.makedirs(parent, exist_ok=True)
+    remove_leftovers(parent, name)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         write(tmp)
@@ -274,6 +317,9 @@ def write_folder_atomically(folder: str, write) -> None:
             if os.path.isfile(os.path.join(tmp, f)):
                 with open(os.path.join(tmp, f), "rb") as handle:
                     os.fsync(handle.fileno())
+        problem = export_target_problem(folder, os.listdir(tmp))
+        if problem:
+            raise UnsafeFile(f"{folder}: {problem}: an export replaces only the folders it wrote (move it away)")
         if os.path.lexists(folder):
             os.replace(folder, old)
         os.replace(tmp, folder)

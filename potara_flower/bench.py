@@ -126,7 +126,8 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     import torch
 
-    from potara_harness.report import atomic_write, mean
+    from files import atomic_write
+    from potara_harness.report import mean
 
     torch.set_num_threads(args.threads)
     t0 = time.time()

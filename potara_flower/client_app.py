@@ -170,7 +170,7 @@ def personalize(msg: Message, context: Context) -> Message:
     """After the last round: the local adapter phi_L, phi_G fine-tuned, Potara's lam on the client's own
     validation split, and every method scored on its test split. Only numbers go back. (Its modules are
     imported here: a training round does not pay for them.)"""
-    from adapter_file import save_adapter
+    from files import save_adapter
     from potara_harness.evaluation import Evaluator, evaluate_client
     from potara_harness.pipeline import finetune_seed, local_seed, train_checked
 

@@ -37,7 +37,7 @@ import torch
 from data import ClientSplits, load_images
 from potara_harness.config import AppConfig
 from potara_harness.partition import client_splits, label_partition, public_and_pool
-from potara_harness.report import atomic_write
+from files import atomic_write
 
 SETUP, TRAIN, EVALUATE = "query", "train", "evaluate"  # Flower message types (ClientApp handlers)
 ADAPTER, CONFIG, METRICS = "adapter", "config", "metrics"  # keys of a message's RecordDict

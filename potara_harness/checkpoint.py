@@ -16,7 +16,7 @@ each client, K^2 bytes for K clients):
   adapters/*.pt    what is made once: each client's local adapter phi_L and fine-tuned phi_G
                    (local-<i>.pt, finetuned-<i>.pt, i = the client's index) and FedIT's global snapshots
                    (snapshot-<round>.pt). Each is written once when it is made, never rewritten: 2K adapters.
-Every file is written atomically (report.atomic_write: temporary file, fsync, rename), so a kill leaves each
+Every file is written atomically (files.atomic_write: a temporary file, fsync, rename), so a kill leaves each
 file complete or absent; an absent part is trained again (every stage is seeded: the same bits). Nothing is
 held in memory beyond what a stage uses: parts are read back when needed (memory flat in K).
 
@@ -50,8 +50,8 @@ import torch.nn as nn
 
 from data import ClientSplits
 from fed import FedState
+from files import atomic_write
 from lora import AdapterError, check_tensors, lora_meta
-from potara_harness.report import atomic_write
 
 CHECKPOINT_FORMAT = "potara-checkpoint-v2"
 PART_FORMAT = "potara-run-part-v1"
@@ -126,7 +126,7 @@ def _differs(saved: str, fp: str) -> str:
 
 
 def save_state(state: RunState, path: str) -> None:
-    """checkpoint.pt: the fingerprint, the run_id and the federated states (atomic: report.atomic_write)."""
+    """checkpoint.pt: the fingerprint, the run_id and the federated states (atomic: files.atomic_write)."""
     plain = {"format": CHECKPOINT_FORMAT, "fingerprint": state.fingerprint, "run_id": state.run_id,
              "fedit": state.fedit, "fedsa": state.fedsa}
     atomic_write(path, lambda f: torch.save(plain, f))

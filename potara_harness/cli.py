@@ -26,7 +26,8 @@ try:
 except ImportError:  # pragma: no cover
     fcntl = None
 
-from potara_harness.config import ESTIMATORS, ExperimentConfig, grid_step_problem, update_bound
+from files import UnsafeFile, WriteError, open_lock, remove_leftovers, run_folder_problem
+from potara_harness.config import ESTIMATORS, ExperimentConfig, grid_step_problem, size_problem, update_bound
 
 # This module imports no torch (nor anything that does) at its top: a script parses and checks its command line
 # first, so --help and a bad option answer at once; start_torch then loads torch.
@@ -154,6 +155,15 @@ def require_positive(ap: argparse.ArgumentParser, args: argparse.Namespace, name
             ap.error(f"--{k.replace('_', '-')} must be >= {minimum}, got {v}")
 
 
+def check_sizes(ap: argparse.ArgumentParser, args: argparse.Namespace, names) -> None:
+    """A one-line parser error for the first size-like option in `names` above its bound (config.SIZE_BOUNDS:
+    what the program can hold), before any work."""
+    for k in names:
+        problem = size_problem(k, getattr(args, k))
+        if problem:
+            ap.error(f"--{k.replace('_', '-')} {problem}")
+
+
 def check_experiment_options(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Reject impossible shared options with a one-line parser error (after the preset filled args.train
     and args.val); fills --fisher-samples' default."""
@@ -224,12 +234,21 @@ def dir_problem(path: str, mode: int = os.W_OK | os.X_OK) -> str | None:
     return None if os.access(parent, os.W_OK | os.X_OK) else f"cannot be created ({parent} is not writable)"
 
 
+_CREATED_DIRS: dict[str, list[str]] = {}  # prepare_out_dir: abspath(out) -> the folders it created, deepest first
+
+
 def prepare_out_dir(ap: argparse.ArgumentParser, out: str, flag: str = "--out") -> None:
-    """Before any work: `out` exists (created) and is writable, and none of the run's output files
-    (OUTPUT_FILES, LOCK_FILE) is a directory or anything else that os.replace could not replace."""
+    """Before any work: `out` exists (created; the folders created are remembered so that a run that did
+    nothing removes them, see out_dir_lock) and is writable, and it is a trusted run folder for the run's
+    output files (OUTPUT_FILES, LOCK_FILE): none is a link or anything but a regular file
+    (files.run_folder_problem), so nothing outside --out is written through a planted link."""
     problem = dir_problem(out)
     if problem:
         ap.error(f"{flag} {out}: {problem}")
+    missing, d = [], os.path.abspath(out)
+    while not os.path.lexists(d):
+        missing.append(d)
+        d = os.path.dirname(d)
     try:
         os.makedirs(out, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=out, prefix=".write-test-")
@@ -237,20 +256,29 @@ def prepare_out_dir(ap: argparse.ArgumentParser, out: str, flag: str = "--out") 
         os.remove(probe)
     except OSError as e:
         ap.error(f"{flag} {out}: cannot be created or written ({e.strerror or type(e).__name__})")
-    for name in OUTPUT_FILES + (LOCK_FILE,):
-        path = os.path.join(out, name)
-        if os.path.lexists(path) and not os.path.isfile(path):
-            ap.error(f"{flag} {out}: {name} in it is not a file (a directory?): move it away")
+    if missing:
+        _CREATED_DIRS[os.path.abspath(out)] = missing
+    problem = run_folder_problem(out, OUTPUT_FILES + (LOCK_FILE,))
+    if problem:
+        ap.error(f"{flag} {out}: {problem}")
 
 
 @contextmanager
 def out_dir_lock(out: str):
     """Hold an exclusive lock on out/LOCK_FILE for the run (fcntl.flock: released when the process ends,
-    even killed), so two runs never write the same --out; the second fails in one line."""
+    even killed), so two runs never write the same --out; the second fails in one line. The lock file is
+    opened by files.open_lock (never through a link: a planted `.lock -> ../victim` is one line, exit 2).
+    Under the lock, what killed runs left (temporary files of the output files, files.remove_leftovers) is
+    removed; at the end, a run that wrote nothing leaves nothing: the lock file, and the folders
+    prepare_out_dir created, are removed when the lock file is all that --out holds."""
     if fcntl is None:
         yield
         return
-    with open(os.path.join(out, LOCK_FILE), "a+") as f:
+    try:
+        f = open_lock(os.path.join(out, LOCK_FILE))
+    except UnsafeFile as e:
+        fail(f"--out {out}: {LOCK_FILE} in it {str(e).split(': ', 1)[-1]}")
+    with f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:  # BlockingIOError: held by another process (or another open of it in this one)
@@ -261,10 +289,29 @@ def out_dir_lock(out: str):
         f.truncate()
         f.write(f"pid {os.getpid()}")
         f.flush()
+        for name in OUTPUT_FILES:
+            remove_leftovers(out, name)
         try:
             yield
         finally:
+            _remove_if_nothing_written(out)
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _remove_if_nothing_written(out: str) -> None:
+    """While the lock is held: when LOCK_FILE is all --out holds, remove it and the folders prepare_out_dir
+    created (deepest first; a folder something else wrote into stays)."""
+    try:
+        if os.listdir(out) != [LOCK_FILE]:
+            return
+        os.remove(os.path.join(out, LOCK_FILE))
+    except OSError:
+        return
+    for folder in _CREATED_DIRS.pop(os.path.abspath(out), []):
+        try:
+            os.rmdir(folder)
+        except OSError:
+            break
 
 
 class CliError(SystemExit):
@@ -309,15 +356,18 @@ def autocast_dtype(device):
 
 @contextmanager
 def one_line_errors(*errors: type[BaseException]):
-    """Bad input found during the run (data.DataError, checkpoint.ResumeError, lora.AdapterError and
-    `errors`) -> fail(..., 2); MemoryError -> fail(..., 1) saying it is not bad data."""
+    """Bad input found during the run (data.DataError, checkpoint.ResumeError, lora.AdapterError, files.UnsafeFile
+    and `errors`) -> fail(..., 2); a failed write (files.WriteError) and MemoryError -> fail(..., 1), saying
+    the previous files are intact / it is not bad data."""
     from data import DataError
     from lora import AdapterError
     from potara_harness.checkpoint import ResumeError
 
     try:
         yield
-    except (DataError, ResumeError, AdapterError, *errors) as e:
+    except WriteError as e:  # disk full, file-size limit: the previous files are intact (files.atomic_write)
+        fail(str(e), status=1)
+    except (DataError, ResumeError, AdapterError, UnsafeFile, *errors) as e:  # UnsafeFile: a planted link or FIFO
         fail(str(e))
     except (MemoryError, RuntimeError) as e:  # torch reports a failed allocation as a RuntimeError
         if isinstance(e, RuntimeError) and not _out_of_memory(e):

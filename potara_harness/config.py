@@ -22,6 +22,24 @@ ESTIMATORS = ("verified", "paper")
 DEFAULT_ESTIMATOR = "verified"
 MAX_GRID_POINTS = 1000  # the lam grid 0, step, ..., 1 has at most this many steps (grid-step >= 0.001)
 
+# Size bounds: what the program can hold, checked before any work (cli.check_sizes, AppConfig.check, the readers).
+MAX_SYNTHETIC_PER_CLASS = 3000     # synthetic train images per class: the train file holds 100 n images of 3072
+#                                    bytes + ~60 bytes of labels and names each, 0.94 GB at 3000: under data.MAX_FILE_BYTES
+#                                    (1 GiB, which data.py reads no more than; tests/test_sizes.py checks it)
+MAX_SYNTHETIC_EXAMPLES = 20_000    # per synthetic text task (8 tasks): ~3 s and ~0.4 GB of examples at the bound
+MAX_LEN_TOKENS = 32_768            # --max-len: tokens per example (the tiny model's positions grow with it)
+MAX_NEW_TOKENS = 4096              # --max-new-tokens: greedy decoding steps per free-form answer
+MAX_TASK_FILE_BYTES = 256 << 20    # one <task>.jsonl file (read_jsonl reads no more)
+MAX_LINE_BYTES = 1 << 20           # one JSONL line: parsing costs ~10x its bytes in memory (a 50 MB line cost 480 MB)
+MAX_TASK_NAME_BYTES = 200          # a task name in UTF-8: a folder name of --export-peft, plus ".<name>.partial-<pid>"
+SIZE_BOUNDS = {  # option (its dest) -> (largest value, why)
+    "synthetic_per_class": (MAX_SYNTHETIC_PER_CLASS, "the synthetic train file must stay under the 1 GiB the "
+                                                     "CIFAR reader accepts"),
+    "synthetic_examples": (MAX_SYNTHETIC_EXAMPLES, "examples are generated and held in memory"),
+    "max_len": (MAX_LEN_TOKENS, "tokens per example"),
+    "max_new_tokens": (MAX_NEW_TOKENS, "greedy decoding steps"),
+}
+
 
 @dataclass
 class ExperimentConfig:
@@ -100,6 +118,14 @@ def grid_step_problem(step: float) -> str | None:
     if round(n) > MAX_GRID_POINTS:
         return f"must be >= {1 / MAX_GRID_POINTS:g} (at most {MAX_GRID_POINTS} grid steps), got {step}"
     return None
+
+
+def size_problem(name: str, value: int | None) -> str | None:
+    """Why `value` is too large for the size-like option `name` (a key of SIZE_BOUNDS; None if it fits or is unset)."""
+    bound, why = SIZE_BOUNDS[name]
+    if value is None or value <= bound:
+        return None
+    return f"must be <= {bound:,} ({why}), got {value:,}"
 
 
 def update_bound(value: float | None) -> float | None:
@@ -194,6 +220,8 @@ class AppConfig:
             (self.max_update_norm < 0, f"max-update-norm must be >= 0 (0: no bound), got {self.max_update_norm}"),
             (self.fisher_samples > self.val, f"fisher-samples {self.fisher_samples} exceeds val {self.val}"),
             (grid is not None, f"grid-step {grid}"),
+            (size_problem("synthetic_per_class", self.synthetic_per_class) is not None,
+             f"synthetic-per-class {size_problem('synthetic_per_class', self.synthetic_per_class)}"),
             (not self.out_dir, "out-dir must not be empty"),
         ]
         for bad, message in problems:

@@ -21,12 +21,15 @@ import os
 import random
 import re
 import string
+import unicodedata
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 import torch
 
 from data import DataError  # the one DataError of the project: `except DataError` catches text and image data
+from files import UnsafeFile, open_regular
+from potara_harness.config import MAX_LINE_BYTES, MAX_TASK_FILE_BYTES, MAX_TASK_NAME_BYTES
 
 IGNORE = -100  # label of tokens that are not scored (prompt, padding): the convention of HF and potara
 
@@ -92,15 +95,21 @@ def parse_line(text: str, where: str) -> Example:
     return Example(prompt, answer, options)
 
 
-def read_jsonl(path: str) -> list[Example]:
-    """Every example of one JSONL file; a malformed line raises DataError naming the file and line. Lines are
-    split on b"\\n" and decoded one at a time, so a bad UTF-8 byte is reported with its line and column
-    (a UTF-8 byte-order mark on line 1 is allowed)."""
-    examples = []
+def read_jsonl(path: str, max_bytes: int = MAX_TASK_FILE_BYTES, max_line: int = MAX_LINE_BYTES) -> list[Example]:
+    """Every example of one JSONL file; a malformed line raises DataError naming the file and line. Only a regular
+    file of at most max_bytes is read (files.open_regular: a link, /dev/zero or a FIFO named <task>.jsonl is one
+    line at once), a line of at most max_line bytes (each costs ~10x its bytes once parsed). Lines are split on
+    b"\\n" and decoded one at a time, so a bad UTF-8 byte is reported with its line and column (a UTF-8
+    byte-order mark on line 1 is allowed)."""
+    examples, total = [], 0
     try:
-        with open(path, "rb") as f:
-            for number, raw in enumerate(f, start=1):
-                where = f"{path}:{number}"
+        with open_regular(path, max_bytes) as f:
+            for number, raw in enumerate(iter(lambda: f.readline(max_line + 1), b""), start=1):
+                where, total = f"{path}:{number}", total + len(raw)
+                if len(raw) > max_line and not raw.endswith(b"\n"):
+                    raise DataError(f"{where}: line longer than {max_line:,} bytes")
+                if total > max_bytes:  # the file grew while it was read
+                    raise DataError(f"{path}: larger than {max_bytes:,} bytes")
                 try:
                     line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
                 except UnicodeDecodeError as e:
@@ -108,6 +117,8 @@ def read_jsonl(path: str) -> list[Example]:
                     raise DataError(f"{where}: not UTF-8 text ({bad})") from None
                 if line.strip():
                     examples.append(parse_line(line, where))
+    except UnsafeFile as e:
+        raise DataError(str(e)) from None
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
     if not examples:
@@ -115,17 +126,36 @@ def read_jsonl(path: str) -> list[Example]:
     return examples
 
 
+def task_name_problem(name: str) -> str | None:
+    """Why `name` (a <name>.jsonl file's) cannot be a task name (None if it can): it names a client in the tables
+    and an --export-peft folder, so it must be a plain folder name that reads as what it is. At most
+    MAX_TASK_NAME_BYTES of UTF-8; no path separator; no control or format character (Unicode Cc/Cf: tabs,
+    newlines, zero-width characters, bidi overrides such as U+202E that display a name reversed); no leading
+    '-' (an option to a shell command) or '.' (hidden; ".", ".." would be the folder itself or above)."""
+    if not name or name.startswith((".", "-")):
+        return "must not be empty or start with '.' or '-'"
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_TASK_NAME_BYTES:
+        return f"is longer than {MAX_TASK_NAME_BYTES} bytes"
+    bad = next((c for c in name if c in "/\\" or unicodedata.category(c) in ("Cc", "Cf", "Cs")), None)
+    if bad is not None:
+        return f"holds the character U+{ord(bad):04X} (a path separator, control or format character)"
+    return None
+
+
 def read_task_dir(directory: str) -> dict[str, list[Example]]:
-    """One client task per `<task>.jsonl` file of `directory`, in sorted file-name order."""
+    """One client task per `<task>.jsonl` file of `directory`, in sorted file-name order; every task name is
+    checked (task_name_problem) before any file is read."""
     if not os.path.isdir(directory):
         raise DataError(f"--data {directory}: not a directory (expected one <task>.jsonl file per client, "
                         "or 'synthetic')")
     files = sorted(f for f in os.listdir(directory) if f.endswith(".jsonl"))
     if not files:
         raise DataError(f"--data {directory}: no .jsonl files in it (one <task>.jsonl file per client)")
-    odd = [f for f in files if f[:-len(".jsonl")] in ("", ".", "..")]  # a task name is a folder name in exports
-    if odd:
-        raise DataError(f"--data {directory}: {odd[0]!r} gives no usable task name: rename it <task>.jsonl")
+    for f in files:
+        problem = task_name_problem(f[:-len(".jsonl")])
+        if problem:
+            raise DataError(f"--data {directory}: {f[:60]!a} gives no usable task name (it {problem}): rename it "
+                            "<task>.jsonl")
     return {f[:-len(".jsonl")]: read_jsonl(os.path.join(directory, f)) for f in files}
 
 

@@ -38,7 +38,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
-from data import ClientSplits
+from data import ClientSplits, warn_single_class
 from fed import Client, FedState, derive_seed, run_fedit, seeded
 from fisher import Likelihood, classification_likelihood
 from lora import load_lora_state_dict, lora_factor, lora_state_dict
@@ -126,6 +126,7 @@ def run_experiment(model: nn.Module, splits: Sequence[ClientSplits], cfg: Experi
     given, receives the adapters the run ends with, for an export: "federated" (phi_G) and each client's Potara
     adapter (A/B space), merged once, here.
     Raises checkpoint.ResumeError when resume=True finds a checkpoint that is not this run's, or unsound."""
+    warn_single_class(splits, cfg.fisher_split)  # held-out data of one class: lam follows that class alone
     run = start_run(model, splits, cfg, out_dir, resume, evaluate, loss_fn, likelihood, autocast_dtype, progress,
                     on_round)
     timing, t0 = {}, time.time()

@@ -5,8 +5,8 @@ Llama (lm.py), which are trained here because no pre-trained weights can be down
     path = cache_path("data/backbones", "tiny", key)  # the file name carries a hash of everything that shapes it
     model, info = cached_pretrain(path, "tiny backbone", restore, train, describe)
 
-A cache file is {"state_dict": ..., "info": {...}, ...} written atomically (report.atomic_write) and read
-with torch.load(weights_only=True): it never runs code. A cache file that cannot be restored (damaged,
+A cache file is {"state_dict": ..., "info": {...}, ...} written atomically (files.atomic_write) and read
+with torch.load(weights_only=True) from a regular file of bounded size (files.open_regular): it never runs code. A cache file that cannot be restored (damaged,
 stale, foreign) is pre-trained again; a cache folder that cannot be written is reported, not fatal.
 """
 from __future__ import annotations
@@ -19,7 +19,9 @@ from typing import Any, Callable
 
 import torch
 
-from potara_harness.report import atomic_write
+from files import atomic_write, open_regular
+
+MAX_CACHE_BYTES = 1 << 30  # a cached tiny backbone is a few MB
 
 
 def warmup_cosine(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -51,7 +53,8 @@ def cached_pretrain(path: str, what: str, restore: Callable[[dict], Any], train:
     describe(info) is the one-line summary printed either way (e.g. the held-out accuracy)."""
     if os.path.exists(path):
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            with open_regular(path, MAX_CACHE_BYTES) as f:  # a link, FIFO or device: unusable, not a hang
+                obj = torch.load(f, map_location="cpu", weights_only=True)
             restored = restore(obj)
             print(f"{what}: reusing {path} ({describe(obj['info'])})")
             return restored, obj["info"], path

@@ -1,5 +1,5 @@
 """What a run leaves behind: results.json (strict JSON), results.md (the tables) and two plots, each
-written atomically (atomic_write: a temporary file, fsync, os.replace).
+written atomically (files.atomic_write: a random temporary file, fsync, os.replace).
 
     write_outputs(results, out_dir)      # results.json, results.md, lambda.png, communication.png
     print(results_header(results) + markdown_table(results))   # what the run was on and how it was made; the table
@@ -15,27 +15,10 @@ import json
 import math
 import os
 from dataclasses import asdict
-from typing import IO, Callable
 
 from fed import state_bytes
+from files import atomic_write
 from lora import lora_factor
-
-
-def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
-    """write(f) into a temporary file beside `path`, fsync, then os.replace (atomic on POSIX): whenever the
-    process dies (SIGKILL, power loss), `path` holds the previous complete file or the new one, never a part."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
 
 METHOD_LABELS = {"local": "Local only", "fedit": "FedIT (global adapter)", "fedit_ft": "FedIT + local fine-tuning",
                  "uniform": "Uniform merge (lam = 0.5)", "fisher": "Fisher merging", "fedsa": "FedSA-LoRA",
@@ -160,6 +143,7 @@ def strict_json(x):
 
 
 def write_text(path: str, text: str) -> None:
+    """`text` as UTF-8, written atomically (files.atomic_write)."""
     atomic_write(path, lambda f: f.write(text.encode()))
 
 

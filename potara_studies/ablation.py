@@ -103,6 +103,7 @@ def resolve(ap: argparse.ArgumentParser, argv=None) -> tuple[argparse.Namespace,
     cli.require_positive(ap, args, ("rounds", "clients", "train", "val", "test", "pretrain_steps", "local_steps",
                                     "local_train_steps", "batch_size", "rank", "threads", "synthetic_per_class"))
     cli.require_positive(ap, args, ("conflict_classes",), minimum=2)
+    cli.check_sizes(ap, args, ("synthetic_per_class",))
     cli.check_run_options(ap, args)
     for k in FLOATS:
         if not (getattr(args, k) > 0 and math.isfinite(getattr(args, k))):

@@ -58,7 +58,8 @@ from potara_harness.config import (
 from potara_harness.evaluation import grid_choice, lam_grid, score_adapter
 from potara_harness.partition import class_split_partition, client_splits, dirichlet_partition, public_and_pool
 from potara_harness.pipeline import local_seed, train_local
-from potara_harness.report import atomic_write, write_text
+from files import atomic_write
+from potara_harness.report import write_text
 from potara_harness.vit import build_model, tiny_backbone
 from potara_studies import digits
 from training import progress_bar

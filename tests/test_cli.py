@@ -7,6 +7,7 @@ import os
 import pytest
 
 from data import DataError
+from files import WriteError
 from lora import AdapterError
 from potara_harness import cli
 from potara_harness.checkpoint import ResumeError
@@ -61,9 +62,9 @@ def test_seed_1e29_is_a_parser_error(capsys):
 
 @pytest.mark.parametrize("make, message", [
     (lambda tmp: "/proc/potara-x", "cannot be created or written"),
-    (lambda tmp: (tmp / "o" / "results.json").mkdir(parents=True) or tmp / "o", "results.json in it is not a file"),
-    (lambda tmp: (tmp / "o" / "checkpoint.pt").mkdir(parents=True) or tmp / "o", "checkpoint.pt in it is not a file"),
-    (lambda tmp: (tmp / "o" / ".lock").mkdir(parents=True) or tmp / "o", ".lock in it is not a file"),
+    (lambda tmp: (tmp / "o" / "results.json").mkdir(parents=True) or tmp / "o", "results.json in it is not a regular file"),
+    (lambda tmp: (tmp / "o" / "checkpoint.pt").mkdir(parents=True) or tmp / "o", "checkpoint.pt in it is not a regular file"),
+    (lambda tmp: (tmp / "o" / ".lock").mkdir(parents=True) or tmp / "o", ".lock in it is not a regular file"),
     (lambda tmp: (tmp / "f").write_text("x") and tmp / "f", "exists and is not a directory"),
 ])
 def test_unusable_out_dirs_are_parser_errors(tmp_path, capsys, make, message):
@@ -79,6 +80,54 @@ def test_prepare_out_dir_creates_it_and_leaves_nothing_behind(tmp_path):
     out = tmp_path / "a" / "b"
     cli.prepare_out_dir(parser(), str(out))
     assert out.is_dir() and os.listdir(out) == []  # the write probe is gone
+
+
+@pytest.mark.parametrize("name", [".lock", "results.json", "checkpoint.pt", "communication.png"])
+def test_links_where_the_run_writes_are_refused_before_any_work(tmp_path, capsys, name):
+    """`ln -s ../victim.txt out/.lock`: the lock opened "a+" through the link wrote `pid N` into the victim."""
+    victim, out = tmp_path / "victim.txt", tmp_path / "out"
+    victim.write_text("precious")
+    out.mkdir()
+    os.symlink("../victim.txt", out / name)
+    with pytest.raises(SystemExit) as e:
+        cli.prepare_out_dir(parser(), str(out))
+    assert e.value.code == 2
+    assert f"--out {out}: {name} in it is a symbolic link" in capsys.readouterr().err
+    if name == ".lock":  # the lock itself refuses it too (a link planted after the check)
+        with pytest.raises(SystemExit) as e:
+            with cli.out_dir_lock(str(out)):
+                pass
+        assert e.value.code == 2 and ".lock in it is a symbolic link" in capsys.readouterr().err
+    assert victim.read_text() == "precious"
+
+
+def test_a_run_that_did_nothing_leaves_nothing(tmp_path, capsys):
+    out = tmp_path / "a" / "b" / "out"
+    cli.prepare_out_dir(parser(), str(out))
+    with pytest.raises(SystemExit):
+        with cli.one_line_errors(), cli.out_dir_lock(str(out)):
+            raise DataError("--data missing: not a directory")
+    assert os.listdir(tmp_path) == []  # the folders prepare_out_dir created are gone with the lock
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    cli.prepare_out_dir(parser(), str(mine))
+    with pytest.raises(SystemExit):
+        with cli.one_line_errors(), cli.out_dir_lock(str(mine)):
+            raise DataError("bad")
+    assert mine.is_dir() and os.listdir(mine) == []  # a folder the user made stays; only the lock goes
+    with cli.out_dir_lock(str(mine)):
+        (mine / "results.json").write_text("{}")
+    assert sorted(os.listdir(mine)) == [".lock", "results.json"]  # a run that wrote keeps its lock file
+
+
+def test_a_run_with_a_missing_data_folder_leaves_no_out_folder(tmp_path, capsys):
+    import run_llm
+
+    out = tmp_path / "runs" / "x"
+    with pytest.raises(SystemExit) as e:
+        run_llm.main(["--data", str(tmp_path / "missing"), "--out", str(out), "--threads", "1", "--no-progress"])
+    assert e.value.code == 2 and "not a directory" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
 
 
 def test_a_second_run_on_the_same_out_is_refused(tmp_path, capsys):
@@ -97,7 +146,7 @@ def test_a_second_run_on_the_same_out_is_refused(tmp_path, capsys):
 
 @pytest.mark.parametrize("error, status", [
     (DataError("x.jsonl:3: not valid JSON"), 2), (ResumeError("ck: edited"), 2), (AdapterError("w holds NaN"), 2),
-    (MemoryError(), 1),
+    (MemoryError(), 1), (WriteError("cannot write ck.pt (File too large): the previous file is intact"), 1),
     (RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried to "
                   "allocate 6400000000000 bytes"), 1),  # what --rank 10**11 gave: torch's CPU allocator
 ])
@@ -108,7 +157,10 @@ def test_errors_during_a_run_are_one_line_with_their_status(capsys, error, statu
     assert e.value.code == status
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ")
-    assert ("out of memory" in err and "not the problem" in err) if status == 1 else str(error) in err
+    if isinstance(error, WriteError):
+        assert err == f"error: {error}\n"
+    else:
+        assert ("out of memory" in err and "not the problem" in err) if status == 1 else str(error) in err
 
 
 def test_other_runtime_errors_are_not_called_out_of_memory():

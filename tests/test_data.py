@@ -2,7 +2,9 @@ import io
 import json
 import os
 import pickle
+import signal
 import struct
+import warnings
 from urllib.error import URLError
 
 import numpy as np
@@ -10,7 +12,7 @@ import pytest
 import torch
 
 import data
-from data import DataError, load_cifar100, write_synthetic_cifar100
+from data import ClientSplits, DataError, load_cifar100, warn_single_class, write_synthetic_cifar100
 
 
 # ----------------------------------------------------------------------------- synthetic files + real loader
@@ -198,7 +200,8 @@ def test_crafted_pickles_allocate_nothing(tmp_path, payload, why):
 def test_oversized_file_and_memory_error_are_told_apart(tmp_path, monkeypatch):
     write_cifar_files(tmp_path / "cifar-100-python", batch(2, 0), batch(2, 1), META)
     monkeypatch.setattr(data, "MAX_FILE_BYTES", 1000)
-    with pytest.raises(DataError, match="train is larger than"):
+    size = os.path.getsize(tmp_path / "cifar-100-python" / "train")
+    with pytest.raises(DataError, match=f"train: {size:,} bytes, larger than the 1,000"):
         load_cifar100(str(tmp_path), download=False)
     monkeypatch.undo()
 
@@ -207,3 +210,47 @@ def test_oversized_file_and_memory_error_are_told_apart(tmp_path, monkeypatch):
     monkeypatch.setattr(data._CifarUnpickler, "load", out_of_memory)
     with pytest.raises(MemoryError):  # not "unreadable ... delete the folder": the data may be fine
         load_cifar100(str(tmp_path), download=False)
+
+
+@pytest.fixture
+def alarm():
+    """Fail instead of hanging (a FIFO) or reading without end (/dev/zero)."""
+    signal.signal(signal.SIGALRM, lambda *_: pytest.fail("blocked: the reader hung"))
+    signal.alarm(20)
+    yield
+    signal.alarm(0)
+
+
+@pytest.mark.parametrize("make, why", [
+    (lambda p: os.symlink("/dev/zero", p), "train: is a symbolic link"),
+    (lambda p: os.mkfifo(p), "train: is not a regular file .a FIFO"),
+])
+@pytest.mark.parametrize("synthetic", [True, False])
+def test_special_files_under_cifar_names_are_refused_at_once(tmp_path, alarm, make, why, synthetic):
+    """A synthetic folder with its marker and train -> /dev/zero bypassed the 1 GiB limit (getsize is 0);
+    without the marker torchvision's md5 would read /dev/zero without end, and a FIFO hung either way."""
+    folder = tmp_path / "cifar-100-python"
+    write_cifar_files(folder, batch(2, 0), batch(2, 1), META)
+    if synthetic:
+        (folder / data.SYNTHETIC_MARKER).write_text("{}")
+    (folder / "train").unlink()
+    make(folder / "train")
+    with pytest.raises(DataError, match=why):
+        load_cifar100(str(tmp_path), download=False)
+
+
+def test_a_single_class_held_out_split_is_warned_about():
+    def split(name, val):
+        x = torch.zeros(max(len(val), 2), 3)
+        return ClientSplits(name, x[:2], torch.tensor([0, 1]), x[:len(val)], val, x[:1], torch.tensor([0]))
+    splits = [split("a", torch.tensor([4, 4, 4])), split("b", torch.tensor([4, 5, 4])),
+              split("c", torch.tensor([[1, -100], [1, -100]])), split("d", torch.tensor([[1, -100], [2, -100]])),
+              split("e", torch.tensor([7]))]  # one example: no class structure to speak of
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert warn_single_class(splits) == ["a", "c"]
+    assert [str(w.message).split(":")[0] for w in caught] == ["client a", "client c"]
+    assert "single class" in str(caught[0].message)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert warn_single_class(splits, "train") == []  # train holds classes 0 and 1 everywhere

@@ -26,9 +26,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 from flwr.serverapp import Grid  # noqa: E402
 from torchvision.models import VisionTransformer  # noqa: E402
 
-from adapter_file import load_adapter  # noqa: E402
 from data import load_images  # noqa: E402
 from fed import Client, FedConfig, run_fedit, sample_clients  # noqa: E402
+from files import load_adapter  # noqa: E402
 from potara_flower import client_app as flower_client  # noqa: E402
 from potara_flower import server_app as flower_server  # noqa: E402
 from potara_flower.loopback import LocalFederation, wait_for  # noqa: E402

@@ -1,10 +1,13 @@
 """Fuzz: randomly corrupted adapter files and client updates end in one clear error, never anything else.
 
-Specifies the one validator of untrusted tensors (lora.check_tensors) through its users: adapter_file.load_adapter
+Specifies the one validator of untrusted tensors (lora.check_tensors) through its users: files.load_adapter
 (files: truncations, bit flips, crafted sizes/strides/offsets, wrong dtypes, sparse/meta tensors, non-tensor
-values), adapter_file.save_adapter (nothing written for a bad state), lora.load_lora_state_dict (the model left as it
+values), files.save_adapter (nothing written for a bad state), lora.load_lora_state_dict (the model left as it
 was, also when a rank change is allowed), fed.validate_update / fed.server_round (a bad update is rejected with
-a reason, never raised) and fed.fedavg (ValueError, never a silent NaN or zero).
+a reason, never raised) and fed.fedavg (ValueError, never a silent NaN or zero); and the trusted run folder
+(files.py, through cli.prepare_out_dir / out_dir_lock, files.atomic_write and llm_data.read_task_dir): links,
+folders, FIFOs and devices planted under the run's file names are refused in one line or never touched, nothing
+outside the folder is written, nothing hangs.
 Each case must finish within a few seconds (no hang) under an address-space limit of current use + 2 GiB
 (no huge allocation). Seeded: the same cases on every run. The kit (bounded, corrupt_tensor, crafted torch
 files) is shared with the checkpoint and backbone fuzz tests in conftest.py.
@@ -12,13 +15,14 @@ files) is shared with the checkpoint and backbone fuzz tests in conftest.py.
 import io
 import os
 import random
+import signal
 
 import pytest
 import torch
 from conftest import CraftedView, FakeStorage, corrupt_tensor, crafted_torch_file, damaged_bytes
 
-from adapter_file import load_adapter, save_adapter
 from fed import ClientReply, fedavg, server_round, validate_update
+from files import load_adapter, save_adapter
 from lora import AdapterError, add_lora, load_lora_state_dict, lora_state_dict
 
 REFERENCE = {"enc.0.lora_A": torch.randn(2, 6, generator=torch.Generator().manual_seed(0)),
@@ -154,3 +158,73 @@ def test_fuzz_save_adapter_writes_nothing_for_a_bad_state(tmp_path, bounded):
         with bounded(), pytest.raises(AdapterError):
             save_adapter(tmp_path / "a.pt", bad)
         assert os.listdir(tmp_path) == [], case
+
+
+# ---- the run folder: planted links and special files ----
+
+PLANTS = ("link to a victim", "dangling link", "link to /dev/zero", "folder", "FIFO", "file", "absent")
+
+
+def plant(rng: random.Random, path, victim) -> str:
+    kind = rng.choice(PLANTS)
+    if kind == "link to a victim":
+        os.symlink(victim, path)
+    elif kind == "dangling link":
+        os.symlink(str(path) + ".nowhere", path)
+    elif kind == "link to /dev/zero":
+        os.symlink("/dev/zero", path)
+    elif kind == "folder":
+        os.mkdir(path)
+    elif kind == "FIFO":
+        os.mkfifo(path)
+    elif kind == "file":
+        path.write_bytes(b'{"prompt": "p", "answer": "a"}\n')
+    return kind
+
+
+@pytest.fixture
+def alarm():
+    signal.signal(signal.SIGALRM, lambda *_: pytest.fail("blocked: something hung on a planted file"))
+    signal.alarm(30)
+    yield
+    signal.alarm(0)
+
+
+def test_fuzz_run_folders_with_planted_files_never_write_outside_or_hang(tmp_path, alarm, capsys):
+    from data import DataError
+    from files import atomic_write
+    from potara_harness import cli
+    from potara_harness.llm_data import read_task_dir
+
+    rng = random.Random(17)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    names = cli.OUTPUT_FILES + (cli.LOCK_FILE,)
+    for case in range(40):
+        out = tmp_path / f"out{case}"
+        out.mkdir()
+        kinds = {name: plant(rng, out / name, victim) for name in rng.sample(names, rng.randint(1, 3))}
+        unsafe = {n for n, k in kinds.items() if k not in ("file", "absent")}
+        try:
+            cli.prepare_out_dir(argparse_parser(), str(out))
+            with cli.out_dir_lock(str(out)):
+                atomic_write(out / "results.json", lambda f: f.write(b"{}"))
+            assert not unsafe, kinds  # accepted: nothing planted where the run writes
+        except SystemExit as e:
+            assert e.code == 2 and unsafe, kinds
+            err = capsys.readouterr().err.strip().splitlines()
+            assert "error: --out" in err[-1] and any(f"{n} in it" in err[-1] for n in unsafe), err  # argparse: usage, error
+        assert victim.read_text() == "precious"
+        tasks = tmp_path / f"tasks{case}"
+        tasks.mkdir()
+        kinds = {f"t{i}.jsonl": plant(rng, tasks / f"t{i}.jsonl", victim) for i in range(rng.randint(1, 3))}
+        try:
+            got = read_task_dir(str(tasks))
+            assert all(k in ("file", "absent") for k in kinds.values()) and got, kinds
+        except DataError as e:
+            assert "\n" not in str(e)
+
+
+def argparse_parser():
+    import argparse
+    return argparse.ArgumentParser(prog="fuzz")

@@ -1,6 +1,10 @@
-"""llm_data: hostile JSONL lines end in one-line DataErrors naming file and line; the up-front checks
+"""llm_data: hostile JSONL lines end in one-line DataErrors naming file and line; task files that are links,
+FIFOs or too large, lines too long and unusable task names are one line before anything is kept; the up-front checks
 (enough examples, answers that fit --max-len) agree with what encoding the splits would do."""
 import json
+import os
+import re
+import signal
 
 import pytest
 
@@ -159,3 +163,55 @@ def test_encoding_labels_only_the_answer_and_right_pads():
         encode_examples(tok, [Example("a", "long answer")], max_len=5)
     assert tok.decode(tok.encode("héllo")) == "héllo"
     assert normalize_answer(" The  Tolkien!") == "tolkien"
+
+
+@pytest.fixture
+def alarm():
+    """Fail instead of hanging (a FIFO) or eating memory without end (/dev/zero)."""
+    signal.signal(signal.SIGALRM, lambda *_: pytest.fail("blocked: the reader hung"))
+    signal.alarm(10)
+    yield
+    signal.alarm(0)
+
+
+def test_task_files_that_are_not_regular_files_are_one_line(tmp_path, alarm):
+    """a.jsonl -> /dev/zero was read until memory ran out; a FIFO named a.jsonl hung forever."""
+    os.symlink("/dev/zero", tmp_path / "a.jsonl")
+    with pytest.raises(DataError, match="a.jsonl: is a symbolic link"):
+        read_task_dir(str(tmp_path))
+    (tmp_path / "a.jsonl").unlink()
+    os.mkfifo(tmp_path / "a.jsonl")
+    with pytest.raises(DataError, match="a.jsonl: is not a regular file .a FIFO"):
+        read_task_dir(str(tmp_path))
+
+
+def test_file_and_line_sizes_are_bounded(tmp_path):
+    good = json.dumps({"prompt": "p", "answer": "a"})
+    path = write(tmp_path / "t.jsonl", [good, json.dumps({"prompt": "x" * 200, "answer": "a"}), good])
+    with pytest.raises(DataError, match="t.jsonl:2: line longer than 100 bytes"):
+        read_jsonl(path, max_line=100)
+    assert len(read_jsonl(path, max_line=len(json.dumps({"prompt": "x" * 200, "answer": "a"})))) == 3  # \n not counted
+    with pytest.raises(DataError, match=f"{os.path.getsize(path)} bytes, larger than the 50 this file may hold"):
+        read_jsonl(path, max_bytes=50)
+
+
+@pytest.mark.parametrize("name, why", [
+    ("x" * 201, "longer than 200 bytes"), ("é" * 101, "longer than 200 bytes"),
+    ("abc\u202etxt", "U+202E"), ("a\tb", "U+0009"), ("a\u200bb", "U+200B"), ("a\\b", "U+005C"),
+    ("-rf", "start with '.' or '-'"), (".hidden", "start with '.' or '-'"),
+])
+def test_task_names_are_checked_before_any_file_is_read(tmp_path, name, why):
+    """A 244-byte task name failed only after all the training (File name too long on .<name>.partial-PID)."""
+    write(tmp_path / "a.jsonl", [json.dumps({"prompt": "q", "answer": "z"})])
+    (tmp_path / "a.jsonl").chmod(0)  # never read: the names are checked first
+    write(tmp_path / f"{name}.jsonl", [json.dumps({"prompt": "q", "answer": "z"})])
+    with pytest.raises(DataError, match=f"gives no usable task name .it [^)]*{re.escape(why)}"):
+        read_task_dir(str(tmp_path))
+    assert "x" * 200 in read_task_dir_names(tmp_path, "x" * 200)
+
+
+def read_task_dir_names(tmp_path, name):
+    for f in tmp_path.iterdir():
+        f.unlink()
+    write(tmp_path / f"{name}.jsonl", [json.dumps({"prompt": "q", "answer": "z"})])
+    return list(read_task_dir(str(tmp_path)))

@@ -1,5 +1,5 @@
 """Specification of lora.py: the LoRA layers, adapter state, factor names, rank changes, the validator
-(the adapter file: test_adapter_file.py)."""
+(the adapter file: test_files.py)."""
 
 import os
 

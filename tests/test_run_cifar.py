@@ -19,8 +19,8 @@ from torchvision.models import VisionTransformer
 
 import data as data_module
 import run_cifar
-from adapter_file import save_adapter
 from data import write_synthetic_cifar100
+from files import save_adapter
 from lora import lora_factor, lora_state_dict
 from potara import merge_adapters
 from potara_harness import config, pipeline, vit
@@ -550,8 +550,9 @@ def test_a_second_run_on_the_same_out_is_refused(micro, tmp_path, capsys):
     with cli.out_dir_lock(str(out)):  # a run holding --out (another process behaves the same: flock)
         with pytest.raises(SystemExit) as e:
             run_cifar.main(argv(micro, out))
+        assert sorted(os.listdir(out)) == [".lock"]  # nothing written by the refused run
     assert e.value.code == 2 and "is in use by another run" in capsys.readouterr().err
-    assert sorted(os.listdir(out)) == [".lock"]  # nothing written by the refused run
+    assert os.listdir(out) == []  # the holder wrote nothing either: its lock went with it
 
 
 def test_planted_cifar_pickles_run_nothing_with_data_cifar(micro, tmp_path, capsys):

@@ -8,6 +8,7 @@ import torch
 pytest.importorskip("transformers")
 
 import run_llm
+from files import UnsafeFile
 from lora import add_lora, load_lora_state_dict, lora_state_dict
 from potara import merge_adapters
 from potara_harness import lm
@@ -175,5 +176,49 @@ def test_folder_export_is_atomic(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         run_llm.write_folder_atomically(str(folder), dies_halfway)
     assert os.listdir(tmp_path / "peft") == ["client0"] and (folder / "x").read_text() == "old"  # old one, no debris
-    run_llm.write_folder_atomically(str(folder), lambda f: os.makedirs(f) or open(os.path.join(f, "y"), "w").write("new"))
-    assert os.listdir(folder) == ["y"] and os.listdir(tmp_path / "peft") == ["client0"]
+    run_llm.write_folder_atomically(str(folder), lambda f: os.makedirs(f) or [open(os.path.join(f, n), "w").write("new")
+                                                                            for n in ("x", "y")])
+    assert sorted(os.listdir(folder)) == ["x", "y"] and os.listdir(tmp_path / "peft") == ["client0"]
+
+
+def test_export_never_replaces_what_it_did_not_write(tmp_path):
+    """export_peft(dir, {"victim": ...}) removed dir/victim/notes.txt."""
+    out = tmp_path / "peft"
+    (out / "victim").mkdir(parents=True)
+    (out / "victim" / "notes.txt").write_text("precious")
+    (out / "afile").write_text("precious")
+    (out / "elsewhere").mkdir()
+    os.symlink("elsewhere", out / "alink")
+    state = {"model.layers.0.self_attn.q_proj.lora_A": torch.ones(2, 4),
+             "model.layers.0.self_attn.q_proj.lora_B": torch.zeros(4, 2)}
+    for name, why in (("victim", "holds 'notes.txt', which no export writes"), ("afile", "is a file"),
+                      ("alink", "is a symbolic link")):
+        with pytest.raises(UnsafeFile, match=why):
+            run_llm.export_peft(str(out), {name: state}, 2.0, ["q_proj"], "base")
+    assert (out / "victim" / "notes.txt").read_text() == "precious" and (out / "afile").read_text() == "precious"
+    assert sorted(os.listdir(out)) == ["afile", "alink", "elsewhere", "victim"]  # no debris either
+    run_llm.export_peft(str(out), {"c0": state}, 2.0, ["q_proj"], "base")
+    run_llm.export_peft(str(out), {"c0": state}, 2.0, ["q_proj"], "base")  # an earlier export's folder: replaced
+    assert sorted(os.listdir(out / "c0")) == sorted(run_llm.ADAPTER_FILES)
+
+
+@pytest.mark.parametrize("task, export, why", [
+    ("victim", "peft", "--export-peft {peft}: victim in it holds 'notes.txt', which no export writes"),
+    ("checkpoint.pt", "out", "--export-peft is --out: a task named 'checkpoint.pt' would replace the run's checkpoint.pt"),
+    ("x" * 244, "peft", "gives no usable task name (it is longer than 200 bytes)"),
+    ("a\u202etxt", "peft", "holds the character U+202E"),
+])
+def test_export_problems_are_refused_before_any_work(tmp_path, capsys, task, export, why):
+    """A task file checkpoint.pt.jsonl with --export-peft = --out turned the checkpoint into an adapter folder; a
+    244-byte task name failed with a bare OSError after all the training."""
+    data, peft, out = tmp_path / "tasks", tmp_path / "peft", tmp_path / "out"
+    (peft / "victim").mkdir(parents=True)
+    (peft / "victim" / "notes.txt").write_text("precious")
+    for name in (task, "other"):
+        write_task(data, name, [{"prompt": "p", "answer": "a"}] * 12)
+    with pytest.raises(SystemExit) as e:
+        run_llm.main(["--data", str(data), "--export-peft", str(peft if export == "peft" else out), "--out", str(out),
+                      "--cache-dir", str(tmp_path / "c"), "--threads", "1", "--train", "4", "--val", "2", "--test", "2"])
+    assert e.value.code == 2 and why.format(peft=peft) in last_error(capsys)
+    assert not (tmp_path / "c").exists() and not out.exists()  # nothing trained, nothing left
+    assert (peft / "victim" / "notes.txt").read_text() == "precious"

@@ -1,0 +1,291 @@
+"""The project's one file module: how every part writes and reads the files of a run, and the adapter file.
+
+    atomic_write("out/results.json", lambda f: f.write(b"{}"))   # random temp beside it, fsync, os.replace
+    data = read_regular("data/flan/sst2.jsonl", 64 << 20)           # a regular file, at most N bytes, or refused
+    lock = open_lock("out/.lock")                                    # created or opened, never through a link
+    save_adapter("client0.pt", lora_state_dict(model), lora_meta(model))   # atomic_write + torch.save
+    state, meta = load_adapter("client0.pt")                               # weights_only; check_tensors
+
+A trusted run folder (the one definition; as lora.check_tensors is the one validator of tensors):
+  * where the run writes, no links: the target of a write must be absent or a regular file, never a
+    symbolic link (write_target_problem), and the temporary file is a new name opened O_CREAT|O_EXCL|O_NOFOLLOW,
+    so a link planted under any name is neither followed nor overwritten;
+  * where the run reads, regular files only: opened with O_NOFOLLOW|O_NONBLOCK, then fstat must say S_ISREG
+    (a link, /dev/zero, a FIFO or a folder is refused at once: nothing hangs), and at most N bytes are read
+    (a file that grows past N while being read is refused too);
+  * the --out lock is opened the same way (open_lock), so a planted `.lock -> ../victim` is refused.
+A refused path is an UnsafeFile (an OSError: one line naming the file). A write that fails on the way
+(disk full, file-size limit) is a WriteError naming the file and saying the previous version is intact.
+
+Leftovers of killed writers (`.<name>.<pid>.<random>.tmp`, the older `<name>.tmp<pid>`, and the folders
+`.<name>.partial-<pid>` / `.<name>.old-<pid>` of run_llm's exports) are removed by the next write of the same
+name once their pid is no longer running (remove_leftovers); they are never read.
+
+The adapter file, format ADAPTER_FORMAT: a torch.save dict {"format": "potara-adapter-v1", "meta": plain data,
+"state": {name: contiguous CPU tensor}}. Files from clients are untrusted: torch.load(weights_only=True)
+refuses any pickle that would call code, and every tensor passes lora.check_tensors before the state is
+returned. lora.py does not use this module (it stays copyable alone); this module needs only lora.py beside it,
+and imports it and torch only inside the adapter functions: the run-folder part serves the command-line checks
+(potara_harness/cli.py), which answer before torch is loaded.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import re
+import secrets
+import shutil
+import stat
+from typing import IO, BinaryIO, Callable
+
+ADAPTER_FORMAT = "potara-adapter-v1"
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # POSIX; elsewhere links are refused by write_target_problem's lstat only
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+
+
+class UnsafeFile(OSError):
+    """A path the run refuses to read or write: a link, not a regular file, or larger than its bound."""
+
+
+class WriteError(OSError):
+    """A write that failed on the way (no space, file-size limit, I/O error); the previous file is intact."""
+
+
+# ----------------------------------------------------------------------------- the trusted run folder
+def write_target_problem(path: str | os.PathLike) -> str | None:
+    """Why the run must not write `path` (None if absent or a regular file): a symbolic link (even to a file
+    inside the folder: the run never writes through links) or anything that is not a regular file."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISLNK(st.st_mode):
+        return "is a symbolic link (the run writes no file through a link): remove it"
+    if not stat.S_ISREG(st.st_mode):
+        return f"is not a regular file (a {_kind(st.st_mode)}): move it away"
+    return None
+
+
+def run_folder_problem(folder: str, names) -> str | None:
+    """The first of folder/<name> the run must not write, as "<name> in it <why>" (None if all are fine)."""
+    for name in names:
+        problem = write_target_problem(os.path.join(folder, name))
+        if problem:
+            return f"{name} in it {problem}"
+    return None
+
+
+def _kind(mode: int) -> str:
+    kinds = ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"),
+             (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket"), (stat.S_ISLNK, "symbolic link"))
+    return next((name for test, name in kinds if test(mode)), "special file")
+
+
+def _open_checked(path: str, flags: int, mode: int = 0o644) -> int:
+    """os.open without following a link at the last component; the descriptor must be a regular file."""
+    try:
+        fd = os.open(path, flags | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0), mode)
+    except OSError as e:
+        if e.errno == errno.ELOOP:  # O_NOFOLLOW met a link
+            raise UnsafeFile(f"{path}: is a symbolic link (the run reads and writes regular files only, never "
+                             "through a link: copy the file, or link its folder instead)") from None
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise UnsafeFile(f"{path}: is not a regular file (a {_kind(st.st_mode)})")
+    return fd
+
+
+def open_regular(path: str | os.PathLike, max_bytes: int) -> BinaryIO:
+    """`path` opened for reading when it is a regular file of at most max_bytes (fstat's size), else
+    UnsafeFile. O_NONBLOCK: opening a FIFO returns at once (then refused), where a blocking open would hang."""
+    path = os.fspath(path)
+    fd = _open_checked(path, os.O_RDONLY | _NONBLOCK)
+    size = os.fstat(fd).st_size
+    if size > max_bytes:
+        os.close(fd)
+        raise UnsafeFile(f"{path}: {size:,} bytes, larger than the {max_bytes:,} this file may hold")
+    return os.fdopen(fd, "rb")
+
+
+def read_regular(path: str | os.PathLike, max_bytes: int) -> bytes:
+    """The bytes of a regular file of at most max_bytes (open_regular), reading at most max_bytes + 1: a file
+    that grows while it is read is refused, never read without end."""
+    with open_regular(path, max_bytes) as f:
+        payload = f.read(max_bytes + 1)
+    if len(payload) > max_bytes:
+        raise UnsafeFile(f"{os.fspath(path)}: larger than the {max_bytes:,} bytes this file may hold")
+    return payload
+
+
+def open_lock(path: str | os.PathLike) -> IO[str]:
+    """The lock file, created if absent (mode 0644), opened read-write without following a link and only if
+    it is a regular file: a planted `.lock -> ../victim.txt` is refused, not truncated."""
+    return os.fdopen(_open_checked(os.fspath(path), os.O_RDWR | os.O_CREAT), "r+")
+
+
+# ----------------------------------------------------------------------------- writing atomically
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
+    """write(f) into a new temporary file beside `path`, fsync, os.replace, fsync of the folder: whenever the
+    process dies (SIGKILL, power loss), `path` holds the previous complete file or the new one, never a part.
+    The temporary name is random (.<name>.<pid>.<12 hex>.tmp) and opened O_CREAT|O_EXCL|O_NOFOLLOW: nothing
+    planted under a predictable name is followed. A `path` that is a link or not a regular file is refused
+    (UnsafeFile) before anything is written; a failed write (disk full, `ulimit -f`) is one WriteError."""
+    path = os.fspath(path)
+    problem = write_target_problem(path)
+    if problem:
+        raise UnsafeFile(f"{path}: {problem}")
+    folder, name = os.path.split(os.path.abspath(path))
+    remove_leftovers(folder, name)
+    fd, tmp = _new_temporary(folder, name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        _remove_quietly(tmp)
+        cause = _os_error(e)
+        if cause is None or isinstance(e, UnsafeFile):
+            raise
+        raise WriteError(f"cannot write {path} ({cause.strerror or str(cause)[:200] or type(cause).__name__}): nothing "
+                         "was replaced, the previous file is intact; free space or raise the file-size limit "
+                         "(ulimit -f), then rerun (with --resume to continue a run)") from None
+    sync_folder(folder)
+
+
+def _new_temporary(folder: str, name: str) -> tuple[int, str]:
+    for _ in range(100):  # a collision of 48 random bits is refused by O_EXCL and another name drawn
+        tmp = os.path.join(folder, f".{name}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0),
+                           0o666), tmp  # 0o666 less the umask: the same permissions as open(path, "wb")
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, f"{folder}: no free temporary name for {name}")
+
+
+def _os_error(e: BaseException) -> OSError | None:
+    """The OSError behind a failed write: e itself, or one in its chain (torch.save reports a failed
+    f.write as a RuntimeError whose context is the OSError)."""
+    seen = 0
+    while e is not None and seen < 20:
+        if isinstance(e, OSError):
+            return e
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def sync_folder(folder: str) -> None:
+    """fsync a folder: a rename in it reaches the disk only then (POSIX; a no-op elsewhere)."""
+    if os.name == "posix":
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _pid_running(pid: int) -> bool:
+    if not 0 < pid < 2**31:  # os.kill(0, ...) would mean the process group
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: alive, another user's
+        return True
+    return True
+
+
+def remove_leftovers(folder: str, name: str) -> list[str]:
+    """Remove what killed writers of `name` left in `folder` (temporary files and export folders named with
+    their pid) when that pid is not running; returns the names removed. A live writer's are kept."""
+    n = re.escape(name)
+    pattern = re.compile(rf"(?:\.{n}\.(\d+)\.[0-9a-f]+\.tmp|{n}\.tmp(\d+)|\.{n}\.(?:partial|old)-(\d+))")
+    removed = []
+    try:
+        entries = os.listdir(folder)
+    except OSError:
+        return removed
+    for entry in entries:
+        m = pattern.fullmatch(entry)
+        if not m or _pid_running(int(next(g for g in m.groups() if g))):
+            continue
+        full = os.path.join(folder, entry)
+        try:
+            if os.path.isdir(full) and not os.path.islink(full):
+                shutil.rmtree(full)
+            else:
+                os.remove(full)
+            removed.append(entry)
+        except OSError:
+            pass
+    return removed
+
+
+# ----------------------------------------------------------------------------- the adapter file
+def _plain(x) -> bool:
+    if type(x) in (list, tuple):
+        return all(_plain(v) for v in x)
+    if type(x) is dict:
+        return all(type(k) is str and _plain(v) for k, v in x.items())
+    return type(x) in (str, int, float, bool, type(None))
+
+
+def save_adapter(path: str | os.PathLike, state: dict, meta: dict | None = None) -> None:
+    """Write tensors (checked: lora.check_tensors) + meta (plain str/int/float/bool/list/dict only) to one file,
+    atomically (atomic_write), so a crash leaves the old file or the new one, never half of one."""
+    import torch
+
+    from lora import AdapterError, check_tensors
+
+    path = os.fspath(path)
+    check_tensors(state, what=f"{path}: adapter to save")
+    if not _plain(meta or {}):  # anything else would be written, then refused by load_adapter's weights_only
+        raise AdapterError(f"{path}: meta must be plain data (str, int, float, bool, None, lists, str-keyed dicts)")
+    payload = {"format": ADAPTER_FORMAT, "meta": meta or {},
+               "state": {k: v.detach().to("cpu").contiguous() for k, v in state.items()}}
+    atomic_write(path, lambda f: torch.save(payload, f))
+
+
+def load_adapter(path: str | os.PathLike, max_numel: int | None = None) -> tuple[dict, dict]:
+    """Read a file written by save_adapter. Only a regular file of at most 8 bytes per allowed element (plus
+    1 MiB of structure) is opened (open_regular). Never executes code from the file (weights_only=True: a pickle
+    that tries to call anything is refused; torch checks each storage's size against the file's record before
+    allocating it); then every tensor is checked (check_tensors, at most max_numel elements in all).
+    Any problem is one AdapterError naming the file. max_numel None: lora.MAX_NUMEL."""
+    import torch
+
+    from lora import MAX_NUMEL, AdapterError, check_tensors
+
+    path, max_numel = os.fspath(path), MAX_NUMEL if max_numel is None else max_numel
+    try:
+        with open_regular(path, 8 * max_numel + (1 << 20)) as f:
+            payload = torch.load(f, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise AdapterError(f"{path}: no such adapter file") from None
+    except UnsafeFile as e:
+        raise AdapterError(str(e)) from None
+    except MemoryError:
+        raise
+    except Exception as e:  # whatever a damaged or hostile file makes the unpickler raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise AdapterError(f"{path}: not a readable potara adapter file (truncated, foreign or unsafe): "
+                           f"{first[:200]}") from None
+    if not isinstance(payload, dict) or payload.get("format") != ADAPTER_FORMAT:
+        raise AdapterError(f"{path}: not a potara adapter file (no '{ADAPTER_FORMAT}' marker)")
+    state, meta = payload.get("state"), payload.get("meta")
+    if not isinstance(state, dict) or not isinstance(meta, dict):
+        raise AdapterError(f"{path}: malformed adapter file (state or meta is not a dict)")
+    check_tensors(state, what=path, max_numel=max_numel)
+    return state, meta
