@@ -17,7 +17,7 @@ import torch.nn as nn
 from conftest import PlantedPickle
 
 import files
-from files import UnsafeFile, WriteError, atomic_write, load_adapter, open_lock, read_regular, remove_leftovers, save_adapter
+from files import UnsafeFile, atomic_write, load_adapter, open_lock, read_regular, remove_leftovers, save_adapter
 from lora import AdapterError, add_lora, lora_meta, lora_state_dict
 from lora_mha import LORA_LAYERS
 

@@ -8,7 +8,7 @@ import torch
 
 pytest.importorskip("flwr")
 
-from flwr.app import Context, Message, RecordDict  # noqa: E402
+from flwr.app import Context, RecordDict  # noqa: E402
 from flwr.serverapp import Grid  # noqa: E402
 
 from potara import personalize  # noqa: E402
