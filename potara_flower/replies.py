@@ -80,7 +80,7 @@ def ask(grid, node_ids, message_type: str, content, timeout: float) -> tuple[dic
 def number(x, what: str, low: float = -math.inf, high: float = math.inf, finite: bool = True) -> float:
     """x as a float if it is an int or float (not a bool) within [low, high] (NaN/Inf only if not `finite`)."""
     if isinstance(x, bool) or not isinstance(x, (int, float)):
-        raise ValueError(f"{what} = {short(x, 60)}: not a number")
+        raise ValueError(f"{what} = {short(repr(x), 60)}: not a number")
     x = float(x)
     if math.isfinite(x) and not low <= x <= high or not math.isfinite(x) and finite:
         raise ValueError(f"{what} = {x!r}: outside [{low:g}, {high:g}]")

@@ -335,7 +335,7 @@ def test_setup_refuses_a_misconfigured_federation(small_world, task_identity, tm
         serve(small_world, tmp_path / "c", nodes=[node(0), node(1), node(2, backbone=str(other))])
     unsafe = tmp_path / "unsafe.pt"
     torch.save({"format": "potara-backbone-v1", "vit": Unpicklable()}, unsafe)  # would call os.getpid if loaded
-    with pytest.raises(RuntimeError, match="node .*: client error: BackboneError: .*not a readable, safe torch file"):
+    with pytest.raises(RuntimeError, match="node .*: client error: <class '.*BackboneError'>:<'.*not a readable, safe torch file"):
         serve(small_world, tmp_path / "d", nodes=[node(0), node(1, backbone=str(unsafe)), node(2)])
     for bad, message in (({"device": "tpu"}, "node config device='tpu'"), ({"threads": 0}, "threads=0: must be >= 1"),
                          ({"partition-id": 5}, "partition-id=5 num-partitions=3")):
