@@ -148,6 +148,7 @@ class AppConfig:
     resume: bool = False           # continue out-dir/checkpoint.pt (same run configuration)
     connect_timeout: float = 300.0  # seconds to wait for num-clients SuperNodes
     round_timeout: float = 600.0   # seconds to wait for the replies of one round
+    personalize_timeout: float = 0.0  # seconds to wait for the final Potara step; 0 = final_timeout's estimate
 
     @classmethod
     def from_run_config(cls, run_config) -> "AppConfig":
@@ -192,6 +193,8 @@ class AppConfig:
             (min(self.public, self.seed) < 0, "public and seed must be >= 0"),
             (not 0 <= self.drop_prob < 1, f"drop-prob must be in [0, 1), got {self.drop_prob}"),
             (self.max_update_norm < 0, f"max-update-norm must be >= 0 (0: no bound), got {self.max_update_norm}"),
+            (self.personalize_timeout < 0, f"personalize-timeout must be >= 0 (0: sized from the final step's "
+             f"work), got {self.personalize_timeout}"),
             (self.fisher_samples > self.val, f"fisher-samples {self.fisher_samples} exceeds val {self.val}"),
             (grid is not None, f"grid-step {grid}"),
             (not self.out_dir, "out-dir must not be empty"),
@@ -199,6 +202,23 @@ class AppConfig:
         for bad, message in problems:
             if bad:
                 raise ConfigError(f"run config {message}")
+
+    @property
+    def final_timeout(self) -> float:
+        """The final step's timeout: personalize-timeout, or 0 for round-timeout x (the step's work / a round's),
+        work counted in training steps of batch-size examples. A round is local-steps of them; the final step is
+        local-train-steps + finetune-steps, the statistics (per-sample gradients of fisher-samples examples for
+        both adapters and the held-out loss: ~3 passes of them) and the scoring (forward passes, ~1/3 of a step
+        per batch: every grid point on val twice, accuracy and loss, and on test, every method on test). A
+        round's fixed costs (process start, imports, loading) are in both, so if round-timeout covers a round
+        the scaled one covers the final step."""
+        if self.personalize_timeout > 0:
+            return self.personalize_timeout
+        points = round(1 / self.grid_step) + 1
+        scored = points * (2 * self.val + self.test) + 9 * self.test
+        work = (self.local_train_steps + self.finetune_steps + math.ceil(3 * self.fisher_samples / self.batch_size)
+                + math.ceil(scored / (3 * self.batch_size)))
+        return self.round_timeout * max(1.0, work / self.local_steps)
 
     @property
     def per_round(self) -> int:
