@@ -24,31 +24,30 @@ adapter_model.safetensors (loadable with peft.PeftModel.from_pretrained or a mul
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
-import shutil
 import time
 
 import torch
 import torch.nn as nn
 
 from fisher import causal_lm_likelihood
-from lora import add_lora, lora_meta
 from potara_harness import cli
-from potara_harness.config import LM_PRESETS
+from potara_harness.config import LM_PRESETS, SYNTHETIC_TASKS_SEED
 from potara_harness.llm_data import ByteTokenizer, Tokenizer, check_fits, read_task_dir, split_tasks
 from potara_harness.llm_tasks import public_corpus, synthetic_tasks
 from potara_harness.lm import (
     Scorer,
+    add_language_lora,
     build_splits,
     chance,
     lm_loss,
     load_hf_model,
     load_hf_tokenizer,
     pretrain_tiny,
-    tiny_llama,
+    tiny_model,
 )
+from potara_harness.peft_export import EXPORT_RESERVED, export_with_base
 from potara_harness.pipeline import run_experiment
 from potara_harness.report import markdown_table, write_text
 
@@ -114,7 +113,7 @@ def load_checked_tasks(ap: argparse.ArgumentParser, args, p: dict) -> tuple[dict
     """The tasks and the tokenizer, with every data check done before a model is loaded or pre-trained:
     enough examples per task, every answer fits --max-len (and the tiny model's public corpus too), task
     names that --export-peft can write."""
-    tasks = (synthetic_tasks(args.synthetic_examples, seed=1234) if args.data == "synthetic"
+    tasks = (synthetic_tasks(args.synthetic_examples, seed=SYNTHETIC_TASKS_SEED) if args.data == "synthetic"
              else read_task_dir(args.data))
     if args.clients:
         if args.clients > len(tasks):
@@ -138,8 +137,8 @@ def run(ap: argparse.ArgumentParser, args, p: dict) -> dict:
     device = cli.start_torch(args)
     tasks, tok = load_checked_tasks(ap, args, p)
     if args.model == "tiny":
-        torch.manual_seed(0)
-        model = tiny_llama(tok.vocab_size, max_position_embeddings=max(128, args.max_len))
+        torch.manual_seed(0)  # the tiny model's initial weights, before pre-training
+        model = tiny_model(args.max_len)
         model_info = pretrain_tiny(model, tok, p, 0, args.cache_dir, device, args.progress)
     else:
         model, model_info = load_hf_model(args.model, args.attn), {"model": args.model}
@@ -149,9 +148,8 @@ def run(ap: argparse.ArgumentParser, args, p: dict) -> dict:
     chance_acc = {s.name: chance(tasks[s.name]) for s in splits}
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         base = {s.name: scorer(model, s.test_inputs, s.test_targets) for s in splits}
-    torch.manual_seed(args.seed)  # phi_0, the initial adapter every client and the server share
-    try:
-        add_lora(model, args.targets, r=args.rank, alpha=args.lora_alpha)
+    try:  # phi_0, the initial adapter every client and the server share
+        add_language_lora(model, args.targets, args.rank, args.lora_alpha, args.seed)
     except ValueError as e:
         ap.error(f"--targets: {e}")
     model.to(device)
@@ -182,82 +180,13 @@ def reference_table(results: dict) -> str:
                       for label, d in rows])
 
 
-EXPORT_RESERVED = ("federated", "base_model")  # --export-peft folders that are not a client's
-
-
-def save_tiny_base(model: nn.Module, path: str) -> None:
-    """The tiny model without its LoRA layers, in Hugging Face's format (config.json + model.safetensors)."""
-    base = type(model)._from_config(model.config, attn_implementation="eager")
-    state = {k.replace(".base.", "."): v for k, v in model.state_dict().items() if ".lora_" not in k}
-    base.load_state_dict(state)
-    base.save_pretrained(path)
-
-
 def write_peft(args, model: nn.Module, adapters: dict) -> None:
     """--export-peft DIR: the adapters the run ended with (pipeline.run_experiment's `adapters`: each client's
     Potara adapter, the A/B-space merge at its lam, and the federated one); for --model tiny also the base
     model in HF format."""
-    base = args.model
-    if args.model == "tiny":
-        base = os.path.abspath(os.path.join(args.export_peft, "base_model"))
-        write_folder_atomically(base, lambda folder: save_tiny_base(model, folder))
-    scaling = {m["scaling"] for m in lora_meta(model)["layers"].values()}.pop()
-    export_peft(args.export_peft, adapters, scaling, list(args.targets), base)
+    base = export_with_base(args.export_peft, model, adapters, list(args.targets),
+                            None if args.model == "tiny" else args.model)
     print(f"peft adapters of {len(adapters)} models written to {args.export_peft}/ (base model: {base})")
-
-
-# ----------------------------------------------------------------------------- peft export
-def export_peft(out_dir: str, adapters: dict[str, dict[str, torch.Tensor]], scaling: float, targets: list[str],
-                base_model: str) -> None:
-    """Write each adapter as a peft LoRA adapter: out_dir/<name>/adapter_config.json + adapter_model.safetensors.
-    Keys: "<module>.lora_A" -> "base_model.model.<module>.lora_A.weight" (peft's layout); peft computes
-    scaling = lora_alpha / r, so lora_alpha is written as scaling * rank (a rank-2r "delta" merge keeps the
-    scaling of its rank-r parents)."""
-    from safetensors.torch import save_file
-    for name, state in adapters.items():
-        other = [k for k in state if not k.endswith((".lora_A", ".lora_B"))]
-        if other:
-            raise ValueError(f"export_peft: only lora_A/lora_B tensors of nn.Linear layers can be exported, got {other[:3]}")
-        ranks = {v.shape[0] for k, v in state.items() if k.endswith("lora_A")}
-        if len(ranks) != 1:
-            raise ValueError(f"export_peft: adapter {name} mixes ranks {sorted(ranks)}")
-        rank = ranks.pop()
-        alpha = scaling * rank
-        config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model, "r": rank,
-                  "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha, "target_modules": targets,
-                  "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
-                  "use_rslora": False, "use_dora": False, "init_lora_weights": True, "modules_to_save": None,
-                  "rank_pattern": {}, "alpha_pattern": {}}
-        tensors = {f"base_model.model.{k}.weight": v.detach().to("cpu").contiguous() for k, v in state.items()}
-
-        def write(folder: str) -> None:
-            os.makedirs(folder)
-            with open(os.path.join(folder, "adapter_config.json"), "w") as f:
-                json.dump(config, f, indent=2)
-            save_file(tensors, os.path.join(folder, "adapter_model.safetensors"), metadata={"format": "pt"})
-        write_folder_atomically(os.path.join(out_dir, name), write)
-
-
-def write_folder_atomically(folder: str, write) -> None:
-    """write(tmp) creates and fills a new folder beside `folder` (files fsynced), which then takes its place
-    by two renames: a crash leaves the old folder or the new one complete (plus a hidden .<name>.partial-<pid>
-    or .<name>.old-<pid> folder), never a half-written one."""
-    parent, name = os.path.split(os.path.abspath(folder))
-    tmp, old = (os.path.join(parent, f".{name}.{what}-{os.getpid()}") for what in ("partial", "old"))
-    os.makedirs(parent, exist_ok=True)
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        write(tmp)
-        for f in os.listdir(tmp):
-            if os.path.isfile(os.path.join(tmp, f)):
-                with open(os.path.join(tmp, f), "rb") as handle:
-                    os.fsync(handle.fileno())
-        if os.path.lexists(folder):
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -246,7 +246,7 @@ def collect_server_results(cfg: AppConfig, context: Context, roster: Roster, fed
             "final_bytes_down": state_bytes(phi0) * len(roster.names)}
     fallbacks = [{"client": n, "reason": r} for n in names for r in evals[n].get("fallbacks", [])]
     statistics = [{"client": n, "what": w} for n in names for w in evals[n].get("bad-statistics", [])]
-    return collect_results(config, cfg.experiment(), names, acc, {n: evals[n]["record"] for n in names}, curve,
+    return collect_results(config, cfg.pipeline_config(), names, acc, {n: evals[n]["record"] for n in names}, curve,
                            phi0, fed.history, None, fallbacks, statistics, timing, adapter_extra=wire,
                            faults_extra={"personalization_failed": eval_failed})
 

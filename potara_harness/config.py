@@ -79,6 +79,7 @@ VIT_PRESETS = {  # every default of run_cifar.py, per --preset (None: not used b
 }
 TINY_LLAMA = dict(hidden_size=96, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
                   num_key_value_heads=4, max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=True)
+SYNTHETIC_TASKS_SEED = 1234  # run_llm.py --data synthetic's tasks: llm_tasks.synthetic_tasks(n, seed=this)
 LM_PRESETS = {  # every default of run_llm.py that depends on the model: "tiny" or "hf" (any Hugging Face model)
     "tiny": dict(train=200, val=50, test=100, max_len=96, max_new_tokens=16, rounds=20, local_steps=5,
                  local_train_steps=100, finetune_steps=25, lr=3e-3, batch_size=32, rank=8, lora_alpha=16,
@@ -112,7 +113,7 @@ class ConfigError(ValueError):
     """A run or node configuration value that is missing, of the wrong type, or out of range (one line)."""
 
 
-_TINY = VIT_PRESETS["tiny"]
+_TINY, _TINY_LM = VIT_PRESETS["tiny"], LM_PRESETS["tiny"]
 
 
 @dataclass
@@ -149,6 +150,13 @@ class AppConfig:
     connect_timeout: float = 300.0  # seconds to wait for num-clients SuperNodes
     round_timeout: float = 600.0   # seconds to wait for the replies of one round
     personalize_timeout: float = 0.0  # seconds to wait for the final Potara step; 0 = final_timeout's estimate
+    experiment: str = "vision"     # "vision" (run_cifar.py's: images, a ViT) or "language" (run_llm.py's: one
+                                   # instruction task per client, a causal LM): the keys below are its alone
+    max_len: int = _TINY_LM["max_len"]  # tokens per example (run_llm.py --max-len)
+    max_new_tokens: int = _TINY_LM["max_new_tokens"]  # greedy decoding budget of free-form answers
+    eval_batch_size: int = 64      # sequences per forward pass when scoring options (run_llm.py's default)
+    synthetic_examples: int = 600  # examples of each synthetic task (a node's task='synthetic:<name>')
+    targets: str = "q_proj v_proj"  # the modules LoRA wraps, space-separated (run_llm.py --targets)
 
     @classmethod
     def from_run_config(cls, run_config) -> "AppConfig":
@@ -176,7 +184,8 @@ class AppConfig:
     def check(self) -> None:
         positive = ("num_clients", "rounds", "local_steps", "batch_size", "rank", "synthetic_per_class", "train",
                     "val", "test", "local_train_steps", "finetune_steps", "fisher_samples", "lr", "lora_alpha",
-                    "alpha", "connect_timeout", "round_timeout")
+                    "alpha", "connect_timeout", "round_timeout", "max_len", "max_new_tokens", "eval_batch_size",
+                    "synthetic_examples")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"run config {name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
@@ -198,6 +207,10 @@ class AppConfig:
             (self.fisher_samples > self.val, f"fisher-samples {self.fisher_samples} exceeds val {self.val}"),
             (grid is not None, f"grid-step {grid}"),
             (not self.out_dir, "out-dir must not be empty"),
+            (self.experiment not in ("vision", "language"), f"experiment must be 'vision' or 'language', got "
+             f"{self.experiment!r}"),
+            (not self.target_modules or set(self.target_modules) & {"self_attn", "attention"},
+             f"targets must name nn.Linear projections, space-separated (e.g. 'q_proj v_proj'), got {self.targets!r}"),
         ]
         for bad, message in problems:
             if bad:
@@ -221,10 +234,15 @@ class AppConfig:
         return self.round_timeout * max(1.0, work / self.local_steps)
 
     @property
+    def target_modules(self) -> list[str]:
+        """targets as run_llm.py --targets takes them (a device exports its adapter in peft's format: nn.Linear)."""
+        return self.targets.split()
+
+    @property
     def per_round(self) -> int:
         return self.clients_per_round or self.num_clients
 
-    def experiment(self) -> ExperimentConfig:
+    def pipeline_config(self) -> ExperimentConfig:
         """The in-process pipeline's settings for the same run (what the client-side stages read; results.json)."""
         return ExperimentConfig(
             rounds=self.rounds, local_steps=self.local_steps, clients_per_round=self.clients_per_round, lr=self.lr,
