@@ -177,9 +177,21 @@ def fingerprint(cfg: AppConfig, roster: Roster, phi0: dict) -> str:
                          "lora_alpha", "seed", "preset", "data", "synthetic_per_class", "partition", "alpha",
                          "public", "train", "val", "test", "drop_prob", "max_update_norm")}
     training.pop("rounds")  # more rounds continue a finished run
+    training.update(experiment_settings(cfg))
     phi = hashlib.sha256(b"".join(phi0[k].numpy().tobytes() for k in sorted(phi0))).hexdigest()
     return json.dumps({"flower": training, "backbone": roster.backbone_sha256, "phi0": phi,
                        "clients": roster.num_examples}, sort_keys=True)
+
+
+def experiment_settings(cfg: AppConfig) -> dict:
+    """The language experiment's settings that shape its adapter, for the fingerprint: the experiment itself, max-len
+    (it cuts the prompts), synthetic-examples (it draws the synthetic tasks) and targets; none for the vision
+    experiment, whose fingerprint (and so its checkpoints) stays as it was. The model is in the fingerprint by its
+    hash (the set-up's backbone-sha256, which a language client computes over its model file or folder)."""
+    if cfg.experiment != "language":
+        return {}
+    return {"experiment": cfg.experiment, "max_len": cfg.max_len, "synthetic_examples": cfg.synthetic_examples,
+            "targets": cfg.target_modules}
 
 
 def fedit_round(grid: Grid, cfg: AppConfig, roster: Roster, fed: FedState, t: int) -> None:

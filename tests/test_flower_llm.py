@@ -254,3 +254,21 @@ def test_loopback_language_bitwise_equals_run_llm(micro_llama, federation, tmp_p
     results = check_against_run_llm(out, reference, tasks, devices, peft)
     assert all(h["failed"] == [] for h in results["fedit_history"])
     assert results["config"]["run_config"]["experiment"] == "language"
+
+
+def test_language_resume_refuses_other_language_settings(micro_llama, task_identity, tmp_path):
+    """The checkpoint's fingerprint holds the language settings that shape the adapter (max-len cuts the prompts,
+    synthetic-examples draws the tasks): resuming with another one is refused in one line; with the same, resumed."""
+    from potara_harness.checkpoint import ResumeError
+
+    _, model_file, _ = in_process_reference({**LANG, "rounds": 1, "num-clients": 1, "clients-per-round": 0},
+                                            "synthetic", tmp_path)
+    nodes = [{"partition-id": k, "num-partitions": 2, "task": f"synthetic:{t}", "model": str(model_file),
+              "threads": 1} for k, t in enumerate(["sentiment", "pronoun"])]
+    one = {**LANG, "rounds": 1, "finetune-steps": 1, "local-train-steps": 1}
+    serve(tmp_path, tmp_path / "out", nodes=nodes, **one)
+    for change in ({"max-len": 72}, {"synthetic-examples": 41}):
+        with pytest.raises(ResumeError, match="another run|other training settings"):
+            serve(tmp_path, tmp_path / "out", nodes=nodes, **{**one, "rounds": 2, "resume": True, **change})
+    resumed = serve(tmp_path, tmp_path / "out", nodes=nodes, **{**one, "rounds": 2, "resume": True})
+    assert len(resumed["fedit_history"]) == 2
