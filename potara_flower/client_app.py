@@ -12,6 +12,15 @@ threads (torch CPU threads, default torch's own), device ("cpu", the default, or
 bfloat16 autocast as the pipelines on CUDA; bitwise equality with the in-process loop is a CPU
 property), adapter-dir (optional: the client saves its personalised Potara adapter there, on the device).
 
+With the run config's experiment="language" (run_llm.py's experiment, docs/flower.md), instead of backbone,
+data-dir and cache-dir: task (the client's task: 'synthetic:<name>', one of run_llm.py --data synthetic's tasks,
+or the path of a <task>.jsonl file) and model (a tiny model file as run_llm.py --model tiny caches it, e.g.
+data/llm/tiny-llama-<key>.pt, or a local Hugging Face folder; hashed at set-up, where the server checks that every
+device holds the same). Every message then builds run_llm.py's client (task.language_client): the task's
+train / val / test split, the model with phi_0 on `targets`, lm_loss for training, the option scorer and
+causal_lm_likelihood for the final step; adapter-dir receives the Potara adapter in peft's format
+(adapter-dir/<task>/, and adapter-dir/base_model/ for the tiny model).
+
 Every message rebuilds the same client: the CIFAR-100 (or synthetic) images, the partition of
 data.py exactly as run_cifar.py draws it (public set, Dirichlet or superclass split, client k's
 train / val / test), and the model vit.build_model(backbone, preset, rank, lora_alpha, seed), whose

@@ -119,7 +119,9 @@ _TINY, _TINY_LM = VIT_PRESETS["tiny"], LM_PRESETS["tiny"]
 @dataclass
 class AppConfig:
     """The Flower app's run configuration; every field is a key of [tool.flwr.app.config] with - for _.
-    The tiny preset's settings, over 2 SuperNodes and 20 rounds."""
+    The tiny preset's settings, over 2 SuperNodes and 20 rounds. experiment="language" runs run_llm.py's
+    experiment with the same training keys (rounds ... fisher-samples: set them to run_llm.py's, e.g. train=200
+    val=50 test=100 for its tiny defaults) and the language keys at the end; preset ... public are vision's."""
     num_clients: int = 2           # SuperNodes (= partitions) the server waits for
     rounds: int = 20               # FedIT rounds R
     local_steps: int = _TINY["local_steps"]
