@@ -30,20 +30,15 @@ load (docs/language-models.md); a first run has taken 18 min on a busier machine
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
-import shutil
-import stat
 import time
 from typing import TYPE_CHECKING
 
-from files import UnsafeFile, remove_leftovers
 from potara_harness import cli
-from potara_harness.config import LM_PRESETS
+from potara_harness.config import LM_PRESETS, SYNTHETIC_TASKS_SEED
 
 if TYPE_CHECKING:  # annotations only
-    import torch
     import torch.nn as nn
 
     from potara_harness.llm_data import Tokenizer
@@ -118,7 +113,7 @@ def load_checked_tasks(ap: argparse.ArgumentParser, args, p: dict) -> tuple[dict
     from potara_harness.llm_tasks import public_corpus, synthetic_tasks
     from potara_harness.lm import load_hf_tokenizer
 
-    tasks = (synthetic_tasks(args.synthetic_examples, seed=1234) if args.data == "synthetic"
+    tasks = (synthetic_tasks(args.synthetic_examples, seed=SYNTHETIC_TASKS_SEED) if args.data == "synthetic"
              else read_task_dir(args.data))
     if args.clients:
         if args.clients > len(tasks):
@@ -151,15 +146,15 @@ def run(ap: argparse.ArgumentParser, args, p: dict, command: str) -> dict:
     import torch
 
     from fisher import causal_lm_likelihood
-    from lora import add_lora
-    from potara_harness.lm import Scorer, build_splits, chance, lm_loss, load_hf_model, pretrain_tiny, tiny_llama
+    from potara_harness.lm import (Scorer, add_language_lora, build_splits, chance, lm_loss, load_hf_model,
+                                   pretrain_tiny, tiny_model)
     from potara_harness.pipeline import run_experiment
     from potara_harness.report import markdown_table, results_header, write_text
 
     tasks, tok = load_checked_tasks(ap, args, p)
     if args.model == "tiny":
-        torch.manual_seed(0)
-        model = tiny_llama(tok.vocab_size, max_position_embeddings=max(128, args.max_len))
+        torch.manual_seed(0)  # the tiny model's initial weights, before pre-training
+        model = tiny_model(args.max_len)
         model_info = pretrain_tiny(model, tok, p, 0, args.cache_dir, device, args.progress)
     else:
         model, model_info = load_hf_model(args.model, args.attn), {"model": args.model}
@@ -169,9 +164,8 @@ def run(ap: argparse.ArgumentParser, args, p: dict, command: str) -> dict:
     chance_acc = {s.name: chance(tasks[s.name]) for s in splits}
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         base = {s.name: scorer(model, s.test_inputs, s.test_targets) for s in splits}
-    torch.manual_seed(args.seed)  # phi_0, the initial adapter every client and the server share
-    try:
-        add_lora(model, args.targets, r=args.rank, alpha=args.lora_alpha)
+    try:  # phi_0, the initial adapter every client and the server share
+        add_language_lora(model, args.targets, args.rank, args.lora_alpha, args.seed)
     except ValueError as e:
         ap.error(f"--targets: {e}")
     model.to(device)
@@ -203,31 +197,12 @@ def reference_table(results: dict) -> str:
                       for label, d in rows])
 
 
-EXPORT_RESERVED = ("federated", "base_model")  # --export-peft folders that are not a client's
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # what export_peft writes in a folder
-BASE_MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors")  # what save_tiny_base writes
-
-
-def export_target_problem(folder: str, may_hold) -> str | None:
-    """Why the export must not replace `folder` (None if absent or a folder an export wrote: a real folder
-    holding only files named in may_hold). The export replaces only what it wrote: never a link, a file,
-    or a folder with anything else in it (a task named like a user's folder, or like the run's checkpoint)."""
-    try:
-        st = os.lstat(folder)
-    except FileNotFoundError:
-        return None
-    if stat.S_ISLNK(st.st_mode):
-        return "is a symbolic link"
-    if not stat.S_ISDIR(st.st_mode):
-        return "is a file, not a folder an export wrote"
-    other = sorted(set(os.listdir(folder)) - set(may_hold))
-    return f"holds {other[0][:60]!a}, which no export writes" if other else None
-
-
 def check_export_targets(ap: argparse.ArgumentParser, args, tasks: dict) -> None:
     """Before any work: every folder --export-peft will write (one per task, federated, base_model) is absent
     or an earlier export's; no task takes the name of a reserved folder or, when --export-peft is --out, of one
     of the run's own files (a task file checkpoint.pt.jsonl would turn the checkpoint into an adapter folder)."""
+    from potara_harness.peft_export import ADAPTER_FILES, BASE_MODEL_FILES, EXPORT_RESERVED, export_target_problem
+
     reserved = sorted(set(tasks) & set(EXPORT_RESERVED))
     if reserved:
         ap.error(f"--export-peft: a task named {reserved[0]!r} would share a folder with the {reserved[0]} export: "
@@ -245,87 +220,15 @@ def check_export_targets(ap: argparse.ArgumentParser, args, tasks: dict) -> None
                      "--export-peft (an export replaces only the folders it wrote)")
 
 
-def save_tiny_base(model: nn.Module, path: str) -> None:
-    """The tiny model without its LoRA layers, in Hugging Face's format (config.json + model.safetensors)."""
-    base = type(model)._from_config(model.config, attn_implementation="eager")
-    state = {k.replace(".base.", "."): v for k, v in model.state_dict().items() if ".lora_" not in k}
-    base.load_state_dict(state)
-    base.save_pretrained(path)
-
-
 def write_peft(args, model: nn.Module, adapters: dict) -> None:
     """--export-peft DIR: the adapters the run ended with (pipeline.run_experiment's `adapters`: each client's
     Potara adapter, the A/B-space merge at its lam, and the federated one); for --model tiny also the base
     model in HF format."""
-    from lora import lora_meta
+    from potara_harness.peft_export import export_with_base
 
-    base = args.model
-    if args.model == "tiny":
-        base = os.path.abspath(os.path.join(args.export_peft, "base_model"))
-        write_folder_atomically(base, lambda folder: save_tiny_base(model, folder))
-    scaling = {m["scaling"] for m in lora_meta(model)["layers"].values()}.pop()
-    export_peft(args.export_peft, adapters, scaling, list(args.targets), base)
+    base = export_with_base(args.export_peft, model, adapters, list(args.targets),
+                            None if args.model == "tiny" else args.model)
     print(f"peft adapters of {len(adapters)} models written to {args.export_peft}/ (base model: {base})")
-
-
-# ----------------------------------------------------------------------------- peft export
-def export_peft(out_dir: str, adapters: dict[str, dict[str, torch.Tensor]], scaling: float, targets: list[str],
-                base_model: str) -> None:
-    """Write each adapter as a peft LoRA adapter: out_dir/<name>/adapter_config.json + adapter_model.safetensors.
-    Keys: "<module>.lora_A" -> "base_model.model.<module>.lora_A.weight" (peft's layout); peft computes
-    scaling = lora_alpha / r, so lora_alpha is written as scaling * rank (a rank-2r "delta" merge keeps the
-    scaling of its rank-r parents)."""
-    from safetensors.torch import save_file
-    for name, state in adapters.items():
-        other = [k for k in state if not k.endswith((".lora_A", ".lora_B"))]
-        if other:
-            raise ValueError(f"export_peft: only lora_A/lora_B tensors of nn.Linear layers can be exported, got {other[:3]}")
-        ranks = {v.shape[0] for k, v in state.items() if k.endswith("lora_A")}
-        if len(ranks) != 1:
-            raise ValueError(f"export_peft: adapter {name} mixes ranks {sorted(ranks)}")
-        rank = ranks.pop()
-        alpha = scaling * rank
-        config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model, "r": rank,
-                  "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha, "target_modules": targets,
-                  "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
-                  "use_rslora": False, "use_dora": False, "init_lora_weights": True, "modules_to_save": None,
-                  "rank_pattern": {}, "alpha_pattern": {}}
-        tensors = {f"base_model.model.{k}.weight": v.detach().to("cpu").contiguous() for k, v in state.items()}
-
-        def write(folder: str) -> None:
-            os.makedirs(folder)
-            with open(os.path.join(folder, "adapter_config.json"), "w") as f:
-                json.dump(config, f, indent=2)
-            save_file(tensors, os.path.join(folder, "adapter_model.safetensors"), metadata={"format": "pt"})
-        write_folder_atomically(os.path.join(out_dir, name), write)
-
-
-def write_folder_atomically(folder: str, write) -> None:
-    """write(tmp) creates and fills a new folder beside `folder` (files fsynced), which then takes its place
-    by two renames: a crash leaves the old folder or the new one complete (plus a hidden .<name>.partial-<pid>
-    or .<name>.old-<pid> folder, removed by the next export of that name once its pid is gone:
-    files.remove_leftovers), never a half-written one. An existing `folder` is replaced only if an export wrote
-    it (export_target_problem: a real folder holding only files the new one holds), else files.UnsafeFile."""
-    parent, name = os.path.split(os.path.abspath(folder))
-    tmp, old = (os.path.join(parent, f".{name}.{what}-{os.getpid()}") for what in ("partial", "old"))
-    os.makedirs(parent, exist_ok=True)
-    remove_leftovers(parent, name)
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        write(tmp)
-        for f in os.listdir(tmp):
-            if os.path.isfile(os.path.join(tmp, f)):
-                with open(os.path.join(tmp, f), "rb") as handle:
-                    os.fsync(handle.fileno())
-        problem = export_target_problem(folder, os.listdir(tmp))
-        if problem:
-            raise UnsafeFile(f"{folder}: {problem}: an export replaces only the folders it wrote (move it away)")
-        if os.path.lexists(folder):
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ def in_process(cfg: AppConfig, backbone: str, data_dir: str) -> tuple[dict, list
     model = build_model(load_backbone_file(backbone, p["vit"]), p, cfg.rank, cfg.lora_alpha, cfg.seed)
     stamps = [time.perf_counter()]
     state = run_fedit(model, [Client(s.name, s.train_inputs, s.train_targets) for s in splits],
-                      cfg.experiment().fed_config(), progress=False,
+                      cfg.pipeline_config().fed_config(), progress=False,
                       on_round=lambda _: stamps.append(time.perf_counter()))
     return state.global_state, [b - a for a, b in zip(stamps, stamps[1:])]
 

@@ -12,6 +12,15 @@ threads (torch CPU threads, default torch's own), device ("cpu", the default, or
 bfloat16 autocast as the pipelines on CUDA; bitwise equality with the in-process loop is a CPU
 property), adapter-dir (optional: the client saves its personalised Potara adapter there, on the device).
 
+With the run config's experiment="language" (run_llm.py's experiment, docs/flower.md), instead of backbone,
+data-dir and cache-dir: task (the client's task: 'synthetic:<name>', one of run_llm.py --data synthetic's tasks,
+or the path of a <task>.jsonl file) and model (a tiny model file as run_llm.py --model tiny caches it, e.g.
+data/llm/tiny-llama-<key>.pt, or a local Hugging Face folder; hashed at set-up, where the server checks that every
+device holds the same). Every message then builds run_llm.py's client (task.language_client): the task's
+train / val / test split, the model with phi_0 on `targets`, lm_loss for training, the option scorer and
+causal_lm_likelihood for the final step; adapter-dir receives the Potara adapter in peft's format
+(adapter-dir/<task>/, and adapter-dir/base_model/ for the tiny model).
+
 Every message rebuilds the same client: the CIFAR-100 (or synthetic) images, the partition of
 data.py exactly as run_cifar.py draws it (public set, Dirichlet or superclass split, client k's
 train / val / test), and the model vit.build_model(backbone, preset, rank, lora_alpha, seed), whose
@@ -44,8 +53,20 @@ from flwr.clientapp import ClientApp
 from data import ClientSplits
 from fed import Client, FedConfig, local_update
 from lora import check_state, lora_meta, lora_state_dict
-from potara_flower.task import ADAPTER, CONFIG, METRICS, client_split, flatten, from_record, to_record
+from potara_flower.task import (
+    ADAPTER,
+    CONFIG,
+    METRICS,
+    LanguageClient,
+    client_split,
+    flatten,
+    from_record,
+    language_client,
+    model_sha256,
+    to_record,
+)
 from potara_harness.config import VIT_PRESETS, AppConfig, ConfigError
+from potara_harness.peft_export import EXPORT_RESERVED
 from potara_harness.vit import build_model, load_backbone_file
 
 IMPORTS_DONE = time.time()
@@ -60,8 +81,17 @@ class LocalClient:
     split: ClientSplits     # its train / val / test data
     model: nn.Module        # backbone + phi_0
     phi0: dict[str, torch.Tensor]  # on the CPU, like everything received
-    backbone_sha256: str
+    backbone_sha256: str    # the backbone file's (language: the model's, at set-up only; "" in later messages)
     autocast_dtype: torch.dtype | None  # bfloat16 autocast on CUDA, none on the CPU
+    language: LanguageClient | None = None  # experiment="language": its loss, scorer and likelihood (task.py)
+
+    def training(self) -> dict:
+        """The training plug-in local_update and train_checked take: lm_loss for the language experiment."""
+        return {"loss_fn": self.language.loss_fn} if self.language else {}
+
+    def scoring(self) -> dict:
+        """The evaluation.Evaluator plug-ins: the language experiment's Scorer and causal_lm_likelihood."""
+        return {"evaluate": self.language.evaluate, "likelihood": self.language.likelihood} if self.language else {}
 
 
 def node_value(node_config, key: str, kind: type, default=None):
@@ -76,8 +106,9 @@ def node_value(node_config, key: str, kind: type, default=None):
     return value
 
 
-def load_client(context: Context) -> tuple[AppConfig, LocalClient]:
-    """The run configuration and this device's client (node config: module docstring)."""
+def load_client(context: Context, hash_model: bool = False) -> tuple[AppConfig, LocalClient]:
+    """The run configuration and this device's client (node config: module docstring). hash_model: the language
+    experiment hashes its model at set-up only (a Hugging Face folder may hold gigabytes)."""
     cfg = AppConfig.from_run_config(context.run_config)
     node = context.node_config
     k, K = node_value(node, "partition-id", int), node_value(node, "num-partitions", int)
@@ -92,6 +123,19 @@ def load_client(context: Context) -> tuple[AppConfig, LocalClient]:
     device = node_value(node, "device", str, "cpu")
     if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
         raise ConfigError(f"node config device={device!r}: 'cpu', or 'cuda' on a device where CUDA is available")
+    if cfg.experiment == "language":
+        split, model, sha, language = load_language(cfg, node, hash_model)
+    else:
+        split, model, sha, language = load_vision(cfg, node, k, K)
+    model = model.to(device)
+    phi0 = {name: v.detach().cpu() for name, v in lora_state_dict(model).items()}
+    autocast = torch.bfloat16 if device == "cuda" else None  # as the pipelines on CUDA (cli.autocast_dtype)
+    return cfg, LocalClient(k, K, split, model, phi0, sha, autocast, language)
+
+
+def load_vision(cfg: AppConfig, node, k: int, K: int) -> tuple[ClientSplits, nn.Module, str, None]:
+    """run_cifar.py's client k: its split (from the device's cache when cache-dir holds it) and the ViT from the
+    node's backbone file (hashed every message) with phi_0."""
     path = node_value(node, "backbone", str)
     if not os.path.isfile(path):
         raise ConfigError(f"node config backbone={path!r}: no such file on this device")
@@ -99,12 +143,19 @@ def load_client(context: Context) -> tuple[AppConfig, LocalClient]:
         sha = hashlib.sha256(f.read()).hexdigest()
     p = VIT_PRESETS[cfg.preset]
     backbone = load_backbone_file(path, p["vit"])  # weights_only=True, checked: vit.BackboneError, one line
-    model = build_model(backbone, p, cfg.rank, cfg.lora_alpha, cfg.seed).to(device)
+    model = build_model(backbone, p, cfg.rank, cfg.lora_alpha, cfg.seed)
     cache = node_value(node, "cache-dir", str, "") or None  # optional: the device's split cache (task.py)
-    split = client_split(cfg, node_value(node, "data-dir", str, "data"), k, K, cache)
-    phi0 = {name: v.detach().cpu() for name, v in lora_state_dict(model).items()}
-    autocast = torch.bfloat16 if device == "cuda" else None  # as the pipelines on CUDA (cli.autocast_dtype)
-    return cfg, LocalClient(k, K, split, model, phi0, sha, autocast)
+    return client_split(cfg, node_value(node, "data-dir", str, "data"), k, K, cache), model, sha, None
+
+
+def load_language(cfg: AppConfig, node, hash_model: bool) -> tuple[ClientSplits, nn.Module, str, LanguageClient]:
+    """run_llm.py's client for the node's task and model (task.language_client); the model's sha256 when asked."""
+    model_path = node_value(node, "model", str)
+    split, model, language = language_client(cfg, node_value(node, "task", str), model_path)
+    if node.get("adapter-dir") and split.name in EXPORT_RESERVED:
+        raise ConfigError(f"node config task: a task named {split.name!r} would share adapter-dir's folder with "
+                          f"the {split.name} export: rename its .jsonl file")
+    return split, model, model_sha256(model_path) if hash_model else "", language
 
 
 def received_adapter(msg: Message, phi0: dict) -> dict[str, torch.Tensor]:
@@ -141,7 +192,7 @@ def startup_seconds() -> dict[str, float]:
 @app.query()
 def setup(msg: Message, context: Context) -> Message:
     """Who this client is, its data size n_k (FedAvg's weight) and phi_0 (the server checks all agree)."""
-    _, c = load_client(context)
+    _, c = load_client(context, hash_model=True)
     info = ConfigRecord({"partition-id": c.index, "num-partitions": c.num_partitions,
                          "num-examples": len(c.split.train_targets), "backbone-sha256": c.backbone_sha256})
     return Message(RecordDict({ADAPTER: to_record(c.phi0), CONFIG: info}), reply_to=msg)
@@ -158,7 +209,7 @@ def train(msg: Message, context: Context) -> Message:
     phi_t, s, t1 = received_adapter(msg, c.phi0), c.split, time.perf_counter()
     fed_cfg = FedConfig(cfg.rounds, cfg.local_steps, cfg.lr, cfg.batch_size, seed=cfg.seed)
     reply, _ = local_update(c.model, Client(s.name, s.train_inputs, s.train_targets), phi_t, {}, int(config["round"]),
-                            c.index, fed_cfg, autocast_dtype=c.autocast_dtype, progress=False)
+                            c.index, fed_cfg, autocast_dtype=c.autocast_dtype, progress=False, **c.training())
     seconds = {**startup, "load": t1 - t0, "train": time.perf_counter() - t1}  # where the time went
     metrics = MetricRecord({"num-examples": reply.num_examples, "train-loss": reply.mean_loss,
                             **{f"{k}-seconds": v for k, v in seconds.items()}})
@@ -176,19 +227,32 @@ def personalize(msg: Message, context: Context) -> Message:
 
     cfg, c = load_client(context)
     G, s, k = received_adapter(msg, c.phi0), c.split, c.index
-    ecfg = cfg.experiment()
+    ecfg = cfg.pipeline_config()
     L, local_fallback = train_checked(c.model, c.phi0, s, cfg.local_train_steps, local_seed(cfg.seed, k), ecfg,
-                                      "local", autocast_dtype=c.autocast_dtype)
+                                      "local", autocast_dtype=c.autocast_dtype, **c.training())
     F, finetune_fallback = train_checked(c.model, G, s, cfg.finetune_steps, finetune_seed(cfg.seed, k), ecfg,
-                                         "fine-tune", autocast_dtype=c.autocast_dtype)
-    e = evaluate_client(Evaluator(c.model, c.phi0, ecfg, autocast_dtype=c.autocast_dtype), k, s, G, L, F)
+                                         "fine-tune", autocast_dtype=c.autocast_dtype, **c.training())
+    e = evaluate_client(Evaluator(c.model, c.phi0, ecfg, autocast_dtype=c.autocast_dtype, **c.scoring()), k, s, G,
+                        L, F)
     out = flatten({"acc": e.acc, "record": e.record,
                    "fallbacks": [f"{x['stage']}: {x['reason']}" for x in (local_fallback, finetune_fallback) if x],
                    "bad-statistics": [x["what"] for x in e.bad_stats]})
     adapter_dir = context.node_config.get("adapter-dir")
     if adapter_dir:  # the personalised adapter stays on the device
         os.makedirs(adapter_dir, exist_ok=True)
-        save_adapter(os.path.join(adapter_dir, f"{s.name}-potara.pt"), e.potara_adapter,
-                     {"lam": e.record["potara"]["lam"], **lora_meta(c.model)})
+        if c.language:
+            save_language_adapter(adapter_dir, cfg, c, e.potara_adapter)
+        else:
+            save_adapter(os.path.join(adapter_dir, f"{s.name}-potara.pt"), e.potara_adapter,
+                         {"lam": e.record["potara"]["lam"], **lora_meta(c.model)})
     return Message(RecordDict({CONFIG: ConfigRecord(out)}), reply_to=msg)
 
+
+
+def save_language_adapter(adapter_dir: str, cfg: AppConfig, c: LocalClient, adapter: dict) -> None:
+    """The language client's Potara adapter in peft's format, as run_llm.py --export-peft writes it:
+    adapter-dir/<task>/ (adapter_config.json + adapter_model.safetensors) over the node's Hugging Face folder, or
+    over the tiny model, then written beside it as adapter-dir/base_model/ (peft_export.export_with_base)."""
+    from potara_harness.peft_export import export_with_base
+
+    export_with_base(adapter_dir, c.model, {c.split.name: adapter}, cfg.target_modules, c.language.base_model)

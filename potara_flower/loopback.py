@@ -1,5 +1,5 @@
 """A Flower federation on this machine's loopback: a flower-superlink and flower-supernode processes on
-127.0.0.1, for trying the app (flower_server.py / flower_client.py), its tests and flower_bench.py.
+127.0.0.1, for trying the app (server_app.py / client_app.py), its tests and bench.py.
 
     with LocalFederation("/tmp/fl") as fed:                       # FLWR_HOME, logs and keys live there
         fed.superlink()                                          # --insecure (tls=... for TLS)
@@ -97,7 +97,10 @@ class LocalFederation:
         return p
 
     def supernode(self, name: str, node_config: str, *extra: str) -> subprocess.Popen:
-        """flower-supernode connecting to the SuperLink, its own Runtime API port, the given node config."""
+        """flower-supernode connecting to the SuperLink, its own Runtime API port, the given node config. It runs
+        in this federation's folder: relative paths in node_config (backbone, data-dir, adapter-dir) are relative
+        to it, as they are to the folder a SuperNode is started in on a device; so is a relative out-dir to the
+        folder the SuperLink was started in (the ServerApp is its child process)."""
         security = ["--root-certificates", self.tls["ca"]] if self.tls else ["--insecure"]
         return self.start(name, "flower-supernode", *security, "--superlink", f"127.0.0.1:{self.port}",
                           "--port", str(free_port()), "--node-config", node_config, *extra)
@@ -112,9 +115,12 @@ class LocalFederation:
             raise RuntimeError(f"flwr {' '.join(args)} (exit {out.returncode}): {out.stdout[-2000:]} "
                                f"{out.stderr[-2000:]}") from None
 
-    def run(self, app: str | os.PathLike, run_config: dict, timeout: float = 600, poll: float = 1.0) -> dict:
+    def run(self, app: str | os.PathLike, run_config: dict, timeout: float = 600, poll: float = 1.0,
+            during: Callable[[dict], None] | None = None) -> dict:
         """`flwr run app local --run-config ...` (it returns at once), then `flwr list --run-id` every `poll` s
-        until the run's status is finished:*; returns that final status (a dict of `flwr list`'s JSON)."""
+        until the run's status is finished:*; returns that final status (a dict of `flwr list`'s JSON: "status",
+        "status-details", ...). during(status), if given, is called at every poll before the end (a test's hook:
+        kill a SuperNode mid-run)."""
         overrides = " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
         started = self.flwr("run", str(Path(app).resolve()), "local", "--run-config", overrides)
         if not started.get("success"):
@@ -131,6 +137,8 @@ class LocalFederation:
             if time.time() > deadline:
                 raise TimeoutError(f"run {run_id} not finished after {timeout:g} s (status {status.get('status')})\n"
                                    f"{self.log('superlink')[-3000:]}")
+            if during is not None:
+                during(status)
             time.sleep(poll)
         return status
 

@@ -4,19 +4,26 @@ a running SuperLink (docs/flower.md).
 
     1. setup: wait for num-clients SuperNodes; ask each who it is (partition-id k, n_k, backbone hash,
        phi_0). Partition ids must be 0..K-1 once each; every client must hold the same backbone file
-       and build the same phi_0 (else the run stops with a one-line reason).
+       and build the same phi_0, and n_k must be the run config's `train` (else the run stops with a
+       one-line reason). n_k is then fixed: it is client k's FedAvg weight in every round.
     2. rounds t = 0..R-1, each the in-process fed.run_fedit's round, with messages instead of calls:
          S_t, drop-outs = fed.sample_clients(seed, t, K, clients-per-round, drop-prob)
          send phi^t to every k in S_t (float32 ArrayRecord); k answers fed.local_update's reply
          phi^{t+1} = fed.server_round(...): every reply validated (fed.validate_update), the accepted
          ones averaged by fed.fedavg in partition order, whatever order the replies arrived in
-       A client that answers with an error, an unreadable reply or nothing within round-timeout is
-       recorded in the round's "failed" (with its reason) and counted as dropped: it never vanishes.
+       A client that answers with an error, an unreadable reply (another n_k than set-up's included),
+       nothing within round-timeout, or whose node the SuperLink reports dead (replies.ask) is recorded
+       in the round's "failed" (with its reason) and counted as dropped: it never vanishes, and the
+       round goes on with the others. Before each round a missing client may rejoin (rejoin).
        checkpoint.pt (checkpoint.RunState, atomic) after every round; resume=true continues it.
     3. personalise: send phi_R to every client; each trains phi_L, runs Potara on its own validation
-       split and returns its test accuracies, a, b, c and lam (client_app.personalize).
+       split and returns its test accuracies, a, b, c and lam (client_app.personalize). Its timeout is
+       personalize-timeout (AppConfig.final_timeout: by default round-timeout scaled by the step's work);
+       each record is checked (replies.check_evaluation) and a bad one is that client's failure.
     4. out-dir/results.json and results.md with the in-process pipeline's fields (report.write_outputs),
-       plus "flower": wire bytes (npy-serialised arrays with their keys) and wall time per stage.
+       plus "flower": wire bytes (npy-serialised arrays with their keys) and wall time per stage. A client
+       missing from them is named in the log and in results.md, and the run ends finished:failed
+       (ClientsMissing) after writing them: the others' results are kept.
 
 bytes_down / bytes_up in the history are fed.run_fedit's (numel * element_size of the adapters sent);
 wire_bytes_* add Flower's serialisation (npy headers, keys) to them; message envelopes are not counted.
@@ -27,19 +34,19 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fed import ClientReply, FedState, sample_clients, server_round, state_bytes
+from fed import FedState, sample_clients, server_round, state_bytes
 from lora import check_state
+from potara_flower.replies import ask, check_evaluation, short, train_reply
 from potara_flower.task import (
     ADAPTER,
     CONFIG,
     EVALUATE,
-    METRICS,
     SETUP,
     TIMINGS,
     TRAIN,
@@ -50,37 +57,50 @@ from potara_flower.task import (
 )
 from potara_harness.checkpoint import RunState, fed_dict, load_state, save_state
 from potara_harness.config import AppConfig, update_bound
-from potara_harness.report import METHOD_LABELS, collect_results, mean, sent_bytes, write_outputs
+from potara_harness.report import (
+    METHOD_LABELS,
+    collect_results,
+    mean,
+    sent_bytes,
+    write_outputs,
+)
 
 app = ServerApp()
 
 
+class ClientsMissing(RuntimeError):
+    """Raised after results.json and results.md are written, when some client's final results are missing: the
+    run then ends finished:failed with this line as its status details (flwr list), not finished:completed."""
+
+
 @dataclass
 class Roster:
-    """The federation: client k (partition id k) is SuperNode node_ids[k], named names[k], with n_k examples."""
+    """The federation: client k (partition id k) is SuperNode node_ids[k], named names[k], with n_k examples.
+    n_k is fixed at set-up: it is client k's FedAvg weight in every round (a train reply with another count fails).
+    strangers: nodes that answered a rejoin query with something unusable (not asked again)."""
     node_ids: list[int]
     names: list[str]
     num_examples: list[int]
     backbone_sha256: str
+    strangers: set = field(default_factory=set)
 
     def index_of(self, node_id: int) -> int | None:
         return self.node_ids.index(node_id) if node_id in self.node_ids else None
 
 
-def ask(grid: Grid, node_ids, message_type: str, content, timeout: float) -> tuple[dict, dict]:
-    """Send content(node_id) to every node; returns ({node: reply}, {node: why it failed}) for each node."""
-    msgs = [Message(content(n), dst_node_id=n, message_type=message_type) for n in node_ids]
-    replies, failed = {}, {}
-    for r in grid.send_and_receive(msgs, timeout=timeout):
-        n = r.metadata.src_node_id
-        if r.has_error():
-            failed[n] = f"client error: {r.error.reason}"
-        else:
-            replies[n] = r
-    for n in node_ids:
-        if n not in replies and n not in failed:
-            failed[n] = f"no reply within {timeout:g} s"
-    return replies, failed
+def identity(cfg: AppConfig, reply) -> tuple[int, int, str, dict]:
+    """A set-up reply -> (partition id k, n_k, backbone sha256, phi_0); ValueError/KeyError/TypeError if malformed.
+    n_k must be the run config's `train`: every partition holds exactly that many training images
+    (partition.split_client), so a client cannot claim a larger FedAvg weight than its share."""
+    c = reply.content[CONFIG]
+    k, n_k, sha = c["partition-id"], c["num-examples"], c["backbone-sha256"]
+    if type(k) is not int or not 0 <= k < cfg.num_clients:
+        raise ValueError(f"partition-id {short(k, 40)} is not in 0..{cfg.num_clients - 1}")
+    if type(n_k) is not int or n_k != cfg.train:
+        raise ValueError(f"num-examples {short(n_k, 40)} is not the run config's train = {cfg.train}")
+    if not isinstance(sha, str):
+        raise ValueError("backbone-sha256 is not a string")
+    return k, n_k, sha, from_record(reply.content[ADAPTER])
 
 
 def connect(grid: Grid, cfg: AppConfig) -> tuple[Roster, dict[str, torch.Tensor]]:
@@ -94,27 +114,60 @@ def connect(grid: Grid, cfg: AppConfig) -> tuple[Roster, dict[str, torch.Tensor]
     replies, failed = ask(grid, nodes, SETUP, lambda n: RecordDict({CONFIG: ConfigRecord({})}), cfg.round_timeout)
     if failed:
         raise RuntimeError("setup failed: " + "; ".join(f"node {n}: {why}" for n, why in failed.items()))
-    info, phis = {}, {}
+    info = {}
     for n, r in replies.items():  # untrusted: any malformed reply stops the set-up with one line
         try:
-            c = r.content[CONFIG]
-            info[n] = (int(c["partition-id"]), int(c["num-examples"]), str(c["backbone-sha256"]))
-            phis[n] = from_record(r.content[ADAPTER])
+            info[n] = identity(cfg, r)
         except Exception as e:
-            raise RuntimeError(f"setup failed: node {n}: unreadable reply ({type(e).__name__}: {e})") from None
-    by_partition = {part: n for n, (part, _, _) in info.items()}
+            raise RuntimeError(f"setup failed: node {n}: unreadable reply ({type(e).__name__}: {short(e)})") from None
+    by_partition = {part: n for n, (part, *_) in info.items()}
     if sorted(by_partition) != list(range(cfg.num_clients)) or len(by_partition) != len(nodes):
         raise RuntimeError(f"the SuperNodes' partition ids {sorted(i[0] for i in info.values())} are not "
                            f"0..{cfg.num_clients - 1} once each (node config partition-id)")
     node_ids = [by_partition[k] for k in range(cfg.num_clients)]
-    phi0, sha = phis[node_ids[0]], info[node_ids[0]][2]
+    phi0, sha = info[node_ids[0]][3], info[node_ids[0]][2]
     for k, n in enumerate(node_ids):
-        check_state(phis[n], phi0, what=f"client{k}'s phi_0 (against client0's)")
-        if not all(torch.equal(phis[n][key], v) for key, v in phi0.items()) or info[n][2] != sha:
+        if not same_model(info[n], sha, phi0):
             raise RuntimeError(f"client{k} holds another backbone file or builds another phi_0 than client0: "
                                "every SuperNode needs the same backbone file and the same run config")
     roster = Roster(node_ids, [f"client{k}" for k in range(cfg.num_clients)], [info[n][1] for n in node_ids], sha)
     return roster, phi0
+
+
+def same_model(info: tuple, sha: str, phi0: dict) -> bool:
+    """Whether a client's set-up identity has the backbone hash `sha` and builds phi0 bitwise."""
+    phi = info[3]
+    check_state(phi, phi0, what=f"partition {info[0]}'s phi_0 (against client0's)")
+    return info[2] == sha and all(torch.equal(phi[key], v) for key, v in phi0.items())
+
+
+def rejoin(grid: Grid, cfg: AppConfig, roster: Roster, phi0: dict) -> None:
+    """Before a round and the final step: a client whose SuperNode is no longer online may come back as a new
+    node (a restarted SuperNode without a registered key gets a new node id; one with a key keeps its id and
+    needs nothing). Nodes online but not in the roster are asked who they are (set-up's query, once each); one
+    that is a missing client (same partition id, n_k, backbone and phi_0) takes its place. Nothing is sent
+    while every client's node is online: a run without failures exchanges exactly the same messages."""
+    online = set(grid.get_node_ids())
+    gone = {k for k, n in enumerate(roster.node_ids) if n not in online}
+    new = sorted(online - set(roster.node_ids) - roster.strangers)
+    if not gone or not new:
+        return
+    replies, failed = ask(grid, new, SETUP, lambda n: RecordDict({CONFIG: ConfigRecord({})}), cfg.round_timeout)
+    for n, why in failed.items():
+        print(f"node {n} (not in the federation) did not say who it is: {why}")
+    for n, r in replies.items():
+        try:
+            k, n_k, *_ = info = identity(cfg, r)
+            ok = k in gone and n_k == roster.num_examples[k] and same_model(info, roster.backbone_sha256, phi0)
+        except Exception as e:
+            k, ok = f"unreadable reply ({type(e).__name__}: {short(e)})", False
+        if ok:
+            print(f"{roster.names[k]} rejoined as node {n} (was node {roster.node_ids[k]})")
+            roster.node_ids[k] = n
+            gone.discard(k)
+        else:
+            print(f"node {n} is not a missing client of this run (partition {k}): ignored")
+    roster.strangers.update(n for n in new if n not in roster.node_ids)
 
 
 def fingerprint(cfg: AppConfig, roster: Roster, phi0: dict) -> str:
@@ -124,34 +177,44 @@ def fingerprint(cfg: AppConfig, roster: Roster, phi0: dict) -> str:
                          "lora_alpha", "seed", "preset", "data", "synthetic_per_class", "partition", "alpha",
                          "public", "train", "val", "test", "drop_prob", "max_update_norm")}
     training.pop("rounds")  # more rounds continue a finished run
+    training.update(experiment_settings(cfg))
     phi = hashlib.sha256(b"".join(phi0[k].numpy().tobytes() for k in sorted(phi0))).hexdigest()
     return json.dumps({"flower": training, "backbone": roster.backbone_sha256, "phi0": phi,
                        "clients": roster.num_examples}, sort_keys=True)
 
 
+def experiment_settings(cfg: AppConfig) -> dict:
+    """The language experiment's settings that shape its adapter, for the fingerprint: the experiment itself, max-len
+    (it cuts the prompts), synthetic-examples (it draws the synthetic tasks) and targets; none for the vision
+    experiment, whose fingerprint (and so its checkpoints) stays as it was. The model is in the fingerprint by its
+    hash (the set-up's backbone-sha256, which a language client computes over its model file or folder)."""
+    if cfg.experiment != "language":
+        return {}
+    return {"experiment": cfg.experiment, "max_len": cfg.max_len, "synthetic_examples": cfg.synthetic_examples,
+            "targets": cfg.target_modules}
+
+
 def fedit_round(grid: Grid, cfg: AppConfig, roster: Roster, fed: FedState, t: int) -> None:
-    """Round t (module docstring, step 2); updates `fed` in place."""
+    """Round t (module docstring, step 2); updates `fed` in place. A reply is parsed whole (adapter, n_k equal to
+    set-up's, finite loss and timings) before it is kept: it is either averaged or failed, never both."""
     t0, K = time.time(), len(roster.node_ids)
     selected, dropped = sample_clients(cfg.seed, t, K, cfg.per_round, cfg.drop_prob)
     record = to_record(fed.global_state)
     content = lambda n: RecordDict({ADAPTER: record, CONFIG: ConfigRecord(
         {"round": t, "drop": roster.index_of(n) in dropped})})
     answers, failed = ask(grid, [roster.node_ids[k] for k in selected], TRAIN, content, cfg.round_timeout)
-    replies, failures, wire_up, seconds = {}, [], 0, {}
-    for n, why in failed.items():
-        failures.append({"client": roster.names[roster.index_of(n)], "reason": why})
+    failures = [{"client": roster.names[roster.index_of(n)], "reason": why} for n, why in failed.items()]
+    replies, wire_up, seconds = {}, 0, {}
     for n, r in answers.items():
         k = roster.index_of(n)
         if k in dropped:
             continue  # a simulated drop-out: it received phi^t and sent nothing back
         try:
-            metrics = r.content[METRICS]
-            replies[k] = ClientReply(from_record(r.content[ADAPTER]), metrics["num-examples"], metrics["train-loss"])
-            wire_up += record_bytes(r.content[ADAPTER])
-            seconds[roster.names[k]] = {key: float(metrics[f"{key}-seconds"]) for key in TIMINGS
-                                        if f"{key}-seconds" in metrics}
-        except Exception as e:  # an unreadable reply: recorded, never raised
-            failures.append({"client": roster.names[k], "reason": f"unreadable reply: {type(e).__name__}: {e}"})
+            reply, took, size = train_reply(r, roster.num_examples[k], TIMINGS)
+        except Exception as e:  # an unreadable reply: recorded, never raised, nothing of it kept
+            failures.append({"client": roster.names[k], "reason": f"unreadable reply: {type(e).__name__}: {short(e)}"})
+            continue
+        replies[k], seconds[roster.names[k]], wire_up = reply, took, wire_up + size
     outcome = server_round(t, fed.global_state, selected, replies, roster.names, update_bound(cfg.max_update_norm))
     fed.global_state, fed.round = outcome.global_state, t + 1
     fed.history.append({**outcome.history, "failed": sorted(failures, key=lambda f: f["client"]),
@@ -160,21 +223,18 @@ def fedit_round(grid: Grid, cfg: AppConfig, roster: Roster, fed: FedState, t: in
 
 
 def personalize_all(grid: Grid, cfg: AppConfig, roster: Roster, G: dict) -> tuple[dict, list]:
-    """Step 3: every client's flattened evaluation record ({name: ConfigRecord}), and the clients that failed."""
+    """Step 3: every client's checked evaluation ({name: tree}, replies.check_evaluation), and the clients that
+    failed (no reply within personalize-timeout, an error, a record that is not an evaluation's)."""
     record = to_record(G)
     answers, failed = ask(grid, roster.node_ids, EVALUATE, lambda n: RecordDict({ADAPTER: record}),
-                          cfg.round_timeout)
+                          cfg.final_timeout)
     out, bad = {}, [{"client": roster.names[roster.index_of(n)], "reason": why} for n, why in failed.items()]
     for n, r in answers.items():
         name = roster.names[roster.index_of(n)]
-        try:  # untrusted: accuracies must be numbers, the record a dict
-            tree = unflatten(r.content[CONFIG])
-            tree["acc"] = {m: float(v) for m, v in tree["acc"].items()}
-            if not isinstance(tree["record"], dict):
-                raise TypeError("record is not a dict")
-            out[name] = tree
+        try:  # untrusted: one client's record must not erase or poison the others' results
+            out[name] = check_evaluation(unflatten(r.content[CONFIG]), cfg.grid_step)
         except Exception as e:
-            bad.append({"client": name, "reason": f"unreadable reply: {type(e).__name__}: {e}"})
+            bad.append({"client": name, "reason": f"unreadable reply: {type(e).__name__}: {short(e)}"})
     return out, sorted(bad, key=lambda f: f["client"])
 
 
@@ -198,7 +258,7 @@ def collect_server_results(cfg: AppConfig, context: Context, roster: Roster, fed
             "final_bytes_down": state_bytes(phi0) * len(roster.names)}
     fallbacks = [{"client": n, "reason": r} for n in names for r in evals[n].get("fallbacks", [])]
     statistics = [{"client": n, "what": w} for n in names for w in evals[n].get("bad-statistics", [])]
-    return collect_results(config, cfg.experiment(), names, acc, {n: evals[n]["record"] for n in names}, curve,
+    return collect_results(config, cfg.pipeline_config(), names, acc, {n: evals[n]["record"] for n in names}, curve,
                            phi0, fed.history, None, fallbacks, statistics, timing, adapter_extra=wire,
                            faults_extra={"personalization_failed": eval_failed})
 
@@ -221,16 +281,23 @@ def main(grid: Grid, context: Context) -> None:
     fed = run_state.fed_state("fedit") or FedState(0, dict(phi0), {n: {} for n in roster.names})
     check_state(fed.global_state, phi0, what=f"{ckpt}'s global adapter")
     for t in range(fed.round, cfg.rounds):
+        rejoin(grid, cfg, roster, phi0)
         fedit_round(grid, cfg, roster, fed, t)
         run_state.fedit = fed_dict(fed)
         save_state(run_state, ckpt)
         h = fed.history[-1]
         print(f"round {t + 1}/{cfg.rounds}: {len(h['clients']) - len(h['dropped'])}/{len(h['clients'])} answered, "
-              f"{len(h['rejected'])} rejected, {len(h['failed'])} failed, mean loss {h['mean_train_loss']}")
+              f"{len(h['rejected'])} rejected, {len(h['failed'])} failed, mean loss {h['mean_train_loss']}"
+              + "".join(f"\n  {f['client']} failed: {f['reason']}" for f in h["failed"]))
     timing["fedit"], t0 = time.time() - t0, time.time()
+    rejoin(grid, cfg, roster, phi0)
     evals, eval_failed = personalize_all(grid, cfg, roster, fed.global_state)
     timing["personalize"] = time.time() - t0
     results = collect_server_results(cfg, context, roster, fed, phi0, evals, eval_failed, timing)
     write_outputs(results, out_dir)
     print(f"results in {out_dir}/results.json")
-
+    if eval_failed:  # said in the log, in results.md (report.fault_summary) and in the run's status
+        for f in eval_failed:
+            print(f"{f['client']} is missing from the results: {f['reason']}")
+        raise ClientsMissing(f"{len(eval_failed)} of {len(roster.names)} clients missing from the results "
+                             f"({', '.join(f['client'] for f in eval_failed)}); the others' are in {out_dir}")

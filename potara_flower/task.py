@@ -30,12 +30,15 @@ import hashlib
 import json
 import os
 from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 from data import ClientSplits, load_images
-from potara_harness.config import AppConfig
+from potara_harness.config import AppConfig, ConfigError
 from potara_harness.partition import client_splits, label_partition, public_and_pool
 from files import atomic_write
 
@@ -173,3 +176,70 @@ def client_split(cfg: AppConfig, data_dir: str, k: int, num_partitions: int,
         os.makedirs(cache_dir, exist_ok=True)
         atomic_write(path(key), lambda f: torch.save(obj, f))
     return split
+
+
+# ----------------------------------------------------------------------------- the language experiment
+# experiment="language": run_llm.py's experiment, one instruction task per client. A node names its task
+# (task='synthetic:<name>' or a <task>.jsonl file) and the model (a tiny model file or a local Hugging Face folder);
+# every message builds the client as run_llm.py builds it (lm.build_splits, the model, add_language_lora's phi_0).
+@dataclass
+class LanguageClient:
+    """What the language experiment's client holds beyond its split and model: the plug-ins run_llm.py hands the
+    pipeline (lm_loss, the Scorer, causal_lm_likelihood), and where the model came from (its peft export's base)."""
+    loss_fn: Callable
+    evaluate: Callable
+    likelihood: object
+    base_model: str | None  # a Hugging Face folder's absolute path; None: the tiny model (exported beside it)
+
+
+def language_client(cfg: AppConfig, task: str, model_path: str) -> tuple[ClientSplits, nn.Module, LanguageClient]:
+    """Client k's split, model with phi_0 and plug-ins for the node's task and model, built as run_llm.py builds
+    them: the task's examples split by (seed, task name) into train / val / test and encoded with answer-only labels
+    (lm.build_splits), the model (tiny: lm.load_tiny_file, the byte tokenizer; a folder: AutoModelForCausalLM and
+    AutoTokenizer from it, eager attention), then LoRA on `targets` drawn under torch.manual_seed(seed)."""
+    from fisher import causal_lm_likelihood  # the language modules (transformers among them) only when they run
+    from potara_harness.llm_data import ByteTokenizer
+    from potara_harness.lm import (
+        Scorer,
+        add_language_lora,
+        build_splits,
+        client_task,
+        lm_loss,
+        load_hf_model,
+        load_hf_tokenizer,
+        load_tiny_file,
+    )
+
+    name, examples = client_task(task, cfg.synthetic_examples)
+    if os.path.isfile(model_path):
+        tok, model, base = ByteTokenizer(), load_tiny_file(model_path, cfg.max_len), None
+    elif os.path.isdir(model_path):
+        tok, base = load_hf_tokenizer(model_path), os.path.abspath(model_path)
+        model = load_hf_model(model_path, "eager").eval()
+    else:
+        raise ConfigError(f"node config model={model_path!r}: no such file or folder on this device")
+    scorer = Scorer(tok, cfg.max_new_tokens, cfg.eval_batch_size)
+    [split] = build_splits({name: examples}, tok, (cfg.train, cfg.val, cfg.test), cfg.max_len, cfg.seed, scorer)
+    add_language_lora(model, cfg.target_modules, cfg.rank, cfg.lora_alpha, cfg.seed)
+    return split, model, LanguageClient(lm_loss, scorer, causal_lm_likelihood, base)
+
+
+def file_sha256(path: str) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def model_sha256(path: str) -> str:
+    """sha256 of a node's model: a file's bytes (what the vision app's backbone hash is), or for a folder the sha256
+    of one line "<relative path>\\0<the file's sha256>" per file under it, in sorted order (so two folders agree
+    exactly when they hold the same files with the same bytes). Computed at set-up only: a large model costs
+    seconds to hash."""
+    if os.path.isfile(path):
+        return file_sha256(path)
+    files = sorted(os.path.relpath(os.path.join(d, f), path) for d, _, names in os.walk(path) for f in names)
+    lines = "".join(f"{f}\0{file_sha256(os.path.join(path, f))}\n" for f in files)
+    return hashlib.sha256(lines.encode()).hexdigest()

@@ -97,6 +97,7 @@ VIT_PRESETS = {  # every default of run_cifar.py, per --preset (None: not used b
 }
 TINY_LLAMA = dict(hidden_size=96, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
                   num_key_value_heads=4, max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=True)
+SYNTHETIC_TASKS_SEED = 1234  # run_llm.py --data synthetic's tasks: llm_tasks.synthetic_tasks(n, seed=this)
 LM_PRESETS = {  # every default of run_llm.py that depends on the model: "tiny" or "hf" (any Hugging Face model)
     "tiny": dict(train=200, val=50, test=100, max_len=96, max_new_tokens=16, rounds=20, local_steps=5,
                  local_train_steps=100, finetune_steps=25, lr=3e-3, batch_size=32, rank=8, lora_alpha=16,
@@ -138,13 +139,15 @@ class ConfigError(ValueError):
     """A run or node configuration value that is missing, of the wrong type, or out of range (one line)."""
 
 
-_TINY = VIT_PRESETS["tiny"]
+_TINY, _TINY_LM = VIT_PRESETS["tiny"], LM_PRESETS["tiny"]
 
 
 @dataclass
 class AppConfig:
     """The Flower app's run configuration; every field is a key of [tool.flwr.app.config] with - for _.
-    The tiny preset's settings, over 2 SuperNodes and 20 rounds."""
+    The tiny preset's settings, over 2 SuperNodes and 20 rounds. experiment="language" runs run_llm.py's
+    experiment with the same training keys (rounds ... fisher-samples: set them to run_llm.py's, e.g. train=200
+    val=50 test=100 for its tiny defaults) and the language keys at the end; preset ... public are vision's."""
     num_clients: int = 2           # SuperNodes (= partitions) the server waits for
     rounds: int = 20               # FedIT rounds R
     local_steps: int = _TINY["local_steps"]
@@ -174,6 +177,14 @@ class AppConfig:
     resume: bool = False           # continue out-dir/checkpoint.pt (same run configuration)
     connect_timeout: float = 300.0  # seconds to wait for num-clients SuperNodes
     round_timeout: float = 600.0   # seconds to wait for the replies of one round
+    personalize_timeout: float = 0.0  # seconds to wait for the final Potara step; 0 = final_timeout's estimate
+    experiment: str = "vision"     # "vision" (run_cifar.py's: images, a ViT) or "language" (run_llm.py's: one
+                                   # instruction task per client, a causal LM): the keys below are its alone
+    max_len: int = _TINY_LM["max_len"]  # tokens per example (run_llm.py --max-len)
+    max_new_tokens: int = _TINY_LM["max_new_tokens"]  # greedy decoding budget of free-form answers
+    eval_batch_size: int = 64      # sequences per forward pass when scoring options (run_llm.py's default)
+    synthetic_examples: int = 600  # examples of each synthetic task (a node's task='synthetic:<name>')
+    targets: str = "q_proj v_proj"  # the modules LoRA wraps, space-separated (run_llm.py --targets)
 
     @classmethod
     def from_run_config(cls, run_config) -> "AppConfig":
@@ -201,7 +212,8 @@ class AppConfig:
     def check(self) -> None:
         positive = ("num_clients", "rounds", "local_steps", "batch_size", "rank", "synthetic_per_class", "train",
                     "val", "test", "local_train_steps", "finetune_steps", "fisher_samples", "lr", "lora_alpha",
-                    "alpha", "connect_timeout", "round_timeout")
+                    "alpha", "connect_timeout", "round_timeout", "max_len", "max_new_tokens", "eval_batch_size",
+                    "synthetic_examples")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"run config {name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
@@ -218,21 +230,49 @@ class AppConfig:
             (min(self.public, self.seed) < 0, "public and seed must be >= 0"),
             (not 0 <= self.drop_prob < 1, f"drop-prob must be in [0, 1), got {self.drop_prob}"),
             (self.max_update_norm < 0, f"max-update-norm must be >= 0 (0: no bound), got {self.max_update_norm}"),
+            (self.personalize_timeout < 0, f"personalize-timeout must be >= 0 (0: sized from the final step's "
+             f"work), got {self.personalize_timeout}"),
             (self.fisher_samples > self.val, f"fisher-samples {self.fisher_samples} exceeds val {self.val}"),
             (grid is not None, f"grid-step {grid}"),
             (size_problem("synthetic_per_class", self.synthetic_per_class) is not None,
              f"synthetic-per-class {size_problem('synthetic_per_class', self.synthetic_per_class)}"),
             (not self.out_dir, "out-dir must not be empty"),
+            (self.experiment not in ("vision", "language"), f"experiment must be 'vision' or 'language', got "
+             f"{self.experiment!r}"),
+            (not self.target_modules or set(self.target_modules) & {"self_attn", "attention"},
+             f"targets must name nn.Linear projections, space-separated (e.g. 'q_proj v_proj'), got {self.targets!r}"),
         ]
         for bad, message in problems:
             if bad:
                 raise ConfigError(f"run config {message}")
 
     @property
+    def final_timeout(self) -> float:
+        """The final step's timeout: personalize-timeout, or 0 for round-timeout x (the step's work / a round's),
+        work counted in training steps of batch-size examples. A round is local-steps of them; the final step is
+        local-train-steps + finetune-steps, the statistics (per-sample gradients of fisher-samples examples for
+        both adapters and the held-out loss: ~3 passes of them) and the scoring (forward passes, ~1/3 of a step
+        per batch: every grid point on val twice, accuracy and loss, and on test, every method on test). A
+        round's fixed costs (process start, imports, loading) are in both, so if round-timeout covers a round
+        the scaled one covers the final step."""
+        if self.personalize_timeout > 0:
+            return self.personalize_timeout
+        points = round(1 / self.grid_step) + 1
+        scored = points * (2 * self.val + self.test) + 9 * self.test
+        work = (self.local_train_steps + self.finetune_steps + math.ceil(3 * self.fisher_samples / self.batch_size)
+                + math.ceil(scored / (3 * self.batch_size)))
+        return self.round_timeout * max(1.0, work / self.local_steps)
+
+    @property
+    def target_modules(self) -> list[str]:
+        """targets as run_llm.py --targets takes them (a device exports its adapter in peft's format: nn.Linear)."""
+        return self.targets.split()
+
+    @property
     def per_round(self) -> int:
         return self.clients_per_round or self.num_clients
 
-    def experiment(self) -> ExperimentConfig:
+    def pipeline_config(self) -> ExperimentConfig:
         """The in-process pipeline's settings for the same run (what the client-side stages read; results.json)."""
         return ExperimentConfig(
             rounds=self.rounds, local_steps=self.local_steps, clients_per_round=self.clients_per_round, lr=self.lr,

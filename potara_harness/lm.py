@@ -14,6 +14,7 @@ with labels -100 everywhere but the answer (llm_data.encode_examples).
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import time
 
@@ -23,19 +24,21 @@ import torch.nn.functional as F
 
 from data import ClientSplits
 from fisher import causal_lm_likelihood
-from lora import check_tensors
-from potara_harness.config import TINY_LLAMA
+from lora import add_lora, check_tensors
+from potara_harness.config import SYNTHETIC_TASKS_SEED, TINY_LLAMA
 from potara_harness.llm_data import (
     IGNORE,
+    ByteTokenizer,
     DataError,
     Example,
     HFTokenizer,
     Tokenizer,
     encode_examples,
     normalize_answer,
+    read_jsonl,
     split_tasks,
 )
-from potara_harness.llm_tasks import public_corpus
+from potara_harness.llm_tasks import SYNTHETIC_TASKS, public_corpus, synthetic_tasks
 from potara_harness.pretrain import cache_path, cached_pretrain, step, warmup_cosine
 from training import progress_bar
 
@@ -48,6 +51,42 @@ def tiny_llama(vocab_size: int, **overrides):
     cfg = LlamaConfig(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0,
                       **{**TINY_LLAMA, **overrides})
     return LlamaForCausalLM._from_config(cfg, attn_implementation="eager")
+
+
+def tiny_model(max_len: int, arch: dict | None = None):
+    """The tiny Llama (architecture `arch`, default config.TINY_LLAMA) for sequences of max_len tokens: positions
+    max(128, max_len), the byte tokenizer's vocabulary. run_llm.py and a Flower device build it alike."""
+    return tiny_llama(ByteTokenizer.vocab_size, **{**(arch or {}), "max_position_embeddings": max(128, max_len)})
+
+
+def load_tiny_file(path: str, max_len: int) -> nn.Module:
+    """The pre-trained tiny Llama from pretrain_tiny's cache file (run_llm.py --model tiny writes it to --cache-dir,
+    e.g. data/llm/tiny-llama-<key>.pt), as a Flower device loads it: torch.load(weights_only=True), no code runs;
+    its architecture (info/key/arch) must have TINY_LLAMA's keys with values of their types, sizes in [1, 65536];
+    every tensor is checked against the model built from it (keys, shapes, dtypes, finite). DataError, one line."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- missing, truncated, or a pickle that would run code
+        raise DataError(f"{path}: not a readable, safe torch file ({type(e).__name__})") from None
+    arch = obj.get("info", {}).get("key", {}).get("arch") if isinstance(obj, dict) else None
+    if not (isinstance(arch, dict) and set(arch) == set(TINY_LLAMA)
+            and all(type(v) is type(TINY_LLAMA[k]) for k, v in arch.items())
+            and all(1 <= v <= 65536 for v in arch.values() if type(v) is int)):
+        raise DataError(f"{path}: not a tiny model file (pretrain_tiny's: info/key/arch with {sorted(TINY_LLAMA)})")
+    try:
+        model = tiny_model(max_len, arch)
+        check_tensors(obj.get("state_dict"), model.state_dict(), what=path)
+    except ValueError as e:  # transformers' config checks, lora.AdapterError
+        raise DataError(f"{path}: {' '.join(str(e).split())[:300]}") from None
+    model.load_state_dict(obj["state_dict"])
+    return model.eval()
+
+
+def add_language_lora(model: nn.Module, targets, rank: int, alpha: float, seed: int) -> None:
+    """LoRA of rank r on the modules `targets` names (lora.add_lora), drawn under torch.manual_seed(seed): phi_0,
+    the initial adapter every client and the server share, depends on the seed and the architecture only."""
+    torch.manual_seed(seed)
+    add_lora(model, targets, r=rank, alpha=alpha)
 
 
 def _hf_failure(name: str, e: Exception) -> DataError:
@@ -235,6 +274,24 @@ def build_splits(tasks: dict[str, list[Example]], tok: Tokenizer, sizes: tuple[i
                 scorer.register(*parts[part], exs)
         splits.append(ClientSplits(name, *parts["train"], *parts["val"], *parts["test"]))
     return splits
+
+
+SYNTHETIC_PREFIX = "synthetic:"  # a Flower node's task="synthetic:<name>": one of run_llm.py --data synthetic's tasks
+
+
+def client_task(spec: str, synthetic_examples: int) -> tuple[str, list[Example]]:
+    """One client's task, named as a Flower node's `task` setting names it: "synthetic:<name>", the task <name> of
+    synthetic_tasks(synthetic_examples, seed=SYNTHETIC_TASKS_SEED) (run_llm.py --data synthetic's), or the path of
+    a <task>.jsonl file (llm_data's format), named by the file as read_task_dir names it. DataError, one line."""
+    if spec.startswith(SYNTHETIC_PREFIX):
+        name = spec[len(SYNTHETIC_PREFIX):]
+        if name not in SYNTHETIC_TASKS:
+            raise DataError(f"task {spec!r}: the synthetic tasks are {', '.join(SYNTHETIC_TASKS)}")
+        return name, synthetic_tasks(synthetic_examples, seed=SYNTHETIC_TASKS_SEED)[name]
+    name = os.path.basename(spec)[:-len(".jsonl")] if spec.endswith(".jsonl") else ""
+    if name in ("", ".", ".."):
+        raise DataError(f"task {spec!r}: expected a <task>.jsonl file or synthetic:<name>")
+    return name, read_jsonl(spec)
 
 
 def chance(examples: list[Example]) -> float:

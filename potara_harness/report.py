@@ -73,8 +73,9 @@ def collect_results(config: dict, cfg, clients: list[str], acc: dict, per_client
 
 
 def fault_summary(results: dict) -> str | None:
-    """One line: drop-outs, rejected updates, diverged trainings, non-finite statistics (None if none and
-    neither drop_prob nor max_update_norm was set)."""
+    """One line: drop-outs, rejected updates, diverged trainings, non-finite statistics, and in a deployment the
+    clients that failed a round or are missing from the results (None if none and neither drop_prob nor
+    max_update_norm was set)."""
     f = results.get("faults")
     if not f:
         return None
@@ -85,8 +86,15 @@ def fault_summary(results: dict) -> str | None:
                      f"({', '.join(sorted({x['client'] for x in f['fallbacks']}))})")
     if f["statistics"]:
         parts.append(f"non-finite statistics for {', '.join(sorted({x['client'] for x in f['statistics']}))}")
+    failed = f["fedit"].get("failed") if f["fedit"] else None  # a deployment's clients that failed a round
+    if failed:
+        parts.append(f"{len(failed)} client-rounds failed ({', '.join(sorted({x['client'] for x in failed}))})")
+    missing = f.get("personalization_failed")  # a deployment's clients without final results
+    if missing:
+        parts.append("MISSING from the results: " + ", ".join(f"{x['client']} ({x['reason']})" for x in missing))
     happened = any(f[m] and (f[m]["dropped"] or f[m]["rejected"]) for m in ("fedit", "fedsa"))
-    if not (happened or f["fallbacks"] or f["statistics"] or f["drop_prob"] or f["max_update_norm"] is not None):
+    if not (happened or failed or missing or f["fallbacks"] or f["statistics"] or f["drop_prob"]
+            or f["max_update_norm"] is not None):
         return None
     return "faults: " + "; ".join(parts) + " (details: \"faults\" and the histories in results.json)"
 

@@ -25,7 +25,7 @@ def test_the_flower_defaults_are_the_tiny_presets():
               "local_train_steps", "finetune_steps"):
         assert getattr(app, k) == tiny[k], k
     assert app.fisher_samples == exp.fisher_samples and app.grid_step == exp.grid_step
-    assert app.experiment().max_update_norm is None and config.update_bound(0.0) is None
+    assert app.pipeline_config().max_update_norm is None and config.update_bound(0.0) is None
 
 
 def test_grid_step_rule():

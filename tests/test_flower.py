@@ -6,6 +6,7 @@ SIGKILL after a bound), whatever happens; every wait is bounded. Skipped only wh
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 from dataclasses import fields
@@ -22,7 +23,15 @@ try:
 except ImportError:  # Python 3.10: tomli, which flwr depends on
     import tomli as tomllib
 from conftest import MICRO_VIT  # noqa: E402
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict  # noqa: E402
+from flwr.app import (  # noqa: E402
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    RecordDict,
+)
 from flwr.serverapp import Grid  # noqa: E402
 from torchvision.models import VisionTransformer  # noqa: E402
 
@@ -32,6 +41,7 @@ from files import load_adapter  # noqa: E402
 from potara_flower import client_app as flower_client  # noqa: E402
 from potara_flower import server_app as flower_server  # noqa: E402
 from potara_flower.loopback import LocalFederation, wait_for  # noqa: E402
+from potara_flower.server_app import ClientsMissing  # noqa: E402
 from potara_flower.task import ADAPTER, CONFIG, METRICS, from_record, to_record  # noqa: E402
 from potara_harness.checkpoint import ResumeError  # noqa: E402
 from potara_harness.config import (  # noqa: E402
@@ -110,32 +120,73 @@ def check_against_in_process(out: Path, data_dir: Path, backbone: Path, run: dic
 
 # ----------------------------------------------------------------------------- in process (no network)
 class InProcessGrid(Grid):
-    """Flower's Grid with each node's ClientApp called in this process: the ServerApp's whole code path,
-    fast, with hooks to make a node fail or lie. `tamper(partition, msg, reply)` may replace a reply
-    (None: the node never answers). Replies come back in reverse order: arrival order must not matter."""
+    """Flower's Grid with each node's ClientApp called in this process: the ServerApp's whole code path, fast,
+    answering exactly as a real SuperLink does (flwr 1.42; potara_flower/replies.py has the whole account):
+
+    - push: each message gets its id, msg.object_id, set on the caller's object (superlink/grid/http_grid.py:
+      276-285); replies carry it as reply_to_message_id;
+    - a ClientApp that raises: Error(CLIENT_APP_RAISED_EXCEPTION = 2, "<class 'X'>:<'text'>") from the node
+      itself (supernode/runtime/run_clientapp.py:197-213);
+    - a dead node (kill(k)): gone from get_node_ids() (the SuperLink lists ONLINE nodes only,
+      server/superlink/linkstate/in_memory_linkstate.py:600-616); until it misses its heartbeats, nothing comes
+      back for it (send_and_receive returns at its timeout, http_grid.py:384-413); after (detected=True), the
+      SuperLink's own error reply, made by flwr's own create_message_error_unavailable_res_message: src_node_id
+      SUPERLINK_NODE_ID, not the dead node's, code NODE_UNAVAILABLE (server/superlink/linkstate/utils.py:114-158,
+      281-326; in_memory_linkstate.py:380-396);
+    - revive(k): the node's SuperNode restarted; without a registered key it registers again under a new node id
+      (supernode/fleet_http_connection.py:95-97, 220-230; in_memory_linkstate.py:507-511 draws a random id).
+
+    `tamper(partition, msg, reply)` may replace a reply, return None (the node never answers) or a list of
+    replies (several to one message). Replies come back in reverse order: arrival order must not matter."""
 
     def __init__(self, node_configs: list[dict], run_config: dict, tamper=None):
         self.configs = {1000 + 7 * i: c for i, c in enumerate(node_configs)}  # node ids are not partition ids
         self.states = {n: RecordDict() for n in self.configs}
-        self.run_config, self.tamper = run_config, tamper
+        self.run_config, self.tamper, self.dead, self.detected = run_config, tamper, set(), set()
+
+    def node_of(self, partition: int) -> int:
+        return max(n for n, c in self.configs.items() if c.get("partition-id") == partition)  # the newest
+
+    def kill(self, partition: int, detected: bool = True) -> None:
+        """The node of `partition` dies (SIGKILL: no goodbye); detected: its heartbeats have run out."""
+        n = self.node_of(partition)
+        self.dead.add(n)
+        (self.detected.add if detected else self.detected.discard)(n)
+
+    def revive(self, partition: int) -> int:
+        """The partition's SuperNode starts again: a new node id, the same node config."""
+        n = self.node_of(partition)
+        new = n + 1
+        self.configs[new], self.states[new] = self.configs[n], RecordDict()
+        return new
 
     def get_node_ids(self):
-        return list(self.configs)
+        return [n for n in self.configs if n not in self.dead]
 
     def send_and_receive(self, messages, *, timeout=None):
+        from flwr.common.constant import ErrorCode
+        from flwr.server.superlink.linkstate.utils import (
+            create_message_error_unavailable_res_message,
+        )
+
         replies = []
         for m in messages:
+            m.metadata.__dict__["_message_id"] = m.object_id  # what HttpGrid.push_messages does
             n = m.metadata.dst_node_id
+            if n in self.dead:
+                if n in self.detected:
+                    replies.append(create_message_error_unavailable_res_message(m.metadata, "node_unavail"))
+                continue
             ctx = Context(run_id=1, node_id=n, node_config=self.configs[n], state=self.states[n],
                           run_config=self.run_config)
             try:
                 reply = flower_client.app(m, ctx)
-            except Exception as e:  # what Flower does with a ClientApp that raises
-                reply = Message(Error(code=0, reason=f"{type(e).__name__}: {e}"), reply_to=m)
+            except Exception as e:  # what flwr's run_clientapp does with a ClientApp that raises
+                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                                      reason=str(type(e)) + ":<'" + str(e) + "'>"), reply_to=m)
             if self.tamper is not None:
                 reply = self.tamper(self.configs[n].get("partition-id"), m, reply)
-            if reply is not None:
-                replies.append(reply)
+            replies.extend(reply if isinstance(reply, list) else [reply] if reply is not None else [])
         return replies[::-1]
 
     def set_run(self, run):
@@ -172,14 +223,20 @@ def small_world(tmp_path_factory):
     return tmp
 
 
-def serve(world: Path, out: Path, tamper=None, nodes=None, **overrides) -> dict:
-    """Run the ServerApp against 3 in-process clients; results.json (or the exception the server raised)."""
+def serve(world: Path, out: Path, tamper=None, nodes=None, grid=None, missing=(), **overrides) -> dict:
+    """Run the ServerApp against 3 in-process clients (or `grid(nodes, run_config)`'s); results.json (or the
+    exception the server raised). `missing`: the clients expected missing from the results; the server must
+    then end with ClientsMissing naming them (the run's failed status), after writing results.json."""
     run_config = {**RUN, "out-dir": str(out), **{k.replace("_", "-"): v for k, v in overrides.items()}}
     nodes = nodes or [{"partition-id": k, "num-partitions": 3, "backbone": str(world / "backbone.pt"),
                        "data-dir": str(world / "data")} for k in range(3)]
     threads = torch.get_num_threads()
     try:
-        flower_server.app(InProcessGrid(nodes, run_config, tamper), Context(0, 0, {}, RecordDict(), run_config))
+        grid = grid(nodes, run_config) if grid else InProcessGrid(nodes, run_config, tamper)
+        with pytest.raises(ClientsMissing) if missing else contextlib.nullcontext() as raised:
+            flower_server.app(grid, Context(0, 0, {}, RecordDict(), run_config))
+        if missing:
+            assert f"({', '.join(missing)})" in str(raised.value), raised.value
     finally:
         torch.set_num_threads(threads)
     return json.loads((out / "results.json").read_text())
@@ -205,9 +262,10 @@ def test_resume_continues_the_checkpoint_bitwise(small_world, task_identity, tmp
 
 
 def test_failed_silent_and_lying_clients_are_recorded(small_world, task_identity, tmp_path):
-    """Round 0: client1 raises, client2 never answers; round 1: a NaN adapter and an infinite loss; at the end an
-    unreadable personalisation reply. Each is recorded with its reason (failed / rejected / personalization_failed),
-    the round averages the rest, nobody vanishes."""
+    """Round 0: client1 raises, client2 never answers; round 1: a NaN adapter, an infinite loss, and a FedAvg
+    weight other than set-up's; at the end an unreadable personalisation reply. Each is recorded with its reason
+    (failed / rejected / personalization_failed), the round averages the rest, nobody vanishes, and the client
+    missing from the results is named in results.md and in the run's failed status."""
     def tamper(k, msg, reply):
         t = msg.content[CONFIG]["round"] if msg.metadata.message_type == "train" else None
         if t == 0 and k == 1:
@@ -218,28 +276,33 @@ def test_failed_silent_and_lying_clients_are_recorded(small_world, task_identity
             return Message(RecordDict({CONFIG: ConfigRecord({"acc/local": "all of them", "record/x": 1})}),
                            reply_to=msg)
         if t == 1 and reply.has_content() and ADAPTER in reply.content:
-            state = from_record(reply.content[ADAPTER])
             if k == 0:
-                state = {key: torch.full_like(v, float("nan")) for key, v in state.items()}
-                reply.content[ADAPTER] = to_record(state)
+                state = from_record(reply.content[ADAPTER])
+                reply.content[ADAPTER] = to_record({key: torch.full_like(v, float("nan")) for key, v in state.items()})
+            if k == 1:
+                reply.content[METRICS]["train-loss"] = float("inf")  # a non-finite loss: rejected by server_round
             if k == 2:
-                reply.content[METRICS]["num-examples"] = 10**9  # an inflated FedAvg weight is not checkable...
-                reply.content[METRICS]["train-loss"] = float("inf")  # ...a non-finite loss is
+                reply.content[METRICS]["num-examples"] = 10**9  # n_k is fixed at set-up: failed
         return reply
 
-    res = serve(small_world, tmp_path / "out", tamper=tamper, clients_per_round=3, drop_prob=0.0, round_timeout=5.0)
+    res = serve(small_world, tmp_path / "out", tamper=tamper, clients_per_round=3, drop_prob=0.0, round_timeout=5.0,
+                missing=["client1"])
     h0, h1 = res["fedit_history"]
     assert h0["failed"] == [{"client": "client1", "reason": "client error: RuntimeError: out of memory"},
                             {"client": "client2", "reason": "no reply within 5 s"}]
     assert h0["dropped"] == ["client1", "client2"] and h0["bytes_up"] == res["adapter"]["bytes"]
     assert h0["mean_train_loss"] is not None  # client0's update was averaged
-    assert [r["client"] for r in h1["rejected"]] == ["client0", "client2"]
+    assert [r["client"] for r in h1["rejected"]] == ["client0", "client1"]
     assert "NaN" in h1["rejected"][0]["reason"] and "finite" in h1["rejected"][1]["reason"]
-    assert res["faults"]["fedit"]["failed"] == [{"round": 0, **f} for f in h0["failed"]]
+    assert h1["failed"] == [{"client": "client2", "reason": "unreadable reply: ValueError: num-examples 1000000000 "
+                                                            "is not the 40 of set-up"}]
+    assert res["faults"]["fedit"]["failed"] == [{"round": 0, **f} for f in h0["failed"]] + [{"round": 1, **h1["failed"][0]}]
     assert res["clients"] == ["client0", "client2"]  # client1's personalisation reply was unreadable...
-    why = "unreadable reply: ValueError: could not convert string to float: 'all of them'"
-    assert res["faults"]["personalization_failed"] == [{"client": "client1", "reason": why}]  # ...and says so
-    assert "2 client-rounds dropped, 2 updates rejected" in (tmp_path / "out" / "results.md").read_text()
+    [why] = res["faults"]["personalization_failed"]  # ...and says so
+    assert why["client"] == "client1" and why["reason"].startswith("unreadable reply: ValueError: acc has methods ['local'], not ")
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "3 client-rounds dropped, 2 updates rejected" in md and "3 client-rounds failed (client1, client2)" in md
+    assert f"MISSING from the results: client1 ({why['reason']})" in md
 
 
 class Unpicklable:
@@ -272,7 +335,7 @@ def test_setup_refuses_a_misconfigured_federation(small_world, task_identity, tm
         serve(small_world, tmp_path / "c", nodes=[node(0), node(1), node(2, backbone=str(other))])
     unsafe = tmp_path / "unsafe.pt"
     torch.save({"format": "potara-backbone-v1", "vit": Unpicklable()}, unsafe)  # would call os.getpid if loaded
-    with pytest.raises(RuntimeError, match="node .*: client error: BackboneError: .*not a readable, safe torch file"):
+    with pytest.raises(RuntimeError, match="node .*: client error: <class '.*BackboneError'>:<'.*not a readable, safe torch file"):
         serve(small_world, tmp_path / "d", nodes=[node(0), node(1, backbone=str(unsafe)), node(2)])
     for bad, message in (({"device": "tpu"}, "node config device='tpu'"), ({"threads": 0}, "threads=0: must be >= 1"),
                          ({"partition-id": 5}, "partition-id=5 num-partitions=3")):

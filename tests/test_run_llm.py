@@ -11,7 +11,7 @@ import run_llm
 from files import UnsafeFile
 from lora import add_lora, load_lora_state_dict, lora_state_dict
 from potara import merge_adapters
-from potara_harness import lm
+from potara_harness import lm, peft_export
 
 
 def test_peft_export_loads_in_peft_with_equal_logits(tmp_path, small_llama, randomize_lora):
@@ -23,9 +23,9 @@ def test_peft_export_loads_in_peft_with_equal_logits(tmp_path, small_llama, rand
     randomize_lora(model, seed=2)
     B = lora_state_dict(model)
     base_dir = str(tmp_path / "base")
-    run_llm.save_tiny_base(model, base_dir)
+    peft_export.save_tiny_base(model, base_dir)
     adapters = {"ab": merge_adapters(A, B, 0.3, "ab"), "delta": merge_adapters(A, B, 0.3, "delta")}  # rank 4, 8
-    run_llm.export_peft(str(tmp_path / "peft"), adapters, scaling=2.0, targets=["q_proj", "v_proj"], base_model=base_dir)
+    peft_export.export_peft(str(tmp_path / "peft"), adapters, scaling=2.0, targets=["q_proj", "v_proj"], base_model=base_dir)
     from transformers import AutoModelForCausalLM
     x = torch.randint(3, 259, (2, 11))
     for name, state in adapters.items():
@@ -167,16 +167,16 @@ def test_export_task_names_that_would_clash_are_refused_up_front(tmp_path, capsy
 
 def test_folder_export_is_atomic(tmp_path):
     folder = tmp_path / "peft" / "client0"
-    run_llm.write_folder_atomically(str(folder), lambda f: os.makedirs(f) or open(os.path.join(f, "x"), "w").write("old"))
+    peft_export.write_folder_atomically(str(folder), lambda f: os.makedirs(f) or open(os.path.join(f, "x"), "w").write("old"))
 
     def dies_halfway(f):
         os.makedirs(f)
         open(os.path.join(f, "x"), "w").write("half")
         raise KeyboardInterrupt  # e.g. Ctrl-C or a full disk in the middle of writing
     with pytest.raises(KeyboardInterrupt):
-        run_llm.write_folder_atomically(str(folder), dies_halfway)
+        peft_export.write_folder_atomically(str(folder), dies_halfway)
     assert os.listdir(tmp_path / "peft") == ["client0"] and (folder / "x").read_text() == "old"  # old one, no debris
-    run_llm.write_folder_atomically(str(folder), lambda f: os.makedirs(f) or [open(os.path.join(f, n), "w").write("new")
+    peft_export.write_folder_atomically(str(folder), lambda f: os.makedirs(f) or [open(os.path.join(f, n), "w").write("new")
                                                                             for n in ("x", "y")])
     assert sorted(os.listdir(folder)) == ["x", "y"] and os.listdir(tmp_path / "peft") == ["client0"]
 
@@ -194,12 +194,12 @@ def test_export_never_replaces_what_it_did_not_write(tmp_path):
     for name, why in (("victim", "holds 'notes.txt', which no export writes"), ("afile", "is a file"),
                       ("alink", "is a symbolic link")):
         with pytest.raises(UnsafeFile, match=why):
-            run_llm.export_peft(str(out), {name: state}, 2.0, ["q_proj"], "base")
+            peft_export.export_peft(str(out), {name: state}, 2.0, ["q_proj"], "base")
     assert (out / "victim" / "notes.txt").read_text() == "precious" and (out / "afile").read_text() == "precious"
     assert sorted(os.listdir(out)) == ["afile", "alink", "elsewhere", "victim"]  # no debris either
-    run_llm.export_peft(str(out), {"c0": state}, 2.0, ["q_proj"], "base")
-    run_llm.export_peft(str(out), {"c0": state}, 2.0, ["q_proj"], "base")  # an earlier export's folder: replaced
-    assert sorted(os.listdir(out / "c0")) == sorted(run_llm.ADAPTER_FILES)
+    peft_export.export_peft(str(out), {"c0": state}, 2.0, ["q_proj"], "base")
+    peft_export.export_peft(str(out), {"c0": state}, 2.0, ["q_proj"], "base")  # an earlier export's folder: replaced
+    assert sorted(os.listdir(out / "c0")) == sorted(peft_export.ADAPTER_FILES)
 
 
 @pytest.mark.parametrize("task, export, why", [
