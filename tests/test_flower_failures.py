@@ -363,3 +363,45 @@ def test_loopback_kill_one_supernode_mid_run(federation, tmp_path):
     assert [[f["client"] for f in h["failed"]] for h in results["fedit_history"]] == [[], ["client2"], ["client2"]]
     assert [f["client"] for f in results["faults"]["personalization_failed"]] == ["client2"]
     assert "MISSING from the results: client2" in (tmp_path / "out" / "results.md").read_text()
+
+
+# ----------------------------------------------------------------------------- the operator recipe
+def test_the_recipe_names_the_backbone_file_the_preparation_writes(monkeypatch, tmp_path):
+    """docs/flower.md's preparation command, parsed by run_cifar.py itself, writes its results to its own --out
+    (not the main job's default folder) and its backbone to the file every --node-config of the recipe names:
+    the name run_cifar.py computes (vit.tiny_backbone's cache path; pre-training stubbed out)."""
+    import shlex
+    import types
+
+    import numpy as np
+
+    import run_cifar
+    from potara_harness import vit
+    from potara_harness.partition import public_and_pool
+
+    doc = (REPO / "docs" / "flower.md").read_text()
+    [prep] = [line.split("#")[0] for line in doc.splitlines() if line.startswith("python run_cifar.py")]
+    argv = shlex.split(prep)[2:]
+    monkeypatch.chdir(tmp_path)
+    args, p = run_cifar.resolve_args(run_cifar.build_parser(), argv)
+    default_out = run_cifar.resolve_args(run_cifar.build_parser(), ["--preset", "tiny", "--data", "synthetic"])[0].out
+    assert "--out" in argv and args.out not in (default_out, AppConfig().out_dir)  # the main jobs' folders
+    n = 100 * (args.synthetic_per_class + args.synthetic_per_class // 5)  # load_images: synthetic train + test
+    public, _ = public_and_pool(n, args.public)
+    data = types.SimpleNamespace(images=torch.zeros(n, 1), labels=np.zeros(n, dtype=np.int64))
+
+    class Written(Exception):
+        pass
+
+    def cached_pretrain(path, *rest):
+        raise Written(path)
+
+    monkeypatch.setattr(vit, "cached_pretrain", cached_pretrain)
+    with pytest.raises(Written) as written:
+        run_cifar.get_backbone(args, p, data, public, torch.device("cpu"))
+    name = os.path.relpath(str(written.value), tmp_path)
+    assert name == os.path.join("data", "backbones", "tiny-3ed7fae472e8.pt")  # what the docs name...
+    configs = [line for line in doc.splitlines() if "--node-config \"" in line]
+    assert configs and all(f"backbone='{name}'" in line for line in configs)  # ...in every node config
+    run_section = doc[doc.index("## Run"):doc.index("## What crosses the wire")]
+    assert "<key>" not in run_section and "--port 9094" in run_section and "--port 9095" in run_section
