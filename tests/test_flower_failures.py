@@ -16,7 +16,7 @@ import torch
 pytest.importorskip("flwr")
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict  # noqa: E402
-from test_flower import (  # noqa: E402  (helpers and fixtures only: no test_* names, so nothing runs twice)
+from flower_kit import (  # noqa: E402, F401  (fixtures are used by name)
     REPO,
     RUN,
     InProcessGrid,

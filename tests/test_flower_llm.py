@@ -21,7 +21,7 @@ pytest.importorskip("transformers")
 
 from conftest import SMALL_LLAMA  # noqa: E402
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord  # noqa: E402
-from test_flower import (  # noqa: E402  (helpers and fixtures only: no test_* names, so nothing runs twice)
+from flower_kit import (  # noqa: E402, F401  (fixtures are used by name)
     REPO,
     Unpicklable,
     federation,
