@@ -1,7 +1,7 @@
 """Flower on loopback against the in-process loop: the same model, data, seeds and rounds, run both ways;
 wall time per FedIT round, and where Flower's time goes (measured by the clients and the server).
 
-    python -m potara_flower.bench --backbone data/backbones/tiny-<key>.pt                # tiny preset, 2 clients, 5 rounds
+    python -m potara_flower.bench --backbone data/backbones/tiny-3ed7fae472e8.pt                # tiny preset, 2 clients, 5 rounds
     python -m potara_flower.bench --backbone B --clients 2 --rounds 5 --out runs/flower-bench
 
 In-process: fed.run_fedit on the clients client_app.py would build (task.client_split, the

@@ -2,7 +2,7 @@
 message. Declared in pyproject.toml ([tool.flwr.app.components]); started by a SuperNode such as
 
     flower-supernode --insecure --superlink 127.0.0.1:9093 --port 9094 \
-        --node-config "partition-id=0 num-partitions=2 backbone='data/backbones/tiny-<key>.pt' data-dir='data'"
+        --node-config "partition-id=0 num-partitions=2 backbone='data/backbones/tiny-3ed7fae472e8.pt' data-dir='data'"
 
 Node config (per device): partition-id k and num-partitions K (which client this device is),
 backbone (a local backbone file: vit.py's potara-backbone-v1 format, e.g. the tiny preset's cache file
@@ -15,7 +15,7 @@ property), adapter-dir (optional: the client saves its personalised Potara adapt
 With the run config's experiment="language" (run_llm.py's experiment, docs/flower.md), instead of backbone,
 data-dir and cache-dir: task (the client's task: 'synthetic:<name>', one of run_llm.py --data synthetic's tasks,
 or the path of a <task>.jsonl file) and model (a tiny model file as run_llm.py --model tiny caches it, e.g.
-data/llm/tiny-llama-<key>.pt, or a local Hugging Face folder; hashed at set-up, where the server checks that every
+data/llm/tiny-llama-dff38b954720.pt, or a local Hugging Face folder; hashed at set-up, where the server checks that every
 device holds the same). Every message then builds run_llm.py's client (task.language_client): the task's
 train / val / test split, the model with phi_0 on `targets`, lm_loss for training, the option scorer and
 causal_lm_likelihood for the final step; adapter-dir receives the Potara adapter in peft's format

@@ -4,7 +4,7 @@ potara_harness.config.AppConfig.
 
     flower-superlink --insecure --host 127.0.0.1 --port 9093 --disable-runtime-dependency-installation
     flower-supernode --insecure --superlink 127.0.0.1:9093 --port 9094 \
-        --node-config "partition-id=0 num-partitions=2 backbone='data/backbones/tiny-<key>.pt' data-dir='data'"
+        --node-config "partition-id=0 num-partitions=2 backbone='data/backbones/tiny-3ed7fae472e8.pt' data-dir='data'"
     flwr run . <connection> --run-config "rounds=5 out-dir='/abs/path/runs/flower'"
 
 (docs/flower.md has the whole recipe, with TLS and SuperNode keys.)

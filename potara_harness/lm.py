@@ -61,7 +61,7 @@ def tiny_model(max_len: int, arch: dict | None = None):
 
 def load_tiny_file(path: str, max_len: int) -> nn.Module:
     """The pre-trained tiny Llama from pretrain_tiny's cache file (run_llm.py --model tiny writes it to --cache-dir,
-    e.g. data/llm/tiny-llama-<key>.pt), as a Flower device loads it: torch.load(weights_only=True), no code runs;
+    e.g. data/llm/tiny-llama-dff38b954720.pt), as a Flower device loads it: torch.load(weights_only=True), no code runs;
     its architecture (info/key/arch) must have TINY_LLAMA's keys with values of their types, sizes in [1, 65536];
     every tensor is checked against the model built from it (keys, shapes, dtypes, finite). DataError, one line."""
     try:

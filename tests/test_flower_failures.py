@@ -401,7 +401,7 @@ def test_the_recipe_names_the_backbone_file_the_preparation_writes(monkeypatch, 
         run_cifar.get_backbone(args, p, data, public, torch.device("cpu"))
     name = os.path.relpath(str(written.value), tmp_path)
     assert name == os.path.join("data", "backbones", "tiny-3ed7fae472e8.pt")  # what the docs name...
-    configs = [line for line in doc.splitlines() if "--node-config \"" in line]
-    assert configs and all(f"backbone='{name}'" in line for line in configs)  # ...in every node config
+    configs = [line for line in doc.splitlines() if "--node-config \"" in line and "backbone=" in line]
+    assert configs and all(f"backbone='{name}'" in line for line in configs)  # ...in every vision node config
     run_section = doc[doc.index("## Run"):doc.index("## What crosses the wire")]
     assert "<key>" not in run_section and "--port 9094" in run_section and "--port 9095" in run_section

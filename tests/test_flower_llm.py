@@ -272,3 +272,27 @@ def test_language_resume_refuses_other_language_settings(micro_llama, task_ident
             serve(tmp_path, tmp_path / "out", nodes=nodes, **{**one, "rounds": 2, "resume": True, **change})
     resumed = serve(tmp_path, tmp_path / "out", nodes=nodes, **{**one, "rounds": 2, "resume": True})
     assert len(resumed["fedit_history"]) == 2
+
+
+def test_the_recipe_names_the_model_file_run_llm_writes(tmp_path, monkeypatch):
+    """docs/flower.md's language recipe names the tiny model file its preparation command caches (the cache key
+    of run_llm.py's defaults), so the node configs are copy-paste true."""
+    from potara_harness import lm
+
+    doc = (REPO / "docs" / "flower.md").read_text()
+    monkeypatch.chdir(tmp_path)  # the parser creates --out
+    prep = next(line for line in doc.splitlines() if line.startswith("python run_llm.py --model tiny"))
+    args, p = run_llm.resolve_args(run_llm.build_parser(), prep.split()[2:])
+
+    class Written(Exception):
+        pass
+
+    def cached_pretrain(path, *rest, **kw):
+        raise Written(path)
+
+    monkeypatch.setattr(lm, "cached_pretrain", cached_pretrain)
+    with pytest.raises(Written) as written:
+        lm.pretrain_tiny(None, None, p, 0, "data/llm", "cpu", False)
+    name = str(written.value)
+    configs = [line for line in doc.splitlines() if "--node-config \"" in line and "model=" in line]
+    assert configs and all(f"model='{name}'" in line for line in configs), name
