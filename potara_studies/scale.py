@@ -10,7 +10,7 @@ costs, not the accuracies, are measured. Per run:
                      communication curve, outputs) divided by K; and its CPU time (user + system) divided by K,
                      which a machine shared with other jobs disturbs less
   peak RSS           the process's maximum resident set (getrusage ru_maxrss), backbone included
-  bytes written      every file the run wrote, counted where it writes them (report.atomic_write: checkpoint.pt
+  bytes written      every file the run wrote, counted where it writes them (files.atomic_write: checkpoint.pt
                      each round, each part file once, the results), in total and per client
   checkpoint         the largest checkpoint.pt the run wrote (FedSA-LoRA's rounds hold K private parts)
 and the table gives each as a ratio to the preset's smallest K. What linear growth looks like: time / client,
@@ -36,6 +36,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from potara_harness import cli
 
 RUN = dict(rounds=2, local_steps=1, local_train_steps=2, finetune_steps=2, batch_size=4, fisher_samples=8,
            grid_step=0.05, snapshots=2, lr=1e-3)
@@ -128,7 +130,7 @@ def ratios_table(rows: list[dict]) -> str:
 
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=cli.HelpFormatter)
     ap.add_argument("--preset", choices=["tiny", "paper", "both"], default="both")
     ap.add_argument("--clients", type=int, nargs="+", help="K values (default: tiny 5 10 20 40 100, paper 5 10 20)")
     ap.add_argument("--out", default="runs/scale.json", help="the measurements, as JSON")

@@ -330,14 +330,16 @@ def test_fuzzed_train_replies_are_refused_or_sound(task_identity):
 
 
 # ----------------------------------------------------------------------------- the real thing: a SuperNode killed
-KILL = {**RUN, "num-clients": 3, "rounds": 3, "local-steps": 1, "clients-per-round": 0, "drop-prob": 0.0,
+# round-timeout 45 s: a live node answers in ~5-20 s (a new process importing torch, more under load); the killed
+# one is failed by whichever comes first, the SuperLink's NODE_UNAVAILABLE (37-60 s after the kill) or the timeout
+KILL = {**RUN, "num-clients": 3, "rounds": 2, "local-steps": 1, "clients-per-round": 0, "drop-prob": 0.0,
         "local-train-steps": 1, "finetune-steps": 1, "fisher-samples": 10, "train": 16, "val": 10, "test": 10,
-        "batch-size": 8, "grid-step": 0.5, "round-timeout": 120.0, "personalize-timeout": 120.0, "out-dir": "out"}
+        "batch-size": 8, "grid-step": 0.5, "round-timeout": 45.0, "personalize-timeout": 120.0, "out-dir": "out"}
 
 
 def test_loopback_kill_one_supernode_mid_run(federation, tmp_path):
-    """3 SuperNodes on 127.0.0.1; after round 1 of 3, SIGKILL to client2's SuperNode (its process group: the
-    device and its ClientApp process die). The run finishes, client2 is failed in rounds 2 and 3 (the SuperLink's
+    """3 SuperNodes on 127.0.0.1; after round 1 of 2, SIGKILL to client2's SuperNode (its process group: the
+    device and its ClientApp process die). The run finishes, client2 is failed in round 2 (the SuperLink's
     NODE_UNAVAILABLE once its heartbeats ran out, or no reply within round-timeout) and in the final step,
     results.json holds client0 and client1, and the run's status is finished:failed naming client2. Relative
     paths: the node config's are relative to where flower-supernode was started, out-dir to where
@@ -360,7 +362,7 @@ def test_loopback_kill_one_supernode_mid_run(federation, tmp_path):
     assert "1 of 3 clients missing from the results (client2)" in status["status-details"], status
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["clients"] == ["client0", "client1"]
-    assert [[f["client"] for f in h["failed"]] for h in results["fedit_history"]] == [[], ["client2"], ["client2"]]
+    assert [[f["client"] for f in h["failed"]] for h in results["fedit_history"]] == [[], ["client2"]]
     assert [f["client"] for f in results["faults"]["personalization_failed"]] == ["client2"]
     assert "MISSING from the results: client2" in (tmp_path / "out" / "results.md").read_text()
 
