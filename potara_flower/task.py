@@ -38,9 +38,9 @@ import torch
 import torch.nn as nn
 
 from data import ClientSplits, load_images
+from files import atomic_write, load_torch_file
 from potara_harness.config import AppConfig, ConfigError
 from potara_harness.partition import client_splits, label_partition, public_and_pool
-from files import atomic_write
 
 SETUP, TRAIN, EVALUATE = "query", "train", "evaluate"  # Flower message types (ClientApp handlers)
 ADAPTER, CONFIG, METRICS = "adapter", "config", "metrics"  # keys of a message's RecordDict
@@ -145,8 +145,8 @@ def split_key(cfg: AppConfig, data_dir: str, k: int, num_partitions: int) -> str
 def read_cached_split(path: str, key: str, cfg: AppConfig, k: int) -> ClientSplits | None:
     """The cached split if the file is this key's and well-formed, else None (the file is never executed)."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # missing, truncated, or not a plain torch file
+        obj = load_torch_file(path, 1 << 30)
+    except Exception:  # missing, a link, a FIFO, truncated, or not a plain torch file
         return None
     if not isinstance(obj, dict) or set(obj) != {"format", "key", "name", *SPLIT_PARTS} or obj["key"] != key \
             or obj["name"] != f"client{k}":

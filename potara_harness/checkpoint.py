@@ -50,7 +50,7 @@ import torch.nn as nn
 
 from data import ClientSplits
 from fed import FedState
-from files import atomic_write
+from files import atomic_write, load_torch_file
 from lora import AdapterError, check_tensors, lora_meta
 
 CHECKPOINT_FORMAT = "potara-checkpoint-v2"
@@ -135,7 +135,7 @@ def save_state(state: RunState, path: str) -> None:
 def _read(path: str, what: str) -> object:
     """torch.load(weights_only=True): never runs code; any failure is a one-line ResumeError."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return load_torch_file(path)
     except Exception as e:  # noqa: BLE001 -- a pickle refused, truncated zip, a folder, ...: all mean "not usable"
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise ResumeError(f"{path} is unreadable (truncated, foreign or unsafe: {first}); {what}") from None
@@ -255,12 +255,12 @@ def read_run(out_dir: str) -> dict:
     """A run folder as one dict, to inspect it (tests, studies): checkpoint.pt's fields plus "snapshots"
     {round: adapter}, "local" / "finetuned" {client: adapter} and "fallbacks" (by file name). Read with
     weights_only (no code runs) but not checked against a run: load_state is what a resume trusts."""
-    ck = torch.load(os.path.join(out_dir, "checkpoint.pt"), map_location="cpu", weights_only=True)
+    ck = load_torch_file(os.path.join(out_dir, "checkpoint.pt"))
     run = {**ck, "snapshots": {}, "local": {}, "finetuned": {}, "fallbacks": []}
     folder = os.path.join(out_dir, PARTS_DIR)
     for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
         if PART_NAME.fullmatch(name):
-            part = torch.load(os.path.join(folder, name), map_location="cpu", weights_only=True)
+            part = load_torch_file(os.path.join(folder, name))
             run[part["kind"] + ("s" if part["kind"] == "snapshot" else "")][part["client"] or part["index"]] = part["adapter"]
             run["fallbacks"] += [part["fallback"]] if part["fallback"] else []
     return run

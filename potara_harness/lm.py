@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import ClientSplits
+from files import load_torch_file
 from fisher import causal_lm_likelihood
 from lora import add_lora, check_tensors
 from potara_harness.config import SYNTHETIC_TASKS_SEED, TINY_LLAMA
@@ -65,8 +66,8 @@ def load_tiny_file(path: str, max_len: int) -> nn.Module:
     its architecture (info/key/arch) must have TINY_LLAMA's keys with values of their types, sizes in [1, 65536];
     every tensor is checked against the model built from it (keys, shapes, dtypes, finite). DataError, one line."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 -- missing, truncated, or a pickle that would run code
+        obj = load_torch_file(path)
+    except Exception as e:  # noqa: BLE001 -- missing, a link, a FIFO, truncated, or a pickle that would run code
         raise DataError(f"{path}: not a readable, safe torch file ({type(e).__name__})") from None
     arch = obj.get("info", {}).get("key", {}).get("arch") if isinstance(obj, dict) else None
     if not (isinstance(arch, dict) and set(arch) == set(TINY_LLAMA)

@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import stat
-
 from typing import TYPE_CHECKING
 
 from files import UnsafeFile, remove_leftovers

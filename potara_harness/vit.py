@@ -22,6 +22,7 @@ import torchvision
 from torchvision.models import VisionTransformer
 
 from data import DataError
+from files import load_torch_file
 from lora import AdapterError, add_lora, check_tensors
 from lora_mha import LORA_LAYERS
 from potara_harness.pretrain import cache_path, cached_pretrain, step, warmup_cosine
@@ -138,8 +139,8 @@ def load_backbone_file(path: str, default_vit: dict | None) -> VisionTransformer
     state_dict of the preset's architecture (default_vit; None: vit_b_16, e.g. torchvision's
     vit_b_16-c6a6e5f1.pth). Read with weights_only=True (never runs code) and checked (backbone_from_state)."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 -- a refused pickle, a truncated zip, ...: all "not usable"
+        obj = load_torch_file(path)
+    except Exception as e:  # noqa: BLE001 -- a link, a FIFO, a refused pickle, a truncated zip, ...: all "not usable"
         raise BackboneError(f"--backbone {path}: not a readable, safe torch file ({type(e).__name__})") from None
     if not isinstance(obj, dict) or ("format" in obj and (obj.get("format") != "potara-backbone-v1"
                                                           or not {"vit", "state_dict"} <= obj.keys())):

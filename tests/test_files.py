@@ -229,3 +229,34 @@ def test_a_cache_file_that_is_a_fifo_is_pretrained_again_not_waited_on(tmp_path,
 def stat_is_fifo(path) -> bool:
     import stat
     return stat.S_ISFIFO(os.lstat(path).st_mode)
+
+
+def test_every_torch_file_the_project_reads_is_a_regular_file(tmp_path):
+    """Checkpoints, backbones, the tiny model file and the device's split cache are read through
+    files.load_torch_file: a FIFO or a link to /dev/zero is a one-line refusal at once, never a hang or a read
+    until memory runs out (each call under a 20 s alarm)."""
+    import signal
+
+    from potara_flower.task import read_cached_split
+    from potara_harness import checkpoint, lm, vit
+    from potara_harness.config import AppConfig
+
+    fifo, zero = tmp_path / "fifo.pt", tmp_path / "zero.pt"
+    os.mkfifo(fifo)
+    os.symlink("/dev/zero", zero)
+    signal.signal(signal.SIGALRM, lambda *a: pytest.fail("a read waited or ran on"))
+    try:
+        for path in (fifo, zero):
+            signal.alarm(20)
+            with pytest.raises(UnsafeFile):
+                files.load_torch_file(path)
+            with pytest.raises(checkpoint.ResumeError, match="unreadable"):
+                checkpoint._read(str(path), "start over")
+            with pytest.raises(vit.BackboneError):
+                vit.load_backbone_file(str(path), None)
+            with pytest.raises(lm.DataError):
+                lm.load_tiny_file(str(path), 32)
+            assert read_cached_split(str(path), "key", AppConfig(), 0) is None
+            signal.alarm(0)
+    finally:
+        signal.alarm(0)
