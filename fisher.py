@@ -30,7 +30,7 @@ try:  # torch >= 2.3; older versions only lose speed (vmap then loops over fused
 except ImportError:  # pragma: no cover
     from contextlib import nullcontext as _batchable_attention
 
-N_SAMPLES = 100  # the one default sample count: Potara's statistics, diag_fisher, gradient_stats (ablation.py)
+N_SAMPLES = 100  # the one default sample count: Potara's statistics, diag_fisher, gradient_stats (potara_studies/ablation.py)
 
 
 # ----------------------------------------------------------------------------- inputs

@@ -100,7 +100,7 @@ class LoRALinear(LoRALayer):
         # x -> A -> B keeps the intermediate at rank r: O(r (in + out)) per token, never forms B A.
         # addmm adds scaling * h B^T to the base output in one kernel (no full-size temporaries for the
         # product, its scale and the sum), and a contiguous B^T makes autograd compute B's gradient as
-        # h^T g, the fast orientation of that skinny product (bench.py, section "lora").
+        # h^T g, the fast orientation of that skinny product (potara_studies/bench.py, section "lora").
         x2 = x.reshape(-1, x.shape[-1])
         out = self.base(x2)
         h = F.linear(self.dropout(x2), self.lora_A)

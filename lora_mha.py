@@ -24,7 +24,7 @@ class LoRAPackedQKV(LoRALayer):
     the factors. For plain self-attention (the ViT case: query is key is value, no masks, no attention
     weights returned) the forward instead runs in activation space, q = x W_q^T + b_q + (alpha/r) x A_q^T B_q^T,
     then attention exactly as MultiheadAttention computes it: the same function, but autograd never forms
-    the full 3E x E weight gradient (per sample, under torch.func) -- bench.py sections "lora" and "fisher".
+    the full 3E x E weight gradient (per sample, under torch.func) -- potara_studies/bench.py sections "lora" and "fisher".
     The q part is mathematically the same as LoRALinear on a separate q projection.
     Input dropout cannot be applied in weight space, so `dropout` is not offered here.
     Factors are named lora_A_q, lora_B_q, lora_A_v, lora_B_v.

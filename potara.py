@@ -28,8 +28,8 @@ segment, on HELD-OUT client samples (a validation split the adapters were not tr
      lam_h at an end: the better end in the same order, with no extra pass.
 Cost: 2 forward-backward passes + at most 1 forward pass over the n held-out samples; never a grid. The
 chosen lam is never worse than the better end in that (error, loss) order on the held-out samples; by loss
-alone it can be, where the end with fewer errors has the higher loss (over-confident mistakes; README).
-The paper's estimator assumes linear mode connectivity; under conflicting tasks (real digits, README) it
+alone it can be, where the end with fewer errors has the higher loss (over-confident mistakes; docs/estimator-study.md).
+The paper's estimator assumes linear mode connectivity; under conflicting tasks (real digits, docs/estimator-study.md) it
 fails, and any weight read off the two ends alone can land on a barrier: the verification pass sees it.
 On the adapters' own training samples f(0) and f'(0) are ~0 and the weight favours phi_L: personalize
 warns when the samples look like that.
@@ -65,7 +65,7 @@ from lora import AdapterError, check_tensors, lora_factor, lora_layers
 def potara_weight(a: float, b: float, c: float, tol: float = 1e-12) -> float:
     """lam* = argmin_lam lam^2 a + (1-lam)^2 b + 2 lam(1-lam) c = (b - c) / (a + b - 2c).
 
-    Documented edge cases (OURS, ALGORITHM.md leaves them open):
+    Documented edge cases (OURS, docs/algorithm.md: the paper leaves them open):
       * a or b negative: ValueError (they are traces of covariances).
       * NaN anywhere: warning, lam = 0.5 (no information).
       * a = inf (federated model infinitely uncertain): lam = 0; b = inf: lam = 1; both: 0.5.
@@ -110,7 +110,7 @@ def _groups(keys, granularity: str) -> dict[str, list[str]]:
 def variance_terms(stats: GradStats, eps: float = 1e-3, granularity: str = "client", bias: bool = False):
     """The "paper" estimator of (a, b, c) (module docstring): floats for granularity="client", dicts
     {module: value} for "module" (one weight per adapted module). bias=True is the study's "bias" variant
-    (ablation.py): + each model's squared diagonal-Newton distance to the client optimum, sum_j (E[g_j]/F_j)^2."""
+    (potara_studies/ablation.py): + each model's squared diagonal-Newton distance to the client optimum, sum_j (E[g_j]/F_j)^2."""
     if not eps > 0:
         raise ValueError(f"eps must be positive, got {eps}")
 
@@ -236,7 +236,7 @@ def verified_weight(model: nn.Module, global_state: dict, local_state: dict, sam
 def _warn_if_training_data(info: dict, loss_tol: float = 0.05, slope_tol: float = 0.1) -> None:
     """Held-out samples are required: on the local adapter's own training samples its loss and its slope
     toward phi_G are both ~0 (an over-fitted minimum), which always favours phi_L. Thresholds in nats per
-    sample, set on the real digits (README: 116 of 120 training-split runs flagged, 0 of 120 validation-split
+    sample, set on the real digits (docs/estimator-study.md: 116 of 120 training-split runs flagged, 0 of 120 validation-split
     runs); an adapter that does not fit its training data to ~0 loss is not flagged (synthetic: 25 of 75)."""
     f0, d0 = info["loss_local"], info["slope_local"]
     if f0 < loss_tol and abs(d0) < slope_tol:

@@ -1,5 +1,5 @@
 """A Flower federation on this machine's loopback: a flower-superlink and flower-supernode processes on
-127.0.0.1, for trying the app (server_app.py / client_app.py), its tests and bench.py.
+127.0.0.1, for trying the app (server_app.py / client_app.py), its tests and potara_flower/bench.py.
 
     with LocalFederation("/tmp/fl") as fed:                       # FLWR_HOME, logs and keys live there
         fed.superlink()                                          # --insecure (tls=... for TLS)
@@ -12,7 +12,7 @@ Each process is started in its own process group (its pid leads it: the SuperNod
 the flwr-clientapp process of each message, go with it) and stopped by that pid, never by name. The
 executables are the ones beside this Python interpreter (Flower starts its helpers by name, so that
 folder also goes first on PATH). Every wait is bounded. On a real deployment, run the same commands
-on each machine instead (README, "Federated deployment with Flower").
+on each machine instead (docs/flower.md).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The command-line plumbing the pipeline scripts share (run_cifar.py, run_llm.py, ablation.py): the
+"""The command-line plumbing the pipeline scripts share (run_cifar.py, run_llm.py, potara_studies/ablation.py): the
 experiment's options and their checks, preset filling, device choice, and the main() wrapper.
 
     ap = argparse.ArgumentParser(...); add_experiment_options(ap)

@@ -313,7 +313,7 @@ ABLATION_SUITES = {
 
 @dataclass
 class DigitsConfig:
-    """Sizes and training of the real-data study (digits.py); the defaults are what the README's table used."""
+    """Sizes and training of the real-data study (digits.py); the defaults are what docs/estimator-study.md's table used."""
     clients: int = 6
     train: int = 60          # per client: FedIT / local training samples
     val: int = 50            # held out: the weight's statistics and the grid search's choice

@@ -1,4 +1,4 @@
-"""Real handwritten digits for the merge-weight study (ablation.py --suite real): data, backbone, clients.
+"""Real handwritten digits for the merge-weight study (python -m potara_studies.ablation --suite real): data, backbone, clients.
 
     from potara_studies.digits import load_digits_data, pretrain_backbone, build_model, scenario_splits
     cfg = DigitsConfig()                           # sizes and training: potara_harness/config.py

@@ -186,4 +186,4 @@ def test_defaults_per_suite(tmp_path):
     assert args.scenarios == ["dirichlet-0.1", "dirichlet-1.0", "fewshot", "superclass", "conflict"]
     real, _ = ablation.resolve(ablation.build_parser(), ["--suite", "real", "--out", str(tmp_path)])
     assert real.seeds == list(range(10)) and real.scenarios == ["conflict", "dirichlet-0.5"]
-    assert estimator_study.digits_config(real) == config.DigitsConfig()  # the README's table: DigitsConfig
+    assert estimator_study.digits_config(real) == config.DigitsConfig()  # docs/estimator-study.md's table: DigitsConfig

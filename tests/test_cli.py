@@ -1,6 +1,6 @@
 """cli.py: --help says what each preset gives, impossible options and unusable --out folders are one-line
 parser errors before any work, a second run on the same --out is refused, and errors found during a run
-leave in one line with the exit status the README gives (2: bad input, 1: out of memory)."""
+leave in one line with the exit status docs/failure-behaviour.md gives (2: bad input, 1: out of memory)."""
 import argparse
 import os
 

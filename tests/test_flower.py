@@ -1,4 +1,4 @@
-"""The Flower app (flower_server.py, flower_client.py) run for real: a flower-superlink and flower-supernode
+"""The Flower app (potara_flower/server_app.py, client_app.py) run for real: a flower-superlink and flower-supernode
 processes on 127.0.0.1, `flwr run` of this repository, checked against the in-process code.
 
 Every process is started in its own process group and stopped in teardown by its pid (SIGINT, then
@@ -290,7 +290,7 @@ def test_loopback_fedit_bitwise_equals_in_process(federation, tmp_path):
 # ----------------------------------------------------------------------------- security on the wire
 def tls_and_keys(tmp: Path) -> dict:
     """A CA, a SuperLink certificate for 127.0.0.1 signed by it (openssl), and two SuperNode key pairs
-    (ssh-keygen, ECDSA P-384): the README's commands."""
+    (ssh-keygen, ECDSA P-384): docs/flower.md's commands."""
     def sh(*cmd: str) -> None:
         subprocess.run(cmd, cwd=tmp, check=True, capture_output=True, timeout=60)
 

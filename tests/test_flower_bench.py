@@ -1,5 +1,5 @@
-"""flower_bench.py: the per-round breakdown it prints, and its one-line errors. (The run itself is the
-loopback run of test_flower.py; the benchmark's numbers are in the README, from one run.)"""
+"""potara_flower/bench.py: the per-round breakdown it prints, and its one-line errors. (The run itself is the
+loopback run of test_flower.py; the benchmark's numbers are in docs/flower.md, from one run.)"""
 import pytest
 
 pytest.importorskip("flwr")

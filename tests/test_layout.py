@@ -9,7 +9,7 @@ import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CORE = {"lora", "lora_mha", "adapter_file", "files", "training", "fed", "fisher", "potara", "data"}
+CORE = {"lora", "lora_mha", "files", "training", "fed", "fisher", "potara", "data"}
 DEMOS = {"run_cifar", "run_llm"}
 HARNESS = "potara_harness"
 FOLDERS = {HARNESS, "potara_flower", "potara_studies"}
