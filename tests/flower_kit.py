@@ -45,7 +45,28 @@ def micro_backbone(path: Path) -> None:
                 "state_dict": vit.state_dict()}, path)
 
 
-class InProcessGrid(Grid):
+class LocalGrid(Grid):
+    """A Grid answered in this process: subclasses give get_node_ids and send_and_receive (all a ServerApp calls);
+    the rest of Grid's abstract interface is never used."""
+
+    def set_run(self, run):
+        raise NotImplementedError
+
+    @property
+    def run(self):
+        raise NotImplementedError
+
+    def create_message(self, *args, **kwargs):
+        raise NotImplementedError
+
+    def push_messages(self, messages):
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids):
+        raise NotImplementedError
+
+
+class InProcessGrid(LocalGrid):
     """Flower's Grid with each node's ClientApp called in this process: the ServerApp's whole code path, fast,
     answering exactly as a real SuperLink does (flwr 1.42; potara_flower/replies.py has the whole account):
 
@@ -114,22 +135,6 @@ class InProcessGrid(Grid):
                 reply = self.tamper(self.configs[n].get("partition-id"), m, reply)
             replies.extend(reply if isinstance(reply, list) else [reply] if reply is not None else [])
         return replies[::-1]
-
-    def set_run(self, run):
-        raise NotImplementedError
-
-    @property
-    def run(self):
-        raise NotImplementedError
-
-    def create_message(self, *args, **kwargs):
-        raise NotImplementedError
-
-    def push_messages(self, messages):
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):
-        raise NotImplementedError
 
 
 @pytest.fixture

@@ -8,8 +8,8 @@ import torch
 
 pytest.importorskip("flwr")
 
+from flower_kit import LocalGrid, task_identity  # noqa: E402, F401  (task_identity: a fixture)
 from flwr.app import Context, RecordDict  # noqa: E402
-from flwr.serverapp import Grid  # noqa: E402
 
 from potara import personalize  # noqa: E402
 from potara_flower import example_app as ex  # noqa: E402
@@ -17,7 +17,7 @@ from potara_flower import example_app as ex  # noqa: E402
 RUN = {"num-clients": 3, "rounds": 2, "local-steps": 5, "local-train-steps": 40, "lr": 0.01, "seed": 3}
 
 
-class CallingGrid(Grid):
+class CallingGrid(LocalGrid):
     """Each message goes to the node's ClientApp, called here with that node's own Context (its state kept
     between messages, as a SuperNode keeps it); every message and reply is recorded."""
 
@@ -37,29 +37,7 @@ class CallingGrid(Grid):
         self.replies += out
         return out[::-1]  # arrival order must not matter
 
-    def set_run(self, run):
-        raise NotImplementedError
 
-    @property
-    def run(self):
-        raise NotImplementedError
-
-    def create_message(self, *args, **kwargs):
-        raise NotImplementedError
-
-    def push_messages(self, messages):
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):
-        raise NotImplementedError
-
-
-@pytest.fixture
-def task_identity(monkeypatch):
-    """What a Flower task process sets before an app runs (Message() reads it); restored afterwards."""
-    from flwr.supercore.task_identity import TaskIdentity
-    for attr in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, attr, 1)
 
 
 def naive_fedavg(seed: int) -> dict[str, torch.Tensor]:
