@@ -23,8 +23,6 @@ potara_harness/export_flan.py run against a stand-in `datasets` module.
 """
 from __future__ import annotations
 
-OUTSIDE = "../" + "shared"  # a folder beside the checkout, which a clone does not have (written apart: not a link)
-
 import argparse
 import ast
 import importlib
@@ -39,6 +37,8 @@ import tomllib
 from pathlib import Path
 
 import pytest
+
+OUTSIDE = "../" + "shared"  # a folder beside the checkout, which a clone does not have (written apart: not a link)
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
