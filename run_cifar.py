@@ -27,7 +27,7 @@ import math
 import os
 import time
 
-from potara_harness import cli
+from potara_harness import cli, run_folder
 from potara_harness.config import VIT_PRESETS
 
 # The command line is parsed and checked before torch loads (--help and a bad option answer at once): this module
@@ -82,8 +82,8 @@ def resolve_args(ap: argparse.ArgumentParser, argv=None) -> tuple[argparse.Names
         ap.error("the tiny preset pre-trains its backbone: needs --pretrain-steps >= 1 and --public >= 1000 "
                  "(or pass --backbone PATH)")
     args.out = args.out or os.path.join("runs", f"{args.preset}-{args.data}-{args.partition}-k{args.clients}-s{args.seed}")
-    cli.check_dirs(ap, ("--data-dir", args.data_dir, os.R_OK | os.X_OK))
-    cli.prepare_out_dir(ap, args.out)
+    run_folder.check_dirs(ap, ("--data-dir", args.data_dir, os.R_OK | os.X_OK))
+    run_folder.prepare_out_dir(ap, args.out)
     return args, p
 
 
@@ -130,7 +130,7 @@ def partition(ap: argparse.ArgumentParser, args, data, pool) -> list:
 def main(argv=None) -> dict:
     ap = build_parser()
     args, p = resolve_args(ap, argv)
-    with cli.one_line_errors(), cli.out_dir_lock(args.out):  # bad data, backbone or checkpoint: one line, exit 2
+    with cli.one_line_errors(), run_folder.out_dir_lock(args.out):  # bad data, backbone or checkpoint: one line, exit 2
         return run(ap, args, p, cli.command_line("run_cifar.py", argv))
 
 

@@ -35,7 +35,7 @@ import random
 import time
 from typing import TYPE_CHECKING
 
-from potara_harness import cli
+from potara_harness import cli, run_folder
 from potara_harness.config import LM_PRESETS, SYNTHETIC_TASKS_SEED
 
 if TYPE_CHECKING:  # annotations only
@@ -93,15 +93,15 @@ def resolve_args(ap: argparse.ArgumentParser, argv=None) -> tuple[argparse.Names
     tag = lambda s: os.path.basename(os.path.normpath(s)) or "model"
     args.out = args.out or os.path.join("runs", f"llm-{tag(args.model)}-{tag(args.data)}-s{args.seed}")
     rw = os.W_OK | os.X_OK
-    cli.check_dirs(ap, ("--cache-dir", args.cache_dir, rw), ("--export-peft", args.export_peft, rw))
-    cli.prepare_out_dir(ap, args.out)
+    run_folder.check_dirs(ap, ("--cache-dir", args.cache_dir, rw), ("--export-peft", args.export_peft, rw))
+    run_folder.prepare_out_dir(ap, args.out)
     return args, p
 
 
 def main(argv=None) -> dict:
     ap = build_parser()
     args, p = resolve_args(ap, argv)
-    with cli.one_line_errors(), cli.out_dir_lock(args.out):  # bad data / checkpoint: one line, exit 2
+    with cli.one_line_errors(), run_folder.out_dir_lock(args.out):  # bad data / checkpoint: one line, exit 2
         return run(ap, args, p, cli.command_line("run_llm.py", argv))
 
 
@@ -208,7 +208,7 @@ def check_export_targets(ap: argparse.ArgumentParser, args, tasks: dict) -> None
         ap.error(f"--export-peft: a task named {reserved[0]!r} would share a folder with the {reserved[0]} export: "
                  "rename its .jsonl file")
     if os.path.realpath(args.export_peft) == os.path.realpath(args.out):
-        clash = sorted(set(tasks) & set(cli.OUTPUT_FILES + (cli.LOCK_FILE,)))
+        clash = sorted(set(tasks) & set(run_folder.OUTPUT_FILES + (run_folder.LOCK_FILE,)))
         if clash:
             ap.error(f"--export-peft is --out: a task named {clash[0]!r} would replace the run's {clash[0]}: rename "
                      "its .jsonl file or choose another --export-peft")

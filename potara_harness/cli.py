@@ -1,9 +1,10 @@
 """The command-line plumbing the pipeline scripts share (run_cifar.py, run_llm.py, potara_studies/ablation.py): the
-experiment's options and their checks, preset filling, device choice, and the main() wrapper.
+experiment's options and their checks, preset filling, device choice, and the main() wrapper (the --out folder:
+run_folder.py).
 
     ap = argparse.ArgumentParser(...); add_experiment_options(ap)
-    args = ap.parse_args(argv); fill_from_preset(args, PRESETS["tiny"]); check_experiment_options(ap, args)
-    cfg = config_from_args(args)                     # a pipeline.ExperimentConfig
+    args = ap.parse_args(argv); fill_from_preset(args, VIT_PRESETS["tiny"]); check_experiment_options(ap, args)
+    cfg = config_from_args(args)                     # a config.ExperimentConfig
     if __name__ == "__main__": run_main(main)        # one-line errors, Ctrl-C tells how to resume
 
 Every impossible option is a one-line parser error before any work is done (ap.error, exit status 2).
@@ -15,26 +16,18 @@ import math
 import os
 import shlex
 import sys
-import tempfile
 import textwrap
 import warnings
 from contextlib import contextmanager
 from typing import Callable, NoReturn
 
-try:
-    import fcntl  # POSIX: the --out lock; elsewhere runs are not locked
-except ImportError:  # pragma: no cover
-    fcntl = None
-
-from files import UnsafeFile, WriteError, open_lock, remove_leftovers, run_folder_problem
+from files import UnsafeFile, WriteError
 from potara_harness.config import ESTIMATORS, ExperimentConfig, grid_step_problem, size_problem, update_bound
 
 # This module imports no torch (nor anything that does) at its top: a script parses and checks its command line
 # first, so --help and a bad option answer at once; start_torch then loads torch.
 
 MAX_SEED = 2**63
-OUTPUT_FILES = ("checkpoint.pt", "results.json", "results.md", "lambda.png", "communication.png")  # in --out
-LOCK_FILE = ".lock"  # in --out: held by the run using it (out_dir_lock)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -200,14 +193,6 @@ def check_experiment_options(ap: argparse.ArgumentParser, args: argparse.Namespa
             ap.error("--device cuda: no CUDA device is available (use --device cpu or auto)")
 
 
-def check_dirs(ap: argparse.ArgumentParser, *flag_path_mode) -> None:
-    """(flag, path, mode) triples: a one-line parser error for the first path unusable as a directory."""
-    for flag, path, mode in flag_path_mode:
-        problem = path and dir_problem(path, mode)
-        if problem:
-            ap.error(f"{flag} {path}: {problem}")
-
-
 def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     """The ExperimentConfig the shared options describe."""
     return ExperimentConfig(
@@ -217,101 +202,6 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
         fisher_chunk=args.fisher_chunk, eps=args.eps, granularity=args.granularity, estimator=args.estimator,
         grid_step=args.grid_step, snapshots=args.snapshots, fedsa=args.fedsa, seed=args.seed,
         drop_prob=args.drop_prob, max_update_norm=update_bound(args.max_update_norm))
-
-
-def dir_problem(path: str, mode: int = os.W_OK | os.X_OK) -> str | None:
-    """Why `path` cannot serve as a directory with access `mode` (None if it can, or can be created):
-    for a one-line CLI error before any work is done."""
-    if os.path.exists(path):
-        if not os.path.isdir(path):
-            return "exists and is not a directory"
-        return None if os.access(path, mode) else "permission denied"
-    parent = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        return f"cannot be created ({parent} is a file)"
-    return None if os.access(parent, os.W_OK | os.X_OK) else f"cannot be created ({parent} is not writable)"
-
-
-_CREATED_DIRS: dict[str, list[str]] = {}  # prepare_out_dir: abspath(out) -> the folders it created, deepest first
-
-
-def prepare_out_dir(ap: argparse.ArgumentParser, out: str, flag: str = "--out") -> None:
-    """Before any work: `out` exists (created; the folders created are remembered so that a run that did
-    nothing removes them, see out_dir_lock) and is writable, and it is a trusted run folder for the run's
-    output files (OUTPUT_FILES, LOCK_FILE): none is a link or anything but a regular file
-    (files.run_folder_problem), so nothing outside --out is written through a planted link."""
-    problem = dir_problem(out)
-    if problem:
-        ap.error(f"{flag} {out}: {problem}")
-    missing, d = [], os.path.abspath(out)
-    while not os.path.lexists(d):
-        missing.append(d)
-        d = os.path.dirname(d)
-    try:
-        os.makedirs(out, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=out, prefix=".write-test-")
-        os.close(fd)
-        os.remove(probe)
-    except OSError as e:
-        ap.error(f"{flag} {out}: cannot be created or written ({e.strerror or type(e).__name__})")
-    if missing:
-        _CREATED_DIRS[os.path.abspath(out)] = missing
-    problem = run_folder_problem(out, OUTPUT_FILES + (LOCK_FILE,))
-    if problem:
-        ap.error(f"{flag} {out}: {problem}")
-
-
-@contextmanager
-def out_dir_lock(out: str):
-    """Hold an exclusive lock on out/LOCK_FILE for the run (fcntl.flock: released when the process ends,
-    even killed), so two runs never write the same --out; the second fails in one line. The lock file is
-    opened by files.open_lock (never through a link: a planted `.lock -> ../victim` is one line, exit 2).
-    Under the lock, what killed runs left (temporary files of the output files, files.remove_leftovers) is
-    removed; at the end, a run that wrote nothing leaves nothing: the lock file, and the folders
-    prepare_out_dir created, are removed when the lock file is all that --out holds."""
-    if fcntl is None:
-        yield
-        return
-    try:
-        f = open_lock(os.path.join(out, LOCK_FILE))
-    except UnsafeFile as e:
-        fail(f"--out {out}: {LOCK_FILE} in it {str(e).split(': ', 1)[-1]}")
-    with f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # BlockingIOError: held by another process (or another open of it in this one)
-            f.seek(0)
-            holder = f.read().strip()[:40] or "another process"
-            fail(f"--out {out} is in use by another run ({holder}): wait for it to end or choose another --out")
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()}")
-        f.flush()
-        for name in OUTPUT_FILES:
-            remove_leftovers(out, name)
-        try:
-            yield
-        finally:
-            _remove_if_nothing_written(out)
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _remove_if_nothing_written(out: str) -> None:
-    """While the lock is held: when LOCK_FILE is all --out holds, remove it and the folders prepare_out_dir
-    created (deepest first; a folder something else wrote into stays)."""
-    try:
-        if os.listdir(out) != [LOCK_FILE]:
-            return
-        os.remove(os.path.join(out, LOCK_FILE))
-    except OSError:
-        return
-    for folder in _CREATED_DIRS.pop(os.path.abspath(out), []):
-        try:
-            os.rmdir(folder)
-        except OSError:
-            break
 
 
 class CliError(SystemExit):

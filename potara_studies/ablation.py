@@ -20,7 +20,7 @@ import argparse
 import math
 import os
 
-from potara_harness import cli
+from potara_harness import cli, run_folder
 from potara_harness.config import (
     ABLATION_ESTIMATORS,
     ABLATION_SCENARIOS,
@@ -113,8 +113,8 @@ def resolve(ap: argparse.ArgumentParser, argv=None) -> tuple[argparse.Namespace,
         ap.error(f"--grid-step {grid}")
     if args.suite == "synthetic" and args.public < 1000:
         ap.error(f"--public must be >= 1000 (the tiny backbone is pre-trained on it), got {args.public}")
-    cli.check_dirs(ap, ("--data-dir", args.data_dir if args.suite == "synthetic" else "", os.R_OK | os.X_OK))
-    cli.prepare_out_dir(ap, args.out)  # created and probed now: an unusable --out fails before any training
+    run_folder.check_dirs(ap, ("--data-dir", args.data_dir if args.suite == "synthetic" else "", os.R_OK | os.X_OK))
+    run_folder.prepare_out_dir(ap, args.out)  # created and probed now: an unusable --out fails before any training
     args.data = args.suite
     return args, p
 

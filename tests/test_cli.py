@@ -9,7 +9,7 @@ import pytest
 from data import DataError
 from files import WriteError
 from lora import AdapterError
-from potara_harness import cli
+from potara_harness import cli, run_folder
 from potara_harness.checkpoint import ResumeError
 
 
@@ -70,7 +70,7 @@ def test_seed_1e29_is_a_parser_error(capsys):
 def test_unusable_out_dirs_are_parser_errors(tmp_path, capsys, make, message):
     out = make(tmp_path)
     with pytest.raises(SystemExit) as e:
-        cli.prepare_out_dir(parser(), str(out))
+        run_folder.prepare_out_dir(parser(), str(out))
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert f"--out {out}" in err and message in err, err
@@ -78,7 +78,7 @@ def test_unusable_out_dirs_are_parser_errors(tmp_path, capsys, make, message):
 
 def test_prepare_out_dir_creates_it_and_leaves_nothing_behind(tmp_path):
     out = tmp_path / "a" / "b"
-    cli.prepare_out_dir(parser(), str(out))
+    run_folder.prepare_out_dir(parser(), str(out))
     assert out.is_dir() and os.listdir(out) == []  # the write probe is gone
 
 
@@ -90,12 +90,12 @@ def test_links_where_the_run_writes_are_refused_before_any_work(tmp_path, capsys
     out.mkdir()
     os.symlink("../victim.txt", out / name)
     with pytest.raises(SystemExit) as e:
-        cli.prepare_out_dir(parser(), str(out))
+        run_folder.prepare_out_dir(parser(), str(out))
     assert e.value.code == 2
     assert f"--out {out}: {name} in it is a symbolic link" in capsys.readouterr().err
     if name == ".lock":  # the lock itself refuses it too (a link planted after the check)
         with pytest.raises(SystemExit) as e:
-            with cli.out_dir_lock(str(out)):
+            with run_folder.out_dir_lock(str(out)):
                 pass
         assert e.value.code == 2 and ".lock in it is a symbolic link" in capsys.readouterr().err
     assert victim.read_text() == "precious"
@@ -103,19 +103,19 @@ def test_links_where_the_run_writes_are_refused_before_any_work(tmp_path, capsys
 
 def test_a_run_that_did_nothing_leaves_nothing(tmp_path, capsys):
     out = tmp_path / "a" / "b" / "out"
-    cli.prepare_out_dir(parser(), str(out))
+    run_folder.prepare_out_dir(parser(), str(out))
     with pytest.raises(SystemExit):
-        with cli.one_line_errors(), cli.out_dir_lock(str(out)):
+        with cli.one_line_errors(), run_folder.out_dir_lock(str(out)):
             raise DataError("--data missing: not a directory")
     assert os.listdir(tmp_path) == []  # the folders prepare_out_dir created are gone with the lock
     mine = tmp_path / "mine"
     mine.mkdir()
-    cli.prepare_out_dir(parser(), str(mine))
+    run_folder.prepare_out_dir(parser(), str(mine))
     with pytest.raises(SystemExit):
-        with cli.one_line_errors(), cli.out_dir_lock(str(mine)):
+        with cli.one_line_errors(), run_folder.out_dir_lock(str(mine)):
             raise DataError("bad")
     assert mine.is_dir() and os.listdir(mine) == []  # a folder the user made stays; only the lock goes
-    with cli.out_dir_lock(str(mine)):
+    with run_folder.out_dir_lock(str(mine)):
         (mine / "results.json").write_text("{}")
     assert sorted(os.listdir(mine)) == [".lock", "results.json"]  # a run that wrote keeps its lock file
 
@@ -131,16 +131,16 @@ def test_a_run_with_a_missing_data_folder_leaves_no_out_folder(tmp_path, capsys)
 
 
 def test_a_second_run_on_the_same_out_is_refused(tmp_path, capsys):
-    with cli.out_dir_lock(str(tmp_path)):
-        assert (tmp_path / cli.LOCK_FILE).read_text() == f"pid {os.getpid()}"
+    with run_folder.out_dir_lock(str(tmp_path)):
+        assert (tmp_path / run_folder.LOCK_FILE).read_text() == f"pid {os.getpid()}"
         with pytest.raises(SystemExit) as e:  # another open file description: flock refuses it like another process
-            with cli.out_dir_lock(str(tmp_path)):
+            with run_folder.out_dir_lock(str(tmp_path)):
                 pass
         assert e.value.code == 2
         err = capsys.readouterr().err.strip()
         assert err == (f"error: --out {tmp_path} is in use by another run (pid {os.getpid()}): wait for it to end "
                        "or choose another --out")
-    with cli.out_dir_lock(str(tmp_path)):  # released when the first run ended
+    with run_folder.out_dir_lock(str(tmp_path)):  # released when the first run ended
         pass
 
 

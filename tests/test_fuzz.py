@@ -5,7 +5,7 @@ Specifies the one validator of untrusted tensors (lora.check_tensors) through it
 values), files.save_adapter (nothing written for a bad state), lora.load_lora_state_dict (the model left as it
 was, also when a rank change is allowed), fed.validate_update / fed.server_round (a bad update is rejected with
 a reason, never raised) and fed.fedavg (ValueError, never a silent NaN or zero); and the trusted run folder
-(files.py, through cli.prepare_out_dir / out_dir_lock, files.atomic_write and llm_data.read_task_dir): links,
+(files.py, through run_folder.prepare_out_dir / out_dir_lock, files.atomic_write and llm_data.read_task_dir): links,
 folders, FIFOs and devices planted under the run's file names are refused in one line or never touched, nothing
 outside the folder is written, nothing hangs.
 Each case must finish within a few seconds (no hang) under an address-space limit of current use + 2 GiB
@@ -193,21 +193,21 @@ def alarm():
 def test_fuzz_run_folders_with_planted_files_never_write_outside_or_hang(tmp_path, alarm, capsys):
     from data import DataError
     from files import atomic_write
-    from potara_harness import cli
+    from potara_harness import run_folder
     from potara_harness.llm_data import read_task_dir
 
     rng = random.Random(17)
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
-    names = cli.OUTPUT_FILES + (cli.LOCK_FILE,)
+    names = run_folder.OUTPUT_FILES + (run_folder.LOCK_FILE,)
     for case in range(40):
         out = tmp_path / f"out{case}"
         out.mkdir()
         kinds = {name: plant(rng, out / name, victim) for name in rng.sample(names, rng.randint(1, 3))}
         unsafe = {n for n, k in kinds.items() if k not in ("file", "absent")}
         try:
-            cli.prepare_out_dir(argparse_parser(), str(out))
-            with cli.out_dir_lock(str(out)):
+            run_folder.prepare_out_dir(argparse_parser(), str(out))
+            with run_folder.out_dir_lock(str(out)):
                 atomic_write(out / "results.json", lambda f: f.write(b"{}"))
             assert not unsafe, kinds  # accepted: nothing planted where the run writes
         except SystemExit as e:

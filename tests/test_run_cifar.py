@@ -544,10 +544,10 @@ def test_a_nan_or_edited_backbone_is_refused_and_a_flipped_one_is_another_model(
 
 
 def test_a_second_run_on_the_same_out_is_refused(micro, tmp_path, capsys):
-    from potara_harness import cli
+    from potara_harness import run_folder
     out = tmp_path / "busy"
     out.mkdir()
-    with cli.out_dir_lock(str(out)):  # a run holding --out (another process behaves the same: flock)
+    with run_folder.out_dir_lock(str(out)):  # a run holding --out (another process behaves the same: flock)
         with pytest.raises(SystemExit) as e:
             run_cifar.main(argv(micro, out))
         assert sorted(os.listdir(out)) == [".lock"]  # nothing written by the refused run

@@ -1,0 +1,128 @@
+"""The run folder (--out): checked and created before any work, locked while a run uses it, left empty-handed
+by a run that wrote nothing. What may be written there and read from it is files.py's rule (run_folder_problem,
+open_lock, remove_leftovers); this module applies it to a command line's --out.
+
+    prepare_out_dir(ap, args.out)          # a one-line parser error if --out cannot serve (exit 2)
+    with out_dir_lock(args.out):           # a second run on the same --out fails in one line
+        run(...)
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from contextlib import contextmanager
+
+try:
+    import fcntl  # POSIX: the --out lock; elsewhere runs are not locked
+except ImportError:  # pragma: no cover
+    fcntl = None
+
+from files import UnsafeFile, open_lock, remove_leftovers, run_folder_problem
+from potara_harness.cli import fail
+
+OUTPUT_FILES = ("checkpoint.pt", "results.json", "results.md", "lambda.png", "communication.png")  # in --out
+LOCK_FILE = ".lock"  # in --out: held by the run using it (out_dir_lock)
+
+
+def check_dirs(ap: argparse.ArgumentParser, *flag_path_mode) -> None:
+    """(flag, path, mode) triples: a one-line parser error for the first path unusable as a directory."""
+    for flag, path, mode in flag_path_mode:
+        problem = path and dir_problem(path, mode)
+        if problem:
+            ap.error(f"{flag} {path}: {problem}")
+
+
+def dir_problem(path: str, mode: int = os.W_OK | os.X_OK) -> str | None:
+    """Why `path` cannot serve as a directory with access `mode` (None if it can, or can be created):
+    for a one-line CLI error before any work is done."""
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            return "exists and is not a directory"
+        return None if os.access(path, mode) else "permission denied"
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"cannot be created ({parent} is a file)"
+    return None if os.access(parent, os.W_OK | os.X_OK) else f"cannot be created ({parent} is not writable)"
+
+
+_CREATED_DIRS: dict[str, list[str]] = {}  # prepare_out_dir: abspath(out) -> the folders it created, deepest first
+
+
+def prepare_out_dir(ap: argparse.ArgumentParser, out: str, flag: str = "--out") -> None:
+    """Before any work: `out` exists (created; the folders created are remembered so that a run that did
+    nothing removes them, see out_dir_lock) and is writable, and it is a trusted run folder for the run's
+    output files (OUTPUT_FILES, LOCK_FILE): none is a link or anything but a regular file
+    (files.run_folder_problem), so nothing outside --out is written through a planted link."""
+    problem = dir_problem(out)
+    if problem:
+        ap.error(f"{flag} {out}: {problem}")
+    missing, d = [], os.path.abspath(out)
+    while not os.path.lexists(d):
+        missing.append(d)
+        d = os.path.dirname(d)
+    try:
+        os.makedirs(out, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".write-test-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        ap.error(f"{flag} {out}: cannot be created or written ({e.strerror or type(e).__name__})")
+    if missing:
+        _CREATED_DIRS[os.path.abspath(out)] = missing
+    problem = run_folder_problem(out, OUTPUT_FILES + (LOCK_FILE,))
+    if problem:
+        ap.error(f"{flag} {out}: {problem}")
+
+
+@contextmanager
+def out_dir_lock(out: str):
+    """Hold an exclusive lock on out/LOCK_FILE for the run (fcntl.flock: released when the process ends,
+    even killed), so two runs never write the same --out; the second fails in one line. The lock file is
+    opened by files.open_lock (never through a link: a planted `.lock -> ../victim` is one line, exit 2).
+    Under the lock, what killed runs left (temporary files of the output files, files.remove_leftovers) is
+    removed; at the end, a run that wrote nothing leaves nothing: the lock file, and the folders
+    prepare_out_dir created, are removed when the lock file is all that --out holds."""
+    if fcntl is None:
+        yield
+        return
+    try:
+        f = open_lock(os.path.join(out, LOCK_FILE))
+    except UnsafeFile as e:
+        fail(f"--out {out}: {LOCK_FILE} in it {str(e).split(': ', 1)[-1]}")
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # BlockingIOError: held by another process (or another open of it in this one)
+            f.seek(0)
+            holder = f.read().strip()[:40] or "another process"
+            fail(f"--out {out} is in use by another run ({holder}): wait for it to end or choose another --out")
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}")
+        f.flush()
+        for name in OUTPUT_FILES:
+            remove_leftovers(out, name)
+        try:
+            yield
+        finally:
+            _remove_if_nothing_written(out)
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _remove_if_nothing_written(out: str) -> None:
+    """While the lock is held: when LOCK_FILE is all --out holds, remove it and the folders prepare_out_dir
+    created (deepest first; a folder something else wrote into stays)."""
+    try:
+        if os.listdir(out) != [LOCK_FILE]:
+            return
+        os.remove(os.path.join(out, LOCK_FILE))
+    except OSError:
+        return
+    for folder in _CREATED_DIRS.pop(os.path.abspath(out), []):
+        try:
+            os.rmdir(folder)
+        except OSError:
+            break
