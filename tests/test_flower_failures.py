@@ -1,6 +1,6 @@
 """The Flower server against failing and hostile clients: dead, silent, returning, lying (issues 17 and 18).
 In process against test_flower.InProcessGrid (which answers as flwr's SuperLink does), and once for real on
-127.0.0.1: three SuperNodes, one killed by its pid after round 1 of 3."""
+127.0.0.1: three SuperNodes, one killed by its pid after round 1 of 2."""
 from __future__ import annotations
 
 import copy
