@@ -331,3 +331,14 @@ class PlantedPickle:
 
     def __reduce__(self):
         return (open, (self.path, "w"))
+
+
+@pytest.fixture
+def alarm():
+    """Fail instead of hanging: a read of a FIFO or /dev/zero that blocks or never ends (or anything else that
+    hangs on a planted file) is a test failure after 30 s; the previous SIGALRM handler is put back."""
+    old = signal.signal(signal.SIGALRM, lambda *_: pytest.fail("blocked: something hung on a planted file"))
+    signal.alarm(30)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)

@@ -2,7 +2,6 @@ import io
 import json
 import os
 import pickle
-import signal
 import struct
 import warnings
 from urllib.error import URLError
@@ -211,14 +210,6 @@ def test_oversized_file_and_memory_error_are_told_apart(tmp_path, monkeypatch):
     with pytest.raises(MemoryError):  # not "unreadable ... delete the folder": the data may be fine
         load_cifar100(str(tmp_path), download=False)
 
-
-@pytest.fixture
-def alarm():
-    """Fail instead of hanging (a FIFO) or reading without end (/dev/zero)."""
-    signal.signal(signal.SIGALRM, lambda *_: pytest.fail("blocked: the reader hung"))
-    signal.alarm(20)
-    yield
-    signal.alarm(0)
 
 
 @pytest.mark.parametrize("make, why", [

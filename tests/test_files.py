@@ -6,7 +6,6 @@ atomic and fsynced; a bad state or non-plain meta writes nothing. (Randomised fi
 import os
 import pickle
 import re
-import signal
 import subprocess
 import sys
 
@@ -113,14 +112,6 @@ def test_save_adapter_is_atomic_fsyncs_and_refuses_bad_states(tmp_path, monkeypa
     save_adapter(tmp_path / "meta.pt", {"w": torch.ones(1)}, plain)
     assert load_adapter(tmp_path / "meta.pt")[1] == plain
 
-
-@pytest.fixture
-def alarm():
-    """Fail instead of hanging: a read of a FIFO or /dev/zero that blocks or never ends is a test failure."""
-    signal.signal(signal.SIGALRM, lambda *_: pytest.fail("blocked: the reader hung"))
-    signal.alarm(10)
-    yield
-    signal.alarm(0)
 
 
 def test_writes_never_follow_a_planted_link(tmp_path):
@@ -231,12 +222,10 @@ def stat_is_fifo(path) -> bool:
     return stat.S_ISFIFO(os.lstat(path).st_mode)
 
 
-def test_every_torch_file_the_project_reads_is_a_regular_file(tmp_path):
+def test_every_torch_file_the_project_reads_is_a_regular_file(tmp_path, alarm):
     """Checkpoints, backbones, the tiny model file and the device's split cache are read through
     files.load_torch_file: a FIFO or a link to /dev/zero is a one-line refusal at once, never a hang or a read
-    until memory runs out (each call under a 20 s alarm)."""
-    import signal
-
+    until memory runs out (under the alarm fixture)."""
     from potara_flower.task import read_cached_split
     from potara_harness import checkpoint, lm, vit
     from potara_harness.config import AppConfig
@@ -244,19 +233,13 @@ def test_every_torch_file_the_project_reads_is_a_regular_file(tmp_path):
     fifo, zero = tmp_path / "fifo.pt", tmp_path / "zero.pt"
     os.mkfifo(fifo)
     os.symlink("/dev/zero", zero)
-    signal.signal(signal.SIGALRM, lambda *a: pytest.fail("a read waited or ran on"))
-    try:
-        for path in (fifo, zero):
-            signal.alarm(20)
-            with pytest.raises(UnsafeFile):
-                files.load_torch_file(path)
-            with pytest.raises(checkpoint.ResumeError, match="unreadable"):
-                checkpoint._read(str(path), "start over")
-            with pytest.raises(vit.BackboneError):
-                vit.load_backbone_file(str(path), None)
-            with pytest.raises(lm.DataError):
-                lm.load_tiny_file(str(path), 32)
-            assert read_cached_split(str(path), "key", AppConfig(), 0) is None
-            signal.alarm(0)
-    finally:
-        signal.alarm(0)
+    for path in (fifo, zero):
+        with pytest.raises(UnsafeFile):
+            files.load_torch_file(path)
+        with pytest.raises(checkpoint.ResumeError, match="unreadable"):
+            checkpoint._read(str(path), "start over")
+        with pytest.raises(vit.BackboneError):
+            vit.load_backbone_file(str(path), None)
+        with pytest.raises(lm.DataError):
+            lm.load_tiny_file(str(path), 32)
+        assert read_cached_split(str(path), "key", AppConfig(), 0) is None

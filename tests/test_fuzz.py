@@ -15,7 +15,6 @@ files) is shared with the checkpoint and backbone fuzz tests in conftest.py.
 import io
 import os
 import random
-import signal
 
 import pytest
 import torch
@@ -181,13 +180,6 @@ def plant(rng: random.Random, path, victim) -> str:
         path.write_bytes(b'{"prompt": "p", "answer": "a"}\n')
     return kind
 
-
-@pytest.fixture
-def alarm():
-    signal.signal(signal.SIGALRM, lambda *_: pytest.fail("blocked: something hung on a planted file"))
-    signal.alarm(30)
-    yield
-    signal.alarm(0)
 
 
 def test_fuzz_run_folders_with_planted_files_never_write_outside_or_hang(tmp_path, alarm, capsys):

@@ -4,7 +4,6 @@ FIFOs or too large, lines too long and unusable task names are one line before a
 import json
 import os
 import re
-import signal
 
 import pytest
 
@@ -164,14 +163,6 @@ def test_encoding_labels_only_the_answer_and_right_pads():
     assert tok.decode(tok.encode("héllo")) == "héllo"
     assert normalize_answer(" The  Tolkien!") == "tolkien"
 
-
-@pytest.fixture
-def alarm():
-    """Fail instead of hanging (a FIFO) or eating memory without end (/dev/zero)."""
-    signal.signal(signal.SIGALRM, lambda *_: pytest.fail("blocked: the reader hung"))
-    signal.alarm(10)
-    yield
-    signal.alarm(0)
 
 
 def test_task_files_that_are_not_regular_files_are_one_line(tmp_path, alarm):
