@@ -89,7 +89,7 @@ def resolve_args(ap: argparse.ArgumentParser, argv=None) -> tuple[argparse.Names
 
 def load_data(args):
     """CIFAR-100 (downloaded when missing) or the synthetic stand-in (written once), checked; DataError in one line."""
-    from data import DataError, load_images
+    from potara_harness.data import DataError, load_images
 
     try:
         return load_images(args.data, args.data_dir, args.synthetic_per_class)[0]
@@ -113,7 +113,7 @@ def get_backbone(args, p: dict, data, public, device):
 def partition(ap: argparse.ArgumentParser, args, data, pool) -> list:
     """Each client's indices into `pool` (numpy arrays): Dirichlet label skew or superclass tasks (one-line error
     if impossible)."""
-    from data import DataError
+    from potara_harness.data import DataError
     from potara_harness.partition import label_partition
 
     per_client = args.train + args.val + args.test

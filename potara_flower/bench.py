@@ -4,7 +4,7 @@ wall time per FedIT round, and where Flower's time goes (measured by the clients
     python -m potara_flower.bench --backbone data/backbones/tiny-3ed7fae472e8.pt                # tiny preset, 2 clients, 5 rounds
     python -m potara_flower.bench --backbone B --clients 2 --rounds 5 --out runs/flower-bench
 
-In-process: fed.run_fedit on the clients client_app.py would build (task.client_split, the
+In-process: fedit.run_fedit on the clients client_app.py would build (task.client_split, the
 backbone file, vit.build_model), timed per round. Flower: loopback.LocalFederation (a SuperLink and
 --clients SuperNodes on 127.0.0.1, each SuperNode's clients on --threads torch threads), `flwr run` of
 this folder with the same run config; per round the server's wall time, and from every client (Flower
@@ -35,8 +35,8 @@ GOAL = 1.25  # the app's round within GOAL x the floor's round plus its own trai
 
 
 def in_process(cfg: AppConfig, backbone: str, data_dir: str) -> tuple[dict, list[float]]:
-    """fed.run_fedit on the same clients and model as the Flower run; (final global adapter, seconds per round)."""
-    from fed import Client, run_fedit
+    """fedit.run_fedit on the same clients and model as the Flower run; (final global adapter, seconds per round)."""
+    from potara.fedit import Client, run_fedit
     from potara_flower.task import client_split
     from potara_harness.vit import build_model, load_backbone_file
 
@@ -126,7 +126,7 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     import torch
 
-    from files import atomic_write
+    from potara.safe_files import atomic_write
     from potara_harness.report import mean
 
     torch.set_num_threads(args.threads)
@@ -145,7 +145,7 @@ def main(argv=None) -> dict:
               "cache": not args.no_cache, "flower_stages_s": results["timing_s"], "wall_s": time.time() - t0}
     atomic_write(str(out / "flower_bench.json"), lambda f: f.write(json.dumps(report, indent=1).encode()))
     print(f"| per FedIT round ({args.clients} clients, {args.threads} thread each) | seconds |\n|---|---|\n"
-          f"| in-process (fed.run_fedit) | {mean(seconds):.2f} |\n| Flower on loopback | {flower['round']:.2f} "
+          f"| in-process (fedit.run_fedit) | {mean(seconds):.2f} |\n| Flower on loopback | {flower['round']:.2f} "
           f"({flower['round'] / mean(seconds):.0f}x) |\n"
           + "".join(f"| - {label} | {flower[k]:.2f} |\n" for k, label in (
               ("flower-start", "Flower starts a client process (interpreter, flwr-clientapp, SuperNode hand-shake)"),

@@ -28,7 +28,7 @@ initial adapter phi_0 every client and the in-process pipeline share. Handlers (
 the protocol):
 
     query     -> partition-id, num-partitions, n_k, the backbone file's sha256, phi_0
-    train     -> fed.local_update from phi^t: the same seeds (seed, t, k) as fed.run_fedit, so the
+    train     -> fedit.local_update from phi^t: the same seeds (seed, t, k) as fedit.run_fedit, so the
                  update is bitwise the one the in-process loop computes
     evaluate  -> after the last round, with phi_G = phi^R: pipeline.train_checked (the local adapter phi_L
                  from phi_0, and phi_G fine-tuned) and evaluation.evaluate_client: Potara's weight lam
@@ -50,9 +50,10 @@ import torch.nn as nn
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from data import ClientSplits
-from fed import Client, FedConfig, local_update
-from lora import check_state, lora_meta, lora_state_dict
+from potara_harness.data import ClientSplits
+from potara.fedit import Client, FedConfig, local_update
+from potara.lora import lora_meta, lora_state_dict
+from potara.tensor_checks import check_tensors
 from potara_flower.task import (
     ADAPTER,
     CONFIG,
@@ -161,7 +162,7 @@ def load_language(cfg: AppConfig, node, hash_model: bool) -> tuple[ClientSplits,
 def received_adapter(msg: Message, phi0: dict) -> dict[str, torch.Tensor]:
     """The server's adapter, checked against this client's phi_0 (keys, shapes, dtypes, finite values)."""
     state = from_record(msg.content[ADAPTER])
-    check_state(state, phi0, what="adapter from the server")
+    check_tensors(state, phi0, what="adapter from the server")
     return state
 
 
@@ -200,10 +201,10 @@ def setup(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Round t: phi^t -> fed.local_update (seeds (seed, t, k)) -> phi_k^{t+1}, n_k, mean loss."""
+    """Round t: phi^t -> fedit.local_update (seeds (seed, t, k)) -> phi_k^{t+1}, n_k, mean loss."""
     startup, t0 = startup_seconds(), time.perf_counter()
     config = msg.content[CONFIG]
-    if config.get("drop", False):  # a simulated drop-out (fed.sample_clients): answers, but sends nothing
+    if config.get("drop", False):  # a simulated drop-out (rounds.sample_clients): answers, but sends nothing
         return Message(RecordDict({CONFIG: ConfigRecord({"dropped": True})}), reply_to=msg)
     cfg, c = load_client(context)
     phi_t, s, t1 = received_adapter(msg, c.phi0), c.split, time.perf_counter()
@@ -221,7 +222,7 @@ def personalize(msg: Message, context: Context) -> Message:
     """After the last round: the local adapter phi_L, phi_G fine-tuned, Potara's lam on the client's own
     validation split, and every method scored on its test split. Only numbers go back. (Its modules are
     imported here: a training round does not pay for them.)"""
-    from files import save_adapter
+    from potara.adapter_file import save_adapter
     from potara_harness.evaluation import Evaluator, evaluate_client
     from potara_harness.pipeline import finetune_seed, local_seed, train_checked
 

@@ -31,7 +31,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
-from potara import personalize
+from potara.merge import personalize
 
 FEATURES, CLASSES, SPLITS = 16, 4, {"train": 96, "val": 48, "test": 96}
 

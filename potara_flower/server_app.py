@@ -6,11 +6,11 @@ a running SuperLink (docs/flower.md).
        phi_0). Partition ids must be 0..K-1 once each; every client must hold the same backbone file
        and build the same phi_0, and n_k must be the run config's `train` (else the run stops with a
        one-line reason). n_k is then fixed: it is client k's FedAvg weight in every round.
-    2. rounds t = 0..R-1, each the in-process fed.run_fedit's round, with messages instead of calls:
-         S_t, drop-outs = fed.sample_clients(seed, t, K, clients-per-round, drop-prob)
-         send phi^t to every k in S_t (float32 ArrayRecord); k answers fed.local_update's reply
-         phi^{t+1} = fed.server_round(...): every reply validated (fed.validate_update), the accepted
-         ones averaged by fed.fedavg in partition order, whatever order the replies arrived in
+    2. rounds t = 0..R-1, each the in-process fedit.run_fedit's round, with messages instead of calls:
+         S_t, drop-outs = rounds.sample_clients(seed, t, K, clients-per-round, drop-prob)
+         send phi^t to every k in S_t (float32 ArrayRecord); k answers fedit.local_update's reply
+         phi^{t+1} = fedit.server_round(...): every reply validated (rounds.validate_update), the accepted
+         ones averaged by fedit.fedavg in partition order, whatever order the replies arrived in
        A client that answers with an error, an unreadable reply (another n_k than set-up's included),
        nothing within round-timeout, or whose node the SuperLink reports dead (replies.ask) is recorded
        in the round's "failed" (with its reason) and counted as dropped: it never vanishes, and the
@@ -25,7 +25,7 @@ a running SuperLink (docs/flower.md).
        missing from them is named in the log and in results.md, and the run ends finished:failed
        (ClientsMissing) after writing them: the others' results are kept.
 
-bytes_down / bytes_up in the history are fed.run_fedit's (numel * element_size of the adapters sent);
+bytes_down / bytes_up in the history are fedit.run_fedit's (numel * element_size of the adapters sent);
 wire_bytes_* add Flower's serialisation (npy headers, keys) to them; message envelopes are not counted.
 """
 from __future__ import annotations
@@ -40,8 +40,9 @@ import torch
 from flwr.app import ConfigRecord, Context, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fed import FedState, sample_clients, server_round, state_bytes
-from lora import check_state
+from potara.fedit import FedState, server_round
+from potara.rounds import sample_clients, state_bytes
+from potara.tensor_checks import check_tensors
 from potara_flower.replies import ask, check_evaluation, short, train_reply
 from potara_flower.task import (
     ADAPTER,
@@ -137,7 +138,7 @@ def connect(grid: Grid, cfg: AppConfig) -> tuple[Roster, dict[str, torch.Tensor]
 def same_model(info: tuple, sha: str, phi0: dict) -> bool:
     """Whether a client's set-up identity has the backbone hash `sha` and builds phi0 bitwise."""
     phi = info[3]
-    check_state(phi, phi0, what=f"partition {info[0]}'s phi_0 (against client0's)")
+    check_tensors(phi, phi0, what=f"partition {info[0]}'s phi_0 (against client0's)")
     return info[2] == sha and all(torch.equal(phi[key], v) for key, v in phi0.items())
 
 
@@ -279,7 +280,7 @@ def main(grid: Grid, context: Context) -> None:
                                flower=True)
         print(f"resuming from {ckpt} at round {run_state.fedit['round']}")
     fed = run_state.fed_state("fedit") or FedState(0, dict(phi0), {n: {} for n in roster.names})
-    check_state(fed.global_state, phi0, what=f"{ckpt}'s global adapter")
+    check_tensors(fed.global_state, phi0, what=f"{ckpt}'s global adapter")
     for t in range(fed.round, cfg.rounds):
         rejoin(grid, cfg, roster, phi0)
         fedit_round(grid, cfg, roster, fed, t)

@@ -37,8 +37,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from data import ClientSplits, load_images
-from files import atomic_write, load_torch_file
+from potara_harness.data import ClientSplits, load_images
+from potara.safe_files import atomic_write, load_torch_file
 from potara_harness.config import AppConfig, ConfigError
 from potara_harness.partition import client_splits, label_partition, public_and_pool
 
@@ -60,7 +60,7 @@ def to_record(state: dict[str, torch.Tensor]):
 def from_record(record) -> dict[str, torch.Tensor]:
     """A received ArrayRecord -> CPU tensors (own memory), read with np.load(allow_pickle=False) by
     Flower: no code runs. The caller checks keys, shapes, dtypes and finite values against the
-    adapter it expects (lora.check_state / fed.validate_update): the sender is not trusted."""
+    adapter it expects (tensor_checks.check_tensors / rounds.validate_update): the sender is not trusted."""
     state = {}
     for k in record.keys():
         a = record[k].numpy()
@@ -197,7 +197,7 @@ def language_client(cfg: AppConfig, task: str, model_path: str) -> tuple[ClientS
     them: the task's examples split by (seed, task name) into train / val / test and encoded with answer-only labels
     (lm.build_splits), the model (tiny: lm.load_tiny_file, the byte tokenizer; a folder: AutoModelForCausalLM and
     AutoTokenizer from it, eager attention), then LoRA on `targets` drawn under torch.manual_seed(seed)."""
-    from fisher import causal_lm_likelihood  # the language modules (transformers among them) only when they run
+    from potara.fisher import causal_lm_likelihood  # the language modules (transformers among them) only when they run
     from potara_harness.llm_data import ByteTokenizer
     from potara_harness.lm import (
         Scorer,

@@ -10,13 +10,13 @@ nothing, the bytes a run writes grow linearly with its clients, and a resume acc
 
 Two kinds of file (issue 20: the old single checkpoint held every client's adapters and was rewritten after
 each client, K^2 bytes for K clients):
-  checkpoint.pt    what changes each round: FedIT's and FedSA-LoRA's fed.FedState (global adapter, FedSA's
+  checkpoint.pt    what changes each round: FedIT's and FedSA-LoRA's fedit.FedState (global adapter, FedSA's
                    per-client private tensors, histories), the fingerprint and the run_id. Rewritten after every
                    round; R rounds write R x (adapter + K x FedSA private part): linear in K.
   adapters/*.pt    what is made once: each client's local adapter phi_L and fine-tuned phi_G
                    (local-<i>.pt, finetuned-<i>.pt, i = the client's index) and FedIT's global snapshots
                    (snapshot-<round>.pt). Each is written once when it is made, never rewritten: 2K adapters.
-Every file is written atomically (files.atomic_write: a temporary file, fsync, rename), so a kill leaves each
+Every file is written atomically (safe_files.atomic_write: a temporary file, fsync, rename), so a kill leaves each
 file complete or absent; an absent part is trained again (every stage is seeded: the same bits). Nothing is
 held in memory beyond what a stage uses: parts are read back when needed (memory flat in K).
 
@@ -29,7 +29,7 @@ fingerprint and the run_id (random, drawn when a run starts from scratch): a par
 settings, or the same settings started over) is refused, as is one filed under another client or kind.
 
 Every file is untrusted input: torch.load(weights_only=True) (it never runs code), then every part is checked
-before it is used: each adapter against the model's (lora.check_tensors: keys, shapes, dtypes, layout, storage
+before it is used: each adapter against the model's (tensor_checks.check_tensors: keys, shapes, dtypes, layout, storage
 bounds, finite values), round counts as integers within the run's rounds, histories as lists of round records
 (with the Flower server's own fields when flower=True), client names among the run's clients, a snapshot for
 every snapshot round already trained. Any failure is a one-line ResumeError, raised by load_state: the whole
@@ -48,10 +48,11 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from data import ClientSplits
-from fed import FedState
-from files import atomic_write, load_torch_file
-from lora import AdapterError, check_tensors, lora_meta
+from potara_harness.data import ClientSplits
+from potara.fedit import FedState
+from potara.safe_files import atomic_write, load_torch_file
+from potara.lora import lora_meta
+from potara.tensor_checks import AdapterError, check_tensors
 
 CHECKPOINT_FORMAT = "potara-checkpoint-v2"
 PART_FORMAT = "potara-run-part-v1"
@@ -68,7 +69,7 @@ class ResumeError(ValueError):
 
 @dataclass
 class RunState:
-    """What changes each round (checkpoint.pt). fedit / fedsa: the federated runs (fed.FedState fields as a
+    """What changes each round (checkpoint.pt). fedit / fedsa: the federated runs (fedit.FedState fields as a
     dict, None before round 1); run_id: drawn when the run starts from scratch, written into each of its parts."""
     fingerprint: str
     fedit: dict | None = None
@@ -126,7 +127,7 @@ def _differs(saved: str, fp: str) -> str:
 
 
 def save_state(state: RunState, path: str) -> None:
-    """checkpoint.pt: the fingerprint, the run_id and the federated states (atomic: files.atomic_write)."""
+    """checkpoint.pt: the fingerprint, the run_id and the federated states (atomic: safe_files.atomic_write)."""
     plain = {"format": CHECKPOINT_FORMAT, "fingerprint": state.fingerprint, "run_id": state.run_id,
              "fedit": state.fedit, "fedsa": state.fedsa}
     atomic_write(path, lambda f: torch.save(plain, f))
@@ -316,7 +317,7 @@ def _number(x) -> bool:
 
 
 def _check_history(stage: str, history, completed: int, client_key, flower: bool = False) -> None:
-    """One record per completed round, as fed.server_round writes it (flower: plus the fields the Flower server
+    """One record per completed round, as fedit.server_round writes it (flower: plus the fields the Flower server
     adds, server_app.fedit_round: failed clients with their reasons, wire bytes, seconds)."""
     _require(isinstance(history, list) and len(history) == completed,
              f"{stage}: history must list one record per completed round ({completed})")

@@ -21,7 +21,7 @@ import warnings
 from contextlib import contextmanager
 from typing import Callable, NoReturn
 
-from files import UnsafeFile, WriteError
+from potara.safe_files import UnsafeFile, WriteError
 from potara_harness.config import ESTIMATORS, ExperimentConfig, grid_step_problem, size_problem, update_bound
 
 # This module imports no torch (nor anything that does) at its top: a script parses and checks its command line
@@ -118,7 +118,7 @@ def add_run_options(ap: argparse.ArgumentParser, seed: bool = True) -> None:
 
 
 def check_run_options(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """add_run_options' bounds: 0 <= --seed < 2**63 (torch.manual_seed and fed.derive_seed take 63-bit seeds)
+    """add_run_options' bounds: 0 <= --seed < 2**63 (torch.manual_seed and rounds.derive_seed take 63-bit seeds)
     and 1 <= --threads <= the machine's cores (more only oversubscribes them)."""
     if not 0 <= getattr(args, "seed", 0) < MAX_SEED:
         ap.error(f"--seed must be >= 0 and < 2**63, got {args.seed}")
@@ -178,7 +178,7 @@ def check_experiment_options(ap: argparse.ArgumentParser, args: argparse.Namespa
         ap.error(f"--grid-step {grid}")
     if args.estimator not in ESTIMATORS:
         ap.error(f"--estimator must be one of {sorted(ESTIMATORS)}, got {args.estimator!r}")
-    if args.estimator != "paper" and args.granularity == "module":  # potara.estimator_options' rule, before training
+    if args.estimator != "paper" and args.granularity == "module":  # the rule of the estimator types (potara.merge), before training
         ap.error(f"--estimator {args.estimator} gives one weight per client: use --granularity client "
                  "(or --estimator paper)")
     split = args.train if args.fisher_split == "train" else args.val
@@ -246,16 +246,16 @@ def autocast_dtype(device):
 
 @contextmanager
 def one_line_errors(*errors: type[BaseException]):
-    """Bad input found during the run (data.DataError, checkpoint.ResumeError, lora.AdapterError, files.UnsafeFile
-    and `errors`) -> fail(..., 2); a failed write (files.WriteError) and MemoryError -> fail(..., 1), saying
+    """Bad input found during the run (data.DataError, checkpoint.ResumeError, tensor_checks.AdapterError, safe_files.UnsafeFile
+    and `errors`) -> fail(..., 2); a failed write (safe_files.WriteError) and MemoryError -> fail(..., 1), saying
     the previous files are intact / it is not bad data."""
-    from data import DataError
-    from lora import AdapterError
+    from potara_harness.data import DataError
+    from potara.tensor_checks import AdapterError
     from potara_harness.checkpoint import ResumeError
 
     try:
         yield
-    except WriteError as e:  # disk full, file-size limit: the previous files are intact (files.atomic_write)
+    except WriteError as e:  # disk full, file-size limit: the previous files are intact (safe_files.atomic_write)
         fail(str(e), status=1)
     except (DataError, ResumeError, AdapterError, UnsafeFile, *errors) as e:  # UnsafeFile: a planted link or FIFO
         fail(str(e))

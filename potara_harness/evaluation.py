@@ -20,22 +20,15 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
-from data import ClientSplits
-from fed import derive_seed
-from fisher import Likelihood, classification_likelihood, gradient_stats
-from lora import load_lora_state_dict, lora_layers
-from potara import (
-    check_adapters,
-    estimator_options,
-    fisher_merge,
-    merge_adapters,
-    paper_merge,
-    personalize,
-    segment_loss,
-)
+from potara_harness.data import ClientSplits
+from potara.rounds import derive_seed
+from potara.fisher import classification_likelihood, gradient_stats, Likelihood
+from potara.lora import load_lora_state_dict, lora_layers
+from potara.merge import PaperFisher, Verified, check_adapters, fisher_merge, merge_adapters, paper_merge, personalize
+from potara.weight import segment_loss
 from potara_harness.config import SALT_LABELS, SALT_STATS, ExperimentConfig
 from potara_harness.report import mean
-from training import shuffled_batches
+from potara.training import shuffled_batches
 
 Evaluate = Callable[[nn.Module, torch.Tensor, torch.Tensor], float]
 
@@ -119,25 +112,30 @@ def stat_batches(ev: Evaluator, i: int, s: ClientSplits) -> list:
     return [next(shuffled_batches(x, y, min(ev.cfg.fisher_samples, len(y)), derive_seed(ev.cfg.seed, i, SALT_STATS)))]
 
 
-def potara_options(ev: Evaluator, i: int) -> dict:
-    """personalize's options for client i under the settings (potara.estimator_options decides which apply)."""
+def potara_estimator(ev: Evaluator, i: int) -> Verified | PaperFisher:
+    """The estimator of client i under the settings: Verified() (it takes no options), or PaperFisher with the
+    run's granularity, labels, eps, vmap chunk and client i's label-sampling seed."""
     cfg = ev.cfg
-    return estimator_options(cfg.estimator, strict=False, granularity=cfg.granularity, labels=cfg.fisher_labels,
-                             eps=cfg.eps, seed=derive_seed(cfg.seed, i, SALT_LABELS), chunk_size=cfg.fisher_chunk)
+    if cfg.estimator != PaperFisher.name:
+        if cfg.granularity != "client":  # the command lines refuse it first; a config built by hand lands here
+            raise ValueError(f"estimator {cfg.estimator!r} gives one weight per client: granularity "
+                             f"{cfg.granularity!r} applies to the paper's estimator only")
+        return Verified()
+    return PaperFisher(granularity=cfg.granularity, labels=cfg.fisher_labels, eps=cfg.eps,
+                       seed=derive_seed(cfg.seed, i, SALT_LABELS), chunk_size=cfg.fisher_chunk)
 
 
 def potara_step(ev: Evaluator, i: int, s: ClientSplits, G: dict, L: dict, stats=None) -> tuple[dict, dict]:
     """The client-side Potara merge of G and the client's local adapter L (potara.personalize on the
-    statistics' samples: val by default, held out). With estimator "paper" and `stats`, the per-sample statistics
-    Fisher merging computed on the same samples and adapters, the weight is read off them (potara.paper_merge,
-    personalize's own "paper" step): one per-sample gradient pass per client, not two."""
-    options = potara_options(ev, i)
-    if ev.cfg.estimator == "paper" and stats is not None:
+    statistics' samples: val by default, held out). With the paper's estimator and `stats`, the per-sample
+    statistics Fisher merging computed on the same samples and adapters, the weight is read off them
+    (merge.paper_merge, personalize's own "paper" step): one per-sample gradient pass per client, not two."""
+    estimator = potara_estimator(ev, i)
+    if isinstance(estimator, PaperFisher) and stats is not None:
         check_adapters(ev.model, G, L)
-        return paper_merge(stats, G, L, eps=options["eps"], granularity=options["granularity"],
-                           labels=options["labels"])
+        return paper_merge(stats, G, L, estimator=estimator)
     return personalize(ev.model, G, L, held_out=stat_batches(ev, i, s), n_samples=ev.cfg.fisher_samples,
-                       estimator=ev.cfg.estimator, likelihood=ev.likelihood, **options)
+                       estimator=estimator, likelihood=ev.likelihood)
 
 
 def fisher_merging(ev: Evaluator, i: int, s: ClientSplits, G: dict, L: dict) -> tuple[dict, object, dict | None]:
@@ -177,7 +175,7 @@ def accuracy_and_loss(ev: Evaluator, adapter: dict, x: torch.Tensor, y: torch.Te
 def val_score_and_loss(ev: Evaluator, s: ClientSplits, G: dict, L: dict, lam: float, merged: dict) -> tuple:
     """The grid's val score and val loss at lam: one forward when the metric is accuracy in full precision
     (accuracy_and_loss); otherwise (a generated-answer metric, autocast) the metric, then the loss by
-    potara.segment_loss (no autocast, as the default weight reads it)."""
+    weight.segment_loss (no autocast, as the default weight reads it)."""
     if ev.evaluate is accuracy and ev.autocast_dtype is None:
         return accuracy_and_loss(ev, merged, s.val_inputs, s.val_targets)
     score = ev.score(merged, s.val_inputs, s.val_targets)

@@ -27,8 +27,8 @@ from typing import Protocol, Sequence
 
 import torch
 
-from data import DataError  # the one DataError of the project: `except DataError` catches text and image data
-from files import UnsafeFile, open_regular
+from potara_harness.data import DataError  # the one DataError of the project: `except DataError` catches text and image data
+from potara.safe_files import open_regular, UnsafeFile
 from potara_harness.config import MAX_LINE_BYTES, MAX_TASK_FILE_BYTES, MAX_TASK_NAME_BYTES
 
 IGNORE = -100  # label of tokens that are not scored (prompt, padding): the convention of HF and potara
@@ -97,7 +97,7 @@ def parse_line(text: str, where: str) -> Example:
 
 def read_jsonl(path: str, max_bytes: int = MAX_TASK_FILE_BYTES, max_line: int = MAX_LINE_BYTES) -> list[Example]:
     """Every example of one JSONL file; a malformed line raises DataError naming the file and line. Only a regular
-    file of at most max_bytes is read (files.open_regular: a link, /dev/zero or a FIFO named <task>.jsonl is one
+    file of at most max_bytes is read (safe_files.open_regular: a link, /dev/zero or a FIFO named <task>.jsonl is one
     line at once), a line of at most max_line bytes (each costs ~10x its bytes once parsed). Lines are split on
     b"\\n" and decoded one at a time, so a bad UTF-8 byte is reported with its line and column (a UTF-8
     byte-order mark on line 1 is allowed)."""

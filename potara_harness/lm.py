@@ -22,10 +22,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import ClientSplits
-from files import load_torch_file
-from fisher import causal_lm_likelihood
-from lora import add_lora, check_tensors
+from potara_harness.data import ClientSplits
+from potara.safe_files import load_torch_file
+from potara.fisher import causal_lm_likelihood
+from potara.lora import add_lora
+from potara.tensor_checks import check_tensors
 from potara_harness.config import SYNTHETIC_TASKS_SEED, TINY_LLAMA
 from potara_harness.llm_data import (
     IGNORE,
@@ -41,7 +42,7 @@ from potara_harness.llm_data import (
 )
 from potara_harness.llm_tasks import SYNTHETIC_TASKS, public_corpus, synthetic_tasks
 from potara_harness.pretrain import cache_path, cached_pretrain, step, warmup_cosine
-from training import progress_bar
+from potara.training import progress_bar
 
 
 # ----------------------------------------------------------------------------- models
@@ -77,7 +78,7 @@ def load_tiny_file(path: str, max_len: int) -> nn.Module:
     try:
         model = tiny_model(max_len, arch)
         check_tensors(obj.get("state_dict"), model.state_dict(), what=path)
-    except ValueError as e:  # transformers' config checks, lora.AdapterError
+    except ValueError as e:  # transformers' config checks, tensor_checks.AdapterError
         raise DataError(f"{path}: {' '.join(str(e).split())[:300]}") from None
     model.load_state_dict(obj["state_dict"])
     return model.eval()

@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from data import ClientSplits, DataError
+from potara_harness.data import ClientSplits, DataError
 
 
 # ----------------------------------------------------------------------------- partitions

@@ -17,7 +17,7 @@ import shutil
 import stat
 from typing import TYPE_CHECKING
 
-from files import UnsafeFile, remove_leftovers
+from potara.safe_files import remove_leftovers, UnsafeFile
 
 if TYPE_CHECKING:  # annotations only: run_llm.py checks its export targets before torch loads
     import torch
@@ -57,7 +57,7 @@ def export_with_base(out_dir: str, model: nn.Module, adapters: dict[str, dict[st
     """export_peft of `adapters` (LoRA of `model`, whose scaling they share), naming base_model as their base; with
     base_model None the model is the tiny Llama, which no hub holds: it is written to out_dir/base_model in HF's
     format and named by its absolute path. Returns the base model's name or path."""
-    from lora import lora_meta
+    from potara.lora import lora_meta
 
     if base_model is None:
         base_model = os.path.abspath(os.path.join(out_dir, "base_model"))
@@ -102,8 +102,8 @@ def write_folder_atomically(folder: str, write) -> None:
     """write(tmp) creates and fills a new folder beside `folder` (files fsynced), which then takes its place
     by two renames: a crash leaves the old folder or the new one complete (plus a hidden .<name>.partial-<pid>
     or .<name>.old-<pid> folder, removed by the next export of that name once its pid is gone:
-    files.remove_leftovers), never a half-written one. An existing `folder` is replaced only if an export wrote
-    it (export_target_problem: a real folder holding only files the new one holds), else files.UnsafeFile."""
+    safe_files.remove_leftovers), never a half-written one. An existing `folder` is replaced only if an export wrote
+    it (export_target_problem: a real folder holding only files the new one holds), else safe_files.UnsafeFile."""
     parent, name = os.path.split(os.path.abspath(folder))
     tmp, old = (os.path.join(parent, f".{name}.{what}-{os.getpid()}") for what in ("partial", "old"))
     os.makedirs(parent, exist_ok=True)

@@ -9,7 +9,7 @@
 
 Stages (one backbone in memory; a client is switched in by loading adapter tensors):
   phi_0 = the model's adapter on entry (shared initial adapter, LoRA B = 0)
-  1. federated_training: FedIT for `rounds` rounds (fed.run_fedit), global snapshots at `snapshots` round
+  1. federated_training: FedIT for `rounds` rounds (fedit.run_fedit), global snapshots at `snapshots` round
      counts; then FedSA-LoRA, FedIT sharing only the LoRA A factors (B and the head stay on each client)
   2. local_training: per client a local adapter phi_L from phi_0, and phi_G fine-tuned locally
   3. evaluation.evaluate_client: on each client's test split, every method of report.METHODS; the lam grid
@@ -20,10 +20,10 @@ each client's local and fine-tuned adapter and each FedIT snapshot written once,
 when it is made (checkpoint.Parts: the bytes written grow linearly with the clients, and only the adapters a
 stage uses are in memory); a kill in any stage loses at most the adapter being trained. resume=True continues it (training settings, model and data must match: checkpoint.fingerprint) and ends
 bitwise equal to an uninterrupted run on CPU (every stage is seeded from (seed, round or salt, client):
-fed.derive_seed, config.SALT_*; every seeded stage runs in a forked RNG, fed.seeded).
+rounds.derive_seed, config.SALT_*; every seeded stage runs in a forked RNG, rounds.seeded).
 Bytes: a method costs what its training sent both ways: local only 0, FedSA-LoRA its own history, every
 other method FedIT's history (merging and Fisher statistics are on-device).
-Faults (results["faults"]): drop-outs and rejected updates per federated run (fed.validate_update); a local
+Faults (results["faults"]): drop-outs and rejected updates per federated run (rounds.validate_update); a local
 training that diverged (NaN/Inf adapter: warned, the client keeps the adapter it started from); NaN/Inf
 gradient statistics (warned; Fisher merging takes them as 0). No adapter with NaN/Inf is scored or saved.
 """
@@ -38,15 +38,16 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
-from data import ClientSplits, warn_single_class
-from fed import Client, FedState, derive_seed, run_fedit, seeded
-from fisher import Likelihood, classification_likelihood
-from lora import load_lora_state_dict, lora_factor, lora_state_dict
+from potara_harness.data import ClientSplits, warn_single_class
+from potara.fedit import Client, FedState, run_fedit
+from potara.rounds import derive_seed, seeded
+from potara.fisher import classification_likelihood, Likelihood
+from potara.lora import load_lora_state_dict, lora_factor, lora_state_dict
 from potara_harness.checkpoint import Parts, RunState, fed_dict, fingerprint, load_state, save_state
 from potara_harness.config import SALT_FINETUNE, SALT_LOCAL, ExperimentConfig
 from potara_harness.evaluation import Evaluate, Evaluator, accuracy, evaluate_client, potara_step
 from potara_harness.report import METHODS, collect_results, mean, write_outputs
-from training import LossFn, classification_loss, model_device, progress_bar, shuffled_batches, train_adapter
+from potara.training import classification_loss, LossFn, model_device, progress_bar, shuffled_batches, train_adapter
 
 
 def snapshot_rounds(rounds: int, snapshots: int) -> list[int]:
@@ -182,7 +183,7 @@ def train_local(model: nn.Module, start: dict, split: ClientSplits, steps: int, 
                 loss_fn: LossFn = classification_loss, autocast_dtype: torch.dtype | None = None,
                 desc: str | None = None, progress: bool = False) -> dict:
     """`steps` of AdamW on the client's train split from adapter `start`, seeded by `seed` (batches, and dropout
-    in a forked RNG as fed.local_update: the caller's RNG is left as it was): how every local adapter of the
+    in a forked RNG as fedit.local_update: the caller's RNG is left as it was): how every local adapter of the
     project is trained (the pipeline, the Flower client, the estimator study)."""
     load_lora_state_dict(model, start)
     with seeded(seed, model_device(model)):

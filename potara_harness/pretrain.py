@@ -5,8 +5,8 @@ Llama (lm.py), which are trained here because no pre-trained weights can be down
     path = cache_path("data/backbones", "tiny", key)  # the file name carries a hash of everything that shapes it
     model, info = cached_pretrain(path, "tiny backbone", restore, train, describe)
 
-A cache file is {"state_dict": ..., "info": {...}, ...} written atomically (files.atomic_write) and read
-with torch.load(weights_only=True) from a regular file of bounded size (files.open_regular): it never runs code. A cache file that cannot be restored (damaged,
+A cache file is {"state_dict": ..., "info": {...}, ...} written atomically (safe_files.atomic_write) and read
+with torch.load(weights_only=True) from a regular file of bounded size (safe_files.open_regular): it never runs code. A cache file that cannot be restored (damaged,
 stale, foreign) is pre-trained again; a cache folder that cannot be written is reported, not fatal.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import torch
 
-from files import atomic_write, open_regular
+from potara.safe_files import atomic_write, open_regular
 
 MAX_CACHE_BYTES = 1 << 30  # a cached tiny backbone is a few MB
 

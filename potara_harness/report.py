@@ -1,5 +1,5 @@
 """What a run leaves behind: results.json (strict JSON), results.md (the tables) and two plots, each
-written atomically (files.atomic_write: a random temporary file, fsync, os.replace).
+written atomically (safe_files.atomic_write: a random temporary file, fsync, os.replace).
 
     write_outputs(results, out_dir)      # results.json, results.md, lambda.png, communication.png
     print(results_header(results) + markdown_table(results))   # what the run was on and how it was made; the table
@@ -16,9 +16,9 @@ import math
 import os
 from dataclasses import asdict
 
-from fed import state_bytes
-from files import atomic_write
-from lora import lora_factor
+from potara.rounds import state_bytes
+from potara.safe_files import atomic_write
+from potara.lora import lora_factor
 
 METHOD_LABELS = {"local": "Local only", "fedit": "FedIT (global adapter)", "fedit_ft": "FedIT + local fine-tuning",
                  "uniform": "Uniform merge (lam = 0.5)", "fisher": "Fisher merging", "fedsa": "FedSA-LoRA",
@@ -151,7 +151,7 @@ def strict_json(x):
 
 
 def write_text(path: str, text: str) -> None:
-    """`text` as UTF-8, written atomically (files.atomic_write)."""
+    """`text` as UTF-8, written atomically (safe_files.atomic_write)."""
     atomic_write(path, lambda f: f.write(text.encode()))
 
 

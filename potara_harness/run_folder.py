@@ -1,5 +1,5 @@
 """The run folder (--out): checked and created before any work, locked while a run uses it, left empty-handed
-by a run that wrote nothing. What may be written there and read from it is files.py's rule (run_folder_problem,
+by a run that wrote nothing. What may be written there and read from it is safe_files.py's rule (run_folder_problem,
 open_lock, remove_leftovers); this module applies it to a command line's --out.
 
     prepare_out_dir(ap, args.out)          # a one-line parser error if --out cannot serve (exit 2)
@@ -18,7 +18,7 @@ try:
 except ImportError:  # pragma: no cover
     fcntl = None
 
-from files import UnsafeFile, open_lock, remove_leftovers, run_folder_problem
+from potara.safe_files import open_lock, remove_leftovers, run_folder_problem, UnsafeFile
 from potara_harness.cli import fail
 
 OUTPUT_FILES = ("checkpoint.pt", "results.json", "results.md", "lambda.png", "communication.png")  # in --out
@@ -55,7 +55,7 @@ def prepare_out_dir(ap: argparse.ArgumentParser, out: str, flag: str = "--out") 
     """Before any work: `out` exists (created; the folders created are remembered so that a run that did
     nothing removes them, see out_dir_lock) and is writable, and it is a trusted run folder for the run's
     output files (OUTPUT_FILES, LOCK_FILE): none is a link or anything but a regular file
-    (files.run_folder_problem), so nothing outside --out is written through a planted link."""
+    (safe_files.run_folder_problem), so nothing outside --out is written through a planted link."""
     problem = dir_problem(out)
     if problem:
         ap.error(f"{flag} {out}: {problem}")
@@ -81,8 +81,8 @@ def prepare_out_dir(ap: argparse.ArgumentParser, out: str, flag: str = "--out") 
 def out_dir_lock(out: str):
     """Hold an exclusive lock on out/LOCK_FILE for the run (fcntl.flock: released when the process ends,
     even killed), so two runs never write the same --out; the second fails in one line. The lock file is
-    opened by files.open_lock (never through a link: a planted `.lock -> ../victim` is one line, exit 2).
-    Under the lock, what killed runs left (temporary files of the output files, files.remove_leftovers) is
+    opened by safe_files.open_lock (never through a link: a planted `.lock -> ../victim` is one line, exit 2).
+    Under the lock, what killed runs left (temporary files of the output files, safe_files.remove_leftovers) is
     removed; at the end, a run that wrote nothing leaves nothing: the lock file, and the folders
     prepare_out_dir created, are removed when the lock file is all that --out holds."""
     if fcntl is None:

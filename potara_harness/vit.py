@@ -21,12 +21,13 @@ import torch.nn.functional as F
 import torchvision
 from torchvision.models import VisionTransformer
 
-from data import DataError
-from files import load_torch_file
-from lora import AdapterError, add_lora, check_tensors
-from lora_mha import LORA_LAYERS
+from potara_harness.data import DataError
+from potara.safe_files import load_torch_file
+from potara.lora import add_lora
+from potara.tensor_checks import AdapterError, check_tensors
+from potara.lora_mha import LORA_LAYERS
 from potara_harness.pretrain import cache_path, cached_pretrain, step, warmup_cosine
-from training import progress_bar
+from potara.training import progress_bar
 
 NUM_CLASSES = 100
 
@@ -114,7 +115,7 @@ def check_arch(arch) -> dict:
 
 def backbone_from_state(arch, state, what: str) -> VisionTransformer:
     """A VisionTransformer(**arch) holding `state` (its old head dropped), after check_arch and, on the
-    expected shapes taken from a ViT built on the meta device (nothing allocated), lora.check_tensors on
+    expected shapes taken from a ViT built on the meta device (nothing allocated), tensor_checks.check_tensors on
     every tensor: keys, dtypes, shapes, layout, storage bounds, finite values. BackboneError names `what`."""
     arch = check_arch(arch)
     if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):

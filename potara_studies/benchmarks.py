@@ -27,14 +27,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models import VisionTransformer, vit_b_16
 
-import fisher
-import potara
-from fed import state_bytes
-from lora import LoRALinear, add_lora, load_lora_state_dict, lora_state_dict, merge_lora
-from lora_mha import LORA_LAYERS, LoRAPackedQKV
+from potara import fisher
+from potara.merge import merge_adapters, personalize
+from potara.weight import segment_loss
+from potara.rounds import state_bytes
+from potara.lora import add_lora, load_lora_state_dict, lora_state_dict, LoRALinear, merge_lora
+from potara.lora_mha import LORA_LAYERS, LoRAPackedQKV
 from potara_harness.config import VIT_PRESETS, ExperimentConfig
 from potara_harness.evaluation import Evaluator, accuracy_and_loss, lam_grid
-from training import shuffled_batches, train_adapter
+from potara.training import shuffled_batches, train_adapter
 
 # the tiny preset's numbers (config.VIT_PRESETS) and Potara's statistics at the pipelines' default sample count
 TINY = {**{k: v for k, v in VIT_PRESETS["tiny"].items() if k in ("vit", "train", "local_train_steps", "lr", "batch_size",
@@ -349,7 +350,7 @@ def _release_free_memory() -> None:
 
 def client_memory(small: int, large: int, rank: int, alpha: float) -> dict:
     """In a fresh process: the shared ViT-B backbone, then `small` and `large` clients' adapters made the
-    way fed.py/experiment.py make them (load into the backbone, read back with lora_state_dict)."""
+    way fedit.py/experiment.py make them (load into the backbone, read back with lora_state_dict)."""
     torch.set_num_threads(1)
     model = lora_vit(vit_b_16(weights=None), rank, alpha, 100)
     template = lora_state_dict(model)
@@ -427,30 +428,30 @@ def bench_potara(cfg: BenchConfig, device: torch.device) -> list[dict]:
         F.cross_entropy(model(Xh), Yh).backward()
 
     def ends():  # what the default costs when its Hermite candidate is an end: 2 fwd-bwd
-        potara.segment_loss(model, G, L, 0.0, held)
-        potara.segment_loss(model, G, L, 1.0, held)
+        segment_loss(model, G, L, 0.0, held)
+        segment_loss(model, G, L, 1.0, held)
 
     def worst_case():  # when its Hermite candidate is interior: 2 fwd-bwd + 1 fwd (the verification pass)
         ends()
-        potara.segment_loss(model, G, L, 0.5, held, slope=False)
+        segment_loss(model, G, L, 0.5, held, slope=False)
 
     ev = Evaluator(model, L, ExperimentConfig())  # L: what every score loads back
 
     def grid():  # the grid as evaluation.grid_search scores val: accuracy and loss from one merged forward per lam
-        return [accuracy_and_loss(ev, potara.merge_adapters(G, L, lam), Xh, Yh) for lam in lam_grid(0.05)]
+        return [accuracy_and_loss(ev, merge_adapters(G, L, lam), Xh, Yh) for lam in lam_grid(0.05)]
 
     def grid_before():  # before issue 20: accuracy through the rank-r branches, then the loss (two forwards)
         from potara_harness.evaluation import accuracy
         for lam in lam_grid(0.05):
-            merged = potara.merge_adapters(G, L, lam)
+            merged = merge_adapters(G, L, lam)
             load_lora_state_dict(model, merged)
             model.eval()
             accuracy(model, Xh, Yh)
-            potara.segment_loss(model, G, L, lam, held, slope=False)
+            segment_loss(model, G, L, lam, held, slope=False)
         load_lora_state_dict(model, L)
-    _, info = potara.personalize(model, G, L, held_out=held)
+    _, info = personalize(model, G, L, held_out=held)
     times = measure({"one forward-backward pass": forward_backward,
-                     "potara.personalize (default)": lambda: potara.personalize(model, G, L, held_out=held),
+                     "potara.personalize (default)": lambda: personalize(model, G, L, held_out=held),
                      "default, candidate at an end (2 fwd-bwd)": ends,
                      "default, worst case (2 fwd-bwd + 1 fwd)": worst_case, "21-point grid search": grid,
                      "21-point grid search before issue 20 (2 unmerged forwards per lam)": grid_before,

@@ -28,8 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import ClientSplits, DataError
-from lora import add_lora
+from potara_harness.data import ClientSplits, DataError
+from potara.lora import add_lora
 from potara_harness.config import DIGITS_SCENARIOS, DigitsConfig
 from potara_harness.partition import client_splits, dirichlet_partition
 

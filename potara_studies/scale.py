@@ -10,7 +10,7 @@ costs, not the accuracies, are measured. Per run:
                      communication curve, outputs) divided by K; and its CPU time (user + system) divided by K,
                      which a machine shared with other jobs disturbs less
   peak RSS           the process's maximum resident set (getrusage ru_maxrss), backbone included
-  bytes written      every file the run wrote, counted where it writes them (files.atomic_write: checkpoint.pt
+  bytes written      every file the run wrote, counted where it writes them (safe_files.atomic_write: checkpoint.pt
                      each round, each part file once, the results), in total and per client
   checkpoint         the largest checkpoint.pt the run wrote (FedSA-LoRA's rounds hold K private parts)
 and the table gives each as a ratio to the preset's smallest K. What linear growth looks like: time / client,
@@ -64,7 +64,7 @@ def client_data(K: int, image_size: int) -> list:
     """K clients of random images and labels (data.ClientSplits), SPLIT images each."""
     import torch
 
-    from data import ClientSplits
+    from potara_harness.data import ClientSplits
     g, (tr, va, te) = torch.Generator().manual_seed(1), SPLIT
     x = lambda n: torch.randn(n, 3, image_size, image_size, generator=g)
     y = lambda n: torch.randint(0, 100, (n,), generator=g)
@@ -75,7 +75,7 @@ def one_run(preset: str, K: int, out: str) -> dict:
     """One run_experiment in this process; its costs (module docstring)."""
     import torch
 
-    from lora import lora_state_dict
+    from potara.lora import lora_state_dict
     from potara_harness import checkpoint, report
     from potara_harness.config import ExperimentConfig
     from potara_harness.pipeline import run_experiment

@@ -18,9 +18,9 @@ import torch
 import torch.nn as nn
 from torchvision.models import VisionTransformer
 
-from data import ClientSplits
-from lora import add_lora
-from lora_mha import LORA_LAYERS
+from potara_harness.data import ClientSplits
+from potara.lora import add_lora
+from potara.lora_mha import LORA_LAYERS
 from potara_harness import config
 
 MICRO_VIT = dict(image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32)

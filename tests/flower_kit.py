@@ -22,7 +22,7 @@ from flwr.app import (  # noqa: E402
 from flwr.serverapp import Grid  # noqa: E402
 from torchvision.models import VisionTransformer  # noqa: E402
 
-from data import load_images  # noqa: E402
+from potara_harness.data import load_images  # noqa: E402
 from potara_flower import client_app as flower_client  # noqa: E402
 from potara_flower import server_app as flower_server  # noqa: E402
 from potara_flower.loopback import LocalFederation  # noqa: E402

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from conftest import MICRO_VIT
 
-from potara import personalize
+from potara.merge import PaperFisher, personalize
 from potara_harness import config
 from potara_harness.evaluation import lam_grid
 from potara_studies import ablation, estimator_study
@@ -90,7 +90,7 @@ def test_estimator_weights_are_what_the_library_gives(micro):
         assert got["verified@val"]["lam"] == pytest.approx(default["lam"])
         assert got["hermite@val"]["lam"] == pytest.approx(default["lam_hermite"])
         _, paper = personalize(model, G, local[s.name], held_out=[(s.train_inputs, s.train_targets)], n_samples=32,
-                               estimator="paper")
+                               estimator=PaperFisher())
         assert got["paper@train32"]["lam"] == pytest.approx(paper["lam"])
         assert int(s.val_targets.max()) < 100
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-import fisher
-from lora import LoRALinear
-from lora_mha import LoRAPackedQKV
+from potara import fisher
+from potara.lora import LoRALinear
+from potara.lora_mha import LoRAPackedQKV
 from potara_studies import bench, benchmarks
 
 

@@ -40,7 +40,7 @@ def test_fingerprint_covers_lora_alpha_every_weight_byte_and_buffers(mlp_problem
 
     import torch.nn as nn
 
-    from lora import add_lora
+    from potara.lora import add_lora
     bias_free_model, client = mlp_problem
     splits, cfg = [client("c0", 0)], ExperimentConfig()
     model = bias_free_model()
@@ -90,7 +90,7 @@ def sound_run(model, folder, fp="fp", rounds=2):
     """A run folder as the pipeline leaves it after FedIT (rounds of rounds, snapshots at 1..rounds) and client c0's
     local adapter (FedSA-LoRA and fine-tuning not started): checkpoint.pt + adapters/snapshot-*.pt + local-0000.pt.
     Returns (phi_0, state, parts, checkpoint path)."""
-    from lora import lora_state_dict
+    from potara.lora import lora_state_dict
     adapter = {k: v.detach().clone() for k, v in lora_state_dict(model).items()}
     state = RunState(fp, fedit={"round": rounds, "global_state": dict(adapter), "private_states": {"c0": {}},
                                 "history": [{**RECORD, "round": t} for t in range(rounds)]})
@@ -184,7 +184,7 @@ FLOWER_RECORD = {**RECORD, "failed": [], "wire_bytes_down": 12, "wire_bytes_up":
 def test_edited_flower_checkpoint_is_refused_at_load(tmp_path, mlp_problem, edit, why):
     """Issue 17 item 4: the Flower server's checkpoint with fedit = None or history records without `failed`
     (TypeError / KeyError in the server before) is refused by load_state(flower=True) in one line."""
-    from lora import lora_state_dict
+    from potara.lora import lora_state_dict
     adapter = lora_state_dict(mlp_problem[0]())
     fedit = {"round": 1, "global_state": dict(adapter), "private_states": {"c0": {}}, "history": [FLOWER_RECORD]}
     path = str(tmp_path / "checkpoint.pt")
@@ -203,7 +203,7 @@ def test_fuzz_checkpoints_give_one_clear_error_or_a_sound_state(tmp_path, mlp_pr
     (RLIMIT_AS) or writes anything."""
     import random
 
-    from lora import check_tensors
+    from potara.tensor_checks import check_tensors
     bias_free_model, _ = mlp_problem
     adapter, _, parts, path = sound_run(bias_free_model(), tmp_path)
     files = {name: (open(name, "rb").read(), torch.load(name, weights_only=True)) for name in (path, parts.path("local", 0))}

@@ -6,9 +6,9 @@ import os
 
 import pytest
 
-from data import DataError
-from files import WriteError
-from lora import AdapterError
+from potara_harness.data import DataError
+from potara.safe_files import WriteError
+from potara.tensor_checks import AdapterError
 from potara_harness import cli, run_folder
 from potara_harness.checkpoint import ResumeError
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-import data
-from data import ClientSplits, DataError, load_cifar100, warn_single_class, write_synthetic_cifar100
+from potara_harness import data
+from potara_harness.data import ClientSplits, DataError, load_cifar100, warn_single_class, write_synthetic_cifar100
 
 
 # ----------------------------------------------------------------------------- synthetic files + real loader

@@ -6,11 +6,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import ClientSplits
-from fed import derive_seed
-from fisher import gradient_stats
-from lora import add_lora, load_lora_state_dict, lora_state_dict
-from potara import merge_adapters, personalize
+from potara_harness.data import ClientSplits
+from potara.rounds import derive_seed
+from potara.fisher import gradient_stats
+from potara.lora import add_lora, load_lora_state_dict, lora_state_dict
+from potara.merge import merge_adapters, personalize
 from potara_harness.config import SALT_LABELS, ExperimentConfig
 from potara_harness.evaluation import Evaluator, evaluate_client, grid_search, potara_step, stat_batches
 from potara_harness.report import METHODS
@@ -48,7 +48,7 @@ def test_potara_step_is_personalize_and_paper_reads_the_fisher_statistics():
     run, G, L, s = micro_run(estimator="paper")
     stats = gradient_stats(run.model, G, L, stat_batches(run, 0, s), seed=derive_seed(0, 0, SALT_LABELS))
     _, from_stats = potara_step(run, 0, s, G, L, stats)
-    _, direct = potara_step(run, 0, s, G, L)  # no statistics given: personalize(estimator="paper") computes them
+    _, direct = potara_step(run, 0, s, G, L)  # no statistics given: personalize(estimator=PaperFisher(...)) computes them
     assert from_stats["lam"] == pytest.approx(direct["lam"]) and {"a", "b", "c"} <= set(from_stats)
     assert from_stats["a"] == pytest.approx(direct["a"])
 
@@ -95,8 +95,8 @@ def test_evaluate_client_returns_its_record_and_the_adapter_it_scored():
 # ----------------------------------------------------------------------------- the faster grid (issue 20)
 def old_grid_curves(ev, s, G, L):
     """The grid as it was scored before issue 20: per lam the merged adapter loaded, accuracy on val and on test
-    through the rank-r branches (no merged weights), and the val loss by potara.segment_loss: three forwards."""
-    from potara import segment_loss
+    through the rank-r branches (no merged weights), and the val loss by weight.segment_loss: three forwards."""
+    from potara.weight import segment_loss
     from potara_harness.evaluation import accuracy, lam_grid
     val, test, loss = [], [], []
     batches = [(s.val_inputs[k:k + 64], s.val_targets[k:k + 64]) for k in range(0, len(s.val_targets), 64)]

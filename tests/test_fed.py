@@ -1,25 +1,14 @@
-"""Specification of fed.py: FedAvg over adapter tensors, one round in pieces, run_fedit (local training:
+"""Specification of fedit.py: FedAvg over adapter tensors, one round in pieces, run_fedit (local training:
 test_training.py)."""
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fed import (
-    Client,
-    ClientReply,
-    FedConfig,
-    FedState,
-    derive_seed,
-    fedavg,
-    local_update,
-    run_fedit,
-    sample_clients,
-    server_round,
-    state_bytes,
-    validate_update,
-)
-from lora import AdapterError, add_lora, load_lora_state_dict, lora_factor, lora_state_dict
+from potara.fedit import Client, fedavg, FedConfig, FedState, local_update, run_fedit, server_round
+from potara.rounds import ClientReply, derive_seed, sample_clients, state_bytes, validate_update
+from potara.lora import add_lora, load_lora_state_dict, lora_factor, lora_state_dict
+from potara.tensor_checks import AdapterError
 
 
 def small_model(seed=0):
@@ -109,7 +98,7 @@ def test_validate_update_rejects_crafted_tensors_with_a_reason_and_never_raises(
 # ---- run_fedit ----
 
 def fedit(model, clients, progress=False, share=None, resume=None, on_round=None, **settings):
-    """run_fedit with its settings given as keywords (fed.FedConfig's fields)."""
+    """run_fedit with its settings given as keywords (fedit.FedConfig's fields)."""
     return run_fedit(model, clients, FedConfig(**settings), progress=progress, share=share, resume=resume,
                      on_round=on_round)
 
@@ -192,7 +181,7 @@ def test_bad_updates_are_rejected_and_the_rest_aggregated(caplog):
     poisoned = Client("poisoned", clients[0].inputs.clone(), clients[0].targets)
     poisoned.inputs[0, 0] = float("nan")  # its training produces a NaN adapter
     model = small_model()
-    with caplog.at_level("WARNING", logger="potara.fed"):
+    with caplog.at_level("WARNING", logger="potara.rounds"):
         state = fedit(model, [clients[1], poisoned, clients[2]], rounds=1, local_steps=2, clients_per_round=3,
                           lr=1e-2, seed=0, progress=False)
     assert state.history[0]["rejected"][0]["client"] == "poisoned"
@@ -278,7 +267,7 @@ def test_server_round_rejects_bad_replies_with_reasons_and_averages_the_rest(cap
                6: ClientReply({"w": torch.ones(3)}, 2.0, 0.1), 7: ClientReply([1, 2], 2, 0.1),
                8: ClientReply({"w": torch.ones(3)}, 10**400, 0.1), 9: good1}  # 9 was never selected
     names = [f"c{k}" for k in range(10)]
-    with caplog.at_level("WARNING", logger="potara.fed"):
+    with caplog.at_level("WARNING", logger="potara.rounds"):
         out = server_round(5, g, [0, 1, 2, 3, 4, 5, 6, 7, 8], replies, names)
     reasons = {r["client"]: r["reason"] for r in out.history["rejected"]}
     assert set(reasons) == {"c3", "c4", "c5", "c6", "c7", "c8", "c9"}

@@ -1,4 +1,4 @@
-"""Specification of files.py: the trusted run folder (no links where the run writes, regular files of a
+"""Specification of safe_files.py: the trusted run folder (no links where the run writes, regular files of a
 bounded size where it reads, the lock opened without following links, one WriteError for a failed write,
 leftovers of dead writers removed) and the adapter file: an adapter's tensors and metadata round-trip exactly; a bad, foreign,
 truncated, crafted or code-running file is one AdapterError (nothing executed, nothing allocated); writes are
@@ -15,10 +15,12 @@ import torch
 import torch.nn as nn
 from conftest import PlantedPickle
 
-import files
-from files import UnsafeFile, atomic_write, load_adapter, open_lock, read_regular, remove_leftovers, save_adapter
-from lora import AdapterError, add_lora, lora_meta, lora_state_dict
-from lora_mha import LORA_LAYERS
+from potara import safe_files
+from potara.adapter_file import load_adapter, save_adapter
+from potara.safe_files import atomic_write, open_lock, read_regular, remove_leftovers, UnsafeFile
+from potara.lora import add_lora, lora_meta, lora_state_dict
+from potara.tensor_checks import AdapterError
+from potara.lora_mha import LORA_LAYERS
 
 
 def test_save_load_adapter_round_trip(tmp_path, randomize_lora):
@@ -91,7 +93,7 @@ def test_save_adapter_is_atomic_fsyncs_and_refuses_bad_states(tmp_path, monkeypa
     save_adapter(path, {"w": torch.ones(2)}, {"r": 1})
     synced = []
     real_fsync = os.fsync
-    monkeypatch.setattr(files.os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")),
+    monkeypatch.setattr(safe_files.os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")),
                                                       real_fsync(fd))[1])
     save_adapter(path, {"w": torch.full((2,), 2.0)}, {"r": 2})
     assert len(synced) == 2 and synced[1] == str(tmp_path)  # the data, then the folder after the rename
@@ -174,14 +176,15 @@ def test_a_failed_write_is_one_write_error_and_keeps_the_previous_file(tmp_path)
     SIGXFSZ). A subprocess, so the limit binds nothing else."""
     path = tmp_path / "ck.pt"
     save_adapter(path, {"w": torch.ones(4)})
-    code = ("import resource, torch, files\n"
+    code = ("import resource, torch\n"
+            "from potara import adapter_file\n"
             "resource.setrlimit(resource.RLIMIT_FSIZE, (200 * 1024, 200 * 1024))\n"
-            f"files.save_adapter({str(path)!r}, {{'w': torch.zeros(100000)}})\n")
-    done = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(files.__file__), capture_output=True,
+            f"adapter_file.save_adapter({str(path)!r}, {{'w': torch.zeros(100000)}})\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.dirname(safe_files.__file__)), capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 1
     last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith("files.WriteError: cannot write") and "File too large" in last and "intact" in last
+    assert last.startswith("potara.safe_files.WriteError: cannot write") and "File too large" in last and "intact" in last
     assert done.stderr.count("Traceback") == 1, done.stderr  # no chain of torch's errors
     assert load_adapter(path)[0]["w"].tolist() == [1.0] * 4 and os.listdir(tmp_path) == ["ck.pt"]
 
@@ -224,7 +227,7 @@ def stat_is_fifo(path) -> bool:
 
 def test_every_torch_file_the_project_reads_is_a_regular_file(tmp_path, alarm):
     """Checkpoints, backbones, the tiny model file and the device's split cache are read through
-    files.load_torch_file: a FIFO or a link to /dev/zero is a one-line refusal at once, never a hang or a read
+    safe_files.load_torch_file: a FIFO or a link to /dev/zero is a one-line refusal at once, never a hang or a read
     until memory runs out (under the alarm fixture)."""
     from potara_flower.task import read_cached_split
     from potara_harness import checkpoint, lm, vit
@@ -235,7 +238,7 @@ def test_every_torch_file_the_project_reads_is_a_regular_file(tmp_path, alarm):
     os.symlink("/dev/zero", zero)
     for path in (fifo, zero):
         with pytest.raises(UnsafeFile):
-            files.load_torch_file(path)
+            safe_files.load_torch_file(path)
         with pytest.raises(checkpoint.ResumeError, match="unreadable"):
             checkpoint._read(str(path), "start over")
         with pytest.raises(vit.BackboneError):

@@ -7,16 +7,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from conftest import lora_vit
 
-import fisher
-from fisher import (
-    causal_lm_likelihood,
-    classification_likelihood,
-    diag_fisher,
-    first_samples,
-    gradient_stats,
-    per_sample_grads,
-)
-from lora import load_lora_state_dict, lora_state_dict
+from potara import fisher
+from potara.fisher import causal_lm_likelihood, classification_likelihood, diag_fisher, first_samples, gradient_stats, per_sample_grads
+from potara.lora import load_lora_state_dict, lora_state_dict
 
 
 def naive_grads(model, call, n, y):

@@ -43,9 +43,10 @@ from flwr.app import (  # noqa: E402
 )
 from torchvision.models import VisionTransformer  # noqa: E402
 
-from data import load_images  # noqa: E402
-from fed import Client, FedConfig, run_fedit, sample_clients  # noqa: E402
-from files import load_adapter  # noqa: E402
+from potara_harness.data import load_images  # noqa: E402
+from potara.fedit import Client, FedConfig, run_fedit  # noqa: E402
+from potara.rounds import sample_clients
+from potara.adapter_file import load_adapter  # noqa: E402
 from potara_flower.loopback import LocalFederation, wait_for  # noqa: E402
 from potara_flower.task import ADAPTER, CONFIG, METRICS, from_record, to_record  # noqa: E402
 from potara_harness.checkpoint import ResumeError  # noqa: E402
@@ -66,7 +67,7 @@ from potara_harness.vit import build_model, load_backbone_file  # noqa: E402
 
 def check_against_in_process(out: Path, data_dir: Path, backbone: Path, run: dict, tmp: Path) -> dict:
     """The app's outputs in `out` against one process on the same data, backbone file and seeds: the final
-    global adapter bitwise fed.run_fedit's; participants, drop-outs and byte counts its history's; every
+    global adapter bitwise fedit.run_fedit's; participants, drop-outs and byte counts its history's; every
     client's accuracies, lam and grid curves pipeline.run_experiment's. Returns results.json."""
     K, R, cpr = run["num-clients"], run["rounds"], run["clients-per-round"] or run["num-clients"]
     threads = torch.get_num_threads()
@@ -244,7 +245,7 @@ def test_adapters_cross_the_wire_as_float32_bitwise():
 
 def test_in_process_app_equals_run_fedit_with_drop_outs(small_world, task_identity, tmp_path):
     """3 clients, 2 rounds of 2 sampled clients, a simulated drop-out: the ServerApp + ClientApp code path (no
-    network) gives fed.run_fedit's adapter bitwise and the pipeline's numbers."""
+    network) gives fedit.run_fedit's adapter bitwise and the pipeline's numbers."""
     picks = [sample_clients(RUN["seed"], t, 3, 2, RUN["drop-prob"]) for t in range(2)]
     assert any(d for _, d in picks) and all(len(d) < len(s) for s, d in picks), picks  # the case is covered
     devices = tmp_path / "devices"

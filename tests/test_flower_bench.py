@@ -36,7 +36,7 @@ import os  # noqa: E402
 
 import torch  # noqa: E402
 
-from data import load_images  # noqa: E402
+from potara_harness.data import load_images  # noqa: E402
 from potara_flower import task  # noqa: E402
 from potara_harness.config import AppConfig  # noqa: E402
 

@@ -11,7 +11,7 @@ pytest.importorskip("flwr")
 from flower_kit import LocalGrid, task_identity  # noqa: E402, F401  (task_identity: a fixture)
 from flwr.app import Context, RecordDict  # noqa: E402
 
-from potara import personalize  # noqa: E402
+from potara.merge import personalize  # noqa: E402
 from potara_flower import example_app as ex  # noqa: E402
 
 RUN = {"num-clients": 3, "rounds": 2, "local-steps": 5, "local-train-steps": 40, "lr": 0.01, "seed": 3}

@@ -28,7 +28,7 @@ from flower_kit import (  # noqa: E402, F401  (fixtures are used by name)
     task_identity,
 )
 
-from data import load_images  # noqa: E402
+from potara_harness.data import load_images  # noqa: E402
 from potara_flower.replies import REPLIED_METHODS, check_evaluation, train_reply  # noqa: E402
 from potara_flower.task import (  # noqa: E402
     ADAPTER,

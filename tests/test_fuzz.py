@@ -1,11 +1,11 @@
 """Fuzz: randomly corrupted adapter files and client updates end in one clear error, never anything else.
 
-Specifies the one validator of untrusted tensors (lora.check_tensors) through its users: files.load_adapter
+Specifies the one validator of untrusted tensors (tensor_checks.check_tensors) through its users: adapter_file.load_adapter
 (files: truncations, bit flips, crafted sizes/strides/offsets, wrong dtypes, sparse/meta tensors, non-tensor
-values), files.save_adapter (nothing written for a bad state), lora.load_lora_state_dict (the model left as it
-was, also when a rank change is allowed), fed.validate_update / fed.server_round (a bad update is rejected with
-a reason, never raised) and fed.fedavg (ValueError, never a silent NaN or zero); and the trusted run folder
-(files.py, through run_folder.prepare_out_dir / out_dir_lock, files.atomic_write and llm_data.read_task_dir): links,
+values), adapter_file.save_adapter (nothing written for a bad state), lora.load_lora_state_dict (the model left as it
+was, also when a rank change is allowed), rounds.validate_update / fedit.server_round (a bad update is rejected with
+a reason, never raised) and fedit.fedavg (ValueError, never a silent NaN or zero); and the trusted run folder
+(safe_files.py, through run_folder.prepare_out_dir / out_dir_lock, safe_files.atomic_write and llm_data.read_task_dir): links,
 folders, FIFOs and devices planted under the run's file names are refused in one line or never touched, nothing
 outside the folder is written, nothing hangs.
 Each case must finish within a few seconds (no hang) under an address-space limit of current use + 2 GiB
@@ -20,9 +20,11 @@ import pytest
 import torch
 from conftest import CraftedView, FakeStorage, corrupt_tensor, crafted_torch_file, damaged_bytes
 
-from fed import ClientReply, fedavg, server_round, validate_update
-from files import load_adapter, save_adapter
-from lora import AdapterError, add_lora, load_lora_state_dict, lora_state_dict
+from potara.fedit import fedavg, server_round
+from potara.rounds import ClientReply, validate_update
+from potara.adapter_file import load_adapter, save_adapter
+from potara.lora import add_lora, load_lora_state_dict, lora_state_dict
+from potara.tensor_checks import AdapterError
 
 REFERENCE = {"enc.0.lora_A": torch.randn(2, 6, generator=torch.Generator().manual_seed(0)),
              "enc.0.lora_B": torch.zeros(5, 2), "head.weight": torch.ones(3, 5)}
@@ -183,8 +185,8 @@ def plant(rng: random.Random, path, victim) -> str:
 
 
 def test_fuzz_run_folders_with_planted_files_never_write_outside_or_hang(tmp_path, alarm, capsys):
-    from data import DataError
-    from files import atomic_write
+    from potara_harness.data import DataError
+    from potara.safe_files import atomic_write
     from potara_harness import run_folder
     from potara_harness.llm_data import read_task_dir
 

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-import data
+from potara_harness import data
 from potara_harness.llm_data import (
     IGNORE,
     ByteTokenizer,

@@ -8,21 +8,9 @@ import torch
 import torch.nn as nn
 from torchvision.models import VisionTransformer
 
-from lora import (
-    MAX_NUMEL,
-    AdapterError,
-    LoRALinear,
-    add_lora,
-    check_tensor,
-    check_tensors,
-    load_lora_state_dict,
-    lora_factor,
-    lora_meta,
-    lora_state_dict,
-    merge_lora,
-    unmerge_lora,
-)
-from lora_mha import LORA_LAYERS, LoRAPackedQKV
+from potara.lora import add_lora, load_lora_state_dict, lora_factor, lora_meta, lora_state_dict, LoRALinear, merge_lora, unmerge_lora
+from potara.tensor_checks import AdapterError, check_tensor, check_tensors, MAX_NUMEL
+from potara.lora_mha import LORA_LAYERS, LoRAPackedQKV
 
 
 def tiny_vit(num_classes=5):
@@ -319,7 +307,7 @@ def test_lora_py_alone_serves_a_model_of_linear_layers(tmp_path):
     import subprocess
     import sys
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    shutil.copy(os.path.join(repo, "lora.py"), tmp_path)
+    shutil.copy(os.path.join(repo, "potara", "lora.py"), tmp_path)
     code = ("import sys, torch, torch.nn as nn\n"
             "import lora\n"
             "torch.manual_seed(0)\n"

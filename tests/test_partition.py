@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from data import DataError
+from potara_harness.data import DataError
 from potara_harness.partition import (
     class_split_partition,
     client_splits,

@@ -12,21 +12,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from conftest import lora_vit
 
-import fisher
-import potara
-from fisher import GradStats, Likelihood
-from lora import AdapterError, LoRALinear, add_lora, load_lora_state_dict, lora_state_dict, merge_lora
-from potara import (
-    cubic_minimiser,
-    fisher_merge,
-    merge_adapters,
-    personalize,
-    potara_weight,
-    segment_loss,
-    variance_bound,
-    variance_terms,
-    verified_weight,
-)
+from potara import fisher
+from potara import merge
+from potara.fisher import GradStats, Likelihood
+from potara.lora import add_lora, load_lora_state_dict, lora_state_dict, LoRALinear, merge_lora
+from potara.tensor_checks import AdapterError
+from potara.merge import PaperFisher, Verified, fisher_merge, merge_adapters, personalize
+from potara.weight import cubic_minimiser, potara_weight, segment_loss, variance_bound, variance_terms, verified_weight
 
 
 def perturbed(state, seed, scale=0.3):
@@ -279,7 +271,7 @@ def test_personalize_end_to_end_and_its_passes():
     assert all(torch.equal(v, G[k]) for k, v in lora_state_dict(model).items())  # model untouched
     f0, _, _ = segment_loss(model, G, L, 0.0, [(x, y)])
     assert info["loss_local"] == pytest.approx(f0)
-    _, info_p = personalize(model, G, L, held_out=[(x, y)], n_samples=8, estimator="paper", granularity="module",
+    _, info_p = personalize(model, G, L, held_out=[(x, y)], n_samples=8, estimator=PaperFisher(granularity="module"),
                             space="delta")
     layers = [f"encoder.layers.encoder_layer_{i}.{m}" for i in (0, 1) for m in ("self_attention", "mlp.0")]
     assert set(info_p["lam"]) == {*layers, "heads.head"}
@@ -295,17 +287,24 @@ def test_personalize_api_is_hard_to_misuse():
         personalize(model, G, L, batch)  # the held-out samples must be named: held_out=
     with pytest.raises(TypeError):
         personalize(model, G, L, held_out=batch, stats=None)  # no silent "stats instead of samples"
-    for bad, match in [({"labels": "sampled"}, "only apply to estimator='paper'"),
-                       ({"granularity": "module"}, "only apply"), ({"seed": 3}, "only apply"),
-                       ({"estimator": "magic"}, "estimator"), ({"n_samples": 0}, "n_samples"),
+    for option in ({"labels": "sampled"}, {"granularity": "module"}, {"seed": 3}, {"eps": 1e-2}):
+        with pytest.raises(TypeError):  # the paper's options belong to its estimator: never passed beside another
+            personalize(model, G, L, held_out=batch, **option)
+        with pytest.raises(TypeError):
+            Verified(**option)
+    for bad, match in [({"estimator": "paper"}, "estimator must be Verified"), ({"n_samples": 0}, "n_samples"),
                        ({"space": "weights"}, "space")]:
         with pytest.raises(ValueError, match=match):
             personalize(model, G, L, held_out=batch, **bad)
+    for options, match in [({"granularity": "layer"}, "granularity"), ({"labels": "true"}, "labels"),
+                           ({"eps": 0.0}, "eps")]:
+        with pytest.raises(ValueError, match=match):
+            PaperFisher(**options)
     with pytest.raises(ValueError, match="yielded nothing"):
         personalize(model, G, L, held_out=[])
     # one default estimator and one default sample count everywhere
     defaults = lambda f, name: inspect.signature(f).parameters[name].default
-    assert defaults(personalize, "estimator") == potara.DEFAULT_ESTIMATOR == "verified"
+    assert defaults(personalize, "estimator") == Verified() and merge.DEFAULT_ESTIMATOR == "verified"
     assert defaults(personalize, "n_samples") == defaults(fisher.gradient_stats, "n_samples") \
         == defaults(fisher.diag_fisher, "n_samples") == fisher.N_SAMPLES
 
@@ -405,7 +404,7 @@ def test_minilm_with_padding_mask_default_batched_and_paper_per_sample(minilm):
     assert info["loss_local"] == pytest.approx(ref, rel=1e-4)
     fisher._warned_loop.discard("Classifier")
     with pytest.warns(UserWarning, match="vmap cannot batch Classifier"):
-        _, info_p = personalize(model, G, L, held_out=[(inputs, y)], estimator="paper")
+        _, info_p = personalize(model, G, L, held_out=[(inputs, y)], estimator=PaperFisher())
     assert all(math.isfinite(info_p[t]) for t in "abc")
     key = "enc.encoder.layer.0.attention.self.query.lora_B"
     stats = fisher.gradient_stats(model, G, L, [(inputs, y)])

@@ -6,9 +6,10 @@ import os
 import pytest
 import torch
 
-import data as data_module
-from data import write_synthetic_cifar100
-from files import atomic_write, save_adapter
+from potara_harness import data as data_module
+from potara_harness.data import write_synthetic_cifar100
+from potara.adapter_file import save_adapter
+from potara.safe_files import atomic_write
 from potara_harness.checkpoint import RunState, save_state
 from potara_harness.config import ExperimentConfig
 from potara_harness.pipeline import run_experiment

@@ -17,12 +17,12 @@ import torch
 from conftest import MICRO_VIT, PlantedPickle
 from torchvision.models import VisionTransformer
 
-import data as data_module
+from potara_harness import data as data_module
 import run_cifar
-from data import write_synthetic_cifar100
-from files import save_adapter
-from lora import lora_factor, lora_state_dict
-from potara import merge_adapters
+from potara_harness.data import write_synthetic_cifar100
+from potara.adapter_file import save_adapter
+from potara.lora import lora_factor, lora_state_dict
+from potara.merge import merge_adapters
 from potara_harness import config, pipeline, vit
 from potara_harness.checkpoint import read_run
 from potara_harness.evaluation import lam_grid, score_adapter
@@ -399,7 +399,7 @@ def test_drop_prob_reaches_history_bytes_and_summary(micro, tmp_path, capsys):
 
 def test_max_update_norm_rejects_and_keeps_the_global_adapter(micro, tmp_path, capsys, caplog):
     out = tmp_path / "norm"
-    with caplog.at_level("WARNING", logger="potara.fed"):
+    with caplog.at_level("WARNING", logger="potara.rounds"):
         run_cifar.main(argv(micro, out, "--max-update-norm", "1e-9"))
     assert "rejected the update of client client0" in caplog.text
     saved = json.loads((out / "results.json").read_text())
@@ -592,7 +592,7 @@ def test_a_log_gets_one_line_per_stage_not_a_bar_per_step(micro, tmp_path):
 
 def test_no_progress_writes_nothing_and_a_log_gets_the_stage_line(capsys):
     """training.progress_bar: progress=False is silent, stage or not; progress on, not a terminal: one line."""
-    from training import progress_bar
+    from potara.training import progress_bar
     list(progress_bar(range(3), "FedIT rounds", progress=False, stage=True))
     assert capsys.readouterr().err == ""
     list(progress_bar(range(3), "FedIT rounds", progress=True, stage=True))  # pytest's stderr: not a terminal

@@ -8,9 +8,9 @@ import torch
 pytest.importorskip("transformers")
 
 import run_llm
-from files import UnsafeFile
-from lora import add_lora, load_lora_state_dict, lora_state_dict
-from potara import merge_adapters
+from potara.safe_files import UnsafeFile
+from potara.lora import add_lora, load_lora_state_dict, lora_state_dict
+from potara.merge import merge_adapters
 from potara_harness import lm, peft_export
 
 

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-import data
+from potara_harness import data
 import run_cifar
 import run_llm
 from potara_harness.config import MAX_SYNTHETIC_PER_CLASS, SIZE_BOUNDS, AppConfig, ConfigError

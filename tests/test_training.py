@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lora import lora_state_dict
-from training import classification_loss, shuffled_batches, train_adapter
+from potara.lora import lora_state_dict
+from potara.training import classification_loss, shuffled_batches, train_adapter
 
 
 def test_train_adapter_touches_only_adapter_and_counts_examples(mlp_problem):

@@ -1,12 +1,11 @@
-"""The project's one file module: how every part writes and reads the files of a run, and the adapter file.
+"""Safe file I/O: how every part of the project writes and reads the files of a run.
 
     atomic_write("out/results.json", lambda f: f.write(b"{}"))   # random temp beside it, fsync, os.replace
     data = read_regular("data/flan/sst2.jsonl", 64 << 20)           # a regular file, at most N bytes, or refused
+    state = load_torch_file("backbone.pt")                           # the same, then torch.load(weights_only=True)
     lock = open_lock("out/.lock")                                    # created or opened, never through a link
-    save_adapter("client0.pt", lora_state_dict(model), lora_meta(model))   # atomic_write + torch.save
-    state, meta = load_adapter("client0.pt")                               # weights_only; check_tensors
 
-A trusted run folder (the one definition; as lora.check_tensors is the one validator of tensors):
+A trusted run folder (the one definition; as tensor_checks.check_tensors is the one validator of tensors):
   * where the run writes, no links: the target of a write must be absent or a regular file, never a
     symbolic link (write_target_problem), and the temporary file is a new name opened O_CREAT|O_EXCL|O_NOFOLLOW,
     so a link planted under any name is neither followed nor overwritten;
@@ -20,13 +19,8 @@ A refused path is an UnsafeFile (an OSError: one line naming the file). A write 
 Leftovers of killed writers (`.<name>.<pid>.<random>.tmp`, the older `<name>.tmp<pid>`, and the folders
 `.<name>.partial-<pid>` / `.<name>.old-<pid>` of run_llm's exports) are removed by the next write of the same
 name once their pid is no longer running (remove_leftovers); they are never read.
-
-The adapter file, format ADAPTER_FORMAT: a torch.save dict {"format": "potara-adapter-v1", "meta": plain data,
-"state": {name: contiguous CPU tensor}}. Files from clients are untrusted: torch.load(weights_only=True)
-refuses any pickle that would call code, and every tensor passes lora.check_tensors before the state is
-returned. lora.py does not use this module (it stays copyable alone); this module needs only lora.py beside it,
-and imports it and torch only inside the adapter functions: the run-folder part serves the command-line checks
-(potara_harness/cli.py), which answer before torch is loaded.
+Imports no torch at its top (load_torch_file imports it when called): the command-line checks use this module
+and answer before torch is loaded.
 """
 from __future__ import annotations
 
@@ -38,7 +32,6 @@ import shutil
 import stat
 from typing import IO, BinaryIO, Callable
 
-ADAPTER_FORMAT = "potara-adapter-v1"
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # POSIX; elsewhere links are refused by write_target_problem's lstat only
 _NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 MAX_TORCH_FILE = 16 << 30  # a checkpoint, backbone, model or cache file: 16 GiB (vit_h_14 in float32 is 2.5 GiB)
@@ -241,61 +234,3 @@ def remove_leftovers(folder: str, name: str) -> list[str]:
         except OSError:
             pass
     return removed
-
-
-# ----------------------------------------------------------------------------- the adapter file
-def _plain(x) -> bool:
-    if type(x) in (list, tuple):
-        return all(_plain(v) for v in x)
-    if type(x) is dict:
-        return all(type(k) is str and _plain(v) for k, v in x.items())
-    return type(x) in (str, int, float, bool, type(None))
-
-
-def save_adapter(path: str | os.PathLike, state: dict, meta: dict | None = None) -> None:
-    """Write tensors (checked: lora.check_tensors) + meta (plain str/int/float/bool/list/dict only) to one file,
-    atomically (atomic_write), so a crash leaves the old file or the new one, never half of one."""
-    import torch
-
-    from lora import AdapterError, check_tensors
-
-    path = os.fspath(path)
-    check_tensors(state, what=f"{path}: adapter to save")
-    if not _plain(meta or {}):  # anything else would be written, then refused by load_adapter's weights_only
-        raise AdapterError(f"{path}: meta must be plain data (str, int, float, bool, None, lists, str-keyed dicts)")
-    payload = {"format": ADAPTER_FORMAT, "meta": meta or {},
-               "state": {k: v.detach().to("cpu").contiguous() for k, v in state.items()}}
-    atomic_write(path, lambda f: torch.save(payload, f))
-
-
-def load_adapter(path: str | os.PathLike, max_numel: int | None = None) -> tuple[dict, dict]:
-    """Read a file written by save_adapter. Only a regular file of at most 8 bytes per allowed element (plus
-    1 MiB of structure) is opened (open_regular). Never executes code from the file (weights_only=True: a pickle
-    that tries to call anything is refused; torch checks each storage's size against the file's record before
-    allocating it); then every tensor is checked (check_tensors, at most max_numel elements in all).
-    Any problem is one AdapterError naming the file. max_numel None: lora.MAX_NUMEL."""
-    import torch
-
-    from lora import MAX_NUMEL, AdapterError, check_tensors
-
-    path, max_numel = os.fspath(path), MAX_NUMEL if max_numel is None else max_numel
-    try:
-        with open_regular(path, 8 * max_numel + (1 << 20)) as f:
-            payload = torch.load(f, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise AdapterError(f"{path}: no such adapter file") from None
-    except UnsafeFile as e:
-        raise AdapterError(str(e)) from None
-    except MemoryError:
-        raise
-    except Exception as e:  # whatever a damaged or hostile file makes the unpickler raise
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise AdapterError(f"{path}: not a readable potara adapter file (truncated, foreign or unsafe): "
-                           f"{first[:200]}") from None
-    if not isinstance(payload, dict) or payload.get("format") != ADAPTER_FORMAT:
-        raise AdapterError(f"{path}: not a potara adapter file (no '{ADAPTER_FORMAT}' marker)")
-    state, meta = payload.get("state"), payload.get("meta")
-    if not isinstance(state, dict) or not isinstance(meta, dict):
-        raise AdapterError(f"{path}: malformed adapter file (state or meta is not a dict)")
-    check_tensors(state, what=path, max_numel=max_numel)
-    return state, meta

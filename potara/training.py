@@ -1,13 +1,16 @@
 """Local training of an adapter: AdamW steps on a model's trainable tensors only (the LoRA factors and the
 extras add_lora named), the frozen backbone untouched. The one loop behind every client's FedIT round
-(fed.local_update), the local-only adapter and the fine-tuned baseline (pipeline.train_local).
+(fedit.local_update), the local adapter phi_L and the fine-tuned baseline.
 
     batches = shuffled_batches(inputs, targets, batch_size=32, seed=0)   # endless, reshuffled every epoch
-    result = train_adapter(model, batches, steps=100, lr=1e-3)          # TrainResult(state, num_examples, mean_loss)
+    result = train_adapter(model, batches, steps=100, lr=1e-3, start=phi_0)   # TrainResult(state, n, mean_loss)
+
+The model keeps the trained adapter: `start` loads the adapter to start from first (phi_0 for every client's
+local adapter, so a loop over clients never starts one client from the previous client's result).
 
 Each step: loss = loss_fn(model, x, y) (default: classification_loss, mean cross-entropy), then AdamW on the
 adapter, theta <- AdamW(theta, grad_theta loss). The mean loss stays on the device during the loop (no host
-sync per step). Randomness: batches from `seed`; dropout from torch's global RNG (fed.local_update seeds it
+sync per step). Randomness: batches from `seed`; dropout from torch's global RNG (fedit.local_update seeds it
 per round and client in a forked RNG).
 """
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from lora import lora_state_dict
+from .lora import load_lora_state_dict, lora_state_dict
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -66,14 +69,18 @@ class TrainResult(NamedTuple):
 
 def train_adapter(model: nn.Module, batches: Iterable, steps: int, lr: float, weight_decay: float = 0.0,
                   loss_fn: LossFn = classification_loss, autocast_dtype: torch.dtype | None = None,
-                  desc: str | None = None, progress: bool = True) -> TrainResult:
-    """`steps` AdamW steps on the model's trainable tensors only; `batches` yields (inputs, targets)
+                  desc: str | None = None, progress: bool = True, *,
+                  start: dict[str, torch.Tensor] | None = None) -> TrainResult:
+    """`steps` AdamW steps on the model's trainable tensors only, from `start` when given (loaded first, checked:
+    lora.load_lora_state_dict) or else from the adapter the model holds; `batches` yields (inputs, targets)
     and is re-iterated when exhausted. Returns the adapter state, examples seen and mean loss."""
     if steps <= 0:
         raise ValueError(f"train_adapter: steps must be positive, got {steps}")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("train_adapter: the model has no trainable tensors (call lora.add_lora first)")
+    if start is not None:
+        load_lora_state_dict(model, start)  # copies into the same tensors: `params` stays the adapter
     device = model_device(model)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     model.train()

@@ -1,6 +1,5 @@
 """LoRA by hand: low-rank adapters on nn.Linear (and, with lora_mha.py beside it, on the packed q/k/v
-in-projection of nn.MultiheadAttention), plus the small functional API the rest of potara uses. This file
-alone (torch only) is LoRA for any model of nn.Linear layers; it imports nothing of the project.
+in-projection of nn.MultiheadAttention). This file alone (torch only) is LoRA for any model of nn.Linear layers.
 
 LoRA (Hu et al., 2021, arXiv 2106.09685) keeps a pre-trained weight W0 frozen and learns a low-rank update:
 
@@ -13,16 +12,14 @@ Functional API (minLoRA / loralib style):
     names = add_lora(model, targets=["fc1", "fc2"], r=8, alpha=16, trainable=["head"])
     add_lora(vit, ["self_attention"], layers=lora_mha.LORA_LAYERS)   # attention: lora_mha.py beside this file
     state = lora_state_dict(model)          # the adapter: every trainable tensor, CPU copies
-    load_lora_state_dict(model, state)      # validated, all-or-nothing
+    load_lora_state_dict(model, state)      # checked first, all-or-nothing
     merge_lora(model); unmerge_lora(model)
-    check_tensors(state, reference)         # the one validator of untrusted tensors (below)
 
 The adapter of a model is *every trainable tensor*: the LoRA factors plus the extras named in `trainable=`
-(e.g. a new classification head). Federated averaging and the Potara merge treat all of them alike (see
-docs/algorithm.md). Its file format (save_adapter / load_adapter) is files.py.
-
-Untrusted tensors (adapter files, client updates, checkpoints, backbones) all pass one validator,
-check_tensor / check_tensors, before anything is allocated from them or trusted: AdapterError otherwise.
+(e.g. a new classification head). Federated averaging and the Potara merge treat all of them alike
+(docs/algorithm.md). Its file is adapter_file.py. load_lora_state_dict checks a state with the validator of
+untrusted tensors (tensor_checks.py) when this file sits in the potara package; copied alone, with a short
+check of keys, shapes, dtypes and values.
 """
 from __future__ import annotations
 
@@ -34,10 +31,24 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+try:  # in the potara package: the one validator of untrusted tensors
+    from .tensor_checks import AdapterError, check_tensors
+except ImportError:  # this file copied alone: the keys, shapes, dtypes and values of an adapter, nothing more
 
-class AdapterError(ValueError):
-    """An adapter state or file, or any untrusted tensor container, that is malformed or does not fit the
-    model (keys, layout, dtype, shape, values). A ValueError, so callers can catch either."""
+    class AdapterError(ValueError):
+        """An adapter state that does not fit the model."""
+
+    def check_tensors(state, reference, what="state", free_dim=None):
+        if not isinstance(state, dict) or set(state) != set(reference):
+            raise AdapterError(f"{what}: keys do not match the model's adapter")
+        for k, t in state.items():
+            like, free = reference[k], free_dim(k) if free_dim else None
+            if type(t) not in (torch.Tensor, nn.Parameter) or t.layout != torch.strided or t.dtype != like.dtype:
+                raise AdapterError(f"{what}: {k} is not a dense {like.dtype} tensor")
+            if t.shape != like.shape and not (free is not None and t.dim() == 2 and t.shape[1 - free] == like.shape[1 - free]):
+                raise AdapterError(f"{what}: {k} has shape {tuple(t.shape)}, the model expects {tuple(like.shape)}")
+            if not torch.isfinite(t).all():
+                raise AdapterError(f"{what}: {k} holds NaN or Inf values")
 
 
 def init_factors(r: int, in_features: int, out_features: int, like: torch.Tensor):
@@ -173,95 +184,9 @@ def lora_factor(name: str) -> str | None:
     return m.group(1) if m else None
 
 
-# ---- untrusted tensors: the one place every container (adapter file, checkpoint, backbone, client update)
-# is validated, the same way, before anything is allocated from it or trusted ----
-
-_RANK_DIM = {"A": 0, "B": 1}  # where a LoRA factor keeps its rank
-FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-MAX_NUMEL = 2**28  # elements in one container when no reference bounds the shapes (1 GiB of float32)
-
-
-def _check_layout(name: str, t, like: torch.Tensor | None, max_numel: int, rank_dim: int | None) -> None:
-    """Steps 1-5 of check_tensor: reads only metadata (type, layout, device, dtype, sizes, strides)."""
-    if type(t) not in (torch.Tensor, nn.Parameter):  # also refuses subclasses that could run code on access
-        raise AdapterError(f"{name} is a {type(t).__name__}, not a tensor")
-    if t.layout != torch.strided or t.is_nested:
-        raise AdapterError(f"{name} is not a dense strided tensor ({'nested' if t.is_nested else t.layout})")
-    if t.is_meta:
-        raise AdapterError(f"{name} is on the meta device: it holds no data")
-    if t.dtype not in ((like.dtype,) if like is not None else FLOAT_DTYPES):
-        raise AdapterError(f"{name} has dtype {t.dtype}, expected "
-                           f"{like.dtype if like is not None else 'float32, float64, float16 or bfloat16'}")
-    if like is not None and t.shape != like.shape and not (
-            rank_dim is not None and t.dim() == like.dim() == 2 and t.shape[1 - rank_dim] == like.shape[1 - rank_dim]):
-        raise AdapterError(f"{name} has shape {tuple(t.shape)}, the model expects {tuple(like.shape)}")
-    if t.numel() > max_numel:
-        raise AdapterError(f"{name} has {t.numel()} elements, more than the limit of {max_numel}")
-    if t.numel() > 0:  # no element addressed twice (so numel <= what the storage holds), none beyond it
-        extent = 0  # the largest offset the dimensions of smaller stride reach
-        for s, n in sorted((s, n) for n, s in zip(t.shape, t.stride()) if n > 1):
-            if s <= extent:
-                raise AdapterError(f"{name} is an overlapping or expanded view (strides {t.stride()}): "
-                                   f"expected a dense tensor")
-            extent += s * (n - 1)
-        if (t.storage_offset() + extent + 1) * t.element_size() > t.untyped_storage().nbytes():
-            raise AdapterError(f"{name} addresses data beyond its storage (corrupt sizes or strides)")
-
-
-def check_tensor(name: str, t, like: torch.Tensor | None = None, max_numel: int = MAX_NUMEL,
-                 allow_rank_change: bool = False) -> None:
-    """Raise AdapterError (a ValueError; one line starting with `name`) unless `t` is safe to read and use.
-
-    Checked in this order, nothing allocated before the metadata checks pass:
-      1. a plain torch.Tensor or nn.Parameter (no other subclass);
-      2. dense and strided (not sparse, mkldnn or nested), not on the meta device;
-      3. dtype: like.dtype when `like` is given (the model's own, e.g. an int64 buffer of a backbone), else
-         one of FLOAT_DTYPES (float32, float64, float16, bfloat16);
-      4. shape: like.shape when given (with allow_rank_change a LoRA factor, by lora_factor(name), may
-         differ in its rank dimension), and at most `max_numel` elements;
-      5. no element addressed twice (an expanded view, stride 0, or overlapping strides: one stored element
-         posing as 200000 x 200000), and its storage holds every element its sizes and strides address;
-      6. finite values (no NaN/Inf).
-    Keep the signature simple: checkpoint and backbone loaders call this (or check_tensors, for a dict) on
-    every tensor before using it, with `like` the model's own tensor where there is one.
-    """
-    _check_layout(name, t, like, max_numel, _RANK_DIM.get(lora_factor(name)) if allow_rank_change else None)
-    if not torch.isfinite(t).all():
-        raise AdapterError(f"{name} holds NaN or Inf values")
-
-
-def _key(k: str) -> str:
-    """A key as messages show it: itself when short and printable, else a clipped repr (errors stay one line)."""
-    return k if k.isprintable() and len(k) <= 100 else repr(k[:100]) + ("..." if len(k) > 100 else "")
-
-
-def check_tensors(state, reference: dict[str, torch.Tensor] | None = None, what: str = "state",
-                  allow_rank_change: bool = False, max_numel: int = MAX_NUMEL) -> None:
-    """check_tensor on every entry of a {str: tensor} dict, metadata of all first, then values; AdapterError
-    names `what` and the key. With `reference` (e.g. the model's adapter): exactly its keys, each tensor
-    like the reference's. Without: any str keys, at most `max_numel` elements in all the tensors together."""
-    if not isinstance(state, dict):
-        raise AdapterError(f"{what}: expected a dict of tensors, got {type(state).__name__}")
-    if not all(isinstance(k, str) for k in state):
-        bad = [k for k in state if not isinstance(k, str)][:3]
-        raise AdapterError(f"{what}: keys must be strings, got {bad}"[:300])
-    if reference is not None and set(state) != set(reference):
-        missing, extra = sorted(set(reference) - set(state)), sorted(set(state) - set(reference))
-        raise AdapterError(f"{what}: keys do not match the model's adapter: "
-                           f"missing {[_key(k) for k in missing[:5]]}, unexpected {[_key(k) for k in extra[:5]]}")
-    total = 0
-    for k, t in state.items():
-        _check_layout(f"{what}: {_key(k)}", t, None if reference is None else reference[k], max_numel,
-                      _RANK_DIM.get(lora_factor(k)) if allow_rank_change else None)
-        total += t.numel()
-        if reference is None and total > max_numel:
-            raise AdapterError(f"{what}: more than {max_numel} elements in all (at {_key(k)})")
-    for k, t in state.items():
-        if not torch.isfinite(t).all():
-            raise AdapterError(f"{what}: {_key(k)} holds NaN or Inf values")
-
-
-check_state = check_tensors  # the name potara.py and older code use
+def rank_dim(name: str) -> int | None:
+    """The dimension that holds a LoRA factor's rank (A: 0, B: 1), None for any other tensor."""
+    return {"A": 0, "B": 1}.get(lora_factor(name))
 
 
 def _new_ranks(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[nn.Module, int]:
@@ -271,7 +196,7 @@ def _new_ranks(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[nn.Modu
     for name, m in model.named_modules():
         if isinstance(m, LoRALayer):
             prefix = f"{name}." if name else ""
-            r = {state.get(prefix + n, p).shape[_RANK_DIM[lora_factor(n)]]
+            r = {state.get(prefix + n, p).shape[rank_dim(n)]
                  for n, p in m.named_parameters(recurse=False) if lora_factor(n)}
             if len(r) != 1 or 0 in r:
                 raise AdapterError(f"adapter: the LoRA factors of {name or 'the model'} have ranks {sorted(r)}; "
@@ -290,7 +215,7 @@ def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor], allow
     if any(m.merged for m in lora_layers(model)):
         raise AdapterError("cannot load an adapter into a merged model: call unmerge_lora(model) first")
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    check_tensors(state, params, "adapter", allow_rank_change)
+    check_tensors(state, params, "adapter", free_dim=rank_dim if allow_rank_change else None)
     ranks = _new_ranks(model, state) if allow_rank_change else {}
     for k, p in params.items():
         if state[k].shape == p.shape:
@@ -314,7 +239,7 @@ def unmerge_lora(model: nn.Module) -> None:
 
 
 def lora_meta(model: nn.Module) -> dict:
-    """Plain-data description of the model's LoRA layers (what files.save_adapter stores beside the tensors)."""
+    """Plain-data description of the model's LoRA layers (what adapter_file.save_adapter stores beside the tensors)."""
     layers = {n: {"r": int(m.r), "alpha": float(m.alpha), "scaling": float(m.scaling),
                   "kind": type(m).__name__, **({"parts": m.parts} if hasattr(m, "parts") else {})}
               for n, m in model.named_modules() if isinstance(m, LoRALayer)}

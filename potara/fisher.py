@@ -1,5 +1,5 @@
 """Likelihoods, per-sample gradients and the diagonal Fisher: the statistics behind the paper's Potara
-estimator (potara.variance_terms) and the Fisher-merging baseline.
+estimator (weight.variance_terms) and the Fisher-merging baseline (merge.fisher_merge).
 
     fisher = diag_fisher(model, batches)                      # F[j] = mean_i (d/dtheta_j log p(y_i | x_i))^2
     stats = gradient_stats(model, global_state, local_state, batches)   # moments at both adapters
@@ -9,7 +9,6 @@ arguments) or a dict of tensors (keyword arguments, e.g. input_ids + attention_m
 Per-sample gradients come from torch.func: vmap(grad(log p)) with functional_call. Models whose forward
 branches on tensor values (Hugging Face attention masks: "vmap: ... data-dependent control flow") cannot
 be batched by vmap; per_sample_grads then loops over single samples (same values, slower) and warns once.
-Split out of potara.py (plumbing; potara.py reads as the method).
 """
 from __future__ import annotations
 
@@ -30,7 +29,7 @@ try:  # torch >= 2.3; older versions only lose speed (vmap then loops over fused
 except ImportError:  # pragma: no cover
     from contextlib import nullcontext as _batchable_attention
 
-N_SAMPLES = 100  # the one default sample count: Potara's statistics, diag_fisher, gradient_stats (potara_studies/ablation.py)
+N_SAMPLES = 100  # the one default sample count: Potara's statistics, diag_fisher, gradient_stats
 
 
 # ----------------------------------------------------------------------------- inputs

@@ -1,4 +1,5 @@
-"""Potara: merge a federated adapter phi_G and a local adapter phi_L with a closed-form weight.
+"""The weight lam of Potara's merge phi(lam) = lam * phi_G + (1 - lam) * phi_L: the paper's closed form, the
+paper's estimator of its terms, and this project's default, verified on held-out samples (merge.py merges).
 
 docs/algorithm.md: (P) = the paper states it, (R) = a third-party reading of the paper, (OURS) = this
 project's reconstruction, checked against a grid search (potara_studies/ablation.py).
@@ -34,7 +35,9 @@ fails, and any weight read off the two ends alone can land on a barrier: the ver
 On the adapters' own training samples f(0) and f'(0) are ~0 and the weight favours phi_L: personalize
 warns when the samples look like that.
 
-Usage:  merged, info = personalize(model, global_state, local_state, held_out=validation_batches)
+Usage (merge.personalize runs these and merges):
+        lam = potara_weight(a, b, c)                                      # the closed form
+        lam, info = verified_weight(model, global_state, local_state, held_out_batches)   # the default
 Degenerate numerics (tested): NaN/Inf adapters, merged models and adapters that do not match the model's
 trainable tensors are refused (AdapterError); a zero Fisher entry is absorbed by eps'; an all-zero Fisher
 warns; NaN statistics warn and give lam = 0.5 ("paper") or the end with a finite loss ("verified").
@@ -43,22 +46,12 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Iterable
 
 import torch
 import torch.nn as nn
 
-from fisher import (
-    N_SAMPLES,
-    GradStats,
-    Likelihood,
-    call_model,
-    classification_likelihood,
-    first_samples,
-    gradient_stats,
-    to_device,
-)
-from lora import AdapterError, check_tensors, lora_factor, lora_layers
+from .fisher import GradStats, Likelihood, call_model, classification_likelihood, to_device
+from .lora import lora_factor
 
 
 # ----------------------------------------------------------------------------- the closed form (paper)
@@ -233,7 +226,7 @@ def verified_weight(model: nn.Module, global_state: dict, local_state: dict, sam
     return ends[0][1], {**info, "candidate": ends[0][2]}  # a barrier the end points could not see
 
 
-def _warn_if_training_data(info: dict, loss_tol: float = 0.05, slope_tol: float = 0.1) -> None:
+def warn_if_training_data(info: dict, loss_tol: float = 0.05, slope_tol: float = 0.1) -> None:
     """Held-out samples are required: on the local adapter's own training samples its loss and its slope
     toward phi_G are both ~0 (an over-fitted minimum), which always favours phi_L. Thresholds in nats per
     sample, set on the real digits (docs/estimator-study.md: 116 of 120 training-split runs flagged, 0 of 120 validation-split
@@ -243,133 +236,3 @@ def _warn_if_training_data(info: dict, loss_tol: float = 0.05, slope_tol: float 
         warnings.warn(f"personalize: the local adapter's loss ({f0:.3g}) and slope ({d0:.3g}) on these samples are "
                       f"~0: they look like its training data, which favours it; pass held-out samples (a validation "
                       f"split the adapters were not trained on)")
-
-
-# ----------------------------------------------------------------------------- merging
-def merge_adapters(global_state: dict, local_state: dict, lam, space: str = "ab") -> dict[str, torch.Tensor]:
-    """Merge two adapters with weight lam on the global one (a float, or {module: lam}).
-
-    space="ab" (the paper's practice, R): every tensor, LoRA factors included, is
-        lam * G + (1 - lam) * L. Note B A of the result is NOT the convex merge of the two B A.
-    space="delta" (OURS, exact): each LoRA pair becomes a rank-2r adapter by concatenation,
-        A = [A_G; A_L],  B = [lam B_G, (1 - lam) B_L]  =>  B A = lam B_G A_G + (1 - lam) B_L A_L,
-    so the layer's output is exactly lam f_G(x) + (1 - lam) f_L(x); other tensors (heads, biases:
-    linear in the output) are combined convexly. Load with load_lora_state_dict(..., allow_rank_change=True).
-    Refuses adapters with no LoRA factor lora.lora_factor recognises (the delta merge would silently be convex).
-    """
-    if space not in ("ab", "delta"):
-        raise ValueError(f"space must be 'ab' or 'delta', got {space!r}")
-    if set(global_state) != set(local_state):
-        raise ValueError("merge_adapters: the two adapters have different keys")
-    if space == "delta" and not any(lora_factor(k) for k in global_state):
-        raise ValueError(f"merge_adapters(space='delta'): no LoRA factor among the keys ({sorted(global_state)[:4]}"
-                         f"...); expected names like '<module>.lora_A' / '<module>.lora_B.weight'")
-    merged = {}
-    for k, G in global_state.items():
-        w = float(lam[module_of(k)]) if isinstance(lam, dict) else float(lam)
-        merged[k] = segment_state({k: G.double()}, {k: local_state[k].double()}, w, space)[k].to(G.dtype)
-    return merged
-
-
-def fisher_merge(global_state: dict, local_state: dict, fisher_G: dict, fisher_L: dict,
-                 eps: float = 1e-8) -> dict[str, torch.Tensor]:
-    """Fisher merging baseline (Matena & Raffel, 2022): per parameter,
-    theta = (F_G theta_G + F_L theta_L) / (F_G + F_L), eps guarding entries where both are zero."""
-    out = {}
-    for k, G in global_state.items():
-        fg, fl = fisher_G[k].double().cpu() + eps, fisher_L[k].double().cpu() + eps
-        out[k] = ((fg * G.double() + fl * local_state[k].double()) / (fg + fl)).to(G.dtype)
-    return out
-
-
-# ----------------------------------------------------------------------------- the client-side step
-ESTIMATORS = ("verified", "paper")
-DEFAULT_ESTIMATOR = "verified"
-PAPER_OPTIONS = {"granularity": "client", "labels": "empirical", "eps": 1e-3, "seed": 0, "chunk_size": None}
-
-
-def estimator_options(estimator: str, strict: bool = True, **options) -> dict:
-    """The one place that decides which of personalize's options an estimator takes: "paper" takes
-    PAPER_OPTIONS (one lam per module with granularity="module", the true Fisher with labels="sampled", the
-    Fisher floor eps, the label-sampling seed, the vmap chunk); "verified" none of them (it reads loss values
-    and slopes and gives one weight per client). Returns the options to pass to personalize for `estimator`.
-    A ValueError (one line) for an unknown estimator or option, and for an option set away from its default
-    that `estimator` does not take: always for granularity (it changes what is asked for), and for the others
-    when strict (with strict=False they are dropped: a pipeline's labels and seed also serve Fisher merging)."""
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"unknown estimator {estimator!r}; choose from {list(ESTIMATORS)}")
-    unknown = sorted(set(options) - set(PAPER_OPTIONS))
-    if unknown:
-        raise ValueError(f"unknown estimator options {unknown}; the options are {sorted(PAPER_OPTIONS)}")
-    if estimator == "paper":
-        return options
-    unused = sorted(k for k, v in options.items() if v != PAPER_OPTIONS[k] and (strict or k == "granularity"))
-    if unused:
-        raise ValueError(f"personalize: {unused} only apply to estimator='paper' (the default 'verified' uses "
-                         f"loss values and slopes, one weight per client)")
-    return {}
-
-
-def paper_merge(stats: GradStats, global_state: dict, local_state: dict, space: str = "ab", eps: float = 1e-3,
-                granularity: str = "client", labels: str = "empirical") -> tuple[dict[str, torch.Tensor], dict]:
-    """The paper's step from per-sample gradient statistics (fisher.gradient_stats, `labels` recorded):
-    lam = paper_weight(stats), then the merge; returns (merged_state, info) as personalize does."""
-    lam, info = paper_weight(stats, eps, granularity)
-    info.update(lam=lam, estimator="paper", space=space, n_samples=stats.n, granularity=granularity,
-                labels=labels, eps=eps)
-    return merge_adapters(global_state, local_state, lam, space), info
-
-
-def check_adapters(model: nn.Module, global_state: dict, local_state: dict) -> None:
-    """Refuse, with one line, what would give a silently wrong weight: a merged model (LoRA gradients are
-    zero), adapters whose keys, shapes or dtypes differ from the model's trainable tensors (a missing head
-    would run with the model's current one), and NaN/Inf values."""
-    if any(m.merged for m in lora_layers(model)):
-        raise AdapterError("personalize: the model's LoRA layers are merged (lora.merge_lora); call "
-                           "lora.unmerge_lora(model) first")
-    trainable = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-    if not trainable:
-        raise AdapterError("personalize: the model has no trainable tensors (call lora.add_lora first)")
-    check_tensors(global_state, trainable, what="global adapter")
-    check_tensors(local_state, trainable, what="local adapter")
-
-
-def personalize(model: nn.Module, global_state: dict, local_state: dict, *, held_out: Iterable,
-                n_samples: int = N_SAMPLES, estimator: str = DEFAULT_ESTIMATOR, space: str = "ab",
-                likelihood: Likelihood = classification_likelihood, granularity: str = "client",
-                labels: str = "empirical", eps: float = 1e-3, seed: int = 0,
-                chunk_size: int | None = None) -> tuple[dict[str, torch.Tensor], dict]:
-    """The client-side Potara step: lam from the first n_samples of `held_out`, then the merged adapter.
-    Returns (merged_state, info); info["lam"] is the weight on the federated adapter.
-
-    held_out: (inputs, targets) batches of the client's HELD-OUT samples (a validation split the adapters
-    were not trained on); read once and kept for the passes. estimator="verified" (default, module
-    docstring): 2 forward-backward passes + at most 1 forward pass, info = the end losses and slopes, the
-    candidate taken, the barrier seen; warns when the samples look like the local adapter's training data.
-    estimator="paper": per-sample gradients (fisher.gradient_stats; vmap, or a loop where vmap cannot batch
-    the model), info = a, b, c; `granularity` ("module": one lam per module), `labels` ("sampled": the true
-    Fisher), `eps`, `seed` (label sampling) and `chunk_size` (vmap memory) apply to it only, and passing
-    them with "verified" is an error. The model's own adapter is left as it was.
-    """
-    if space not in ("ab", "delta"):
-        raise ValueError(f"space must be 'ab' or 'delta', got {space!r}")
-    estimator_options(estimator, granularity=granularity, labels=labels, eps=eps, seed=seed, chunk_size=chunk_size)
-    check_adapters(model, global_state, local_state)
-    samples = list(first_samples(held_out, n_samples))
-    was_training = model.training
-    model.eval()
-    try:
-        if estimator == "verified":
-            lam, info = verified_weight(model, global_state, local_state, samples, likelihood, space)
-            _warn_if_training_data(info)
-            merged = merge_adapters(global_state, local_state, lam, space)
-            info = {**info, "lam": lam, "estimator": estimator, "space": space,
-                    "n_samples": sum(len(y) for _, y in samples)}
-        else:
-            stats = gradient_stats(model, global_state, local_state, samples, n_samples, labels, likelihood, seed,
-                                   chunk_size)
-            merged, info = paper_merge(stats, global_state, local_state, space, eps, granularity, labels)
-    finally:
-        model.train(was_training)
-    check_tensors(merged, what="merged adapter")  # never hand back a NaN adapter
-    return merged, info

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torchvision.datasets import CIFAR100
 from torchvision.datasets.utils import check_integrity, download_and_extract_archive
 
-from files import UnsafeFile, atomic_write, open_regular, read_regular
+from potara.safe_files import atomic_write, open_regular, read_regular, UnsafeFile
 
 SYNTHETIC_MARKER = "potara-synthetic.json"  # inside cifar-100-python/: synthetic files, no md5s to check
 MAX_FILE_BYTES = 1 << 30  # the real train file is 155 MB: anything larger is not CIFAR-100
@@ -121,7 +121,7 @@ class _CifarUnpickler(pickle._Unpickler):
 
 
 def _read_pickle(path: str) -> dict:
-    """A regular file of at most MAX_FILE_BYTES (files.read_regular: a link, /dev/zero or a FIFO planted under
+    """A regular file of at most MAX_FILE_BYTES (safe_files.read_regular: a link, /dev/zero or a FIFO planted under
     a CIFAR name is refused at once, and the bytes actually read are bounded), unpickled by _CifarUnpickler."""
     try:
         payload = read_regular(path, MAX_FILE_BYTES)

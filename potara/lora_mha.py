@@ -1,6 +1,6 @@
 """LoRA on nn.MultiheadAttention's packed q/k/v in-projection (torchvision's ViT attention): LoRAPackedQKV,
-which lora.add_lora puts on every targeted nn.MultiheadAttention when given LORA_LAYERS. Copy it together
-with lora.py (it imports lora; lora never imports it).
+which lora.add_lora puts on every targeted nn.MultiheadAttention when given LORA_LAYERS (it imports lora.py;
+lora.py never imports it).
 
     add_lora(vit, ["self_attention"], r=8, alpha=16, layers=LORA_LAYERS)   # LoRAPackedQKV on q and v
 """
@@ -11,8 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from lora import LORA_LAYERS as LINEAR_LAYERS
-from lora import LoRALayer, init_factors
+from .lora import LORA_LAYERS as LINEAR_LAYERS
+from .lora import LoRALayer, init_factors
 
 
 class LoRAPackedQKV(LoRALayer):
