@@ -20,6 +20,7 @@ scored on every client's own test split -> --out DIR: results.json, results.md, 
 lambda.png and communication.png (when matplotlib is installed).
 Images stay uint8 (N, 3, 32, 32) on the CPU; the model resizes and normalises them itself.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,17 +36,34 @@ from potara_harness.config import VIT_PRESETS
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter,
-                                 epilog="Options showing two values take them from --preset tiny and paper (VIT_PRESETS in potara_harness/config.py).")
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=cli.HelpFormatter,
+        epilog="Options showing two values take them from --preset tiny and paper "
+        "(VIT_PRESETS in potara_harness/config.py).",
+    )
     a = ap.add_argument
-    a("--preset", choices=sorted(VIT_PRESETS), default="tiny", help="tiny: small ViT on a CPU; paper: vit_b_16 on a GPU")
-    a("--data", choices=["synthetic", "cifar"], default="synthetic",
-      help="synthetic: the embedded offline stand-in in CIFAR-100's layout (data.py); cifar: real CIFAR-100, "
-           "downloaded once into --data-dir")
+    a(
+        "--preset",
+        choices=sorted(VIT_PRESETS),
+        default="tiny",
+        help="tiny: small ViT on a CPU; paper: vit_b_16 on a GPU",
+    )
+    a(
+        "--data",
+        choices=["synthetic", "cifar"],
+        default="synthetic",
+        help="synthetic: the embedded offline stand-in in CIFAR-100's layout (data.py); cifar: real CIFAR-100, "
+        "downloaded once into --data-dir",
+    )
     a("--data-dir", default="data", help="where cifar-100-python/, synthetic/ and cached backbones live")
     a("--out", default=None, help="output folder (default: runs/<preset>-<data>-<partition>-k<clients>-s<seed>)")
-    a("--partition", choices=["dirichlet", "superclass"], default="dirichlet",
-      help="dirichlet: label skew (the paper); superclass: each client owns its own CIFAR-100 superclasses")
+    a(
+        "--partition",
+        choices=["dirichlet", "superclass"],
+        default="dirichlet",
+        help="dirichlet: label skew (the paper); superclass: each client owns its own CIFAR-100 superclasses",
+    )
     a("--clients", type=int, help="number of clients K")
     a("--alpha", type=float, help="Dirichlet concentration (smaller = more skewed)")
     for split in ("train", "val", "test"):
@@ -79,9 +97,13 @@ def resolve_args(ap: argparse.ArgumentParser, argv=None) -> tuple[argparse.Names
     if args.backbone and not os.path.isfile(args.backbone):
         ap.error(f"--backbone {args.backbone}: no such file")
     if args.preset == "tiny" and not args.backbone and (args.pretrain_steps < 1 or args.public < 1000):
-        ap.error("the tiny preset pre-trains its backbone: needs --pretrain-steps >= 1 and --public >= 1000 "
-                 "(or pass --backbone PATH)")
-    args.out = args.out or os.path.join("runs", f"{args.preset}-{args.data}-{args.partition}-k{args.clients}-s{args.seed}")
+        ap.error(
+            "the tiny preset pre-trains its backbone: needs --pretrain-steps >= 1 and --public >= 1000 "
+            "(or pass --backbone PATH)"
+        )
+    args.out = args.out or os.path.join(
+        "runs", f"{args.preset}-{args.data}-{args.partition}-k{args.clients}-s{args.seed}"
+    )
     run_folder.check_dirs(ap, ("--data-dir", args.data_dir, os.R_OK | os.X_OK))
     run_folder.prepare_out_dir(ap, args.out)
     return args, p
@@ -118,11 +140,14 @@ def partition(ap: argparse.ArgumentParser, args, data, pool) -> list:
 
     per_client = args.train + args.val + args.test
     if args.public + args.clients * per_client > len(data.labels):
-        ap.error(f"{args.clients} clients x {per_client} images + {args.public} public images > the "
-                 f"{len(data.labels)} images available: lower --clients, --train/--val/--test or --public")
+        ap.error(
+            f"{args.clients} clients x {per_client} images + {args.public} public images > the "
+            f"{len(data.labels)} images available: lower --clients, --train/--val/--test or --public"
+        )
     try:
-        return label_partition(args.partition, data.labels[pool], data.coarse_labels[pool], args.clients, args.alpha,
-                               per_client, args.seed)
+        return label_partition(
+            args.partition, data.labels[pool], data.coarse_labels[pool], args.clients, args.alpha, per_client, args.seed
+        )
     except DataError as e:
         ap.error(str(e))
 
@@ -137,8 +162,10 @@ def main(argv=None) -> dict:
 def data_source(args) -> str:
     """What the clients' images are, for results.md and results.json."""
     if args.data == "synthetic":
-        return (f"SYNTHETIC DATA (not CIFAR-100): data.py's generated stand-in in CIFAR-100's layout, "
-                f"{args.synthetic_per_class} training images per class, {args.data_dir}/synthetic")
+        return (
+            f"SYNTHETIC DATA (not CIFAR-100): data.py's generated stand-in in CIFAR-100's layout, "
+            f"{args.synthetic_per_class} training images per class, {args.data_dir}/synthetic"
+        )
     return f"CIFAR-100 (real), {args.data_dir}/cifar-100-python"
 
 
@@ -160,15 +187,33 @@ def run(ap: argparse.ArgumentParser, args, p: dict, command: str) -> dict:
     client_info = {}
     for s in splits:
         counts = np.bincount(s.train_targets.numpy(), minlength=100)
-        client_info[s.name] = {"train_classes": int((counts > 0).sum()), "top_class_share": float(counts.max() / counts.sum())}
+        client_info[s.name] = {
+            "train_classes": int((counts > 0).sum()),
+            "top_class_share": float(counts.max() / counts.sum()),
+        }
     backbone, backbone_info = get_backbone(args, p, data, public, device)
     model = build_model(backbone, p, args.rank, args.lora_alpha, args.seed).to(device)
-    config = {"args": {k: v for k, v in vars(args).items() if k not in ("progress", "resume", "threads")},
-              "synthetic_data": data.synthetic, "data_source": data_source(args), "command": command,
-              "backbone": backbone_info, "clients": client_info, "device": device.type, "torch": torch.__version__}
+    config = {
+        "args": {k: v for k, v in vars(args).items() if k not in ("progress", "resume", "threads")},
+        "synthetic_data": data.synthetic,
+        "data_source": data_source(args),
+        "command": command,
+        "backbone": backbone_info,
+        "clients": client_info,
+        "device": device.type,
+        "torch": torch.__version__,
+    }
     t0 = time.time()
-    results = run_experiment(model, splits, cli.config_from_args(args), args.out, resume=args.resume, config=config,
-                             progress=args.progress, autocast_dtype=cli.autocast_dtype(device))
+    results = run_experiment(
+        model,
+        splits,
+        cli.config_from_args(args),
+        args.out,
+        resume=args.resume,
+        config=config,
+        progress=args.progress,
+        autocast_dtype=cli.autocast_dtype(device),
+    )
     print(results_header(results) + markdown_table(results))
     print(f"\n{time.time() - t0:.0f}s on {device} ({args.threads} threads); results in {args.out}/results.json")
     return results

@@ -25,8 +25,9 @@ adapter_model.safetensors (loadable with peft.PeftModel.from_pretrained or a mul
 per client (8 synthetic tasks) FedIT 20 rounds x 5 local steps, a FedSA-LoRA run of the same size, 100 local and
 25 fine-tuning steps, and scoring every method on 100 test examples. On this project's 2-core CPU, shared with
 other jobs, the run took 109 s with the tiny model cached, and the pre-training 95-441 s, depending on the
-load (docs/language-models.md); a first run has taken 18 min on a busier machine (issue 19).
+load (docs/language-models.md); a first run has taken 18 min on a busier machine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,13 +50,24 @@ if TYPE_CHECKING:  # annotations only
 
 # ----------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter,
-                                 epilog="Options showing two values take the first for --model tiny, the second for any "
-                                        "other model (LM_PRESETS in potara_harness/config.py).")
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=cli.HelpFormatter,
+        epilog="Options showing two values take the first for --model tiny, the second for any "
+        "other model (LM_PRESETS in potara_harness/config.py).",
+    )
     a = ap.add_argument
-    a("--model", default="tiny", help="'tiny' (a small Llama built and pre-trained here) or any name/path "
-                                      "AutoModelForCausalLM loads, e.g. meta-llama/Llama-3.2-3B or Qwen/Qwen3-1.7B")
-    a("--data", default="synthetic", help="'synthetic' (offline tasks, one per client) or a folder of <task>.jsonl files")
+    a(
+        "--model",
+        default="tiny",
+        help="'tiny' (a small Llama built and pre-trained here) or any name/path "
+        "AutoModelForCausalLM loads, e.g. meta-llama/Llama-3.2-3B or Qwen/Qwen3-1.7B",
+    )
+    a(
+        "--data",
+        default="synthetic",
+        help="'synthetic' (offline tasks, one per client) or a folder of <task>.jsonl files",
+    )
     a("--out", default=None, help="output folder (default: runs/llm-<model>-<data>-s<seed>)")
     a("--cache-dir", default=os.path.join("data", "llm"), help="where the pre-trained tiny model is cached")
     a("--targets", nargs="+", default=["q_proj", "v_proj"], help="module names LoRA wraps (peft-style suffix match)")
@@ -68,7 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--pretrain-steps", type=int, help="tiny model: pre-training steps on the public corpus")
     a("--eval-batch-size", type=int, default=64, help="sequences per forward pass when scoring options")
     a("--attn", default="eager", help="attention implementation of a --model NAME (eager works under torch.func.vmap)")
-    a("--export-peft", metavar="DIR", help="also write each client's Potara adapter (and the federated one) in peft's format")
+    a(
+        "--export-peft",
+        metavar="DIR",
+        help="also write each client's Potara adapter (and the federated one) in peft's format",
+    )
     cli.add_experiment_options(ap)  # training, Potara, evaluation, run control: shared with run_cifar.py
     cli.describe_presets(ap, {"--model tiny": LM_PRESETS["tiny"], "other models": LM_PRESETS["hf"]})
     return ap
@@ -80,8 +96,9 @@ def resolve_args(ap: argparse.ArgumentParser, argv=None) -> tuple[argparse.Names
     p = dict(LM_PRESETS["tiny" if args.model == "tiny" else "hf"])
     cli.fill_from_preset(args, p)
     p.update(pretrain_steps=args.pretrain_steps, max_len=args.max_len)
-    cli.require_positive(ap, args, ("train", "val", "test", "max_len", "max_new_tokens", "eval_batch_size",
-                                    "synthetic_examples"))
+    cli.require_positive(
+        ap, args, ("train", "val", "test", "max_len", "max_new_tokens", "eval_batch_size", "synthetic_examples")
+    )
     cli.check_sizes(ap, args, ("synthetic_examples", "max_len", "max_new_tokens"))
     if args.clients < 0:
         ap.error(f"--clients must be >= 0, got {args.clients}")
@@ -113,12 +130,15 @@ def load_checked_tasks(ap: argparse.ArgumentParser, args, p: dict) -> tuple[dict
     from potara_harness.llm_tasks import public_corpus, synthetic_tasks
     from potara_harness.lm import load_hf_tokenizer
 
-    tasks = (synthetic_tasks(args.synthetic_examples, seed=SYNTHETIC_TASKS_SEED) if args.data == "synthetic"
-             else read_task_dir(args.data))
+    tasks = (
+        synthetic_tasks(args.synthetic_examples, seed=SYNTHETIC_TASKS_SEED)
+        if args.data == "synthetic"
+        else read_task_dir(args.data)
+    )
     if args.clients:
         if args.clients > len(tasks):
             ap.error(f"--clients {args.clients}: the data has only {len(tasks)} tasks")
-        tasks = dict(list(tasks.items())[:args.clients])
+        tasks = dict(list(tasks.items())[: args.clients])
     if args.clients_per_round > len(tasks):
         ap.error(f"--clients-per-round must be in [0, {len(tasks)}], got {args.clients_per_round}")
     if args.export_peft:
@@ -135,8 +155,10 @@ def data_source(args, tasks: dict) -> str:
     """What the clients' tasks are, for results.md and results.json."""
     names = ", ".join(tasks)
     if args.data == "synthetic":
-        return (f"SYNTHETIC TASKS (not FLAN): llm_tasks.py's generated tasks, {args.synthetic_examples} examples "
-                f"each: {names}")
+        return (
+            f"SYNTHETIC TASKS (not FLAN): llm_tasks.py's generated tasks, {args.synthetic_examples} examples "
+            f"each: {names}"
+        )
     return f"tasks read from {args.data}: {names}"
 
 
@@ -146,8 +168,16 @@ def run(ap: argparse.ArgumentParser, args, p: dict, command: str) -> dict:
     import torch
 
     from potara.fisher import causal_lm_likelihood
-    from potara_harness.lm import (Scorer, add_language_lora, build_splits, chance, lm_loss, load_hf_model,
-                                   pretrain_tiny, tiny_model)
+    from potara_harness.lm import (
+        Scorer,
+        add_language_lora,
+        build_splits,
+        chance,
+        lm_loss,
+        load_hf_model,
+        pretrain_tiny,
+        tiny_model,
+    )
     from potara_harness.pipeline import run_experiment
     from potara_harness.report import markdown_table, results_header, write_text
 
@@ -169,16 +199,34 @@ def run(ap: argparse.ArgumentParser, args, p: dict, command: str) -> dict:
     except ValueError as e:
         ap.error(f"--targets: {e}")
     model.to(device)
-    config = {"args": {k: v for k, v in vars(args).items() if k not in ("progress", "resume", "threads", "export_peft")},
-              "data_source": data_source(args, tasks), "command": command,
-              "model": model_info, "device": device.type, "torch": torch.__version__,
-              "reference": {"chance": chance_acc, "pretrained_no_adapter": base},
-              "tasks": {s.name: {"examples": len(tasks[s.name]), "multiple_choice": tasks[s.name][0].options is not None}
-                        for s in splits}}
+    config = {
+        "args": {k: v for k, v in vars(args).items() if k not in ("progress", "resume", "threads", "export_peft")},
+        "data_source": data_source(args, tasks),
+        "command": command,
+        "model": model_info,
+        "device": device.type,
+        "torch": torch.__version__,
+        "reference": {"chance": chance_acc, "pretrained_no_adapter": base},
+        "tasks": {
+            s.name: {"examples": len(tasks[s.name]), "multiple_choice": tasks[s.name][0].options is not None}
+            for s in splits
+        },
+    }
     t0, adapters = time.time(), {}
-    results = run_experiment(model, splits, cli.config_from_args(args), args.out, evaluate=scorer, loss_fn=lm_loss,
-                             likelihood=causal_lm_likelihood, resume=args.resume, config=config,
-                             progress=args.progress, autocast_dtype=cli.autocast_dtype(device), adapters=adapters)
+    results = run_experiment(
+        model,
+        splits,
+        cli.config_from_args(args),
+        args.out,
+        evaluate=scorer,
+        loss_fn=lm_loss,
+        likelihood=causal_lm_likelihood,
+        resume=args.resume,
+        config=config,
+        progress=args.progress,
+        autocast_dtype=cli.autocast_dtype(device),
+        adapters=adapters,
+    )
     table = results_header(results) + markdown_table(results) + "\n\n" + reference_table(results)
     write_text(os.path.join(args.out, "results.md"), table + "\n")
     if args.export_peft:
@@ -192,9 +240,13 @@ def reference_table(results: dict) -> str:
     """What the methods are measured against: a uniform guess, and the pre-trained model with no adapter."""
     names, ref = results["clients"], results["config"]["reference"]
     rows = [("Chance (uniform guess)", ref["chance"]), ("Pre-trained model, no adapter", ref["pretrained_no_adapter"])]
-    return "\n".join(["| reference | mean acc | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)] +
-                     [f"| {label} | {sum(d.values()) / len(d):.3f} | " + " | ".join(f"{d[n]:.3f}" for n in names) + " |"
-                      for label, d in rows])
+    return "\n".join(
+        ["| reference | mean acc | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+        + [
+            f"| {label} | {sum(d.values()) / len(d):.3f} | " + " | ".join(f"{d[n]:.3f}" for n in names) + " |"
+            for label, d in rows
+        ]
+    )
 
 
 def check_export_targets(ap: argparse.ArgumentParser, args, tasks: dict) -> None:
@@ -205,19 +257,26 @@ def check_export_targets(ap: argparse.ArgumentParser, args, tasks: dict) -> None
 
     reserved = sorted(set(tasks) & set(EXPORT_RESERVED))
     if reserved:
-        ap.error(f"--export-peft: a task named {reserved[0]!r} would share a folder with the {reserved[0]} export: "
-                 "rename its .jsonl file")
+        ap.error(
+            f"--export-peft: a task named {reserved[0]!r} would share a folder with the {reserved[0]} export: "
+            "rename its .jsonl file"
+        )
     if os.path.realpath(args.export_peft) == os.path.realpath(args.out):
         clash = sorted(set(tasks) & set(run_folder.OUTPUT_FILES + (run_folder.LOCK_FILE,)))
         if clash:
-            ap.error(f"--export-peft is --out: a task named {clash[0]!r} would replace the run's {clash[0]}: rename "
-                     "its .jsonl file or choose another --export-peft")
+            ap.error(
+                f"--export-peft is --out: a task named {clash[0]!r} would replace the run's {clash[0]}: rename "
+                "its .jsonl file or choose another --export-peft"
+            )
     for name in [*tasks, *EXPORT_RESERVED]:
-        problem = export_target_problem(os.path.join(args.export_peft, name),
-                                        BASE_MODEL_FILES if name == "base_model" else ADAPTER_FILES)
+        problem = export_target_problem(
+            os.path.join(args.export_peft, name), BASE_MODEL_FILES if name == "base_model" else ADAPTER_FILES
+        )
         if problem:
-            ap.error(f"--export-peft {args.export_peft}: {name} in it {problem}: move it away or choose another "
-                     "--export-peft (an export replaces only the folders it wrote)")
+            ap.error(
+                f"--export-peft {args.export_peft}: {name} in it {problem}: move it away or choose another "
+                "--export-peft (an export replaces only the folders it wrote)"
+            )
 
 
 def write_peft(args, model: nn.Module, adapters: dict) -> None:
@@ -226,8 +285,9 @@ def write_peft(args, model: nn.Module, adapters: dict) -> None:
     model in HF format."""
     from potara_harness.peft_export import export_with_base
 
-    base = export_with_base(args.export_peft, model, adapters, list(args.targets),
-                            None if args.model == "tiny" else args.model)
+    base = export_with_base(
+        args.export_peft, model, adapters, list(args.targets), None if args.model == "tiny" else args.model
+    )
     print(f"peft adapters of {len(adapters)} models written to {args.export_peft}/ (base model: {base})")
 
 

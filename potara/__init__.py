@@ -41,9 +41,15 @@ _WHERE = {name: module for module, names in _API.items() for name in names}
 __all__ = sorted(_WHERE)
 
 
+_MODULES = ["adapter_file", "fedit", "fisher", "lora", "lora_mha", "merge", "rounds", "safe_files", "tensor_checks"]
+_MODULES += ["training", "weight"]  # potara.lora_mha.LORA_LAYERS and the like, imported on first use too
+
+
 def __getattr__(name: str):
     if name in _WHERE:
         return getattr(import_module(f".{_WHERE[name]}", __name__), name)
+    if name in _MODULES:
+        return import_module(f".{name}", __name__)
     raise AttributeError(f"module 'potara' has no attribute {name!r}")
 
 

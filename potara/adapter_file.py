@@ -9,6 +9,7 @@ Format ADAPTER_FORMAT: a torch.save dict {"format": "potara-adapter-v1", "meta":
 refuses any pickle that would call code, and every tensor passes tensor_checks.check_tensors before the state
 is returned.
 """
+
 from __future__ import annotations
 
 import os
@@ -30,14 +31,18 @@ def _plain(x) -> bool:
 
 
 def save_adapter(path: str | os.PathLike, state: dict, meta: dict | None = None) -> None:
-    """Write tensors (checked: tensor_checks.check_tensors) + meta (plain str/int/float/bool/list/dict only) to one file,
+    """Write tensors (checked: tensor_checks.check_tensors) + meta (plain str/int/float/bool/list/dict only) to one
+    file,
     atomically (atomic_write), so a crash leaves the old file or the new one, never half of one."""
     path = os.fspath(path)
     check_tensors(state, what=f"{path}: adapter to save")
     if not _plain(meta or {}):  # anything else would be written, then refused by load_adapter's weights_only
         raise AdapterError(f"{path}: meta must be plain data (str, int, float, bool, None, lists, str-keyed dicts)")
-    payload = {"format": ADAPTER_FORMAT, "meta": meta or {},
-               "state": {k: v.detach().to("cpu").contiguous() for k, v in state.items()}}
+    payload = {
+        "format": ADAPTER_FORMAT,
+        "meta": meta or {},
+        "state": {k: v.detach().to("cpu").contiguous() for k, v in state.items()},
+    }
     atomic_write(path, lambda f: torch.save(payload, f))
 
 
@@ -59,8 +64,9 @@ def load_adapter(path: str | os.PathLike, max_numel: int | None = None) -> tuple
         raise
     except Exception as e:  # whatever a damaged or hostile file makes the unpickler raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise AdapterError(f"{path}: not a readable potara adapter file (truncated, foreign or unsafe): "
-                           f"{first[:200]}") from None
+        raise AdapterError(
+            f"{path}: not a readable potara adapter file (truncated, foreign or unsafe): {first[:200]}"
+        ) from None
     if not isinstance(payload, dict) or payload.get("format") != ADAPTER_FORMAT:
         raise AdapterError(f"{path}: not a potara adapter file (no '{ADAPTER_FORMAT}' marker)")
     state, meta = payload.get("state"), payload.get("meta")

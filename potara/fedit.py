@@ -18,6 +18,7 @@ from (seed, t, k), so a run resumed from its FedState ends bitwise equal to an u
 `share(name) -> bool` selects the tensors that are federated; the rest stay on the client across rounds
 (FedSA-LoRA: share only the LoRA A factors, keep B and the head local).
 """
+
 from __future__ import annotations
 
 import math
@@ -37,8 +38,9 @@ from .training import LossFn, classification_loss, model_device, progress_bar, s
 
 def _valid_count(n) -> bool:
     """A finite real number >= 0 and not a bool (a huge Python int counts as finite: the total catches it)."""
-    return (not isinstance(n, bool) and isinstance(n, numbers.Real) and n >= 0
-            and (isinstance(n, int) or math.isfinite(n)))
+    return (
+        not isinstance(n, bool) and isinstance(n, numbers.Real) and n >= 0 and (isinstance(n, int) or math.isfinite(n))
+    )
 
 
 def fedavg(states: Sequence[dict[str, torch.Tensor]], num_examples: Sequence[int]) -> dict[str, torch.Tensor]:
@@ -75,6 +77,7 @@ def fedavg(states: Sequence[dict[str, torch.Tensor]], num_examples: Sequence[int
 @dataclass
 class Client:
     """What a client holds: its training data (tensors) and its name. The adapter lives elsewhere."""
+
     name: str
     inputs: torch.Tensor
     targets: torch.Tensor
@@ -88,43 +91,57 @@ class Client:
 class FedConfig:
     """How a federated run trains: the settings run_fedit and local_update share (no defaults for what an
     experiment must choose)."""
-    rounds: int                    # FedIT rounds R
-    local_steps: int               # AdamW steps per client per round
+
+    rounds: int  # FedIT rounds R
+    local_steps: int  # AdamW steps per client per round
     lr: float
     batch_size: int = 32
     weight_decay: float = 0.0
-    clients_per_round: int = 0     # |S_t|; 0 = every client every round
-    seed: int = 0                  # every draw of the run: rounds.derive_seed(seed, round, client, ...)
-    drop_prob: float = 0.0         # chance that a selected client never answers (simulated drop-outs)
+    clients_per_round: int = 0  # |S_t|; 0 = every client every round
+    seed: int = 0  # every draw of the run: rounds.derive_seed(seed, round, client, ...)
+    drop_prob: float = 0.0  # chance that a selected client never answers (simulated drop-outs)
     max_update_norm: float | None = None  # reject ||phi_k - phi^t||_2 above it (None: no bound)
 
     def check(self, num_clients: int) -> None:
         """A one-line ValueError for settings no run can have with num_clients clients."""
         if self.rounds < 0 or self.local_steps <= 0 or self.batch_size <= 0:
-            raise ValueError(f"run_fedit: need rounds >= 0, local_steps > 0, batch_size > 0; got {self.rounds}, "
-                             f"{self.local_steps}, {self.batch_size}")
+            raise ValueError(
+                f"run_fedit: need rounds >= 0, local_steps > 0, batch_size > 0; got {self.rounds}, "
+                f"{self.local_steps}, {self.batch_size}"
+            )
         if not 0.0 <= self.drop_prob < 1.0:
             raise ValueError(f"run_fedit: drop_prob must be in [0, 1), got {self.drop_prob}")
         if self.max_update_norm is not None and not self.max_update_norm > 0:
             raise ValueError(f"run_fedit: max_update_norm must be positive, got {self.max_update_norm}")
         if not 0 <= self.clients_per_round <= num_clients:
-            raise ValueError(f"run_fedit: clients_per_round must be in [0, {num_clients}] (0: all), "
-                             f"got {self.clients_per_round}")
+            raise ValueError(
+                f"run_fedit: clients_per_round must be in [0, {num_clients}] (0: all), got {self.clients_per_round}"
+            )
 
 
 @dataclass
 class FedState:
     """Everything needed to continue a federated run: checkpoint this after each round."""
+
     round: int  # rounds completed
     global_state: dict[str, torch.Tensor]  # the shared tensors
     private_states: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # per client, unshared tensors
     history: list[dict] = field(default_factory=list)
 
 
-def local_update(model: nn.Module, client: Client, global_state: dict[str, torch.Tensor],
-                 private_state: dict[str, torch.Tensor], round: int, client_index: int, cfg: FedConfig, *,
-                 loss_fn: LossFn = classification_loss, autocast_dtype: torch.dtype | None = None,
-                 progress: bool = True) -> tuple[ClientReply, dict[str, torch.Tensor]]:
+def local_update(
+    model: nn.Module,
+    client: Client,
+    global_state: dict[str, torch.Tensor],
+    private_state: dict[str, torch.Tensor],
+    round: int,
+    client_index: int,
+    cfg: FedConfig,
+    *,
+    loss_fn: LossFn = classification_loss,
+    autocast_dtype: torch.dtype | None = None,
+    progress: bool = True,
+) -> tuple[ClientReply, dict[str, torch.Tensor]]:
     """Client k's part of round t: load phi^t (+ its private tensors) into the model, run cfg.local_steps
     AdamW steps on its data, and return (the reply to send: shared tensors, n_k, mean loss; its new
     private tensors). Batches come from derive_seed(seed, t, k), dropout etc. from
@@ -132,10 +149,20 @@ def local_update(model: nn.Module, client: Client, global_state: dict[str, torch
     The model keeps the trained adapter; `global_state`'s keys decide which tensors are shared."""
     load_lora_state_dict(model, {**global_state, **private_state})
     with seeded(derive_seed(cfg.seed, round, client_index, 1), model_device(model)):
-        batches = shuffled_batches(client.inputs, client.targets, cfg.batch_size,
-                                   derive_seed(cfg.seed, round, client_index))
-        result = train_adapter(model, batches, cfg.local_steps, cfg.lr, cfg.weight_decay, loss_fn, autocast_dtype,
-                               desc=f"round {round} client {client.name}", progress=progress)
+        batches = shuffled_batches(
+            client.inputs, client.targets, cfg.batch_size, derive_seed(cfg.seed, round, client_index)
+        )
+        result = train_adapter(
+            model,
+            batches,
+            cfg.local_steps,
+            cfg.lr,
+            cfg.weight_decay,
+            loss_fn,
+            autocast_dtype,
+            desc=f"round {round} client {client.name}",
+            progress=progress,
+        )
     shared = {k: v for k, v in result.state.items() if k in global_state}
     private = {k: v for k, v in result.state.items() if k not in global_state}
     return ClientReply(shared, client.num_examples, result.mean_loss), private
@@ -147,9 +174,14 @@ class RoundOutcome(NamedTuple):
     history: dict  # the round's record: clients, dropped, rejected (with reasons), mean loss, bytes
 
 
-def server_round(round: int, global_state: dict[str, torch.Tensor], selected: Sequence[int],
-                 replies: Mapping[int, ClientReply], client_names: Sequence[str],
-                 max_update_norm: float | None = None) -> RoundOutcome:
+def server_round(
+    round: int,
+    global_state: dict[str, torch.Tensor],
+    selected: Sequence[int],
+    replies: Mapping[int, ClientReply],
+    client_names: Sequence[str],
+    max_update_norm: float | None = None,
+) -> RoundOutcome:
     """The server's part of round t, given phi^t, the selected clients S_t and the replies that came back
     (client index -> ClientReply): the replies checked (rounds.check_replies: a bad one rejected with its
     reason, never raised), then the accepted ones averaged in sorted client order,
@@ -161,10 +193,19 @@ def server_round(round: int, global_state: dict[str, torch.Tensor], selected: Se
     return RoundOutcome(averaged, accepted, history)
 
 
-def run_fedit(model: nn.Module, clients: Sequence[Client], cfg: FedConfig, *,
-              loss_fn: LossFn = classification_loss, share: Callable[[str], bool] | None = None,
-              resume: FedState | None = None, on_round: Callable[[FedState], None] | None = None,
-              autocast_dtype: torch.dtype | None = None, progress: bool = True, desc: str = "FedIT rounds") -> FedState:
+def run_fedit(
+    model: nn.Module,
+    clients: Sequence[Client],
+    cfg: FedConfig,
+    *,
+    loss_fn: LossFn = classification_loss,
+    share: Callable[[str], bool] | None = None,
+    resume: FedState | None = None,
+    on_round: Callable[[FedState], None] | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    progress: bool = True,
+    desc: str = "FedIT rounds",
+) -> FedState:
     """FedIT from the model's current adapter (the shared initial adapter phi_0) for cfg.rounds rounds,
     in one process: per round, sample_clients, local_update for each selected client that does not
     drop out, then server_round (validate, fedavg). history[t] is server_round's record.
@@ -183,19 +224,32 @@ def run_fedit(model: nn.Module, clients: Sequence[Client], cfg: FedConfig, *,
     shared_keys = [k for k in init if share(k)]
     if not shared_keys:
         raise ValueError("run_fedit: `share` selects no adapter tensor to federate")
-    state = resume or FedState(0, {k: init[k] for k in shared_keys},
-                               {c.name: {k: v for k, v in init.items() if k not in shared_keys} for c in clients})
+    state = resume or FedState(
+        0,
+        {k: init[k] for k in shared_keys},
+        {c.name: {k: v for k, v in init.items() if k not in shared_keys} for c in clients},
+    )
     names = [c.name for c in clients]
     try:
-        for t in progress_bar(range(state.round, cfg.rounds), desc, progress, stage=True, initial=state.round,
-                              total=cfg.rounds):
+        for t in progress_bar(
+            range(state.round, cfg.rounds), desc, progress, stage=True, initial=state.round, total=cfg.rounds
+        ):
             selected, dropped = sample_clients(cfg.seed, t, len(clients), per_round, cfg.drop_prob)
             replies, private = {}, {}
             for k in selected:
                 if k not in dropped:
                     replies[k], private[k] = local_update(
-                        model, clients[k], state.global_state, state.private_states[names[k]], t, k, cfg,
-                        loss_fn=loss_fn, autocast_dtype=autocast_dtype, progress=progress)
+                        model,
+                        clients[k],
+                        state.global_state,
+                        state.private_states[names[k]],
+                        t,
+                        k,
+                        cfg,
+                        loss_fn=loss_fn,
+                        autocast_dtype=autocast_dtype,
+                        progress=progress,
+                    )
             outcome = server_round(t, state.global_state, selected, replies, names, cfg.max_update_norm)
             for k in outcome.accepted:
                 state.private_states[names[k]] = private[k]

@@ -10,6 +10,7 @@ Per-sample gradients come from torch.func: vmap(grad(log p)) with functional_cal
 branches on tensor values (Hugging Face attention masks: "vmap: ... data-dependent control flow") cannot
 be batched by vmap; per_sample_grads then loops over single samples (same values, slower) and warns once.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -25,6 +26,7 @@ from torch.utils._pytree import tree_map
 
 try:  # torch >= 2.3; older versions only lose speed (vmap then loops over fused attention kernels)
     from torch.nn.attention import SDPBackend, sdpa_kernel
+
     _batchable_attention = lambda: sdpa_kernel([SDPBackend.MATH])
 except ImportError:  # pragma: no cover
     from contextlib import nullcontext as _batchable_attention
@@ -67,6 +69,7 @@ class Likelihood:
     sample(output, targets, generator) -> targets drawn from the model (for the true Fisher);
     correct(output, targets) -> per-sample 1.0 where the prediction is right (the task's metric, what a grid
     search over lam would choose by), or None where the likelihood defines no such metric."""
+
     log_prob: Callable[[object, torch.Tensor], torch.Tensor]
     sample: Callable[[object, torch.Tensor, torch.Generator | None], torch.Tensor] | None = None
     correct: Callable[[object, torch.Tensor], torch.Tensor] | None = None
@@ -112,9 +115,14 @@ causal_lm_likelihood = Likelihood(log_prob=_lm_log_prob, sample=_lm_sample)
 _warned_loop: set[str] = set()
 
 
-def per_sample_grads(model: nn.Module, params: dict[str, torch.Tensor], inputs, targets: torch.Tensor,
-                     likelihood: Likelihood = classification_likelihood,
-                     chunk_size: int | None = None) -> dict[str, torch.Tensor]:
+def per_sample_grads(
+    model: nn.Module,
+    params: dict[str, torch.Tensor],
+    inputs,
+    targets: torch.Tensor,
+    likelihood: Likelihood = classification_likelihood,
+    chunk_size: int | None = None,
+) -> dict[str, torch.Tensor]:
     """grad_params log p(targets_i | inputs_i) for every sample i, shape [batch, *param.shape]."""
     return _grads_and_log_prob(model, params, inputs, targets, likelihood, chunk_size)[0]
 
@@ -141,10 +149,14 @@ def _grads_and_log_prob(model, params, inputs, targets, likelihood, chunk_size=N
             if name not in _warned_loop:
                 _warned_loop.add(name)
                 reason = " ".join(str(e).split())[:160]
-                warnings.warn(f"per-sample gradients: vmap cannot batch {name}, looping over single samples instead "
-                              f"(same values, slower); vmap said: {reason}")
-        rows = [grad(log_lik, has_aux=True)(params, tree_map(lambda t: t[i], inputs), targets[i])
-                for i in range(len(targets))]
+                warnings.warn(
+                    f"per-sample gradients: vmap cannot batch {name}, looping over single samples instead "
+                    f"(same values, slower); vmap said: {reason}"
+                )
+        rows = [
+            grad(log_lik, has_aux=True)(params, tree_map(lambda t: t[i], inputs), targets[i])
+            for i in range(len(targets))
+        ]
     return ({k: torch.stack([g[k] for g, _ in rows]) for k in params}, torch.stack([lp for _, lp in rows]))
 
 
@@ -154,6 +166,7 @@ class GradStats:
     fisher_* uses the requested labels (empirical or sampled); sq_*, cross and mean_* use the true
     labels: sq = mean g^2 (empirical Fisher), cross = mean g_G g_L, mean = mean g.
     delta = phi_G - phi_L; loglik_* = mean log p(y|x) of each adapter on the samples."""
+
     n: int
     fisher_G: dict[str, torch.Tensor]
     fisher_L: dict[str, torch.Tensor]
@@ -167,10 +180,17 @@ class GradStats:
     loglik_L: float = 0.0
 
 
-def gradient_stats(model: nn.Module, global_state: dict, local_state: dict, batches: Iterable,
-                   n_samples: int = N_SAMPLES, labels: str = "empirical",
-                   likelihood: Likelihood = classification_likelihood, seed: int = 0,
-                   chunk_size: int | None = None) -> GradStats:
+def gradient_stats(
+    model: nn.Module,
+    global_state: dict,
+    local_state: dict,
+    batches: Iterable,
+    n_samples: int = N_SAMPLES,
+    labels: str = "empirical",
+    likelihood: Likelihood = classification_likelihood,
+    seed: int = 0,
+    chunk_size: int | None = None,
+) -> GradStats:
     """One pass over the first n_samples of `batches`, per-sample gradients at phi_G and phi_L
     (model in eval mode: no dropout), moments accumulated in float32 on the model's device.
     When global_state IS local_state (diag_fisher), the gradients are computed once and shared."""
@@ -224,9 +244,15 @@ def gradient_stats(model: nn.Module, global_state: dict, local_state: dict, batc
     return GradStats(n=n, **stats, delta=delta, loglik_G=loglik["G"].item() / n, loglik_L=loglik["L"].item() / n)
 
 
-def diag_fisher(model: nn.Module, batches: Iterable, n_samples: int = N_SAMPLES, labels: str = "empirical",
-                likelihood: Likelihood = classification_likelihood, seed: int = 0,
-                chunk_size: int | None = None) -> dict[str, torch.Tensor]:
+def diag_fisher(
+    model: nn.Module,
+    batches: Iterable,
+    n_samples: int = N_SAMPLES,
+    labels: str = "empirical",
+    likelihood: Likelihood = classification_likelihood,
+    seed: int = 0,
+    chunk_size: int | None = None,
+) -> dict[str, torch.Tensor]:
     """Diagonal Fisher of the model's current adapter: F[j] = (1/n) sum_i (d/dtheta_j log p(y_i|x_i))^2,
     the mean of SQUARED PER-SAMPLE gradients (not the square of a batch gradient). labels="empirical"
     uses the data's y_i (empirical Fisher); "sampled" draws y_i ~ p(.|x_i) from the model (true Fisher)."""

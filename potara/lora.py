@@ -21,6 +21,7 @@ The adapter of a model is *every trainable tensor*: the LoRA factors plus the ex
 untrusted tensors (tensor_checks.py) when this file sits in the potara package; copied alone, with a short
 check of keys, shapes, dtypes and values.
 """
+
 from __future__ import annotations
 
 import math
@@ -45,7 +46,9 @@ except ImportError:  # this file copied alone: the keys, shapes, dtypes and valu
             like, free = reference[k], free_dim(k) if free_dim else None
             if type(t) not in (torch.Tensor, nn.Parameter) or t.layout != torch.strided or t.dtype != like.dtype:
                 raise AdapterError(f"{what}: {k} is not a dense {like.dtype} tensor")
-            if t.shape != like.shape and not (free is not None and t.dim() == 2 and t.shape[1 - free] == like.shape[1 - free]):
+            if t.shape != like.shape and not (
+                free is not None and t.dim() == 2 and t.shape[1 - free] == like.shape[1 - free]
+            ):
                 raise AdapterError(f"{what}: {k} has shape {tuple(t.shape)}, the model expects {tuple(like.shape)}")
             if not torch.isfinite(t).all():
                 raise AdapterError(f"{what}: {k} holds NaN or Inf values")
@@ -122,8 +125,15 @@ class LoRALinear(LoRALayer):
 LORA_LAYERS = {nn.Linear: LoRALinear}  # module type -> its LoRA layer, built as layer(module, r, alpha, dropout)
 
 
-def add_lora(model: nn.Module, targets: Sequence[str], r: int = 8, alpha: float = 16, dropout: float = 0.0,
-             trainable: Sequence[str] = (), layers: dict = LORA_LAYERS) -> list[str]:
+def add_lora(
+    model: nn.Module,
+    targets: Sequence[str],
+    r: int = 8,
+    alpha: float = 16,
+    dropout: float = 0.0,
+    trainable: Sequence[str] = (),
+    layers: dict = LORA_LAYERS,
+) -> list[str]:
     """Wrap the modules named by `targets` with LoRA and freeze everything else except `trainable`.
 
     A target matches a module whose dotted name equals it or ends with "." + target (as peft's
@@ -140,13 +150,18 @@ def add_lora(model: nn.Module, targets: Sequence[str], r: int = 8, alpha: float 
     kinds = tuple(layers) + (nn.MultiheadAttention,)
     if not wanted:
         candidates = [n for n, m in named.items() if isinstance(m, kinds)]
-        raise ValueError(f"add_lora: no module matches targets {list(targets)}; linear/attention modules are: "
-                         f"{candidates[:20]}{' ...' if len(candidates) > 20 else ''}")
+        raise ValueError(
+            f"add_lora: no module matches targets {list(targets)}; linear/attention modules are: "
+            f"{candidates[:20]}{' ...' if len(candidates) > 20 else ''}"
+        )
     builders = {n: next((b for t, b in layers.items() if isinstance(named[n], t)), None) for n in wanted}
     bad = [f"{n} ({type(named[n]).__name__})" for n in wanted if builders[n] is None]
     if bad:
-        hint = (" (for nn.MultiheadAttention pass layers=lora_mha.LORA_LAYERS)"
-                if any(isinstance(named[n], nn.MultiheadAttention) for n in wanted) else "")
+        hint = (
+            " (for nn.MultiheadAttention pass layers=lora_mha.LORA_LAYERS)"
+            if any(isinstance(named[n], nn.MultiheadAttention) for n in wanted)
+            else ""
+        )
         kinds = " or ".join(f"nn.{t.__name__}" for t in layers)
         raise ValueError(f"add_lora: targets {list(targets)} match modules that are not {kinds}: {bad}{hint}")
     for p in model.parameters():
@@ -196,11 +211,16 @@ def _new_ranks(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[nn.Modu
     for name, m in model.named_modules():
         if isinstance(m, LoRALayer):
             prefix = f"{name}." if name else ""
-            r = {state.get(prefix + n, p).shape[rank_dim(n)]
-                 for n, p in m.named_parameters(recurse=False) if lora_factor(n)}
+            r = {
+                state.get(prefix + n, p).shape[rank_dim(n)]
+                for n, p in m.named_parameters(recurse=False)
+                if lora_factor(n)
+            }
             if len(r) != 1 or 0 in r:
-                raise AdapterError(f"adapter: the LoRA factors of {name or 'the model'} have ranks {sorted(r)}; "
-                                   f"A and B must share one rank >= 1")
+                raise AdapterError(
+                    f"adapter: the LoRA factors of {name or 'the model'} have ranks {sorted(r)}; "
+                    f"A and B must share one rank >= 1"
+                )
             ranks[m] = r.pop()
     return ranks
 
@@ -240,7 +260,15 @@ def unmerge_lora(model: nn.Module) -> None:
 
 def lora_meta(model: nn.Module) -> dict:
     """Plain-data description of the model's LoRA layers (what adapter_file.save_adapter stores beside the tensors)."""
-    layers = {n: {"r": int(m.r), "alpha": float(m.alpha), "scaling": float(m.scaling),
-                  "kind": type(m).__name__, **({"parts": m.parts} if hasattr(m, "parts") else {})}
-              for n, m in model.named_modules() if isinstance(m, LoRALayer)}
+    layers = {
+        n: {
+            "r": int(m.r),
+            "alpha": float(m.alpha),
+            "scaling": float(m.scaling),
+            "kind": type(m).__name__,
+            **({"parts": m.parts} if hasattr(m, "parts") else {}),
+        }
+        for n, m in model.named_modules()
+        if isinstance(m, LoRALayer)
+    }
     return {"targets": sorted(layers), "layers": layers}

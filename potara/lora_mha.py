@@ -4,6 +4,7 @@ lora.py never imports it).
 
     add_lora(vit, ["self_attention"], r=8, alpha=16, layers=LORA_LAYERS)   # LoRAPackedQKV on q and v
 """
+
 from __future__ import annotations
 
 import torch
@@ -24,7 +25,8 @@ class LoRAPackedQKV(LoRALayer):
     the factors. For plain self-attention (the ViT case: query is key is value, no masks, no attention
     weights returned) the forward instead runs in activation space, q = x W_q^T + b_q + (alpha/r) x A_q^T B_q^T,
     then attention exactly as MultiheadAttention computes it: the same function, but autograd never forms
-    the full 3E x E weight gradient (per sample, under torch.func) -- potara_studies/bench.py sections "lora" and "fisher".
+    the full 3E x E weight gradient (per sample, under torch.func) -- potara_studies/bench.py sections "lora" and
+    "fisher".
     The q part is mathematically the same as LoRALinear on a separate q projection.
     Input dropout cannot be applied in weight space, so `dropout` is not offered here.
     Factors are named lora_A_q, lora_B_q, lora_A_v, lora_B_v.
@@ -47,22 +49,49 @@ class LoRAPackedQKV(LoRALayer):
 
     def delta_weight(self) -> torch.Tensor:
         E, W0 = self.base.embed_dim, self.base.in_proj_weight
-        return self.scaling * torch.cat([self.getattr_lora("B", p) @ self.getattr_lora("A", p) if p in self.parts
-                                         else W0.new_zeros(E, E) for p in "qkv"], dim=0)
+        return self.scaling * torch.cat(
+            [
+                self.getattr_lora("B", p) @ self.getattr_lora("A", p) if p in self.parts else W0.new_zeros(E, E)
+                for p in "qkv"
+            ],
+            dim=0,
+        )
 
     def getattr_lora(self, which: str, part: str) -> torch.Tensor:
         return getattr(self, f"lora_{which}_{part}")
 
-    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
-                average_attn_weights=True, is_causal=False):
+    def forward(
+        self,
+        query,
+        key,
+        value,
+        key_padding_mask=None,
+        need_weights=True,
+        attn_mask=None,
+        average_attn_weights=True,
+        is_causal=False,
+    ):
         """nn.MultiheadAttention.forward's signature and results."""
         mha = self.base
-        kwargs = dict(key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
-                      average_attn_weights=average_attn_weights, is_causal=is_causal)
+        kwargs = dict(
+            key_padding_mask=key_padding_mask,
+            need_weights=need_weights,
+            attn_mask=attn_mask,
+            average_attn_weights=average_attn_weights,
+            is_causal=is_causal,
+        )
         if self.merged:
             return mha(query, key, value, **kwargs)
-        if (query is key and key is value and not need_weights and key_padding_mask is None and attn_mask is None
-                and not is_causal and mha.bias_k is None and not mha.add_zero_attn):
+        if (
+            query is key
+            and key is value
+            and not need_weights
+            and key_padding_mask is None
+            and attn_mask is None
+            and not is_causal
+            and mha.bias_k is None
+            and not mha.add_zero_attn
+        ):
             return self._self_attention(query), None
         weight = mha.in_proj_weight + self.delta_weight()
         return functional_call(mha, {"in_proj_weight": weight}, (query, key, value), kwargs)
@@ -75,11 +104,15 @@ class LoRAPackedQKV(LoRALayer):
         n, t = x.shape[0], x.shape[1]
         x2, heads = x.reshape(n * t, E), []
         for i, p in enumerate("qkv"):
-            bias = None if mha.in_proj_bias is None else mha.in_proj_bias[i * E:(i + 1) * E]
-            y = F.linear(x2, mha.in_proj_weight[i * E:(i + 1) * E], bias)
+            bias = None if mha.in_proj_bias is None else mha.in_proj_bias[i * E : (i + 1) * E]
+            y = F.linear(x2, mha.in_proj_weight[i * E : (i + 1) * E], bias)
             if p in self.parts:
-                y = torch.addmm(y, F.linear(x2, self.getattr_lora("A", p)), self.getattr_lora("B", p).t().contiguous(),
-                                alpha=self.scaling)
+                y = torch.addmm(
+                    y,
+                    F.linear(x2, self.getattr_lora("A", p)),
+                    self.getattr_lora("B", p).t().contiguous(),
+                    alpha=self.scaling,
+                )
             heads.append(y.view(n, t, mha.num_heads, mha.head_dim).transpose(1, 2))  # [batch, heads, tokens, dim]
         o = F.scaled_dot_product_attention(*heads, dropout_p=mha.dropout if mha.training else 0.0)
         o = mha.out_proj(o.transpose(1, 2).reshape(n * t, E)).view(n, t, E)

@@ -12,6 +12,7 @@ PaperFisher(...) (the paper's diagonal-Fisher terms; its options), so an option 
 cannot be passed. merge_adapters merges in the paper's A/B space or exactly in weight space ("delta");
 fisher_merge is the Fisher-merging baseline.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ import torch.nn as nn
 from .fisher import N_SAMPLES, GradStats, Likelihood, classification_likelihood, first_samples, gradient_stats
 from .lora import AdapterError, lora_factor, lora_layers
 from .tensor_checks import check_tensors
-from .weight import module_of, paper_weight, segment_state, verified_weight, warn_if_training_data
+from .weight import module_of, paper_weight, segment_state, verified_weight
 
 
 # ----------------------------------------------------------------------------- merging
@@ -43,8 +44,10 @@ def merge_adapters(global_state: dict, local_state: dict, lam, space: str = "ab"
     if set(global_state) != set(local_state):
         raise ValueError("merge_adapters: the two adapters have different keys")
     if space == "delta" and not any(lora_factor(k) for k in global_state):
-        raise ValueError(f"merge_adapters(space='delta'): no LoRA factor among the keys ({sorted(global_state)[:4]}"
-                         f"...); expected names like '<module>.lora_A' / '<module>.lora_B.weight'")
+        raise ValueError(
+            f"merge_adapters(space='delta'): no LoRA factor among the keys ({sorted(global_state)[:4]}"
+            f"...); expected names like '<module>.lora_A' / '<module>.lora_B.weight'"
+        )
     merged = {}
     for k, G in global_state.items():
         w = float(lam[module_of(k)]) if isinstance(lam, dict) else float(lam)
@@ -52,8 +55,9 @@ def merge_adapters(global_state: dict, local_state: dict, lam, space: str = "ab"
     return merged
 
 
-def fisher_merge(global_state: dict, local_state: dict, fisher_G: dict, fisher_L: dict,
-                 eps: float = 1e-8) -> dict[str, torch.Tensor]:
+def fisher_merge(
+    global_state: dict, local_state: dict, fisher_G: dict, fisher_L: dict, eps: float = 1e-8
+) -> dict[str, torch.Tensor]:
     """Fisher merging baseline (Matena & Raffel, 2022): per parameter,
     theta = (F_G theta_G + F_L theta_L) / (F_G + F_L), eps guarding entries where both are zero."""
     out = {}
@@ -100,14 +104,22 @@ ESTIMATORS = {"verified": Verified, "paper": PaperFisher}  # by name, for comman
 DEFAULT_ESTIMATOR = Verified.name
 
 
-def paper_merge(stats: GradStats, global_state: dict, local_state: dict, space: str = "ab",
-                estimator: PaperFisher = PaperFisher()) -> tuple[dict[str, torch.Tensor], dict]:
+def paper_merge(
+    stats: GradStats, global_state: dict, local_state: dict, space: str = "ab", estimator: PaperFisher = PaperFisher()
+) -> tuple[dict[str, torch.Tensor], dict]:
     """The paper's step from per-sample gradient statistics already computed (fisher.gradient_stats with
     estimator.labels): lam = paper_weight(stats), then the merge; returns (merged_state, info) as personalize
     does."""
     lam, info = paper_weight(stats, estimator.eps, estimator.granularity)
-    info.update(lam=lam, estimator=estimator.name, space=space, n_samples=stats.n, granularity=estimator.granularity,
-                labels=estimator.labels, eps=estimator.eps)
+    info.update(
+        lam=lam,
+        estimator=estimator.name,
+        space=space,
+        n_samples=stats.n,
+        granularity=estimator.granularity,
+        labels=estimator.labels,
+        eps=estimator.eps,
+    )
     return merge_adapters(global_state, local_state, lam, space), info
 
 
@@ -116,8 +128,9 @@ def check_adapters(model: nn.Module, global_state: dict, local_state: dict) -> N
     zero), adapters whose keys, shapes or dtypes differ from the model's trainable tensors (a missing head
     would run with the model's current one), and NaN/Inf values."""
     if any(m.merged for m in lora_layers(model)):
-        raise AdapterError("personalize: the model's LoRA layers are merged (lora.merge_lora); call "
-                           "lora.unmerge_lora(model) first")
+        raise AdapterError(
+            "personalize: the model's LoRA layers are merged (lora.merge_lora); call lora.unmerge_lora(model) first"
+        )
     trainable = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     if not trainable:
         raise AdapterError("personalize: the model has no trainable tensors (call lora.add_lora first)")
@@ -126,16 +139,26 @@ def check_adapters(model: nn.Module, global_state: dict, local_state: dict) -> N
 
 
 # ----------------------------------------------------------------------------- the client-side step
-def personalize(model: nn.Module, global_state: dict, local_state: dict, *, held_out: Iterable,
-                n_samples: int = N_SAMPLES, estimator: Estimator = Verified(), space: str = "ab",
-                likelihood: Likelihood = classification_likelihood) -> tuple[dict[str, torch.Tensor], dict]:
+def personalize(
+    model: nn.Module,
+    global_state: dict,
+    local_state: dict,
+    *,
+    held_out: Iterable,
+    n_samples: int = N_SAMPLES,
+    estimator: Estimator = Verified(),
+    space: str = "ab",
+    likelihood: Likelihood = classification_likelihood,
+) -> tuple[dict[str, torch.Tensor], dict]:
     """The client-side Potara step: lam from the first n_samples of `held_out`, then the merged adapter.
     Returns (merged_state, info); info["lam"] is the weight on the federated adapter.
 
     held_out: (inputs, targets) batches of the client's HELD-OUT samples (a validation split the adapters
-    were not trained on); read once and kept for the passes. estimator: Verified() (the default), info = the
-    end losses and slopes, the candidate taken, the barrier seen, and a warning when the samples look like the
-    local adapter's training data; or PaperFisher(...), info = a, b, c. space: "ab" (the paper's) or "delta"
+    were not trained on: on its own training samples phi_L sits at a minimum, which always favours it; no
+    statistic of the samples alone can tell those from a task phi_L has learned perfectly, so this is the
+    caller's to keep: potara_harness.data.warn_held_out_overlap checks the demos' splits exactly); read once
+    and kept for the passes. estimator: Verified() (the default), info = the end losses and slopes, the
+    candidate taken, the barrier seen; or PaperFisher(...), info = a, b, c. space: "ab" (the paper's) or "delta"
     (merge_adapters). The model's own adapter is left as it was.
     """
     if space not in ("ab", "delta"):
@@ -149,13 +172,26 @@ def personalize(model: nn.Module, global_state: dict, local_state: dict, *, held
     try:
         if isinstance(estimator, Verified):
             lam, info = verified_weight(model, global_state, local_state, samples, likelihood, space)
-            warn_if_training_data(info)
             merged = merge_adapters(global_state, local_state, lam, space)
-            info = {**info, "lam": lam, "estimator": estimator.name, "space": space,
-                    "n_samples": sum(len(y) for _, y in samples)}
+            info = {
+                **info,
+                "lam": lam,
+                "estimator": estimator.name,
+                "space": space,
+                "n_samples": sum(len(y) for _, y in samples),
+            }
         else:
-            stats = gradient_stats(model, global_state, local_state, samples, n_samples, estimator.labels,
-                                   likelihood, estimator.seed, estimator.chunk_size)
+            stats = gradient_stats(
+                model,
+                global_state,
+                local_state,
+                samples,
+                n_samples,
+                estimator.labels,
+                likelihood,
+                estimator.seed,
+                estimator.chunk_size,
+            )
             merged, info = paper_merge(stats, global_state, local_state, space, estimator)
     finally:
         model.train(was_training)

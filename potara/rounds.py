@@ -147,9 +147,7 @@ def check_replies(
         reply = replies[k]
         up += _wire_bytes(reply[0] if isinstance(reply, tuple) and reply else None)
         reason = (
-            "not selected this round"
-            if k not in selected
-            else _reply_problem(reply, global_state, max_update_norm)
+            "not selected this round" if k not in selected else _reply_problem(reply, global_state, max_update_norm)
         )
         if reason is not None:
             log.warning("round %d: rejected the update of client %s: %s", round, client_names[k], reason)

@@ -22,6 +22,7 @@ name once their pid is no longer running (remove_leftovers); they are never read
 Imports no torch at its top (load_torch_file imports it when called): the command-line checks use this module
 and answer before torch is loaded.
 """
+
 from __future__ import annotations
 
 import errno
@@ -70,8 +71,14 @@ def run_folder_problem(folder: str, names) -> str | None:
 
 
 def _kind(mode: int) -> str:
-    kinds = ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"),
-             (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket"), (stat.S_ISLNK, "symbolic link"))
+    kinds = (
+        (stat.S_ISDIR, "directory"),
+        (stat.S_ISFIFO, "FIFO"),
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+        (stat.S_ISSOCK, "socket"),
+        (stat.S_ISLNK, "symbolic link"),
+    )
     return next((name for test, name in kinds if test(mode)), "special file")
 
 
@@ -81,8 +88,10 @@ def _open_checked(path: str, flags: int, mode: int = 0o644) -> int:
         fd = os.open(path, flags | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0), mode)
     except OSError as e:
         if e.errno == errno.ELOOP:  # O_NOFOLLOW met a link
-            raise UnsafeFile(f"{path}: is a symbolic link (the run reads and writes regular files only, never "
-                             "through a link: copy the file, or link its folder instead)") from None
+            raise UnsafeFile(
+                f"{path}: is a symbolic link (the run reads and writes regular files only, never "
+                "through a link: copy the file, or link its folder instead)"
+            ) from None
         raise
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
@@ -153,9 +162,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
         cause = _os_error(e)
         if cause is None or isinstance(e, UnsafeFile):
             raise
-        raise WriteError(f"cannot write {path} ({cause.strerror or str(cause)[:200] or type(cause).__name__}): nothing "
-                         "was replaced, the previous file is intact; free space or raise the file-size limit "
-                         "(ulimit -f), then rerun (with --resume to continue a run)") from None
+        raise WriteError(
+            f"cannot write {path} ({cause.strerror or str(cause)[:200] or type(cause).__name__}): nothing "
+            "was replaced, the previous file is intact; free space or raise the file-size limit "
+            "(ulimit -f), then rerun (with --resume to continue a run)"
+        ) from None
     sync_folder(folder)
 
 
@@ -163,8 +174,9 @@ def _new_temporary(folder: str, name: str) -> tuple[int, str]:
     for _ in range(100):  # a collision of 48 random bits is refused by O_EXCL and another name drawn
         tmp = os.path.join(folder, f".{name}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
         try:
-            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0),
-                           0o666), tmp  # 0o666 less the umask: the same permissions as open(path, "wb")
+            return os.open(
+                tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o666
+            ), tmp  # 0o666 less the umask: the same permissions as open(path, "wb")
         except FileExistsError:
             continue
     raise FileExistsError(errno.EEXIST, f"{folder}: no free temporary name for {name}")

@@ -10,6 +10,7 @@ LoRA factor's rank may differ when `free_dim` allows it), a bounded number of el
 twice and none beyond its storage; then finite values. Any failure is one AdapterError line naming the tensor.
 Imports nothing of the project: lora.py uses it when it sits in the package, and stands alone without it.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -26,6 +27,7 @@ class AdapterError(ValueError):
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 MAX_NUMEL = 2**28  # elements in one container when no reference bounds the shapes (1 GiB of float32)
 
+
 def _check_layout(name: str, t, like: torch.Tensor | None, max_numel: int, free: int | None) -> None:
     """Steps 1-5 of check_tensor: reads only metadata (type, layout, device, dtype, sizes, strides)."""
     if type(t) not in (torch.Tensor, nn.Parameter):  # also refuses subclasses that could run code on access
@@ -35,10 +37,15 @@ def _check_layout(name: str, t, like: torch.Tensor | None, max_numel: int, free:
     if t.is_meta:
         raise AdapterError(f"{name} is on the meta device: it holds no data")
     if t.dtype not in ((like.dtype,) if like is not None else FLOAT_DTYPES):
-        raise AdapterError(f"{name} has dtype {t.dtype}, expected "
-                           f"{like.dtype if like is not None else 'float32, float64, float16 or bfloat16'}")
-    if like is not None and t.shape != like.shape and not (
-            free is not None and t.dim() == like.dim() == 2 and t.shape[1 - free] == like.shape[1 - free]):
+        raise AdapterError(
+            f"{name} has dtype {t.dtype}, expected "
+            f"{like.dtype if like is not None else 'float32, float64, float16 or bfloat16'}"
+        )
+    if (
+        like is not None
+        and t.shape != like.shape
+        and not (free is not None and t.dim() == like.dim() == 2 and t.shape[1 - free] == like.shape[1 - free])
+    ):
         raise AdapterError(f"{name} has shape {tuple(t.shape)}, the model expects {tuple(like.shape)}")
     if t.numel() > max_numel:
         raise AdapterError(f"{name} has {t.numel()} elements, more than the limit of {max_numel}")
@@ -46,15 +53,21 @@ def _check_layout(name: str, t, like: torch.Tensor | None, max_numel: int, free:
         extent = 0  # the largest offset the dimensions of smaller stride reach
         for s, n in sorted((s, n) for n, s in zip(t.shape, t.stride()) if n > 1):
             if s <= extent:
-                raise AdapterError(f"{name} is an overlapping or expanded view (strides {t.stride()}): "
-                                   f"expected a dense tensor")
+                raise AdapterError(
+                    f"{name} is an overlapping or expanded view (strides {t.stride()}): expected a dense tensor"
+                )
             extent += s * (n - 1)
         if (t.storage_offset() + extent + 1) * t.element_size() > t.untyped_storage().nbytes():
             raise AdapterError(f"{name} addresses data beyond its storage (corrupt sizes or strides)")
 
 
-def check_tensor(name: str, t, like: torch.Tensor | None = None, max_numel: int = MAX_NUMEL,
-                 free_dim: Callable[[str], int | None] | None = None) -> None:
+def check_tensor(
+    name: str,
+    t,
+    like: torch.Tensor | None = None,
+    max_numel: int = MAX_NUMEL,
+    free_dim: Callable[[str], int | None] | None = None,
+) -> None:
     """Raise AdapterError (a ValueError; one line starting with `name`) unless `t` is safe to read and use.
 
     Checked in this order, nothing allocated before the metadata checks pass:
@@ -80,8 +93,13 @@ def _key(k: str) -> str:
     return k if k.isprintable() and len(k) <= 100 else repr(k[:100]) + ("..." if len(k) > 100 else "")
 
 
-def check_tensors(state, reference: dict[str, torch.Tensor] | None = None, what: str = "state",
-                  free_dim: Callable[[str], int | None] | None = None, max_numel: int = MAX_NUMEL) -> None:
+def check_tensors(
+    state,
+    reference: dict[str, torch.Tensor] | None = None,
+    what: str = "state",
+    free_dim: Callable[[str], int | None] | None = None,
+    max_numel: int = MAX_NUMEL,
+) -> None:
     """check_tensor on every entry of a {str: tensor} dict, metadata of all first, then values; AdapterError
     names `what` and the key. With `reference` (e.g. the model's adapter): exactly its keys, each tensor
     like the reference's. Without: any str keys, at most `max_numel` elements in all the tensors together."""
@@ -92,17 +110,22 @@ def check_tensors(state, reference: dict[str, torch.Tensor] | None = None, what:
         raise AdapterError(f"{what}: keys must be strings, got {bad}"[:300])
     if reference is not None and set(state) != set(reference):
         missing, extra = sorted(set(reference) - set(state)), sorted(set(state) - set(reference))
-        raise AdapterError(f"{what}: keys do not match the model's adapter: "
-                           f"missing {[_key(k) for k in missing[:5]]}, unexpected {[_key(k) for k in extra[:5]]}")
+        raise AdapterError(
+            f"{what}: keys do not match the model's adapter: "
+            f"missing {[_key(k) for k in missing[:5]]}, unexpected {[_key(k) for k in extra[:5]]}"
+        )
     total = 0
     for k, t in state.items():
-        _check_layout(f"{what}: {_key(k)}", t, None if reference is None else reference[k], max_numel,
-                      free_dim(k) if free_dim else None)
+        _check_layout(
+            f"{what}: {_key(k)}",
+            t,
+            None if reference is None else reference[k],
+            max_numel,
+            free_dim(k) if free_dim else None,
+        )
         total += t.numel()
         if reference is None and total > max_numel:
             raise AdapterError(f"{what}: more than {max_numel} elements in all (at {_key(k)})")
     for k, t in state.items():
         if not torch.isfinite(t).all():
             raise AdapterError(f"{what}: {_key(k)} holds NaN or Inf values")
-
-

@@ -13,6 +13,7 @@ adapter, theta <- AdamW(theta, grad_theta loss). The mean loss stays on the devi
 sync per step). Randomness: batches from `seed`; dropout from torch's global RNG (fedit.local_update seeds it
 per round and client in a forked RNG).
 """
+
 from __future__ import annotations
 
 import sys
@@ -52,7 +53,7 @@ def shuffled_batches(inputs: torch.Tensor, targets: torch.Tensor, batch_size: in
     while True:
         perm = torch.randperm(len(inputs), generator=g)
         for i in range(0, len(perm), batch_size):
-            idx = perm[i:i + batch_size]
+            idx = perm[i : i + batch_size]
             yield inputs[idx], targets[idx]
 
 
@@ -67,10 +68,19 @@ class TrainResult(NamedTuple):
     mean_loss: float
 
 
-def train_adapter(model: nn.Module, batches: Iterable, steps: int, lr: float, weight_decay: float = 0.0,
-                  loss_fn: LossFn = classification_loss, autocast_dtype: torch.dtype | None = None,
-                  desc: str | None = None, progress: bool = True, *,
-                  start: dict[str, torch.Tensor] | None = None) -> TrainResult:
+def train_adapter(
+    model: nn.Module,
+    batches: Iterable,
+    steps: int,
+    lr: float,
+    weight_decay: float = 0.0,
+    loss_fn: LossFn = classification_loss,
+    autocast_dtype: torch.dtype | None = None,
+    desc: str | None = None,
+    progress: bool = True,
+    *,
+    start: dict[str, torch.Tensor] | None = None,
+) -> TrainResult:
     """`steps` AdamW steps on the model's trainable tensors only, from `start` when given (loaded first, checked:
     lora.load_lora_state_dict) or else from the adapter the model holds; `batches` yields (inputs, targets)
     and is re-iterated when exhausted. Returns the adapter state, examples seen and mean loss."""

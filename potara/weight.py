@@ -30,7 +30,8 @@ segment, on HELD-OUT client samples (a validation split the adapters were not tr
 Cost: 2 forward-backward passes + at most 1 forward pass over the n held-out samples; never a grid. The
 chosen lam is never worse than the better end in that (error, loss) order on the held-out samples; by loss
 alone it can be, where the end with fewer errors has the higher loss (over-confident mistakes; docs/estimator-study.md).
-The paper's estimator assumes linear mode connectivity; under conflicting tasks (real digits, docs/estimator-study.md) it
+The paper's estimator assumes linear mode connectivity; under conflicting tasks (real digits,
+docs/estimator-study.md) it
 fails, and any weight read off the two ends alone can land on a barrier: the verification pass sees it.
 On the adapters' own training samples f(0) and f'(0) are ~0 and the weight favours phi_L: personalize
 warns when the samples look like that.
@@ -42,6 +43,7 @@ Degenerate numerics (tested): NaN/Inf adapters, merged models and adapters that 
 trainable tensors are refused (AdapterError); a zero Fisher entry is absorbed by eps'; an all-zero Fisher
 warns; NaN statistics warn and give lam = 0.5 ("paper") or the end with a finite loss ("verified").
 """
+
 from __future__ import annotations
 
 import math
@@ -103,7 +105,8 @@ def _groups(keys, granularity: str) -> dict[str, list[str]]:
 def variance_terms(stats: GradStats, eps: float = 1e-3, granularity: str = "client", bias: bool = False):
     """The "paper" estimator of (a, b, c) (module docstring): floats for granularity="client", dicts
     {module: value} for "module" (one weight per adapted module). bias=True is the study's "bias" variant
-    (potara_studies/ablation.py): + each model's squared diagonal-Newton distance to the client optimum, sum_j (E[g_j]/F_j)^2."""
+    (potara_studies/ablation.py): + each model's squared diagonal-Newton distance to the client optimum, sum_j
+    (E[g_j]/F_j)^2."""
     if not eps > 0:
         raise ValueError(f"eps must be positive, got {eps}")
 
@@ -163,14 +166,26 @@ def segment_state(global_state: dict, local_state: dict, lam, space: str = "ab")
     for k, G in global_state.items():
         L, factor = local_state[k], lora_factor(k) if space == "delta" else None
         w = lam.to(G.dtype) if isinstance(lam, torch.Tensor) else lam
-        out[k] = (torch.cat([G, L], 0) if factor == "A" else torch.cat([w * G, (1 - w) * L], 1) if factor == "B"
-                  else L + w * (G - L))
+        out[k] = (
+            torch.cat([G, L], 0)
+            if factor == "A"
+            else torch.cat([w * G, (1 - w) * L], 1)
+            if factor == "B"
+            else L + w * (G - L)
+        )
     return out
 
 
-def segment_loss(model: nn.Module, global_state: dict, local_state: dict, lam: float, samples: list,
-                 likelihood: Likelihood = classification_likelihood, space: str = "ab",
-                 slope: bool = True) -> tuple[float, float, float | None]:
+def segment_loss(
+    model: nn.Module,
+    global_state: dict,
+    local_state: dict,
+    lam: float,
+    samples: list,
+    likelihood: Likelihood = classification_likelihood,
+    space: str = "ab",
+    slope: bool = True,
+) -> tuple[float, float, float | None]:
     """(f(lam), f'(lam), error(lam)) over `samples` (a list of (inputs, targets) batches), with
     f(lam) = -(1/n) sum_i log p(y_i | x_i; phi(lam)) and error(lam) the fraction of wrong predictions
     (likelihood.correct; None where it is not defined). One batched forward (+ backward to the scalar lam
@@ -194,8 +209,14 @@ def segment_loss(model: nn.Module, global_state: dict, local_state: dict, lam: f
     return total / n, d / n if slope else math.nan, 1 - right / n if likelihood.correct is not None else None
 
 
-def verified_weight(model: nn.Module, global_state: dict, local_state: dict, samples: list,
-                    likelihood: Likelihood = classification_likelihood, space: str = "ab") -> tuple[float, dict]:
+def verified_weight(
+    model: nn.Module,
+    global_state: dict,
+    local_state: dict,
+    samples: list,
+    likelihood: Likelihood = classification_likelihood,
+    space: str = "ab",
+) -> tuple[float, dict]:
     """The default weight (module docstring, steps 1-3) on held-out `samples`. Candidates are compared by
     held-out error, then loss (by loss alone where the likelihood defines no error): the grid search's own
     criterion, at three points. Returns (lam, info): the ends' losses, slopes and errors, the Hermite
@@ -204,15 +225,27 @@ def verified_weight(model: nn.Module, global_state: dict, local_state: dict, sam
     the passes spent."""
     f0, d0, e0 = segment_loss(model, global_state, local_state, 0.0, samples, likelihood, space)
     f1, d1, e1 = segment_loss(model, global_state, local_state, 1.0, samples, likelihood, space)
-    info = {"loss_local": f0, "loss_federated": f1, "slope_local": d0, "slope_federated": d1, "error_local": e0,
-            "error_federated": e1, "lam_hermite": None, "loss_at_hermite": None, "error_at_hermite": None,
-            "barrier": 0.0, "passes": {"forward_backward": 2, "forward": 0}}
+    info = {
+        "loss_local": f0,
+        "loss_federated": f1,
+        "slope_local": d0,
+        "slope_federated": d1,
+        "error_local": e0,
+        "error_federated": e1,
+        "lam_hermite": None,
+        "loss_at_hermite": None,
+        "error_at_hermite": None,
+        "barrier": 0.0,
+        "passes": {"forward_backward": 2, "forward": 0},
+    }
     key = lambda f, e: (e if e is not None else 0.0, f if math.isfinite(f) else math.inf)
     ends = sorted([(key(f0, e0), 0.0, "local end"), (key(f1, e1), 1.0, "federated end")])
     if not all(math.isfinite(v) for v in (f0, f1, d0, d1)):
         lam = ends[0][1] if math.isfinite(f0) or math.isfinite(f1) else 0.5
-        warnings.warn(f"verified_weight: non-finite loss or slope (f(0)={f0}, f(1)={f1}, f'(0)={d0}, f'(1)={d1}); "
-                      f"using lam = {lam}")
+        warnings.warn(
+            f"verified_weight: non-finite loss or slope (f(0)={f0}, f(1)={f1}, f'(0)={d0}, f'(1)={d1}); "
+            f"using lam = {lam}"
+        )
         return lam, {**info, "candidate": "fallback (non-finite)"}
     lam_h, _ = cubic_minimiser(f0, f1, d0, d1)
     info["lam_hermite"] = lam_h
@@ -224,15 +257,3 @@ def verified_weight(model: nn.Module, global_state: dict, local_state: dict, sam
     if key(f_h, e_h) < ends[0][0]:
         return lam_h, {**info, "candidate": "hermite"}
     return ends[0][1], {**info, "candidate": ends[0][2]}  # a barrier the end points could not see
-
-
-def warn_if_training_data(info: dict, loss_tol: float = 0.05, slope_tol: float = 0.1) -> None:
-    """Held-out samples are required: on the local adapter's own training samples its loss and its slope
-    toward phi_G are both ~0 (an over-fitted minimum), which always favours phi_L. Thresholds in nats per
-    sample, set on the real digits (docs/estimator-study.md: 116 of 120 training-split runs flagged, 0 of 120 validation-split
-    runs); an adapter that does not fit its training data to ~0 loss is not flagged (synthetic: 25 of 75)."""
-    f0, d0 = info["loss_local"], info["slope_local"]
-    if f0 < loss_tol and abs(d0) < slope_tol:
-        warnings.warn(f"personalize: the local adapter's loss ({f0:.3g}) and slope ({d0:.3g}) on these samples are "
-                      f"~0: they look like its training data, which favours it; pass held-out samples (a validation "
-                      f"split the adapters were not trained on)")

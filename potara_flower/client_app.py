@@ -15,7 +15,8 @@ property), adapter-dir (optional: the client saves its personalised Potara adapt
 With the run config's experiment="language" (run_llm.py's experiment, docs/flower.md), instead of backbone,
 data-dir and cache-dir: task (the client's task: 'synthetic:<name>', one of run_llm.py --data synthetic's tasks,
 or the path of a <task>.jsonl file) and model (a tiny model file as run_llm.py --model tiny caches it, e.g.
-data/llm/tiny-llama-dff38b954720.pt, or a local Hugging Face folder; hashed at set-up, where the server checks that every
+data/llm/tiny-llama-dff38b954720.pt, or a local Hugging Face folder; hashed at set-up, where the server checks that
+every
 device holds the same). Every message then builds run_llm.py's client (task.language_client): the task's
 train / val / test split, the model with phi_0 on `targets`, lm_loss for training, the option scorer and
 causal_lm_likelihood for the final step; adapter-dir receives the Potara adapter in peft's format
@@ -36,6 +37,7 @@ the protocol):
                  the merge phi(lam) = lam phi_G + (1 - lam) phi_L and every baseline scored on its
                  test split. Numbers go back (evaluate_client's record); the adapters stay here.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -50,7 +52,6 @@ import torch.nn as nn
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from potara_harness.data import ClientSplits
 from potara.fedit import Client, FedConfig, local_update
 from potara.lora import lora_meta, lora_state_dict
 from potara.tensor_checks import check_tensors
@@ -67,6 +68,7 @@ from potara_flower.task import (
     to_record,
 )
 from potara_harness.config import VIT_PRESETS, AppConfig, ConfigError
+from potara_harness.data import ClientSplits
 from potara_harness.peft_export import EXPORT_RESERVED
 from potara_harness.vit import build_model, load_backbone_file
 
@@ -77,12 +79,13 @@ app = ClientApp()
 @dataclass
 class LocalClient:
     """What one client process holds; none of it leaves the device except phi_0 at setup."""
-    index: int              # k, the partition id
-    num_partitions: int     # K
-    split: ClientSplits     # its train / val / test data
-    model: nn.Module        # backbone + phi_0
+
+    index: int  # k, the partition id
+    num_partitions: int  # K
+    split: ClientSplits  # its train / val / test data
+    model: nn.Module  # backbone + phi_0
     phi0: dict[str, torch.Tensor]  # on the CPU, like everything received
-    backbone_sha256: str    # the backbone file's (language: the model's, at set-up only; "" in later messages)
+    backbone_sha256: str  # the backbone file's (language: the model's, at set-up only; "" in later messages)
     autocast_dtype: torch.dtype | None  # bfloat16 autocast on CUDA, none on the CPU
     language: LanguageClient | None = None  # experiment="language": its loss, scorer and likelihood (task.py)
 
@@ -99,7 +102,7 @@ def node_value(node_config, key: str, kind: type, default=None):
     """One node-config value of the right type, or a one-line ConfigError."""
     value = node_config.get(key, default)
     if value is None:
-        raise ConfigError(f"node config {key} is missing: start the SuperNode with --node-config \"{key}=...\"")
+        raise ConfigError(f'node config {key} is missing: start the SuperNode with --node-config "{key}=..."')
     if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
         raise ConfigError(f"node config {key} = {value!r}: expected an integer")
     if kind is str and not isinstance(value, str):
@@ -114,8 +117,10 @@ def load_client(context: Context, hash_model: bool = False) -> tuple[AppConfig, 
     node = context.node_config
     k, K = node_value(node, "partition-id", int), node_value(node, "num-partitions", int)
     if not 0 <= k < K or K != cfg.num_clients:
-        raise ConfigError(f"node config partition-id={k} num-partitions={K}: need 0 <= partition-id < "
-                          f"num-partitions = the run's num-clients ({cfg.num_clients})")
+        raise ConfigError(
+            f"node config partition-id={k} num-partitions={K}: need 0 <= partition-id < "
+            f"num-partitions = the run's num-clients ({cfg.num_clients})"
+        )
     if node.get("threads") is not None:
         threads = node_value(node, "threads", int)
         if threads < 1:
@@ -154,8 +159,10 @@ def load_language(cfg: AppConfig, node, hash_model: bool) -> tuple[ClientSplits,
     model_path = node_value(node, "model", str)
     split, model, language = language_client(cfg, node_value(node, "task", str), model_path)
     if node.get("adapter-dir") and split.name in EXPORT_RESERVED:
-        raise ConfigError(f"node config task: a task named {split.name!r} would share adapter-dir's folder with "
-                          f"the {split.name} export: rename its .jsonl file")
+        raise ConfigError(
+            f"node config task: a task named {split.name!r} would share adapter-dir's folder with "
+            f"the {split.name} export: rename its .jsonl file"
+        )
     return split, model, model_sha256(model_path) if hash_model else "", language
 
 
@@ -194,8 +201,14 @@ def startup_seconds() -> dict[str, float]:
 def setup(msg: Message, context: Context) -> Message:
     """Who this client is, its data size n_k (FedAvg's weight) and phi_0 (the server checks all agree)."""
     _, c = load_client(context, hash_model=True)
-    info = ConfigRecord({"partition-id": c.index, "num-partitions": c.num_partitions,
-                         "num-examples": len(c.split.train_targets), "backbone-sha256": c.backbone_sha256})
+    info = ConfigRecord(
+        {
+            "partition-id": c.index,
+            "num-partitions": c.num_partitions,
+            "num-examples": len(c.split.train_targets),
+            "backbone-sha256": c.backbone_sha256,
+        }
+    )
     return Message(RecordDict({ADAPTER: to_record(c.phi0), CONFIG: info}), reply_to=msg)
 
 
@@ -209,11 +222,26 @@ def train(msg: Message, context: Context) -> Message:
     cfg, c = load_client(context)
     phi_t, s, t1 = received_adapter(msg, c.phi0), c.split, time.perf_counter()
     fed_cfg = FedConfig(cfg.rounds, cfg.local_steps, cfg.lr, cfg.batch_size, seed=cfg.seed)
-    reply, _ = local_update(c.model, Client(s.name, s.train_inputs, s.train_targets), phi_t, {}, int(config["round"]),
-                            c.index, fed_cfg, autocast_dtype=c.autocast_dtype, progress=False, **c.training())
+    reply, _ = local_update(
+        c.model,
+        Client(s.name, s.train_inputs, s.train_targets),
+        phi_t,
+        {},
+        int(config["round"]),
+        c.index,
+        fed_cfg,
+        autocast_dtype=c.autocast_dtype,
+        progress=False,
+        **c.training(),
+    )
     seconds = {**startup, "load": t1 - t0, "train": time.perf_counter() - t1}  # where the time went
-    metrics = MetricRecord({"num-examples": reply.num_examples, "train-loss": reply.mean_loss,
-                            **{f"{k}-seconds": v for k, v in seconds.items()}})
+    metrics = MetricRecord(
+        {
+            "num-examples": reply.num_examples,
+            "train-loss": reply.mean_loss,
+            **{f"{k}-seconds": v for k, v in seconds.items()},
+        }
+    )
     return Message(RecordDict({ADAPTER: to_record(reply.state), METRICS: metrics}), reply_to=msg)
 
 
@@ -229,25 +257,49 @@ def personalize(msg: Message, context: Context) -> Message:
     cfg, c = load_client(context)
     G, s, k = received_adapter(msg, c.phi0), c.split, c.index
     ecfg = cfg.pipeline_config()
-    L, local_fallback = train_checked(c.model, c.phi0, s, cfg.local_train_steps, local_seed(cfg.seed, k), ecfg,
-                                      "local", autocast_dtype=c.autocast_dtype, **c.training())
-    F, finetune_fallback = train_checked(c.model, G, s, cfg.finetune_steps, finetune_seed(cfg.seed, k), ecfg,
-                                         "fine-tune", autocast_dtype=c.autocast_dtype, **c.training())
-    e = evaluate_client(Evaluator(c.model, c.phi0, ecfg, autocast_dtype=c.autocast_dtype, **c.scoring()), k, s, G,
-                        L, F)
-    out = flatten({"acc": e.acc, "record": e.record,
-                   "fallbacks": [f"{x['stage']}: {x['reason']}" for x in (local_fallback, finetune_fallback) if x],
-                   "bad-statistics": [x["what"] for x in e.bad_stats]})
+    L, local_fallback = train_checked(
+        c.model,
+        c.phi0,
+        s,
+        cfg.local_train_steps,
+        local_seed(cfg.seed, k),
+        ecfg,
+        "local",
+        autocast_dtype=c.autocast_dtype,
+        **c.training(),
+    )
+    F, finetune_fallback = train_checked(
+        c.model,
+        G,
+        s,
+        cfg.finetune_steps,
+        finetune_seed(cfg.seed, k),
+        ecfg,
+        "fine-tune",
+        autocast_dtype=c.autocast_dtype,
+        **c.training(),
+    )
+    e = evaluate_client(Evaluator(c.model, c.phi0, ecfg, autocast_dtype=c.autocast_dtype, **c.scoring()), k, s, G, L, F)
+    out = flatten(
+        {
+            "acc": e.acc,
+            "record": e.record,
+            "fallbacks": [f"{x['stage']}: {x['reason']}" for x in (local_fallback, finetune_fallback) if x],
+            "bad-statistics": [x["what"] for x in e.bad_stats],
+        }
+    )
     adapter_dir = context.node_config.get("adapter-dir")
     if adapter_dir:  # the personalised adapter stays on the device
         os.makedirs(adapter_dir, exist_ok=True)
         if c.language:
             save_language_adapter(adapter_dir, cfg, c, e.potara_adapter)
         else:
-            save_adapter(os.path.join(adapter_dir, f"{s.name}-potara.pt"), e.potara_adapter,
-                         {"lam": e.record["potara"]["lam"], **lora_meta(c.model)})
+            save_adapter(
+                os.path.join(adapter_dir, f"{s.name}-potara.pt"),
+                e.potara_adapter,
+                {"lam": e.record["potara"]["lam"], **lora_meta(c.model)},
+            )
     return Message(RecordDict({CONFIG: ConfigRecord(out)}), reply_to=msg)
-
 
 
 def save_language_adapter(adapter_dir: str, cfg: AppConfig, c: LocalClient, adapter: dict) -> None:

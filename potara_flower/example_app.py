@@ -21,6 +21,7 @@ On the wire: train, the global model down and the trained model up (+ n_k, the m
 needs); evaluate, the global model down and numbers up (lam, accuracies, n_test). Never: the data, phi_L,
 the merged model, the validation losses and slopes Potara reads.
 """
+
 from __future__ import annotations
 
 import torch
@@ -91,8 +92,9 @@ def train(msg: Message, context: Context) -> Message:
     x, y = client_data(k, seed)["train"]
     model = make_model(seed)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    loss = fit(model, x, y, int(context.run_config["local-steps"]), float(context.run_config["lr"]),
-               seed=10_000 * t + k)
+    loss = fit(
+        model, x, y, int(context.run_config["local-steps"]), float(context.run_config["lr"]), seed=10_000 * t + k
+    )
     metrics = MetricRecord({"num-examples": len(y), "train-loss": loss})
     return Message(RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics}), reply_to=msg)
 
@@ -102,8 +104,13 @@ def local_model(context: Context, data: dict, seed: int) -> dict[str, torch.Tens
     in the node's state (context.state survives between the messages of a run; it never leaves the device)."""
     if "potara-local" not in context.state:
         model = make_model(seed)
-        fit(model, *data["train"], int(context.run_config["local-train-steps"]), float(context.run_config["lr"]),
-            seed=99_999 - who(context)[0])
+        fit(
+            model,
+            *data["train"],
+            int(context.run_config["local-train-steps"]),
+            float(context.run_config["lr"]),
+            seed=99_999 - who(context)[0],
+        )
         context.state["potara-local"] = ArrayRecord(model.state_dict())
     return context.state["potara-local"].to_torch_state_dict()
 
@@ -117,8 +124,13 @@ def evaluate(msg: Message, context: Context) -> Message:
     G, L = msg.content["arrays"].to_torch_state_dict(), local_model(context, data, seed)
     merged, info = personalize(model, G, L, held_out=[data["val"]])  # held out: never the train split
     x, y = data["test"]
-    metrics = {"num-examples": len(y), "lam": float(info["lam"]), "acc-global": accuracy(model, G, x, y),
-               "acc-local": accuracy(model, L, x, y), "acc-potara": accuracy(model, merged, x, y)}
+    metrics = {
+        "num-examples": len(y),
+        "lam": float(info["lam"]),
+        "acc-global": accuracy(model, G, x, y),
+        "acc-local": accuracy(model, L, x, y),
+        "acc-potara": accuracy(model, merged, x, y),
+    }
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
@@ -132,6 +144,7 @@ def main(grid: Grid, context: Context) -> None:
     metrics, averaged by n_test, are the personalised accuracy of the federation)."""
     cfg, n = context.run_config, int(context.run_config["num-clients"])
     strategy = FedAvg(fraction_evaluate=1.0, min_train_nodes=n, min_evaluate_nodes=n, min_available_nodes=n)
-    result = strategy.start(grid, ArrayRecord(make_model(int(cfg["seed"])).state_dict()), int(cfg["rounds"]),
-                            train_config=ConfigRecord({}))
+    result = strategy.start(
+        grid, ArrayRecord(make_model(int(cfg["seed"])).state_dict()), int(cfg["rounds"]), train_config=ConfigRecord({})
+    )
     print(result.evaluate_metrics_clientapp[int(cfg["rounds"])])

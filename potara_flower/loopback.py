@@ -14,6 +14,7 @@ executables are the ones beside this Python interpreter (Flower starts its helpe
 folder also goes first on PATH). Every wait is bounded. On a real deployment, run the same commands
 on each machine instead (docs/flower.md).
 """
+
 from __future__ import annotations
 
 import json
@@ -59,12 +60,19 @@ class LocalFederation:
         self.home = self.dir / "flwr-home"
         self.home.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
-        self.env = {**os.environ, "FLWR_HOME": str(self.home), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-                    "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONUNBUFFERED": "1",
-                    "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}  # loopback only: no calls out
+        self.env = {
+            **os.environ,
+            "FLWR_HOME": str(self.home),
+            "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+            "PYTHONUNBUFFERED": "1",
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+        }  # loopback only: no calls out
         certs = f'root-certificates = "{tls["ca"]}"' if tls else "insecure = true"
         (self.home / "config.toml").write_text(  # the connection `flwr` commands name: "local"
-            f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{self.port}"\n{certs}\n')
+            f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{self.port}"\n{certs}\n'
+        )
 
     def __enter__(self) -> "LocalFederation":
         return self
@@ -75,8 +83,14 @@ class LocalFederation:
     def start(self, name: str, *args: str) -> subprocess.Popen:
         """Start BIN/args[0] with its output in <folder>/<name>.log, in a new process group."""
         with open(self.dir / f"{name}.log", "wb") as log:
-            p = subprocess.Popen([str(BIN / args[0]), *args[1:]], stdout=log, stderr=subprocess.STDOUT,
-                                 env=self.env, cwd=self.dir, start_new_session=True)
+            p = subprocess.Popen(
+                [str(BIN / args[0]), *args[1:]],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                cwd=self.dir,
+                start_new_session=True,
+            )
         self.procs.append(p)
         return p
 
@@ -86,12 +100,28 @@ class LocalFederation:
 
     def superlink(self, *extra: str, timeout: float = 60) -> subprocess.Popen:
         """flower-superlink on 127.0.0.1:<port>, not installing app dependencies; returns once it listens."""
-        security = (["--ssl-ca-certfile", self.tls["ca"], "--ssl-certfile", self.tls["cert"], "--ssl-keyfile",
-                     self.tls["key"]] if self.tls else ["--insecure"])
-        p = self.start("superlink", "flower-superlink", *security, "--host", "127.0.0.1", "--port", str(self.port),
-                       "--disable-runtime-dependency-installation", *extra)
-        wait_for(lambda: "Uvicorn running" in self.log("superlink") or p.poll() is not None, timeout,
-                 "the SuperLink to listen", lambda: self.log("superlink"))
+        security = (
+            ["--ssl-ca-certfile", self.tls["ca"], "--ssl-certfile", self.tls["cert"], "--ssl-keyfile", self.tls["key"]]
+            if self.tls
+            else ["--insecure"]
+        )
+        p = self.start(
+            "superlink",
+            "flower-superlink",
+            *security,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--disable-runtime-dependency-installation",
+            *extra,
+        )
+        wait_for(
+            lambda: "Uvicorn running" in self.log("superlink") or p.poll() is not None,
+            timeout,
+            "the SuperLink to listen",
+            lambda: self.log("superlink"),
+        )
         if p.poll() is not None:
             raise RuntimeError(f"flower-superlink exited with code {p.returncode}:\n{self.log('superlink')[-3000:]}")
         return p
@@ -102,21 +132,44 @@ class LocalFederation:
         to it, as they are to the folder a SuperNode is started in on a device; so is a relative out-dir to the
         folder the SuperLink was started in (the ServerApp is its child process)."""
         security = ["--root-certificates", self.tls["ca"]] if self.tls else ["--insecure"]
-        return self.start(name, "flower-supernode", *security, "--superlink", f"127.0.0.1:{self.port}",
-                          "--port", str(free_port()), "--node-config", node_config, *extra)
+        return self.start(
+            name,
+            "flower-supernode",
+            *security,
+            "--superlink",
+            f"127.0.0.1:{self.port}",
+            "--port",
+            str(free_port()),
+            "--node-config",
+            node_config,
+            *extra,
+        )
 
     def flwr(self, *args: str, timeout: float = 60) -> dict:
         """A `flwr` CLI command with --format json; its parsed output."""
-        out = subprocess.run([str(BIN / "flwr"), *args, "--format", "json"], capture_output=True, text=True,
-                             env=self.env, cwd=self.dir, timeout=timeout)
+        out = subprocess.run(
+            [str(BIN / "flwr"), *args, "--format", "json"],
+            capture_output=True,
+            text=True,
+            env=self.env,
+            cwd=self.dir,
+            timeout=timeout,
+        )
         try:
             return json.loads(out.stdout)
         except ValueError:
-            raise RuntimeError(f"flwr {' '.join(args)} (exit {out.returncode}): {out.stdout[-2000:]} "
-                               f"{out.stderr[-2000:]}") from None
+            raise RuntimeError(
+                f"flwr {' '.join(args)} (exit {out.returncode}): {out.stdout[-2000:]} {out.stderr[-2000:]}"
+            ) from None
 
-    def run(self, app: str | os.PathLike, run_config: dict, timeout: float = 600, poll: float = 1.0,
-            during: Callable[[dict], None] | None = None) -> dict:
+    def run(
+        self,
+        app: str | os.PathLike,
+        run_config: dict,
+        timeout: float = 600,
+        poll: float = 1.0,
+        during: Callable[[dict], None] | None = None,
+    ) -> dict:
         """`flwr run app local --run-config ...` (it returns at once), then `flwr list --run-id` every `poll` s
         until the run's status is finished:*; returns that final status (a dict of `flwr list`'s JSON: "status",
         "status-details", ...). during(status), if given, is called at every poll before the end (a test's hook:
@@ -135,8 +188,10 @@ class LocalFederation:
         deadline = time.time() + timeout
         while not finished():
             if time.time() > deadline:
-                raise TimeoutError(f"run {run_id} not finished after {timeout:g} s (status {status.get('status')})\n"
-                                   f"{self.log('superlink')[-3000:]}")
+                raise TimeoutError(
+                    f"run {run_id} not finished after {timeout:g} s (status {status.get('status')})\n"
+                    f"{self.log('superlink')[-3000:]}"
+                )
             if during is not None:
                 during(status)
             time.sleep(poll)

@@ -20,6 +20,7 @@ http_grid.py:406-408), never by src_node_id; the SuperLink stores no reply from 
 message's destination (server/superlink/linkstate/in_memory_linkstate.py:295-302), so a reply from a third
 node, or a second reply to one message, means a Grid that is not a SuperLink's: the client is recorded failed.
 """
+
 from __future__ import annotations
 
 import math
@@ -101,8 +102,7 @@ def train_reply(r, n_k: int, timing_keys) -> tuple[ClientReply, dict[str, float]
     count = metrics["num-examples"]
     if type(count) is not int or count != n_k:
         raise ValueError(f"num-examples {short(count, 40)} is not the {n_k} of set-up")
-    reply = ClientReply(from_record(r.content[ADAPTER]), n_k, number(metrics["train-loss"], "train-loss",
-                                                                     finite=False))
+    reply = ClientReply(from_record(r.content[ADAPTER]), n_k, number(metrics["train-loss"], "train-loss", finite=False))
     return reply, timings(metrics, timing_keys), record_bytes(r.content[ADAPTER])
 
 
@@ -112,12 +112,18 @@ def check_evaluation(tree, grid_step: float) -> dict:
     lam_potara, lam_grid_val, lam_grid_oracle in [0, 1], abs_lam_diff = |lam_potara - lam_grid_val|, the grid's
     curves on the run's lam grid (accuracies in [0, 1], val losses numbers), Potara's info (its lam in [0, 1],
     what results.md prints of it), fallbacks and bad statistics as short strings. Returns the tree; ValueError else."""
-    if not isinstance(tree, dict) or not {"acc", "record"} <= set(tree) <= {"acc", "record", "fallbacks",
-                                                                            "bad-statistics"}:
+    if not isinstance(tree, dict) or not {"acc", "record"} <= set(tree) <= {
+        "acc",
+        "record",
+        "fallbacks",
+        "bad-statistics",
+    }:
         raise ValueError(f"keys {sorted(tree)[:6] if isinstance(tree, dict) else tree!r} are not an evaluation's")
     acc, rec = tree["acc"], tree["record"]
     if not isinstance(acc, dict) or set(acc) != set(REPLIED_METHODS):
-        raise ValueError(f"acc has methods {sorted(acc) if isinstance(acc, dict) else acc!r}, not {list(REPLIED_METHODS)}")
+        raise ValueError(
+            f"acc has methods {sorted(acc) if isinstance(acc, dict) else acc!r}, not {list(REPLIED_METHODS)}"
+        )
     tree["acc"] = {m: number(acc[m], f"acc/{m}", 0.0, 1.0) for m in REPLIED_METHODS}
     need = {"potara", "lam_potara", "lam_grid_val", "lam_grid_oracle", "abs_lam_diff", "barrier", "grid"}
     if not isinstance(rec, dict) or not need - {"barrier"} <= set(rec) <= need:

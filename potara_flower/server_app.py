@@ -28,6 +28,7 @@ a running SuperLink (docs/flower.md).
 bytes_down / bytes_up in the history are fedit.run_fedit's (numel * element_size of the adapters sent);
 wire_bytes_* add Flower's serialisation (npy headers, keys) to them; message envelopes are not counted.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -79,6 +80,7 @@ class Roster:
     """The federation: client k (partition id k) is SuperNode node_ids[k], named names[k], with n_k examples.
     n_k is fixed at set-up: it is client k's FedAvg weight in every round (a train reply with another count fails).
     strangers: nodes that answered a rejoin query with something unusable (not asked again)."""
+
     node_ids: list[int]
     names: list[str]
     num_examples: list[int]
@@ -109,8 +111,10 @@ def connect(grid: Grid, cfg: AppConfig) -> tuple[Roster, dict[str, torch.Tensor]
     deadline = time.time() + cfg.connect_timeout
     while len(nodes := sorted(grid.get_node_ids())) < cfg.num_clients:
         if time.time() > deadline:
-            raise RuntimeError(f"only {len(nodes)} of num-clients={cfg.num_clients} SuperNodes connected within "
-                               f"connect-timeout={cfg.connect_timeout:g} s")
+            raise RuntimeError(
+                f"only {len(nodes)} of num-clients={cfg.num_clients} SuperNodes connected within "
+                f"connect-timeout={cfg.connect_timeout:g} s"
+            )
         time.sleep(1.0)
     replies, failed = ask(grid, nodes, SETUP, lambda n: RecordDict({CONFIG: ConfigRecord({})}), cfg.round_timeout)
     if failed:
@@ -123,14 +127,18 @@ def connect(grid: Grid, cfg: AppConfig) -> tuple[Roster, dict[str, torch.Tensor]
             raise RuntimeError(f"setup failed: node {n}: unreadable reply ({type(e).__name__}: {short(e)})") from None
     by_partition = {part: n for n, (part, *_) in info.items()}
     if sorted(by_partition) != list(range(cfg.num_clients)) or len(by_partition) != len(nodes):
-        raise RuntimeError(f"the SuperNodes' partition ids {sorted(i[0] for i in info.values())} are not "
-                           f"0..{cfg.num_clients - 1} once each (node config partition-id)")
+        raise RuntimeError(
+            f"the SuperNodes' partition ids {sorted(i[0] for i in info.values())} are not "
+            f"0..{cfg.num_clients - 1} once each (node config partition-id)"
+        )
     node_ids = [by_partition[k] for k in range(cfg.num_clients)]
     phi0, sha = info[node_ids[0]][3], info[node_ids[0]][2]
     for k, n in enumerate(node_ids):
         if not same_model(info[n], sha, phi0):
-            raise RuntimeError(f"client{k} holds another backbone file or builds another phi_0 than client0: "
-                               "every SuperNode needs the same backbone file and the same run config")
+            raise RuntimeError(
+                f"client{k} holds another backbone file or builds another phi_0 than client0: "
+                "every SuperNode needs the same backbone file and the same run config"
+            )
     roster = Roster(node_ids, [f"client{k}" for k in range(cfg.num_clients)], [info[n][1] for n in node_ids], sha)
     return roster, phi0
 
@@ -173,15 +181,40 @@ def rejoin(grid: Grid, cfg: AppConfig, roster: Roster, phi0: dict) -> None:
 
 def fingerprint(cfg: AppConfig, roster: Roster, phi0: dict) -> str:
     """What the checkpointed adapter depends on: the training settings, the backbone, phi_0 and the clients."""
-    training = {k: v for k, v in asdict(cfg).items()
-                if k in ("num_clients", "rounds", "local_steps", "clients_per_round", "lr", "batch_size", "rank",
-                         "lora_alpha", "seed", "preset", "data", "synthetic_per_class", "partition", "alpha",
-                         "public", "train", "val", "test", "drop_prob", "max_update_norm")}
+    training = {
+        k: v
+        for k, v in asdict(cfg).items()
+        if k
+        in (
+            "num_clients",
+            "rounds",
+            "local_steps",
+            "clients_per_round",
+            "lr",
+            "batch_size",
+            "rank",
+            "lora_alpha",
+            "seed",
+            "preset",
+            "data",
+            "synthetic_per_class",
+            "partition",
+            "alpha",
+            "public",
+            "train",
+            "val",
+            "test",
+            "drop_prob",
+            "max_update_norm",
+        )
+    }
     training.pop("rounds")  # more rounds continue a finished run
     training.update(experiment_settings(cfg))
     phi = hashlib.sha256(b"".join(phi0[k].numpy().tobytes() for k in sorted(phi0))).hexdigest()
-    return json.dumps({"flower": training, "backbone": roster.backbone_sha256, "phi0": phi,
-                       "clients": roster.num_examples}, sort_keys=True)
+    return json.dumps(
+        {"flower": training, "backbone": roster.backbone_sha256, "phi0": phi, "clients": roster.num_examples},
+        sort_keys=True,
+    )
 
 
 def experiment_settings(cfg: AppConfig) -> dict:
@@ -191,8 +224,12 @@ def experiment_settings(cfg: AppConfig) -> dict:
     hash (the set-up's backbone-sha256, which a language client computes over its model file or folder)."""
     if cfg.experiment != "language":
         return {}
-    return {"experiment": cfg.experiment, "max_len": cfg.max_len, "synthetic_examples": cfg.synthetic_examples,
-            "targets": cfg.target_modules}
+    return {
+        "experiment": cfg.experiment,
+        "max_len": cfg.max_len,
+        "synthetic_examples": cfg.synthetic_examples,
+        "targets": cfg.target_modules,
+    }
 
 
 def fedit_round(grid: Grid, cfg: AppConfig, roster: Roster, fed: FedState, t: int) -> None:
@@ -201,8 +238,9 @@ def fedit_round(grid: Grid, cfg: AppConfig, roster: Roster, fed: FedState, t: in
     t0, K = time.time(), len(roster.node_ids)
     selected, dropped = sample_clients(cfg.seed, t, K, cfg.per_round, cfg.drop_prob)
     record = to_record(fed.global_state)
-    content = lambda n: RecordDict({ADAPTER: record, CONFIG: ConfigRecord(
-        {"round": t, "drop": roster.index_of(n) in dropped})})
+    content = lambda n: RecordDict(
+        {ADAPTER: record, CONFIG: ConfigRecord({"round": t, "drop": roster.index_of(n) in dropped})}
+    )
     answers, failed = ask(grid, [roster.node_ids[k] for k in selected], TRAIN, content, cfg.round_timeout)
     failures = [{"client": roster.names[roster.index_of(n)], "reason": why} for n, why in failed.items()]
     replies, wire_up, seconds = {}, 0, {}
@@ -218,17 +256,23 @@ def fedit_round(grid: Grid, cfg: AppConfig, roster: Roster, fed: FedState, t: in
         replies[k], seconds[roster.names[k]], wire_up = reply, took, wire_up + size
     outcome = server_round(t, fed.global_state, selected, replies, roster.names, update_bound(cfg.max_update_norm))
     fed.global_state, fed.round = outcome.global_state, t + 1
-    fed.history.append({**outcome.history, "failed": sorted(failures, key=lambda f: f["client"]),
-                        "wire_bytes_down": record_bytes(record) * len(selected), "wire_bytes_up": wire_up,
-                        "seconds": time.time() - t0, "client_seconds": dict(sorted(seconds.items()))})
+    fed.history.append(
+        {
+            **outcome.history,
+            "failed": sorted(failures, key=lambda f: f["client"]),
+            "wire_bytes_down": record_bytes(record) * len(selected),
+            "wire_bytes_up": wire_up,
+            "seconds": time.time() - t0,
+            "client_seconds": dict(sorted(seconds.items())),
+        }
+    )
 
 
 def personalize_all(grid: Grid, cfg: AppConfig, roster: Roster, G: dict) -> tuple[dict, list]:
     """Step 3: every client's checked evaluation ({name: tree}, replies.check_evaluation), and the clients that
     failed (no reply within personalize-timeout, an error, a record that is not an evaluation's)."""
     record = to_record(G)
-    answers, failed = ask(grid, roster.node_ids, EVALUATE, lambda n: RecordDict({ADAPTER: record}),
-                          cfg.final_timeout)
+    answers, failed = ask(grid, roster.node_ids, EVALUATE, lambda n: RecordDict({ADAPTER: record}), cfg.final_timeout)
     out, bad = {}, [{"client": roster.names[roster.index_of(n)], "reason": why} for n, why in failed.items()]
     for n, r in answers.items():
         name = roster.names[roster.index_of(n)]
@@ -239,8 +283,16 @@ def personalize_all(grid: Grid, cfg: AppConfig, roster: Roster, G: dict) -> tupl
     return out, sorted(bad, key=lambda f: f["client"])
 
 
-def collect_server_results(cfg: AppConfig, context: Context, roster: Roster, fed: FedState, phi0: dict,
-                           evals: dict, eval_failed: list, timing: dict) -> dict:
+def collect_server_results(
+    cfg: AppConfig,
+    context: Context,
+    roster: Roster,
+    fed: FedState,
+    phi0: dict,
+    evals: dict,
+    eval_failed: list,
+    timing: dict,
+) -> dict:
     """report.collect_results for the methods that ran (no FedSA-LoRA, curve at round R only), plus what only a
     deployment has: the run config, the roster, wire bytes and the clients that failed."""
     names = [n for n in roster.names if n in evals]
@@ -248,20 +300,46 @@ def collect_server_results(cfg: AppConfig, context: Context, roster: Roster, fed
         raise RuntimeError("no client returned its personalisation results: " + json.dumps(eval_failed))
     methods = [m for m in METHOD_LABELS if all(m in evals[n]["acc"] for n in names)]
     acc = {m: {n: float(evals[n]["acc"][m]) for n in names} for m in methods}
-    curve = [{"round": 0, "bytes": 0, "fedit": None, "potara": None, "local": mean(acc["local"].values())},
-             {"round": fed.round, "bytes": sent_bytes(fed.history), "fedit": mean(acc["fedit"].values()),
-              "potara": mean(acc["potara_ab"].values())}]
-    config = {"engine": "flower", "run_config": dict(context.run_config), "backbone_sha256": roster.backbone_sha256,
-              "num_examples": dict(zip(roster.names, roster.num_examples))}
+    curve = [
+        {"round": 0, "bytes": 0, "fedit": None, "potara": None, "local": mean(acc["local"].values())},
+        {
+            "round": fed.round,
+            "bytes": sent_bytes(fed.history),
+            "fedit": mean(acc["fedit"].values()),
+            "potara": mean(acc["potara_ab"].values()),
+        },
+    ]
+    config = {
+        "engine": "flower",
+        "run_config": dict(context.run_config),
+        "backbone_sha256": roster.backbone_sha256,
+        "num_examples": dict(zip(roster.names, roster.num_examples)),
+    }
     # outside FedIT's history (as in the pipeline, not charged to any method): phi_0 from every client at
     # set-up, phi_R to every client for the Potara step
-    wire = {"wire_bytes": record_bytes(to_record(phi0)), "setup_bytes_up": state_bytes(phi0) * len(roster.names),
-            "final_bytes_down": state_bytes(phi0) * len(roster.names)}
+    wire = {
+        "wire_bytes": record_bytes(to_record(phi0)),
+        "setup_bytes_up": state_bytes(phi0) * len(roster.names),
+        "final_bytes_down": state_bytes(phi0) * len(roster.names),
+    }
     fallbacks = [{"client": n, "reason": r} for n in names for r in evals[n].get("fallbacks", [])]
     statistics = [{"client": n, "what": w} for n in names for w in evals[n].get("bad-statistics", [])]
-    return collect_results(config, cfg.pipeline_config(), names, acc, {n: evals[n]["record"] for n in names}, curve,
-                           phi0, fed.history, None, fallbacks, statistics, timing, adapter_extra=wire,
-                           faults_extra={"personalization_failed": eval_failed})
+    return collect_results(
+        config,
+        cfg.pipeline_config(),
+        names,
+        acc,
+        {n: evals[n]["record"] for n in names},
+        curve,
+        phi0,
+        fed.history,
+        None,
+        fallbacks,
+        statistics,
+        timing,
+        adapter_extra=wire,
+        faults_extra={"personalization_failed": eval_failed},
+    )
 
 
 @app.main()
@@ -276,8 +354,9 @@ def main(grid: Grid, context: Context) -> None:
     run_state = RunState(fingerprint(cfg, roster, phi0))
     if cfg.resume and os.path.exists(ckpt):
         # ResumeError (one line) if not this run's, or if any part is unsound for this federation
-        run_state = load_state(ckpt, run_state.fingerprint, adapter=phi0, clients=roster.names, rounds=cfg.rounds,
-                               flower=True)
+        run_state = load_state(
+            ckpt, run_state.fingerprint, adapter=phi0, clients=roster.names, rounds=cfg.rounds, flower=True
+        )
         print(f"resuming from {ckpt} at round {run_state.fedit['round']}")
     fed = run_state.fed_state("fedit") or FedState(0, dict(phi0), {n: {} for n in roster.names})
     check_tensors(fed.global_state, phi0, what=f"{ckpt}'s global adapter")
@@ -287,9 +366,11 @@ def main(grid: Grid, context: Context) -> None:
         run_state.fedit = fed_dict(fed)
         save_state(run_state, ckpt)
         h = fed.history[-1]
-        print(f"round {t + 1}/{cfg.rounds}: {len(h['clients']) - len(h['dropped'])}/{len(h['clients'])} answered, "
-              f"{len(h['rejected'])} rejected, {len(h['failed'])} failed, mean loss {h['mean_train_loss']}"
-              + "".join(f"\n  {f['client']} failed: {f['reason']}" for f in h["failed"]))
+        print(
+            f"round {t + 1}/{cfg.rounds}: {len(h['clients']) - len(h['dropped'])}/{len(h['clients'])} answered, "
+            f"{len(h['rejected'])} rejected, {len(h['failed'])} failed, mean loss {h['mean_train_loss']}"
+            + "".join(f"\n  {f['client']} failed: {f['reason']}" for f in h["failed"])
+        )
     timing["fedit"], t0 = time.time() - t0, time.time()
     rejoin(grid, cfg, roster, phi0)
     evals, eval_failed = personalize_all(grid, cfg, roster, fed.global_state)
@@ -300,5 +381,7 @@ def main(grid: Grid, context: Context) -> None:
     if eval_failed:  # said in the log, in results.md (report.fault_summary) and in the run's status
         for f in eval_failed:
             print(f"{f['client']} is missing from the results: {f['reason']}")
-        raise ClientsMissing(f"{len(eval_failed)} of {len(roster.names)} clients missing from the results "
-                             f"({', '.join(f['client'] for f in eval_failed)}); the others' are in {out_dir}")
+        raise ClientsMissing(
+            f"{len(eval_failed)} of {len(roster.names)} clients missing from the results "
+            f"({', '.join(f['client'] for f in eval_failed)}); the others' are in {out_dir}"
+        )

@@ -24,6 +24,7 @@ The run configuration ([tool.flwr.app.config] in pyproject.toml, overridden by `
 --run-config`) reaches the ServerApp and every ClientApp alike; TOML has no None, so
 max-update-norm = 0 means "no bound".
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -37,9 +38,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from potara_harness.data import ClientSplits, load_images
 from potara.safe_files import atomic_write, load_torch_file
 from potara_harness.config import AppConfig, ConfigError
+from potara_harness.data import ClientSplits, load_images
 from potara_harness.partition import client_splits, label_partition, public_and_pool
 
 SETUP, TRAIN, EVALUATE = "query", "train", "evaluate"  # Flower message types (ClientApp handlers)
@@ -112,8 +113,9 @@ def draw_split(cfg: AppConfig, data_dir: str, k: int, num_partitions: int) -> Cl
     data, _ = load_images(cfg.data, data_dir, cfg.synthetic_per_class)
     _, pool = public_and_pool(len(data.labels), cfg.public)
     per_client = cfg.train + cfg.val + cfg.test
-    parts = label_partition(cfg.partition, data.labels[pool], data.coarse_labels[pool], num_partitions, cfg.alpha,
-                            per_client, cfg.seed)
+    parts = label_partition(
+        cfg.partition, data.labels[pool], data.coarse_labels[pool], num_partitions, cfg.alpha, per_client, cfg.seed
+    )
     return client_splits(data.images, data.labels, pool, parts, (cfg.train, cfg.val, cfg.test), cfg.seed)[k]
 
 
@@ -135,10 +137,18 @@ def split_key(cfg: AppConfig, data_dir: str, k: int, num_partitions: int) -> str
     of CIFAR-100 per message would cost what the cache saves)."""
     folder = os.path.join(data_dir, "synthetic" if cfg.data == "synthetic" else "", "cifar-100-python")
     stat = lambda n: os.stat(os.path.join(folder, n))
-    files = ([(n, stat(n).st_size, stat(n).st_mtime_ns) for n in sorted(os.listdir(folder))]
-             if os.path.isdir(folder) else None)
-    blob = {"format": SPLIT_CACHE_FORMAT, "settings": {f: getattr(cfg, f) for f in SPLIT_SETTINGS},
-            "client": [k, num_partitions], "folder": os.path.abspath(folder), "files": files}
+    files = (
+        [(n, stat(n).st_size, stat(n).st_mtime_ns) for n in sorted(os.listdir(folder))]
+        if os.path.isdir(folder)
+        else None
+    )
+    blob = {
+        "format": SPLIT_CACHE_FORMAT,
+        "settings": {f: getattr(cfg, f) for f in SPLIT_SETTINGS},
+        "client": [k, num_partitions],
+        "folder": os.path.abspath(folder),
+        "files": files,
+    }
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 
@@ -148,20 +158,31 @@ def read_cached_split(path: str, key: str, cfg: AppConfig, k: int) -> ClientSpli
         obj = load_torch_file(path, 1 << 30)
     except Exception:  # missing, a link, a FIFO, truncated, or not a plain torch file
         return None
-    if not isinstance(obj, dict) or set(obj) != {"format", "key", "name", *SPLIT_PARTS} or obj["key"] != key \
-            or obj["name"] != f"client{k}":
+    if (
+        not isinstance(obj, dict)
+        or set(obj) != {"format", "key", "name", *SPLIT_PARTS}
+        or obj["key"] != key
+        or obj["name"] != f"client{k}"
+    ):
         return None
     for part, n in zip(("train", "val", "test"), (cfg.train, cfg.val, cfg.test)):
         x, y = obj[f"{part}_inputs"], obj[f"{part}_targets"]
-        if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.dtype == torch.uint8
-                and tuple(x.shape) == (n, 3, 32, 32) and y.dtype == torch.int64 and tuple(y.shape) == (n,)
-                and (n == 0 or 0 <= int(y.min()) and int(y.max()) < 100)):
+        if not (
+            isinstance(x, torch.Tensor)
+            and isinstance(y, torch.Tensor)
+            and x.dtype == torch.uint8
+            and tuple(x.shape) == (n, 3, 32, 32)
+            and y.dtype == torch.int64
+            and tuple(y.shape) == (n,)
+            and (n == 0 or 0 <= int(y.min()) and int(y.max()) < 100)
+        ):
             return None
     return ClientSplits(obj["name"], *(obj[p] for p in SPLIT_PARTS))
 
 
-def client_split(cfg: AppConfig, data_dir: str, k: int, num_partitions: int,
-                 cache_dir: str | None = None) -> ClientSplits:
+def client_split(
+    cfg: AppConfig, data_dir: str, k: int, num_partitions: int, cache_dir: str | None = None
+) -> ClientSplits:
     """Client k's data (draw_split); with cache_dir, from the device's cache when it holds this exact split."""
     if cache_dir is None:
         return draw_split(cfg, data_dir, k, num_partitions)
@@ -171,8 +192,12 @@ def client_split(cfg: AppConfig, data_dir: str, k: int, num_partitions: int,
     if split is None:
         split = draw_split(cfg, data_dir, k, num_partitions)
         key = split_key(cfg, data_dir, k, num_partitions)  # the synthetic files may have been written just now
-        obj = {"format": SPLIT_CACHE_FORMAT, "key": key, "name": split.name,
-               **{p: getattr(split, p).clone() for p in SPLIT_PARTS}}  # own storage, not a view of all images
+        obj = {
+            "format": SPLIT_CACHE_FORMAT,
+            "key": key,
+            "name": split.name,
+            **{p: getattr(split, p).clone() for p in SPLIT_PARTS},
+        }  # own storage, not a view of all images
         os.makedirs(cache_dir, exist_ok=True)
         atomic_write(path(key), lambda f: torch.save(obj, f))
     return split
@@ -186,6 +211,7 @@ def client_split(cfg: AppConfig, data_dir: str, k: int, num_partitions: int,
 class LanguageClient:
     """What the language experiment's client holds beyond its split and model: the plug-ins run_llm.py hands the
     pipeline (lm_loss, the Scorer, causal_lm_likelihood), and where the model came from (its peft export's base)."""
+
     loss_fn: Callable
     evaluate: Callable
     likelihood: object

@@ -8,7 +8,7 @@ nothing, the bytes a run writes grow linearly with its clients, and a resume acc
     adapter, fallback = parts.load("local", i)              # read back when needed, checked
     state = load_state(path, fp, adapter=..., clients=names, rounds=R, snapshots=[2, 4])   # --resume
 
-Two kinds of file (issue 20: the old single checkpoint held every client's adapters and was rewritten after
+Two kinds of file (a single checkpoint holding every client's adapters and was rewritten after
 each client, K^2 bytes for K clients):
   checkpoint.pt    what changes each round: FedIT's and FedSA-LoRA's fedit.FedState (global adapter, FedSA's
                    per-client private tensors, histories), the fingerprint and the run_id. Rewritten after every
@@ -35,6 +35,7 @@ bounds, finite values), round counts as integers within the run's rounds, histor
 every snapshot round already trained. Any failure is a one-line ResumeError, raised by load_state: the whole
 state is checked when loading, never half-way through the run.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -48,11 +49,11 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from potara_harness.data import ClientSplits
 from potara.fedit import FedState
-from potara.safe_files import atomic_write, load_torch_file
 from potara.lora import lora_meta
+from potara.safe_files import atomic_write, load_torch_file
 from potara.tensor_checks import AdapterError, check_tensors
+from potara_harness.data import ClientSplits
 
 CHECKPOINT_FORMAT = "potara-checkpoint-v2"
 PART_FORMAT = "potara-run-part-v1"
@@ -71,6 +72,7 @@ class ResumeError(ValueError):
 class RunState:
     """What changes each round (checkpoint.pt). fedit / fedsa: the federated runs (fedit.FedState fields as a
     dict, None before round 1); run_id: drawn when the run starts from scratch, written into each of its parts."""
+
     fingerprint: str
     fedit: dict | None = None
     fedsa: dict | None = None
@@ -85,8 +87,19 @@ def fed_dict(s: FedState) -> dict:
     return {"round": s.round, "global_state": s.global_state, "private_states": s.private_states, "history": s.history}
 
 
-TRAINING_FIELDS = ("rounds", "local_steps", "clients_per_round", "lr", "weight_decay", "batch_size",
-                   "local_train_steps", "finetune_steps", "snapshots", "fedsa", "seed")
+TRAINING_FIELDS = (
+    "rounds",
+    "local_steps",
+    "clients_per_round",
+    "lr",
+    "weight_decay",
+    "batch_size",
+    "local_train_steps",
+    "finetune_steps",
+    "snapshots",
+    "fedsa",
+    "seed",
+)
 FAULT_FIELDS = {"drop_prob": 0.0, "max_update_norm": None}  # fingerprinted only when set (as before)
 
 
@@ -105,11 +118,23 @@ def fingerprint(model: nn.Module, splits: Sequence[ClientSplits], cfg) -> str:
     training = {k: getattr(cfg, k) for k in TRAINING_FIELDS}
     training.update({k: getattr(cfg, k) for k, default in FAULT_FIELDS.items() if getattr(cfg, k) != default})
     tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}  # buffers: persistent or not
-    return json.dumps({"training": training, "lora": lora_meta(model)["layers"],
-                       "model": {n: tensor_digest(t) for n, t in tensors.items()},
-                       "clients": [[s.name] + [tensor_digest(getattr(s, f"{part}_{what}"))
-                                               for part in ("train", "val", "test") for what in ("inputs", "targets")]
-                                   for s in splits]}, sort_keys=True)
+    return json.dumps(
+        {
+            "training": training,
+            "lora": lora_meta(model)["layers"],
+            "model": {n: tensor_digest(t) for n, t in tensors.items()},
+            "clients": [
+                [s.name]
+                + [
+                    tensor_digest(getattr(s, f"{part}_{what}"))
+                    for part in ("train", "val", "test")
+                    for what in ("inputs", "targets")
+                ]
+                for s in splits
+            ],
+        },
+        sort_keys=True,
+    )
 
 
 def _differs(saved: str, fp: str) -> str:
@@ -128,8 +153,13 @@ def _differs(saved: str, fp: str) -> str:
 
 def save_state(state: RunState, path: str) -> None:
     """checkpoint.pt: the fingerprint, the run_id and the federated states (atomic: safe_files.atomic_write)."""
-    plain = {"format": CHECKPOINT_FORMAT, "fingerprint": state.fingerprint, "run_id": state.run_id,
-             "fedit": state.fedit, "fedsa": state.fedsa}
+    plain = {
+        "format": CHECKPOINT_FORMAT,
+        "fingerprint": state.fingerprint,
+        "run_id": state.run_id,
+        "fedit": state.fedit,
+        "fedsa": state.fedsa,
+    }
     atomic_write(path, lambda f: torch.save(plain, f))
 
 
@@ -142,25 +172,36 @@ def _read(path: str, what: str) -> object:
         raise ResumeError(f"{path} is unreadable (truncated, foreign or unsafe: {first}); {what}") from None
 
 
-def load_state(path: str, fp: str, adapter: dict[str, torch.Tensor] | None = None,
-               clients: Sequence[str] | None = None, rounds: int | None = None,
-               snapshots: Sequence[int] | None = None, flower: bool = False) -> RunState:
+def load_state(
+    path: str,
+    fp: str,
+    adapter: dict[str, torch.Tensor] | None = None,
+    clients: Sequence[str] | None = None,
+    rounds: int | None = None,
+    snapshots: Sequence[int] | None = None,
+    flower: bool = False,
+) -> RunState:
     """The run state at `path` if it is this run's (fingerprint fp) and sound, with every part file beside it
     (Parts) checked when `snapshots` (the run's snapshot rounds) is given; else ResumeError (one line).
     adapter (the model's, e.g. phi_0), clients (the run's client names) and rounds (the run's round count; needed
-    with snapshots) bound what the files may hold; each left None is not checked (beyond finite tensors). flower=True: the
+    with snapshots) bound what the files may hold; each left None is not checked (beyond finite tensors).
+    flower=True: the
     Flower server's checkpoint (FedIT only, at least one round, its history records' own fields)."""
     ck = _read(path, START_OVER)
     keys = ("format", "fingerprint", "run_id", "fedit", "fedsa")
     if not isinstance(ck, dict) or set(ck) != set(keys) or ck["format"] != CHECKPOINT_FORMAT:
         raise ResumeError(f"{path} is not a potara experiment checkpoint ({CHECKPOINT_FORMAT}); {START_OVER}")
     if ck["fingerprint"] != fp:
-        raise ResumeError(f"{path} was written by a run with other {_differs(ck['fingerprint'], fp)}; "
-                          "rerun with the same arguments, or without --resume to start over")
+        raise ResumeError(
+            f"{path} was written by a run with other {_differs(ck['fingerprint'], fp)}; "
+            "rerun with the same arguments, or without --resume to start over"
+        )
     state = RunState(fp, ck["fedit"], ck["fedsa"], ck["run_id"])
     try:
-        _require(isinstance(state.run_id, str) and re.fullmatch(r"[0-9a-f]{16}", state.run_id) is not None,
-                 "run_id malformed")
+        _require(
+            isinstance(state.run_id, str) and re.fullmatch(r"[0-9a-f]{16}", state.run_id) is not None,
+            "run_id malformed",
+        )
         _check_state(ck, adapter, clients, rounds, flower)
         if snapshots is not None:
             Parts(path, state, adapter, clients).check_all(snapshots, rounds)
@@ -174,11 +215,14 @@ class Parts:
     stamped with the run it belongs to (the fingerprint's sha256 and the run_id), its kind and its client.
     kind "local" / "finetuned": index = the client's index in `clients`; kind "snapshot": index = the round."""
 
-    def __init__(self, ckpt_path: str, state: RunState, adapter: dict | None = None,
-                 clients: Sequence[str] | None = None):
+    def __init__(
+        self, ckpt_path: str, state: RunState, adapter: dict | None = None, clients: Sequence[str] | None = None
+    ):
         self.folder = os.path.join(os.path.dirname(os.path.abspath(ckpt_path)), PARTS_DIR)
-        self.owner = {"fingerprint_sha256": hashlib.sha256(state.fingerprint.encode()).hexdigest(),
-                      "run_id": state.run_id}
+        self.owner = {
+            "fingerprint_sha256": hashlib.sha256(state.fingerprint.encode()).hexdigest(),
+            "run_id": state.run_id,
+        }
         self.state, self.adapter, self.clients = state, adapter, list(clients) if clients is not None else None
 
     def path(self, kind: str, index: int) -> str:
@@ -193,8 +237,15 @@ class Parts:
     def save(self, kind: str, index: int, adapter: dict[str, torch.Tensor], fallback: dict | None = None) -> None:
         """Write one part, atomically (a kill leaves it complete or absent)."""
         os.makedirs(self.folder, exist_ok=True)
-        payload = {"format": PART_FORMAT, **self.owner, "kind": kind, "index": index,
-                   "client": self._client(kind, index), "adapter": adapter, "fallback": fallback}
+        payload = {
+            "format": PART_FORMAT,
+            **self.owner,
+            "kind": kind,
+            "index": index,
+            "client": self._client(kind, index),
+            "adapter": adapter,
+            "fallback": fallback,
+        }
         atomic_write(self.path(kind, index), lambda f: torch.save(payload, f))
 
     def load(self, kind: str, index: int) -> tuple[dict[str, torch.Tensor], dict | None]:
@@ -209,18 +260,33 @@ class Parts:
 
     def _check(self, part, kind: str, index: int) -> None:
         keys = {"format", "fingerprint_sha256", "run_id", "kind", "index", "client", "adapter", "fallback"}
-        _require(isinstance(part, dict) and set(part) == keys and part["format"] == PART_FORMAT,
-                 f"not a part file ({PART_FORMAT})")
-        _require(part["fingerprint_sha256"] == self.owner["fingerprint_sha256"] and part["run_id"] == self.owner["run_id"],
-                 "a part of another run")
+        _require(
+            isinstance(part, dict) and set(part) == keys and part["format"] == PART_FORMAT,
+            f"not a part file ({PART_FORMAT})",
+        )
+        _require(
+            part["fingerprint_sha256"] == self.owner["fingerprint_sha256"] and part["run_id"] == self.owner["run_id"],
+            "a part of another run",
+        )
         client = self._client(kind, index)
-        _require(part["kind"] == kind and part["index"] == index and type(part["index"]) is int
-                 and part["client"] == client, f"filed as {kind} {index} ({client}), it holds another part")
+        _require(
+            part["kind"] == kind and part["index"] == index and type(part["index"]) is int and part["client"] == client,
+            f"filed as {kind} {index} ({client}), it holds another part",
+        )
         check_tensors(part["adapter"], self.adapter, what=f"{kind} adapter {index}")
         fb = part["fallback"]
-        _require(fb is None or (kind != "snapshot" and isinstance(fb, dict) and set(fb) == {"client", "stage", "reason"}
-                                and fb["client"] == client and isinstance(fb["stage"], str)
-                                and isinstance(fb["reason"], str)), "fallback malformed")
+        _require(
+            fb is None
+            or (
+                kind != "snapshot"
+                and isinstance(fb, dict)
+                and set(fb) == {"client", "stage", "reason"}
+                and fb["client"] == client
+                and isinstance(fb["stage"], str)
+                and isinstance(fb["reason"], str)
+            ),
+            "fallback malformed",
+        )
 
     def check_all(self, snapshots: Sequence[int], rounds: int) -> None:
         """Every part file in the folder is this run's and sound, and every snapshot of a round FedIT has
@@ -234,12 +300,14 @@ class Parts:
             if m is None:
                 continue  # not a part (a leftover temporary file of a killed write): never read
             kind, index = m.group(1), int(m.group(2))
-            expected = index in snapshots if kind == "snapshot" else (
-                self.clients is not None and index < len(self.clients))
-            _require(expected and name == os.path.basename(self.path(kind, index)),
-                     f"{PARTS_DIR}/{name} is no part of this run")
-            _require(kind == "snapshot" or done == rounds,
-                     f"{PARTS_DIR}/{name}: a client adapter before FedIT ended")
+            expected = (
+                index in snapshots if kind == "snapshot" else (self.clients is not None and index < len(self.clients))
+            )
+            _require(
+                expected and name == os.path.basename(self.path(kind, index)),
+                f"{PARTS_DIR}/{name} is no part of this run",
+            )
+            _require(kind == "snapshot" or done == rounds, f"{PARTS_DIR}/{name}: a client adapter before FedIT ended")
             self.load(kind, index)
 
     def clear(self) -> None:
@@ -262,7 +330,9 @@ def read_run(out_dir: str) -> dict:
     for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
         if PART_NAME.fullmatch(name):
             part = load_torch_file(os.path.join(folder, name))
-            run[part["kind"] + ("s" if part["kind"] == "snapshot" else "")][part["client"] or part["index"]] = part["adapter"]
+            run[part["kind"] + ("s" if part["kind"] == "snapshot" else "")][part["client"] or part["index"]] = part[
+                "adapter"
+            ]
             run["fallbacks"] += [part["fallback"]] if part["fallback"] else []
     return run
 
@@ -280,8 +350,9 @@ def _is_count(x, low: int, high: int | None) -> bool:
     return type(x) is int and x >= low and (high is None or x <= high)
 
 
-def _check_state(ck: dict, adapter: dict | None, clients: Sequence[str] | None, rounds: int | None,
-                 flower: bool) -> None:
+def _check_state(
+    ck: dict, adapter: dict | None, clients: Sequence[str] | None, rounds: int | None, flower: bool
+) -> None:
     """Every part of checkpoint.pt, before any of it is used (ResumeError's reasons)."""
     known = set(clients) if clients is not None else None
     client_key = lambda c: isinstance(c, str) and (known is None or c in known)
@@ -291,25 +362,33 @@ def _check_state(ck: dict, adapter: dict | None, clients: Sequence[str] | None, 
         fed = ck[stage]
         if fed is None:
             continue
-        _require(isinstance(fed, dict) and set(fed) == {"round", "global_state", "private_states", "history"},
-                 f"{stage}: not a federated state")
+        _require(
+            isinstance(fed, dict) and set(fed) == {"round", "global_state", "private_states", "history"},
+            f"{stage}: not a federated state",
+        )
         _require(_is_count(fed["round"], 0, rounds), f"{stage}: round {fed['round']!r} is not a count in [0, {rounds}]")
         glob, private = fed["global_state"], fed["private_states"]
         _require(isinstance(glob, dict) and isinstance(private, dict), f"{stage}: adapters are not dicts")
         ref_global = ref_private = None
         if adapter is not None:  # FedIT shares every adapter tensor, FedSA-LoRA a non-empty part of them
-            _require(glob.keys() <= adapter.keys() and (glob.keys() == adapter.keys() or stage == "fedsa") and glob,
-                     f"{stage}: global adapter keys {sorted(glob)[:3]}... are not the model's")
+            _require(
+                glob.keys() <= adapter.keys() and (glob.keys() == adapter.keys() or stage == "fedsa") and glob,
+                f"{stage}: global adapter keys {sorted(glob)[:3]}... are not the model's",
+            )
             ref_global = {k: adapter[k] for k in glob}
             ref_private = {k: v for k, v in adapter.items() if k not in glob}
         check_tensors(glob, ref_global, what=f"{stage} global adapter")
-        _require(all(map(client_key, private)) and (known is None or set(private) == known),
-                 f"{stage}: private states of other clients than the run's")
+        _require(
+            all(map(client_key, private)) and (known is None or set(private) == known),
+            f"{stage}: private states of other clients than the run's",
+        )
         for c, state in private.items():
             check_tensors(state, ref_private, what=f"{stage} private adapter of {c}")
         _check_history(stage, fed["history"], fed["round"], client_key, flower)
-    _require(ck["fedsa"] is None or (ck["fedit"] is not None and rounds in (None, ck["fedit"]["round"])),
-             "fedsa: started before FedIT ended")
+    _require(
+        ck["fedsa"] is None or (ck["fedit"] is not None and rounds in (None, ck["fedit"]["round"])),
+        "fedsa: started before FedIT ended",
+    )
 
 
 def _number(x) -> bool:
@@ -319,23 +398,36 @@ def _number(x) -> bool:
 def _check_history(stage: str, history, completed: int, client_key, flower: bool = False) -> None:
     """One record per completed round, as fedit.server_round writes it (flower: plus the fields the Flower server
     adds, server_app.fedit_round: failed clients with their reasons, wire bytes, seconds)."""
-    _require(isinstance(history, list) and len(history) == completed,
-             f"{stage}: history must list one record per completed round ({completed})")
+    _require(
+        isinstance(history, list) and len(history) == completed,
+        f"{stage}: history must list one record per completed round ({completed})",
+    )
     for t, h in enumerate(history):
-        _require(isinstance(h, dict) and type(h.get("round")) is int and h["round"] == t,
-                 f"{stage}: history[{t}] malformed")
+        _require(
+            isinstance(h, dict) and type(h.get("round")) is int and h["round"] == t, f"{stage}: history[{t}] malformed"
+        )
         _require(all(_is_count(h.get(k), 0, None) for k in ("bytes_down", "bytes_up")), f"{stage}: history[{t}] bytes")
         for k in ("clients", "dropped"):
             _require(isinstance(h.get(k), list) and all(map(client_key, h[k])), f"{stage}: history[{t}] {k}")
         for k in ("rejected",) + (("failed",) if flower else ()):
-            _require(isinstance(h.get(k), list) and all(isinstance(r, dict) and client_key(r.get("client"))
-                                                        and isinstance(r.get("reason"), str) for r in h[k]),
-                     f"{stage}: history[{t}] {k}")
+            _require(
+                isinstance(h.get(k), list)
+                and all(
+                    isinstance(r, dict) and client_key(r.get("client")) and isinstance(r.get("reason"), str)
+                    for r in h[k]
+                ),
+                f"{stage}: history[{t}] {k}",
+            )
         loss = h.get("mean_train_loss")
         _require(loss is None or _number(loss), f"{stage}: history[{t}] mean_train_loss")
         if flower:
-            _require(all(_is_count(h.get(k), 0, None) for k in ("wire_bytes_down", "wire_bytes_up"))
-                     and _number(h.get("seconds")) and isinstance(h.get("client_seconds"), dict)
-                     and all(client_key(c) and isinstance(s, dict) and all(map(_number, s.values()))
-                             for c, s in h["client_seconds"].items()),
-                     f"{stage}: history[{t}] wire bytes or seconds")
+            _require(
+                all(_is_count(h.get(k), 0, None) for k in ("wire_bytes_down", "wire_bytes_up"))
+                and _number(h.get("seconds"))
+                and isinstance(h.get("client_seconds"), dict)
+                and all(
+                    client_key(c) and isinstance(s, dict) and all(map(_number, s.values()))
+                    for c, s in h["client_seconds"].items()
+                ),
+                f"{stage}: history[{t}] wire bytes or seconds",
+            )

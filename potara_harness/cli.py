@@ -9,6 +9,7 @@ run_folder.py).
 
 Every impossible option is a one-line parser error before any work is done (ap.error, exit status 2).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,8 +50,14 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return textwrap.wrap(" ".join(text.split()), width, break_long_words=False, break_on_hyphens=False)
 
     def _fill_text(self, text: str, width: int, indent: str) -> str:
-        return textwrap.fill(" ".join(text.split()), width, initial_indent=indent, subsequent_indent=indent,
-                             break_long_words=False, break_on_hyphens=False)
+        return textwrap.fill(
+            " ".join(text.split()),
+            width,
+            initial_indent=indent,
+            subsequent_indent=indent,
+            break_long_words=False,
+            break_on_hyphens=False,
+        )
 
 
 class DocstringHelpFormatter(HelpFormatter):
@@ -75,29 +82,61 @@ def add_experiment_options(ap: argparse.ArgumentParser) -> None:
     a("--rounds", type=int, help="FedIT rounds R")
     a("--local-steps", type=int, help="local steps per client per round")
     a("--clients-per-round", type=int, default=0, help="clients sampled per round (0 = all)")
-    a("--max-update-norm", type=float, default=None,
-      help="reject a client update whose L2 distance to the global adapter exceeds this (unset or 0: no bound)")
-    a("--drop-prob", type=float, default=0.0,
-      help="probability that a selected client never returns its update in a round (simulated drop-out)")
+    a(
+        "--max-update-norm",
+        type=float,
+        default=None,
+        help="reject a client update whose L2 distance to the global adapter exceeds this (unset or 0: no bound)",
+    )
+    a(
+        "--drop-prob",
+        type=float,
+        default=0.0,
+        help="probability that a selected client never returns its update in a round (simulated drop-out)",
+    )
     a("--local-train-steps", type=int, help="steps of the local-only adapter")
     a("--finetune-steps", type=int, help="steps of local fine-tuning after FedIT")
     a("--lr", type=float, help="AdamW learning rate of every adapter training")
     a("--batch-size", type=int, help="training batch size")
     a("--rank", type=int, help="LoRA rank r")
     a("--lora-alpha", type=float, help="LoRA alpha (scaling alpha / r)")
-    a("--estimator", default=d.estimator, help=f"how Potara chooses its weight: one of {sorted(ESTIMATORS)} "
-      "(verified: needs held-out samples; paper: the paper's Fisher estimate; docs/algorithm.md)")
-    a("--fisher-split", choices=["train", "val"], default=d.fisher_split,
-      help="client split Potara's statistics use (val: held out, what verified needs; train: the paper's setting)")
-    a("--fisher-samples", type=int, default=None,
-      help=f"samples of that split for the statistics (default: {d.fisher_samples}, or the whole split if smaller)")
-    a("--fisher-chunk", type=int, default=None,
-      help="per-sample gradients held at once (lower it for a large model on one GPU; default: all)")
-    a("--labels", choices=["empirical", "sampled"], default=d.fisher_labels,
-      help="Fisher labels: data's or model-sampled")
+    a(
+        "--estimator",
+        default=d.estimator,
+        help=f"how Potara chooses its weight: one of {sorted(ESTIMATORS)} "
+        "(verified: needs held-out samples; paper: the paper's Fisher estimate; docs/algorithm.md)",
+    )
+    a(
+        "--fisher-split",
+        choices=["train", "val"],
+        default=d.fisher_split,
+        help="client split Potara's statistics use (val: held out, what verified needs; train: the paper's setting)",
+    )
+    a(
+        "--fisher-samples",
+        type=int,
+        default=None,
+        help=f"samples of that split for the statistics (default: {d.fisher_samples}, or the whole split if smaller)",
+    )
+    a(
+        "--fisher-chunk",
+        type=int,
+        default=None,
+        help="per-sample gradients held at once (lower it for a large model on one GPU; default: all)",
+    )
+    a(
+        "--labels",
+        choices=["empirical", "sampled"],
+        default=d.fisher_labels,
+        help="Fisher labels: data's or model-sampled",
+    )
     a("--eps", type=float, default=d.eps, help="relative Fisher floor of the paper estimator")
-    a("--granularity", choices=["client", "module"], default=d.granularity,
-      help="one lam per client or per adapted module (paper estimator only)")
+    a(
+        "--granularity",
+        choices=["client", "module"],
+        default=d.granularity,
+        help="one lam per client or per adapted module (paper estimator only)",
+    )
     a("--grid-step", type=float, default=d.grid_step, help="lam grid step (1/step must be an integer)")
     a("--snapshots", type=int, default=d.snapshots, help="FedIT round counts for the communication curve")
     a("--no-fedsa", dest="fedsa", action="store_false", help="skip the FedSA-LoRA baseline (a second federated run)")
@@ -109,12 +148,20 @@ def add_experiment_options(ap: argparse.ArgumentParser) -> None:
 def add_run_options(ap: argparse.ArgumentParser, seed: bool = True) -> None:
     """--threads, --seed (unless seed=False: a script with its own seeds option), --no-progress."""
     a = ap.add_argument
-    a("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
-      help="CPU threads for torch (default: half the cores; oversubscribed cores slow torch down badly)")
+    a(
+        "--threads",
+        type=int,
+        default=max(1, (os.cpu_count() or 2) // 2),
+        help="CPU threads for torch (default: half the cores; oversubscribed cores slow torch down badly)",
+    )
     if seed:
         a("--seed", type=int, default=0, help="seed of the run: partition, initial adapter, batches, sampling")
-    a("--no-progress", dest="progress", action="store_false",
-      help="no progress bars (they are drawn only when stderr is a terminal)")
+    a(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        help="no progress bars (they are drawn only when stderr is a terminal)",
+    )
 
 
 def check_run_options(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -160,8 +207,21 @@ def check_sizes(ap: argparse.ArgumentParser, args: argparse.Namespace, names) ->
 def check_experiment_options(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Reject impossible shared options with a one-line parser error (after the preset filled args.train
     and args.val); fills --fisher-samples' default."""
-    require_positive(ap, args, ("rounds", "local_steps", "local_train_steps", "finetune_steps", "batch_size", "rank",
-                                "threads", "fisher_samples", "fisher_chunk"))
+    require_positive(
+        ap,
+        args,
+        (
+            "rounds",
+            "local_steps",
+            "local_train_steps",
+            "finetune_steps",
+            "batch_size",
+            "rank",
+            "threads",
+            "fisher_samples",
+            "fisher_chunk",
+        ),
+    )
     for k in ("lr", "lora_alpha", "eps"):
         if not (getattr(args, k) > 0 and math.isfinite(getattr(args, k))):
             ap.error(f"--{k.replace('_', '-')} must be a positive number, got {getattr(args, k)}")
@@ -178,9 +238,12 @@ def check_experiment_options(ap: argparse.ArgumentParser, args: argparse.Namespa
         ap.error(f"--grid-step {grid}")
     if args.estimator not in ESTIMATORS:
         ap.error(f"--estimator must be one of {sorted(ESTIMATORS)}, got {args.estimator!r}")
-    if args.estimator != "paper" and args.granularity == "module":  # the rule of the estimator types (potara.merge), before training
-        ap.error(f"--estimator {args.estimator} gives one weight per client: use --granularity client "
-                 "(or --estimator paper)")
+    if (
+        args.estimator != "paper" and args.granularity == "module"
+    ):  # the rule of the estimator types (potara.merge), before training
+        ap.error(
+            f"--estimator {args.estimator} gives one weight per client: use --granularity client (or --estimator paper)"
+        )
     split = args.train if args.fisher_split == "train" else args.val
     if args.fisher_samples is None:
         args.fisher_samples = min(ExperimentConfig.fisher_samples, split)
@@ -196,12 +259,27 @@ def check_experiment_options(ap: argparse.ArgumentParser, args: argparse.Namespa
 def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     """The ExperimentConfig the shared options describe."""
     return ExperimentConfig(
-        rounds=args.rounds, local_steps=args.local_steps, clients_per_round=args.clients_per_round, lr=args.lr,
-        batch_size=args.batch_size, local_train_steps=args.local_train_steps, finetune_steps=args.finetune_steps,
-        fisher_samples=args.fisher_samples, fisher_labels=args.labels, fisher_split=args.fisher_split,
-        fisher_chunk=args.fisher_chunk, eps=args.eps, granularity=args.granularity, estimator=args.estimator,
-        grid_step=args.grid_step, snapshots=args.snapshots, fedsa=args.fedsa, seed=args.seed,
-        drop_prob=args.drop_prob, max_update_norm=update_bound(args.max_update_norm))
+        rounds=args.rounds,
+        local_steps=args.local_steps,
+        clients_per_round=args.clients_per_round,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        local_train_steps=args.local_train_steps,
+        finetune_steps=args.finetune_steps,
+        fisher_samples=args.fisher_samples,
+        fisher_labels=args.labels,
+        fisher_split=args.fisher_split,
+        fisher_chunk=args.fisher_chunk,
+        eps=args.eps,
+        granularity=args.granularity,
+        estimator=args.estimator,
+        grid_step=args.grid_step,
+        snapshots=args.snapshots,
+        fedsa=args.fedsa,
+        seed=args.seed,
+        drop_prob=args.drop_prob,
+        max_update_norm=update_bound(args.max_update_norm),
+    )
 
 
 class CliError(SystemExit):
@@ -246,12 +324,13 @@ def autocast_dtype(device):
 
 @contextmanager
 def one_line_errors(*errors: type[BaseException]):
-    """Bad input found during the run (data.DataError, checkpoint.ResumeError, tensor_checks.AdapterError, safe_files.UnsafeFile
+    """Bad input found during the run (data.DataError, checkpoint.ResumeError, tensor_checks.AdapterError,
+    safe_files.UnsafeFile
     and `errors`) -> fail(..., 2); a failed write (safe_files.WriteError) and MemoryError -> fail(..., 1), saying
     the previous files are intact / it is not bad data."""
-    from potara_harness.data import DataError
     from potara.tensor_checks import AdapterError
     from potara_harness.checkpoint import ResumeError
+    from potara_harness.data import DataError
 
     try:
         yield
@@ -262,17 +341,23 @@ def one_line_errors(*errors: type[BaseException]):
     except (MemoryError, RuntimeError) as e:  # torch reports a failed allocation as a RuntimeError
         if isinstance(e, RuntimeError) and not _out_of_memory(e):
             raise
-        fail(f"out of memory ({' '.join(str(e).split())[:200] or 'MemoryError'}): lower --rank, --batch-size, "
-             "--eval-batch-size or --fisher-chunk, or use a machine with more memory (the input files were not the "
-             "problem)", status=1)
+        fail(
+            f"out of memory ({' '.join(str(e).split())[:200] or 'MemoryError'}): lower --rank, --batch-size, "
+            "--eval-batch-size or --fisher-chunk, or use a machine with more memory (the input files were not the "
+            "problem)",
+            status=1,
+        )
 
 
 def _out_of_memory(e: RuntimeError) -> bool:
     """torch.OutOfMemoryError (CUDA) or the CPU allocator's "can't allocate memory"."""
     import torch
 
-    return isinstance(e, getattr(torch, "OutOfMemoryError", ())) or "can't allocate memory" in str(e) \
+    return (
+        isinstance(e, getattr(torch, "OutOfMemoryError", ()))
+        or "can't allocate memory" in str(e)
         or "out of memory" in str(e).lower()
+    )
 
 
 def run_main(main: Callable[[], object]) -> None:

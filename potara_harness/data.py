@@ -11,6 +11,7 @@ client) is partition.py. Images stay uint8 tensors (N, 3, 32, 32); resizing and 
 inside the model. Data files are untrusted input: CIFAR-100's pickles are read by a restricted
 unpickler that runs nothing (_CifarUnpickler), then checked for layout, dtype and label ranges.
 """
+
 from __future__ import annotations
 
 import io
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from torchvision.datasets import CIFAR100
 from torchvision.datasets.utils import check_integrity, download_and_extract_archive
 
-from potara.safe_files import atomic_write, open_regular, read_regular, UnsafeFile
+from potara.safe_files import UnsafeFile, atomic_write, open_regular, read_regular
 
 SYNTHETIC_MARKER = "potara-synthetic.json"  # inside cifar-100-python/: synthetic files, no md5s to check
 MAX_FILE_BYTES = 1 << 30  # the real train file is 155 MB: anything larger is not CIFAR-100
@@ -39,9 +40,9 @@ class DataError(ValueError):
 
 @dataclass
 class CifarData:
-    images: torch.Tensor         # uint8 (N, 3, 32, 32): the 50000 train then the 10000 test images
-    labels: np.ndarray           # fine labels (N,), 0..99
-    coarse_labels: np.ndarray    # superclass labels (N,), 0..19
+    images: torch.Tensor  # uint8 (N, 3, 32, 32): the 50000 train then the 10000 test images
+    labels: np.ndarray  # fine labels (N,), 0..99
+    coarse_labels: np.ndarray  # superclass labels (N,), 0..19
     classes: list[str]
     synthetic: bool
 
@@ -50,6 +51,7 @@ class CifarData:
 class ClientSplits:
     """One client's data, drawn from its own distribution: train (its FedIT/local data), val (held out:
     Potara's statistics and the grid search's choice), test (what every method is scored on)."""
+
     name: str
     train_inputs: torch.Tensor
     train_targets: torch.Tensor
@@ -62,8 +64,10 @@ class ClientSplits:
         for part in ("train", "val", "test"):
             x, y = getattr(self, f"{part}_inputs"), getattr(self, f"{part}_targets")
             if len(x) != len(y) or len(x) == 0:
-                raise ValueError(f"client {self.name}: {part} split needs as many inputs as targets and at "
-                                 f"least one example, got {len(x)} inputs and {len(y)} targets")
+                raise ValueError(
+                    f"client {self.name}: {part} split needs as many inputs as targets and at "
+                    f"least one example, got {len(x)} inputs and {len(y)} targets"
+                )
 
 
 def warn_single_class(splits, fisher_split: str = "val") -> list[str]:
@@ -76,9 +80,41 @@ def warn_single_class(splits, fisher_split: str = "val") -> list[str]:
         y = s.train_targets if fisher_split == "train" else s.val_targets
         if len(y) > 1 and len(torch.unique(y.reshape(len(y), -1), dim=0)) == 1:
             single.append(s.name)
-            warnings.warn(f"client {s.name}: its {fisher_split} split holds a single class ({len(y)} examples, one "
-                          "target): Potara's weight and the grid's choice see only that class")
+            warnings.warn(
+                f"client {s.name}: its {fisher_split} split holds a single class ({len(y)} examples, one "
+                "target): Potara's weight and the grid's choice see only that class"
+            )
     return single
+
+
+def _sample_bytes(x: torch.Tensor) -> list[bytes]:
+    """Each sample's exact bytes (an image, a row of tokens), for an exact overlap test."""
+    return [row.numpy().tobytes() for row in x.detach().to("cpu").contiguous().reshape(len(x), -1)]
+
+
+def warn_held_out_overlap(splits, fisher_split: str = "val", estimator: str = "verified") -> list[str]:
+    """Warn (one line per client) when the samples Potara's weight reads are the local adapter's own training
+    samples: there phi_L sits at a minimum (loss and slope ~0), which always favours it. Exact, not guessed
+    from the losses (a task phi_L has learned perfectly looks the same): with fisher_split "val", a client is
+    named when one of its validation samples equals one of its training samples, byte for byte; with "train"
+    (the paper's setting), every client is, unless the estimator is the paper's (defined on training samples).
+    Returns the clients warned about."""
+    named = []
+    for s in splits:
+        if fisher_split == "train":
+            if estimator == "paper":
+                continue
+            shared, total = len(s.train_targets), len(s.train_targets)
+        else:
+            train = set(_sample_bytes(s.train_inputs))
+            shared, total = sum(row in train for row in _sample_bytes(s.val_inputs)), len(s.val_targets)
+        if shared:
+            named.append(s.name)
+            warnings.warn(
+                f"client {s.name}: {shared} of the {total} samples Potara's weight reads ({fisher_split} split) "
+                "are in its training split, where the local adapter sits at a minimum: the weight then favours it"
+            )
+    return named
 
 
 # ----------------------------------------------------------------------------- reading CIFAR-100 safely
@@ -129,8 +165,17 @@ def _read_pickle(path: str) -> dict:
         raise _Unreadable(f"{os.path.basename(path)}: {str(e).split(': ', 1)[-1]}") from None
     try:
         obj = _CifarUnpickler(io.BytesIO(payload), encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError,
-            OverflowError, struct.error) as e:  # what a truncated or garbled pickle raises; not MemoryError
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        KeyError,
+        IndexError,
+        AttributeError,
+        OverflowError,
+        struct.error,
+    ) as e:  # what a truncated or garbled pickle raises; not MemoryError
         raise _Unreadable(f"{os.path.basename(path)}: not a CIFAR-100 pickle ({type(e).__name__})") from None
     if not isinstance(obj, dict):
         raise _Unreadable(f"{os.path.basename(path)} holds a {type(obj).__name__}, not a dict")
@@ -150,8 +195,13 @@ def _read_cifar_files(folder: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
     for name in ("train", "test"):
         batch = _read_pickle(os.path.join(folder, name))
         x = batch.get("data")
-        if (not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3 * 32 * 32
-                or len(x) == 0):
+        if (
+            not isinstance(x, np.ndarray)
+            or x.dtype != np.uint8
+            or x.ndim != 2
+            or x.shape[1] != 3 * 32 * 32
+            or len(x) == 0
+        ):
             raise _Unreadable(f"{name}: 'data' must be a uint8 array of rows of 3 x 32 x 32 pixels")
         images.append(x.reshape(-1, 3, 32, 32))  # each row: the R, G, B planes, row-major
         fine.append(_labels(batch, "fine_labels", len(x), 100, name))
@@ -188,21 +238,30 @@ def load_cifar100(root: str, download: bool = True) -> CifarData:
             download_and_extract_archive(CIFAR100.url, root, filename=CIFAR100.filename, md5=CIFAR100.tgz_md5)
         except (OSError, RuntimeError, ValueError) as e:  # URLError, no space, md5 mismatch, bad archive
             if not os.path.isdir(folder):
-                raise DataError(f"CIFAR-100 not found under {folder} and download failed (offline?: "
-                                f"{type(e).__name__}): put the extracted cifar-100-python folder under {root} "
-                                "or pass --data synthetic") from None
+                raise DataError(
+                    f"CIFAR-100 not found under {folder} and download failed (offline?: "
+                    f"{type(e).__name__}): put the extracted cifar-100-python folder under {root} "
+                    "or pass --data synthetic"
+                ) from None
     if not synthetic and not os.path.isdir(folder):
-        raise DataError(f"CIFAR-100 not found under {folder} and download=False: put the extracted "
-                        f"cifar-100-python folder under {root} or pass --data synthetic")
+        raise DataError(
+            f"CIFAR-100 not found under {folder} and download=False: put the extracted "
+            f"cifar-100-python folder under {root} or pass --data synthetic"
+        )
     try:
         if not synthetic and not _intact(folder):
             raise _Unreadable("its files fail torchvision's md5 check")
         images, labels, coarse, classes = _read_cifar_files(folder)
     except (_Unreadable, OSError) as e:
-        fix = ("delete the folder to write it again" if synthetic
-               else "delete the folder to download it again, or pass --data synthetic")
-        raise DataError(f"CIFAR-100{' (synthetic)' if synthetic else ''} under {folder} is unreadable "
-                        f"({str(e).splitlines()[0] if str(e) else type(e).__name__}): {fix}") from None
+        fix = (
+            "delete the folder to write it again"
+            if synthetic
+            else "delete the folder to download it again, or pass --data synthetic"
+        )
+        raise DataError(
+            f"CIFAR-100{' (synthetic)' if synthetic else ''} under {folder} is unreadable "
+            f"({str(e).splitlines()[0] if str(e) else type(e).__name__}): {fix}"
+        ) from None
     return CifarData(torch.from_numpy(images), labels, coarse, classes, synthetic)
 
 
@@ -239,8 +298,9 @@ def _smooth_fields(rng: np.random.Generator, n: int, grid: int) -> np.ndarray:
     return F.interpolate(coarse, size=(32, 32), mode="bilinear", align_corners=False).numpy()
 
 
-def write_synthetic_cifar100(root: str, train_per_class: int = 500, test_per_class: int = 100, seed: int = 0,
-                             noise: float = 0.5) -> str:
+def write_synthetic_cifar100(
+    root: str, train_per_class: int = 500, test_per_class: int = 100, seed: int = 0, noise: float = 0.5
+) -> str:
     """Write root/cifar-100-python/{train,test,meta} in the real pickle layout (uint8 rows of 3072 =
     3 x 32 x 32 planes, fine and coarse labels, label names), reused when already written with the same
     parameters. Generative model (no class is easier for any method by design):
@@ -254,8 +314,13 @@ def write_synthetic_cifar100(root: str, train_per_class: int = 500, test_per_cla
       pixel = clip(128 + 48 x, 0, 255) as uint8.
     Learnable (class means differ) but not separable from one image (shift, nuisance, noise)."""
     folder = os.path.join(root, CIFAR100.base_folder)
-    params = {"train_per_class": train_per_class, "test_per_class": test_per_class, "seed": seed, "noise": noise,
-              "version": 1}
+    params = {
+        "train_per_class": train_per_class,
+        "test_per_class": test_per_class,
+        "seed": seed,
+        "noise": noise,
+        "version": 1,
+    }
     marker = os.path.join(folder, SYNTHETIC_MARKER)
     try:
         if json.loads(read_regular(marker, 4096)) == params:
@@ -281,13 +346,21 @@ def write_synthetic_cifar100(root: str, train_per_class: int = 500, test_per_cla
             fine += [c] * per_class
         order = rng.permutation(len(fine))
         fine = np.asarray(fine)[order]
-        entry = {"filenames": [f"synthetic_{name}_{i}.png" for i in range(len(fine))],
-                 "batch_label": f"synthetic {name} batch", "fine_labels": fine.tolist(),
-                 "coarse_labels": (fine // 5).tolist(), "data": np.concatenate(rows)[order]}
+        entry = {
+            "filenames": [f"synthetic_{name}_{i}.png" for i in range(len(fine))],
+            "batch_label": f"synthetic {name} batch",
+            "fine_labels": fine.tolist(),
+            "coarse_labels": (fine // 5).tolist(),
+            "data": np.concatenate(rows)[order],
+        }
         atomic_write(os.path.join(folder, name), lambda f: f.write(pickle.dumps(entry, protocol=4)))
-    names = pickle.dumps({"fine_label_names": [f"synthetic_class_{c:02d}" for c in range(100)],
-                          "coarse_label_names": [f"synthetic_superclass_{s:02d}" for s in range(20)]}, protocol=4)
+    names = pickle.dumps(
+        {
+            "fine_label_names": [f"synthetic_class_{c:02d}" for c in range(100)],
+            "coarse_label_names": [f"synthetic_superclass_{s:02d}" for s in range(20)],
+        },
+        protocol=4,
+    )
     atomic_write(os.path.join(folder, "meta"), lambda f: f.write(names))
     atomic_write(marker, lambda f: f.write(json.dumps(params).encode()))
     return folder
-

@@ -9,6 +9,7 @@ every method of report.METHODS on a client's own test split, and the lam grid on
 Seeds (config.SALT_*): client i's statistics read the samples of derive_seed(seed, i, SALT_STATS), and sample
 labels ("paper" with sampled labels) from derive_seed(seed, i, SALT_LABELS).
 """
+
 from __future__ import annotations
 
 import math
@@ -20,15 +21,15 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
-from potara_harness.data import ClientSplits
-from potara.rounds import derive_seed
-from potara.fisher import classification_likelihood, gradient_stats, Likelihood
+from potara.fisher import Likelihood, classification_likelihood, gradient_stats
 from potara.lora import load_lora_state_dict, lora_layers
 from potara.merge import PaperFisher, Verified, check_adapters, fisher_merge, merge_adapters, paper_merge, personalize
+from potara.rounds import derive_seed
+from potara.training import shuffled_batches
 from potara.weight import segment_loss
 from potara_harness.config import SALT_LABELS, SALT_STATS, ExperimentConfig
+from potara_harness.data import ClientSplits
 from potara_harness.report import mean
-from potara.training import shuffled_batches
 
 Evaluate = Callable[[nn.Module, torch.Tensor, torch.Tensor], float]
 
@@ -38,9 +39,9 @@ def accuracy(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batc
     """Top-1 accuracy of model(inputs) (logits, or an output with .logits) against integer labels."""
     device, correct = next(model.parameters()).device, 0
     for i in range(0, len(inputs), batch_size):
-        out = model(inputs[i:i + batch_size].to(device))
+        out = model(inputs[i : i + batch_size].to(device))
         logits = out.logits if hasattr(out, "logits") else out
-        correct += int((logits.argmax(-1).cpu() == targets[i:i + batch_size]).sum())
+        correct += int((logits.argmax(-1).cpu() == targets[i : i + batch_size]).sum())
     return correct / len(inputs)
 
 
@@ -59,7 +60,7 @@ def grid_choice(grid: Sequence[float], val_curve: Sequence[float]) -> int:
 @contextmanager
 def merged_weights(model: nn.Module, enabled: bool = True):
     """Inside: every LoRA layer's scaling * B A folded into its frozen weight (LoRALayer.merge), so a forward
-    costs the plain model's (no rank-r branch per layer: ~0.8x the unmerged scoring, issue 20). On exit the
+    costs the plain model's (no rank-r branch per layer: ~0.8x the unmerged scoring). On exit the
     frozen weights are copied back from a saved copy, not unmerged: (W0 + D) - D is not W0 in floating point,
     and a backbone that drifted by a rounding error per score would be another model. Only in full precision
     (score_adapter): under bf16 autocast a merged W0 + D is rounded to bf16 as a whole, which loses a small D
@@ -77,14 +78,27 @@ def merged_weights(model: nn.Module, enabled: bool = True):
                 m.merged = False
 
 
-def score_adapter(model: nn.Module, adapter: dict, restore: dict, x: torch.Tensor, y: torch.Tensor,
-                  evaluate: Evaluate = accuracy, autocast_dtype: torch.dtype | None = None) -> float:
+def score_adapter(
+    model: nn.Module,
+    adapter: dict,
+    restore: dict,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    evaluate: Evaluate = accuracy,
+    autocast_dtype: torch.dtype | None = None,
+) -> float:
     """evaluate(model holding `adapter`, x, y) in eval mode, on merged weights in full precision
     (merged_weights), then `restore` loaded back (ranks may differ: a delta merge has rank 2r)."""
     load_lora_state_dict(model, adapter, allow_rank_change=True)
     model.eval()
-    with torch.autocast(next(model.parameters()).device.type, dtype=autocast_dtype or torch.bfloat16,
-                        enabled=autocast_dtype is not None), merged_weights(model, enabled=autocast_dtype is None):
+    with (
+        torch.autocast(
+            next(model.parameters()).device.type,
+            dtype=autocast_dtype or torch.bfloat16,
+            enabled=autocast_dtype is not None,
+        ),
+        merged_weights(model, enabled=autocast_dtype is None),
+    ):
         value = float(evaluate(model, x, y))
     load_lora_state_dict(model, restore, allow_rank_change=True)
     return value
@@ -94,6 +108,7 @@ def score_adapter(model: nn.Module, adapter: dict, restore: dict, x: torch.Tenso
 class Evaluator:
     """What scoring and the client-side steps need: the one model, phi_0 (loaded back after every score), the
     settings, and the plug-ins (the metric, the likelihood of the statistics, autocast)."""
+
     model: nn.Module
     init: dict
     cfg: ExperimentConfig
@@ -118,11 +133,18 @@ def potara_estimator(ev: Evaluator, i: int) -> Verified | PaperFisher:
     cfg = ev.cfg
     if cfg.estimator != PaperFisher.name:
         if cfg.granularity != "client":  # the command lines refuse it first; a config built by hand lands here
-            raise ValueError(f"estimator {cfg.estimator!r} gives one weight per client: granularity "
-                             f"{cfg.granularity!r} applies to the paper's estimator only")
+            raise ValueError(
+                f"estimator {cfg.estimator!r} gives one weight per client: granularity "
+                f"{cfg.granularity!r} applies to the paper's estimator only"
+            )
         return Verified()
-    return PaperFisher(granularity=cfg.granularity, labels=cfg.fisher_labels, eps=cfg.eps,
-                       seed=derive_seed(cfg.seed, i, SALT_LABELS), chunk_size=cfg.fisher_chunk)
+    return PaperFisher(
+        granularity=cfg.granularity,
+        labels=cfg.fisher_labels,
+        eps=cfg.eps,
+        seed=derive_seed(cfg.seed, i, SALT_LABELS),
+        chunk_size=cfg.fisher_chunk,
+    )
 
 
 def potara_step(ev: Evaluator, i: int, s: ClientSplits, G: dict, L: dict, stats=None) -> tuple[dict, dict]:
@@ -134,16 +156,32 @@ def potara_step(ev: Evaluator, i: int, s: ClientSplits, G: dict, L: dict, stats=
     if isinstance(estimator, PaperFisher) and stats is not None:
         check_adapters(ev.model, G, L)
         return paper_merge(stats, G, L, estimator=estimator)
-    return personalize(ev.model, G, L, held_out=stat_batches(ev, i, s), n_samples=ev.cfg.fisher_samples,
-                       estimator=estimator, likelihood=ev.likelihood)
+    return personalize(
+        ev.model,
+        G,
+        L,
+        held_out=stat_batches(ev, i, s),
+        n_samples=ev.cfg.fisher_samples,
+        estimator=estimator,
+        likelihood=ev.likelihood,
+    )
 
 
 def fisher_merging(ev: Evaluator, i: int, s: ClientSplits, G: dict, L: dict) -> tuple[dict, object, dict | None]:
     """The Fisher merging baseline on the statistics' samples: (merged adapter, the gradient statistics, a fault
     record when the Fisher had NaN/Inf entries, taken as 0, else None)."""
     cfg = ev.cfg
-    stats = gradient_stats(ev.model, G, L, stat_batches(ev, i, s), cfg.fisher_samples, cfg.fisher_labels,
-                           ev.likelihood, seed=derive_seed(cfg.seed, i, SALT_LABELS), chunk_size=cfg.fisher_chunk)
+    stats = gradient_stats(
+        ev.model,
+        G,
+        L,
+        stat_batches(ev, i, s),
+        cfg.fisher_samples,
+        cfg.fisher_labels,
+        ev.likelihood,
+        seed=derive_seed(cfg.seed, i, SALT_LABELS),
+        chunk_size=cfg.fisher_chunk,
+    )
     fisher, fault = {"G": stats.fisher_G, "L": stats.fisher_L}, None
     if not all(torch.isfinite(v).all() for f in fisher.values() for v in f.values()):
         warnings.warn(f"client {s.name}: NaN/Inf in the Fisher; Fisher merging takes those entries as 0")
@@ -153,8 +191,9 @@ def fisher_merging(ev: Evaluator, i: int, s: ClientSplits, G: dict, L: dict) -> 
 
 
 @torch.no_grad()
-def accuracy_and_loss(ev: Evaluator, adapter: dict, x: torch.Tensor, y: torch.Tensor,
-                      batch_size: int = 256) -> tuple[float, float]:
+def accuracy_and_loss(
+    ev: Evaluator, adapter: dict, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256
+) -> tuple[float, float]:
     """(accuracy, -mean log p) of the model holding `adapter` from ONE forward of (x, y), on merged weights:
     the accuracy is evaluation.accuracy's (the same batches, the same logits' argmax), the loss
     ev.likelihood's -(1/n) sum_i log p(y_i | x_i). For ev.evaluate = accuracy in full precision."""
@@ -164,8 +203,8 @@ def accuracy_and_loss(ev: Evaluator, adapter: dict, x: torch.Tensor, y: torch.Te
     correct, total = 0, 0.0
     with merged_weights(model):
         for i in range(0, len(x), batch_size):
-            out = model(x[i:i + batch_size].to(device))
-            logits, targets = (out.logits if hasattr(out, "logits") else out), y[i:i + batch_size]
+            out = model(x[i : i + batch_size].to(device))
+            logits, targets = (out.logits if hasattr(out, "logits") else out), y[i : i + batch_size]
             correct += int((logits.argmax(-1).cpu() == targets).sum())
             total += float(-ev.likelihood.log_prob(out, targets.to(device)).sum())
     load_lora_state_dict(model, ev.init, allow_rank_change=True)
@@ -179,7 +218,7 @@ def val_score_and_loss(ev: Evaluator, s: ClientSplits, G: dict, L: dict, lam: fl
     if ev.evaluate is accuracy and ev.autocast_dtype is None:
         return accuracy_and_loss(ev, merged, s.val_inputs, s.val_targets)
     score = ev.score(merged, s.val_inputs, s.val_targets)
-    val = [(s.val_inputs[k:k + 64], s.val_targets[k:k + 64]) for k in range(0, len(s.val_targets), 64)]
+    val = [(s.val_inputs[k : k + 64], s.val_targets[k : k + 64]) for k in range(0, len(s.val_targets), 64)]
     ev.model.eval()
     return score, segment_loss(ev.model, G, L, lam, val, ev.likelihood, ev.cfg.grid_space, slope=False)[0]
 
@@ -199,15 +238,22 @@ def grid_search(ev: Evaluator, s: ClientSplits, G: dict, L: dict) -> dict:
     j = grid_choice(grid, val_curve)
     oracle = max(range(len(grid)), key=lambda j: test_curve[j])
     barrier = max(f - ((1 - lam) * loss_curve[0] + lam * loss_curve[-1]) for lam, f in zip(grid, loss_curve))
-    return {"j": j, "lam_val": grid[j], "lam_oracle": grid[oracle], "test_at_val": test_curve[j],
-            "test_oracle": max(test_curve), "barrier": barrier,
-            "curves": {"lam": grid, "val": val_curve, "test": test_curve, "val_loss": loss_curve}}
+    return {
+        "j": j,
+        "lam_val": grid[j],
+        "lam_oracle": grid[oracle],
+        "test_at_val": test_curve[j],
+        "test_oracle": max(test_curve),
+        "barrier": barrier,
+        "curves": {"lam": grid, "val": val_curve, "test": test_curve, "val_loss": loss_curve},
+    }
 
 
 @dataclass
 class ClientEvaluation:
     """One client's evaluation: acc[method] on its test split, its Potara/grid record (results.json's
     per_client entry), its Potara adapter (A/B space: what a device keeps or exports), and its faults."""
+
     acc: dict[str, float]
     record: dict
     potara_adapter: dict[str, torch.Tensor]
@@ -219,21 +265,28 @@ def statistics_fault(name: str, info: dict) -> dict | None:
     if "a" in info:  # the paper's estimator: its variance terms
         terms = [v for t in "abc" for v in (info[t].values() if isinstance(info[t], dict) else [info[t]])]
         if not all(math.isfinite(v) for v in terms):
-            warnings.warn(f"client {name}: non-finite variance terms (a, b, c) = {info['a']}, {info['b']}, "
-                          f"{info['c']}; Potara's lam = {info['lam']}")
+            warnings.warn(
+                f"client {name}: non-finite variance terms (a, b, c) = {info['a']}, {info['b']}, "
+                f"{info['c']}; Potara's lam = {info['lam']}"
+            )
             return {"client": name, "what": f"variance terms (Potara: lam = {info['lam']})"}
     elif info["candidate"].startswith("fallback"):  # the default: non-finite held-out loss or slope (warned)
         return {"client": name, "what": f"held-out loss/slope (Potara: lam = {info['lam']})"}
     return None
 
 
-def evaluate_client(ev: Evaluator, i: int, s: ClientSplits, G: dict, L: dict, finetuned: dict,
-                    fedsa_adapter: dict | None = None) -> ClientEvaluation:
+def evaluate_client(
+    ev: Evaluator, i: int, s: ClientSplits, G: dict, L: dict, finetuned: dict, fedsa_adapter: dict | None = None
+) -> ClientEvaluation:
     """Every method on client i's test split, given the federated adapter G, its local adapter L, its fine-tuned
     adapter and (when FedSA-LoRA ran) its FedSA adapter. Writes nothing; the caller keeps what it needs."""
     test, space = (s.test_inputs, s.test_targets), ev.cfg.grid_space
-    acc = {"local": ev.score(L, *test), "fedit": ev.score(G, *test), "fedit_ft": ev.score(finetuned, *test),
-           "uniform": ev.score(merge_adapters(G, L, 0.5, space), *test)}
+    acc = {
+        "local": ev.score(L, *test),
+        "fedit": ev.score(G, *test),
+        "fedit_ft": ev.score(finetuned, *test),
+        "uniform": ev.score(merge_adapters(G, L, 0.5, space), *test),
+    }
     fisher_merged, stats, fisher_fault = fisher_merging(ev, i, s, G, L)
     acc["fisher"] = ev.score(fisher_merged, *test)
     if fedsa_adapter is not None:
@@ -246,7 +299,13 @@ def evaluate_client(ev: Evaluator, i: int, s: ClientSplits, G: dict, L: dict, fi
     grid = grid_search(ev, s, G, L)
     acc["grid_val"], acc["grid_oracle"] = grid["test_at_val"], grid["test_oracle"]
     lam_p = mean(info["lam"].values()) if isinstance(info["lam"], dict) else info["lam"]
-    record = {"potara": info, "lam_potara": lam_p, "lam_grid_val": grid["lam_val"],
-              "lam_grid_oracle": grid["lam_oracle"], "abs_lam_diff": abs(lam_p - grid["lam_val"]),
-              "barrier": grid["barrier"], "grid": grid["curves"]}
+    record = {
+        "potara": info,
+        "lam_potara": lam_p,
+        "lam_grid_val": grid["lam_val"],
+        "lam_grid_oracle": grid["lam_oracle"],
+        "abs_lam_diff": abs(lam_p - grid["lam_val"]),
+        "barrier": grid["barrier"],
+        "grid": grid["curves"],
+    }
     return ClientEvaluation(acc, record, merged, bad_stats)

@@ -17,6 +17,7 @@ The dataset ids and field names were written from the datasets' public descripti
 against the hub from the machine this was written on (no network); tests/test_docs.py runs the export
 against a stand-in `datasets` module.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,12 @@ from typing import Callable
 def mc(prompt: str, options, gold) -> dict | None:
     """A multiple-choice example, or None for a row without a usable label."""
     options = list(options)
-    ok = (isinstance(gold, int) and not isinstance(gold, bool) and 0 <= gold < len(options)
-          and len(set(options)) == len(options))
+    ok = (
+        isinstance(gold, int)
+        and not isinstance(gold, bool)
+        and 0 <= gold < len(options)
+        and len(set(options)) == len(options)
+    )
     return {"prompt": prompt, "answer": options[gold], "options": options} if ok else None
 
 
@@ -53,20 +58,43 @@ def _squad(r: dict) -> dict | None:
 # task (file name) -> (dataset id, config or None, row -> example or None)
 TASKS: dict[str, tuple[str, str | None, Callable[[dict], dict | None]]] = {
     "arc_challenge": ("allenai/ai2_arc", "ARC-Challenge", _arc),
-    "cosmos_qa": ("allenai/cosmos_qa", None, lambda r: mc(
-        f"{r['context']}\nQuestion: {r['question']}\nAnswer:", [r[f"answer{i}"] for i in range(4)], r["label"])),
-    "definite_pronoun_resolution": ("community-datasets/definite_pronoun_resolution", "plain_text", lambda r: mc(
-        f"{r['sentence']}\nWho is \"{r['pronoun']}\"?\nAnswer:", r["candidates"], r["label"])),
-    "glue_qqp": ("nyu-mll/glue", "qqp", lambda r: mc(
-        f"Question 1: {r['question1']}\nQuestion 2: {r['question2']}\nDo they ask the same thing?\nAnswer:",
-        ["no", "yes"], r["label"])),
+    "cosmos_qa": (
+        "allenai/cosmos_qa",
+        None,
+        lambda r: mc(
+            f"{r['context']}\nQuestion: {r['question']}\nAnswer:", [r[f"answer{i}"] for i in range(4)], r["label"]
+        ),
+    ),
+    "definite_pronoun_resolution": (
+        "community-datasets/definite_pronoun_resolution",
+        "plain_text",
+        lambda r: mc(f'{r["sentence"]}\nWho is "{r["pronoun"]}"?\nAnswer:', r["candidates"], r["label"]),
+    ),
+    "glue_qqp": (
+        "nyu-mll/glue",
+        "qqp",
+        lambda r: mc(
+            f"Question 1: {r['question1']}\nQuestion 2: {r['question2']}\nDo they ask the same thing?\nAnswer:",
+            ["no", "yes"],
+            r["label"],
+        ),
+    ),
     "hellaswag": ("Rowan/hellaswag", None, _hellaswag),
-    "mnli": ("nyu-mll/glue", "mnli", lambda r: mc(
-        f"Premise: {r['premise']}\nHypothesis: {r['hypothesis']}\nDoes the premise entail the hypothesis?\nAnswer:",
-        ["yes", "maybe", "no"], r["label"])),
+    "mnli": (
+        "nyu-mll/glue",
+        "mnli",
+        lambda r: mc(
+            f"Premise: {r['premise']}\nHypothesis: {r['hypothesis']}\nDoes the premise entail the hypothesis?\nAnswer:",
+            ["yes", "maybe", "no"],
+            r["label"],
+        ),
+    ),
     "squad_v1": ("rajpurkar/squad", None, _squad),
-    "sst2": ("nyu-mll/glue", "sst2", lambda r: mc(f"Review: {r['sentence']}\nSentiment:", ["negative", "positive"],
-                                                  r["label"])),
+    "sst2": (
+        "nyu-mll/glue",
+        "sst2",
+        lambda r: mc(f"Review: {r['sentence']}\nSentiment:", ["negative", "positive"], r["label"]),
+    ),
 }
 
 
@@ -105,8 +133,11 @@ def export(out: str, per_task: int, datasets) -> dict[str, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m potara_harness.export_flan", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m potara_harness.export_flan",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     ap.add_argument("out", nargs="?", default=os.path.join("data", "flan"), help="output folder (run_llm.py --data)")
     ap.add_argument("per_task", nargs="?", type=int, default=2000, help="examples per task, at most")
     return ap

@@ -14,6 +14,7 @@ only the answer tokens (and <eos>) carry a label, everything else is -100. Empty
 
 Synthetic tasks (`--data synthetic`) and their public pre-training corpus: llm_tasks.py.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,9 +28,11 @@ from typing import Protocol, Sequence
 
 import torch
 
-from potara_harness.data import DataError  # the one DataError of the project: `except DataError` catches text and image data
-from potara.safe_files import open_regular, UnsafeFile
+from potara.safe_files import UnsafeFile, open_regular
 from potara_harness.config import MAX_LINE_BYTES, MAX_TASK_FILE_BYTES, MAX_TASK_NAME_BYTES
+from potara_harness.data import (
+    DataError,  # the one DataError of the project: `except DataError` catches text and image data
+)
 
 IGNORE = -100  # label of tokens that are not scored (prompt, padding): the convention of HF and potara
 
@@ -80,8 +83,9 @@ def parse_line(text: str, where: str) -> Example:
         raise DataError(f"{where}: expected a JSON object with 'prompt' and 'answer', got {type(obj).__name__}")
     unknown = sorted(set(obj) - {"prompt", "answer", "options"})
     if unknown:
-        raise DataError(f"{where}: unknown field(s) {[u[:40] for u in unknown[:5]]!r}; "
-                        "allowed: prompt, answer, options")
+        raise DataError(
+            f"{where}: unknown field(s) {[u[:40] for u in unknown[:5]]!r}; allowed: prompt, answer, options"
+        )
     prompt, answer = _text(obj.get("prompt"), where, "prompt"), _text(obj.get("answer"), where, "answer")
     options = obj.get("options")
     if options is not None:
@@ -146,34 +150,49 @@ def read_task_dir(directory: str) -> dict[str, list[Example]]:
     """One client task per `<task>.jsonl` file of `directory`, in sorted file-name order; every task name is
     checked (task_name_problem) before any file is read."""
     if not os.path.isdir(directory):
-        raise DataError(f"--data {directory}: not a directory (expected one <task>.jsonl file per client, "
-                        "or 'synthetic')")
+        raise DataError(
+            f"--data {directory}: not a directory (expected one <task>.jsonl file per client, or 'synthetic')"
+        )
     files = sorted(f for f in os.listdir(directory) if f.endswith(".jsonl"))
     if not files:
         raise DataError(f"--data {directory}: no .jsonl files in it (one <task>.jsonl file per client)")
     for f in files:
-        problem = task_name_problem(f[:-len(".jsonl")])
+        problem = task_name_problem(f[: -len(".jsonl")])
         if problem:
-            raise DataError(f"--data {directory}: {f[:60]!a} gives no usable task name (it {problem}): rename it "
-                            "<task>.jsonl")
-    return {f[:-len(".jsonl")]: read_jsonl(os.path.join(directory, f)) for f in files}
+            raise DataError(
+                f"--data {directory}: {f[:60]!a} gives no usable task name (it {problem}): rename it <task>.jsonl"
+            )
+    return {f[: -len(".jsonl")]: read_jsonl(os.path.join(directory, f)) for f in files}
 
 
-def split_tasks(tasks: dict[str, list[Example]], sizes: tuple[int, int, int], seed: int
-                ) -> dict[str, tuple[list[Example], list[Example], list[Example]]]:
-    """Each task's (train, val, test) examples: shuffled with the seed "<seed>/<task>", then test, val and train
-    taken in that order (so --train does not change the test set). Every task is checked before any is split."""
+def split_tasks(
+    tasks: dict[str, list[Example]], sizes: tuple[int, int, int], seed: int
+) -> dict[str, tuple[list[Example], list[Example], list[Example]]]:
+    """Each task's (train, val, test) examples: a prompt that repeats is kept once (its first example), so no
+    split holds a prompt of another (a validation or test prompt seen in training would favour the local
+    adapter and flatter every score); then shuffled with the seed "<seed>/<task>", and test, val and train taken
+    in that order (so --train does not change the test set). Every task is checked before any is split."""
     n_train, n_val, n_test = sizes
+    distinct = {}
     for name, examples in tasks.items():
-        if len(examples) < n_train + n_val + n_test:
-            raise DataError(f"task {name}: {len(examples)} examples, fewer than --train {n_train} + --val {n_val} "
-                            f"+ --test {n_test}")
+        first: dict[str, Example] = {}
+        for e in examples:
+            first.setdefault(e.prompt, e)
+        distinct[name] = list(first.values())
+        if len(first) < n_train + n_val + n_test:
+            repeats = f" ({len(examples) - len(first)} repeated prompts dropped)" if len(first) < len(examples) else ""
+            raise DataError(
+                f"task {name}: {len(first)} distinct examples{repeats}, fewer than --train {n_train} + --val "
+                f"{n_val} + --test {n_test}"
+            )
     out = {}
-    for name, examples in tasks.items():
+    for name, examples in distinct.items():
         order = list(range(len(examples)))
         random.Random(f"{seed}/{name}").shuffle(order)
-        test, val, train = ([examples[i] for i in order[a:b]] for a, b in
-                            ((0, n_test), (n_test, n_test + n_val), (n_test + n_val, n_test + n_val + n_train)))
+        test, val, train = (
+            [examples[i] for i in order[a:b]]
+            for a, b in ((0, n_test), (n_test, n_test + n_val), (n_test + n_val, n_test + n_val + n_train))
+        )
         out[name] = (train, val, test)
     return out
 
@@ -190,6 +209,7 @@ class Tokenizer(Protocol):
 
 class ByteTokenizer:
     """UTF-8 bytes as tokens 3..258, with <pad> = 0, <bos> = 1, <eos> = 2. Needs no vocabulary file."""
+
     pad_id, bos_id, eos_id, offset, vocab_size = 0, 1, 2, 3, 259
 
     def encode(self, text: str) -> list[int]:
@@ -243,27 +263,39 @@ def check_fits(tasks: dict[str, Sequence[Example]], tok: Tokenizer, max_len: int
     """Up front (before a model is loaded or pre-trained): every example must fit in max_len tokens as
     <bos> + at least one prompt token + " " answer <eos> (encode_pair cuts longer prompts from the left).
     A DataError names the longest answer and the smallest --max-len that fits them all."""
-    worst = max(((len(_head(tok)) + len(_answer_ids(tok, ex.answer)) + 1, name, ex)
-                 for name, exs in tasks.items() for ex in exs), key=lambda t: t[0], default=None)
+    worst = max(
+        (
+            (len(_head(tok)) + len(_answer_ids(tok, ex.answer)) + 1, name, ex)
+            for name, exs in tasks.items()
+            for ex in exs
+        ),
+        key=lambda t: t[0],
+        default=None,
+    )
     if worst is not None and worst[0] > max_len:
         need, name, ex = worst
-        raise DataError(f"{name}: answer {ex.answer[:40]!r} needs {need} tokens with its prompt, more than --max-len "
-                        f"{max_len}: use --max-len {need} or more")
+        raise DataError(
+            f"{name}: answer {ex.answer[:40]!r} needs {need} tokens with its prompt, more than --max-len "
+            f"{max_len}: use --max-len {need} or more"
+        )
 
 
-def encode_examples(tok: Tokenizer, examples: Sequence[Example], max_len: int,
-                    answers: Sequence[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_examples(
+    tok: Tokenizer, examples: Sequence[Example], max_len: int, answers: Sequence[str] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """input_ids [n, T] right-padded with pad_id and labels [n, T]: the answer tokens and <eos>, -100
     elsewhere. Right padding + causal attention: padding never influences a scored position, so no
     attention mask is needed. `answers` overrides each example's answer (used to score options)."""
-    rows = [encode_pair(tok, ex.prompt, ans, max_len)
-            for ex, ans in zip(examples, answers if answers is not None else [e.answer for e in examples])]
+    rows = [
+        encode_pair(tok, ex.prompt, ans, max_len)
+        for ex, ans in zip(examples, answers if answers is not None else [e.answer for e in examples])
+    ]
     T = max(len(ids) for ids, _ in rows)
     input_ids = torch.full((len(rows), T), tok.pad_id, dtype=torch.long)
     labels = torch.full((len(rows), T), IGNORE, dtype=torch.long)
     for i, (ids, start) in enumerate(rows):
-        input_ids[i, :len(ids)] = torch.tensor(ids)
-        labels[i, start:len(ids)] = torch.tensor(ids[start:])
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        labels[i, start : len(ids)] = torch.tensor(ids[start:])
     return input_ids, labels
 
 

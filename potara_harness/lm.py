@@ -11,6 +11,7 @@ client splits, and the scorer (multiple choice by summed log-likelihood, free-fo
 Needs the `llm` extra (transformers) for the models; a split's tensors hold <bos> prompt answer <eos>
 with labels -100 everywhere but the answer (llm_data.encode_examples).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -22,12 +23,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from potara_harness.data import ClientSplits
-from potara.safe_files import load_torch_file
 from potara.fisher import causal_lm_likelihood
 from potara.lora import add_lora
+from potara.safe_files import load_torch_file
 from potara.tensor_checks import check_tensors
+from potara.training import progress_bar
 from potara_harness.config import SYNTHETIC_TASKS_SEED, TINY_LLAMA
+from potara_harness.data import ClientSplits
 from potara_harness.llm_data import (
     IGNORE,
     ByteTokenizer,
@@ -42,7 +44,6 @@ from potara_harness.llm_data import (
 )
 from potara_harness.llm_tasks import SYNTHETIC_TASKS, public_corpus, synthetic_tasks
 from potara_harness.pretrain import cache_path, cached_pretrain, step, warmup_cosine
-from potara.training import progress_bar
 
 
 # ----------------------------------------------------------------------------- models
@@ -50,8 +51,10 @@ def tiny_llama(vocab_size: int, **overrides):
     """A small Llama-architecture causal LM from a config (random weights, no download). Eager
     attention: it runs under torch.func.vmap (Potara's per-sample gradients) without a fallback loop."""
     from transformers import LlamaConfig, LlamaForCausalLM
-    cfg = LlamaConfig(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                      **{**TINY_LLAMA, **overrides})
+
+    cfg = LlamaConfig(
+        vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0, **{**TINY_LLAMA, **overrides}
+    )
     return LlamaForCausalLM._from_config(cfg, attn_implementation="eager")
 
 
@@ -71,9 +74,12 @@ def load_tiny_file(path: str, max_len: int) -> nn.Module:
     except Exception as e:  # noqa: BLE001 -- missing, a link, a FIFO, truncated, or a pickle that would run code
         raise DataError(f"{path}: not a readable, safe torch file ({type(e).__name__})") from None
     arch = obj.get("info", {}).get("key", {}).get("arch") if isinstance(obj, dict) else None
-    if not (isinstance(arch, dict) and set(arch) == set(TINY_LLAMA)
-            and all(type(v) is type(TINY_LLAMA[k]) for k, v in arch.items())
-            and all(1 <= v <= 65536 for v in arch.values() if type(v) is int)):
+    if not (
+        isinstance(arch, dict)
+        and set(arch) == set(TINY_LLAMA)
+        and all(type(v) is type(TINY_LLAMA[k]) for k, v in arch.items())
+        and all(1 <= v <= 65536 for v in arch.values() if type(v) is int)
+    ):
         raise DataError(f"{path}: not a tiny model file (pretrain_tiny's: info/key/arch with {sorted(TINY_LLAMA)})")
     try:
         model = tiny_model(max_len, arch)
@@ -95,8 +101,10 @@ def _hf_failure(name: str, e: Exception) -> DataError:
     if isinstance(e, ImportError):
         return DataError(f"--model {name} needs the 'llm' extra (pip install -e '.[llm]'): {e}")
     first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    return DataError(f"--model {name}: could not load it ({type(e).__name__}: {first[:200]}); offline, pass a "
-                     "local folder with config.json, the weights and the tokenizer")
+    return DataError(
+        f"--model {name}: could not load it ({type(e).__name__}: {first[:200]}); offline, pass a "
+        "local folder with config.json, the weights and the tokenizer"
+    )
 
 
 def load_hf_tokenizer(name: str) -> HFTokenizer:
@@ -104,6 +112,7 @@ def load_hf_tokenizer(name: str) -> HFTokenizer:
     it first (llm_data.check_fits). DataError (one line) when it cannot be loaded or has no eos token."""
     try:
         from transformers import AutoTokenizer
+
         tokenizer = AutoTokenizer.from_pretrained(name)  # trust_remote_code stays False: no code from the repo
     except Exception as e:  # noqa: BLE001 -- OSError offline / unknown repo, ImportError, ValueError, ...
         raise _hf_failure(name, e) from None
@@ -116,12 +125,16 @@ def load_hf_model(name: str, attn: str) -> nn.Module:
     try:
         import transformers
         from transformers import AutoModelForCausalLM
+
         new_api = tuple(int(v) for v in transformers.__version__.split(".")[:2]) >= (4, 56)  # torch_dtype -> dtype
-        model = AutoModelForCausalLM.from_pretrained(name, attn_implementation=attn,
-                                                     **{"dtype" if new_api else "torch_dtype": torch.float32})
+        model = AutoModelForCausalLM.from_pretrained(
+            name, attn_implementation=attn, **{"dtype" if new_api else "torch_dtype": torch.float32}
+        )
     except Exception as e:  # noqa: BLE001
         raise _hf_failure(name, e) from None
-    bad = next((n for n, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    bad = next(
+        (n for n, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()), None
+    )
     if bad is not None:
         raise DataError(f"--model {name}: its weight {bad} holds NaN or Inf values")
     return model
@@ -142,9 +155,15 @@ def pretrain_tiny(model: nn.Module, tok: Tokenizer, p: dict, seed: int, cache_di
     """Full-model language-model pre-training of the tiny Llama on the public corpus (llm_tasks.public_corpus:
     the synthetic tasks in their generic form, no client's data), cached on disk by a hash of everything
     that shapes it (pretrain.cached_pretrain). Returns info (cache path, held-out loss, seconds)."""
-    key = {"arch": TINY_LLAMA, "steps": p["pretrain_steps"], "lr": p["pretrain_lr"], "batch": p["pretrain_batch"],
-           "max_len": p["max_len"], "seed": seed,  # a sample of the corpus: a change of its format is a new key
-           "corpus": hashlib.sha256(repr(public_corpus(64, random.Random(seed))).encode()).hexdigest()}
+    key = {
+        "arch": TINY_LLAMA,
+        "steps": p["pretrain_steps"],
+        "lr": p["pretrain_lr"],
+        "batch": p["pretrain_batch"],
+        "max_len": p["max_len"],
+        "seed": seed,  # a sample of the corpus: a change of its format is a new key
+        "corpus": hashlib.sha256(repr(public_corpus(64, random.Random(seed))).encode()).hexdigest(),
+    }
     path = cache_path(cache_dir, "tiny-llama", key)
 
     def restore(obj: dict) -> nn.Module:  # an untrusted file: every tensor checked against the model's first
@@ -169,41 +188,44 @@ def pretrain_tiny(model: nn.Module, tok: Tokenizer, p: dict, seed: int, cache_di
         info = {"heldout_loss": held_loss, "pretrain_seconds": time.time() - t0, "key": key}
         return {"state_dict": model.state_dict(), "info": info}
 
-    _, info, _ = cached_pretrain(path, "tiny model", restore, train,
-                                 lambda i: f"held-out public answer loss {i['heldout_loss']:.3f}")
+    _, info, _ = cached_pretrain(
+        path, "tiny model", restore, train, lambda i: f"held-out public answer loss {i['heldout_loss']:.3f}"
+    )
     return {"cache": path, **info}
 
 
 # ----------------------------------------------------------------------------- scoring
 @torch.no_grad()
-def option_logprobs(model: nn.Module, pairs: list[tuple[list[int], list[int]]], pad_id: int,
-                    batch_size: int = 64) -> torch.Tensor:
+def option_logprobs(
+    model: nn.Module, pairs: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int = 64
+) -> torch.Tensor:
     """For each (prompt, option) token pair, the summed log-probability of the option's tokens after the
     prompt, log p(option | prompt) (lm-evaluation-harness's multiple-choice "acc": no length
     normalisation, no <eos>). Rows are right-padded and batched; labels -100 outside the option."""
     device, scores = next(model.parameters()).device, []
     for b in range(0, len(pairs), batch_size):
-        chunk = pairs[b:b + batch_size]
+        chunk = pairs[b : b + batch_size]
         T = max(len(p) + len(o) for p, o in chunk)
         ids = torch.full((len(chunk), T), pad_id, dtype=torch.long)
         labels = torch.full((len(chunk), T), IGNORE, dtype=torch.long)
         for i, (p, o) in enumerate(chunk):
-            ids[i, :len(p) + len(o)] = torch.tensor(p + o)
-            labels[i, len(p):len(p) + len(o)] = torch.tensor(o)
+            ids[i, : len(p) + len(o)] = torch.tensor(p + o)
+            labels[i, len(p) : len(p) + len(o)] = torch.tensor(o)
         scores.append(causal_lm_likelihood.log_prob(model(ids.to(device)), labels.to(device)).float().cpu())
     return torch.cat(scores)
 
 
 @torch.no_grad()
-def greedy_decode(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, eos_id: int,
-                  batch_size: int = 64) -> list[list[int]]:
+def greedy_decode(
+    model: nn.Module, prompts: list[list[int]], max_new_tokens: int, eos_id: int, batch_size: int = 64
+) -> list[list[int]]:
     """Greedy continuation of each prompt until <eos> or max_new_tokens, with the KV cache. Prompts of
     equal length are decoded together (no padding, so no attention mask or position shift to get wrong)."""
     device, out = next(model.parameters()).device, [None] * len(prompts)
     by_len: dict[int, list[int]] = {}
     for i, p in enumerate(prompts):
         by_len.setdefault(len(p), []).append(i)
-    for idx in (ids[b:b + batch_size] for ids in by_len.values() for b in range(0, len(ids), batch_size)):
+    for idx in (ids[b : b + batch_size] for ids in by_len.values() for b in range(0, len(ids), batch_size)):
         x = torch.tensor([prompts[i] for i in idx], device=device)
         res = model(x, use_cache=True)
         cache_kw = "cache" if "cache" in res else "past_key_values"  # transformers >= 5.24 renamed it
@@ -217,7 +239,7 @@ def greedy_decode(model: nn.Module, prompts: list[list[int]], max_new_tokens: in
             res = model(nxt[:, None], use_cache=True, **{cache_kw: res[cache_kw]})
         gen = torch.stack(gen, 1).tolist()
         for row, i in zip(gen, idx):
-            out[i] = row[:row.index(eos_id)] if eos_id in row else row
+            out[i] = row[: row.index(eos_id)] if eos_id in row else row
     return out
 
 
@@ -235,7 +257,9 @@ class Scorer:
         for row, lab, ex in zip(input_ids, labels, examples):
             key = self.key(row, lab)
             if self.examples.setdefault(key, ex).options != ex.options:
-                raise DataError(f"two examples with the same prompt and answer but different options: {ex.prompt[:60]!r}")
+                raise DataError(
+                    f"two examples with the same prompt and answer but different options: {ex.prompt[:60]!r}"
+                )
 
     @staticmethod
     def key(row: torch.Tensor, lab: torch.Tensor) -> tuple:
@@ -251,20 +275,29 @@ class Scorer:
         correct = 0
         if mc:
             pairs = [(p, self.tok.encode(" " + o)) for p, ex in mc for o in ex.options]
-            scores = option_logprobs(model, pairs, self.tok.pad_id, self.batch_size).split([len(ex.options) for _, ex in mc])
+            scores = option_logprobs(model, pairs, self.tok.pad_id, self.batch_size).split(
+                [len(ex.options) for _, ex in mc]
+            )
             for s, (_, ex) in zip(scores, mc):
                 gold = ex.options.index(ex.answer)
                 correct += int(bool((s[gold] > s[torch.arange(len(s)) != gold]).all()))
         if free:
             outs = greedy_decode(model, [p for p, _ in free], self.max_new_tokens, self.tok.eos_id, self.batch_size)
-            correct += sum(normalize_answer(self.tok.decode(o)) == normalize_answer(ex.answer)
-                           for o, (_, ex) in zip(outs, free))
+            correct += sum(
+                normalize_answer(self.tok.decode(o)) == normalize_answer(ex.answer) for o, (_, ex) in zip(outs, free)
+            )
         return correct / len(input_ids)
 
 
 # ----------------------------------------------------------------------------- data -> client splits
-def build_splits(tasks: dict[str, list[Example]], tok: Tokenizer, sizes: tuple[int, int, int], max_len: int,
-                 seed: int, scorer: Scorer) -> list[ClientSplits]:
+def build_splits(
+    tasks: dict[str, list[Example]],
+    tok: Tokenizer,
+    sizes: tuple[int, int, int],
+    max_len: int,
+    seed: int,
+    scorer: Scorer,
+) -> list[ClientSplits]:
     """One client per task: its examples shuffled with (seed, task), then test, val and train taken in
     that order (so --train does not change the test set). Every val/test row is registered with the scorer."""
     splits = []
@@ -286,11 +319,11 @@ def client_task(spec: str, synthetic_examples: int) -> tuple[str, list[Example]]
     synthetic_tasks(synthetic_examples, seed=SYNTHETIC_TASKS_SEED) (run_llm.py --data synthetic's), or the path of
     a <task>.jsonl file (llm_data's format), named by the file as read_task_dir names it. DataError, one line."""
     if spec.startswith(SYNTHETIC_PREFIX):
-        name = spec[len(SYNTHETIC_PREFIX):]
+        name = spec[len(SYNTHETIC_PREFIX) :]
         if name not in SYNTHETIC_TASKS:
             raise DataError(f"task {spec!r}: the synthetic tasks are {', '.join(SYNTHETIC_TASKS)}")
         return name, synthetic_tasks(synthetic_examples, seed=SYNTHETIC_TASKS_SEED)[name]
-    name = os.path.basename(spec)[:-len(".jsonl")] if spec.endswith(".jsonl") else ""
+    name = os.path.basename(spec)[: -len(".jsonl")] if spec.endswith(".jsonl") else ""
     if name in ("", ".", ".."):
         raise DataError(f"task {spec!r}: expected a <task>.jsonl file or synthetic:<name>")
     return name, read_jsonl(spec)

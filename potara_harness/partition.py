@@ -9,6 +9,7 @@
 Works on any labelled set (CIFAR-100 from data.py, the digits of digits.py): indices in, index arrays out.
 All partitions are deterministic for a seed (numpy Generator); an impossible request is one DataError.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -24,12 +25,15 @@ def _check_sizes(num_samples: int, num_clients: int, samples_per_client: int) ->
     if num_clients < 1 or samples_per_client < 1:
         raise DataError(f"need num_clients >= 1 and samples_per_client >= 1, got {num_clients}, {samples_per_client}")
     if num_clients * samples_per_client > num_samples:
-        raise DataError(f"{num_clients} clients x {samples_per_client} samples = {num_clients * samples_per_client} "
-                        f"> the {num_samples} samples available")
+        raise DataError(
+            f"{num_clients} clients x {samples_per_client} samples = {num_clients * samples_per_client} "
+            f"> the {num_samples} samples available"
+        )
 
 
-def dirichlet_partition(labels: Sequence[int], num_clients: int, alpha: float, samples_per_client: int | None = None,
-                        seed: int = 0) -> list[np.ndarray]:
+def dirichlet_partition(
+    labels: Sequence[int], num_clients: int, alpha: float, samples_per_client: int | None = None, seed: int = 0
+) -> list[np.ndarray]:
     """Label-skew partition (the paper's setting): client k draws its class mix q_k ~ Dir(alpha * 1_C)
     and then samples_per_client disjoint samples with labels ~ q_k, without replacement; when a class
     runs out, q_k is renormalised over the classes left. Small alpha: a few classes per client;
@@ -57,13 +61,14 @@ def dirichlet_partition(labels: Sequence[int], num_clients: int, alpha: float, s
             draw = np.minimum(rng.multinomial(need, w / w.sum()), avail)
             take += draw
             need -= int(draw.sum())
-        parts.append(np.sort(np.concatenate([pools[c][used[c]:used[c] + take[c]] for c in range(len(classes))])))
+        parts.append(np.sort(np.concatenate([pools[c][used[c] : used[c] + take[c]] for c in range(len(classes))])))
         used += take
     return parts
 
 
-def class_split_partition(labels: Sequence[int], groups: Sequence[int], num_clients: int, samples_per_client: int,
-                          seed: int = 0) -> list[np.ndarray]:
+def class_split_partition(
+    labels: Sequence[int], groups: Sequence[int], num_clients: int, samples_per_client: int, seed: int = 0
+) -> list[np.ndarray]:
     """Task split: the groups (e.g. CIFAR-100's 20 superclasses, `groups` = coarse label of each sample)
     are dealt out to clients, each client owning disjoint groups; it samples uniformly from its groups'
     images. `labels` is only used to check that sizes match."""
@@ -79,14 +84,23 @@ def class_split_partition(labels: Sequence[int], groups: Sequence[int], num_clie
     for owned in np.array_split(rng.permutation(ids), num_clients):
         pool = np.flatnonzero(np.isin(groups, owned))
         if len(pool) < samples_per_client:
-            raise DataError(f"groups {sorted(owned.tolist())} hold {len(pool)} samples, fewer than the "
-                            f"{samples_per_client} asked per client")
+            raise DataError(
+                f"groups {sorted(owned.tolist())} hold {len(pool)} samples, fewer than the "
+                f"{samples_per_client} asked per client"
+            )
         parts.append(np.sort(rng.choice(pool, samples_per_client, replace=False)))
     return parts
 
 
-def label_partition(kind: str, labels: np.ndarray, coarse_labels: np.ndarray, num_clients: int, alpha: float,
-                    samples_per_client: int, seed: int) -> list[np.ndarray]:
+def label_partition(
+    kind: str,
+    labels: np.ndarray,
+    coarse_labels: np.ndarray,
+    num_clients: int,
+    alpha: float,
+    samples_per_client: int,
+    seed: int,
+) -> list[np.ndarray]:
     """The CIFAR pipelines' choice: "dirichlet" (label skew, dirichlet_partition with `alpha`) or "superclass"
     (each client its own superclasses, class_split_partition over `coarse_labels`)."""
     if kind == "dirichlet":
@@ -102,7 +116,7 @@ def split_client(indices: np.ndarray, sizes: Sequence[int], seed: int = 0) -> li
     if any(s < 0 for s in sizes) or sum(sizes) > len(indices):
         raise DataError(f"cannot split {len(indices)} samples into parts of sizes {list(sizes)}")
     perm = np.random.default_rng(seed).permutation(np.asarray(indices))
-    return [np.sort(p) for p in np.split(perm[:sum(sizes)], np.cumsum(sizes)[:-1])]
+    return [np.sort(p) for p in np.split(perm[: sum(sizes)], np.cumsum(sizes)[:-1])]
 
 
 def unassigned(num_samples: int, parts: Sequence[np.ndarray]) -> np.ndarray:
@@ -123,8 +137,15 @@ def public_and_pool(num_samples: int, public: int) -> tuple[np.ndarray, np.ndarr
     return np.sort(order[:public]), np.sort(order[public:])
 
 
-def client_splits(images: torch.Tensor, labels: np.ndarray, pool: np.ndarray, parts: Sequence[np.ndarray],
-                  sizes: Sequence[int], seed: int, relabel: Sequence[np.ndarray] | None = None) -> list[ClientSplits]:
+def client_splits(
+    images: torch.Tensor,
+    labels: np.ndarray,
+    pool: np.ndarray,
+    parts: Sequence[np.ndarray],
+    sizes: Sequence[int],
+    seed: int,
+    relabel: Sequence[np.ndarray] | None = None,
+) -> list[ClientSplits]:
     """Client k's partition parts[k] (indices into `pool`) -> ClientSplits client<k> with train / val / test of
     `sizes` (split_client, seeded with seed * 1000 + k); relabel[k], when given, maps client k's labels."""
     splits = []
@@ -134,4 +155,3 @@ def client_splits(images: torch.Tensor, labels: np.ndarray, pool: np.ndarray, pa
         y = [torch.from_numpy(labels[i] if relabel is None else relabel[k][labels[i]]) for i in idx]
         splits.append(ClientSplits(f"client{k}", x[0], y[0], x[1], y[1], x[2], y[2]))
     return splits
-

@@ -9,6 +9,7 @@ what a Flower device of the language experiment keeps (potara_flower/client_app.
 Every folder is written beside its place and renamed into it (write_folder_atomically): a crash leaves the old
 folder or the new one, never half of one.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,7 +18,7 @@ import shutil
 import stat
 from typing import TYPE_CHECKING
 
-from potara.safe_files import remove_leftovers, UnsafeFile
+from potara.safe_files import UnsafeFile, remove_leftovers
 
 if TYPE_CHECKING:  # annotations only: run_llm.py checks its export targets before torch loads
     import torch
@@ -52,8 +53,13 @@ def save_tiny_base(model: nn.Module, path: str) -> None:
     base.save_pretrained(path)
 
 
-def export_with_base(out_dir: str, model: nn.Module, adapters: dict[str, dict[str, torch.Tensor]],
-                     targets: list[str], base_model: str | None) -> str:
+def export_with_base(
+    out_dir: str,
+    model: nn.Module,
+    adapters: dict[str, dict[str, torch.Tensor]],
+    targets: list[str],
+    base_model: str | None,
+) -> str:
     """export_peft of `adapters` (LoRA of `model`, whose scaling they share), naming base_model as their base; with
     base_model None the model is the tiny Llama, which no hub holds: it is written to out_dir/base_model in HF's
     format and named by its absolute path. Returns the base model's name or path."""
@@ -67,27 +73,44 @@ def export_with_base(out_dir: str, model: nn.Module, adapters: dict[str, dict[st
     return base_model
 
 
-def export_peft(out_dir: str, adapters: dict[str, dict[str, torch.Tensor]], scaling: float, targets: list[str],
-                base_model: str) -> None:
+def export_peft(
+    out_dir: str, adapters: dict[str, dict[str, torch.Tensor]], scaling: float, targets: list[str], base_model: str
+) -> None:
     """Write each adapter as a peft LoRA adapter: out_dir/<name>/adapter_config.json + adapter_model.safetensors.
     Keys: "<module>.lora_A" -> "base_model.model.<module>.lora_A.weight" (peft's layout); peft computes
     scaling = lora_alpha / r, so lora_alpha is written as scaling * rank (a rank-2r "delta" merge keeps the
     scaling of its rank-r parents)."""
     from safetensors.torch import save_file
+
     for name, state in adapters.items():
         other = [k for k in state if not k.endswith((".lora_A", ".lora_B"))]
         if other:
-            raise ValueError(f"export_peft: only lora_A/lora_B tensors of nn.Linear layers can be exported, got {other[:3]}")
+            raise ValueError(
+                f"export_peft: only lora_A/lora_B tensors of nn.Linear layers can be exported, got {other[:3]}"
+            )
         ranks = {v.shape[0] for k, v in state.items() if k.endswith("lora_A")}
         if len(ranks) != 1:
             raise ValueError(f"export_peft: adapter {name} mixes ranks {sorted(ranks)}")
         rank = ranks.pop()
         alpha = scaling * rank
-        config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model, "r": rank,
-                  "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha, "target_modules": targets,
-                  "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
-                  "use_rslora": False, "use_dora": False, "init_lora_weights": True, "modules_to_save": None,
-                  "rank_pattern": {}, "alpha_pattern": {}}
+        config = {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": base_model,
+            "r": rank,
+            "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
+            "target_modules": targets,
+            "lora_dropout": 0.0,
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "inference_mode": True,
+            "use_rslora": False,
+            "use_dora": False,
+            "init_lora_weights": True,
+            "modules_to_save": None,
+            "rank_pattern": {},
+            "alpha_pattern": {},
+        }
         tensors = {f"base_model.model.{k}.weight": v.detach().to("cpu").contiguous() for k, v in state.items()}
 
         def write(folder: str) -> None:
@@ -95,6 +118,7 @@ def export_peft(out_dir: str, adapters: dict[str, dict[str, torch.Tensor]], scal
             with open(os.path.join(folder, "adapter_config.json"), "w") as f:
                 json.dump(config, f, indent=2)
             save_file(tensors, os.path.join(folder, "adapter_model.safetensors"), metadata={"format": "pt"})
+
         write_folder_atomically(os.path.join(out_dir, name), write)
 
 

@@ -18,7 +18,8 @@ Stages (one backbone in memory; a client is switched in by loading adapter tenso
 Checkpoint (checkpoint.py): checkpoint.pt (checkpoint.RunState) rewritten atomically after every federated round;
 each client's local and fine-tuned adapter and each FedIT snapshot written once, atomically, to its own file
 when it is made (checkpoint.Parts: the bytes written grow linearly with the clients, and only the adapters a
-stage uses are in memory); a kill in any stage loses at most the adapter being trained. resume=True continues it (training settings, model and data must match: checkpoint.fingerprint) and ends
+stage uses are in memory); a kill in any stage loses at most the adapter being trained. resume=True continues it
+(training settings, model and data must match: checkpoint.fingerprint) and ends
 bitwise equal to an uninterrupted run on CPU (every stage is seeded from (seed, round or salt, client):
 rounds.derive_seed, config.SALT_*; every seeded stage runs in a forked RNG, rounds.seeded).
 Bytes: a method costs what its training sent both ways: local only 0, FedSA-LoRA its own history, every
@@ -27,6 +28,7 @@ Faults (results["faults"]): drop-outs and rejected updates per federated run (ro
 training that diverged (NaN/Inf adapter: warned, the client keeps the adapter it started from); NaN/Inf
 gradient statistics (warned; Fisher merging takes them as 0). No adapter with NaN/Inf is scored or saved.
 """
+
 from __future__ import annotations
 
 import os
@@ -38,16 +40,16 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
-from potara_harness.data import ClientSplits, warn_single_class
 from potara.fedit import Client, FedState, run_fedit
-from potara.rounds import derive_seed, seeded
-from potara.fisher import classification_likelihood, Likelihood
+from potara.fisher import Likelihood, classification_likelihood
 from potara.lora import load_lora_state_dict, lora_factor, lora_state_dict
+from potara.rounds import derive_seed, seeded
+from potara.training import LossFn, classification_loss, model_device, progress_bar, shuffled_batches, train_adapter
 from potara_harness.checkpoint import Parts, RunState, fed_dict, fingerprint, load_state, save_state
 from potara_harness.config import SALT_FINETUNE, SALT_LOCAL, ExperimentConfig
+from potara_harness.data import ClientSplits, warn_held_out_overlap, warn_single_class
 from potara_harness.evaluation import Evaluate, Evaluator, accuracy, evaluate_client, potara_step
 from potara_harness.report import METHODS, collect_results, mean, write_outputs
-from potara.training import classification_loss, LossFn, model_device, progress_bar, shuffled_batches, train_adapter
 
 
 def snapshot_rounds(rounds: int, snapshots: int) -> list[int]:
@@ -70,6 +72,7 @@ class Run:
     """What every stage needs: the evaluator (the one model, phi_0, the settings, the scoring plug-ins), the
     clients' data, the training plug-ins, the round state (saved to ckpt_path after every round) and the
     adapters made once (parts: one file each)."""
+
     ev: Evaluator
     splits: Sequence[ClientSplits]
     ckpt_path: str
@@ -88,8 +91,9 @@ class Run:
         return self.ev.cfg
 
 
-def start_run(model, splits, cfg, out_dir, resume: bool, evaluate, loss_fn, likelihood, autocast_dtype, progress,
-              on_round) -> Run:
+def start_run(
+    model, splits, cfg, out_dir, resume: bool, evaluate, loss_fn, likelihood, autocast_dtype, progress, on_round
+) -> Run:
     """Check the inputs, then a fresh run state (an earlier run's parts removed, checkpoint.pt written: its
     run_id is what this run's parts carry) or the checkpoint's (resume=True: every file checked)."""
     names = [s.name for s in splits]
@@ -103,8 +107,10 @@ def start_run(model, splits, cfg, out_dir, resume: bool, evaluate, loss_fn, like
     if resume and os.path.exists(ckpt_path):  # every adapter checked against phi_0's keys, shapes, dtypes
         state = load_state(ckpt_path, fp, adapter=init, clients=names, rounds=cfg.rounds, snapshots=snaps)
         parts = Parts(ckpt_path, state, init, names)
-        print(f"resuming from {ckpt_path}: FedIT at round {state.fedit['round'] if state.fedit else 0}, "
-              f"{sum(parts.exists('local', i) for i in range(len(names)))} local adapters")
+        print(
+            f"resuming from {ckpt_path}: FedIT at round {state.fedit['round'] if state.fedit else 0}, "
+            f"{sum(parts.exists('local', i) for i in range(len(names)))} local adapters"
+        )
     else:
         if resume:
             print(f"--resume: no checkpoint at {ckpt_path}, starting from scratch")
@@ -116,20 +122,31 @@ def start_run(model, splits, cfg, out_dir, resume: bool, evaluate, loss_fn, like
     return Run(ev, splits, ckpt_path, state, parts, loss_fn, progress, on_round)
 
 
-def run_experiment(model: nn.Module, splits: Sequence[ClientSplits], cfg: ExperimentConfig, out_dir: str,
-                   evaluate: Evaluate = accuracy, loss_fn: LossFn = classification_loss,
-                   likelihood: Likelihood = classification_likelihood, resume: bool = False,
-                   config: dict | None = None, autocast_dtype: torch.dtype | None = None, progress: bool = True,
-                   on_round: Callable[[str, FedState], None] | None = None,
-                   adapters: dict | None = None) -> dict:
+def run_experiment(
+    model: nn.Module,
+    splits: Sequence[ClientSplits],
+    cfg: ExperimentConfig,
+    out_dir: str,
+    evaluate: Evaluate = accuracy,
+    loss_fn: LossFn = classification_loss,
+    likelihood: Likelihood = classification_likelihood,
+    resume: bool = False,
+    config: dict | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    progress: bool = True,
+    on_round: Callable[[str, FedState], None] | None = None,
+    adapters: dict | None = None,
+) -> dict:
     """Run every stage (module docstring), write the outputs (report.write_outputs), return the results dict.
     on_round(stage, state) is called after each checkpointed round (stage "fedit" or "fedsa"); `adapters`, when
     given, receives the adapters the run ends with, for an export: "federated" (phi_G) and each client's Potara
     adapter (A/B space), merged once, here.
     Raises checkpoint.ResumeError when resume=True finds a checkpoint that is not this run's, or unsound."""
     warn_single_class(splits, cfg.fisher_split)  # held-out data of one class: lam follows that class alone
-    run = start_run(model, splits, cfg, out_dir, resume, evaluate, loss_fn, likelihood, autocast_dtype, progress,
-                    on_round)
+    warn_held_out_overlap(splits, cfg.fisher_split, cfg.estimator)  # the local adapter's own samples favour it
+    run = start_run(
+        model, splits, cfg, out_dir, resume, evaluate, loss_fn, likelihood, autocast_dtype, progress, on_round
+    )
     timing, t0 = {}, time.time()
     fedit = federated_training(run, "fedit")
     timing["fedit"], t0 = time.time() - t0, time.time()
@@ -153,8 +170,20 @@ def run_experiment(model: nn.Module, splits: Sequence[ClientSplits], cfg: Experi
     timing["evaluation"], t0 = time.time() - t0, time.time()
     curve = communication_curve(run, fedit, acc)
     timing["communication_curve"] = time.time() - t0
-    results = collect_results(config or {}, cfg, [s.name for s in splits], acc, per_client, curve, run.ev.init,
-                              fedit.history, fedsa.history if fedsa else None, fallbacks, bad_stats, timing)
+    results = collect_results(
+        config or {},
+        cfg,
+        [s.name for s in splits],
+        acc,
+        per_client,
+        curve,
+        run.ev.init,
+        fedit.history,
+        fedsa.history if fedsa else None,
+        fallbacks,
+        bad_stats,
+        timing,
+    )
     write_outputs(results, out_dir)
     return results
 
@@ -174,31 +203,60 @@ def federated_training(run: Run, stage: str, share=None) -> FedState:
             run.on_round(stage, fed)
 
     clients = [Client(s.name, s.train_inputs, s.train_targets) for s in run.splits]
-    return run_fedit(run.model, clients, run.cfg.fed_config(), loss_fn=run.loss_fn, share=share,
-                     resume=run.state.fed_state(stage), on_round=checkpoint, autocast_dtype=run.ev.autocast_dtype,
-                     progress=run.progress, desc="FedIT rounds" if share is None else "FedSA-LoRA rounds")
+    return run_fedit(
+        run.model,
+        clients,
+        run.cfg.fed_config(),
+        loss_fn=run.loss_fn,
+        share=share,
+        resume=run.state.fed_state(stage),
+        on_round=checkpoint,
+        autocast_dtype=run.ev.autocast_dtype,
+        progress=run.progress,
+        desc="FedIT rounds" if share is None else "FedSA-LoRA rounds",
+    )
 
 
-def train_local(model: nn.Module, start: dict, split: ClientSplits, steps: int, seed: int, cfg: ExperimentConfig,
-                loss_fn: LossFn = classification_loss, autocast_dtype: torch.dtype | None = None,
-                desc: str | None = None, progress: bool = False) -> dict:
+def train_local(
+    model: nn.Module,
+    start: dict,
+    split: ClientSplits,
+    steps: int,
+    seed: int,
+    cfg: ExperimentConfig,
+    loss_fn: LossFn = classification_loss,
+    autocast_dtype: torch.dtype | None = None,
+    desc: str | None = None,
+    progress: bool = False,
+) -> dict:
     """`steps` of AdamW on the client's train split from adapter `start`, seeded by `seed` (batches, and dropout
     in a forked RNG as fedit.local_update: the caller's RNG is left as it was): how every local adapter of the
     project is trained (the pipeline, the Flower client, the estimator study)."""
     load_lora_state_dict(model, start)
     with seeded(seed, model_device(model)):
         batches = shuffled_batches(split.train_inputs, split.train_targets, cfg.batch_size, seed)
-        return train_adapter(model, batches, steps, cfg.lr, cfg.weight_decay, loss_fn, autocast_dtype, desc=desc,
-                             progress=progress).state
+        return train_adapter(
+            model, batches, steps, cfg.lr, cfg.weight_decay, loss_fn, autocast_dtype, desc=desc, progress=progress
+        ).state
 
 
-def train_checked(model: nn.Module, start: dict, split: ClientSplits, steps: int, seed: int, cfg: ExperimentConfig,
-                  stage: str, loss_fn: LossFn = classification_loss, autocast_dtype: torch.dtype | None = None,
-                  progress: bool = False) -> tuple[dict, dict | None]:
+def train_checked(
+    model: nn.Module,
+    start: dict,
+    split: ClientSplits,
+    steps: int,
+    seed: int,
+    cfg: ExperimentConfig,
+    stage: str,
+    loss_fn: LossFn = classification_loss,
+    autocast_dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> tuple[dict, dict | None]:
     """train_local, but a diverged result (NaN/Inf, e.g. from NaN in the client's data) is never kept: the
     client keeps `start` (warned). Returns (adapter, the fallback's record or None)."""
-    state = train_local(model, start, split, steps, seed, cfg, loss_fn, autocast_dtype, f"{stage} {split.name}",
-                        progress)
+    state = train_local(
+        model, start, split, steps, seed, cfg, loss_fn, autocast_dtype, f"{stage} {split.name}", progress
+    )
     bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
     if not bad:
         return state, None
@@ -213,8 +271,9 @@ def local_training(run: Run, global_state: dict) -> None:
     cfg, m, ac = run.cfg, run.model, run.ev.autocast_dtype
     for i, s in enumerate(_bar(run.splits, "local training", run.progress)):
         for kind, start, steps, seed, stage in (
-                ("local", run.ev.init, cfg.local_train_steps, local_seed(cfg.seed, i), "local"),
-                ("finetuned", global_state, cfg.finetune_steps, finetune_seed(cfg.seed, i), "fine-tune")):
+            ("local", run.ev.init, cfg.local_train_steps, local_seed(cfg.seed, i), "local"),
+            ("finetuned", global_state, cfg.finetune_steps, finetune_seed(cfg.seed, i), "fine-tune"),
+        ):
             if not run.parts.exists(kind, i):
                 adapter, fallback = train_checked(m, start, s, steps, seed, cfg, stage, run.loss_fn, ac, run.progress)
                 run.parts.save(kind, i, adapter, fallback)
@@ -231,10 +290,18 @@ def communication_curve(run: Run, fedit: FedState, acc: dict) -> list[dict]:
         else:
             Gr = run.parts.load("snapshot", r)[0]
             fa = mean(ev.score(Gr, s.test_inputs, s.test_targets) for s in splits)
-            pa = mean(ev.score(potara_step(ev, i, s, Gr, run.parts.load("local", i)[0])[0], s.test_inputs,
-                               s.test_targets) for i, s in enumerate(splits))
-        curve.append({"round": r, "bytes": sum(h["bytes_down"] + h["bytes_up"] for h in fedit.history[:r]),
-                      "fedit": fa, "potara": pa})
+            pa = mean(
+                ev.score(potara_step(ev, i, s, Gr, run.parts.load("local", i)[0])[0], s.test_inputs, s.test_targets)
+                for i, s in enumerate(splits)
+            )
+        curve.append(
+            {
+                "round": r,
+                "bytes": sum(h["bytes_down"] + h["bytes_up"] for h in fedit.history[:r]),
+                "fedit": fa,
+                "potara": pa,
+            }
+        )
     return curve
 
 

@@ -6,9 +6,11 @@ Llama (lm.py), which are trained here because no pre-trained weights can be down
     model, info = cached_pretrain(path, "tiny backbone", restore, train, describe)
 
 A cache file is {"state_dict": ..., "info": {...}, ...} written atomically (safe_files.atomic_write) and read
-with torch.load(weights_only=True) from a regular file of bounded size (safe_files.open_regular): it never runs code. A cache file that cannot be restored (damaged,
+with torch.load(weights_only=True) from a regular file of bounded size (safe_files.open_regular): it never runs code.
+A cache file that cannot be restored (damaged,
 stale, foreign) is pre-trained again; a cache folder that cannot be written is reported, not fatal.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -29,7 +31,8 @@ def warmup_cosine(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_sche
     warm-up, then cosine decay to 0 at t = steps (Loshchilov & Hutter, 2017)."""
     warm = max(1, steps // 10)
     return torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda t: min(1.0, (t + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(t, steps) / steps)))
+        opt, lambda t: min(1.0, (t + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(t, steps) / steps))
+    )
 
 
 def step(opt: torch.optim.Optimizer, sched, loss: torch.Tensor) -> None:
@@ -46,8 +49,9 @@ def cache_path(folder: str, prefix: str, key: dict) -> str:
     return os.path.join(folder, f"{prefix}-{digest}.pt")
 
 
-def cached_pretrain(path: str, what: str, restore: Callable[[dict], Any], train: Callable[[], dict],
-                    describe: Callable[[dict], str]) -> tuple[Any, dict, str]:
+def cached_pretrain(
+    path: str, what: str, restore: Callable[[dict], Any], train: Callable[[], dict], describe: Callable[[dict], str]
+) -> tuple[Any, dict, str]:
     """restore(the cache file's dict) when `path` holds a usable one, else obj = train() (a dict with "info"),
     saved to `path`, then restore(obj). Returns (restored, info, where: path or "(not cached)").
     describe(info) is the one-line summary printed either way (e.g. the held-out accuracy)."""
@@ -62,8 +66,10 @@ def cached_pretrain(path: str, what: str, restore: Callable[[dict], Any], train:
             raise
         except Exception as e:  # noqa: BLE001 -- any unusable cache entry (damaged, edited, NaN): pre-train again
             why = " ".join(str(e).split())[:160]
-            print(f"{what}: the cached {path} is unusable ({type(e).__name__}{': ' + why if why else ''}); "
-                  "pre-training it again")
+            print(
+                f"{what}: the cached {path} is unusable ({type(e).__name__}{': ' + why if why else ''}); "
+                "pre-training it again"
+            )
     obj = train()
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)

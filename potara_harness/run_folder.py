@@ -6,6 +6,7 @@ open_lock, remove_leftovers); this module applies it to a command line's --out.
     with out_dir_lock(args.out):           # a second run on the same --out fails in one line
         run(...)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,7 +19,7 @@ try:
 except ImportError:  # pragma: no cover
     fcntl = None
 
-from potara.safe_files import open_lock, remove_leftovers, run_folder_problem, UnsafeFile
+from potara.safe_files import UnsafeFile, open_lock, remove_leftovers, run_folder_problem
 from potara_harness.cli import fail
 
 OUTPUT_FILES = ("checkpoint.pt", "results.json", "results.md", "lambda.png", "communication.png")  # in --out

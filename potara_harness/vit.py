@@ -8,6 +8,7 @@ cached, for a CPU).
 
 Images stay uint8 (N, 3, 32, 32) on the CPU; the model resizes and normalises them itself.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -21,13 +22,13 @@ import torch.nn.functional as F
 import torchvision
 from torchvision.models import VisionTransformer
 
-from potara_harness.data import DataError
-from potara.safe_files import load_torch_file
 from potara.lora import add_lora
-from potara.tensor_checks import AdapterError, check_tensors
 from potara.lora_mha import LORA_LAYERS
-from potara_harness.pretrain import cache_path, cached_pretrain, step, warmup_cosine
+from potara.safe_files import load_torch_file
+from potara.tensor_checks import AdapterError, check_tensors
 from potara.training import progress_bar
+from potara_harness.data import DataError
+from potara_harness.pretrain import cache_path, cached_pretrain, step, warmup_cosine
 
 NUM_CLASSES = 100
 
@@ -66,8 +67,9 @@ def new_head(vit: VisionTransformer, num_classes: int) -> None:
     nn.init.zeros_(vit.heads.head.bias)
 
 
-def build_model(backbone: VisionTransformer, p: dict, rank: int, lora_alpha: float, seed: int,
-                num_classes: int = NUM_CLASSES) -> ImageClassifier:
+def build_model(
+    backbone: VisionTransformer, p: dict, rank: int, lora_alpha: float, seed: int, num_classes: int = NUM_CLASSES
+) -> ImageClassifier:
     """The backbone (modified in place: pass copy.deepcopy(backbone) to keep it) with a new zero head and LoRA
     on the attention q and v (lora.add_lora); the adapter's random A factors (phi_0, shared by every client
     and the server) are drawn from `seed`."""
@@ -84,8 +86,15 @@ class BackboneError(DataError):
 
 
 VIT_B_16 = dict(image_size=224, patch_size=16, num_layers=12, num_heads=12, hidden_dim=768, mlp_dim=3072)
-ARCH_LIMITS = {"image_size": (1, 1024), "patch_size": (1, 1024), "num_layers": (1, 64), "num_heads": (1, 64),
-               "hidden_dim": (1, 4096), "mlp_dim": (1, 16384), "num_classes": (1, 100_000)}
+ARCH_LIMITS = {
+    "image_size": (1, 1024),
+    "patch_size": (1, 1024),
+    "num_layers": (1, 64),
+    "num_heads": (1, 64),
+    "hidden_dim": (1, 4096),
+    "mlp_dim": (1, 16384),
+    "num_classes": (1, 100_000),
+}
 MAX_BACKBONE_PARAMS = 10**9  # 4 GB of float32 (torchvision's largest ViT, vit_h_14, has 0.63e9)
 
 
@@ -125,7 +134,9 @@ def backbone_from_state(arch, state, what: str) -> VisionTransformer:
     body = {k: v for k, v in state.items() if not k.startswith("heads.")}
     if body.keys() != expected.keys():
         missing, unexpected = sorted(expected.keys() - body.keys())[:3], sorted(body.keys() - expected.keys())[:3]
-        raise BackboneError(f"{what} does not fit a ViT of its architecture: missing {missing}, unexpected {unexpected}")
+        raise BackboneError(
+            f"{what} does not fit a ViT of its architecture: missing {missing}, unexpected {unexpected}"
+        )
     try:
         check_tensors(body, expected, what=what)
     except AdapterError as e:
@@ -143,8 +154,9 @@ def load_backbone_file(path: str, default_vit: dict | None) -> VisionTransformer
         obj = load_torch_file(path)
     except Exception as e:  # noqa: BLE001 -- a link, a FIFO, a refused pickle, a truncated zip, ...: all "not usable"
         raise BackboneError(f"--backbone {path}: not a readable, safe torch file ({type(e).__name__})") from None
-    if not isinstance(obj, dict) or ("format" in obj and (obj.get("format") != "potara-backbone-v1"
-                                                          or not {"vit", "state_dict"} <= obj.keys())):
+    if not isinstance(obj, dict) or (
+        "format" in obj and (obj.get("format") != "potara-backbone-v1" or not {"vit", "state_dict"} <= obj.keys())
+    ):
         raise BackboneError(f"--backbone {path}: neither a potara backbone file nor a state_dict")
     arch, state = (obj["vit"], obj["state_dict"]) if "format" in obj else (default_vit or VIT_B_16, obj)
     try:
@@ -159,12 +171,15 @@ def imagenet_vit_b_16() -> VisionTransformer:
         return torchvision.models.vit_b_16(weights=weights)
     except Exception as e:  # noqa: BLE001 -- offline, a damaged download, ...
         where = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
-        raise BackboneError(f"could not get the ImageNet weights of vit_b_16 (offline? {type(e).__name__}): "
-                            f"put {os.path.basename(weights.url)} at {where} or pass --backbone PATH") from None
+        raise BackboneError(
+            f"could not get the ImageNet weights of vit_b_16 (offline? {type(e).__name__}): "
+            f"put {os.path.basename(weights.url)} at {where} or pass --backbone PATH"
+        ) from None
 
 
-def pretrain_tiny_backbone(p: dict, images: torch.Tensor, labels: torch.Tensor, device: torch.device, seed: int,
-                           progress: bool) -> tuple[VisionTransformer, float]:
+def pretrain_tiny_backbone(
+    p: dict, images: torch.Tensor, labels: torch.Tensor, device: torch.device, seed: int, progress: bool
+) -> tuple[VisionTransformer, float]:
     """Full supervised training of the small ViT on the public images (random translation + flip, AdamW
     with warm-up and cosine decay). Returns the backbone and its accuracy on the last 1000 public images (held out)."""
     torch.manual_seed(seed)
@@ -186,19 +201,37 @@ def pretrain_tiny_backbone(p: dict, images: torch.Tensor, labels: torch.Tensor, 
         step(opt, sched, loss)
     model.eval()
     with torch.no_grad():
-        pred = torch.cat([model(images[i:i + 256].to(device)).argmax(-1).cpu() for i in range(n_train, len(images), 256)])
+        pred = torch.cat(
+            [model(images[i : i + 256].to(device)).argmax(-1).cpu() for i in range(n_train, len(images), 256)]
+        )
     return vit.cpu(), float((pred == labels[n_train:]).float().mean())
 
 
-def tiny_backbone(p: dict, data, public: np.ndarray, data_desc: dict, data_dir: str, pretrain_steps: int,
-                  device: torch.device, progress: bool) -> tuple[VisionTransformer, dict]:
+def tiny_backbone(
+    p: dict,
+    data,
+    public: np.ndarray,
+    data_desc: dict,
+    data_dir: str,
+    pretrain_steps: int,
+    device: torch.device,
+    progress: bool,
+) -> tuple[VisionTransformer, dict]:
     """The tiny preset's backbone, pre-trained (seed 0) on the public images data.images[public] (a
     data.CifarData) and cached as data_dir/backbones/tiny-<hash>.pt; the hash covers the architecture, the
     schedule, data_desc (which data, e.g. {"data": "synthetic", "synthetic_per_class": 500}) and the public
     indices, so a cache file is reused exactly when it would be trained again the same. Returns (backbone, info)."""
-    key = {"vit": p["vit"], "schedule": "warmup-cosine", "steps": pretrain_steps, "lr": p["pretrain_lr"],
-           "batch": p["pretrain_batch"], "mean": p["mean"], "std": p["std"], **data_desc,
-           "public": hashlib.sha256(public.tobytes()).hexdigest()}
+    key = {
+        "vit": p["vit"],
+        "schedule": "warmup-cosine",
+        "steps": pretrain_steps,
+        "lr": p["pretrain_lr"],
+        "batch": p["pretrain_batch"],
+        "mean": p["mean"],
+        "std": p["std"],
+        **data_desc,
+        "public": hashlib.sha256(public.tobytes()).hexdigest(),
+    }
     images, labels = data.images[public], torch.from_numpy(data.labels[public])
     path = cache_path(os.path.join(data_dir, "backbones"), "tiny", key)
 
@@ -211,9 +244,14 @@ def tiny_backbone(p: dict, data, public: np.ndarray, data_desc: dict, data_dir: 
         t0 = time.time()
         vit, acc = pretrain_tiny_backbone({**p, "pretrain_steps": pretrain_steps}, images, labels, device, 0, progress)
         info = {"public_acc": acc, "public_images": len(images), "pretrain_seconds": time.time() - t0, "key": key}
-        return {"format": "potara-backbone-v1", "vit": {**p["vit"], "num_classes": NUM_CLASSES},
-                "state_dict": vit.state_dict(), "info": info}
+        return {
+            "format": "potara-backbone-v1",
+            "vit": {**p["vit"], "num_classes": NUM_CLASSES},
+            "state_dict": vit.state_dict(),
+            "info": info,
+        }
 
-    vit, info, where = cached_pretrain(path, "tiny backbone", restore, train,
-                                       lambda i: f"held-out public accuracy {i['public_acc']:.3f}")
+    vit, info, where = cached_pretrain(
+        path, "tiny backbone", restore, train, lambda i: f"held-out public accuracy {i['public_acc']:.3f}"
+    )
     return vit, {"backbone": where, **info}

@@ -14,6 +14,7 @@ backbone (cached afterwards).
 The study itself (suites, scenarios, estimators, sources, outputs): estimator_study.py. The command line is
 parsed and checked here before torch loads (--help and a bad option answer at once); run() loads the study.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,30 +39,75 @@ DEFAULTS = dict(sources="train32,val32,val", rounds=50, synthetic_per_class=500)
 
 # ----------------------------------------------------------------------------- command line
 FLOATS = ("lr", "lora_alpha", "eps", "grid_step")
-SHARED = ("clients", "train", "val", "test", "public", "pretrain_steps", "synthetic_per_class", "local_steps",
-          "local_train_steps", "batch_size", "rank", "lr", "lora_alpha", "eps", "grid_step")
-REAL_FIELDS = ("clients", "train", "val", "test", "public", "pretrain_steps", "local_steps", "local_train_steps",
-               "batch_size", "rank", "lr", "lora_alpha", "rounds")  # options the real suite takes (DigitsConfig)
+SHARED = (
+    "clients",
+    "train",
+    "val",
+    "test",
+    "public",
+    "pretrain_steps",
+    "synthetic_per_class",
+    "local_steps",
+    "local_train_steps",
+    "batch_size",
+    "rank",
+    "lr",
+    "lora_alpha",
+    "eps",
+    "grid_step",
+)
+REAL_FIELDS = (
+    "clients",
+    "train",
+    "val",
+    "test",
+    "public",
+    "pretrain_steps",
+    "local_steps",
+    "local_train_steps",
+    "batch_size",
+    "rank",
+    "lr",
+    "lora_alpha",
+    "rounds",
+)  # options the real suite takes (DigitsConfig)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter,
-                                 epilog="Options showing no default take the suite's value: VIT_PRESETS['tiny'] "
-                                        "(synthetic) or DigitsConfig (real), in potara_harness/config.py.")
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=cli.HelpFormatter,
+        epilog="Options showing no default take the suite's value: VIT_PRESETS['tiny'] "
+        "(synthetic) or DigitsConfig (real), in potara_harness/config.py.",
+    )
     a, synthetic = ap.add_argument, ABLATION_SUITES["synthetic"]
-    a("--suite", choices=list(ABLATION_SUITES), default="synthetic",
-      help="synthetic images + tiny ViT, or real digits + MLP")
-    a("--scenarios", help=f"comma-separated, or 'all'; synthetic: {list(ABLATION_SCENARIOS)} (default: "
-                          f"{synthetic['default']}); real: {list(DIGITS_SCENARIOS)} (default: all)")
+    a(
+        "--suite",
+        choices=list(ABLATION_SUITES),
+        default="synthetic",
+        help="synthetic images + tiny ViT, or real digits + MLP",
+    )
+    a(
+        "--scenarios",
+        help=f"comma-separated, or 'all'; synthetic: {list(ABLATION_SCENARIOS)} (default: "
+        f"{synthetic['default']}); real: {list(DIGITS_SCENARIOS)} (default: all)",
+    )
     a("--seeds", help=f"comma-separated integer seeds (default: synthetic {synthetic['seeds']}, real 0-9)")
     a("--estimators", default=",".join(ABLATION_ESTIMATORS), help=f"comma-separated from {list(ABLATION_ESTIMATORS)}")
-    a("--sources", default=DEFAULTS["sources"],
-      help=f"comma-separated statistics sources from {list(ABLATION_SOURCES)}")
+    a(
+        "--sources",
+        default=DEFAULTS["sources"],
+        help=f"comma-separated statistics sources from {list(ABLATION_SOURCES)}",
+    )
     a("--out", help="output folder (ablation.json, ablation.md, cache/; default: runs/ablation or runs/ablation-real)")
     a("--data-dir", default="data", help="where synthetic/ and the cached tiny backbone live")
     a("--rounds", type=int, help=f"FedIT rounds (synthetic: {DEFAULTS['rounds']})")
-    a("--conflict-classes", type=int, default=ABLATION_SCENARIOS["conflict"]["classes"],
-      help="classes of synthetic 'conflict'")
+    a(
+        "--conflict-classes",
+        type=int,
+        default=ABLATION_SCENARIOS["conflict"]["classes"],
+        help="classes of synthetic 'conflict'",
+    )
     for k in SHARED:
         a(f"--{k.replace('_', '-')}", type=float if k in FLOATS else int, help="as in run_cifar.py")
     cli.add_run_options(ap, seed=False)  # --seeds instead
@@ -95,13 +141,38 @@ def resolve(ap: argparse.ArgumentParser, argv=None) -> tuple[argparse.Namespace,
         given = [k for k in SHARED if k not in REAL_FIELDS + ("eps", "grid_step") and getattr(args, k) is not None]
         if given:
             ap.error(f"--{given[0].replace('_', '-')} applies to the synthetic suite only")
-        cli.fill_from_preset(args, {**vars(DigitsConfig()), "eps": ExperimentConfig.eps,
-                                    "grid_step": ExperimentConfig.grid_step})
+        cli.fill_from_preset(
+            args, {**vars(DigitsConfig()), "eps": ExperimentConfig.eps, "grid_step": ExperimentConfig.grid_step}
+        )
     else:
-        cli.fill_from_preset(args, {**p, "eps": ExperimentConfig.eps, "grid_step": ExperimentConfig.grid_step,
-                                    "rounds": DEFAULTS["rounds"], "synthetic_per_class": DEFAULTS["synthetic_per_class"]})
-    cli.require_positive(ap, args, ("rounds", "clients", "train", "val", "test", "pretrain_steps", "local_steps",
-                                    "local_train_steps", "batch_size", "rank", "threads", "synthetic_per_class"))
+        cli.fill_from_preset(
+            args,
+            {
+                **p,
+                "eps": ExperimentConfig.eps,
+                "grid_step": ExperimentConfig.grid_step,
+                "rounds": DEFAULTS["rounds"],
+                "synthetic_per_class": DEFAULTS["synthetic_per_class"],
+            },
+        )
+    cli.require_positive(
+        ap,
+        args,
+        (
+            "rounds",
+            "clients",
+            "train",
+            "val",
+            "test",
+            "pretrain_steps",
+            "local_steps",
+            "local_train_steps",
+            "batch_size",
+            "rank",
+            "threads",
+            "synthetic_per_class",
+        ),
+    )
     cli.require_positive(ap, args, ("conflict_classes",), minimum=2)
     cli.check_sizes(ap, args, ("synthetic_per_class",))
     cli.check_run_options(ap, args)

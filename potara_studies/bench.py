@@ -30,6 +30,7 @@ median time and the median over rounds of its ratio to the baseline measured in 
 that ratio's min-max over the rounds. On a CPU the default is one thread (--threads): with several, every
 small op waits for OpenMP threads, which on a machine shared with other jobs swamps the figures.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,19 +43,32 @@ SECTIONS = ("lora", "merged", "fisher", "clients", "potara", "pipeline")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n\n", 2)[2],
-                                 formatter_class=cli.DocstringHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        epilog=__doc__.split("\n\n", 2)[2],
+        formatter_class=cli.DocstringHelpFormatter,
+    )
     a = ap.add_argument
     a("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {','.join(SECTIONS)}")
     a("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when present")
     a("--reps", type=int, help="timed rounds per comparison (default: 7 on CPU, 10 on CUDA)")
-    a("--threads", type=int, default=1,
-      help="torch CPU threads (default 1: stable ratios on a shared machine; 0: torch's default)")
+    a(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: stable ratios on a shared machine; 0: torch's default)",
+    )
     a("--out", default="runs/bench.json", help="JSON output")
-    a("--pipeline-results", default="runs/tiny-synthetic-dirichlet-k5-s0/results.json",
-      help="results.json of a `run_cifar.py --preset tiny --data synthetic` run")
-    a("--pipeline-run", action="store_true",
-      help="run that command first, into --pipeline-out (minutes; longer when the backbone is not cached)")
+    a(
+        "--pipeline-results",
+        default="runs/tiny-synthetic-dirichlet-k5-s0/results.json",
+        help="results.json of a `run_cifar.py --preset tiny --data synthetic` run",
+    )
+    a(
+        "--pipeline-run",
+        action="store_true",
+        help="run that command first, into --pipeline-out (minutes; longer when the backbone is not cached)",
+    )
     a("--pipeline-out", default="runs/bench-pipeline", help="output folder of --pipeline-run")
     return ap
 

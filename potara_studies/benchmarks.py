@@ -4,6 +4,7 @@ and how it is timed): per section a function returning table rows, and run(), wh
     report = run(args, ["lora", "fisher"], command)   # rows, machine, timings; written to args.out (JSON)
     rows = bench_lora(defaults_for(device), device)  # one section: [{"section", "name", "median", "ratio", ...}]
 """
+
 from __future__ import annotations
 
 import copy
@@ -28,19 +29,24 @@ import torch.nn.functional as F
 from torchvision.models import VisionTransformer, vit_b_16
 
 from potara import fisher
-from potara.merge import merge_adapters, personalize
-from potara.weight import segment_loss
-from potara.rounds import state_bytes
-from potara.lora import add_lora, load_lora_state_dict, lora_state_dict, LoRALinear, merge_lora
+from potara.lora import LoRALinear, add_lora, load_lora_state_dict, lora_state_dict, merge_lora
 from potara.lora_mha import LORA_LAYERS, LoRAPackedQKV
+from potara.merge import merge_adapters, personalize
+from potara.rounds import state_bytes
+from potara.training import shuffled_batches, train_adapter
+from potara.weight import segment_loss
 from potara_harness.config import VIT_PRESETS, ExperimentConfig
 from potara_harness.evaluation import Evaluator, accuracy_and_loss, lam_grid
-from potara.training import shuffled_batches, train_adapter
 
 # the tiny preset's numbers (config.VIT_PRESETS) and Potara's statistics at the pipelines' default sample count
-TINY = {**{k: v for k, v in VIT_PRESETS["tiny"].items() if k in ("vit", "train", "local_train_steps", "lr", "batch_size",
-                                                             "rank", "lora_alpha")},
-        "fisher_samples": ExperimentConfig.fisher_samples}
+TINY = {
+    **{
+        k: v
+        for k, v in VIT_PRESETS["tiny"].items()
+        if k in ("vit", "train", "local_train_steps", "lr", "batch_size", "rank", "lora_alpha")
+    },
+    "fisher_samples": ExperimentConfig.fisher_samples,
+}
 SMALL_VIT = dict(image_size=32, patch_size=4, num_layers=6, num_heads=6, hidden_dim=192, mlp_dim=768)  # 65 tokens
 PIPELINE_CMD = ["run_cifar.py", "--preset", "tiny", "--data", "synthetic"]
 
@@ -48,15 +54,16 @@ PIPELINE_CMD = ["run_cifar.py", "--preset", "tiny", "--data", "synthetic"]
 @dataclass
 class BenchConfig:
     """Every size the benchmarks use (defaults per device in `defaults_for`)."""
+
     reps: int = 5
     warmup: int = 1
     min_sample_s: float = 0.25  # shorter variants are repeated within a round (see measure)
-    tokens: int = 197          # ViT-B/16 at 224 px: 196 patches + the class token
-    layer_batch: int = 32      # LoRALinear rows: batch x tokens x 768
-    mha_batch: int = 8         # packed q/v attention rows (the fused in-projection is the costly part on a CPU)
+    tokens: int = 197  # ViT-B/16 at 224 px: 196 patches + the class token
+    layer_batch: int = 32  # LoRALinear rows: batch x tokens x 768
+    mha_batch: int = 8  # packed q/v attention rows (the fused in-projection is the costly part on a CPU)
     rank: int = 8
     alpha: float = 16
-    infer_batch: int = 2       # merged-inference images (224 px); this section runs 2x the rounds
+    infer_batch: int = 2  # merged-inference images (224 px); this section runs 2x the rounds
     fisher_counts: tuple = (32, 256)
     fisher_vits: tuple = ("tiny", "small")  # run_cifar's tiny preset; SMALL_VIT below
     fisher_batch: int = 32
@@ -77,8 +84,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(variants: dict[str, Callable[[], object]], cfg: BenchConfig, device: torch.device,
-            reps: int | None = None) -> dict[str, list[float]]:
+def measure(
+    variants: dict[str, Callable[[], object]], cfg: BenchConfig, device: torch.device, reps: int | None = None
+) -> dict[str, list[float]]:
     """Seconds per call of each variant: warm-up, then `reps` rounds, each variant once per round in
     rotating order (the first variant is the baseline of the ratios). A variant faster than
     cfg.min_sample_s is called several times per round (the time per call is reported), so that
@@ -95,7 +103,7 @@ def measure(variants: dict[str, Callable[[], object]], cfg: BenchConfig, device:
         calls[k] = max(1, math.ceil(cfg.min_sample_s / max(time.perf_counter() - t0, 1e-9)))
     names, times = list(variants), {k: [] for k in variants}
     for r in range(reps):
-        for k in names[r % len(names):] + names[:r % len(names)]:
+        for k in names[r % len(names) :] + names[: r % len(names)]:
             _sync(device)
             t0 = time.perf_counter()
             for _ in range(calls[k]):
@@ -105,15 +113,27 @@ def measure(variants: dict[str, Callable[[], object]], cfg: BenchConfig, device:
     return times
 
 
-def rows_from(section: str, times: dict[str, list[float]], baseline: str, goal: dict | None = None,
-              note: str = "") -> list[dict]:
+def rows_from(
+    section: str, times: dict[str, list[float]], baseline: str, goal: dict | None = None, note: str = ""
+) -> list[dict]:
     """One row per variant: median seconds, median paired ratio to `baseline` and its min-max (noise)."""
     out = []
     for k, ts in times.items():
         ratios = [a / b for a, b in zip(ts, times[baseline])]
-        out.append({"section": section, "name": k, "median_s": statistics.median(ts), "min_s": min(ts),
-                    "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
-                    "baseline": baseline, "note": note, **(goal or {}).get(k, {})})
+        out.append(
+            {
+                "section": section,
+                "name": k,
+                "median_s": statistics.median(ts),
+                "min_s": min(ts),
+                "ratio": statistics.median(ratios),
+                "ratio_min": min(ratios),
+                "ratio_max": max(ratios),
+                "baseline": baseline,
+                "note": note,
+                **(goal or {}).get(k, {}),
+            }
+        )
     return out
 
 
@@ -139,8 +159,9 @@ def lora_vit(vit: VisionTransformer, rank: int, alpha: float, num_classes: int, 
     return vit
 
 
-def tiny_vit(cfg: BenchConfig, device: torch.device, seed: int = 0,
-             geometry: dict | None = None) -> tuple[VisionTransformer, dict]:
+def tiny_vit(
+    cfg: BenchConfig, device: torch.device, seed: int = 0, geometry: dict | None = None
+) -> tuple[VisionTransformer, dict]:
     """The tiny preset's LoRA ViT (or the same setting on another `geometry`) and the preset's numbers."""
     p = tiny_preset()
     if geometry:
@@ -158,8 +179,9 @@ def peft_layer(module: nn.Module, rank: int, alpha: float):
         return None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        wrapped = get_peft_model(nn.Sequential(copy.deepcopy(module)),
-                                 LoraConfig(r=rank, lora_alpha=alpha, target_modules=["0"]))
+        wrapped = get_peft_model(
+            nn.Sequential(copy.deepcopy(module)), LoraConfig(r=rank, lora_alpha=alpha, target_modules=["0"])
+        )
     layer = wrapped.base_model.model[0]
     with torch.no_grad():
         for n, p in layer.named_parameters():
@@ -177,17 +199,37 @@ def bench_lora(cfg: BenchConfig, device: torch.device) -> list[dict]:
             x.grad = None
             module.zero_grad(set_to_none=True)
             call(module, x).backward(grad_out)
+
         return step
 
     linear_call = lambda m, x: m(x)
     mha_call = lambda m, x: m(x, x, x, need_weights=False)[0]
-    cases = [(f"Linear 768x768, {cfg.layer_batch}x{cfg.tokens} tokens", nn.Linear(768, 768), cfg.layer_batch,
-              768, linear_call, lambda m: LoRALinear(m, cfg.rank, cfg.alpha)),
-             (f"Linear 768x3072, {cfg.layer_batch}x{cfg.tokens} tokens", nn.Linear(768, 3072), cfg.layer_batch,
-              3072, linear_call, lambda m: LoRALinear(m, cfg.rank, cfg.alpha)),
-             (f"attention q/v (MHA 768, 12 heads), {cfg.mha_batch}x{cfg.tokens} tokens",
-              nn.MultiheadAttention(768, 12, batch_first=True), cfg.mha_batch, 768, mha_call,
-              lambda m: LoRAPackedQKV(m, cfg.rank, cfg.alpha))]
+    cases = [
+        (
+            f"Linear 768x768, {cfg.layer_batch}x{cfg.tokens} tokens",
+            nn.Linear(768, 768),
+            cfg.layer_batch,
+            768,
+            linear_call,
+            lambda m: LoRALinear(m, cfg.rank, cfg.alpha),
+        ),
+        (
+            f"Linear 768x3072, {cfg.layer_batch}x{cfg.tokens} tokens",
+            nn.Linear(768, 3072),
+            cfg.layer_batch,
+            3072,
+            linear_call,
+            lambda m: LoRALinear(m, cfg.rank, cfg.alpha),
+        ),
+        (
+            f"attention q/v (MHA 768, 12 heads), {cfg.mha_batch}x{cfg.tokens} tokens",
+            nn.MultiheadAttention(768, 12, batch_first=True),
+            cfg.mha_batch,
+            768,
+            mha_call,
+            lambda m: LoRAPackedQKV(m, cfg.rank, cfg.alpha),
+        ),
+    ]
     # note: nn.MultiheadAttention(batch_first=True) itself runs its in-projection as a broadcast bmm when training,
     # slower than three plain matmuls; our activation-space q/v path does the latter, so it can beat "plain".
     for label, plain, batch, out_features, call, wrap in cases:
@@ -211,7 +253,9 @@ def bench_lora(cfg: BenchConfig, device: torch.device) -> list[dict]:
             r["name"] = f"{label}: {r['name']}"
         if "peft" in ratio:
             rows_of_ours = [r for r in got if r["name"].endswith("potara")]
-            rows_of_ours[0].update(goal=f"overhead <= peft's ({ratio['peft']:.2f}x)", met=ratio["potara"] <= ratio["peft"])
+            rows_of_ours[0].update(
+                goal=f"overhead <= peft's ({ratio['peft']:.2f}x)", met=ratio["potara"] <= ratio["peft"]
+            )
         rows += got
     return rows
 
@@ -226,9 +270,13 @@ def bench_merged(cfg: BenchConfig, device: torch.device) -> list[dict]:
     x = torch.randn(cfg.infer_batch, 3, 224, 224, device=device)
     with torch.inference_mode():
         diff = float((merged(x) - unmerged(x)).abs().max())
-        call = lambda m: (lambda: m(x))
-        times = measure({"plain model": call(plain), "merged adapter": call(merged),
-                         "unmerged adapter": call(unmerged)}, cfg, device, reps=2 * cfg.reps)
+        call = lambda m: lambda: m(x)
+        times = measure(
+            {"plain model": call(plain), "merged adapter": call(merged), "unmerged adapter": call(unmerged)},
+            cfg,
+            device,
+            reps=2 * cfg.reps,
+        )
     rows = rows_from("merged", times, "plain model", note=f"ViT-B/16, {cfg.infer_batch} images 224 px, inference")
     for r in rows:
         if r["name"] == "merged adapter":
@@ -247,7 +295,7 @@ def naive_fisher(model: nn.Module, batches, n: int) -> dict[str, torch.Tensor]:
     seen = 0
     for x, y in batches:
         for i in range(len(y)):
-            log_p = F.log_softmax(model(x[i:i + 1]), -1)[0, y[i]]
+            log_p = F.log_softmax(model(x[i : i + 1]), -1)[0, y[i]]
             for a, g in zip(acc, torch.autograd.grad(log_p, params)):
                 a += g * g
             seen += 1
@@ -272,8 +320,13 @@ def bench_fisher(cfg: BenchConfig, device: torch.device) -> list[dict]:
     rows = []
     for which in cfg.fisher_vits:
         model, p = tiny_vit(cfg, device, geometry=SMALL_VIT if which == "small" else None)
-        rows += fisher_rows(model, p, f"{which} ViT ({{num_layers}}x{{hidden_dim}}, {{image_size}}px/{{patch_size}})"
-                            .format(**p["vit"]), cfg, device)
+        rows += fisher_rows(
+            model,
+            p,
+            f"{which} ViT ({{num_layers}}x{{hidden_dim}}, {{image_size}}px/{{patch_size}})".format(**p["vit"]),
+            cfg,
+            device,
+        )
     return rows
 
 
@@ -286,7 +339,7 @@ def fisher_rows(model: nn.Module, p: dict, geometry: str, cfg: BenchConfig, devi
     opt = torch.optim.AdamW(params, lr=0.0)  # lr 0: the same arithmetic, the adapter stays put
     rows = []
     for n in cfg.fisher_counts:
-        batches = [(X[i:i + cfg.fisher_batch], Y[i:i + cfg.fisher_batch]) for i in range(0, n, cfg.fisher_batch)]
+        batches = [(X[i : i + cfg.fisher_batch], Y[i : i + cfg.fisher_batch]) for i in range(0, n, cfg.fisher_batch)]
 
         def train_pass():
             model.train()
@@ -296,26 +349,40 @@ def fisher_rows(model: nn.Module, p: dict, geometry: str, cfg: BenchConfig, devi
                 opt.step()
             model.eval()
 
-        variants = {"training pass": train_pass,
-                    "diag_fisher (torch.func)": lambda: fisher.diag_fisher(model, batches, n_samples=n),
-                    "naive per-sample loop": lambda: naive_fisher(model, batches, n)}
+        variants = {
+            "training pass": train_pass,
+            "diag_fisher (torch.func)": lambda: fisher.diag_fisher(model, batches, n_samples=n),
+            "naive per-sample loop": lambda: naive_fisher(model, batches, n),
+        }
         times = measure(variants, cfg, device, reps=cfg.reps if n <= 32 else max(3, cfg.reps // 2))
-        got = rows_from("fisher", times, "training pass", note=f"{geometry}, {n} samples, batches of {cfg.fisher_batch}")
+        got = rows_from(
+            "fisher", times, "training pass", note=f"{geometry}, {n} samples, batches of {cfg.fisher_batch}"
+        )
         t = {r["name"]: r for r in got}
         speedup = [a / b for a, b in zip(times["naive per-sample loop"], times["diag_fisher (torch.func)"])]
-        t["diag_fisher (torch.func)"].update(goal="<= 2x the training pass", met=t["diag_fisher (torch.func)"]["ratio"] <= 2)
+        t["diag_fisher (torch.func)"].update(
+            goal="<= 2x the training pass", met=t["diag_fisher (torch.func)"]["ratio"] <= 2
+        )
         for r in got:
             r["name"] = f"{geometry}, {n} samples: {r['name']}"
         rows += got
-        rows.append(value_row("fisher", f"{geometry}, {n} samples: naive loop / diag_fisher", statistics.median(speedup),
-                              "x", f"min-max {min(speedup):.2f}-{max(speedup):.2f}",
-                              **({"goal": ">= 5x", "met": statistics.median(speedup) >= 5} if n == 32 else {})))
+        rows.append(
+            value_row(
+                "fisher",
+                f"{geometry}, {n} samples: naive loop / diag_fisher",
+                statistics.median(speedup),
+                "x",
+                f"min-max {min(speedup):.2f}-{max(speedup):.2f}",
+                **({"goal": ">= 5x", "met": statistics.median(speedup) >= 5} if n == 32 else {}),
+            )
+        )
         f_func, f_naive = fisher.diag_fisher(model, batches, n_samples=n), naive_fisher(model, batches, n)
         err = max(float((f_func[k] - f_naive[k]).abs().max() / f_naive[k].abs().max().clamp_min(1e-30)) for k in f_func)
-        rows.append(value_row("fisher", f"{geometry}, {n} samples: max rel. diff torch.func vs loop", err, "rel",
-                              "correctness"))
+        rows.append(
+            value_row("fisher", f"{geometry}, {n} samples: max rel. diff torch.func vs loop", err, "rel", "correctness")
+        )
     # the attention kernel under vmap: fused CPU flash attention has no batching rule (vmap loops over samples)
-    x, y = X[:cfg.fisher_batch], Y[:cfg.fisher_batch]
+    x, y = X[: cfg.fisher_batch], Y[: cfg.fisher_batch]
     state = {k: q.detach() for k, q in model.named_parameters() if q.requires_grad}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -323,12 +390,23 @@ def fisher_rows(model: nn.Module, p: dict, geometry: str, cfg: BenchConfig, devi
     fell_back = any("batching rule" in str(w.message) for w in caught)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        times = measure({"per_sample_grads, math attention (potara)": lambda: fisher.per_sample_grads(model, state, x, y),
-                         "per_sample_grads, default attention kernel": lambda: per_sample_grads_fused_attention(
-                             model, state, x, y)}, cfg, device)
-    got = rows_from("fisher", times, "per_sample_grads, math attention (potara)",
-                    note=f"{geometry}, {cfg.fisher_batch} samples; with the default kernel vmap warned it loops "
-                         f"over samples: {'yes' if fell_back else 'no'}")
+        times = measure(
+            {
+                "per_sample_grads, math attention (potara)": lambda: fisher.per_sample_grads(model, state, x, y),
+                "per_sample_grads, default attention kernel": lambda: per_sample_grads_fused_attention(
+                    model, state, x, y
+                ),
+            },
+            cfg,
+            device,
+        )
+    got = rows_from(
+        "fisher",
+        times,
+        "per_sample_grads, math attention (potara)",
+        note=f"{geometry}, {cfg.fisher_batch} samples; with the default kernel vmap warned it loops "
+        f"over samples: {'yes' if fell_back else 'no'}",
+    )
     for r in got:
         r["name"] = f"{geometry}: {r['name']}"
     return rows + got
@@ -365,9 +443,12 @@ def client_memory(small: int, large: int, rank: int, alpha: float) -> dict:
         rss[count] = _rss_bytes() - base
     owned = {t.untyped_storage().data_ptr() for s in held.values() for t in s.values()}
     shared = owned & {q.untyped_storage().data_ptr() for q in model.parameters()}
-    return {"adapter_bytes": state_bytes(template), "model_bytes": sum(q.numel() * q.element_size()
-                                                                       for q in model.parameters()),
-            "rss_growth": rss, "storages_shared_with_model": len(shared)}
+    return {
+        "adapter_bytes": state_bytes(template),
+        "model_bytes": sum(q.numel() * q.element_size() for q in model.parameters()),
+        "rss_growth": rss,
+        "storages_shared_with_model": len(shared),
+    }
 
 
 def bench_clients(cfg: BenchConfig, device: torch.device) -> list[dict]:
@@ -377,24 +458,38 @@ def bench_clients(cfg: BenchConfig, device: torch.device) -> list[dict]:
     full = {k: v.clone() for k, v in model.state_dict().items()}
     i = iter(range(10**9))
     note = f"ViT-B/16, q/v rank {cfg.rank} + 100-class head"
-    times = measure({"load one client's adapter": lambda: load_lora_state_dict(model, states[next(i) % 4]),
-                     "load a full model state_dict": lambda: model.load_state_dict(full),
-                     "deepcopy the model": lambda: copy.deepcopy(model)}, cfg, device, reps=cfg.switch_reps)
+    times = measure(
+        {
+            "load one client's adapter": lambda: load_lora_state_dict(model, states[next(i) % 4]),
+            "load a full model state_dict": lambda: model.load_state_dict(full),
+            "deepcopy the model": lambda: copy.deepcopy(model),
+        },
+        cfg,
+        device,
+        reps=cfg.switch_reps,
+    )
     rows = rows_from("clients", times, "load one client's adapter", note=note)
     with mp.get_context("spawn").Pool(1) as pool:  # a fresh process: RSS not blurred by earlier sections
         m = pool.apply(client_memory, (cfg.clients_small, cfg.clients_large, cfg.rank, cfg.alpha))
     grow = m["rss_growth"][cfg.clients_large] - m["rss_growth"][cfg.clients_small]
     extra = cfg.clients_large - cfg.clients_small
     per_client = grow / extra
-    rows += [value_row("clients", "adapter bytes per client", m["adapter_bytes"], "B", note),
-             value_row("clients", "backbone bytes (one copy)", m["model_bytes"], "B", note),
-             value_row("clients", f"RSS growth, {cfg.clients_small} clients", m["rss_growth"][cfg.clients_small], "B"),
-             value_row("clients", f"RSS growth, {cfg.clients_large} clients", m["rss_growth"][cfg.clients_large], "B"),
-             value_row("clients", "RSS growth per extra client / adapter bytes", per_client / m["adapter_bytes"], "x",
-                       f"{per_client / 1e6:.2f} MB per client over {extra} clients; "
-                       f"{m['storages_shared_with_model']} storages shared with the model",
-                       goal="~1x adapter, never a model copy",
-                       met=per_client <= 1.25 * m["adapter_bytes"] and grow < m["model_bytes"])]
+    rows += [
+        value_row("clients", "adapter bytes per client", m["adapter_bytes"], "B", note),
+        value_row("clients", "backbone bytes (one copy)", m["model_bytes"], "B", note),
+        value_row("clients", f"RSS growth, {cfg.clients_small} clients", m["rss_growth"][cfg.clients_small], "B"),
+        value_row("clients", f"RSS growth, {cfg.clients_large} clients", m["rss_growth"][cfg.clients_large], "B"),
+        value_row(
+            "clients",
+            "RSS growth per extra client / adapter bytes",
+            per_client / m["adapter_bytes"],
+            "x",
+            f"{per_client / 1e6:.2f} MB per client over {extra} clients; "
+            f"{m['storages_shared_with_model']} storages shared with the model",
+            goal="~1x adapter, never a model copy",
+            met=per_client <= 1.25 * m["adapter_bytes"] and grow < m["model_bytes"],
+        ),
+    ]
     return rows
 
 
@@ -417,8 +512,9 @@ def bench_potara(cfg: BenchConfig, device: torch.device) -> list[dict]:
 
     def local_training():
         load_lora_state_dict(model, init)
-        return train_adapter(model, shuffled_batches(X, Y, p["batch_size"], 0), p["local_train_steps"], p["lr"],
-                             progress=False).state
+        return train_adapter(
+            model, shuffled_batches(X, Y, p["batch_size"], 0), p["local_train_steps"], p["lr"], progress=False
+        ).state
 
     L = local_training()
     load_lora_state_dict(model, L)
@@ -440,8 +536,9 @@ def bench_potara(cfg: BenchConfig, device: torch.device) -> list[dict]:
     def grid():  # the grid as evaluation.grid_search scores val: accuracy and loss from one merged forward per lam
         return [accuracy_and_loss(ev, merge_adapters(G, L, lam), Xh, Yh) for lam in lam_grid(0.05)]
 
-    def grid_before():  # before issue 20: accuracy through the rank-r branches, then the loss (two forwards)
+    def grid_before():  # the earlier grid: accuracy through the rank-r branches, then the loss (two forwards)
         from potara_harness.evaluation import accuracy
+
         for lam in lam_grid(0.05):
             merged = merge_adapters(G, L, lam)
             load_lora_state_dict(model, merged)
@@ -449,35 +546,61 @@ def bench_potara(cfg: BenchConfig, device: torch.device) -> list[dict]:
             accuracy(model, Xh, Yh)
             segment_loss(model, G, L, lam, held, slope=False)
         load_lora_state_dict(model, L)
+
     _, info = personalize(model, G, L, held_out=held)
-    times = measure({"one forward-backward pass": forward_backward,
-                     "potara.personalize (default)": lambda: personalize(model, G, L, held_out=held),
-                     "default, candidate at an end (2 fwd-bwd)": ends,
-                     "default, worst case (2 fwd-bwd + 1 fwd)": worst_case, "21-point grid search": grid,
-                     "21-point grid search before issue 20 (2 unmerged forwards per lam)": grid_before,
-                     "local training": local_training}, cfg, device)
+    times = measure(
+        {
+            "one forward-backward pass": forward_backward,
+            "potara.personalize (default)": lambda: personalize(model, G, L, held_out=held),
+            "default, candidate at an end (2 fwd-bwd)": ends,
+            "default, worst case (2 fwd-bwd + 1 fwd)": worst_case,
+            "21-point grid search": grid,
+            "21-point grid search, the earlier way (2 unmerged forwards per lam)": grid_before,
+            "local training": local_training,
+        },
+        cfg,
+        device,
+    )
     load_lora_state_dict(model, init)
-    note = (f"tiny preset ViT, {n} held-out samples in one batch; personalize took {info['passes']} here "
-            f"(candidate: {info['candidate']}); local training: {p['local_train_steps']} steps of batch "
-            f"{p['batch_size']}")
+    note = (
+        f"tiny preset ViT, {n} held-out samples in one batch; personalize took {info['passes']} here "
+        f"(candidate: {info['candidate']}); local training: {p['local_train_steps']} steps of batch "
+        f"{p['batch_size']}"
+    )
     rows = rows_from("potara", times, "one forward-backward pass", note=note)
     paired = lambda a, b: [x / y for x, y in zip(times[a], times[b])]
     for r in rows:
         if r["name"] == "default, worst case (2 fwd-bwd + 1 fwd)":
             r.update(goal="<= 2.5x one forward-backward pass", met=r["ratio"] <= 2.5)
-    for name, of, goal, limit in (("default, worst case / 21-point grid search", "21-point grid search",
-                                   "<= 0.25 of the grid search", 0.25),
-                                  ("21-point grid search / before issue 20",
-                                   "21-point grid search before issue 20 (2 unmerged forwards per lam)",
-                                   "faster than before", 1.0),
-                                  ("potara.personalize / local training", "local training", "< 5% of local training",
-                                   0.05)):
-        subject = ("default, worst case (2 fwd-bwd + 1 fwd)" if "worst" in name else "21-point grid search"
-                   if name.startswith("21-point") else "potara.personalize (default)")
+    for name, of, goal, limit in (
+        ("default, worst case / 21-point grid search", "21-point grid search", "<= 0.25 of the grid search", 0.25),
+        (
+            "21-point grid search / the earlier way",
+            "21-point grid search, the earlier way (2 unmerged forwards per lam)",
+            "faster than before",
+            1.0,
+        ),
+        ("potara.personalize / local training", "local training", "< 5% of local training", 0.05),
+    ):
+        subject = (
+            "default, worst case (2 fwd-bwd + 1 fwd)"
+            if "worst" in name
+            else "21-point grid search"
+            if name.startswith("21-point")
+            else "potara.personalize (default)"
+        )
         ratios = paired(subject, of)
-        rows.append(value_row("potara", name, statistics.median(ratios), "x",
-                              f"paired over rounds, noise {min(ratios):.3f}-{max(ratios):.3f}", goal=goal,
-                              met=statistics.median(ratios) <= limit))
+        rows.append(
+            value_row(
+                "potara",
+                name,
+                statistics.median(ratios),
+                "x",
+                f"paired over rounds, noise {min(ratios):.3f}-{max(ratios):.3f}",
+                goal=goal,
+                met=statistics.median(ratios) <= limit,
+            )
+        )
     return rows
 
 
@@ -491,24 +614,49 @@ def bench_pipeline(args, cfg: BenchConfig, device: torch.device) -> list[dict]:
         subprocess.run([sys.executable, *PIPELINE_CMD, "--out", args.pipeline_out], check=True)
         wall = time.time() - started
     if not os.path.exists(path):
-        return [value_row("pipeline", "not measured", float("nan"), "",
-                          f"no {path}: run `python {' '.join(PIPELINE_CMD)}` (or python -m potara_studies.bench --pipeline-run)")]
+        return [
+            value_row(
+                "pipeline",
+                "not measured",
+                float("nan"),
+                "",
+                f"no {path}: run `python {' '.join(PIPELINE_CMD)}` (or python -m potara_studies.bench --pipeline-run)",
+            )
+        ]
     with open(path) as f:
         results = json.load(f)
     stages = dict(results.get("timing_s", {}))
     total = sum(stages.values())
-    rows = [value_row("pipeline", f"stage: {k}", v, "s", f"{100 * v / total:.0f}% of the staged {total:.0f} s",
-                      share=v / total) for k, v in stages.items()]
+    rows = [
+        value_row(
+            "pipeline", f"stage: {k}", v, "s", f"{100 * v / total:.0f}% of the staged {total:.0f} s", share=v / total
+        )
+        for k, v in stages.items()
+    ]
     rows.append(value_row("pipeline", "staged total (run_experiment)", total, "s", path))
     backbone = results.get("config", {}).get("backbone", {}) or {}
     cached = backbone.get("backbone")
     fresh = wall is not None and cached and os.path.exists(cached) and os.path.getmtime(cached) >= started
     if backbone.get("pretrain_seconds"):
-        rows.append(value_row("pipeline", "backbone pre-training (once; cached and reused by later runs)",
-                              backbone["pretrain_seconds"], "s", "in this run" if fresh else "when it was cached"))
+        rows.append(
+            value_row(
+                "pipeline",
+                "backbone pre-training (once; cached and reused by later runs)",
+                backbone["pretrain_seconds"],
+                "s",
+                "in this run" if fresh else "when it was cached",
+            )
+        )
     if wall is not None:
-        rows.append(value_row("pipeline", "rest: data, backbone, setup, outputs", wall - total, "s",
-                              f"{100 * (wall - total) / wall:.0f}% of the wall time"))
+        rows.append(
+            value_row(
+                "pipeline",
+                "rest: data, backbone, setup, outputs",
+                wall - total,
+                "s",
+                f"{100 * (wall - total) / wall:.0f}% of the wall time",
+            )
+        )
         rows.append(value_row("pipeline", "wall time of the command", wall, "s", " ".join(PIPELINE_CMD)))
     return rows
 
@@ -517,12 +665,24 @@ def bench_pipeline(args, cfg: BenchConfig, device: torch.device) -> list[dict]:
 def fmt_row(r: dict) -> str:
     if "median_s" in r:
         value = f"{r['median_s'] * 1e3:.1f} ms" if r["median_s"] < 10 else f"{r['median_s']:.1f} s"
-        ratio = f"{r['ratio']:.2f}x" + (f" ({r['ratio_min']:.2f}-{r['ratio_max']:.2f})" if r["name"] != r["baseline"]
-                                        and not r["name"].endswith(r["baseline"]) else "")
+        ratio = f"{r['ratio']:.2f}x" + (
+            f" ({r['ratio_min']:.2f}-{r['ratio_max']:.2f})"
+            if r["name"] != r["baseline"] and not r["name"].endswith(r["baseline"])
+            else ""
+        )
     else:
         v, u = r["value"], r["unit"]
-        value = (f"{v / 1e6:.2f} MB" if u == "B" else f"{v:.2f}{u}" if u == "x" else f"{v:.1f} s" if u == "s"
-                 else f"{v:.2e}" if u in ("rel", "abs") else str(v))
+        value = (
+            f"{v / 1e6:.2f} MB"
+            if u == "B"
+            else f"{v:.2f}{u}"
+            if u == "x"
+            else f"{v:.1f} s"
+            if u == "s"
+            else f"{v:.2e}"
+            if u in ("rel", "abs")
+            else str(v)
+        )
         ratio = ""
     met = {True: "met", False: "NOT met"}.get(r.get("met"), "")
     goal = f"{r.get('goal', '')} {met}".strip()
@@ -530,12 +690,25 @@ def fmt_row(r: dict) -> str:
 
 
 def machine_info(device: torch.device) -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(device),
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
-            "loadavg_start": os.getloadavg()}
+    cpu = (
+        next(
+            (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+            platform.processor(),
+        )
+        if os.path.exists("/proc/cpuinfo")
+        else platform.processor()
+    )
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "loadavg_start": os.getloadavg(),
+    }
 
 
 def run(args, sections: list[str], command: str) -> dict:
@@ -543,15 +716,27 @@ def run(args, sections: list[str], command: str) -> dict:
     (machine, config, rows, seconds per section) is written to args.out even when a section fails."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.device == "cuda" or args.device == "auto" and torch.cuda.is_available()
-                          else "cpu")
+    device = torch.device(
+        "cuda" if args.device == "cuda" or args.device == "auto" and torch.cuda.is_available() else "cpu"
+    )
     cfg = defaults_for(device)
     if args.reps:
         cfg.reps = args.reps
-    report = {"command": command, "machine": machine_info(device), "config": asdict(cfg), "rows": [],
-              "section_seconds": {}}
-    run_section = {"lora": bench_lora, "merged": bench_merged, "fisher": bench_fisher, "clients": bench_clients,
-                   "potara": bench_potara, "pipeline": lambda c, d: bench_pipeline(args, c, d)}
+    report = {
+        "command": command,
+        "machine": machine_info(device),
+        "config": asdict(cfg),
+        "rows": [],
+        "section_seconds": {},
+    }
+    run_section = {
+        "lora": bench_lora,
+        "merged": bench_merged,
+        "fisher": bench_fisher,
+        "clients": bench_clients,
+        "potara": bench_potara,
+        "pipeline": lambda c, d: bench_pipeline(args, c, d),
+    }
     t_start = time.time()
     try:
         for s in sections:
@@ -566,9 +751,11 @@ def run(args, sections: list[str], command: str) -> dict:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
     m = report["machine"]
-    print(f"\n{m['cpu']} ({m['cores']} cores, {m['torch_threads']} torch threads), device {m['device']}"
-          f"{' ' + m['gpu'] if m['gpu'] else ''}, torch {m['torch']}; load average {m['loadavg_start'][0]:.1f} -> "
-          f"{m['loadavg_end'][0]:.1f}\n`{report['command']}` ({report['total_seconds']:.0f} s)\n")
+    print(
+        f"\n{m['cpu']} ({m['cores']} cores, {m['torch_threads']} torch threads), device {m['device']}"
+        f"{' ' + m['gpu'] if m['gpu'] else ''}, torch {m['torch']}; load average {m['loadavg_start'][0]:.1f} -> "
+        f"{m['loadavg_end'][0]:.1f}\n`{report['command']}` ({report['total_seconds']:.0f} s)\n"
+    )
     print("| section | measurement | median | ratio to baseline (min-max) | goal | note |")
     print("|---|---|---|---|---|---|")
     for r in report["rows"]:

@@ -1,4 +1,5 @@
-"""Real handwritten digits for the merge-weight study (python -m potara_studies.ablation --suite real): data, backbone, clients.
+"""Real handwritten digits for the merge-weight study (python -m potara_studies.ablation --suite real): data,
+backbone, clients.
 
     from potara_studies.digits import load_digits_data, pretrain_backbone, build_model, scenario_splits
     cfg = DigitsConfig()                           # sizes and training: potara_harness/config.py
@@ -19,6 +20,7 @@ Scenarios (config.DIGITS_SCENARIOS):
                   learns fits no client, and the two adapters need not be linearly connected;
   dirichlet-0.5   label skew (the paper's setting): digit labels, class mix q_k ~ Dir(0.5).
 """
+
 from __future__ import annotations
 
 import copy
@@ -28,14 +30,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from potara_harness.data import ClientSplits, DataError
 from potara.lora import add_lora
 from potara_harness.config import DIGITS_SCENARIOS, DigitsConfig
+from potara_harness.data import ClientSplits, DataError
 from potara_harness.partition import client_splits, dirichlet_partition
 
 TASKS = {  # client k's task: TASK_ORDER[k % 6]; each maps the digit to the client's label (all in 0..9)
-    "digit": lambda d: d, "parity": lambda d: d % 2, "greater-than-4": lambda d: (d > 4).astype(np.int64),
-    "mod-3": lambda d: d % 3, "mirror": lambda d: 9 - d, "mod-4": lambda d: d % 4,
+    "digit": lambda d: d,
+    "parity": lambda d: d % 2,
+    "greater-than-4": lambda d: (d > 4).astype(np.int64),
+    "mod-3": lambda d: d % 3,
+    "mirror": lambda d: 9 - d,
+    "mod-4": lambda d: d % 4,
 }
 TASK_ORDER = list(TASKS)
 
@@ -45,8 +51,9 @@ def load_digits_data() -> tuple[torch.Tensor, np.ndarray]:
     try:
         from sklearn.datasets import load_digits
     except ImportError:
-        raise DataError("the real-data suite needs scikit-learn (its bundled digits): pip install -e '.[study]'") \
-            from None
+        raise DataError(
+            "the real-data suite needs scikit-learn (its bundled digits): pip install -e '.[study]'"
+        ) from None
     bunch = load_digits()
     return torch.tensor(bunch.data / 16.0, dtype=torch.float32), bunch.target.astype(np.int64)
 
@@ -95,8 +102,9 @@ def task_tables(num_clients: int) -> list[np.ndarray]:
     return [TASKS[TASK_ORDER[k % len(TASK_ORDER)]](digits).astype(np.int64) for k in range(num_clients)]
 
 
-def scenario_splits(name: str, x: torch.Tensor, y: np.ndarray, pool: np.ndarray, cfg: DigitsConfig,
-                    seed: int) -> list[ClientSplits]:
+def scenario_splits(
+    name: str, x: torch.Tensor, y: np.ndarray, pool: np.ndarray, cfg: DigitsConfig, seed: int
+) -> list[ClientSplits]:
     """The clients of scenario `name`: disjoint samples of the pool, each split train / val / test from the
     client's own distribution (and labelled by its own task under "conflict")."""
     if name not in DIGITS_SCENARIOS:
@@ -109,6 +117,6 @@ def scenario_splits(name: str, x: torch.Tensor, y: np.ndarray, pool: np.ndarray,
         if cfg.clients * per_client > len(pool):
             raise DataError(f"{cfg.clients} clients x {per_client} samples > the {len(pool)} images of the pool")
         order = np.random.default_rng(seed).permutation(len(pool))
-        parts = [np.sort(order[k * per_client:(k + 1) * per_client]) for k in range(cfg.clients)]
+        parts = [np.sort(order[k * per_client : (k + 1) * per_client]) for k in range(cfg.clients)]
     relabel = task_tables(cfg.clients) if spec["tasks"] else None
     return client_splits(x, y, pool, parts, (cfg.train, cfg.val, cfg.test), seed, relabel)

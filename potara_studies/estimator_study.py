@@ -22,12 +22,14 @@ Estimators: "verified" (potara's default) and "paper" (potara), and kept here fo
   verified-loss  the default comparing its candidates by held-out loss alone (not error first);
   bias           "paper" + each model's squared diagonal-Newton distance (weight.variance_terms(bias=True)).
 The first four (FROM_INFO) come from one potara.personalize call (its info: no extra pass), the other two
-(FROM_STATS) from one fisher.gradient_stats call. Sources (config.ABLATION_SOURCES): client split, sample count, Fisher labels
+(FROM_STATS) from one fisher.gradient_stats call. Sources (config.ABLATION_SOURCES): client split, sample count,
+Fisher labels
 ("sampled": true Fisher).
 Output: --out/ablation.json (every figure, per client) and ablation.md (the table), rewritten after every
-scenario x seed. Goal (issue 11): in every scenario acc >= 0.98 x the grid search on val and
+scenario x seed. Goal: in every scenario acc >= 0.98 x the grid search on val and
 >= max(local, FedIT) - 0.005.
 """
+
 from __future__ import annotations
 
 import copy
@@ -41,11 +43,12 @@ from dataclasses import fields
 import numpy as np
 import torch
 
-from potara_harness.data import DataError, load_images
 from potara.fedit import Client, run_fedit
 from potara.fisher import gradient_stats
 from potara.lora import lora_state_dict
 from potara.merge import merge_adapters, personalize
+from potara.safe_files import atomic_write
+from potara.training import progress_bar
 from potara.weight import paper_weight, potara_weight, segment_loss, variance_terms
 from potara_harness import cli
 from potara_harness.config import (
@@ -56,25 +59,38 @@ from potara_harness.config import (
     DigitsConfig,
     ExperimentConfig,
 )
+from potara_harness.data import DataError, load_images
 from potara_harness.evaluation import grid_choice, lam_grid, score_adapter
 from potara_harness.partition import class_split_partition, client_splits, dirichlet_partition, public_and_pool
 from potara_harness.pipeline import local_seed, train_local
-from potara.safe_files import atomic_write
 from potara_harness.report import write_text
 from potara_harness.vit import build_model, tiny_backbone
 from potara_studies import digits
-from potara.training import progress_bar
 
 FROM_STATS = ("paper", "bias")  # from one gradient_stats() call
 FROM_INFO = tuple(e for e in ABLATION_ESTIMATORS if e not in FROM_STATS)  # from one personalize() call
 REFERENCE = ("local", "fedit", "uniform", "grid_val", "grid_oracle")
-CACHE_KEYS = ("clients", "train", "val", "test", "public", "pretrain_steps", "synthetic_per_class", "local_steps",
-              "local_train_steps", "batch_size", "rank", "lr", "lora_alpha", "rounds")  # what the adapters depend on
+CACHE_KEYS = (
+    "clients",
+    "train",
+    "val",
+    "test",
+    "public",
+    "pretrain_steps",
+    "synthetic_per_class",
+    "local_steps",
+    "local_train_steps",
+    "batch_size",
+    "rank",
+    "lr",
+    "lora_alpha",
+    "rounds",
+)  # what the adapters depend on
 
 
 # ----------------------------------------------------------------------------- study-only estimators
 def quadratic_lam(info: dict) -> float:
-    """"quadratic": f''(lam) taken constant, d1 - d0, from the end slopes d0 = f'(0), d1 = f'(1): the minimiser
+    """ "quadratic": f''(lam) taken constant, d1 - d0, from the end slopes d0 = f'(0), d1 = f'(1): the minimiser
     d0 / (d0 - d1) when convex (d0 < 0 < d1); rising from 0: 0; still falling at 1: 1; concave: the better end."""
     d0, d1 = info["slope_local"], info["slope_federated"]
     if d0 >= 0 and d1 <= 0:
@@ -83,7 +99,7 @@ def quadratic_lam(info: dict) -> float:
 
 
 def loss_only_lam(info: dict) -> float:
-    """"verified-loss": the default's candidates (both ends, the Hermite minimiser) compared by held-out loss alone."""
+    """ "verified-loss": the default's candidates (both ends, the Hermite minimiser) compared by held-out loss alone."""
     cands = [(info["loss_local"], 0.0), (info["loss_federated"], 1.0)]
     if info["loss_at_hermite"] is not None:
         cands.append((info["loss_at_hermite"], info["lam_hermite"]))
@@ -102,9 +118,10 @@ def conflict_partition(labels: np.ndarray, num_clients: int, samples_per_client:
     chosen = np.sort(rng.choice(np.unique(labels), classes, replace=False))
     pool = rng.permutation(np.flatnonzero(np.isin(labels, chosen)))
     if num_clients * samples_per_client > len(pool):
-        raise DataError(f"{num_clients} clients x {samples_per_client} samples > the {len(pool)} images of "
-                        f"{classes} classes")
-    parts = [np.sort(pool[k * samples_per_client:(k + 1) * samples_per_client]) for k in range(num_clients)]
+        raise DataError(
+            f"{num_clients} clients x {samples_per_client} samples > the {len(pool)} images of {classes} classes"
+        )
+    parts = [np.sort(pool[k * samples_per_client : (k + 1) * samples_per_client]) for k in range(num_clients)]
     relabel = []
     for _ in range(num_clients):
         table = np.arange(int(labels.max()) + 1)
@@ -132,8 +149,14 @@ def fresh_model(backbone, p: dict, args, seed: int) -> torch.nn.Module:
 
 
 def training_config(args, seed: int) -> ExperimentConfig:
-    return ExperimentConfig(rounds=args.rounds, local_steps=args.local_steps, lr=args.lr, batch_size=args.batch_size,
-                            local_train_steps=args.local_train_steps, seed=seed)
+    return ExperimentConfig(
+        rounds=args.rounds,
+        local_steps=args.local_steps,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        local_train_steps=args.local_train_steps,
+        seed=seed,
+    )
 
 
 def train_adapters(model, splits, args, seed: int, cache: str | None) -> tuple[dict, dict]:
@@ -145,8 +168,10 @@ def train_adapters(model, splits, args, seed: int, cache: str | None) -> tuple[d
     init, cfg = lora_state_dict(model), training_config(args, seed)
     clients = [Client(s.name, s.train_inputs, s.train_targets) for s in splits]
     fedit = run_fedit(model, clients, cfg.fed_config(), progress=False)
-    local = {s.name: train_local(model, init, s, cfg.local_train_steps, local_seed(seed, i), cfg)
-             for i, s in enumerate(splits)}
+    local = {
+        s.name: train_local(model, init, s, cfg.local_train_steps, local_seed(seed, i), cfg)
+        for i, s in enumerate(splits)
+    }
     if cache:
         os.makedirs(os.path.dirname(cache), exist_ok=True)
         atomic_write(cache, lambda f: torch.save({"global": fedit.global_state, "local": local}, f))
@@ -177,8 +202,12 @@ def estimator_weights(model, G: dict, L: dict, s, src: str, estimators, seed: in
             warnings.simplefilter("always")
             _, info = personalize(model, G, L, held_out=[(x[:n], y[:n])], n_samples=n)
         info["warned_training_data"] = any("training data" in str(w.message) for w in caught)
-        lams = {"verified": info["lam"], "hermite": info["lam_hermite"] if info["lam_hermite"] is not None else 0.5,
-                "quadratic": quadratic_lam(info), "verified-loss": loss_only_lam(info)}
+        lams = {
+            "verified": info["lam"],
+            "hermite": info["lam_hermite"] if info["lam_hermite"] is not None else 0.5,
+            "quadratic": quadratic_lam(info),
+            "verified-loss": loss_only_lam(info),
+        }
         out.update({e: (lams[e], {"info": info} if e == "verified" else {}) for e in FROM_INFO if e in estimators})
     if any(e in FROM_STATS for e in estimators):
         stats = gradient_stats(model, G, L, [(x[:n], y[:n])], n_samples=n, labels=labels, seed=seed)
@@ -200,20 +229,36 @@ def evaluate_client(model, init: dict, G: dict, L: dict, s, args, seed: int) -> 
             test_at[key] = score_adapter(model, merge_adapters(G, L, key), init, s.test_inputs, s.test_targets)
         return test_at[key]
 
-    out = {"local": test[0], "fedit": test[-1], "uniform": acc(0.5), "grid_val": test[j], "lam_grid": grid[j],
-           "grid_oracle": max(test), "barrier": curves.pop("barrier"), "grid": curves, "estimators": {}}
+    out = {
+        "local": test[0],
+        "fedit": test[-1],
+        "uniform": acc(0.5),
+        "grid_val": test[j],
+        "lam_grid": grid[j],
+        "grid_oracle": max(test),
+        "barrier": curves.pop("barrier"),
+        "grid": curves,
+        "estimators": {},
+    }
     for src in args.sources:
         for est, (lam, extra) in estimator_weights(model, G, L, s, src, args.estimators, seed).items():
-            out["estimators"][f"{est}@{src}"] = {"lam": lam, "acc": acc(lam), "abs_lam_diff": abs(lam - grid[j]),
-                                                 **extra}
+            out["estimators"][f"{est}@{src}"] = {
+                "lam": lam,
+                "acc": acc(lam),
+                "abs_lam_diff": abs(lam - grid[j]),
+                **extra,
+            }
     return out
 
 
 # ----------------------------------------------------------------------------- summary and table
 def chosen_point(info: dict) -> tuple:
     """The default's (held-out error, loss) at its lam, and at the better end in (error, loss) order and by loss."""
-    at = {"hermite": ("error_at_hermite", "loss_at_hermite"), "local end": ("error_local", "loss_local"),
-          "federated end": ("error_federated", "loss_federated")}.get(info["candidate"])
+    at = {
+        "hermite": ("error_at_hermite", "loss_at_hermite"),
+        "local end": ("error_local", "loss_local"),
+        "federated end": ("error_federated", "loss_federated"),
+    }.get(info["candidate"])
     if at is None:
         return None
     chosen = (info[at[0]], info[at[1]])
@@ -227,12 +272,17 @@ def default_checks(clients: list[dict], m: str) -> dict:
     infos = [c["estimators"][m]["info"] for c in clients]
     points = [p for p in map(chosen_point, infos) if p is not None]
     above = [chosen[1] - low for chosen, _, low in points if chosen[1] > low + 1e-12]
-    return {"candidates": {k: sum(i["candidate"] == k for i in infos) for k in sorted({i["candidate"] for i in infos})},
-            "warned_training_data": sum(i["warned_training_data"] for i in infos),
-            "above_better_end": sum(chosen > best for chosen, best, _ in points),
-            "loss_above_lower_end": len(above), "max_loss_excess": max(above, default=0.0),
-            "passes": {"forward_backward": max(i["passes"]["forward_backward"] for i in infos),
-                       "forward": max(i["passes"]["forward"] for i in infos)}}
+    return {
+        "candidates": {k: sum(i["candidate"] == k for i in infos) for k in sorted({i["candidate"] for i in infos})},
+        "warned_training_data": sum(i["warned_training_data"] for i in infos),
+        "above_better_end": sum(chosen > best for chosen, best, _ in points),
+        "loss_above_lower_end": len(above),
+        "max_loss_excess": max(above, default=0.0),
+        "passes": {
+            "forward_backward": max(i["passes"]["forward_backward"] for i in infos),
+            "forward": max(i["passes"]["forward"] for i in infos),
+        },
+    }
 
 
 def summarize(runs: dict) -> dict:
@@ -246,60 +296,96 @@ def summarize(runs: dict) -> dict:
         row = {m: {"acc": mean(lambda c: c[m])} for m in REFERENCE}
         for m in clients[0]["estimators"]:
             acc = mean(lambda c: c["estimators"][m]["acc"])
-            row[m] = {"acc": acc, "ratio": acc / grid if grid > 0 else 1.0 if acc == 0 else float("inf"),
-                      "abs_lam_diff": mean(lambda c: c["estimators"][m]["abs_lam_diff"]),
-                      "lam": mean(lambda c: c["estimators"][m]["lam"])}
+            row[m] = {
+                "acc": acc,
+                "ratio": acc / grid if grid > 0 else 1.0 if acc == 0 else float("inf"),
+                "abs_lam_diff": mean(lambda c: c["estimators"][m]["abs_lam_diff"]),
+                "lam": mean(lambda c: c["estimators"][m]["lam"]),
+            }
             if m.startswith("verified@"):
                 row[m]["default"] = default_checks(clients, m)
         barriers = [c["barrier"] for c in clients]
-        row["barrier"] = {"mean": float(np.mean(barriers)), "max": float(max(barriers)),
-                          "clients_above_0.1": int(sum(b > 0.1 for b in barriers))}
+        row["barrier"] = {
+            "mean": float(np.mean(barriers)),
+            "max": float(max(barriers)),
+            "clients_above_0.1": int(sum(b > 0.1 for b in barriers)),
+        }
         row["lam_grid"], row["clients_x_seeds"] = mean(lambda c: c["lam_grid"]), len(clients)
         summary[scen] = row
     return summary
 
 
 def goal_met(row: dict, method: str) -> bool:
-    """Issue 11's goal in one scenario: >= 0.98 x the grid search on val, and >= max(local, FedIT) - 0.005."""
+    """The study's goal in one scenario: >= 0.98 x the grid search on val, and >= max(local, FedIT) - 0.005."""
     return row[method]["ratio"] >= 0.98 and row[method]["acc"] >= max(row["local"]["acc"], row["fedit"]["acc"]) - 0.005
 
 
 def markdown(summary: dict) -> str:
     scens = list(summary)
-    lines = ["Mean test accuracy over clients and seeds; for estimators: accuracy (ratio to the grid search on "
-             "val; mean abs(lam - lam_grid)). Rows: estimator@source, best worst-case ratio first.", "",
-             "| method | " + " | ".join(scens) + " | worst ratio | goal met |", "|---|" + "---|" * (len(scens) + 2)]
+    lines = [
+        "Mean test accuracy over clients and seeds; for estimators: accuracy (ratio to the grid search on "
+        "val; mean abs(lam - lam_grid)). Rows: estimator@source, best worst-case ratio first.",
+        "",
+        "| method | " + " | ".join(scens) + " | worst ratio | goal met |",
+        "|---|" + "---|" * (len(scens) + 2),
+    ]
     for m in REFERENCE:
         lines.append(f"| {m} | " + " | ".join(f"{summary[s][m]['acc']:.3f}" for s in scens) + " | | |")
     estimators = [m for m in summary[scens[0]] if "@" in m]
     worst = {m: min(summary[s][m]["ratio"] for s in scens) for m in estimators}
     for m in sorted(estimators, key=lambda m: -worst[m]):
-        cells = [f"{summary[s][m]['acc']:.3f} ({summary[s][m]['ratio']:.3f}; {summary[s][m]['abs_lam_diff']:.2f})"
-                 for s in scens]
-        met = "yes" if all(goal_met(summary[s], m) for s in scens) else "no: " + ", ".join(
-            s for s in scens if not goal_met(summary[s], m))
+        cells = [
+            f"{summary[s][m]['acc']:.3f} ({summary[s][m]['ratio']:.3f}; {summary[s][m]['abs_lam_diff']:.2f})"
+            for s in scens
+        ]
+        met = (
+            "yes"
+            if all(goal_met(summary[s], m) for s in scens)
+            else "no: " + ", ".join(s for s in scens if not goal_met(summary[s], m))
+        )
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {worst[m]:.3f} | {met} |")
-    lines += ["", "Goal: acc >= 0.98 x grid (val) and >= max(local, fedit) - 0.005 in every scenario. Mean lam_grid "
-              "(val): " + ", ".join(f"{s} {summary[s]['lam_grid']:.2f}" for s in scens) + "; clients x seeds: "
-              + ", ".join(f"{s} {summary[s]['clients_x_seeds']}" for s in scens) + ".",
-              "Loss barrier on val (max over the grid of the loss above the chord between the ends): "
-              + "; ".join(f"{s} mean {summary[s]['barrier']['mean']:.2f}, max {summary[s]['barrier']['max']:.2f}, "
-                          f"{summary[s]['barrier']['clients_above_0.1']} clients > 0.1" for s in scens) + "."]
+    lines += [
+        "",
+        "Goal: acc >= 0.98 x grid (val) and >= max(local, fedit) - 0.005 in every scenario. Mean lam_grid "
+        "(val): "
+        + ", ".join(f"{s} {summary[s]['lam_grid']:.2f}" for s in scens)
+        + "; clients x seeds: "
+        + ", ".join(f"{s} {summary[s]['clients_x_seeds']}" for s in scens)
+        + ".",
+        "Loss barrier on val (max over the grid of the loss above the chord between the ends): "
+        + "; ".join(
+            f"{s} mean {summary[s]['barrier']['mean']:.2f}, max {summary[s]['barrier']['max']:.2f}, "
+            f"{summary[s]['barrier']['clients_above_0.1']} clients > 0.1"
+            for s in scens
+        )
+        + ".",
+    ]
     for m in (m for m in estimators if m.startswith("verified@")):
         d = {s: summary[s][m]["default"] for s in scens}
-        lines.append(f"{m}: " + "; ".join(
-            f"{s}: taken {d[s]['candidates']}, (error, loss) above the better end's {d[s]['above_better_end']}, "
-            f"loss above the lower end's {d[s]['loss_above_lower_end']} (max +{d[s]['max_loss_excess']:.3f}), "
-            f"training-data warnings {d[s]['warned_training_data']}" for s in scens) + ".")
+        lines.append(
+            f"{m}: "
+            + "; ".join(
+                f"{s}: taken {d[s]['candidates']}, (error, loss) above the better end's {d[s]['above_better_end']}, "
+                f"loss above the lower end's {d[s]['loss_above_lower_end']} (max +{d[s]['max_loss_excess']:.3f}), "
+                f"training-data warnings {d[s]['warned_training_data']}"
+                for s in scens
+            )
+            + "."
+        )
     return "\n".join(lines)
 
 
 def write(results: dict, out: str) -> None:
     write_text(os.path.join(out, "ablation.json"), json.dumps(results, indent=1))
     settings = results["settings"]
-    write_text(os.path.join(out, "ablation.md"), ABLATION_SUITES[settings["suite"]]["title"] + "\n\n"
-               + (f"Command: `{settings['command']}`\n\n" if settings.get("command") else "")
-               + markdown(results["summary"]) + "\n")
+    write_text(
+        os.path.join(out, "ablation.md"),
+        ABLATION_SUITES[settings["suite"]]["title"]
+        + "\n\n"
+        + (f"Command: `{settings['command']}`\n\n" if settings.get("command") else "")
+        + markdown(results["summary"])
+        + "\n",
+    )
 
 
 def digits_config(args) -> DigitsConfig:
@@ -318,24 +404,39 @@ def setup(args, p: dict):
             backbone = digits.pretrain_backbone(x[public], y[public], cfg)
             with torch.no_grad():
                 acc = float((backbone(x[pool]).argmax(-1) == torch.from_numpy(y[pool])).float().mean())
-            return (x, y), pool, backbone, {"backbone": f"digits MLP, {cfg.pretrain_steps} steps on {cfg.public} "
-                                                        f"public images", "digit_accuracy_on_pool": acc}
+            return (
+                (x, y),
+                pool,
+                backbone,
+                {
+                    "backbone": f"digits MLP, {cfg.pretrain_steps} steps on {cfg.public} public images",
+                    "digit_accuracy_on_pool": acc,
+                },
+            )
         data, _ = load_images("synthetic", args.data_dir, args.synthetic_per_class)
     except (DataError, OSError) as e:
         cli.fail(str(e))  # one line, exit 2: bad input
     public, pool = public_and_pool(len(data.labels), args.public)
     desc = {"data": "synthetic", "synthetic_per_class": args.synthetic_per_class}
-    backbone, backbone_info = tiny_backbone(p, data, public, desc, args.data_dir, args.pretrain_steps,
-                                            torch.device("cpu"), args.progress)
+    backbone, backbone_info = tiny_backbone(
+        p, data, public, desc, args.data_dir, args.pretrain_steps, torch.device("cpu"), args.progress
+    )
     return data, pool, backbone, backbone_info
 
 
 def cache_path(args, scen: str, spec: dict, seed: int, backbone_info: dict) -> str:
     """--out/cache/<scenario>-s<seed>-<hash of everything the adapters depend on>.pt"""
     training = {k: getattr(args, k) for k in CACHE_KEYS}
-    key = json.dumps({"spec": spec, "seed": seed, "backbone": backbone_info.get("backbone"), "training": training,
-                      "local_seed": "pipeline.local_seed"},  # caches of the old seeding (seed * 7919 + i) are stale
-                     sort_keys=True)
+    key = json.dumps(
+        {
+            "spec": spec,
+            "seed": seed,
+            "backbone": backbone_info.get("backbone"),
+            "training": training,
+            "local_seed": "pipeline.local_seed",
+        },  # caches of the old seeding (seed * 7919 + i) are stale
+        sort_keys=True,
+    )
     return os.path.join(args.out, "cache", f"{scen}-s{seed}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt")
 
 
@@ -366,14 +467,16 @@ def run(args, p: dict) -> dict:
     settings = {k: v for k, v in vars(args).items() if k not in ("progress", "threads", "resume")}
     results = {"settings": settings, "backbone": backbone_info, "runs": {}, "summary": {}, "timing_s": {}}
     t_start = time.time()
-    for scen, seed in progress_bar([(sc, sd) for sc in args.scenarios for sd in args.seeds], "scenarios x seeds",
-                                   args.progress, stage=True):
+    for scen, seed in progress_bar(
+        [(sc, sd) for sc in args.scenarios for sd in args.seeds], "scenarios x seeds", args.progress, stage=True
+    ):
         t0 = time.time()
         splits, model, G, local = scenario(args, p, scen, seed, data, pool, backbone, backbone_info)
         init = lora_state_dict(model)
-        results["runs"].setdefault(scen, {})[str(seed)] = {s.name: evaluate_client(model, init, G, local[s.name], s,
-                                                                                    args, seed * 1000 + i)
-                                                            for i, s in enumerate(splits)}
+        results["runs"].setdefault(scen, {})[str(seed)] = {
+            s.name: evaluate_client(model, init, G, local[s.name], s, args, seed * 1000 + i)
+            for i, s in enumerate(splits)
+        }
         results["timing_s"][f"{scen}-s{seed}"] = time.time() - t0
         results["summary"] = summarize(results["runs"])
         write(results, args.out)
@@ -382,5 +485,3 @@ def run(args, p: dict) -> dict:
     print(ABLATION_SUITES[args.suite]["title"] + "\n" + markdown(results["summary"]))
     print(f"{results['timing_s']['total']:.0f}s; results in {args.out}/ablation.json and ablation.md")
     return results
-
-

@@ -1,4 +1,4 @@
-"""Scale benchmark: what a run costs as the number of clients K grows (issue 20). Not a timed test.
+"""Scale benchmark: what a run costs as the number of clients K grows. Not a timed test.
 
     python -m potara_studies.scale                          # tiny preset at K = 5..100, paper preset at K = 5..20
     python -m potara_studies.scale --preset tiny --clients 5 10 --out runs/scale.json
@@ -25,6 +25,7 @@ Presets, reduced to fit a 2-core CPU in minutes (the ratios are what matters; sa
 Both at 2 FedIT + 2 FedSA-LoRA rounds of 1 local step, 2 local and 2 fine-tuning steps, 8 train / 8 val /
 8 test images per client, the 21-point grid.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,17 @@ import time
 
 from potara_harness import cli
 
-RUN = dict(rounds=2, local_steps=1, local_train_steps=2, finetune_steps=2, batch_size=4, fisher_samples=8,
-           grid_step=0.05, snapshots=2, lr=1e-3)
+RUN = dict(
+    rounds=2,
+    local_steps=1,
+    local_train_steps=2,
+    finetune_steps=2,
+    batch_size=4,
+    fisher_samples=8,
+    grid_step=0.05,
+    snapshots=2,
+    lr=1e-3,
+)
 SPLIT = (8, 8, 8)  # train, val, test images per client
 PRESETS = {"tiny": dict(rank=8, alpha=16, image_size=32), "paper": dict(rank=32, alpha=64, image_size=32)}
 DEFAULT_K = {"tiny": [5, 10, 20, 40, 100], "paper": [5, 10, 20]}
@@ -53,10 +63,14 @@ def build(preset: str):
 
     from potara_harness.config import TINY_VIT, VIT_PRESETS
     from potara_harness.vit import build_model
+
     torch.manual_seed(0)
     p, s = VIT_PRESETS[preset], PRESETS[preset]
-    vit = (VisionTransformer(**TINY_VIT, num_classes=100) if preset == "tiny"
-           else vit_b_16(weights=None, image_size=s["image_size"]))
+    vit = (
+        VisionTransformer(**TINY_VIT, num_classes=100)
+        if preset == "tiny"
+        else vit_b_16(weights=None, image_size=s["image_size"])
+    )
     return build_model(vit, p, s["rank"], s["alpha"], seed=0), s["image_size"]
 
 
@@ -65,6 +79,7 @@ def client_data(K: int, image_size: int) -> list:
     import torch
 
     from potara_harness.data import ClientSplits
+
     g, (tr, va, te) = torch.Generator().manual_seed(1), SPLIT
     x = lambda n: torch.randn(n, 3, image_size, image_size, generator=g)
     y = lambda n: torch.randint(0, 100, (n,), generator=g)
@@ -79,6 +94,7 @@ def one_run(preset: str, K: int, out: str) -> dict:
     from potara_harness import checkpoint, report
     from potara_harness.config import ExperimentConfig
     from potara_harness.pipeline import run_experiment
+
     torch.set_num_threads(1)
     written = {"bytes": 0, "files": 0, "checkpoint_max": 0}
     real = report.atomic_write
@@ -90,6 +106,7 @@ def one_run(preset: str, K: int, out: str) -> dict:
         written["files"] += 1
         if os.path.basename(path) == "checkpoint.pt":
             written["checkpoint_max"] = max(written["checkpoint_max"], size)
+
     model, size = build(preset)
     splits = client_data(K, size)
     cpu = lambda: (lambda u: u.ru_utime + u.ru_stime)(resource.getrusage(resource.RUSAGE_SELF))
@@ -100,18 +117,28 @@ def one_run(preset: str, K: int, out: str) -> dict:
         seconds, cpu_seconds = time.perf_counter() - t0, cpu() - c0
     finally:
         checkpoint.atomic_write = report.atomic_write = real
-    return {"preset": preset, "clients": K, "seconds": seconds, "seconds_per_client": seconds / K,
-            "cpu_seconds_per_client": cpu_seconds / K,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "bytes_written": written["bytes"], "bytes_per_client": written["bytes"] / K,
-            "files_written": written["files"], "checkpoint_max_bytes": written["checkpoint_max"],
-            "adapter_bytes": sum(v.numel() * v.element_size() for v in lora_state_dict(model).values())}
+    return {
+        "preset": preset,
+        "clients": K,
+        "seconds": seconds,
+        "seconds_per_client": seconds / K,
+        "cpu_seconds_per_client": cpu_seconds / K,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "bytes_written": written["bytes"],
+        "bytes_per_client": written["bytes"] / K,
+        "files_written": written["files"],
+        "checkpoint_max_bytes": written["checkpoint_max"],
+        "adapter_bytes": sum(v.numel() * v.element_size() for v in lora_state_dict(model).values()),
+    }
 
 
 def ratios_table(rows: list[dict]) -> str:
     """Markdown: per preset, each K's figures and their ratio to the preset's smallest K."""
-    lines = ["| preset | K | wall / client | CPU / client | peak RSS | bytes written (/ client) "
-             "| largest checkpoint.pt (/ client) |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| preset | K | wall / client | CPU / client | peak RSS | bytes written (/ client) "
+        "| largest checkpoint.pt (/ client) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for preset in dict.fromkeys(r["preset"] for r in rows):
         mine = sorted((r for r in rows if r["preset"] == preset), key=lambda r: r["clients"])
         b = mine[0]
@@ -124,13 +151,13 @@ def ratios_table(rows: list[dict]) -> str:
                 f"| {r['bytes_written'] / 1e6:.1f} MB ({r['bytes_per_client'] / 1e6:.2f} MB, "
                 f"{rel(r, 'bytes_per_client', b)}) "
                 f"| {r['checkpoint_max_bytes'] / 1e6:.1f} MB ({r['checkpoint_max_bytes'] / r['clients'] / 1e6:.2f} MB, "
-                f"{r['checkpoint_max_bytes'] / r['clients'] / (b['checkpoint_max_bytes'] / b['clients']):.2f}x) |")
+                f"{r['checkpoint_max_bytes'] / r['clients'] / (b['checkpoint_max_bytes'] / b['clients']):.2f}x) |"
+            )
     return "\n".join(lines)
 
 
 def main(argv=None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=cli.HelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=cli.HelpFormatter)
     ap.add_argument("--preset", choices=["tiny", "paper", "both"], default="both")
     ap.add_argument("--clients", type=int, nargs="+", help="K values (default: tiny 5 10 20 40 100, paper 5 10 20)")
     ap.add_argument("--out", default="runs/scale.json", help="the measurements, as JSON")
@@ -143,10 +170,17 @@ def main(argv=None) -> list[dict]:
         ap.error("--clients must be >= 1")
     rows, root = [], tempfile.mkdtemp(prefix="potara-scale-")
     try:
-        for preset in (["tiny", "paper"] if args.preset == "both" else [args.preset]):
+        for preset in ["tiny", "paper"] if args.preset == "both" else [args.preset]:
             for K in args.clients or DEFAULT_K[preset]:
-                cmd = [sys.executable, "-m", "potara_studies.scale", "--one", preset, str(K),
-                       os.path.join(root, f"{preset}-{K}")]
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "potara_studies.scale",
+                    "--one",
+                    preset,
+                    str(K),
+                    os.path.join(root, f"{preset}-{K}"),
+                ]
                 done = subprocess.run(cmd, capture_output=True, text=True, check=False)
                 if done.returncode != 0:
                     raise SystemExit(f"error: {preset} K={K} failed: {done.stderr.strip().splitlines()[-1:]}")

@@ -2,6 +2,7 @@
 problem (a bias-free LoRA MLP and its clients) for pipeline-level tests, nested tensor equality, and the
 untrusted-file fuzzing kit (bounded cases, corrupted tensors, crafted and corrupted torch files). Module-level
 helpers of a test file that cannot take fixtures import the plain functions from here."""
+
 import contextlib
 import io
 import os
@@ -18,10 +19,10 @@ import torch
 import torch.nn as nn
 from torchvision.models import VisionTransformer
 
-from potara_harness.data import ClientSplits
 from potara.lora import add_lora
 from potara.lora_mha import LORA_LAYERS
 from potara_harness import config
+from potara_harness.data import ClientSplits
 
 MICRO_VIT = dict(image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32)
 
@@ -77,8 +78,9 @@ def mlp_problem():
 
 
 # ----------------------------------------------------------------------------- language models (the llm extra)
-SMALL_LLAMA = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=2)
+SMALL_LLAMA = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+)
 
 
 @pytest.fixture
@@ -91,18 +93,21 @@ def small_llama():
     def make(seed=0):
         torch.manual_seed(seed)
         return lm.tiny_llama(ByteTokenizer.vocab_size, **SMALL_LLAMA).eval()
+
     return make
 
 
 @pytest.fixture
 def randomize_lora():
     """randomize_lora(model, seed, scale): every trainable tensor drawn from N(0, scale^2) (a trained adapter)."""
+
     def randomize(model, seed=1, scale=0.3):
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for p in model.parameters():
                 if p.requires_grad:
                     p.copy_(torch.randn(p.shape, generator=g) * scale)
+
     return randomize
 
 
@@ -142,8 +147,25 @@ def bounded():
 
 def corrupt_tensor(rng: random.Random, t: torch.Tensor, kind: str | None = None):
     """One randomly chosen way to make a tensor untrustworthy (or not a tensor at all)."""
-    kind = kind or rng.choice(["dtype", "shape", "expand", "zero stride", "huge", "sparse", "meta", "nan", "inf",
-                               "scalar", "string", "list", "none", "nested", "subclass"])
+    kind = kind or rng.choice(
+        [
+            "dtype",
+            "shape",
+            "expand",
+            "zero stride",
+            "huge",
+            "sparse",
+            "meta",
+            "nan",
+            "inf",
+            "scalar",
+            "string",
+            "list",
+            "none",
+            "nested",
+            "subclass",
+        ]
+    )
     if kind == "dtype":
         return t.to(rng.choice([torch.int64, torch.int8, torch.bool, torch.complex64, torch.float8_e4m3fn]))
     if kind == "shape":
@@ -151,7 +173,7 @@ def corrupt_tensor(rng: random.Random, t: torch.Tensor, kind: str | None = None)
     if kind == "expand":
         return t.flatten()[:1].expand(t.shape)
     if kind == "zero stride":
-        return t.flatten()[:t.shape[-1]].as_strided(t.shape, (0, 1))
+        return t.flatten()[: t.shape[-1]].as_strided(t.shape, (0, 1))
     if kind == "huge":
         return torch.zeros(1).expand(rng.choice([200000, 2**20]), rng.choice([200000, 2**20]))
     if kind == "sparse":
@@ -173,13 +195,13 @@ def damaged_bytes(rng: random.Random, template: bytes, kind: str) -> bytes:
     """The file's bytes cut at a random point ("truncate"), with 1-8 bit flips, or with a run of 8 random bytes."""
     data = bytearray(template)
     if kind == "truncate":
-        return bytes(data[:rng.randrange(len(data))])
+        return bytes(data[: rng.randrange(len(data))])
     if kind == "bit flips":
         for _ in range(rng.randint(1, 8)):
             data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
         return bytes(data)
     i = rng.randrange(len(data))
-    data[i:i + 8] = bytes(rng.randrange(256) for _ in range(8))
+    data[i : i + 8] = bytes(rng.randrange(256) for _ in range(8))
     return bytes(data)
 
 
@@ -298,7 +320,7 @@ def corrupt_torch_file(rng: random.Random, template: bytes, plain: dict, numel: 
     try:
         torch.save(obj, buf)
     except Exception:  # torch cannot write it (a nested or subclassed tensor): truncate instead
-        return template[:len(template) // 2]
+        return template[: len(template) // 2]
     return buf.getvalue()
 
 
@@ -313,14 +335,40 @@ def lora_vit(seed: int = 0, targets=("self_attention",)) -> nn.Module:
     """A 2-layer 16 px ViT with LoRA (r = 2) on `targets` and a trainable 5-class head, every adapter tensor
     drawn from N(0, 0.3^2): a trained-looking adapter, so every gradient is non-zero. In eval mode."""
     torch.manual_seed(seed)
-    model = VisionTransformer(image_size=16, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32,
-                              num_classes=5)
+    model = VisionTransformer(
+        image_size=16, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=5
+    )
     add_lora(model, list(targets), r=2, alpha=4, trainable=["heads"], layers=LORA_LAYERS)
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
                 p.normal_(0, 0.3)
     return model.eval()
+
+
+def tiny_vit(num_classes: int = 5) -> nn.Module:
+    """A 2-layer 16 px ViT without LoRA, its head drawn from N(0, 0.5^2) (torchvision zero-inits it: no signal
+    would pass)."""
+    torch.manual_seed(0)
+    model = VisionTransformer(
+        image_size=16, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=num_classes
+    )
+    nn.init.normal_(model.heads.head.weight, std=0.5)
+    return model
+
+
+def randomize_trainable(model: nn.Module, scale: float = 0.5) -> None:
+    """Every trainable tensor drawn in place from N(0, scale^2) with torch's global generator."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, scale)
+
+
+def perturbed(state: dict, seed: int, scale: float = 0.3) -> dict:
+    """state + N(0, scale^2) noise drawn from `seed`: a second adapter near the first."""
+    g = torch.Generator().manual_seed(seed)
+    return {k: v + scale * torch.randn(v.shape, generator=g) for k, v in state.items()}
 
 
 class PlantedPickle:
@@ -342,3 +390,40 @@ def alarm():
     yield
     signal.alarm(0)
     signal.signal(signal.SIGALRM, old)
+
+
+# ---- the Flower tests' fixtures (their kit: flower_kit.py, imported here only when a Flower test asks) ----
+
+
+@pytest.fixture
+def task_identity(monkeypatch):
+    """What a Flower task process sets before a ServerApp runs (Message() reads it); restored afterwards."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+
+
+@pytest.fixture(scope="module")
+def small_world(tmp_path_factory):
+    """A micro backbone file and synthetic data written once for the in-process Flower tests."""
+    from flower_kit import RUN, micro_backbone
+
+    from potara_harness.data import load_images
+
+    tmp = tmp_path_factory.mktemp("world")
+    micro_backbone(tmp / "backbone.pt")
+    load_images("synthetic", str(tmp / "data"), RUN["synthetic-per-class"])
+    return tmp
+
+
+@pytest.fixture
+def federation(tmp_path):
+    """A loopback federation in tmp_path (loopback.LocalFederation), stopped in teardown whatever happens."""
+    from potara_flower.loopback import LocalFederation
+
+    fed = LocalFederation(tmp_path)
+    try:
+        yield fed
+    finally:
+        fed.stop()

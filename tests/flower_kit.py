@@ -1,6 +1,8 @@
 """What the Flower tests share (test_flower.py, test_flower_failures.py, test_flower_llm.py): the run config, a micro
-backbone, a Grid that answers in this process as flwr's SuperLink does, the fixtures. A helper module, not a test
+backbone, a Grid that answers in this process as flwr's SuperLink does (their fixtures: conftest.py). A helper
+module, not a test
 module: no test module imports another."""
+
 from __future__ import annotations
 
 import contextlib
@@ -22,27 +24,44 @@ from flwr.app import (  # noqa: E402
 from flwr.serverapp import Grid  # noqa: E402
 from torchvision.models import VisionTransformer  # noqa: E402
 
-from potara_harness.data import load_images  # noqa: E402
 from potara_flower import client_app as flower_client  # noqa: E402
 from potara_flower import server_app as flower_server  # noqa: E402
-from potara_flower.loopback import LocalFederation  # noqa: E402
 from potara_flower.server_app import ClientsMissing  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-RUN = {"num-clients": 3, "rounds": 2, "local-steps": 2, "clients-per-round": 2, "lr": 0.01, "batch-size": 8,
-       "rank": 2, "lora-alpha": 4.0, "seed": 1, "synthetic-per-class": 20, "public": 0, "alpha": 0.5, "train": 40,
-       "val": 20, "test": 20, "local-train-steps": 3, "finetune-steps": 2, "fisher-samples": 20, "grid-step": 0.25,
-       "drop-prob": 0.3}
+RUN = {
+    "num-clients": 3,
+    "rounds": 2,
+    "local-steps": 2,
+    "clients-per-round": 2,
+    "lr": 0.01,
+    "batch-size": 8,
+    "rank": 2,
+    "lora-alpha": 4.0,
+    "seed": 1,
+    "synthetic-per-class": 20,
+    "public": 0,
+    "alpha": 0.5,
+    "train": 40,
+    "val": 20,
+    "test": 20,
+    "local-train-steps": 3,
+    "finetune-steps": 2,
+    "fisher-samples": 20,
+    "grid-step": 0.25,
+    "drop-prob": 0.3,
+}
 
 
 def micro_backbone(path: Path) -> None:
     """A micro ViT in the tiny backbone file format (random weights: nothing is pre-trained)."""
     torch.manual_seed(0)
     vit = VisionTransformer(**MICRO_VIT, num_classes=100)
-    torch.save({"format": "potara-backbone-v1", "vit": {**MICRO_VIT, "num_classes": 100},
-                "state_dict": vit.state_dict()}, path)
+    torch.save(
+        {"format": "potara-backbone-v1", "vit": {**MICRO_VIT, "num_classes": 100}, "state_dict": vit.state_dict()}, path
+    )
 
 
 class LocalGrid(Grid):
@@ -124,34 +143,20 @@ class InProcessGrid(LocalGrid):
                 if n in self.detected:
                     replies.append(create_message_error_unavailable_res_message(m.metadata, "node_unavail"))
                 continue
-            ctx = Context(run_id=1, node_id=n, node_config=self.configs[n], state=self.states[n],
-                          run_config=self.run_config)
+            ctx = Context(
+                run_id=1, node_id=n, node_config=self.configs[n], state=self.states[n], run_config=self.run_config
+            )
             try:
                 reply = flower_client.app(m, ctx)
             except Exception as e:  # what flwr's run_clientapp does with a ClientApp that raises
-                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
-                                      reason=str(type(e)) + ":<'" + str(e) + "'>"), reply_to=m)
+                reply = Message(
+                    Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(type(e)) + ":<'" + str(e) + "'>"),
+                    reply_to=m,
+                )
             if self.tamper is not None:
                 reply = self.tamper(self.configs[n].get("partition-id"), m, reply)
             replies.extend(reply if isinstance(reply, list) else [reply] if reply is not None else [])
         return replies[::-1]
-
-
-@pytest.fixture
-def task_identity(monkeypatch):
-    """What a Flower task process sets before a ServerApp runs (Message() reads it); restored afterwards."""
-    from flwr.supercore.task_identity import TaskIdentity
-    for attr in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, attr, 1)
-
-
-@pytest.fixture(scope="module")
-def small_world(tmp_path_factory):
-    """A micro backbone file and synthetic data written once for the in-process tests."""
-    tmp = tmp_path_factory.mktemp("world")
-    micro_backbone(tmp / "backbone.pt")
-    load_images("synthetic", str(tmp / "data"), RUN["synthetic-per-class"])
-    return tmp
 
 
 def serve(world: Path, out: Path, tamper=None, nodes=None, grid=None, missing=(), **overrides) -> dict:
@@ -159,8 +164,15 @@ def serve(world: Path, out: Path, tamper=None, nodes=None, grid=None, missing=()
     exception the server raised). `missing`: the clients expected missing from the results; the server must
     then end with ClientsMissing naming them (the run's failed status), after writing results.json."""
     run_config = {**RUN, "out-dir": str(out), **{k.replace("_", "-"): v for k, v in overrides.items()}}
-    nodes = nodes or [{"partition-id": k, "num-partitions": 3, "backbone": str(world / "backbone.pt"),
-                       "data-dir": str(world / "data")} for k in range(3)]
+    nodes = nodes or [
+        {
+            "partition-id": k,
+            "num-partitions": 3,
+            "backbone": str(world / "backbone.pt"),
+            "data-dir": str(world / "data"),
+        }
+        for k in range(3)
+    ]
     threads = torch.get_num_threads()
     try:
         grid = grid(nodes, run_config) if grid else InProcessGrid(nodes, run_config, tamper)
@@ -182,15 +194,5 @@ class Unpicklable:
 
     def __reduce__(self):
         import os
+
         return (os.getpid, ())
-
-
-@pytest.fixture
-def federation(tmp_path):
-    """A loopback federation in tmp_path (loopback.LocalFederation), stopped in teardown whatever happens."""
-    fed = LocalFederation(tmp_path)
-    try:
-        yield fed
-    finally:
-        fed.stop()
-

@@ -1,5 +1,6 @@
 """ablation.py (the command line) and estimator_study.py (the study) on micro problems (a shrunk tiny ViT,
 2 clients, 2 rounds, one seed; real digits, 2 rounds): seconds."""
+
 import json
 
 import numpy as np
@@ -16,11 +17,52 @@ SCENS = ["dirichlet-0.1", "conflict"]
 
 
 def micro_argv(data_dir, out, *extra):
-    return ["--data-dir", str(data_dir), "--out", str(out), "--synthetic-per-class", "12", "--public", "1000",
-            "--pretrain-steps", "3", "--clients", "2", "--train", "16", "--val", "8", "--test", str(TEST),
-            "--rounds", "2", "--local-steps", "2", "--local-train-steps", "3", "--batch-size", "8", "--rank", "2",
-            "--lora-alpha", "4", "--grid-step", str(STEP), "--seeds", "0", "--threads", "1", "--no-progress",
-            "--conflict-classes", "30", "--scenarios", ",".join(SCENS), "--sources", "train32,val", *extra]
+    return [
+        "--data-dir",
+        str(data_dir),
+        "--out",
+        str(out),
+        "--synthetic-per-class",
+        "12",
+        "--public",
+        "1000",
+        "--pretrain-steps",
+        "3",
+        "--clients",
+        "2",
+        "--train",
+        "16",
+        "--val",
+        "8",
+        "--test",
+        str(TEST),
+        "--rounds",
+        "2",
+        "--local-steps",
+        "2",
+        "--local-train-steps",
+        "3",
+        "--batch-size",
+        "8",
+        "--rank",
+        "2",
+        "--lora-alpha",
+        "4",
+        "--grid-step",
+        str(STEP),
+        "--seeds",
+        "0",
+        "--threads",
+        "1",
+        "--no-progress",
+        "--conflict-classes",
+        "30",
+        "--scenarios",
+        ",".join(SCENS),
+        "--sources",
+        "train32,val",
+        *extra,
+    ]
 
 
 pytestmark = pytest.mark.usefixtures("micro_preset")
@@ -51,8 +93,9 @@ def test_per_client_figures_and_summary(micro):
             assert c["grid_val"] == test[grid.index(c["lam_grid"])] and c["grid_oracle"] == max(test)
             assert set(c["estimators"]) == {f"{e}@{s}" for e in config.ABLATION_ESTIMATORS for s in ("train32", "val")}
             loss = c["grid"]["val_loss"]
-            assert c["barrier"] == pytest.approx(max(f - ((1 - lam) * loss[0] + lam * loss[-1])
-                                                     for lam, f in zip(grid, loss)))
+            assert c["barrier"] == pytest.approx(
+                max(f - ((1 - lam) * loss[0] + lam * loss[-1]) for lam, f in zip(grid, loss))
+            )
             for name, e in c["estimators"].items():
                 assert 0 <= e["lam"] <= 1 and e["abs_lam_diff"] == pytest.approx(abs(e["lam"] - c["lam_grid"]))
                 assert abs(e["acc"] * TEST - round(e["acc"] * TEST)) < 1e-9  # a count of correct test images
@@ -89,15 +132,22 @@ def test_estimator_weights_are_what_the_library_gives(micro):
         _, default = personalize(model, G, local[s.name], held_out=[(s.val_inputs, s.val_targets)])
         assert got["verified@val"]["lam"] == pytest.approx(default["lam"])
         assert got["hermite@val"]["lam"] == pytest.approx(default["lam_hermite"])
-        _, paper = personalize(model, G, local[s.name], held_out=[(s.train_inputs, s.train_targets)], n_samples=32,
-                               estimator=PaperFisher())
+        _, paper = personalize(
+            model, G, local[s.name], held_out=[(s.train_inputs, s.train_targets)], n_samples=32, estimator=PaperFisher()
+        )
         assert got["paper@train32"]["lam"] == pytest.approx(paper["lam"])
         assert int(s.val_targets.max()) < 100
 
 
 def test_study_only_estimators_by_hand():
-    info = lambda f0, f1, d0, d1, fh=None, lh=None: {"loss_local": f0, "loss_federated": f1, "slope_local": d0,
-                                                      "slope_federated": d1, "loss_at_hermite": fh, "lam_hermite": lh}
+    info = lambda f0, f1, d0, d1, fh=None, lh=None: {
+        "loss_local": f0,
+        "loss_federated": f1,
+        "slope_local": d0,
+        "slope_federated": d1,
+        "loss_at_hermite": fh,
+        "lam_hermite": lh,
+    }
     assert estimator_study.quadratic_lam(info(1.0, 1.0, -1.0, 3.0)) == pytest.approx(0.25)  # f' = -1 + 4 t: 0 at 1/4
     assert estimator_study.quadratic_lam(info(1.0, 0.5, 0.5, 2.0)) == 0.0  # rising from the local end
     assert estimator_study.quadratic_lam(info(1.0, 0.5, -2.0, -0.5)) == 1.0  # still falling at the federated end
@@ -108,9 +158,29 @@ def test_study_only_estimators_by_hand():
 
 def test_real_suite_runs_on_the_digits(tmp_path):
     pytest.importorskip("sklearn")
-    r = ablation.main(["--suite", "real", "--out", str(tmp_path), "--seeds", "0", "--rounds", "2",
-                       "--local-train-steps", "5", "--clients", "3", "--threads", "1", "--no-progress",
-                       "--sources", "val", "--estimators", "verified,paper"])
+    r = ablation.main(
+        [
+            "--suite",
+            "real",
+            "--out",
+            str(tmp_path),
+            "--seeds",
+            "0",
+            "--rounds",
+            "2",
+            "--local-train-steps",
+            "5",
+            "--clients",
+            "3",
+            "--threads",
+            "1",
+            "--no-progress",
+            "--sources",
+            "val",
+            "--estimators",
+            "verified,paper",
+        ]
+    )
     assert list(r["runs"]) == ["conflict", "dirichlet-0.5"]
     for scen in r["runs"]:
         clients = r["runs"][scen]["0"]
@@ -154,10 +224,16 @@ def test_conflict_partition_same_classes_own_labelling():
 
 
 def test_goal_and_table_by_hand():
-    row = lambda local, fedit, grid, acc: {"local": {"acc": local}, "fedit": {"acc": fedit}, "uniform": {"acc": 0},
-                                           "grid_val": {"acc": grid}, "grid_oracle": {"acc": grid},
-                                           "x@val": {"acc": acc, "ratio": acc / grid, "abs_lam_diff": 0.1},
-                                           "lam_grid": 0.3, "clients_x_seeds": 5}
+    row = lambda local, fedit, grid, acc: {
+        "local": {"acc": local},
+        "fedit": {"acc": fedit},
+        "uniform": {"acc": 0},
+        "grid_val": {"acc": grid},
+        "grid_oracle": {"acc": grid},
+        "x@val": {"acc": acc, "ratio": acc / grid, "abs_lam_diff": 0.1},
+        "lam_grid": 0.3,
+        "clients_x_seeds": 5,
+    }
     ok, too_low, below_local = row(0.8, 0.5, 0.9, 0.885), row(0.8, 0.5, 0.9, 0.87), row(0.8, 0.5, 0.805, 0.794)
     just_below = row(0.8, 0.5, 0.805, 0.7951)  # 0.0049 below local: within the 0.005 the goal allows
     assert estimator_study.goal_met(ok, "x@val") and not estimator_study.goal_met(too_low, "x@val")
@@ -169,11 +245,18 @@ def test_goal_and_table_by_hand():
     assert "| 0.983 | no: b |" in md and "0.885 (0.983; 0.10)" in md and "a mean 0.50, max 2.00, 3 clients" in md
 
 
-@pytest.mark.parametrize("extra, msg", [(["--scenarios", "nope"], "--scenarios"), (["--seeds", "x"], "--seeds"),
-                                        (["--estimators", "magic"], "--estimators"), (["--rounds", "0"], "--rounds"),
-                                        (["--threads", "100000"], "--threads must be in [1, "),
-                                        (["--seeds", "-3"], "--seeds '-3': expected"),
-                                        (["--out", "/proc/x"], "--out /proc/x: cannot be created or written")])
+@pytest.mark.parametrize(
+    "extra, msg",
+    [
+        (["--scenarios", "nope"], "--scenarios"),
+        (["--seeds", "x"], "--seeds"),
+        (["--estimators", "magic"], "--estimators"),
+        (["--rounds", "0"], "--rounds"),
+        (["--threads", "100000"], "--threads must be in [1, "),
+        (["--seeds", "-3"], "--seeds '-3': expected"),
+        (["--out", "/proc/x"], "--out /proc/x: cannot be created or written"),
+    ],
+)
 def test_bad_arguments_fail_in_one_line(tmp_path, capsys, extra, msg):
     with pytest.raises(SystemExit) as e:
         ablation.main(micro_argv(tmp_path / "d", tmp_path / "o", *extra))

@@ -1,5 +1,6 @@
 """bench.py (the command line) and benchmarks.py's helpers, and the fast paths they measure computing the same
 function as the slow ones. No timed assertions: timings are only reported, never tested."""
+
 import json
 
 import pytest
@@ -48,7 +49,7 @@ def test_packed_qkv_activation_path_equals_weight_path_and_merge(batch_first, pa
     for shape in [(3, 5, 16), (5, 16)]:
         x = torch.randn(*shape, requires_grad=True)
         fast = m(x, x, x, need_weights=False)[0]  # activation space (the ViT call)
-        slow = m(x, x, x, need_weights=True)[0]   # weight space through nn.MultiheadAttention itself
+        slow = m(x, x, x, need_weights=True)[0]  # weight space through nn.MultiheadAttention itself
         assert torch.allclose(fast, slow, atol=1e-5)
         g_fast = torch.autograd.grad(fast.pow(2).sum(), [x, *params])
         g_slow = torch.autograd.grad(slow.pow(2).sum(), [x, *params])
@@ -75,8 +76,9 @@ def test_naive_fisher_loop_matches_diag_fisher():
 
 def test_pipeline_section_reads_stage_timings(tmp_path):
     results = tmp_path / "results.json"
-    results.write_text(json.dumps({"timing_s": {"fedit": 30.0, "local": 10.0},
-                                   "config": {"backbone": {"pretrain_seconds": 60.0}}}))
+    results.write_text(
+        json.dumps({"timing_s": {"fedit": 30.0, "local": 10.0}, "config": {"backbone": {"pretrain_seconds": 60.0}}})
+    )
     out = tmp_path / "bench.json"
     report = bench.main(["--only", "pipeline", "--pipeline-results", str(results), "--out", str(out)])
     rows = {r["name"]: r for r in report["rows"]}

@@ -1,10 +1,11 @@
 """checkpoint.py: the fingerprint names what the adapters depend on; a checkpoint that is not this run's
 or not sound is refused in one line, without running code."""
-import pytest
-import torch
 
 import os
 import shutil
+
+import pytest
+import torch
 
 from potara_harness.checkpoint import Parts, ResumeError, RunState, fingerprint, load_state, save_state
 from potara_harness.config import ExperimentConfig
@@ -21,8 +22,9 @@ def test_fault_options_are_fingerprinted_only_when_set(mlp_problem):
 
 def test_saved_state_loads_back_and_foreign_states_are_refused(tmp_path, same):
     path = str(tmp_path / "checkpoint.pt")
-    state = RunState("fp", fedit={"round": 0, "global_state": {"w": torch.ones(2)}, "private_states": {},
-                                  "history": []})
+    state = RunState(
+        "fp", fedit={"round": 0, "global_state": {"w": torch.ones(2)}, "private_states": {}, "history": []}
+    )
     save_state(state, path)
     back = load_state(path, "fp")
     assert same(back.fedit, state.fedit) and back.fedsa is None and back.run_id == state.run_id
@@ -34,13 +36,14 @@ def test_saved_state_loads_back_and_foreign_states_are_refused(tmp_path, same):
         load_state(path, "fp")
 
 
-# ----------------------------------------------------------------------------- the fingerprint (issue 13, item 2)
+# ----------------------------------------------------------------------------- the fingerprint
 def test_fingerprint_covers_lora_alpha_every_weight_byte_and_buffers(mlp_problem):
     import copy
 
     import torch.nn as nn
 
     from potara.lora import add_lora
+
     bias_free_model, client = mlp_problem
     splits, cfg = [client("c0", 0)], ExperimentConfig()
     model = bias_free_model()
@@ -67,23 +70,45 @@ def test_fingerprint_covers_lora_alpha_every_weight_byte_and_buffers(mlp_problem
     assert fingerprint(buffered, splits, cfg) != fp_buffer
 
 
-@pytest.mark.parametrize("change, fingerprinted", [
-    (dict(rounds=3), True), (dict(local_steps=3), True), (dict(clients_per_round=1), True), (dict(lr=0.5), True),
-    (dict(weight_decay=0.1), True), (dict(batch_size=5), True), (dict(local_train_steps=7), True),
-    (dict(finetune_steps=7), True), (dict(snapshots=1), True), (dict(fedsa=False), True), (dict(seed=5), True),
-    (dict(estimator="paper"), False), (dict(fisher_samples=3), False), (dict(grid_step=0.5), False),
-    (dict(eps=0.1), False), (dict(granularity="module"), False),  # Potara / grid options only re-evaluate
-])
+@pytest.mark.parametrize(
+    "change, fingerprinted",
+    [
+        (dict(rounds=3), True),
+        (dict(local_steps=3), True),
+        (dict(clients_per_round=1), True),
+        (dict(lr=0.5), True),
+        (dict(weight_decay=0.1), True),
+        (dict(batch_size=5), True),
+        (dict(local_train_steps=7), True),
+        (dict(finetune_steps=7), True),
+        (dict(snapshots=1), True),
+        (dict(fedsa=False), True),
+        (dict(seed=5), True),
+        (dict(estimator="paper"), False),
+        (dict(fisher_samples=3), False),
+        (dict(grid_step=0.5), False),
+        (dict(eps=0.1), False),
+        (dict(granularity="module"), False),  # Potara / grid options only re-evaluate
+    ],
+)
 def test_fingerprint_holds_every_training_setting(mlp_problem, change, fingerprinted):
     bias_free_model, client = mlp_problem
     model, splits = bias_free_model(), [client("c0", 0)]
-    assert (fingerprint(model, splits, ExperimentConfig(**change)) != fingerprint(model, splits, ExperimentConfig())) \
-        == fingerprinted
+    assert (
+        fingerprint(model, splits, ExperimentConfig(**change)) != fingerprint(model, splits, ExperimentConfig())
+    ) == fingerprinted
 
 
-# ----------------------------------------------------------------------------- edited checkpoints (item 7, issue 17 item 4)
-RECORD = {"round": 0, "clients": ["c0"], "dropped": [], "rejected": [], "mean_train_loss": 1.5,
-          "bytes_down": 10, "bytes_up": 10}
+# ----------------------------------------------------------------------------- edited checkpoints
+RECORD = {
+    "round": 0,
+    "clients": ["c0"],
+    "dropped": [],
+    "rejected": [],
+    "mean_train_loss": 1.5,
+    "bytes_down": 10,
+    "bytes_up": 10,
+}
 
 
 def sound_run(model, folder, fp="fp", rounds=2):
@@ -91,9 +116,17 @@ def sound_run(model, folder, fp="fp", rounds=2):
     local adapter (FedSA-LoRA and fine-tuning not started): checkpoint.pt + adapters/snapshot-*.pt + local-0000.pt.
     Returns (phi_0, state, parts, checkpoint path)."""
     from potara.lora import lora_state_dict
+
     adapter = {k: v.detach().clone() for k, v in lora_state_dict(model).items()}
-    state = RunState(fp, fedit={"round": rounds, "global_state": dict(adapter), "private_states": {"c0": {}},
-                                "history": [{**RECORD, "round": t} for t in range(rounds)]})
+    state = RunState(
+        fp,
+        fedit={
+            "round": rounds,
+            "global_state": dict(adapter),
+            "private_states": {"c0": {}},
+            "history": [{**RECORD, "round": t} for t in range(rounds)],
+        },
+    )
     path = str(folder / "checkpoint.pt")
     save_state(state, path)
     parts = Parts(path, state, adapter, ["c0"])
@@ -107,12 +140,21 @@ def edits(adapter):
     """(what to edit: the checkpoint's fedit dict, or a function of (state, parts), the reason in the error)."""
     k = next(iter(adapter))
     nan = {kk: v * float("nan") for kk, v in adapter.items()}
-    beside = lambda p, state, clients=("c0",): Parts(os.path.join(os.path.dirname(p.folder), "checkpoint.pt"), state,
-                                                     adapter, list(clients))  # writes into the same folder
+    beside = lambda p, state, clients=("c0",): Parts(
+        os.path.join(os.path.dirname(p.folder), "checkpoint.pt"), state, adapter, list(clients)
+    )  # writes into the same folder
     return [
-        ("fedit", lambda f: {**f, "global_state": {**f["global_state"], k: f["global_state"][k].double()}}, "dtype torch.float64"),
+        (
+            "fedit",
+            lambda f: {**f, "global_state": {**f["global_state"], k: f["global_state"][k].double()}},
+            "dtype torch.float64",
+        ),
         ("fedit", lambda f: {**f, "global_state": {**f["global_state"], k: torch.zeros(7, 7)}}, "has shape (7, 7)"),
-        ("fedit", lambda f: {**f, "global_state": {kk: v for kk, v in f["global_state"].items() if kk != k}}, "are not the model's"),
+        (
+            "fedit",
+            lambda f: {**f, "global_state": {kk: v for kk, v in f["global_state"].items() if kk != k}},
+            "are not the model's",
+        ),
         ("fedit", lambda f: {**f, "round": "1"}, "round '1' is not a count"),
         ("fedit", lambda f: {**f, "round": -3}, "round -3 is not a count"),
         ("fedit", lambda f: {**f, "round": 5}, "round 5 is not a count in [0, 2]"),
@@ -122,15 +164,27 @@ def edits(adapter):
         ("parts", lambda st, p: os.remove(p.path("snapshot", 2)), "the snapshot of round 2 is missing"),
         ("parts", lambda st, p: p.save("snapshot", 99, adapter), "adapters/snapshot-0099.pt is no part of this run"),
         ("parts", lambda st, p: p.save("local", 0, nan), "holds NaN or Inf"),
-        ("parts", lambda st, p: p.save("local", 0, {kk: torch.zeros(1).expand(v.shape) for kk, v in adapter.items()}),
-         "expanded view"),
-        ("parts", lambda st, p: beside(p, st, "c0 c1 c2 c3".split()).save("local", 3, adapter),
-         "adapters/local-0003.pt is no part of this run"),
+        (
+            "parts",
+            lambda st, p: p.save("local", 0, {kk: torch.zeros(1).expand(v.shape) for kk, v in adapter.items()}),
+            "expanded view",
+        ),
+        (
+            "parts",
+            lambda st, p: beside(p, st, "c0 c1 c2 c3".split()).save("local", 3, adapter),
+            "adapters/local-0003.pt is no part of this run",
+        ),
         ("parts", lambda st, p: p.save("local", 0, adapter, {"client": "c0"}), "fallback malformed"),
-        ("parts", lambda st, p: beside(p, RunState("fp")).save("local", 0, adapter),
-         "a part of another run"),  # the same settings, started over: another run_id
-        ("parts", lambda st, p: beside(p, RunState("other", run_id=st.run_id)).save("local", 0, adapter),
-         "a part of another run"),  # another fingerprint
+        (
+            "parts",
+            lambda st, p: beside(p, RunState("fp")).save("local", 0, adapter),
+            "a part of another run",
+        ),  # the same settings, started over: another run_id
+        (
+            "parts",
+            lambda st, p: beside(p, RunState("other", run_id=st.run_id)).save("local", 0, adapter),
+            "a part of another run",
+        ),  # another fingerprint
         ("parts", lambda st, p: shutil.copy(p.path("snapshot", 1), p.path("local", 0)), "holds another part"),
     ]
 
@@ -138,7 +192,7 @@ def edits(adapter):
 @pytest.mark.parametrize("case", range(18))
 def test_edited_checkpoint_with_a_valid_fingerprint_is_refused(tmp_path, mlp_problem, same, case):
     """Each edit of a sound run folder (checkpoint.pt or a part file) is refused by load_state, in one line, before
-    anything is trained: issue 17 item 4 (a missing snapshot), issue 20 (a part of another run)."""
+    anything is trained: a missing snapshot, a part of another run."""
     bias_free_model, _ = mlp_problem
     adapter, state, parts, path = sound_run(bias_free_model(), tmp_path)
     back = load_state(path, "fp", adapter=adapter, clients=["c0"], rounds=2, snapshots=[1, 2])  # the sound one loads
@@ -170,21 +224,34 @@ def test_a_snapshot_or_adapter_not_yet_made_is_not_required(tmp_path, mlp_proble
         load_state(path, "fp", adapter=adapter, clients=["c0"], rounds=4, snapshots=[2, 4])
 
 
-FLOWER_RECORD = {**RECORD, "failed": [], "wire_bytes_down": 12, "wire_bytes_up": 12, "seconds": 0.5,
-                 "client_seconds": {"c0": {"train": 0.25}}}
+FLOWER_RECORD = {
+    **RECORD,
+    "failed": [],
+    "wire_bytes_down": 12,
+    "wire_bytes_up": 12,
+    "seconds": 0.5,
+    "client_seconds": {"c0": {"train": 0.25}},
+}
 
 
-@pytest.mark.parametrize("edit, why", [
-    (lambda f: None, "fedit: missing"),
-    (lambda f: {**f, "history": [{k: v for k, v in FLOWER_RECORD.items() if k != "failed"}]}, "history[0] failed"),
-    (lambda f: {**f, "history": [{**FLOWER_RECORD, "failed": [{"client": "c0"}]}]}, "history[0] failed"),
-    (lambda f: {**f, "history": [{**FLOWER_RECORD, "wire_bytes_up": -1}]}, "history[0] wire bytes or seconds"),
-    (lambda f: {**f, "history": [{**FLOWER_RECORD, "client_seconds": {"c0": {"train": "x"}}}]}, "wire bytes or seconds"),
-])
+@pytest.mark.parametrize(
+    "edit, why",
+    [
+        (lambda f: None, "fedit: missing"),
+        (lambda f: {**f, "history": [{k: v for k, v in FLOWER_RECORD.items() if k != "failed"}]}, "history[0] failed"),
+        (lambda f: {**f, "history": [{**FLOWER_RECORD, "failed": [{"client": "c0"}]}]}, "history[0] failed"),
+        (lambda f: {**f, "history": [{**FLOWER_RECORD, "wire_bytes_up": -1}]}, "history[0] wire bytes or seconds"),
+        (
+            lambda f: {**f, "history": [{**FLOWER_RECORD, "client_seconds": {"c0": {"train": "x"}}}]},
+            "wire bytes or seconds",
+        ),
+    ],
+)
 def test_edited_flower_checkpoint_is_refused_at_load(tmp_path, mlp_problem, edit, why):
-    """Issue 17 item 4: the Flower server's checkpoint with fedit = None or history records without `failed`
+    """The Flower server's checkpoint with fedit = None or history records without `failed`
     (TypeError / KeyError in the server before) is refused by load_state(flower=True) in one line."""
     from potara.lora import lora_state_dict
+
     adapter = lora_state_dict(mlp_problem[0]())
     fedit = {"round": 1, "global_state": dict(adapter), "private_states": {"c0": {}}, "history": [FLOWER_RECORD]}
     path = str(tmp_path / "checkpoint.pt")
@@ -204,9 +271,12 @@ def test_fuzz_checkpoints_give_one_clear_error_or_a_sound_state(tmp_path, mlp_pr
     import random
 
     from potara.tensor_checks import check_tensors
+
     bias_free_model, _ = mlp_problem
     adapter, _, parts, path = sound_run(bias_free_model(), tmp_path)
-    files = {name: (open(name, "rb").read(), torch.load(name, weights_only=True)) for name in (path, parts.path("local", 0))}
+    files = {
+        name: (open(name, "rb").read(), torch.load(name, weights_only=True)) for name in (path, parts.path("local", 0))
+    }
     numel = max(t.numel() for t in adapter.values())
     rng, accepted = random.Random(0), 0
     for case in range(300):

@@ -1,16 +1,17 @@
 """cli.py: --help says what each preset gives, impossible options and unusable --out folders are one-line
 parser errors before any work, a second run on the same --out is refused, and errors found during a run
 leave in one line with the exit status docs/failure-behaviour.md gives (2: bad input, 1: out of memory)."""
+
 import argparse
 import os
 
 import pytest
 
-from potara_harness.data import DataError
 from potara.safe_files import WriteError
 from potara.tensor_checks import AdapterError
 from potara_harness import cli, run_folder
 from potara_harness.checkpoint import ResumeError
+from potara_harness.data import DataError
 
 
 def parser(presets=None):
@@ -19,8 +20,11 @@ def parser(presets=None):
     ap.add_argument("--out", default=None, help="output folder (default: runs/<name>)")
     ap.add_argument("--clients", type=int, default=3, help="clients")
     cli.add_experiment_options(ap)
-    cli.describe_presets(ap, presets or {"tiny": {"train": 400, "rounds": 100, "lr": 3e-3},
-                                         "paper": {"train": 1000, "rounds": 400, "lr": 1e-3}})
+    cli.describe_presets(
+        ap,
+        presets
+        or {"tiny": {"train": 400, "rounds": 100, "lr": 3e-3}, "paper": {"train": 1000, "rounds": 400, "lr": 1e-3}},
+    )
     return ap
 
 
@@ -34,18 +38,41 @@ def test_help_names_each_presets_value_and_never_none(capsys):
 
 
 def args_for(ap, *argv):
-    args = ap.parse_args(["--train", "10", "--rounds", "1", "--local-steps", "1", "--local-train-steps", "1",
-                          "--finetune-steps", "1", "--lr", "0.1", "--batch-size", "2", "--rank", "1",
-                          "--lora-alpha", "1", *argv])
+    args = ap.parse_args(
+        [
+            "--train",
+            "10",
+            "--rounds",
+            "1",
+            "--local-steps",
+            "1",
+            "--local-train-steps",
+            "1",
+            "--finetune-steps",
+            "1",
+            "--lr",
+            "0.1",
+            "--batch-size",
+            "2",
+            "--rank",
+            "1",
+            "--lora-alpha",
+            "1",
+            *argv,
+        ]
+    )
     args.val = 5
     return args
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--seed", str(10**29)], "--seed must be >= 0 and < 2**63"),
-    (["--seed", str(2**63)], "--seed must be >= 0 and < 2**63"),
-    (["--threads", "1000"], "--threads must be in [1, "),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--seed", str(10**29)], "--seed must be >= 0 and < 2**63"),
+        (["--seed", str(2**63)], "--seed must be >= 0 and < 2**63"),
+        (["--threads", "1000"], "--threads must be in [1, "),
+    ],
+)
 def test_seed_and_threads_are_bounded(capsys, argv, message):
     ap = parser()
     with pytest.raises(SystemExit) as e:
@@ -60,13 +87,22 @@ def test_seed_1e29_is_a_parser_error(capsys):
     assert e.value.code == 2 and "invalid int value: '1e29'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda tmp: "/proc/potara-x", "cannot be created or written"),
-    (lambda tmp: (tmp / "o" / "results.json").mkdir(parents=True) or tmp / "o", "results.json in it is not a regular file"),
-    (lambda tmp: (tmp / "o" / "checkpoint.pt").mkdir(parents=True) or tmp / "o", "checkpoint.pt in it is not a regular file"),
-    (lambda tmp: (tmp / "o" / ".lock").mkdir(parents=True) or tmp / "o", ".lock in it is not a regular file"),
-    (lambda tmp: (tmp / "f").write_text("x") and tmp / "f", "exists and is not a directory"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda tmp: "/proc/potara-x", "cannot be created or written"),
+        (
+            lambda tmp: (tmp / "o" / "results.json").mkdir(parents=True) or tmp / "o",
+            "results.json in it is not a regular file",
+        ),
+        (
+            lambda tmp: (tmp / "o" / "checkpoint.pt").mkdir(parents=True) or tmp / "o",
+            "checkpoint.pt in it is not a regular file",
+        ),
+        (lambda tmp: (tmp / "o" / ".lock").mkdir(parents=True) or tmp / "o", ".lock in it is not a regular file"),
+        (lambda tmp: (tmp / "f").write_text("x") and tmp / "f", "exists and is not a directory"),
+    ],
+)
 def test_unusable_out_dirs_are_parser_errors(tmp_path, capsys, make, message):
     out = make(tmp_path)
     with pytest.raises(SystemExit) as e:
@@ -138,18 +174,31 @@ def test_a_second_run_on_the_same_out_is_refused(tmp_path, capsys):
                 pass
         assert e.value.code == 2
         err = capsys.readouterr().err.strip()
-        assert err == (f"error: --out {tmp_path} is in use by another run (pid {os.getpid()}): wait for it to end "
-                       "or choose another --out")
+        assert err == (
+            f"error: --out {tmp_path} is in use by another run (pid {os.getpid()}): wait for it to end "
+            "or choose another --out"
+        )
     with run_folder.out_dir_lock(str(tmp_path)):  # released when the first run ended
         pass
 
 
-@pytest.mark.parametrize("error, status", [
-    (DataError("x.jsonl:3: not valid JSON"), 2), (ResumeError("ck: edited"), 2), (AdapterError("w holds NaN"), 2),
-    (MemoryError(), 1), (WriteError("cannot write ck.pt (File too large): the previous file is intact"), 1),
-    (RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried to "
-                  "allocate 6400000000000 bytes"), 1),  # what --rank 10**11 gave: torch's CPU allocator
-])
+@pytest.mark.parametrize(
+    "error, status",
+    [
+        (DataError("x.jsonl:3: not valid JSON"), 2),
+        (ResumeError("ck: edited"), 2),
+        (AdapterError("w holds NaN"), 2),
+        (MemoryError(), 1),
+        (WriteError("cannot write ck.pt (File too large): the previous file is intact"), 1),
+        (
+            RuntimeError(
+                "[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried to "
+                "allocate 6400000000000 bytes"
+            ),
+            1,
+        ),  # what --rank 10**11 gave: torch's CPU allocator
+    ],
+)
 def test_errors_during_a_run_are_one_line_with_their_status(capsys, error, status):
     with pytest.raises(SystemExit) as e:
         with cli.one_line_errors():
@@ -172,6 +221,7 @@ def test_other_runtime_errors_are_not_called_out_of_memory():
 def test_snapshots_beyond_the_rounds_are_every_round(capsys):
     """--snapshots 10**20 with 2 rounds: the same round counts as --snapshots 2 (every round), no endless loop."""
     from potara_harness.pipeline import snapshot_rounds
+
     ap = parser()
     args = args_for(ap, "--snapshots", str(10**20), "--rounds", "2")
     cli.check_experiment_options(ap, args)

@@ -1,4 +1,5 @@
 """potara_harness/config.py: every default in one place, and what it mirrors from the core held equal to it."""
+
 import subprocess
 import sys
 
@@ -22,8 +23,19 @@ def test_config_imports_no_torch():
 def test_the_flower_defaults_are_the_tiny_presets():
     """AppConfig's training settings are read from VIT_PRESETS["tiny"] and ExperimentConfig, not written twice."""
     app, tiny, exp = config.AppConfig(), config.VIT_PRESETS["tiny"], config.ExperimentConfig()
-    for k in ("local_steps", "lr", "batch_size", "rank", "alpha", "public", "train", "val", "test",
-              "local_train_steps", "finetune_steps"):
+    for k in (
+        "local_steps",
+        "lr",
+        "batch_size",
+        "rank",
+        "alpha",
+        "public",
+        "train",
+        "val",
+        "test",
+        "local_train_steps",
+        "finetune_steps",
+    ):
         assert getattr(app, k) == tiny[k], k
     assert app.fisher_samples == exp.fisher_samples and app.grid_step == exp.grid_step
     assert app.pipeline_config().max_update_norm is None and config.update_bound(0.0) is None
@@ -46,6 +58,7 @@ def test_the_cli_refuses_exactly_what_potara_refuses():
     import pytest
 
     from potara_harness import cli
+
     for estimator in config.ESTIMATORS:
         for granularity in ("client", "module"):
             ap = argparse.ArgumentParser()

@@ -11,7 +11,14 @@ import pytest
 import torch
 
 from potara_harness import data
-from potara_harness.data import ClientSplits, DataError, load_cifar100, warn_single_class, write_synthetic_cifar100
+from potara_harness.data import (
+    ClientSplits,
+    DataError,
+    load_cifar100,
+    warn_held_out_overlap,
+    warn_single_class,
+    write_synthetic_cifar100,
+)
 
 
 # ----------------------------------------------------------------------------- synthetic files + real loader
@@ -66,6 +73,7 @@ def test_synthetic_reuse_and_rewrite(synthetic_root, tmp_path):
 def test_loader_offline_and_corrupt_errors(tmp_path, monkeypatch):
     def offline(*a, **k):
         raise URLError("no network")
+
     monkeypatch.setattr(data, "download_and_extract_archive", offline)
     with pytest.raises(DataError) as e:
         load_cifar100(str(tmp_path), download=True)
@@ -84,6 +92,7 @@ def test_loader_offline_and_corrupt_errors(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- hostile data files
 class Planted:
     """A pickle that creates `path` when unpickled by a plain pickle.load (what torchvision's reader does)."""
+
     def __init__(self, path):
         self.path = path
 
@@ -99,8 +108,10 @@ def plant(folder, evidence, marker=None):
         (folder / data.SYNTHETIC_MARKER).write_text(json.dumps(marker))
 
 
-@pytest.mark.parametrize("how", ["empty marker (--data cifar reads it)", "marker of the synthetic writer (reuse)",
-                                 "no marker (real CIFAR path)"])
+@pytest.mark.parametrize(
+    "how",
+    ["empty marker (--data cifar reads it)", "marker of the synthetic writer (reuse)", "no marker (real CIFAR path)"],
+)
 def test_planted_pickles_are_refused_and_run_nothing(tmp_path, how):
     evidence = tmp_path / "evidence"
     folder = tmp_path / "root" / "cifar-100-python"
@@ -121,11 +132,13 @@ def test_planted_pickles_are_refused_and_run_nothing(tmp_path, how):
 
 class Py2Pickler(pickle._Pickler):
     """Writes bytes as Python 2's str (BINSTRING), as the real CIFAR-100 pickles (written by Python 2) hold them."""
+
     dispatch = dict(pickle._Pickler.dispatch)
 
     def save_py2_str(self, obj):
         self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
         self.memoize(obj)
+
     dispatch[bytes] = save_py2_str
 
 
@@ -141,9 +154,14 @@ def write_cifar_files(folder, train, test, meta, protocol=2):
 def batch(n, seed, **override):
     rng = np.random.default_rng(seed)
     fine = rng.integers(0, 100, n).tolist()
-    return {"filenames": [f"{i}.png" for i in range(n)], "batch_label": "x", "fine_labels": fine,
-            "coarse_labels": [c // 5 for c in fine], "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-            **override}
+    return {
+        "filenames": [f"{i}.png" for i in range(n)],
+        "batch_label": "x",
+        "fine_labels": fine,
+        "coarse_labels": [c // 5 for c in fine],
+        "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+        **override,
+    }
 
 
 META = {"fine_label_names": [f"c{i}" for i in range(100)], "coarse_label_names": [f"s{i}" for i in range(20)]}
@@ -158,21 +176,25 @@ def test_python2_layout_reads_like_torchvision(tmp_path):
 
     class Unchecked(data.CIFAR100):
         train_list, test_list, meta = [["train", None]], [["test", None]], {**data.CIFAR100.meta, "md5": None}
+
     ref = [Unchecked(str(tmp_path), train=t) for t in (True, False)]
     assert torch.equal(d.images, torch.from_numpy(np.concatenate([r.data for r in ref])).permute(0, 3, 1, 2))
     assert d.labels.tolist() == ref[0].targets + ref[1].targets
     assert d.coarse_labels.tolist() == train["coarse_labels"] + test["coarse_labels"] and d.classes == ref[0].classes
 
 
-@pytest.mark.parametrize("train, why", [
-    (batch(4, 0, fine_labels=[0, 1, 2, 100]), "'fine_labels' must be 4 integers in [0, 100)"),
-    (batch(4, 0, coarse_labels=[0, 1, 2]), "'coarse_labels' must be 4 integers in [0, 20)"),
-    (batch(4, 0, fine_labels=[0.0, 1.0, 2.0, 3.0]), "'fine_labels' must be 4 integers"),
-    (batch(4, 0, data=np.zeros((4, 3072), np.float32)), "'data' must be a uint8 array"),
-    (batch(4, 0, data=np.zeros((4, 3071), np.uint8)), "'data' must be a uint8 array"),
-    (batch(4, 0, data=np.array([None] * 4)), "unexpected array dtype"),
-    ([1, 2, 3], "holds a list, not a dict"),
-])
+@pytest.mark.parametrize(
+    "train, why",
+    [
+        (batch(4, 0, fine_labels=[0, 1, 2, 100]), "'fine_labels' must be 4 integers in [0, 100)"),
+        (batch(4, 0, coarse_labels=[0, 1, 2]), "'coarse_labels' must be 4 integers in [0, 20)"),
+        (batch(4, 0, fine_labels=[0.0, 1.0, 2.0, 3.0]), "'fine_labels' must be 4 integers"),
+        (batch(4, 0, data=np.zeros((4, 3072), np.float32)), "'data' must be a uint8 array"),
+        (batch(4, 0, data=np.zeros((4, 3071), np.uint8)), "'data' must be a uint8 array"),
+        (batch(4, 0, data=np.array([None] * 4)), "unexpected array dtype"),
+        ([1, 2, 3], "holds a list, not a dict"),
+    ],
+)
 def test_malformed_files_are_refused(tmp_path, train, why):
     write_cifar_files(tmp_path / "cifar-100-python", train, batch(2, 1), META)
     with pytest.raises(DataError, match="unreadable") as e:
@@ -180,13 +202,19 @@ def test_malformed_files_are_refused(tmp_path, train, why):
     assert why in str(e.value)
 
 
-@pytest.mark.parametrize("payload, why", [
-    # memo index 2**31: a dict memo, no 16 GB array
-    (b"\x80\x02}r" + struct.pack("<I", 2 ** 31) + b".", "'data' must be"),
-    (b"\x80\x02cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n(J\x00\x00\x00\x7fJ\x00\x00\x00\x7ft"
-     b"U\x01b\x87R.", "unexpected array reconstruction"),  # _reconstruct(ndarray, (2**31, 2**31), 'b'): 4 EB
-    (b"\x80\x02}q\x00(U\x04dataq\x01", "not a CIFAR-100 pickle (EOFError)"),  # truncated
-])
+@pytest.mark.parametrize(
+    "payload, why",
+    [
+        # memo index 2**31: a dict memo, no 16 GB array
+        (b"\x80\x02}r" + struct.pack("<I", 2**31) + b".", "'data' must be"),
+        (
+            b"\x80\x02cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n(J\x00\x00\x00\x7fJ\x00\x00\x00\x7ft"
+            b"U\x01b\x87R.",
+            "unexpected array reconstruction",
+        ),  # _reconstruct(ndarray, (2**31, 2**31), 'b'): 4 EB
+        (b"\x80\x02}q\x00(U\x04dataq\x01", "not a CIFAR-100 pickle (EOFError)"),  # truncated
+    ],
+)
 def test_crafted_pickles_allocate_nothing(tmp_path, payload, why):
     folder = tmp_path / "cifar-100-python"
     write_cifar_files(folder, batch(2, 0), batch(2, 1), META)
@@ -206,16 +234,19 @@ def test_oversized_file_and_memory_error_are_told_apart(tmp_path, monkeypatch):
 
     def out_of_memory(self):
         raise MemoryError()
+
     monkeypatch.setattr(data._CifarUnpickler, "load", out_of_memory)
     with pytest.raises(MemoryError):  # not "unreadable ... delete the folder": the data may be fine
         load_cifar100(str(tmp_path), download=False)
 
 
-
-@pytest.mark.parametrize("make, why", [
-    (lambda p: os.symlink("/dev/zero", p), "train: is a symbolic link"),
-    (lambda p: os.mkfifo(p), "train: is not a regular file .a FIFO"),
-])
+@pytest.mark.parametrize(
+    "make, why",
+    [
+        (lambda p: os.symlink("/dev/zero", p), "train: is a symbolic link"),
+        (lambda p: os.mkfifo(p), "train: is not a regular file .a FIFO"),
+    ],
+)
 @pytest.mark.parametrize("synthetic", [True, False])
 def test_special_files_under_cifar_names_are_refused_at_once(tmp_path, alarm, make, why, synthetic):
     """A synthetic folder with its marker and train -> /dev/zero bypassed the 1 GiB limit (getsize is 0);
@@ -233,10 +264,15 @@ def test_special_files_under_cifar_names_are_refused_at_once(tmp_path, alarm, ma
 def test_a_single_class_held_out_split_is_warned_about():
     def split(name, val):
         x = torch.zeros(max(len(val), 2), 3)
-        return ClientSplits(name, x[:2], torch.tensor([0, 1]), x[:len(val)], val, x[:1], torch.tensor([0]))
-    splits = [split("a", torch.tensor([4, 4, 4])), split("b", torch.tensor([4, 5, 4])),
-              split("c", torch.tensor([[1, -100], [1, -100]])), split("d", torch.tensor([[1, -100], [2, -100]])),
-              split("e", torch.tensor([7]))]  # one example: no class structure to speak of
+        return ClientSplits(name, x[:2], torch.tensor([0, 1]), x[: len(val)], val, x[:1], torch.tensor([0]))
+
+    splits = [
+        split("a", torch.tensor([4, 4, 4])),
+        split("b", torch.tensor([4, 5, 4])),
+        split("c", torch.tensor([[1, -100], [1, -100]])),
+        split("d", torch.tensor([[1, -100], [2, -100]])),
+        split("e", torch.tensor([7])),
+    ]  # one example: no class structure to speak of
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert warn_single_class(splits) == ["a", "c"]
@@ -245,3 +281,27 @@ def test_a_single_class_held_out_split_is_warned_about():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert warn_single_class(splits, "train") == []  # train holds classes 0 and 1 everywhere
+
+
+def test_held_out_overlap_is_exact():
+    """A client is named when a validation sample equals a training sample byte for byte (images or token rows),
+    never for a disjoint split however well the local adapter fits it; with fisher_split "train" every client
+    is, unless the estimator is the paper's."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (30, 3, 4, 4), dtype=torch.uint8, generator=g)
+    y = torch.arange(30) % 3
+    disjoint = ClientSplits("a", x[:10], y[:10], x[10:20], y[10:20], x[20:], y[20:])
+    val = torch.cat([x[10:18], x[3:5]])  # two training images among the ten validation ones
+    shared = ClientSplits("b", x[:10], y[:10], val, y[10:20], x[20:], y[20:])
+    tokens = torch.randint(0, 50, (12, 7), generator=g)
+    text = ClientSplits("c", tokens[:6], tokens[:6], tokens[[6, 7, 0]], tokens[:3], tokens[9:], tokens[9:])
+    with pytest.warns(UserWarning) as seen:
+        assert warn_held_out_overlap([disjoint, shared, text]) == ["b", "c"]
+    assert [str(w.message).split(":")[0] for w in seen] == ["client b", "client c"]
+    assert "2 of the 10 samples" in str(seen[0].message) and "1 of the 3 samples" in str(seen[1].message)
+    with pytest.warns(UserWarning):
+        assert warn_held_out_overlap([disjoint], "train", "verified") == ["a"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert warn_held_out_overlap([disjoint]) == []
+        assert warn_held_out_overlap([disjoint, shared], "train", "paper") == []

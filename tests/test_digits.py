@@ -1,4 +1,5 @@
 """digits.py: the real handwritten digits, the clients' tasks and partitions, the backbone and the client model."""
+
 import sys
 
 import numpy as np
@@ -7,8 +8,8 @@ import torch
 
 pytest.importorskip("sklearn")
 
-from potara_harness.data import DataError  # noqa: E402
 from potara_harness.config import DigitsConfig  # noqa: E402
+from potara_harness.data import DataError  # noqa: E402
 from potara_harness.partition import public_and_pool  # noqa: E402
 from potara_studies.digits import (  # noqa: E402
     build_model,

@@ -21,6 +21,7 @@ every inline `python run_*.py ...` / `python -m potara_*...` span of the prose. 
 accepting everything. Also: the README's size, links that stay inside the repository, and
 potara_harness/export_flan.py run against a stand-in `datasets` module.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,10 +34,10 @@ import re
 import shlex
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 OUTSIDE = "../" + "shared"  # a folder beside the checkout, which a clone does not have (written apart: not a link)
 
@@ -135,8 +136,9 @@ def check_pip(args: list[str]) -> str | None:
                 return f"pip install -e {target}: no extra {missing} in pyproject.toml"
         elif a.startswith("-"):
             return f"pip install {a}: not an option these docs use"
-        elif a.lower() not in deps and not (a in EXTERNAL and re.search(
-                rf"^\s*import {a}\b", (REPO / EXTERNAL[a]).read_text(), re.M)):
+        elif a.lower() not in deps and not (
+            a in EXTERNAL and re.search(rf"^\s*import {a}\b", (REPO / EXTERNAL[a]).read_text(), re.M)
+        ):
             return f"pip install {a}: neither a dependency in pyproject.toml nor imported by {EXTERNAL.get(a)}"
     return None
 
@@ -145,7 +147,9 @@ def strings_in(path: Path, *names: str) -> set[str]:
     """Every string literal in the named functions (or methods) of a Python file; no names: in the whole file."""
     tree = ast.parse(path.read_text())
     nodes = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name in names] if names else [tree]
-    return {c.value for node in nodes for c in ast.walk(node) if isinstance(c, ast.Constant) and isinstance(c.value, str)}
+    return {
+        c.value for node in nodes for c in ast.walk(node) if isinstance(c, ast.Constant) and isinstance(c.value, str)
+    }
 
 
 def flower_literals() -> dict[str, set[str]]:
@@ -153,9 +157,13 @@ def flower_literals() -> dict[str, set[str]]:
     test, loop = REPO / "tests" / "test_flower.py", REPO / "potara_flower" / "loopback.py"
     auth = strings_in(test, "test_unregistered_supernode_is_refused")
     keys = strings_in(test, "tls_and_keys")
-    return {"openssl": keys, "ssh-keygen": keys, "flower-superlink": strings_in(loop, "superlink") | auth,
-            "flower-supernode": strings_in(loop, "supernode") | auth,
-            "flwr": strings_in(loop, "flwr", "run") | auth}
+    return {
+        "openssl": keys,
+        "ssh-keygen": keys,
+        "flower-superlink": strings_in(loop, "superlink") | auth,
+        "flower-supernode": strings_in(loop, "supernode") | auth,
+        "flwr": strings_in(loop, "flwr", "run") | auth,
+    }
 
 
 def config_keys(text: str) -> list[str]:
@@ -168,10 +176,13 @@ def check_flower(tool: str, args: list[str]) -> str | None:
     if tool == "flwr":
         sub = tuple(w for w in words[:2] if w in ("run", "list", "log", "stop", "supernode", "register"))
         if sub in NOT_RUN_BY_TESTS:
-            help_text = subprocess.run([str(Path(sys.executable).parent / "flwr"), *sub, "--help"],
-                                       capture_output=True, text=True, timeout=60).stdout
+            help_text = subprocess.run(
+                [str(Path(sys.executable).parent / "flwr"), *sub, "--help"], capture_output=True, text=True, timeout=60
+            ).stdout
             bad = [a for a in args if a.startswith("-") and a not in help_text]
-            return f"flwr {' '.join(sub)}: not in flwr's help: {bad or sub}" if bad or "Usage" not in help_text else None
+            return (
+                f"flwr {' '.join(sub)}: not in flwr's help: {bad or sub}" if bad or "Usage" not in help_text else None
+            )
         if not sub or not set(sub) <= seen:
             return f"flwr {' '.join(words[:2])}: no test runs this subcommand (add it to NOT_RUN_BY_TESTS?)"
     if tool == "openssl" and (not words or words[0] not in seen):
@@ -180,10 +191,10 @@ def check_flower(tool: str, args: list[str]) -> str | None:
     missing = [f for f in flags if f not in seen]
     if missing:
         return f"{tool}: options no test in tests/test_flower.py passes: {missing}"
-    for flag, known, what in (("--run-config", PYPROJECT["tool"]["flwr"]["app"]["config"], "pyproject's "
-                               "[tool.flwr.app.config]"),
-                              ("--node-config", strings_in(REPO / "potara_flower" / "client_app.py"),
-                               "potara_flower/client_app.py")):
+    for flag, known, what in (
+        ("--run-config", PYPROJECT["tool"]["flwr"]["app"]["config"], "pyproject's [tool.flwr.app.config]"),
+        ("--node-config", strings_in(REPO / "potara_flower" / "client_app.py"), "potara_flower/client_app.py"),
+    ):
         if flag in args:
             bad = [k for k in config_keys(args[args.index(flag) + 1]) if k not in known]
             if bad:
@@ -201,8 +212,13 @@ def check(cmd: str) -> str | None:
             return None if "python3 -m venv" in ci else ".ci/run no longer makes a virtual environment"
         if args[:2] == ["-m", "pytest"]:
             missing = [a for a in args[2:] if not a.startswith("-") and not (REPO / a.split("::")[0]).exists()]
-            return (f"pytest: no {missing}" if missing else
-                    None if "python -m pytest" in ci else ".ci/run no longer runs python -m pytest")
+            return (
+                f"pytest: no {missing}"
+                if missing
+                else None
+                if "python -m pytest" in ci
+                else ".ci/run no longer runs python -m pytest"
+            )
         if args[:1] == ["-m"]:
             module, argv = args[1], args[2:]
         elif args and args[0].endswith(".py"):
@@ -240,23 +256,26 @@ def test_documented_command(where, cmd, capsys):
     assert problem is None, f"{where}: `{cmd}`: {problem}"
 
 
-@pytest.mark.parametrize("cmd", [
-    "python run_cifar.py --preset tiny --no-such-option",
-    "python run_cifar.py --pres tiny",                    # an abbreviation: breaks when --preset is renamed
-    "python run_cifar.py --preset huge",
-    "python -m potara_studies.ablation --suite imaginary",
-    "python -m potara_flower.bench --clients 2",          # --backbone is required
-    "python -m potara_harness.no_such_module",
-    "python no_such_script.py",
-    'pip install -e ".[dev,nonexistent]"',
-    "pip install leftpad",
-    "flower-superlink --insecure --no-such-flag",
-    "flwr frobnicate potara",
-    "flwr run . potara --run-config \"num-clients=2 no-such-key=1\"",
-    "flower-supernode --insecure --superlink SERVER:9093 --node-config \"partition-id=0 colour='red'\"",
-    "openssl genpkey -algorithm ed25519",
-    "rm -rf data",
-])
+@pytest.mark.parametrize(
+    "cmd",
+    [
+        "python run_cifar.py --preset tiny --no-such-option",
+        "python run_cifar.py --pres tiny",  # an abbreviation: breaks when --preset is renamed
+        "python run_cifar.py --preset huge",
+        "python -m potara_studies.ablation --suite imaginary",
+        "python -m potara_flower.bench --clients 2",  # --backbone is required
+        "python -m potara_harness.no_such_module",
+        "python no_such_script.py",
+        'pip install -e ".[dev,nonexistent]"',
+        "pip install leftpad",
+        "flower-superlink --insecure --no-such-flag",
+        "flwr frobnicate potara",
+        'flwr run . potara --run-config "num-clients=2 no-such-key=1"',
+        "flower-supernode --insecure --superlink SERVER:9093 --node-config \"partition-id=0 colour='red'\"",
+        "openssl genpkey -algorithm ed25519",
+        "rm -rf data",
+    ],
+)
 def test_a_broken_command_is_caught(cmd, capsys):
     assert check(cmd) is not None, cmd
     capsys.readouterr()
@@ -286,30 +305,137 @@ def test_links_stay_inside_the_repository_and_resolve():
                 assert anchor in slugs, f"{path.name}: link {target}: no heading #{anchor} in {dest.name}"
 
 
+def project_module_names() -> dict[str, list[str]]:
+    """Each module's short name (its file's stem, and each package's own name) -> its dotted names."""
+    names: dict[str, list[str]] = {}
+    for package in ("potara", "potara_harness", "potara_flower", "potara_studies"):
+        names.setdefault(package, []).append(package)
+        for file in sorted((REPO / package).glob("*.py")):
+            if file.stem != "__init__":
+                names.setdefault(file.stem, []).append(f"{package}.{file.stem}")
+    return names
+
+
+def resolves(dotted: str, modules: dict[str, list[str]]) -> bool:
+    """`module.name[.attr...]` (module a short or dotted name of the project's) names something that exists;
+    `module.py` a file that exists."""
+    head, *rest = dotted.split(".")
+    if rest == ["py"]:  # a file of one of the packages (the packages themselves are folders)
+        return any("." in module for module in modules[head])
+    for module in modules[head]:
+        obj = importlib.import_module(module)
+        for part in rest:
+            if isinstance(obj, type(sys)) and not hasattr(obj, part):
+                try:
+                    obj = importlib.import_module(f"{obj.__name__}.{part}")
+                    continue
+                except ImportError:
+                    break
+            if not hasattr(obj, part):
+                break
+            obj = getattr(obj, part)
+        else:
+            return True
+    return False
+
+
+DOTTED = re.compile(r"`([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+)")  # the leading dotted name of an inline code span
+
+
+FILE_SUFFIXES = {"json", "jsonl", "md", "pt", "png", "txt", "toml", "log", "tmp", "old", "partial", "lock"}
+
+
+def documented_names(text: str, modules: dict[str, list[str]]) -> list[str]:
+    """The dotted names in inline code that start with a project module (a run's file, `checkpoint.pt`, is not)."""
+    return [d for d in DOTTED.findall(text) if d.split(".")[0] in modules and d.split(".")[-1] not in FILE_SUFFIXES]
+
+
+def test_every_name_the_docs_give_exists():
+    """`fedit.run_fedit`, `potara.personalize`, `config.AppConfig`, `merge.py`: each module, function, class
+    and file the README and docs/ name in inline code exists under that name (a renamed function or a moved
+    module fails here, not in a reader's hands)."""
+    modules = project_module_names()
+    missing = [
+        f"{path.name}: {name}"
+        for path in DOCS
+        for name in documented_names(path.read_text(), modules)
+        if not resolves(name, modules)
+    ]
+    assert not missing, "\n".join(missing)
+
+
+def test_a_stale_name_in_the_docs_is_caught():
+    modules = project_module_names()
+    text = (
+        "`potara.causal_lm_likelihood` `fedit.no_such_function` `nothere.py` `fisher.causal_lm_likelihood` `potara.py`"
+    )
+    names = documented_names(text, modules)
+    assert names == [
+        "potara.causal_lm_likelihood",
+        "fedit.no_such_function",
+        "fisher.causal_lm_likelihood",
+        "potara.py",
+    ]
+    assert [resolves(n, modules) for n in names] == [False, False, True, False]
+
+
 # ----------------------------------------------------------------------------- export_flan.py
 STUB_ROWS = {  # (dataset id, config) -> {split: rows}; the shuffle of the stub keeps the order
-    ("allenai/ai2_arc", "ARC-Challenge"): {"train": [
-        {"question": "Which is a metal?", "choices": {"text": ["wood", "iron"], "label": ["A", "B"]}, "answerKey": "B"},
-        {"question": "No key?", "choices": {"text": ["x", "y"], "label": ["A", "B"]}, "answerKey": "E"}]},
-    ("allenai/cosmos_qa", None): {"train": [
-        {"context": "It rained.", "question": "Why wet?", **{f"answer{i}": f"a{i}" for i in range(4)}, "label": 2}]},
-    ("community-datasets/definite_pronoun_resolution", "plain_text"): {"train": [
-        {"sentence": "Tom thanked Bob because he helped.", "pronoun": "he", "candidates": ["Tom", "Bob"], "label": 1}]},
-    ("nyu-mll/glue", "qqp"): {"train": [{"question1": "a?", "question2": "b?", "label": 0}],
-                              "test": [{"question1": "c?", "question2": "d?", "label": -1}]},
-    ("Rowan/hellaswag", None): {"train": [{"activity_label": "Cooking", "ctx": "He stirs", "endings": list("abcd"),
-                                           "label": "3"}],
-                                "test": [{"activity_label": "Cooking", "ctx": "She", "endings": list("abcd"),
-                                          "label": ""}]},
-    ("nyu-mll/glue", "mnli"): {"train": [{"premise": "p", "hypothesis": "h", "label": 1},
-                                         {"premise": "q", "hypothesis": "h", "label": 2}]},
-    ("rajpurkar/squad", None): {"train": [{"context": "Paris is in France.", "question": "Where is Paris?",
-                                           "answers": {"text": ["France", "in France"]}},
-                                          {"context": "c", "question": "q", "answers": {"text": []}},
-                                          {"context": "c", "question": "q", "answers": {"text": ["  "]}}]},
-    ("nyu-mll/glue", "sst2"): {"train": [{"sentence": "great", "label": 1}, {"sentence": "awful", "label": 0},
-                                         {"sentence": "fine", "label": 1}],
-                               "validation": [{"sentence": "dull", "label": 0}]},
+    ("allenai/ai2_arc", "ARC-Challenge"): {
+        "train": [
+            {
+                "question": "Which is a metal?",
+                "choices": {"text": ["wood", "iron"], "label": ["A", "B"]},
+                "answerKey": "B",
+            },
+            {"question": "No key?", "choices": {"text": ["x", "y"], "label": ["A", "B"]}, "answerKey": "E"},
+        ]
+    },
+    ("allenai/cosmos_qa", None): {
+        "train": [
+            {"context": "It rained.", "question": "Why wet?", **{f"answer{i}": f"a{i}" for i in range(4)}, "label": 2}
+        ]
+    },
+    ("community-datasets/definite_pronoun_resolution", "plain_text"): {
+        "train": [
+            {
+                "sentence": "Tom thanked Bob because he helped.",
+                "pronoun": "he",
+                "candidates": ["Tom", "Bob"],
+                "label": 1,
+            }
+        ]
+    },
+    ("nyu-mll/glue", "qqp"): {
+        "train": [{"question1": "a?", "question2": "b?", "label": 0}],
+        "test": [{"question1": "c?", "question2": "d?", "label": -1}],
+    },
+    ("Rowan/hellaswag", None): {
+        "train": [{"activity_label": "Cooking", "ctx": "He stirs", "endings": list("abcd"), "label": "3"}],
+        "test": [{"activity_label": "Cooking", "ctx": "She", "endings": list("abcd"), "label": ""}],
+    },
+    ("nyu-mll/glue", "mnli"): {
+        "train": [{"premise": "p", "hypothesis": "h", "label": 1}, {"premise": "q", "hypothesis": "h", "label": 2}]
+    },
+    ("rajpurkar/squad", None): {
+        "train": [
+            {
+                "context": "Paris is in France.",
+                "question": "Where is Paris?",
+                "answers": {"text": ["France", "in France"]},
+            },
+            {"context": "c", "question": "q", "answers": {"text": []}},
+            {"context": "c", "question": "q", "answers": {"text": ["  "]}},
+        ]
+    },
+    ("nyu-mll/glue", "sst2"): {
+        "train": [
+            {"sentence": "great", "label": 1},
+            {"sentence": "awful", "label": 0},
+            {"sentence": "fine", "label": 1},
+        ],
+        "validation": [{"sentence": "dull", "label": 0}],
+    },
 }
 STUB = """
 ROWS = {rows!r}
@@ -329,10 +455,17 @@ def concatenate_datasets(parts):
 def run_export(tmp_path, *args, stub: str | None) -> subprocess.CompletedProcess:
     (tmp_path / "datasets").mkdir(exist_ok=True)
     (tmp_path / "datasets" / "__init__.py").write_text(
-        stub if stub is not None else "raise ImportError('No module named datasets')")
+        stub if stub is not None else "raise ImportError('No module named datasets')"
+    )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])}
-    return subprocess.run([sys.executable, "-m", "potara_harness.export_flan", *args], capture_output=True,
-                          text=True, env=env, cwd=tmp_path, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "potara_harness.export_flan", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=60,
+    )
 
 
 def test_export_flan_writes_run_llm_data_and_drops_unlabelled_rows(tmp_path):
@@ -340,15 +473,32 @@ def test_export_flan_writes_run_llm_data_and_drops_unlabelled_rows(tmp_path):
     r = run_export(tmp_path, str(out), "3", stub=STUB.format(rows=STUB_ROWS))
     assert r.returncode == 0, r.stderr
     got = {p.stem: [json.loads(line) for line in p.read_text().splitlines()] for p in out.glob("*.jsonl")}
-    assert sorted(got) == sorted(["arc_challenge", "cosmos_qa", "definite_pronoun_resolution", "glue_qqp",
-                                  "hellaswag", "mnli", "squad_v1", "sst2"])
-    assert got["arc_challenge"] == [{"prompt": "Question: Which is a metal?\nAnswer:", "answer": "iron",
-                                     "options": ["wood", "iron"]}]               # the key naming no choice: dropped
-    assert got["glue_qqp"] == [{"prompt": "Question 1: a?\nQuestion 2: b?\nDo they ask the same thing?\nAnswer:",
-                                "answer": "no", "options": ["no", "yes"]}]     # the test split's -1: dropped
-    assert [e["answer"] for e in got["hellaswag"]] == ["d"]                    # label "3" kept, "" dropped
-    assert got["squad_v1"] == [{"prompt": "Paris is in France.\nQuestion: Where is Paris?\nAnswer:",
-                                "answer": "France"}]                           # free-form; none or a blank one: dropped
+    assert sorted(got) == sorted(
+        [
+            "arc_challenge",
+            "cosmos_qa",
+            "definite_pronoun_resolution",
+            "glue_qqp",
+            "hellaswag",
+            "mnli",
+            "squad_v1",
+            "sst2",
+        ]
+    )
+    assert got["arc_challenge"] == [
+        {"prompt": "Question: Which is a metal?\nAnswer:", "answer": "iron", "options": ["wood", "iron"]}
+    ]  # the key naming no choice: dropped
+    assert got["glue_qqp"] == [
+        {
+            "prompt": "Question 1: a?\nQuestion 2: b?\nDo they ask the same thing?\nAnswer:",
+            "answer": "no",
+            "options": ["no", "yes"],
+        }
+    ]  # the test split's -1: dropped
+    assert [e["answer"] for e in got["hellaswag"]] == ["d"]  # label "3" kept, "" dropped
+    assert got["squad_v1"] == [
+        {"prompt": "Paris is in France.\nQuestion: Where is Paris?\nAnswer:", "answer": "France"}
+    ]  # free-form; none or a blank one: dropped
     assert [e["answer"] for e in got["mnli"]] == ["maybe", "no"]
     assert got["cosmos_qa"][0]["answer"] == "a2" and got["definite_pronoun_resolution"][0]["answer"] == "Bob"
     assert [e["prompt"] for e in got["sst2"]] == [f"Review: {s}\nSentiment:" for s in ("great", "awful", "fine")]
@@ -356,6 +506,7 @@ def test_export_flan_writes_run_llm_data_and_drops_unlabelled_rows(tmp_path):
         assert 1 <= len(examples) <= 3
         assert all(e["answer"] in e["options"] for e in examples if "options" in e), task
     from potara_harness.llm_data import read_task_dir  # what run_llm.py --data reads
+
     assert {k: len(v) for k, v in read_task_dir(str(out)).items()} == {k: len(v) for k, v in got.items()}
     assert not [p for p in out.iterdir() if ".tmp" in p.name]
 

@@ -1,17 +1,18 @@
 """evaluation.py's Potara and grid stages: the statistics' samples, potara_step (the default, and "paper" reading the
 Fisher-merging statistics), the grid's val loss and the loss barrier. Checked against potara.personalize and plain
 forward passes of the merged model."""
+
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from potara_harness.data import ClientSplits
-from potara.rounds import derive_seed
 from potara.fisher import gradient_stats
 from potara.lora import add_lora, load_lora_state_dict, lora_state_dict
 from potara.merge import merge_adapters, personalize
+from potara.rounds import derive_seed
 from potara_harness.config import SALT_LABELS, ExperimentConfig
+from potara_harness.data import ClientSplits
 from potara_harness.evaluation import Evaluator, evaluate_client, grid_search, potara_step, stat_batches
 from potara_harness.report import METHODS
 
@@ -31,11 +32,11 @@ def micro_run(**cfg) -> tuple[Evaluator, dict, dict, ClientSplits]:
 
 def test_stat_batches_read_each_sample_once():
     run, _, _, s = micro_run(fisher_samples=100)  # more than the 20 val samples
-    (x, y), = stat_batches(run, 0, s)
+    ((x, y),) = stat_batches(run, 0, s)
     assert len(y) == 20 and len(torch.unique(x, dim=0)) == 20
     assert sorted(y.tolist()) == sorted(s.val_targets.tolist())
     run, _, _, s = micro_run(fisher_samples=8, fisher_split="train")
-    (x, y), = stat_batches(run, 0, s)
+    ((x, y),) = stat_batches(run, 0, s)
     assert len(y) == 8 and all(any(torch.equal(r, t) for t in s.train_inputs) for r in x)
 
 
@@ -48,7 +49,9 @@ def test_potara_step_is_personalize_and_paper_reads_the_fisher_statistics():
     run, G, L, s = micro_run(estimator="paper")
     stats = gradient_stats(run.model, G, L, stat_batches(run, 0, s), seed=derive_seed(0, 0, SALT_LABELS))
     _, from_stats = potara_step(run, 0, s, G, L, stats)
-    _, direct = potara_step(run, 0, s, G, L)  # no statistics given: personalize(estimator=PaperFisher(...)) computes them
+    _, direct = potara_step(
+        run, 0, s, G, L
+    )  # no statistics given: personalize(estimator=PaperFisher(...)) computes them
     assert from_stats["lam"] == pytest.approx(direct["lam"]) and {"a", "b", "c"} <= set(from_stats)
     assert from_stats["a"] == pytest.approx(direct["a"])
 
@@ -92,14 +95,16 @@ def test_evaluate_client_returns_its_record_and_the_adapter_it_scored():
     assert e.record["lam_potara"] == lam and e.record["abs_lam_diff"] == abs(lam - e.record["lam_grid_val"])
 
 
-# ----------------------------------------------------------------------------- the faster grid (issue 20)
+# ----------------------------------------------------------------------------- the faster grid
 def old_grid_curves(ev, s, G, L):
-    """The grid as it was scored before issue 20: per lam the merged adapter loaded, accuracy on val and on test
-    through the rank-r branches (no merged weights), and the val loss by weight.segment_loss: three forwards."""
+    """The grid as it was scored before (two unmerged forwards): per lam the merged adapter loaded, accuracy on val
+    and on test through the rank-r branches (no merged weights), and the val loss by weight.segment_loss: three
+    forwards."""
     from potara.weight import segment_loss
     from potara_harness.evaluation import accuracy, lam_grid
+
     val, test, loss = [], [], []
-    batches = [(s.val_inputs[k:k + 64], s.val_targets[k:k + 64]) for k in range(0, len(s.val_targets), 64)]
+    batches = [(s.val_inputs[k : k + 64], s.val_targets[k : k + 64]) for k in range(0, len(s.val_targets), 64)]
     for lam in lam_grid(ev.cfg.grid_step):
         merged = merge_adapters(G, L, lam, ev.cfg.grid_space)
         load_lora_state_dict(ev.model, merged, allow_rank_change=True)

@@ -1,4 +1,5 @@
 """fisher.py: likelihoods, per-sample gradients (vmap, and the loop where vmap cannot batch), the diagonal Fisher."""
+
 import warnings
 
 import pytest
@@ -8,7 +9,14 @@ import torch.nn.functional as F
 from conftest import lora_vit
 
 from potara import fisher
-from potara.fisher import causal_lm_likelihood, classification_likelihood, diag_fisher, first_samples, gradient_stats, per_sample_grads
+from potara.fisher import (
+    causal_lm_likelihood,
+    classification_likelihood,
+    diag_fisher,
+    first_samples,
+    gradient_stats,
+    per_sample_grads,
+)
 from potara.lora import load_lora_state_dict, lora_state_dict
 
 
@@ -28,7 +36,7 @@ def test_diag_fisher_matches_naive_loop_not_batch_gradient():
     x, y = torch.randn(12, 3, 16, 16), torch.randint(0, 5, (12,))
     batches = [(x[:5], y[:5]), (x[5:], y[5:])]  # crosses a batch boundary: 5 + 5 of the 7 in batch two
     fisher_ = diag_fisher(model, batches, n_samples=10)
-    grads = naive_grads(model, lambda i: model(x[i:i + 1]), 10, y)
+    grads = naive_grads(model, lambda i: model(x[i : i + 1]), 10, y)
     for k in fisher_:
         ref = sum(g[k].double() ** 2 for g in grads) / 10
         assert fisher_[k].dtype == torch.float32
@@ -45,14 +53,16 @@ def test_true_fisher_closed_form_for_softmax_regression():
     model = nn.Linear(3, 4, bias=False)
     x = torch.tensor([0.5, -1.0, 2.0])
     p = F.softmax(model(x), -1).detach()
-    expected = (p * (1 - p))[:, None] * (x ** 2)[None, :]
+    expected = (p * (1 - p))[:, None] * (x**2)[None, :]
     n = 4000
     data = [(x.repeat(n, 1), torch.zeros(n, dtype=torch.long))]
-    torch.testing.assert_close(diag_fisher(model, data, n_samples=n, labels="sampled")["weight"], expected,
-                               rtol=0.1, atol=1e-3)
+    torch.testing.assert_close(
+        diag_fisher(model, data, n_samples=n, labels="sampled")["weight"], expected, rtol=0.1, atol=1e-3
+    )
     onehot = torch.tensor([1.0, 0, 0, 0])
-    torch.testing.assert_close(diag_fisher(model, data, n_samples=n)["weight"],
-                               ((p - onehot) ** 2)[:, None] * (x ** 2)[None, :])
+    torch.testing.assert_close(
+        diag_fisher(model, data, n_samples=n)["weight"], ((p - onehot) ** 2)[:, None] * (x**2)[None, :]
+    )
 
 
 def test_likelihoods_hand_computed():
@@ -78,10 +88,11 @@ def test_gradient_stats_cross_moment_matches_loop():
     grads = {}
     for name, state in (("G", G), ("L", L)):
         load_lora_state_dict(model, state)
-        grads[name] = naive_grads(model, lambda i: model(x[i:i + 1]), 6, y)
+        grads[name] = naive_grads(model, lambda i: model(x[i : i + 1]), 6, y)
     for k in G:
-        torch.testing.assert_close(stats.cross[k], sum(a[k] * b[k] for a, b in zip(grads["G"], grads["L"])) / 6,
-                                   rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(
+            stats.cross[k], sum(a[k] * b[k] for a, b in zip(grads["G"], grads["L"])) / 6, rtol=1e-4, atol=1e-6
+        )
         torch.testing.assert_close(stats.mean_L[k], sum(b[k] for b in grads["L"]) / 6, rtol=1e-4, atol=1e-6)
 
 
@@ -108,7 +119,7 @@ def test_vmap_fallback_loops_over_samples_warns_once_and_takes_dict_inputs():
         f_dict = diag_fisher(model, [({"x": x, "scale": s}, y)], n_samples=5)
         f_tuple = diag_fisher(model, [((x, s), y)], n_samples=5)
     assert sum("vmap cannot batch Branchy" in str(w.message) for w in caught) == 1  # once, not per call
-    grads = naive_grads(model, lambda i: model(x[i:i + 1], s[i:i + 1]), 5, y)
+    grads = naive_grads(model, lambda i: model(x[i : i + 1], s[i : i + 1]), 5, y)
     for k in ("lin.weight", "lin.bias"):
         ref = sum(g[k] ** 2 for g in grads) / 5
         torch.testing.assert_close(f_dict[k], ref)
@@ -119,8 +130,10 @@ def test_vmap_fallback_loops_over_samples_warns_once_and_takes_dict_inputs():
 
 
 def test_first_samples_slices_dicts_and_checks_counts():
-    batches = [({"a": torch.arange(4), "b": torch.arange(4) * 2}, torch.arange(4)), ({"a": torch.arange(3),
-               "b": torch.arange(3)}, torch.arange(3))]
+    batches = [
+        ({"a": torch.arange(4), "b": torch.arange(4) * 2}, torch.arange(4)),
+        ({"a": torch.arange(3), "b": torch.arange(3)}, torch.arange(3)),
+    ]
     got = list(first_samples(batches, 6))
     assert [len(y) for _, y in got] == [4, 2] and got[1][0]["a"].tolist() == [0, 1]
     for bad in (0, -1, 2.5, True):

@@ -4,6 +4,7 @@ processes on 127.0.0.1, `flwr run` of this repository, checked against the in-pr
 Every process is started in its own process group and stopped in teardown by its pid (SIGINT, then
 SIGKILL after a bound), whatever happens; every wait is bounded. Skipped only when flwr is not installed.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,16 +23,13 @@ try:
 except ImportError:  # Python 3.10: tomli, which flwr depends on
     import tomli as tomllib
 from conftest import MICRO_VIT  # noqa: E402
-from flower_kit import (  # noqa: E402, F401  (federation, small_world, task_identity: fixtures)
+from flower_kit import (  # noqa: E402
     REPO,
     RUN,
     Unpicklable,
-    federation,
     final_adapter,
     micro_backbone,
     serve,
-    small_world,
-    task_identity,
 )
 from flwr.app import (  # noqa: E402
     Array,
@@ -43,10 +41,9 @@ from flwr.app import (  # noqa: E402
 )
 from torchvision.models import VisionTransformer  # noqa: E402
 
-from potara_harness.data import load_images  # noqa: E402
+from potara.adapter_file import load_adapter  # noqa: E402
 from potara.fedit import Client, FedConfig, run_fedit  # noqa: E402
 from potara.rounds import sample_clients
-from potara.adapter_file import load_adapter  # noqa: E402
 from potara_flower.loopback import LocalFederation, wait_for  # noqa: E402
 from potara_flower.task import ADAPTER, CONFIG, METRICS, from_record, to_record  # noqa: E402
 from potara_harness.checkpoint import ResumeError  # noqa: E402
@@ -56,13 +53,12 @@ from potara_harness.config import (  # noqa: E402
     ConfigError,
     ExperimentConfig,  # noqa: E402
 )
+from potara_harness.data import load_images  # noqa: E402
 from potara_harness.partition import client_splits, dirichlet_partition, public_and_pool  # noqa: E402
 from potara_harness.pipeline import run_experiment  # noqa: E402
 from potara_harness.vit import build_model, load_backbone_file  # noqa: E402
 
 # ----------------------------------------------------------------------------- the run, and its in-process reference
-
-
 
 
 def check_against_in_process(out: Path, data_dir: Path, backbone: Path, run: dict, tmp: Path) -> dict:
@@ -77,16 +73,34 @@ def check_against_in_process(out: Path, data_dir: Path, backbone: Path, run: dic
     sizes = (run["train"], run["val"], run["test"])
     parts = dirichlet_partition(data.labels[pool], K, run["alpha"], sum(sizes), run["seed"])
     splits = client_splits(data.images, data.labels, pool, parts, sizes, run["seed"])
-    model = build_model(load_backbone_file(str(backbone), None), VIT_PRESETS["tiny"], run["rank"], run["lora-alpha"],
-                        run["seed"])
-    fed_cfg = FedConfig(R, run["local-steps"], run["lr"], run["batch-size"], clients_per_round=cpr, seed=run["seed"],
-                        drop_prob=run["drop-prob"])
+    model = build_model(
+        load_backbone_file(str(backbone), None), VIT_PRESETS["tiny"], run["rank"], run["lora-alpha"], run["seed"]
+    )
+    fed_cfg = FedConfig(
+        R,
+        run["local-steps"],
+        run["lr"],
+        run["batch-size"],
+        clients_per_round=cpr,
+        seed=run["seed"],
+        drop_prob=run["drop-prob"],
+    )
     ref = run_fedit(model, [Client(s.name, s.train_inputs, s.train_targets) for s in splits], fed_cfg, progress=False)
-    cfg = ExperimentConfig(rounds=R, local_steps=run["local-steps"], clients_per_round=run["clients-per-round"],
-                           lr=run["lr"], batch_size=run["batch-size"], local_train_steps=run["local-train-steps"],
-                           finetune_steps=run["finetune-steps"], fisher_samples=run["fisher-samples"],
-                           grid_step=run["grid-step"], fedsa=False, snapshots=1, seed=run["seed"],
-                           drop_prob=run["drop-prob"])
+    cfg = ExperimentConfig(
+        rounds=R,
+        local_steps=run["local-steps"],
+        clients_per_round=run["clients-per-round"],
+        lr=run["lr"],
+        batch_size=run["batch-size"],
+        local_train_steps=run["local-train-steps"],
+        finetune_steps=run["finetune-steps"],
+        fisher_samples=run["fisher-samples"],
+        grid_step=run["grid-step"],
+        fedsa=False,
+        snapshots=1,
+        seed=run["seed"],
+        drop_prob=run["drop-prob"],
+    )
     pipeline = run_experiment(model, splits, cfg, str(tmp / "in-process"), progress=False)
     torch.set_num_threads(threads)
 
@@ -114,14 +128,6 @@ def check_against_in_process(out: Path, data_dir: Path, backbone: Path, run: dic
 # ----------------------------------------------------------------------------- in process (no network)
 
 
-
-
-
-
-
-
-
-
 def test_resume_continues_the_checkpoint_bitwise(small_world, task_identity, tmp_path):
     """1 round, then resume=true with rounds=2 == 2 rounds at once (adapter and history); a checkpoint of
     another run is refused in one line."""
@@ -142,6 +148,7 @@ def test_failed_silent_and_lying_clients_are_recorded(small_world, task_identity
     weight other than set-up's; at the end an unreadable personalisation reply. Each is recorded with its reason
     (failed / rejected / personalization_failed), the round averages the rest, nobody vanishes, and the client
     missing from the results is named in results.md and in the run's failed status."""
+
     def tamper(k, msg, reply):
         t = msg.content[CONFIG]["round"] if msg.metadata.message_type == "train" else None
         if t == 0 and k == 1:
@@ -149,8 +156,9 @@ def test_failed_silent_and_lying_clients_are_recorded(small_world, task_identity
         if t == 0 and k == 2:
             return None
         if msg.metadata.message_type == "evaluate" and k == 1:  # accuracies that are not numbers
-            return Message(RecordDict({CONFIG: ConfigRecord({"acc/local": "all of them", "record/x": 1})}),
-                           reply_to=msg)
+            return Message(
+                RecordDict({CONFIG: ConfigRecord({"acc/local": "all of them", "record/x": 1})}), reply_to=msg
+            )
         if t == 1 and reply.has_content() and ADAPTER in reply.content:
             if k == 0:
                 state = from_record(reply.content[ADAPTER])
@@ -161,34 +169,51 @@ def test_failed_silent_and_lying_clients_are_recorded(small_world, task_identity
                 reply.content[METRICS]["num-examples"] = 10**9  # n_k is fixed at set-up: failed
         return reply
 
-    res = serve(small_world, tmp_path / "out", tamper=tamper, clients_per_round=3, drop_prob=0.0, round_timeout=5.0,
-                missing=["client1"])
+    res = serve(
+        small_world,
+        tmp_path / "out",
+        tamper=tamper,
+        clients_per_round=3,
+        drop_prob=0.0,
+        round_timeout=5.0,
+        missing=["client1"],
+    )
     h0, h1 = res["fedit_history"]
-    assert h0["failed"] == [{"client": "client1", "reason": "client error: RuntimeError: out of memory"},
-                            {"client": "client2", "reason": "no reply within 5 s"}]
+    assert h0["failed"] == [
+        {"client": "client1", "reason": "client error: RuntimeError: out of memory"},
+        {"client": "client2", "reason": "no reply within 5 s"},
+    ]
     assert h0["dropped"] == ["client1", "client2"] and h0["bytes_up"] == res["adapter"]["bytes"]
     assert h0["mean_train_loss"] is not None  # client0's update was averaged
     assert [r["client"] for r in h1["rejected"]] == ["client0", "client1"]
     assert "NaN" in h1["rejected"][0]["reason"] and "finite" in h1["rejected"][1]["reason"]
-    assert h1["failed"] == [{"client": "client2", "reason": "unreadable reply: ValueError: num-examples 1000000000 "
-                                                            "is not the 40 of set-up"}]
-    assert res["faults"]["fedit"]["failed"] == [{"round": 0, **f} for f in h0["failed"]] + [{"round": 1, **h1["failed"][0]}]
+    assert h1["failed"] == [
+        {"client": "client2", "reason": "unreadable reply: ValueError: num-examples 1000000000 is not the 40 of set-up"}
+    ]
+    assert res["faults"]["fedit"]["failed"] == [{"round": 0, **f} for f in h0["failed"]] + [
+        {"round": 1, **h1["failed"][0]}
+    ]
     assert res["clients"] == ["client0", "client2"]  # client1's personalisation reply was unreadable...
     [why] = res["faults"]["personalization_failed"]  # ...and says so
-    assert why["client"] == "client1" and why["reason"].startswith("unreadable reply: ValueError: acc has methods ['local'], not ")
+    assert why["client"] == "client1" and why["reason"].startswith(
+        "unreadable reply: ValueError: acc has methods ['local'], not "
+    )
     md = (tmp_path / "out" / "results.md").read_text()
     assert "3 client-rounds dropped, 2 updates rejected" in md and "3 client-rounds failed (client1, client2)" in md
     assert f"MISSING from the results: client1 ({why['reason']})" in md
-
-
 
 
 def test_setup_refuses_a_misconfigured_federation(small_world, task_identity, tmp_path):
     """Too few SuperNodes, duplicate partition ids, a node without a backbone, with another backbone, or with a
     backbone file crafted to run code (refused unread), bad node settings, an unreadable set-up reply: the run
     stops at set-up with one line (naming the node)."""
-    node = lambda k, **kw: {"partition-id": k, "num-partitions": 3, "backbone": str(small_world / "backbone.pt"),
-                            "data-dir": str(small_world / "data"), **kw}
+    node = lambda k, **kw: {
+        "partition-id": k,
+        "num-partitions": 3,
+        "backbone": str(small_world / "backbone.pt"),
+        "data-dir": str(small_world / "data"),
+        **kw,
+    }
     with pytest.raises(RuntimeError, match="only 2 of num-clients=3 SuperNodes connected within connect-timeout=1 s"):
         serve(small_world, tmp_path / "z", nodes=[node(0), node(1)], connect_timeout=1.0)
     with pytest.raises(RuntimeError, match=r"partition ids \[0, 1, 1\] are not 0..2 once each"):
@@ -199,20 +224,34 @@ def test_setup_refuses_a_misconfigured_federation(small_world, task_identity, tm
         serve(small_world, tmp_path / "b", nodes=[node(0), node(1), missing])
     other = tmp_path / "other.pt"
     torch.manual_seed(1)
-    torch.save({"format": "potara-backbone-v1", "vit": {**MICRO_VIT, "num_classes": 100},
-                "state_dict": VisionTransformer(**MICRO_VIT, num_classes=100).state_dict()}, other)
+    torch.save(
+        {
+            "format": "potara-backbone-v1",
+            "vit": {**MICRO_VIT, "num_classes": 100},
+            "state_dict": VisionTransformer(**MICRO_VIT, num_classes=100).state_dict(),
+        },
+        other,
+    )
     with pytest.raises(RuntimeError, match="client2 holds another backbone file"):
         serve(small_world, tmp_path / "c", nodes=[node(0), node(1), node(2, backbone=str(other))])
     unsafe = tmp_path / "unsafe.pt"
     torch.save({"format": "potara-backbone-v1", "vit": Unpicklable()}, unsafe)  # would call os.getpid if loaded
-    with pytest.raises(RuntimeError, match="node .*: client error: <class '.*BackboneError'>:<'.*not a readable, safe torch file"):
+    with pytest.raises(
+        RuntimeError, match="node .*: client error: <class '.*BackboneError'>:<'.*not a readable, safe torch file"
+    ):
         serve(small_world, tmp_path / "d", nodes=[node(0), node(1, backbone=str(unsafe)), node(2)])
-    for bad, message in (({"device": "tpu"}, "node config device='tpu'"), ({"threads": 0}, "threads=0: must be >= 1"),
-                         ({"partition-id": 5}, "partition-id=5 num-partitions=3")):
+    for bad, message in (
+        ({"device": "tpu"}, "node config device='tpu'"),
+        ({"threads": 0}, "threads=0: must be >= 1"),
+        ({"partition-id": 5}, "partition-id=5 num-partitions=3"),
+    ):
         with pytest.raises(RuntimeError, match=message):
             serve(small_world, tmp_path / "f", nodes=[node(0), node(1), node(2, **bad)])
-    liar = lambda k, msg, reply: (Message(RecordDict({CONFIG: ConfigRecord({"partition-id": "two"})}), reply_to=msg)
-                                  if k == 2 and msg.metadata.message_type == "query" else reply)
+    liar = lambda k, msg, reply: (
+        Message(RecordDict({CONFIG: ConfigRecord({"partition-id": "two"})}), reply_to=msg)
+        if k == 2 and msg.metadata.message_type == "query"
+        else reply
+    )
     with pytest.raises(RuntimeError, match="setup failed: node .*: unreadable reply"):
         serve(small_world, tmp_path / "e", tamper=liar)
 
@@ -223,9 +262,14 @@ def test_run_config_is_typed_and_pyproject_matches_the_defaults():
         table = tomllib.load(f)["tool"]["flwr"]["app"]["config"]
     assert table == {f.name.replace("_", "-"): f.default for f in fields(AppConfig)}
     assert AppConfig.from_run_config(table) == AppConfig()
-    for bad, message in (({"rounds": "3"}, "rounds = '3': expected a int"), ({"lr": True}, "expected a float"),
-                         ({"rounds": 0}, "rounds must be > 0"), ({"clients-per-round": 5}, "clients-per-round"),
-                         ({"drop-prob": 1.0}, "drop-prob"), ({"data": "imagenet"}, "data must be")):
+    for bad, message in (
+        ({"rounds": "3"}, "rounds = '3': expected a int"),
+        ({"lr": True}, "expected a float"),
+        ({"rounds": 0}, "rounds must be > 0"),
+        ({"clients-per-round": 5}, "clients-per-round"),
+        ({"drop-prob": 1.0}, "drop-prob"),
+        ({"data": "imagenet"}, "data must be"),
+    ):
         with pytest.raises(ConfigError, match=message):
             AppConfig.from_run_config({**table, **bad})
 
@@ -249,13 +293,22 @@ def test_in_process_app_equals_run_fedit_with_drop_outs(small_world, task_identi
     picks = [sample_clients(RUN["seed"], t, 3, 2, RUN["drop-prob"]) for t in range(2)]
     assert any(d for _, d in picks) and all(len(d) < len(s) for s, d in picks), picks  # the case is covered
     devices = tmp_path / "devices"
-    nodes = [{"partition-id": k, "num-partitions": 3, "backbone": str(small_world / "backbone.pt"),
-              "data-dir": str(small_world / "data"), "device": "cpu", "adapter-dir": str(devices / f"node{k}"),
-              "threads": 1}  # as the reference runs: the same kernels, the same float sums, whatever ran before
-             for k in range(3)]
+    nodes = [
+        {
+            "partition-id": k,
+            "num-partitions": 3,
+            "backbone": str(small_world / "backbone.pt"),
+            "data-dir": str(small_world / "data"),
+            "device": "cpu",
+            "adapter-dir": str(devices / f"node{k}"),
+            "threads": 1,
+        }  # as the reference runs: the same kernels, the same float sums, whatever ran before
+        for k in range(3)
+    ]
     serve(small_world, tmp_path / "out", nodes=nodes)
-    results = check_against_in_process(tmp_path / "out", small_world / "data", small_world / "backbone.pt", RUN,
-                                       tmp_path)
+    results = check_against_in_process(
+        tmp_path / "out", small_world / "data", small_world / "backbone.pt", RUN, tmp_path
+    )
     assert any(h["dropped"] for h in results["fedit_history"])
     for k in range(3):  # each device kept its personalised adapter (and only its own)
         [path] = (devices / f"node{k}").iterdir()
@@ -280,8 +333,9 @@ def test_loopback_fedit_bitwise_equals_in_process(federation, tmp_path):
     micro_backbone(backbone)
     federation.superlink()
     for k in range(2):
-        federation.supernode(f"node{k}", f"partition-id={k} num-partitions=2 backbone='{backbone}' "
-                                         f"data-dir='{data_dir}' threads=1")
+        federation.supernode(
+            f"node{k}", f"partition-id={k} num-partitions=2 backbone='{backbone}' data-dir='{data_dir}' threads=1"
+        )
     status = federation.run(REPO, {**LOOPBACK, "out-dir": str(out)}, timeout=150)
     assert status["status"] == "finished:completed", federation.log("superlink")[-3000:]
     results = check_against_in_process(out, data_dir, backbone, LOOPBACK, tmp_path)
@@ -292,16 +346,58 @@ def test_loopback_fedit_bitwise_equals_in_process(federation, tmp_path):
 def tls_and_keys(tmp: Path) -> dict:
     """A CA, a SuperLink certificate for 127.0.0.1 signed by it (openssl), and two SuperNode key pairs
     (ssh-keygen, ECDSA P-384): docs/flower.md's commands."""
+
     def sh(*cmd: str) -> None:
         subprocess.run(cmd, cwd=tmp, check=True, capture_output=True, timeout=60)
 
-    sh("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "1",
-       "-subj", "/CN=potara test CA")
-    sh("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
-       "-subj", "/CN=127.0.0.1")
+    sh(
+        "openssl",
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=potara test CA",
+    )
+    sh(
+        "openssl",
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    )
     (tmp / "san.ext").write_text("subjectAltName = IP:127.0.0.1, DNS:localhost\n")
-    sh("openssl", "x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-       "-out", "server.pem", "-days", "1", "-extfile", "san.ext")
+    sh(
+        "openssl",
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "1",
+        "-extfile",
+        "san.ext",
+    )
     for name in ("member", "stranger"):
         sh("ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", name, "-C", name)
     return {"ca": str(tmp / "ca.crt"), "cert": str(tmp / "server.pem"), "key": str(tmp / "server.key")}
@@ -314,17 +410,31 @@ def test_unregistered_supernode_is_refused(tmp_path):
         fed.superlink("--enable-supernode-auth")
         registered = fed.flwr("supernode", "register", str(tmp_path / "member.pub"), "local")
         assert registered.get("success"), registered
-        stranger = fed.supernode("stranger", "partition-id=1 num-partitions=2", "--auth-supernode-private-key",
-                                 str(tmp_path / "stranger"), "--max-retries", "1", "--max-wait-time", "20")
-        anonymous = fed.supernode("anonymous", "partition-id=1 num-partitions=2", "--max-retries", "1",
-                                  "--max-wait-time", "20")  # no key at all
-        fed.supernode("member", "partition-id=0 num-partitions=2", "--auth-supernode-private-key",
-                      str(tmp_path / "member"))
-        online = lambda: [n["node-id"] for n in fed.flwr("supernode", "list", "local")["nodes"]
-                          if n["status"] == "online"]
-        wait_for(lambda: online() and stranger.poll() is not None and anonymous.poll() is not None, 60,
-                 "the member online, the stranger and the anonymous node gone",
-                 lambda: fed.log("stranger") + fed.log("anonymous") + fed.log("superlink"))
+        stranger = fed.supernode(
+            "stranger",
+            "partition-id=1 num-partitions=2",
+            "--auth-supernode-private-key",
+            str(tmp_path / "stranger"),
+            "--max-retries",
+            "1",
+            "--max-wait-time",
+            "20",
+        )
+        anonymous = fed.supernode(
+            "anonymous", "partition-id=1 num-partitions=2", "--max-retries", "1", "--max-wait-time", "20"
+        )  # no key at all
+        fed.supernode(
+            "member", "partition-id=0 num-partitions=2", "--auth-supernode-private-key", str(tmp_path / "member")
+        )
+        online = lambda: [
+            n["node-id"] for n in fed.flwr("supernode", "list", "local")["nodes"] if n["status"] == "online"
+        ]
+        wait_for(
+            lambda: online() and stranger.poll() is not None and anonymous.poll() is not None,
+            60,
+            "the member online, the stranger and the anonymous node gone",
+            lambda: fed.log("stranger") + fed.log("anonymous") + fed.log("superlink"),
+        )
         for refused in ("stranger", "anonymous"):
             assert "could not establish a connection to the SuperLink" in fed.log(refused), refused
         assert stranger.returncode != 0 and anonymous.returncode != 0

@@ -1,5 +1,6 @@
 """potara_flower/bench.py: the per-round breakdown it prints, and its one-line errors. (The run itself is the
 loopback run of test_flower.py; the benchmark's numbers are in docs/flower.md, from one run.)"""
+
 import pytest
 
 pytest.importorskip("flwr")
@@ -10,14 +11,33 @@ from potara_flower import bench as flower_bench  # noqa: E402
 def test_breakdown_charges_the_rest_of_a_round_to_messaging():
     """Per round: the slowest client's start-up, loading and training (clients run in parallel), and what is
     left of the server's round time; means over rounds. Hand-computed."""
-    c = lambda start, imports, hand, load, train: {"flower-start": start, "imports": imports, "handover": hand,
-                                                   "load": load, "train": train}
-    history = [{"seconds": 10.0, "client_seconds": {"client0": c(2.0, 2.5, 0.5, 1.0, 0.5),      # 6.5
-                                                    "client1": c(2.0, 3.0, 1.0, 1.0, 1.0)}},    # 8.0: slowest
-               {"seconds": 6.0, "client_seconds": {"client1": c(1.0, 1.5, 0.5, 0.5, 0.5)}}]   # 4.0
+    c = lambda start, imports, hand, load, train: {
+        "flower-start": start,
+        "imports": imports,
+        "handover": hand,
+        "load": load,
+        "train": train,
+    }
+    history = [
+        {
+            "seconds": 10.0,
+            "client_seconds": {
+                "client0": c(2.0, 2.5, 0.5, 1.0, 0.5),  # 6.5
+                "client1": c(2.0, 3.0, 1.0, 1.0, 1.0),
+            },
+        },  # 8.0: slowest
+        {"seconds": 6.0, "client_seconds": {"client1": c(1.0, 1.5, 0.5, 0.5, 0.5)}},
+    ]  # 4.0
     got = flower_bench.breakdown({"fedit_history": history})
-    want = {"round": 8.0, "flower-start": 1.5, "imports": 2.25, "handover": 0.75, "load": 0.75, "train": 0.75,
-            "messaging": (2.0 + 2.0) / 2}
+    want = {
+        "round": 8.0,
+        "flower-start": 1.5,
+        "imports": 2.25,
+        "handover": 0.75,
+        "load": 0.75,
+        "train": 0.75,
+        "messaging": (2.0 + 2.0) / 2,
+    }
     assert got == pytest.approx(want)
 
 
@@ -36,9 +56,9 @@ import os  # noqa: E402
 
 import torch  # noqa: E402
 
-from potara_harness.data import load_images  # noqa: E402
 from potara_flower import task  # noqa: E402
 from potara_harness.config import AppConfig  # noqa: E402
+from potara_harness.data import load_images  # noqa: E402
 
 SMALL = AppConfig(num_clients=3, synthetic_per_class=20, public=0, train=40, val=20, test=20, fisher_samples=20, seed=1)
 PARTS = [f"{p}_{kind}" for p in ("train", "val", "test") for kind in ("inputs", "targets")]
@@ -64,10 +84,10 @@ def test_the_split_cache_gives_the_drawn_split_and_refuses_what_does_not_match(t
     def same(split):
         return split.name == want.name and all(torch.equal(getattr(split, p), getattr(want, p)) for p in PARTS)
 
-    assert same(task.client_split(SMALL, data, 1, 3, cache)) and len(draws) == 1   # drawn and written
+    assert same(task.client_split(SMALL, data, 1, 3, cache)) and len(draws) == 1  # drawn and written
     [path] = [os.path.join(cache, f) for f in os.listdir(cache)]
     assert os.path.getsize(path) < 2 * 80 * 3072  # its 80 images, not a view of all 2400
-    assert same(task.client_split(SMALL, data, 1, 3, cache)) and len(draws) == 1   # read, not drawn
+    assert same(task.client_split(SMALL, data, 1, 3, cache)) and len(draws) == 1  # read, not drawn
     other = AppConfig(**{**SMALL.__dict__, "seed": 2})
     task.client_split(other, data, 1, 3, cache)
     assert len(draws) == 2  # another seed: another key
@@ -90,8 +110,7 @@ def test_the_split_cache_gives_the_drawn_split_and_refuses_what_does_not_match(t
 def test_the_app_round_is_set_against_the_floor():
     """ratio = app / floor; the goal is app <= 1.25 floor + the app's training. Hand-computed."""
     got = flower_bench.against_floor({"round": 9.0, "train": 0.5}, 6.0)
-    assert got == pytest.approx({"floor_round_s": 6.0, "ratio_to_floor": 1.5, "goal_bound_s": 8.0,
-                                 "goal_met": False})
+    assert got == pytest.approx({"floor_round_s": 6.0, "ratio_to_floor": 1.5, "goal_bound_s": 8.0, "goal_met": False})
     assert flower_bench.against_floor({"round": 7.9, "train": 0.5}, 6.0)["goal_met"]
 
 
@@ -101,6 +120,7 @@ def test_the_floor_app_echoes_its_input(tmp_path):
 
     from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
+
     spec = importlib.util.spec_from_file_location("floor_app", flower_bench.FLOOR / "floor_app.py")
     floor = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(floor)
@@ -109,6 +129,7 @@ def test_the_floor_app_echoes_its_input(tmp_path):
         for a in old:
             setattr(TaskIdentity, a, 1)
         import numpy as np
+
         x = np.arange(7, dtype=np.float32)
         msg = Message(RecordDict({"adapter": ArrayRecord({"a": Array(x)})}), dst_node_id=5, message_type="train")
         reply = floor.app(msg, Context(1, 5, {}, RecordDict(), {}))

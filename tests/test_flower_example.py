@@ -1,6 +1,7 @@
 """docs/flower-your-app.md's example (potara_flower/example_app.py) run in-process: its ServerApp (Flower's own
 FedAvg) against 3 of its ClientApps through a Grid that calls them in this process, checked against an
 independent FedAvg loop and a direct potara.personalize call, and for what crosses the wire."""
+
 from __future__ import annotations
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 
 pytest.importorskip("flwr")
 
-from flower_kit import LocalGrid, task_identity  # noqa: E402, F401  (task_identity: a fixture)
+from flower_kit import LocalGrid  # noqa: E402
 from flwr.app import Context, RecordDict  # noqa: E402
 
 from potara.merge import personalize  # noqa: E402
@@ -22,8 +23,12 @@ class CallingGrid(LocalGrid):
     between messages, as a SuperNode keeps it); every message and reply is recorded."""
 
     def __init__(self, num_nodes: int):
-        self.contexts = {100 + k: Context(run_id=1, node_id=100 + k, node_config={"partition-id": k},
-                                          state=RecordDict(), run_config=RUN) for k in range(num_nodes)}
+        self.contexts = {
+            100 + k: Context(
+                run_id=1, node_id=100 + k, node_config={"partition-id": k}, state=RecordDict(), run_config=RUN
+            )
+            for k in range(num_nodes)
+        }
         self.sent, self.replies = [], []
 
     def get_node_ids(self):
@@ -36,8 +41,6 @@ class CallingGrid(LocalGrid):
             out.append(ex.app(m, self.contexts[m.metadata.dst_node_id]))
         self.replies += out
         return out[::-1]  # arrival order must not matter
-
-
 
 
 def naive_fedavg(seed: int) -> dict[str, torch.Tensor]:
@@ -62,7 +65,7 @@ def test_potara_in_a_users_flower_app(task_identity):
     ex.server(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=RUN))
 
     # the global model the last round's evaluate carried = an independent FedAvg of the same clients
-    last = [m for m in grid.sent if m.metadata.message_type == "evaluate"][-RUN["num-clients"]:]
+    last = [m for m in grid.sent if m.metadata.message_type == "evaluate"][-RUN["num-clients"] :]
     G = last[0].content["arrays"].to_torch_state_dict()
     want = naive_fedavg(RUN["seed"])
     for key, v in want.items():
@@ -79,7 +82,7 @@ def test_potara_in_a_users_flower_app(task_identity):
         x, y = data["test"]
         with torch.no_grad():
             model.load_state_dict(merged)
-            acc = sum(int(model(x[i:i + 1]).argmax()) == int(y[i]) for i in range(len(y))) / len(y)
+            acc = sum(int(model(x[i : i + 1]).argmax()) == int(y[i]) for i in range(len(y))) / len(y)
         got = replies[node].content["metrics"]
         assert got["lam"] == pytest.approx(info["lam"], abs=1e-12), k
         assert got["acc-potara"] == pytest.approx(acc, abs=1e-6), k
@@ -92,7 +95,6 @@ def test_potara_in_a_users_flower_app(task_identity):
             assert set(r.content["metrics"].keys()) == {"num-examples", "train-loss"}
         else:
             assert not r.content.array_records and not r.content.config_records
-            assert set(r.content["metrics"].keys()) == {"num-examples", "lam", "acc-global", "acc-local",
-                                                        "acc-potara"}
+            assert set(r.content["metrics"].keys()) == {"num-examples", "lam", "acc-global", "acc-local", "acc-potara"}
     # phi_L stayed on the device, in the node's state
     assert all(set(c.state["potara-local"].keys()) == keys for c in grid.contexts.values())

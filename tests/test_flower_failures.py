@@ -1,6 +1,7 @@
-"""The Flower server against failing and hostile clients: dead, silent, returning, lying (issues 17 and 18).
+"""The Flower server against failing and hostile clients: dead, silent, returning, lying.
 In process against test_flower.InProcessGrid (which answers as flwr's SuperLink does), and once for real on
 127.0.0.1: three SuperNodes, one killed by its pid after round 1 of 2."""
+
 from __future__ import annotations
 
 import copy
@@ -15,20 +16,16 @@ import torch
 
 pytest.importorskip("flwr")
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict  # noqa: E402
-from flower_kit import (  # noqa: E402, F401  (fixtures are used by name)
+from flower_kit import (  # noqa: E402
     REPO,
     RUN,
     InProcessGrid,
-    federation,
     final_adapter,
     micro_backbone,
     serve,
-    small_world,
-    task_identity,
 )
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict  # noqa: E402
 
-from potara_harness.data import load_images  # noqa: E402
 from potara_flower.replies import REPLIED_METHODS, check_evaluation, train_reply  # noqa: E402
 from potara_flower.task import (  # noqa: E402
     ADAPTER,
@@ -40,18 +37,19 @@ from potara_flower.task import (  # noqa: E402
     unflatten,
 )
 from potara_harness.config import AppConfig, ConfigError  # noqa: E402
+from potara_harness.data import load_images  # noqa: E402
 from potara_harness.evaluation import lam_grid  # noqa: E402
 from potara_harness.report import markdown_table  # noqa: E402
-
-__all__ = ["federation", "small_world", "task_identity"]  # fixtures used here
 
 
 def grid_that(act):
     """A grid factory for serve(): InProcessGrid whose tamper is act(grid, partition, msg, reply)."""
+
     def make(nodes, run_config):
         grid = InProcessGrid(nodes, run_config)
         grid.tamper = lambda k, msg, reply: act(grid, k, msg, reply)
         return grid
+
     return make
 
 
@@ -70,6 +68,7 @@ def test_a_dead_node_is_failed_and_the_run_goes_on(small_world, task_identity, t
     (src_node_id 1, not the node's), or, before its heartbeats run out, nothing. Either way client2 is failed in
     round 1 and in the final step, the round averages the others (bitwise the run where client2 is just silent),
     results.json holds the others, and the run ends failed naming client2."""
+
     def die(grid, k, msg, reply):
         if train_round(msg) == 0 and k == 2:
             grid.kill(2, detected)
@@ -77,8 +76,9 @@ def test_a_dead_node_is_failed_and_the_run_goes_on(small_world, task_identity, t
 
     common = dict(clients_per_round=3, drop_prob=0.0, round_timeout=7.0, missing=["client2"])
     res = serve(small_world, tmp_path / "dead", grid=grid_that(die), **common)
-    silent = lambda k, msg, reply: None if k == 2 and msg.metadata.message_type != "query" and train_round(msg) != 0 \
-        else reply
+    silent = lambda k, msg, reply: (
+        None if k == 2 and msg.metadata.message_type != "query" and train_round(msg) != 0 else reply
+    )
     ref = serve(small_world, tmp_path / "silent", tamper=silent, **common)
     assert same(final_adapter(tmp_path / "dead"), final_adapter(tmp_path / "silent"))
     why = "NODE_UNAVAILABLE (from the SuperLink): Error: Node Unavailable" if detected else "no reply within 7 s"
@@ -97,6 +97,7 @@ def test_a_node_that_comes_back_rejoins(small_world, task_identity, tmp_path, ca
     """client1's node dies after round 0 and its SuperNode restarts (a new node id) during round 1, and a second
     node claiming partition 0 (still online) appears: before the final step client1 rejoins under its new id,
     the impostor is ignored, and every client has results; client1 failed round 1 only."""
+
     def die_and_return(grid, k, msg, reply):
         if train_round(msg) == 0 and k == 1:
             grid.kill(1)
@@ -115,10 +116,11 @@ def test_a_node_that_comes_back_rejoins(small_world, task_identity, tmp_path, ca
 
 # ----------------------------------------------------------------------------- lying replies
 def test_bad_replies_fail_their_client_and_only_it(small_world, task_identity, tmp_path):
-    """Round 0: client1's timings are a list (its update must not be averaged: issue 17.2), client2 answers twice;
+    """Round 0: client1's timings are a list (its update must not be averaged), client2 answers twice;
     round 1: client1's reply comes from a node not in the roster, client2 claims n = 2**53; at the end client1's
     accuracies are 1e9 and client2's record has no abs_lam_diff. Each is that client's failure, with its reason;
     the run is bitwise the run in which those clients were silent at those steps, and the results are client0's."""
+
     def lie(grid, k, msg, reply):
         t, kind = train_round(msg), msg.metadata.message_type
         if (t, k) == (0, 1):
@@ -140,8 +142,9 @@ def test_bad_replies_fail_their_client_and_only_it(small_world, task_identity, t
 
     common = dict(clients_per_round=3, drop_prob=0.0, round_timeout=3.0, missing=["client1", "client2"])
     res = serve(small_world, tmp_path / "lie", grid=grid_that(lie), **common)
-    silent = lambda k, msg, reply: None if k and (train_round(msg) in (0, 1) or msg.metadata.message_type ==
-                                                  "evaluate") else reply
+    silent = lambda k, msg, reply: (
+        None if k and (train_round(msg) in (0, 1) or msg.metadata.message_type == "evaluate") else reply
+    )
     ref = serve(small_world, tmp_path / "silent", tamper=silent, **common)
     assert same(final_adapter(tmp_path / "lie"), final_adapter(tmp_path / "silent"))
     reasons = {(h["round"], f["client"]): f["reason"] for h in res["fedit_history"] for f in h["failed"]}
@@ -149,7 +152,8 @@ def test_bad_replies_fail_their_client_and_only_it(small_world, task_identity, t
         (0, "client1"): "unreadable reply: ValueError: load-seconds = [1.0, 2.0]: not a number",
         (0, "client2"): "2 replies to one message",
         (1, "client1"): "a reply from node 4242, not from node 1007",
-        (1, "client2"): f"unreadable reply: ValueError: num-examples {2**53} is not the 40 of set-up"}
+        (1, "client2"): f"unreadable reply: ValueError: num-examples {2**53} is not the 40 of set-up",
+    }
     assert [h["clients"] for h in res["fedit_history"]] == [["client0", "client1", "client2"]] * 2
     assert all(h["dropped"] == ["client1", "client2"] for h in res["fedit_history"])  # nothing of them averaged
     assert res["clients"] == ["client0"] and res["methods"] == ref["methods"]
@@ -162,13 +166,17 @@ def test_bad_replies_fail_their_client_and_only_it(small_world, task_identity, t
 def test_setup_refuses_a_claimed_weight_other_than_the_partition_size(small_world, task_identity, tmp_path):
     """n_k is fixed at set-up and must be the run config's train (every partition holds exactly that many
     training images): a client claiming 2**53 stops the set-up with one line naming its node."""
+
     def claim(k, msg, reply):
         if msg.metadata.message_type == "query" and k == 1:
             reply.content[CONFIG]["num-examples"] = 2**53
         return reply
 
-    with pytest.raises(RuntimeError, match=rf"setup failed: node 1007: .*num-examples {2**53} is not the run "
-                                           r"config's train = 40"):
+    with pytest.raises(
+        RuntimeError,
+        match=rf"setup failed: node 1007: .*num-examples {2**53} is not the run "
+        r"config's train = 40",
+    ):
         serve(small_world, tmp_path / "out", tamper=claim)
 
 
@@ -202,6 +210,7 @@ def test_the_final_step_has_its_own_timeout_sized_from_its_work(small_world, tas
 def evaluation(tmp_path_factory, small_world):
     """A real client's evaluate reply (unflattened) and the run's grid step, from one in-process run."""
     from flwr.supercore.task_identity import TaskIdentity
+
     saved = {a: getattr(TaskIdentity, a, None) for a in ("_run_id", "_node_id", "_task_id")}
     for a in saved:
         setattr(TaskIdentity, a, 1)
@@ -234,26 +243,29 @@ def broken(tree: dict, path: str, value=KeyError) -> dict:
     return tree
 
 
-@pytest.mark.parametrize("path, value, why", [
-    ("record/abs_lam_diff", KeyError, "record keys"),                 # issue 17.1: no results.json at all
-    ("acc/local", KeyError, "acc has methods"),                      # KeyError in collect_results
-    ("record/lam_potara", "0.5", "lam_potara = '0.5': not a number"),  # no results.md, no plots
-    ("record/abs_lam_diff", -5.0, r"abs_lam_diff = -5.0: outside \[0, 1\]"),
-    ("record/lam_grid_val", 1.5, r"lam_grid_val = 1.5: outside \[0, 1\]"),
-    ("acc/fisher", float("nan"), "acc/fisher = nan"),
-    ("acc/fedit", True, "acc/fedit = True: not a number"),
-    ("record/grid/lam", [0.0, 1.0], "not the run's lam grid"),
-    ("record/grid/test", [0.5], "one value per lam"),
-    ("record/potara/lam", 0.123, "lam_potara is not Potara's lam"),
-    ("fallbacks", ["x"] * 11, "short list of strings"),
-    ("stranger", 1, "are not an evaluation's"),
-])
+@pytest.mark.parametrize(
+    "path, value, why",
+    [
+        ("record/abs_lam_diff", KeyError, "record keys"),  # once: no results.json at all
+        ("acc/local", KeyError, "acc has methods"),  # KeyError in collect_results
+        ("record/lam_potara", "0.5", "lam_potara = '0.5': not a number"),  # no results.md, no plots
+        ("record/abs_lam_diff", -5.0, r"abs_lam_diff = -5.0: outside \[0, 1\]"),
+        ("record/lam_grid_val", 1.5, r"lam_grid_val = 1.5: outside \[0, 1\]"),
+        ("acc/fisher", float("nan"), "acc/fisher = nan"),
+        ("acc/fedit", True, "acc/fedit = True: not a number"),
+        ("record/grid/lam", [0.0, 1.0], "not the run's lam grid"),
+        ("record/grid/test", [0.5], "one value per lam"),
+        ("record/potara/lam", 0.123, "lam_potara is not Potara's lam"),
+        ("fallbacks", ["x"] * 11, "short list of strings"),
+        ("stranger", 1, "are not an evaluation's"),
+    ],
+)
 def test_a_bad_evaluation_record_is_refused(evaluation, path, value, why):
     tree, step = evaluation
     check_evaluation(copy.deepcopy(tree), step)  # the real one passes
     with pytest.raises(ValueError, match=why):
         check_evaluation(broken(tree, path, value), step)
-    everything = broken(tree, "acc", {m: 1e9 for m in REPLIED_METHODS})  # issue 17.1: a mean of 333333333.4
+    everything = broken(tree, "acc", {m: 1e9 for m in REPLIED_METHODS})  # once: a mean of 333333333.4
     with pytest.raises(ValueError, match="outside"):
         check_evaluation(everything, step)
 
@@ -287,9 +299,12 @@ def test_fuzzed_records_are_refused_or_sound(evaluation):
         assert all(0 <= v <= 1 for v in out["acc"].values())
         rec = out["record"]
         assert all(0 <= rec[k] <= 1 for k in ("lam_potara", "lam_grid_val", "lam_grid_oracle", "abs_lam_diff"))
-        results = {"clients": ["c"], "methods": {m: {"label": m, "mean": v, "per_client": {"c": v}, "bytes": 0}
-                                                 for m, v in out["acc"].items()},
-                   "per_client": {"c": rec}, "mean_abs_lam_diff": rec["abs_lam_diff"]}
+        results = {
+            "clients": ["c"],
+            "methods": {m: {"label": m, "mean": v, "per_client": {"c": v}, "bytes": 0} for m, v in out["acc"].items()},
+            "per_client": {"c": rec},
+            "mean_abs_lam_diff": rec["abs_lam_diff"],
+        }
         markdown_table(results)
     assert refused > 300
 
@@ -323,8 +338,13 @@ def test_fuzzed_train_replies_are_refused_or_sound(task_identity):
         assert client.num_examples == 40 and type(client.mean_loss) is float
         assert all(math.isfinite(v) and v >= 0 for v in took.values())
     assert accepted > 20
-    bad = Message(RecordDict({ADAPTER: ArrayRecord({"w": Array(torch.ones(2).numpy())}),
-                              METRICS: MetricRecord({"num-examples": 40})}), dst_node_id=1, message_type="train")
+    bad = Message(
+        RecordDict(
+            {ADAPTER: ArrayRecord({"w": Array(torch.ones(2).numpy())}), METRICS: MetricRecord({"num-examples": 40})}
+        ),
+        dst_node_id=1,
+        message_type="train",
+    )
     with pytest.raises(KeyError):
         train_reply(bad, 40, TIMINGS)
 
@@ -332,9 +352,25 @@ def test_fuzzed_train_replies_are_refused_or_sound(task_identity):
 # ----------------------------------------------------------------------------- the real thing: a SuperNode killed
 # round-timeout 45 s: a live node answers in ~5-20 s (a new process importing torch, more under load); the killed
 # one is failed by whichever comes first, the SuperLink's NODE_UNAVAILABLE (37-60 s after the kill) or the timeout
-KILL = {**RUN, "num-clients": 3, "rounds": 2, "local-steps": 1, "clients-per-round": 0, "drop-prob": 0.0,
-        "local-train-steps": 1, "finetune-steps": 1, "fisher-samples": 10, "train": 16, "val": 10, "test": 10,
-        "batch-size": 8, "grid-step": 0.5, "round-timeout": 45.0, "personalize-timeout": 120.0, "out-dir": "out"}
+KILL = {
+    **RUN,
+    "num-clients": 3,
+    "rounds": 2,
+    "local-steps": 1,
+    "clients-per-round": 0,
+    "drop-prob": 0.0,
+    "local-train-steps": 1,
+    "finetune-steps": 1,
+    "fisher-samples": 10,
+    "train": 16,
+    "val": 10,
+    "test": 10,
+    "batch-size": 8,
+    "grid-step": 0.5,
+    "round-timeout": 45.0,
+    "personalize-timeout": 120.0,
+    "out-dir": "out",
+}
 
 
 def test_loopback_kill_one_supernode_mid_run(federation, tmp_path):
@@ -347,8 +383,12 @@ def test_loopback_kill_one_supernode_mid_run(federation, tmp_path):
     micro_backbone(tmp_path / "backbone.pt")
     load_images("synthetic", str(tmp_path / "data"), KILL["synthetic-per-class"])  # once, not by 3 nodes at once
     federation.superlink()
-    nodes = [federation.supernode(f"node{k}", f"partition-id={k} num-partitions=3 backbone='backbone.pt' "
-                                              "data-dir='data' threads=1") for k in range(3)]
+    nodes = [
+        federation.supernode(
+            f"node{k}", f"partition-id={k} num-partitions=3 backbone='backbone.pt' data-dir='data' threads=1"
+        )
+        for k in range(3)
+    ]
     ckpt, killed = tmp_path / "out" / "checkpoint.pt", []
 
     def kill_after_round_1(status: dict) -> None:
@@ -403,7 +443,7 @@ def test_the_recipe_names_the_backbone_file_the_preparation_writes(monkeypatch, 
         run_cifar.get_backbone(args, p, data, public, torch.device("cpu"))
     name = os.path.relpath(str(written.value), tmp_path)
     assert name == os.path.join("data", "backbones", "tiny-3ed7fae472e8.pt")  # what the docs name...
-    configs = [line for line in doc.splitlines() if "--node-config \"" in line and "backbone=" in line]
+    configs = [line for line in doc.splitlines() if '--node-config "' in line and "backbone=" in line]
     assert configs and all(f"backbone='{name}'" in line for line in configs)  # ...in every vision node config
-    run_section = doc[doc.index("## Run"):doc.index("## What crosses the wire")]
+    run_section = doc[doc.index("## Run") : doc.index("## What crosses the wire")]
     assert "<key>" not in run_section and "--port 9094" in run_section and "--port 9095" in run_section

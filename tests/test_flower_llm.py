@@ -6,6 +6,7 @@ tiny model file and seed: the final global adapter bitwise, every client's accur
 the device's peft adapter bitwise run_llm.py --export-peft's. The tiny model is micro (conftest.SMALL_LLAMA's
 sizes, pre-trained 10 steps by run_llm.py itself); the devices read its architecture from the file.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -20,15 +21,13 @@ pytest.importorskip("flwr")
 pytest.importorskip("transformers")
 
 from conftest import SMALL_LLAMA  # noqa: E402
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord  # noqa: E402
-from flower_kit import (  # noqa: E402, F401  (fixtures are used by name)
+from flower_kit import (  # noqa: E402
     REPO,
     Unpicklable,
-    federation,
     final_adapter,
     serve,
-    task_identity,
 )
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord  # noqa: E402
 
 import run_llm  # noqa: E402
 from potara_flower.task import model_sha256  # noqa: E402
@@ -40,20 +39,77 @@ from potara_harness.lm import load_tiny_file  # noqa: E402
 from potara_harness.report import METHOD_LABELS  # noqa: E402
 
 # a micro run; run_llm.py's options of the same names (run_llm_argv)
-LANG = {"experiment": "language", "num-clients": 2, "rounds": 2, "local-steps": 2, "clients-per-round": 1,
-        "lr": 0.003, "batch-size": 8, "rank": 4, "lora-alpha": 8.0, "seed": 1, "train": 24, "val": 8, "test": 8,
-        "local-train-steps": 3, "finetune-steps": 2, "fisher-samples": 8, "grid-step": 0.5, "drop-prob": 0.0,
-        "synthetic-examples": 40, "max-len": 64, "max-new-tokens": 8, "eval-batch-size": 16}
-OPTIONS = ("rounds", "local-steps", "clients-per-round", "lr", "batch-size", "rank", "lora-alpha", "seed", "train",
-           "val", "test", "local-train-steps", "finetune-steps", "fisher-samples", "grid-step", "synthetic-examples",
-           "max-len", "max-new-tokens", "eval-batch-size")
+LANG = {
+    "experiment": "language",
+    "num-clients": 2,
+    "rounds": 2,
+    "local-steps": 2,
+    "clients-per-round": 1,
+    "lr": 0.003,
+    "batch-size": 8,
+    "rank": 4,
+    "lora-alpha": 8.0,
+    "seed": 1,
+    "train": 24,
+    "val": 8,
+    "test": 8,
+    "local-train-steps": 3,
+    "finetune-steps": 2,
+    "fisher-samples": 8,
+    "grid-step": 0.5,
+    "drop-prob": 0.0,
+    "synthetic-examples": 40,
+    "max-len": 64,
+    "max-new-tokens": 8,
+    "eval-batch-size": 16,
+}
+OPTIONS = (
+    "rounds",
+    "local-steps",
+    "clients-per-round",
+    "lr",
+    "batch-size",
+    "rank",
+    "lora-alpha",
+    "seed",
+    "train",
+    "val",
+    "test",
+    "local-train-steps",
+    "finetune-steps",
+    "fisher-samples",
+    "grid-step",
+    "synthetic-examples",
+    "max-len",
+    "max-new-tokens",
+    "eval-batch-size",
+)
 
 
 def run_llm_argv(run: dict, data: str, out: Path, cache: Path, peft: Path) -> list[str]:
     """run_llm.py's command line for the same run: the first num-clients tasks of `data`, tiny, 1 thread."""
-    argv = ["--model", "tiny", "--data", data, "--clients", str(run["num-clients"]), "--pretrain-steps", "10",
-            "--snapshots", "1", "--no-fedsa", "--no-progress", "--threads", "1", "--out", str(out), "--cache-dir",
-            str(cache), "--export-peft", str(peft)]
+    argv = [
+        "--model",
+        "tiny",
+        "--data",
+        data,
+        "--clients",
+        str(run["num-clients"]),
+        "--pretrain-steps",
+        "10",
+        "--snapshots",
+        "1",
+        "--no-fedsa",
+        "--no-progress",
+        "--threads",
+        "1",
+        "--out",
+        str(out),
+        "--cache-dir",
+        str(cache),
+        "--export-peft",
+        str(peft),
+    ]
     for key in OPTIONS:
         argv += [f"--{key}", str(run[key])]
     return argv
@@ -101,7 +157,10 @@ def check_against_run_llm(out: Path, reference: dict, tasks: list[str], devices:
         if devices is not None:  # the device kept its Potara adapter, peft's format, run_llm.py's export bitwise
             folder = devices / f"node{k}"
             assert sorted(p.name for p in folder.iterdir()) == ["base_model", task]
-            a, b = load_file(folder / task / "adapter_model.safetensors"), load_file(peft / task / "adapter_model.safetensors")
+            a, b = (
+                load_file(folder / task / "adapter_model.safetensors"),
+                load_file(peft / task / "adapter_model.safetensors"),
+            )
             assert sorted(a) == sorted(b) and all(torch.equal(a[key], b[key]) for key in a), task
             config_a, config_b = (json.loads((f / task / "adapter_config.json").read_text()) for f in (folder, peft))
             assert {**config_a, "base_model_name_or_path": None} == {**config_b, "base_model_name_or_path": None}
@@ -113,8 +172,10 @@ def jsonl_tasks(folder: Path, names: list[str], n: int) -> None:
     folder.mkdir()
     tasks = synthetic_tasks(n, seed=config.SYNTHETIC_TASKS_SEED)
     for name in names:
-        lines = [json.dumps({"prompt": e.prompt, "answer": e.answer, **({"options": list(e.options)} if e.options
-                                                                          else {})}) for e in tasks[name]]
+        lines = [
+            json.dumps({"prompt": e.prompt, "answer": e.answer, **({"options": list(e.options)} if e.options else {})})
+            for e in tasks[name]
+        ]
         (folder / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
 
 
@@ -133,9 +194,17 @@ def test_language_app_in_process_equals_run_llm(micro_llama, task_identity, tmp_
         seen.extend([msg.content, reply.content if reply.has_content() else reply.error.reason])
         return reply
 
-    nodes = [{"partition-id": k, "num-partitions": 2, "task": str(tmp_path / "tasks" / f"{t}.jsonl"),
-              "model": str(model_file), "threads": 1, "adapter-dir": str(devices / f"node{k}")}
-             for k, t in enumerate(tasks)]
+    nodes = [
+        {
+            "partition-id": k,
+            "num-partitions": 2,
+            "task": str(tmp_path / "tasks" / f"{t}.jsonl"),
+            "model": str(model_file),
+            "threads": 1,
+            "adapter-dir": str(devices / f"node{k}"),
+        }
+        for k, t in enumerate(tasks)
+    ]
     serve(tmp_path, tmp_path / "out", nodes=nodes, tamper=watch, **LANG)
     check_against_run_llm(tmp_path / "out", reference, tasks, devices, peft)
 
@@ -158,10 +227,16 @@ def test_language_app_in_process_equals_run_llm(micro_llama, task_identity, tmp_
 def test_language_setup_refuses_a_misconfigured_federation(micro_llama, task_identity, tmp_path):
     """No task, an unknown synthetic task, a missing model, a model file crafted to run code (refused unread),
     another model on one node: the run stops at set-up with one line naming the problem."""
-    _, model_file, _ = in_process_reference({**LANG, "rounds": 1, "num-clients": 1, "clients-per-round": 0},
-                                            "synthetic", tmp_path)
-    node = lambda k, **kw: {"partition-id": k, "num-partitions": 2, "task": f"synthetic:{['sentiment', 'pronoun'][k]}",
-                            "model": str(model_file), **kw}
+    _, model_file, _ = in_process_reference(
+        {**LANG, "rounds": 1, "num-clients": 1, "clients-per-round": 0}, "synthetic", tmp_path
+    )
+    node = lambda k, **kw: {
+        "partition-id": k,
+        "num-partitions": 2,
+        "task": f"synthetic:{['sentiment', 'pronoun'][k]}",
+        "model": str(model_file),
+        **kw,
+    }
     no_task = node(1)
     del no_task["task"]
     unsafe = tmp_path / "unsafe.pt"
@@ -170,12 +245,14 @@ def test_language_setup_refuses_a_misconfigured_federation(micro_llama, task_ide
     obj = torch.load(model_file, weights_only=True)
     obj["state_dict"]["lm_head.weight"] = obj["state_dict"]["lm_head.weight"] + 1  # same shapes, other weights
     torch.save(obj, other)
-    for bad, message in ((no_task, "node config task is missing"),
-                         (node(1, task="synthetic:poetry"), "the synthetic tasks are sentiment, duplicate"),
-                         (node(1, task=str(tmp_path / "nowhere.jsonl")), "nowhere.jsonl: cannot read"),
-                         (node(1, model=str(tmp_path / "none")), r"node config model='.*none': no such file or folder"),
-                         (node(1, model=str(unsafe)), r"unsafe.pt: not a readable, safe torch file"),
-                         (node(1, model=str(other)), "client1 holds another backbone file")):
+    for bad, message in (
+        (no_task, "node config task is missing"),
+        (node(1, task="synthetic:poetry"), "the synthetic tasks are sentiment, duplicate"),
+        (node(1, task=str(tmp_path / "nowhere.jsonl")), "nowhere.jsonl: cannot read"),
+        (node(1, model=str(tmp_path / "none")), r"node config model='.*none': no such file or folder"),
+        (node(1, model=str(unsafe)), r"unsafe.pt: not a readable, safe torch file"),
+        (node(1, model=str(other)), "client1 holds another backbone file"),
+    ):
         with pytest.raises(RuntimeError, match=message):
             serve(tmp_path, tmp_path / "out", nodes=[node(0), bad], **LANG)
 
@@ -184,13 +261,19 @@ def test_language_run_config_keys_are_typed():
     """experiment and the language keys: defaults run_llm.py's (tiny), bad values one line."""
     cfg = AppConfig.from_run_config({"experiment": "language"})
     tiny = config.LM_PRESETS["tiny"]
-    assert (cfg.max_len, cfg.max_new_tokens, cfg.target_modules) == (tiny["max_len"], tiny["max_new_tokens"],
-                                                                      ["q_proj", "v_proj"])
+    assert (cfg.max_len, cfg.max_new_tokens, cfg.target_modules) == (
+        tiny["max_len"],
+        tiny["max_new_tokens"],
+        ["q_proj", "v_proj"],
+    )
     assert AppConfig().experiment == "vision"
-    for bad, message in (({"experiment": "audio"}, "experiment must be 'vision' or 'language'"),
-                         ({"max-len": 0}, "max-len must be > 0"), ({"targets": " "}, "targets must name nn.Linear"),
-                         ({"targets": "self_attn"}, "targets must name nn.Linear"),
-                         ({"synthetic-examples": 1.5}, "expected a int")):
+    for bad, message in (
+        ({"experiment": "audio"}, "experiment must be 'vision' or 'language'"),
+        ({"max-len": 0}, "max-len must be > 0"),
+        ({"targets": " "}, "targets must name nn.Linear"),
+        ({"targets": "self_attn"}, "targets must name nn.Linear"),
+        ({"synthetic-examples": 1.5}, "expected a int"),
+    ):
         with pytest.raises(ConfigError, match=message):
             AppConfig.from_run_config({"experiment": "language", **bad})
 
@@ -219,6 +302,7 @@ def test_tiny_model_file_is_checked_before_use(tmp_path):
     """load_tiny_file: a file that is not pretrain_tiny's (no architecture, odd sizes, a tensor of another shape
     or with NaN) is refused in one line; a good one loads its weights."""
     from potara_harness.lm import tiny_model
+
     torch.manual_seed(0)
     arch = {**config.TINY_LLAMA, **SMALL_LLAMA}
     state = tiny_model(64, arch).state_dict()
@@ -227,11 +311,12 @@ def test_tiny_model_file_is_checked_before_use(tmp_path):
     model = load_tiny_file(str(good), 64)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
     nan = {**state, "lm_head.weight": state["lm_head.weight"] * float("nan")}
-    for obj, message in (({"state_dict": state}, "not a tiny model file"),
-                         ({"state_dict": state, "info": {"key": {"arch": {**arch, "hidden_size": 10**9}}}},
-                          "not a tiny model file"),
-                         ({"state_dict": state, "info": {"key": {"arch": {**arch, "hidden_size": 48}}}}, "shape"),
-                         ({"state_dict": nan, "info": {"key": {"arch": arch}}}, "NaN")):
+    for obj, message in (
+        ({"state_dict": state}, "not a tiny model file"),
+        ({"state_dict": state, "info": {"key": {"arch": {**arch, "hidden_size": 10**9}}}}, "not a tiny model file"),
+        ({"state_dict": state, "info": {"key": {"arch": {**arch, "hidden_size": 48}}}}, "shape"),
+        ({"state_dict": nan, "info": {"key": {"arch": arch}}}, "NaN"),
+    ):
         torch.save(obj, tmp_path / "bad.pt")
         with pytest.raises(DataError, match=message):
             load_tiny_file(str(tmp_path / "bad.pt"), 64)
@@ -247,8 +332,11 @@ def test_loopback_language_bitwise_equals_run_llm(micro_llama, federation, tmp_p
     out, devices = tmp_path / "out", tmp_path / "devices"
     federation.superlink()
     for k, task in enumerate(tasks):
-        federation.supernode(f"node{k}", f"partition-id={k} num-partitions=2 task='synthetic:{task}' "
-                                         f"model='{model_file}' threads=1 adapter-dir='{devices / f'node{k}'}'")
+        federation.supernode(
+            f"node{k}",
+            f"partition-id={k} num-partitions=2 task='synthetic:{task}' "
+            f"model='{model_file}' threads=1 adapter-dir='{devices / f'node{k}'}'",
+        )
     status = federation.run(REPO, {**LANG, "out-dir": str(out)}, timeout=150)
     assert status["status"] == "finished:completed", federation.log("superlink")[-3000:]
     results = check_against_run_llm(out, reference, tasks, devices, peft)
@@ -261,10 +349,13 @@ def test_language_resume_refuses_other_language_settings(micro_llama, task_ident
     synthetic-examples draws the tasks): resuming with another one is refused in one line; with the same, resumed."""
     from potara_harness.checkpoint import ResumeError
 
-    _, model_file, _ = in_process_reference({**LANG, "rounds": 1, "num-clients": 1, "clients-per-round": 0},
-                                            "synthetic", tmp_path)
-    nodes = [{"partition-id": k, "num-partitions": 2, "task": f"synthetic:{t}", "model": str(model_file),
-              "threads": 1} for k, t in enumerate(["sentiment", "pronoun"])]
+    _, model_file, _ = in_process_reference(
+        {**LANG, "rounds": 1, "num-clients": 1, "clients-per-round": 0}, "synthetic", tmp_path
+    )
+    nodes = [
+        {"partition-id": k, "num-partitions": 2, "task": f"synthetic:{t}", "model": str(model_file), "threads": 1}
+        for k, t in enumerate(["sentiment", "pronoun"])
+    ]
     one = {**LANG, "rounds": 1, "finetune-steps": 1, "local-train-steps": 1}
     serve(tmp_path, tmp_path / "out", nodes=nodes, **one)
     for change in ({"max-len": 72}, {"synthetic-examples": 41}):
@@ -294,5 +385,5 @@ def test_the_recipe_names_the_model_file_run_llm_writes(tmp_path, monkeypatch):
     with pytest.raises(Written) as written:
         lm.pretrain_tiny(None, None, p, 0, "data/llm", "cpu", False)
     name = str(written.value)
-    configs = [line for line in doc.splitlines() if "--node-config \"" in line and "model=" in line]
+    configs = [line for line in doc.splitlines() if '--node-config "' in line and "model=" in line]
     assert configs and all(f"model='{name}'" in line for line in configs), name

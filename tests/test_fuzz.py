@@ -1,17 +1,20 @@
 """Fuzz: randomly corrupted adapter files and client updates end in one clear error, never anything else.
 
-Specifies the one validator of untrusted tensors (tensor_checks.check_tensors) through its users: adapter_file.load_adapter
+Specifies the one validator of untrusted tensors (tensor_checks.check_tensors) through its users:
+adapter_file.load_adapter
 (files: truncations, bit flips, crafted sizes/strides/offsets, wrong dtypes, sparse/meta tensors, non-tensor
 values), adapter_file.save_adapter (nothing written for a bad state), lora.load_lora_state_dict (the model left as it
 was, also when a rank change is allowed), rounds.validate_update / fedit.server_round (a bad update is rejected with
 a reason, never raised) and fedit.fedavg (ValueError, never a silent NaN or zero); and the trusted run folder
-(safe_files.py, through run_folder.prepare_out_dir / out_dir_lock, safe_files.atomic_write and llm_data.read_task_dir): links,
+(safe_files.py, through run_folder.prepare_out_dir / out_dir_lock, safe_files.atomic_write and
+llm_data.read_task_dir): links,
 folders, FIFOs and devices planted under the run's file names are refused in one line or never touched, nothing
 outside the folder is written, nothing hangs.
 Each case must finish within a few seconds (no hang) under an address-space limit of current use + 2 GiB
 (no huge allocation). Seeded: the same cases on every run. The kit (bounded, corrupt_tensor, crafted torch
 files) is shared with the checkpoint and backbone fuzz tests in conftest.py.
 """
+
 import io
 import os
 import random
@@ -20,23 +23,28 @@ import pytest
 import torch
 from conftest import CraftedView, FakeStorage, corrupt_tensor, crafted_torch_file, damaged_bytes
 
-from potara.fedit import fedavg, server_round
-from potara.rounds import ClientReply, validate_update
 from potara.adapter_file import load_adapter, save_adapter
+from potara.fedit import fedavg, server_round
 from potara.lora import add_lora, load_lora_state_dict, lora_state_dict
+from potara.rounds import ClientReply, validate_update
 from potara.tensor_checks import AdapterError
 
-REFERENCE = {"enc.0.lora_A": torch.randn(2, 6, generator=torch.Generator().manual_seed(0)),
-             "enc.0.lora_B": torch.zeros(5, 2), "head.weight": torch.ones(3, 5)}
+REFERENCE = {
+    "enc.0.lora_A": torch.randn(2, 6, generator=torch.Generator().manual_seed(0)),
+    "enc.0.lora_B": torch.zeros(5, 2),
+    "head.weight": torch.ones(3, 5),
+}
 
 
 # ---- corrupted states ----
 
+
 def corrupt_state(rng: random.Random, state: dict, model_free: bool = False):
     """A state with one tensor corrupted, a key dropped or added, a non-str key, or not a dict at all.
     model_free: only what is wrong without a model to compare with (no changed shapes or key sets)."""
-    kind = rng.choice(["tensor"] * 6 + ([] if model_free else ["drop key", "extra key", "rank"] * 2)
-                      + ["int key", "not a dict"])
+    kind = rng.choice(
+        ["tensor"] * 6 + ([] if model_free else ["drop key", "extra key", "rank"] * 2) + ["int key", "not a dict"]
+    )
     bad = dict(state)
     if kind == "rank":  # one LoRA factor at another rank than its partner (the same module's A or B)
         r = rng.choice([1, 3, 5])
@@ -45,8 +53,13 @@ def corrupt_state(rng: random.Random, state: dict, model_free: bool = False):
         k = rng.choice(sorted(bad))
         bad[k] = corrupt_tensor(rng, bad[k], "huge" if model_free and rng.random() < 0.1 else None)
         # without a model another shape alone is not wrong (unless huge): corrupt it another way
-        while (model_free and isinstance(bad[k], torch.Tensor) and not bad[k].is_nested
-               and bad[k].shape != state[k].shape and bad[k].numel() < 2**28):
+        while (
+            model_free
+            and isinstance(bad[k], torch.Tensor)
+            and not bad[k].is_nested
+            and bad[k].shape != state[k].shape
+            and bad[k].numel() < 2**28
+        ):
             bad[k] = corrupt_tensor(rng, state[k])
     elif kind == "drop key":
         del bad[rng.choice(sorted(bad))]
@@ -72,9 +85,13 @@ def test_fuzz_updates_are_rejected_with_a_reason_and_never_averaged(bounded):
                 with pytest.raises(ValueError, match="fedavg: client state"):
                     fedavg(states, [1, 2])
             n_bad = rng.choice([1, 0, -3, True, 2.5, float("nan"), "4", None, 10**400, 2**53 + 1])
-            out = server_round(case, REFERENCE, [0, 1, 2], {0: ClientReply(good, 4, 0.5),
-                                                            1: ClientReply(bad, 4, 0.5),
-                                                            2: ClientReply(dict(good), n_bad, 0.7)}, names)
+            out = server_round(
+                case,
+                REFERENCE,
+                [0, 1, 2],
+                {0: ClientReply(good, 4, 0.5), 1: ClientReply(bad, 4, 0.5), 2: ClientReply(dict(good), n_bad, 0.7)},
+                names,
+            )
         assert [r["client"] for r in out.history["rejected"]][:1] == ["c1"], case
         assert 0 in out.accepted and 1 not in out.accepted
         assert all(torch.isfinite(v).all() for v in out.global_state.values())
@@ -101,6 +118,7 @@ def test_fuzz_load_lora_state_dict_refuses_and_leaves_the_model_unchanged(bounde
 
 # ---- corrupted adapter files ----
 
+
 def crafted_file(template: bytes, numel: int, offset: int, size, stride) -> bytes:
     """A save_adapter file whose only tensor is the view we describe, over a storage of `numel` floats."""
     view = CraftedView(FakeStorage(numel), offset, size, stride)
@@ -118,9 +136,15 @@ def mutated_file(rng: random.Random, template: bytes) -> bytes:
         return crafted_file(template, 12, big() if rng.random() < 0.3 else 0, size, stride)
     buf = io.BytesIO()
     state = corrupt_state(rng, REFERENCE)
-    payload = rng.choice([{"format": "potara-adapter-v1", "meta": {}, "state": state}] * 4 + [
-        {"format": "potara-adapter-v1", "meta": [], "state": dict(REFERENCE)},
-        {"format": "other", "meta": {}, "state": dict(REFERENCE)}, [1, 2], "adapter"])
+    payload = rng.choice(
+        [{"format": "potara-adapter-v1", "meta": {}, "state": state}] * 4
+        + [
+            {"format": "potara-adapter-v1", "meta": [], "state": dict(REFERENCE)},
+            {"format": "other", "meta": {}, "state": dict(REFERENCE)},
+            [1, 2],
+            "adapter",
+        ]
+    )
     try:
         torch.save(payload, buf)
     except Exception:  # torch cannot write it (e.g. a nested or subclassed tensor): a crafted view instead
@@ -146,8 +170,13 @@ def test_fuzz_adapter_files_give_one_clear_error_and_write_nothing(tmp_path, bou
             else:  # a flip that left the file valid (in a value, in zip padding) or an in-bounds view: still safe
                 accepted += 1
                 assert isinstance(meta, dict) and all(isinstance(k, str) for k in state)
-                assert all(type(v) is torch.Tensor and v.dtype.is_floating_point and v.layout == torch.strided
-                           and torch.isfinite(v).all() for v in state.values())
+                assert all(
+                    type(v) is torch.Tensor
+                    and v.dtype.is_floating_point
+                    and v.layout == torch.strided
+                    and torch.isfinite(v).all()
+                    for v in state.values()
+                )
         assert sorted(os.listdir(tmp_path)) == before, case
     assert accepted < 100  # most corruptions must be caught, not survive by chance
 
@@ -183,11 +212,10 @@ def plant(rng: random.Random, path, victim) -> str:
     return kind
 
 
-
 def test_fuzz_run_folders_with_planted_files_never_write_outside_or_hang(tmp_path, alarm, capsys):
-    from potara_harness.data import DataError
     from potara.safe_files import atomic_write
     from potara_harness import run_folder
+    from potara_harness.data import DataError
     from potara_harness.llm_data import read_task_dir
 
     rng = random.Random(17)
@@ -207,7 +235,9 @@ def test_fuzz_run_folders_with_planted_files_never_write_outside_or_hang(tmp_pat
         except SystemExit as e:
             assert e.code == 2 and unsafe, kinds
             err = capsys.readouterr().err.strip().splitlines()
-            assert "error: --out" in err[-1] and any(f"{n} in it" in err[-1] for n in unsafe), err  # argparse: usage, error
+            assert "error: --out" in err[-1] and any(f"{n} in it" in err[-1] for n in unsafe), (
+                err
+            )  # argparse: usage, error
         assert victim.read_text() == "precious"
         tasks = tmp_path / f"tasks{case}"
         tasks.mkdir()
@@ -221,4 +251,5 @@ def test_fuzz_run_folders_with_planted_files_never_write_outside_or_hang(tmp_pat
 
 def argparse_parser():
     import argparse
+
     return argparse.ArgumentParser(prog="fuzz")

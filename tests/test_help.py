@@ -6,6 +6,7 @@ neither waits for torch and torchvision (13-86 s on a loaded 2-core machine). Th
 the exact strings a reader sees: no "(default: True)" after a negated flag, no default twice, no word or
 hyphenated name split by the line wrapping.
 """
+
 from __future__ import annotations
 
 import os
@@ -22,8 +23,11 @@ SCRIPTS = {  # name -> (command, a bad argument, its one-line error after argpar
     "run_llm": ([str(REPO / "run_llm.py")], ["--max-len", "0"], "error: --max-len must be >= 1, got 0"),
     "ablation": (["-m", "potara_studies.ablation"], ["--scenarios", "nope"], "error: --scenarios 'nope': expected"),
     "studies.bench": (["-m", "potara_studies.bench"], ["--only", "nope"], "error: --only: unknown section(s)"),
-    "flower.bench": (["-m", "potara_flower.bench"], ["--backbone", "/no/such/file"],
-                     "error: --backbone /no/such/file: no such file"),
+    "flower.bench": (
+        ["-m", "potara_flower.bench"],
+        ["--backbone", "/no/such/file"],
+        "error: --backbone /no/such/file: no such file",
+    ),
 }
 
 
@@ -32,8 +36,9 @@ def no_torch(tmp_path_factory) -> dict:
     """An environment in which `import torch` raises."""
     folder = tmp_path_factory.mktemp("no_torch")
     (folder / "torch").mkdir()
-    (folder / "torch" / "__init__.py").write_text("raise ImportError('torch was imported before the command line "
-                                                  "was checked')\n")
+    (folder / "torch" / "__init__.py").write_text(
+        "raise ImportError('torch was imported before the command line was checked')\n"
+    )
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(folder), str(REPO)])}
 
 
@@ -101,8 +106,9 @@ def test_no_default_is_shown_twice(helps):
             assert not re.search(r"default[^()]*\) \(default", help_text), (name, flag, help_text)
             assert "(default: None)" not in help_text, (name, flag, help_text)
     ablation = options(helps["ablation"])
-    assert ablation["--threads"] == ("CPU threads for torch (default: half the cores; oversubscribed cores slow "
-                                     "torch down badly)")
+    assert ablation["--threads"] == (
+        "CPU threads for torch (default: half the cores; oversubscribed cores slow torch down badly)"
+    )
     assert ablation["--scenarios"].endswith("real: ['conflict', 'dirichlet-0.5'] (default: all)")
 
 

@@ -64,6 +64,19 @@ def test_one_algorithm_package_and_the_demos_at_the_top():
     assert {"lora", "fedit", "fisher", "weight", "merge", "training", "adapter_file"} <= algorithm
 
 
+def test_import_potara_names_every_algorithm_file_and_the_four_steps():
+    """`potara.<file>` reaches every file of the package, and `potara.<name>` each name of the four steps, from
+    the module its listing says (checked against the files themselves)."""
+    import potara
+
+    algorithm = {p.stem for p in (ROOT / CORE).glob("*.py")} - {"__init__"}
+    assert set(potara._MODULES) == algorithm
+    for name, module in potara._WHERE.items():
+        assert getattr(potara, name) is getattr(getattr(potara, module), name), name
+    for step in ("add_lora", "run_fedit", "train_adapter", "personalize", "save_adapter", "load_adapter"):
+        assert step in potara.__all__
+
+
 def test_the_installed_names_are_the_projects_own():
     """What `pip install` puts at the top of a user's environment: the four packages, no module with a
     generic name and no script (the installed distribution's own record, and pyproject's table)."""
@@ -183,9 +196,7 @@ def run_in(folder: Path, script: str, code: str, *path: str):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     if path:
         env["PYTHONPATH"] = os.pathsep.join(path)
-    return subprocess.run(
-        [sys.executable, script], cwd=folder, env=env, capture_output=True, text=True, timeout=300
-    )
+    return subprocess.run([sys.executable, script], cwd=folder, env=env, capture_output=True, text=True, timeout=300)
 
 
 def test_the_algorithm_folder_copied_alone_runs_fedit_and_personalize(tmp_path):

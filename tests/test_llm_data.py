@@ -1,6 +1,7 @@
 """llm_data: hostile JSONL lines end in one-line DataErrors naming file and line; task files that are links,
 FIFOs or too large, lines too long and unusable task names are one line before anything is kept; the up-front checks
 (enough examples, answers that fit --max-len) agree with what encoding the splits would do."""
+
 import json
 import os
 import re
@@ -77,14 +78,26 @@ def test_split_tasks_checks_every_task_first_and_keeps_test_fixed():
     splits = split_tasks(tasks, (8, 4, 6), seed=1)
     for name, (train, val, test) in splits.items():
         assert (len(train), len(val), len(test)) == (8, 4, 6)
-        taken = {id(e) for e in train + val + test}  # by identity: equal synthetic examples can repeat
-        assert len(taken) == 18 and taken <= {id(e) for e in tasks[name]}
+        taken = {e.prompt for e in train + val + test}  # 18 distinct prompts: no split holds another's
+        assert len(taken) == 18 and taken <= {e.prompt for e in tasks[name]}
     again = split_tasks(tasks, (2, 4, 6), seed=1)  # fewer train examples: val and test are the same
     assert all(again[n][1:] == splits[n][1:] and again[n][0] == splits[n][0][:2] for n in tasks)
     assert any(split_tasks(tasks, (8, 4, 6), seed=2)[n][2] != splits[n][2] for n in tasks)
     short = dict(tasks, zz=tasks["sentiment"][:5])
-    with pytest.raises(DataError, match="task zz: 5 examples, fewer than --train 8 \\+ --val 4 \\+ --test 6"):
+    with pytest.raises(DataError, match="task zz: 5 distinct examples, fewer than --train 8 \\+ --val 4 \\+ --test 6"):
         split_tasks(short, (8, 4, 6), seed=1)
+
+
+def test_split_tasks_keeps_a_repeated_prompt_once_so_no_split_holds_anothers():
+    """A task file whose prompts repeat (a FLAN export can hold the same question twice): each prompt is kept
+    once, its first example, before the split; too few distinct prompts is one DataError that says so."""
+    rows = [Example(f"q{i % 12}", f"a{i}") for i in range(30)]  # 12 distinct prompts, each 2-3 times
+    (train, val, test) = split_tasks({"t": rows}, (6, 2, 4), seed=0)["t"]
+    prompts = [e.prompt for e in train + val + test]
+    assert sorted(prompts) == sorted(f"q{i}" for i in range(12))  # all 12, each once
+    assert all(e == rows[int(e.prompt[1:])] for e in train + val + test)  # the first example of each prompt
+    with pytest.raises(DataError, match="task t: 12 distinct examples \\(18 repeated prompts dropped\\), fewer"):
+        split_tasks({"t": rows}, (8, 2, 4), seed=0)
 
 
 def test_check_fits_agrees_with_encode_pair():
@@ -96,8 +109,10 @@ def test_check_fits_agrees_with_encode_pair():
     encode_pair(tok, "another prompt", "a longer answer", need)
     with pytest.raises(DataError) as e:
         check_fits(tasks, tok, need - 1)
-    assert str(e.value) == (f"a: answer 'a longer answer' needs {need} tokens with its prompt, more than --max-len "
-                            f"{need - 1}: use --max-len {need} or more")
+    assert str(e.value) == (
+        f"a: answer 'a longer answer' needs {need} tokens with its prompt, more than --max-len "
+        f"{need - 1}: use --max-len {need} or more"
+    )
     with pytest.raises(DataError, match="more than --max-len"):
         encode_pair(tok, "another prompt", "a longer answer", need - 1)
     check_fits({}, tok, 1)  # nothing to check
@@ -110,21 +125,30 @@ def write(path, lines):
 
 
 def test_jsonl_reader_reads_both_kinds(tmp_path):
-    path = write(tmp_path / "t.jsonl", [json.dumps({"prompt": "p1", "answer": "b", "options": ["a", "b"]}), "",
-                                        json.dumps({"prompt": "p2", "answer": "free"})])
+    path = write(
+        tmp_path / "t.jsonl",
+        [
+            json.dumps({"prompt": "p1", "answer": "b", "options": ["a", "b"]}),
+            "",
+            json.dumps({"prompt": "p2", "answer": "free"}),
+        ],
+    )
     assert read_jsonl(path) == [Example("p1", "b", ("a", "b")), Example("p2", "free", None)]
 
 
-@pytest.mark.parametrize("bad, why", [
-    ('{"prompt": "p", "answer": ', "not valid JSON"),
-    ('["p", "a"]', "expected a JSON object"),
-    ('{"prompt": "p"}', "'answer' must be a non-empty string"),
-    ('{"prompt": "", "answer": "a"}', "'prompt' must be a non-empty string"),
-    ('{"prompt": "p", "answer": "c", "options": ["a", "b"]}', "is not one of the options"),
-    ('{"prompt": "p", "answer": "a", "options": "a"}', "'options' must be a list"),
-    ('{"prompt": "p", "answer": "a", "options": ["a", "a"]}', "duplicates"),
-    ('{"prompt": "p", "answer": "a", "label": 1}', "unknown field"),
-])
+@pytest.mark.parametrize(
+    "bad, why",
+    [
+        ('{"prompt": "p", "answer": ', "not valid JSON"),
+        ('["p", "a"]', "expected a JSON object"),
+        ('{"prompt": "p"}', "'answer' must be a non-empty string"),
+        ('{"prompt": "", "answer": "a"}', "'prompt' must be a non-empty string"),
+        ('{"prompt": "p", "answer": "c", "options": ["a", "b"]}', "is not one of the options"),
+        ('{"prompt": "p", "answer": "a", "options": "a"}', "'options' must be a list"),
+        ('{"prompt": "p", "answer": "a", "options": ["a", "a"]}', "duplicates"),
+        ('{"prompt": "p", "answer": "a", "label": 1}', "unknown field"),
+    ],
+)
 def test_jsonl_reader_names_the_bad_line(tmp_path, bad, why):
     good = json.dumps({"prompt": "p", "answer": "a"})
     path = write(tmp_path / "task.jsonl", [good, good, bad, good])
@@ -164,7 +188,6 @@ def test_encoding_labels_only_the_answer_and_right_pads():
     assert normalize_answer(" The  Tolkien!") == "tolkien"
 
 
-
 def test_task_files_that_are_not_regular_files_are_one_line(tmp_path, alarm):
     """a.jsonl -> /dev/zero was read until memory ran out; a FIFO named a.jsonl hung forever."""
     os.symlink("/dev/zero", tmp_path / "a.jsonl")
@@ -186,11 +209,19 @@ def test_file_and_line_sizes_are_bounded(tmp_path):
         read_jsonl(path, max_bytes=50)
 
 
-@pytest.mark.parametrize("name, why", [
-    ("x" * 201, "longer than 200 bytes"), ("é" * 101, "longer than 200 bytes"),
-    ("abc\u202etxt", "U+202E"), ("a\tb", "U+0009"), ("a\u200bb", "U+200B"), ("a\\b", "U+005C"),
-    ("-rf", "start with '.' or '-'"), (".hidden", "start with '.' or '-'"),
-])
+@pytest.mark.parametrize(
+    "name, why",
+    [
+        ("x" * 201, "longer than 200 bytes"),
+        ("é" * 101, "longer than 200 bytes"),
+        ("abc\u202etxt", "U+202E"),
+        ("a\tb", "U+0009"),
+        ("a\u200bb", "U+200B"),
+        ("a\\b", "U+005C"),
+        ("-rf", "start with '.' or '-'"),
+        (".hidden", "start with '.' or '-'"),
+    ],
+)
 def test_task_names_are_checked_before_any_file_is_read(tmp_path, name, why):
     """A 244-byte task name failed only after all the training (File name too long on .<name>.partial-PID)."""
     write(tmp_path / "a.jsonl", [json.dumps({"prompt": "q", "answer": "z"})])

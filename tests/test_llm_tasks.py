@@ -1,7 +1,10 @@
 """llm_tasks: the synthetic client tasks and the public corpus are deterministic, well formed, disjoint, and
 every answer is the right one (recomputed here from the prompt text alone)."""
+
 import random
 import re
+
+import pytest
 
 from potara_harness.llm_tasks import FEMALE, POSITIVE, public_corpus, synthetic_tasks
 
@@ -10,7 +13,7 @@ def test_synthetic_tasks_are_deterministic_and_well_formed():
     a, b = synthetic_tasks(30, seed=3), synthetic_tasks(30, seed=3)
     assert a == b and len(a) == 8
     for name, examples in a.items():
-        assert len(examples) == 30 and len({e.prompt for e in examples}) > 5, name
+        assert len(examples) == 30 and len({e.prompt for e in examples}) == 30, name  # distinct prompts
         for e in examples:
             assert e.options is None or e.answer in e.options
     pub = public_corpus(50, random.Random(0))
@@ -51,3 +54,13 @@ def test_every_synthetic_answer_follows_from_its_prompt():
     for task, examples in synthetic_tasks(200, seed=5).items():
         for e in examples:
             assert e.answer == answer_from_prompt(task, e.prompt), (task, e)
+
+
+def test_synthetic_tasks_hold_distinct_prompts_up_to_the_bound_and_say_when_they_cannot():
+    from potara_harness.config import MAX_SYNTHETIC_EXAMPLES
+    from potara_harness.llm_data import DataError
+
+    tasks = synthetic_tasks(MAX_SYNTHETIC_EXAMPLES, seed=1234)
+    assert all(len({e.prompt for e in exs}) == MAX_SYNTHETIC_EXAMPLES for exs in tasks.values())
+    with pytest.raises(DataError, match="synthetic task pronoun: fewer than 1200 distinct prompts"):
+        synthetic_tasks(1200, seed=1234)  # pronoun has 2 x 6 x 6 pairs x 2 pronouns x 8 verbs = 1,152

@@ -1,5 +1,6 @@
 """lm.py: the tiny Llama takes LoRA where peft would put it, the loss counts answer tokens only, option
 scores and greedy decoding match naive computations."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,7 +8,7 @@ import torch.nn.functional as F
 pytest.importorskip("transformers")
 
 from potara.fisher import causal_lm_likelihood, per_sample_grads
-from potara.lora import add_lora, lora_state_dict, LoRALinear, merge_lora
+from potara.lora import LoRALinear, add_lora, lora_state_dict, merge_lora
 from potara_harness import config, lm
 from potara_harness.llm_data import IGNORE, ByteTokenizer, Example, encode_examples, normalize_answer
 
@@ -35,11 +36,16 @@ def test_lm_loss_counts_only_answer_tokens(small_llama):
     model = small_llama()
     ids, labels = encode_examples(ByteTokenizer(), [Example("abc", "de"), Example("x", "yz w")], max_len=32)
     logits = model(ids).logits
-    terms = [F.log_softmax(logits[i, t - 1], -1)[ids[i, t]] for i in range(2) for t in range(ids.shape[1])
-             if labels[i, t] != IGNORE]
+    terms = [
+        F.log_softmax(logits[i, t - 1], -1)[ids[i, t]]
+        for i in range(2)
+        for t in range(ids.shape[1])
+        if labels[i, t] != IGNORE
+    ]
     torch.testing.assert_close(lm.lm_loss(model, ids, labels), -torch.stack(terms).mean())
     # the same shift and mask as Potara's per-sample likelihood (fisher.py): summed, it is the same loss
     from potara.fisher import causal_lm_likelihood
+
     summed = causal_lm_likelihood.log_prob(model(ids), labels)
     torch.testing.assert_close(lm.lm_loss(model, ids, labels), -summed.sum() / (labels[:, 1:] != IGNORE).sum())
 
@@ -53,8 +59,8 @@ def test_per_sample_grads_vmap_on_llama_matches_a_loop(small_llama, randomize_lo
     batched = per_sample_grads(model, params, ids, labels, causal_lm_likelihood)
     for i in range(2):
         p = {k: v.clone().requires_grad_(True) for k, v in params.items()}
-        out = torch.func.functional_call(model, p, (ids[i:i + 1],))
-        grads = torch.autograd.grad(causal_lm_likelihood.log_prob(out, labels[i:i + 1]).sum(), list(p.values()))
+        out = torch.func.functional_call(model, p, (ids[i : i + 1],))
+        grads = torch.autograd.grad(causal_lm_likelihood.log_prob(out, labels[i : i + 1]).sum(), list(p.values()))
         for k, g in zip(p, grads):
             torch.testing.assert_close(batched[k][i], g, rtol=1e-4, atol=1e-6)
 
@@ -76,7 +82,7 @@ def test_option_scores_match_a_hand_computation(small_llama):
     scorer.register(ids, labels, exs)
     best = ("3", "7", "10")[int(scores.argmax())]
     for i, ex in enumerate(exs):
-        assert scorer(model, ids[i:i + 1], labels[i:i + 1]) == float(ex.answer == best)
+        assert scorer(model, ids[i : i + 1], labels[i : i + 1]) == float(ex.answer == best)
     assert scorer(model, ids, labels) == pytest.approx(1 / 3)
 
 
@@ -97,7 +103,7 @@ def test_greedy_decode_matches_a_naive_loop_and_exact_match(small_llama):
                 if nxt == tok.eos_id:
                     break
                 seq.append(nxt)
-            assert got == seq[len(p):]
+            assert got == seq[len(p) :]
     scorer = lm.Scorer(tok, max_new_tokens=5)  # free-form: right iff normalised continuation == answer
     texts = [tok.decode(f) for f in fast]
     cases = [(t, 1.0) for t in texts if normalize_answer(t)][:1] + [("surely not this", 0.0)]
@@ -113,6 +119,7 @@ def test_a_nan_pretraining_cache_is_trained_again(tmp_path, capsys, small_llama)
     """The cached tiny model is untrusted like any file: one NaN in it and it is pre-trained again (with the
     reason printed), to the same weights as the first time; never loaded into the model."""
     from potara_harness.llm_data import ByteTokenizer
+
     p = {**config.LM_PRESETS["tiny"], "pretrain_steps": 2, "pretrain_batch": 4, "max_len": 32}
     first = small_llama(0)
     info = lm.pretrain_tiny(first, ByteTokenizer(), p, 0, str(tmp_path), torch.device("cpu"), False)

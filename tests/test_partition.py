@@ -1,6 +1,7 @@
 """Specification of partition.py: label-skew (Dirichlet) and task (superclass) partitions are deterministic,
 disjoint and of the asked sizes, and follow alpha; client splits are disjoint draws from each client's part;
 the public set is fixed and disjoint from the client pool. Impossible requests are one-line DataErrors."""
+
 import numpy as np
 import pytest
 import torch
@@ -62,14 +63,17 @@ def test_dirichlet_label_concentration_follows_alpha():
     assert max(tv) < 0.12
 
 
-@pytest.mark.parametrize("kwargs, msg", [
-    (dict(num_clients=3, alpha=0.0), "alpha must be a positive"),
-    (dict(num_clients=3, alpha=-1.0), "alpha must be a positive"),
-    (dict(num_clients=3, alpha=float("nan")), "alpha must be a positive"),
-    (dict(num_clients=0, alpha=1.0, samples_per_client=5), "num_clients >= 1"),
-    (dict(num_clients=11, alpha=1.0, samples_per_client=10), "> the 100 samples"),
-    (dict(num_clients=101, alpha=1.0), "samples_per_client >= 1"),
-])
+@pytest.mark.parametrize(
+    "kwargs, msg",
+    [
+        (dict(num_clients=3, alpha=0.0), "alpha must be a positive"),
+        (dict(num_clients=3, alpha=-1.0), "alpha must be a positive"),
+        (dict(num_clients=3, alpha=float("nan")), "alpha must be a positive"),
+        (dict(num_clients=0, alpha=1.0, samples_per_client=5), "num_clients >= 1"),
+        (dict(num_clients=11, alpha=1.0, samples_per_client=10), "> the 100 samples"),
+        (dict(num_clients=101, alpha=1.0), "samples_per_client >= 1"),
+    ],
+)
 def test_dirichlet_partition_errors(kwargs, msg):
     with pytest.raises(DataError, match=msg):
         dirichlet_partition(labels_of(10, 10), **kwargs)

@@ -1,17 +1,18 @@
 """report.py: outputs are written atomically (a crash never leaves a partial file), results.json is strict
 JSON, the table shows every method."""
+
 import json
 import os
 
 import pytest
 import torch
 
-from potara_harness import data as data_module
-from potara_harness.data import write_synthetic_cifar100
 from potara.adapter_file import save_adapter
 from potara.safe_files import atomic_write
+from potara_harness import data as data_module
 from potara_harness.checkpoint import RunState, save_state
 from potara_harness.config import ExperimentConfig
+from potara_harness.data import write_synthetic_cifar100
 from potara_harness.pipeline import run_experiment
 from potara_harness.report import markdown_table, strict_json, write_outputs
 
@@ -19,10 +20,26 @@ from potara_harness.report import markdown_table, strict_json, write_outputs
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     from conftest import bias_free_model, mlp_client
-    cfg = ExperimentConfig(rounds=1, local_steps=2, lr=1e-2, batch_size=8, local_train_steps=2, finetune_steps=1,
-                           fisher_samples=8, grid_step=0.5, snapshots=1, fedsa=False)
-    return run_experiment(bias_free_model(), [mlp_client("c0", 0), mlp_client("c1", 1)], cfg,
-                          str(tmp_path_factory.mktemp("r")), progress=False)
+
+    cfg = ExperimentConfig(
+        rounds=1,
+        local_steps=2,
+        lr=1e-2,
+        batch_size=8,
+        local_train_steps=2,
+        finetune_steps=1,
+        fisher_samples=8,
+        grid_step=0.5,
+        snapshots=1,
+        fedsa=False,
+    )
+    return run_experiment(
+        bias_free_model(),
+        [mlp_client("c0", 0), mlp_client("c1", 1)],
+        cfg,
+        str(tmp_path_factory.mktemp("r")),
+        progress=False,
+    )
 
 
 def test_atomic_writes_never_leave_a_partial_file(results, tmp_path, monkeypatch):
@@ -41,6 +58,7 @@ def test_atomic_writes_never_leave_a_partial_file(results, tmp_path, monkeypatch
 
     def crash(src, dst):
         raise OSError("simulated crash before the rename")
+
     monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(OSError, match="simulated"):
         write_outputs({**results, "mean_abs_lam_diff": 1.0}, str(tmp_path))
@@ -60,7 +78,6 @@ def test_atomic_writes_never_leave_a_partial_file(results, tmp_path, monkeypatch
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
     write_synthetic_cifar100(str(syn), 2, 1)  # ... so the next call writes the new one completely
     assert data_module.load_cifar100(str(syn), download=False).images.shape[0] == 300
-
 
 
 def test_results_json_is_strict_and_the_table_lists_every_method(results, tmp_path):

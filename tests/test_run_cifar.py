@@ -1,6 +1,7 @@
 """run_cifar.py end to end on micro problems (synthetic CIFAR files, a micro ViT, 2 clients, 2-3 rounds): the
 results it writes, resuming (also after SIGKILL) bitwise, unreliable clients, and one-line errors for bad
 arguments, data files and --resume states."""
+
 import functools
 import json
 import os
@@ -17,14 +18,14 @@ import torch
 from conftest import MICRO_VIT, PlantedPickle
 from torchvision.models import VisionTransformer
 
-from potara_harness import data as data_module
 import run_cifar
-from potara_harness.data import write_synthetic_cifar100
 from potara.adapter_file import save_adapter
 from potara.lora import lora_factor, lora_state_dict
 from potara.merge import merge_adapters
 from potara_harness import config, pipeline, vit
+from potara_harness import data as data_module
 from potara_harness.checkpoint import read_run
+from potara_harness.data import write_synthetic_cifar100
 from potara_harness.evaluation import lam_grid, score_adapter
 from potara_harness.partition import client_splits, public_and_pool
 from potara_harness.report import METHODS
@@ -35,22 +36,60 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # ----------------------------------------------------------------------------- a micro run with the tiny preset
 def micro_argv(data_dir, out, *extra):
-    return ["--data", "synthetic", "--data-dir", str(data_dir), "--synthetic-per-class", "12", "--out", str(out),
-            "--clients", str(CLIENTS), "--train", "16", "--val", "8", "--test", str(TEST), "--public", "1000",
-            "--pretrain-steps", "10", "--rounds", str(ROUNDS), "--local-steps", "2", "--local-train-steps", "3",
-            "--finetune-steps", "2", "--fisher-samples", "8", "--batch-size", "8", "--rank", str(RANK),
-            "--lora-alpha", "4", "--grid-step", "0.25", "--snapshots", "2", "--threads", "1", "--no-progress", *extra]
-
+    return [
+        "--data",
+        "synthetic",
+        "--data-dir",
+        str(data_dir),
+        "--synthetic-per-class",
+        "12",
+        "--out",
+        str(out),
+        "--clients",
+        str(CLIENTS),
+        "--train",
+        "16",
+        "--val",
+        "8",
+        "--test",
+        str(TEST),
+        "--public",
+        "1000",
+        "--pretrain-steps",
+        "10",
+        "--rounds",
+        str(ROUNDS),
+        "--local-steps",
+        "2",
+        "--local-train-steps",
+        "3",
+        "--finetune-steps",
+        "2",
+        "--fisher-samples",
+        "8",
+        "--batch-size",
+        "8",
+        "--rank",
+        str(RANK),
+        "--lora-alpha",
+        "4",
+        "--grid-step",
+        "0.25",
+        "--snapshots",
+        "2",
+        "--threads",
+        "1",
+        "--no-progress",
+        *extra,
+    ]
 
 
 pytestmark = pytest.mark.usefixtures("micro_preset")
 
 
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("data")
-
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +99,6 @@ def micro_run(data_dir, tmp_path_factory):
         mp.setitem(config.VIT_PRESETS["tiny"], "vit", MICRO_VIT)
         results = run_cifar.main(micro_argv(data_dir, out))
     return out, results
-
 
 
 def test_results_json_structure_and_sanity(micro_run):
@@ -90,7 +128,6 @@ def test_results_json_structure_and_sanity(micro_run):
         assert c["grid"]["val"][grid.index(c["lam_grid_val"])] == val_best
 
 
-
 def test_potara_scores_are_the_merges_at_its_lam_rescored_from_the_checkpoint(micro_run, data_dir):
     """Rebuild the clients, the model and the two adapters from the run's files and score the A/B and delta
     merges at the reported lam: they must give the reported Potara accuracies."""
@@ -99,8 +136,14 @@ def test_potara_scores_are_the_merges_at_its_lam_rescored_from_the_checkpoint(mi
     args, p = run_cifar.resolve_args(ap, micro_argv(data_dir, out))
     data = run_cifar.load_data(args)
     public, pool = public_and_pool(len(data.labels), args.public)
-    splits = client_splits(data.images, data.labels, pool, run_cifar.partition(ap, args, data, pool),
-                           (args.train, args.val, args.test), args.seed)
+    splits = client_splits(
+        data.images,
+        data.labels,
+        pool,
+        run_cifar.partition(ap, args, data, pool),
+        (args.train, args.val, args.test),
+        args.seed,
+    )
     backbone, _ = run_cifar.get_backbone(args, p, data, public, torch.device("cpu"))
     model = vit.build_model(backbone, p, args.rank, args.lora_alpha, args.seed)
     init, ck = lora_state_dict(model), read_run(str(out))
@@ -108,8 +151,9 @@ def test_potara_scores_are_the_merges_at_its_lam_rescored_from_the_checkpoint(mi
     for s in splits:
         lam = r["per_client"][s.name]["lam_potara"]
         for space in ("ab", "delta"):
-            got = score_adapter(model, merge_adapters(G, ck["local"][s.name], lam, space), init, s.test_inputs,
-                                s.test_targets)
+            got = score_adapter(
+                model, merge_adapters(G, ck["local"][s.name], lam, space), init, s.test_inputs, s.test_targets
+            )
             assert got == r["methods"][f"potara_{space}"]["per_client"][s.name], (s.name, space)
 
 
@@ -117,7 +161,7 @@ def test_byte_counts_follow_from_adapter_sizes(micro_run):
     """FedIT sends the whole adapter both ways to every participant every round; FedSA-LoRA only the A factors."""
     r = json.loads((micro_run[0] / "results.json").read_text())
     D, L, classes = MICRO_VIT["hidden_dim"], MICRO_VIT["num_layers"], 100
-    lora_a = L * 2 * RANK * D * 4          # q and v A factors (r x D), float32, per layer
+    lora_a = L * 2 * RANK * D * 4  # q and v A factors (r x D), float32, per layer
     adapter = 2 * lora_a + (D * classes + classes) * 4  # + the B factors (D x r) + the new head
     assert r["adapter"]["bytes"] == adapter and r["adapter"]["fedsa_shared_bytes"] == lora_a
     fedit = ROUNDS * CLIENTS * 2 * adapter
@@ -126,8 +170,9 @@ def test_byte_counts_follow_from_adapter_sizes(micro_run):
     curve = r["communication"]
     assert [p["round"] for p in curve] == [0, 1, 2]
     assert [p["bytes"] for p in curve] == [0, fedit // 2, fedit]
-    assert curve[-1]["fedit"] == r["methods"]["fedit"]["mean"] and curve[-1]["potara"] == r["methods"]["potara_ab"]["mean"]
-
+    assert (
+        curve[-1]["fedit"] == r["methods"]["fedit"]["mean"] and curve[-1]["potara"] == r["methods"]["potara_ab"]["mean"]
+    )
 
 
 def test_interrupted_run_resumes_to_the_same_result(micro_run, data_dir, tmp_path, same):
@@ -137,6 +182,7 @@ def test_interrupted_run_resumes_to_the_same_result(micro_run, data_dir, tmp_pat
     def interrupt(stage, state):
         if stage == "fedit" and state.round == 1:
             raise KeyboardInterrupt
+
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(pipeline, "run_experiment", functools.partial(pipeline.run_experiment, on_round=interrupt))
         with pytest.raises(KeyboardInterrupt):
@@ -146,8 +192,11 @@ def test_interrupted_run_resumes_to_the_same_result(micro_run, data_dir, tmp_pat
 
     seen = []
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(pipeline, "run_experiment", functools.partial(
-            pipeline.run_experiment, on_round=lambda stage, state: seen.append((stage, state.round))))
+        mp.setattr(
+            pipeline,
+            "run_experiment",
+            functools.partial(pipeline.run_experiment, on_round=lambda stage, state: seen.append((stage, state.round))),
+        )
         run_cifar.main(micro_argv(data_dir, out_b, "--resume"))
     assert seen == [("fedit", 2), ("fedsa", 1), ("fedsa", 2)]  # FedIT went on from its checkpoint
     a, b = (json.loads((o / "results.json").read_text()) for o in (out_a, out_b))
@@ -156,7 +205,6 @@ def test_interrupted_run_resumes_to_the_same_result(micro_run, data_dir, tmp_pat
     ck_a, ck_b = (read_run(str(o)) for o in (out_a, out_b))
     for key in ("fedit", "fedsa", "snapshots", "local", "finetuned"):
         assert same(ck_a[key], ck_b[key]), key
-
 
 
 def test_resume_checks_training_settings_and_reevaluates_other_options(micro_run, data_dir, tmp_path):
@@ -175,24 +223,26 @@ def test_resume_checks_training_settings_and_reevaluates_other_options(micro_run
     assert all(c["potara"]["eps"] == 0.1 for c in r["per_client"].values())
 
 
-
-@pytest.mark.parametrize("extra, msg", [
-    (["--clients", "0"], "--clients must be >= 1"),
-    (["--alpha", "0"], "--alpha must be a positive number"),
-    (["--alpha", "-0.5"], "--alpha must be a positive number"),
-    (["--lr", "nan"], "--lr must be a positive number"),
-    (["--rounds", "-1"], "--rounds must be >= 1"),
-    (["--preset", "huge"], "invalid choice: 'huge'"),
-    (["--grid-step", "0.3"], "--grid-step must be 1/n"),
-    (["--clients-per-round", "3"], "--clients-per-round must be in [0, --clients=2]"),
-    (["--fisher-samples", "17"], "--fisher-samples 17 exceeds the client's val split"),
-    (["--estimator", "verified", "--granularity", "module"], "gives one weight per client"),
-    (["--estimator", "nope"], "--estimator must be one of"),
-    (["--partition", "superclass", "--clients", "21"], "--clients must be <= 20"),
-    (["--backbone", "/nonexistent/backbone.pt"], "no such file"),
-    (["--public", "500"], "--public >= 1000"),
-    (["--clients", "20", "--train", "10"], "images available"),
-])
+@pytest.mark.parametrize(
+    "extra, msg",
+    [
+        (["--clients", "0"], "--clients must be >= 1"),
+        (["--alpha", "0"], "--alpha must be a positive number"),
+        (["--alpha", "-0.5"], "--alpha must be a positive number"),
+        (["--lr", "nan"], "--lr must be a positive number"),
+        (["--rounds", "-1"], "--rounds must be >= 1"),
+        (["--preset", "huge"], "invalid choice: 'huge'"),
+        (["--grid-step", "0.3"], "--grid-step must be 1/n"),
+        (["--clients-per-round", "3"], "--clients-per-round must be in [0, --clients=2]"),
+        (["--fisher-samples", "17"], "--fisher-samples 17 exceeds the client's val split"),
+        (["--estimator", "verified", "--granularity", "module"], "gives one weight per client"),
+        (["--estimator", "nope"], "--estimator must be one of"),
+        (["--partition", "superclass", "--clients", "21"], "--clients must be <= 20"),
+        (["--backbone", "/nonexistent/backbone.pt"], "no such file"),
+        (["--public", "500"], "--public >= 1000"),
+        (["--clients", "20", "--train", "10"], "images available"),
+    ],
+)
 def test_cli_rejects_bad_arguments(extra, msg, data_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         run_cifar.main(micro_argv(data_dir, tmp_path / "x", *extra))
@@ -201,10 +251,10 @@ def test_cli_rejects_bad_arguments(extra, msg, data_dir, tmp_path, capsys):
     assert msg in err, err
 
 
-
 def test_offline_errors_are_one_line(tmp_path, monkeypatch):
     def offline(*a, **k):
         raise URLError("no network")
+
     monkeypatch.setattr(data_module, "download_and_extract_archive", offline)
     with pytest.raises(SystemExit) as e:
         run_cifar.main(["--data", "cifar", "--data-dir", str(tmp_path), "--out", str(tmp_path / "o"), "--threads", "1"])
@@ -212,8 +262,8 @@ def test_offline_errors_are_one_line(tmp_path, monkeypatch):
     assert "\n" not in str(e.value)
 
 
-
-# ----------------------------------------------------------------------------- a micro backbone file (--backbone), 3 rounds
+# ----------------------------------------------------------------------------- a micro backbone file (--backbone), 3
+# rounds
 REL_ROUNDS = 3
 
 
@@ -224,20 +274,67 @@ def micro(tmp_path_factory):
     write_synthetic_cifar100(str(root / "data" / "synthetic"), 12, 12 // 5)
     torch.manual_seed(0)
     vit = VisionTransformer(**MICRO_VIT, num_classes=100)
-    torch.save({"format": "potara-backbone-v1", "vit": {**MICRO_VIT, "num_classes": 100},
-                "state_dict": vit.state_dict(), "info": {}}, root / "micro.pt")
+    torch.save(
+        {
+            "format": "potara-backbone-v1",
+            "vit": {**MICRO_VIT, "num_classes": 100},
+            "state_dict": vit.state_dict(),
+            "info": {},
+        },
+        root / "micro.pt",
+    )
     return root
 
 
-
 def argv(micro, out, *extra):
-    return ["--data", "synthetic", "--data-dir", str(micro / "data"), "--synthetic-per-class", "12",
-            "--backbone", str(micro / "micro.pt"), "--public", "0", "--out", str(out), "--clients", str(CLIENTS),
-            "--train", "16", "--val", "8", "--test", "10", "--rounds", str(REL_ROUNDS), "--local-steps", "2",
-            "--local-train-steps", "3", "--finetune-steps", "2", "--fisher-samples", "8", "--batch-size", "8",
-            "--rank", "2", "--lora-alpha", "4", "--grid-step", "0.25", "--snapshots", str(REL_ROUNDS), "--threads", "1",
-            "--seed", "1", "--no-progress", *extra]
-
+    return [
+        "--data",
+        "synthetic",
+        "--data-dir",
+        str(micro / "data"),
+        "--synthetic-per-class",
+        "12",
+        "--backbone",
+        str(micro / "micro.pt"),
+        "--public",
+        "0",
+        "--out",
+        str(out),
+        "--clients",
+        str(CLIENTS),
+        "--train",
+        "16",
+        "--val",
+        "8",
+        "--test",
+        "10",
+        "--rounds",
+        str(REL_ROUNDS),
+        "--local-steps",
+        "2",
+        "--local-train-steps",
+        "3",
+        "--finetune-steps",
+        "2",
+        "--fisher-samples",
+        "8",
+        "--batch-size",
+        "8",
+        "--rank",
+        "2",
+        "--lora-alpha",
+        "4",
+        "--grid-step",
+        "0.25",
+        "--snapshots",
+        str(REL_ROUNDS),
+        "--threads",
+        "1",
+        "--seed",
+        "1",
+        "--no-progress",
+        *extra,
+    ]
 
 
 @pytest.fixture(autouse=True)
@@ -245,7 +342,6 @@ def keep_threads():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
-
 
 
 @pytest.fixture(scope="module")
@@ -258,7 +354,6 @@ def reference(micro):
     return out
 
 
-
 def load_results(out):
     r = json.loads((out / "results.json").read_text())
     r.pop("timing_s")
@@ -267,14 +362,12 @@ def load_results(out):
     return r
 
 
-
 def file_version(path):
     try:
         st = os.stat(path)
         return st.st_ino, st.st_mtime_ns  # os.replace: a new file each write
     except FileNotFoundError:
         return None
-
 
 
 def run_and_kill(cmd, when, log):
@@ -302,6 +395,7 @@ def writes_of(path, count):
         if now is not None and now != seen["last"]:
             seen["n"], seen["last"] = seen["n"] + 1, now
         return seen["n"] >= count
+
     return when
 
 
@@ -336,15 +430,19 @@ def test_sigkill_in_each_stage_then_resume_is_bitwise_equal_to_an_uninterrupted_
 
 
 def test_a_missing_snapshot_or_a_part_of_another_run_is_refused_at_resume(micro, reference, tmp_path):
-    """Issue 17 item 4 (--rounds 4 --snapshots 2 without the snapshot of round 2: a bare KeyError in the
-    communication curve after all the evaluation, before) and issue 20 (a client's adapter file of another run):
+    """An edited checkpoint (--rounds 4 --snapshots 2 without the snapshot of round 2: once a bare KeyError in the
+    communication curve after all the evaluation) and a client's adapter file of another run:
     refused when loading, in one line, exit 2, nothing written."""
     out = tmp_path / "four"
     run_cifar.main(argv(micro, out, "--rounds", "4", "--snapshots", "2"))
     os.remove(out / "results.json")
-    cases = [(lambda: shutil.copy(reference / "adapters" / "local-0000.pt", out / "adapters" / "local-0000.pt"),
-              "local-0000.pt is damaged, edited or another run's (a part of another run)"),
-             (lambda: os.remove(out / "adapters" / "snapshot-0002.pt"), "the snapshot of round 2 is missing")]
+    cases = [
+        (
+            lambda: shutil.copy(reference / "adapters" / "local-0000.pt", out / "adapters" / "local-0000.pt"),
+            "local-0000.pt is damaged, edited or another run's (a part of another run)",
+        ),
+        (lambda: os.remove(out / "adapters" / "snapshot-0002.pt"), "the snapshot of round 2 is missing"),
+    ]
     for make, msg in cases:
         make()
         with pytest.raises(SystemExit) as e:
@@ -375,7 +473,6 @@ def test_damaged_synthetic_files_and_marker_are_handled(tmp_path, capsys, micro)
     assert "is unreadable" in str(e.value) and "delete the folder to write it again" in str(e.value)
 
 
-
 def test_drop_prob_reaches_history_bytes_and_summary(micro, tmp_path, capsys):
     out = tmp_path / "drop"
     r = run_cifar.main(argv(micro, out, "--drop-prob", "0.5"))
@@ -396,7 +493,6 @@ def test_drop_prob_reaches_history_bytes_and_summary(micro, tmp_path, capsys):
     assert r["faults"] == saved["faults"]
 
 
-
 def test_max_update_norm_rejects_and_keeps_the_global_adapter(micro, tmp_path, capsys, caplog):
     out = tmp_path / "norm"
     with caplog.at_level("WARNING", logger="potara.rounds"):
@@ -414,14 +510,13 @@ def test_max_update_norm_rejects_and_keeps_the_global_adapter(micro, tmp_path, c
             assert all("exceeds max_update_norm 1e-09" in x["reason"] for x in h["rejected"])
             assert h["bytes_up"] > 0  # rejected updates were still sent
     rejected = saved["faults"]["fedit"]["rejected"]
-    assert [(x["round"], x["client"]) for x in rejected] == [(t, f"client{k}") for t in range(REL_ROUNDS)
-                                                           for k in range(CLIENTS)]
+    assert [(x["round"], x["client"]) for x in rejected] == [
+        (t, f"client{k}") for t in range(REL_ROUNDS) for k in range(CLIENTS)
+    ]
     G = torch.load(out / "checkpoint.pt", weights_only=True)["fedit"]["global_state"]
     for k, v in G.items():  # still phi_0: LoRA B = 0 and the new head = 0; only the A factors are non-zero
         assert (v.abs().sum() > 0) == (lora_factor(k) == "A"), k
     assert f"0 client-rounds dropped, {REL_ROUNDS * CLIENTS} updates rejected" in capsys.readouterr().out
-
-
 
 
 def test_bad_resume_states_fail_in_one_line(micro, reference, tmp_path):
@@ -442,7 +537,10 @@ def test_bad_resume_states_fail_in_one_line(micro, reference, tmp_path):
         (lambda: torch.save({**good, "fedit": PlantedPickle(str(marker))}, ckpt), "unsafe"),
         (lambda: torch.save(good, ckpt) or torch.save(nan, local), "holds NaN or Inf values"),
         (lambda: torch.save(wide, local), "has dtype torch.float64, expected torch.float32"),
-        (lambda: torch.save(part, local) or torch.save({**part, "adapter": PlantedPickle(str(marker))}, local), "unsafe"),
+        (
+            lambda: torch.save(part, local) or torch.save({**part, "adapter": PlantedPickle(str(marker))}, local),
+            "unsafe",
+        ),
         (lambda: torch.save(part, local) or torch.save(back, ckpt), "fedit: round -3 is not a count in [0, 3]"),
         (lambda: torch.save(good, ckpt), "other training settings"),  # resumed with another --drop-prob
     ]
@@ -456,35 +554,37 @@ def test_bad_resume_states_fail_in_one_line(micro, reference, tmp_path):
     assert not marker.exists()
 
 
-
-@pytest.mark.parametrize("extra, msg", [
-    (["--seed", "-1"], "--seed must be >= 0"),
-    (["--seed", "1e29"], "invalid int value: '1e29'"),
-    (["--seed", str(10**29)], "--seed must be >= 0 and < 2**63"),
-    (["--threads", "1000"], "--threads must be in [1, "),
-    (["--drop-prob", "1"], "--drop-prob must be in [0, 1)"),
-    (["--drop-prob", "-0.1"], "--drop-prob must be in [0, 1)"),
-    (["--drop-prob", "nan"], "--drop-prob must be in [0, 1)"),
-    (["--max-update-norm", "nan"], "--max-update-norm must be a number >= 0"),
-    (["--max-update-norm", "-2"], "--max-update-norm must be a number >= 0"),
-    (["--max-update-norm", "inf"], "--max-update-norm must be a number >= 0"),
-    (["--train", "-3"], "--train must be >= 1"),
-    (["--test", "0"], "--test must be >= 1"),
-    (["--local-steps", "0"], "--local-steps must be >= 1"),
-    (["--batch-size", "0"], "--batch-size must be >= 1"),
-    (["--rank", "0"], "--rank must be >= 1"),
-    (["--threads", "0"], "--threads must be >= 1"),
-    (["--public", "-1"], "--public must be >= 0"),
-    (["--snapshots", "-1"], "--clients-per-round, --snapshots and --seed must be >= 0"),
-    (["--lora-alpha", "0"], "--lora-alpha must be a positive number"),
-    (["--eps", "-0.001"], "--eps must be a positive number"),
-    (["--lr", "inf"], "--lr must be a positive number"),
-    (["--grid-step", "0"], "--grid-step must be 1/n"),
-    (["--synthetic-per-class", "3"], "--synthetic-per-class must be >= 5"),
-    (["--clients", "50"], "images available"),  # 50 clients x 34 images > the 1440 synthetic ones
-    (["--partition", "nope"], "invalid choice: 'nope'"),
-    (["--rounds", "x"], "invalid int value: 'x'"),
-])
+@pytest.mark.parametrize(
+    "extra, msg",
+    [
+        (["--seed", "-1"], "--seed must be >= 0"),
+        (["--seed", "1e29"], "invalid int value: '1e29'"),
+        (["--seed", str(10**29)], "--seed must be >= 0 and < 2**63"),
+        (["--threads", "1000"], "--threads must be in [1, "),
+        (["--drop-prob", "1"], "--drop-prob must be in [0, 1)"),
+        (["--drop-prob", "-0.1"], "--drop-prob must be in [0, 1)"),
+        (["--drop-prob", "nan"], "--drop-prob must be in [0, 1)"),
+        (["--max-update-norm", "nan"], "--max-update-norm must be a number >= 0"),
+        (["--max-update-norm", "-2"], "--max-update-norm must be a number >= 0"),
+        (["--max-update-norm", "inf"], "--max-update-norm must be a number >= 0"),
+        (["--train", "-3"], "--train must be >= 1"),
+        (["--test", "0"], "--test must be >= 1"),
+        (["--local-steps", "0"], "--local-steps must be >= 1"),
+        (["--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--rank", "0"], "--rank must be >= 1"),
+        (["--threads", "0"], "--threads must be >= 1"),
+        (["--public", "-1"], "--public must be >= 0"),
+        (["--snapshots", "-1"], "--clients-per-round, --snapshots and --seed must be >= 0"),
+        (["--lora-alpha", "0"], "--lora-alpha must be a positive number"),
+        (["--eps", "-0.001"], "--eps must be a positive number"),
+        (["--lr", "inf"], "--lr must be a positive number"),
+        (["--grid-step", "0"], "--grid-step must be 1/n"),
+        (["--synthetic-per-class", "3"], "--synthetic-per-class must be >= 5"),
+        (["--clients", "50"], "images available"),  # 50 clients x 34 images > the 1440 synthetic ones
+        (["--partition", "nope"], "invalid choice: 'nope'"),
+        (["--rounds", "x"], "invalid int value: 'x'"),
+    ],
+)
 def test_cli_rejects_bad_fault_and_size_arguments(extra, msg, micro, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         run_cifar.main(argv(micro, tmp_path / "x", *extra))
@@ -493,13 +593,14 @@ def test_cli_rejects_bad_fault_and_size_arguments(extra, msg, micro, tmp_path, c
     assert msg in err, err
 
 
-
 def test_cli_rejects_unusable_directories(micro, tmp_path, capsys, monkeypatch):
     a_file = tmp_path / "file"
     a_file.write_text("")
-    for flag, path, msg in (("--out", a_file, "exists and is not a directory"),
-                            ("--data-dir", a_file, "exists and is not a directory"),
-                            ("--out", a_file / "sub", f"cannot be created ({a_file} is a file)")):
+    for flag, path, msg in (
+        ("--out", a_file, "exists and is not a directory"),
+        ("--data-dir", a_file, "exists and is not a directory"),
+        ("--out", a_file / "sub", f"cannot be created ({a_file} is a file)"),
+    ):
         args = argv(micro, tmp_path / "o")
         args[args.index(flag) + 1] = str(path)
         with pytest.raises(SystemExit):
@@ -507,8 +608,10 @@ def test_cli_rejects_unusable_directories(micro, tmp_path, capsys, monkeypatch):
         assert msg in capsys.readouterr().err.strip().splitlines()[-1]
     # root may write anywhere: simulate unreadable / read-only folders
     data_dir = str(micro / "data")
-    for flag, allowed, msg in (("--data-dir", lambda p: not str(p).startswith(data_dir), "permission denied"),
-                               ("--out", lambda p: str(p).startswith(data_dir), f"({tmp_path} is not writable)")):
+    for flag, allowed, msg in (
+        ("--data-dir", lambda p: not str(p).startswith(data_dir), "permission denied"),
+        ("--out", lambda p: str(p).startswith(data_dir), f"({tmp_path} is not writable)"),
+    ):
         monkeypatch.setattr(os, "access", lambda path, mode: allowed(path))
         with pytest.raises(SystemExit):
             run_cifar.main(argv(micro, tmp_path / "missing" / "o"))
@@ -516,14 +619,16 @@ def test_cli_rejects_unusable_directories(micro, tmp_path, capsys, monkeypatch):
         assert f"{flag} " in err and msg in err, err
 
 
-
-# ----------------------------------------------------------------------------- hostile backbones, busy --out (issue 13)
+# ----------------------------------------------------------------------------- hostile backbones, busy --out
 def test_a_nan_or_edited_backbone_is_refused_and_a_flipped_one_is_another_model(micro, reference, tmp_path, capsys):
     obj = torch.load(micro / "micro.pt", weights_only=True)
     w = "encoder.layers.encoder_layer_0.self_attention.out_proj.weight"
-    for i, (edit, msg) in enumerate([
+    for i, (edit, msg) in enumerate(
+        [
             (lambda t: t.index_fill(0, torch.tensor([0]), float("nan")), f"{w} holds NaN or Inf values"),
-            (lambda t: t.to(torch.complex64), "has dtype torch.complex64, expected torch.float32")]):
+            (lambda t: t.to(torch.complex64), "has dtype torch.complex64, expected torch.float32"),
+        ]
+    ):
         bad = tmp_path / f"bad{i}.pt"
         torch.save({**obj, "state_dict": {**obj["state_dict"], w: edit(obj["state_dict"][w])}}, bad)
         args = argv(micro, tmp_path / f"o{i}")
@@ -545,6 +650,7 @@ def test_a_nan_or_edited_backbone_is_refused_and_a_flipped_one_is_another_model(
 
 def test_a_second_run_on_the_same_out_is_refused(micro, tmp_path, capsys):
     from potara_harness import run_folder
+
     out = tmp_path / "busy"
     out.mkdir()
     with run_folder.out_dir_lock(str(out)):  # a run holding --out (another process behaves the same: flock)
@@ -556,7 +662,7 @@ def test_a_second_run_on_the_same_out_is_refused(micro, tmp_path, capsys):
 
 
 def test_planted_cifar_pickles_run_nothing_with_data_cifar(micro, tmp_path, capsys):
-    """Issue 13, item 1, end to end: train/test/meta pickles whose unpickling would create a file, beside an empty
+    """End to end: train/test/meta pickles whose unpickling would create a file, beside an empty
     synthetic marker (which switches off the md5 checks): exit 2 in one line, the file is never created."""
     evidence = tmp_path / "evidence"
     folder = tmp_path / "d" / "cifar-100-python"
@@ -579,11 +685,20 @@ def test_a_log_gets_one_line_per_stage_not_a_bar_per_step(micro, tmp_path):
     """stderr to a file (not a terminal), progress on: at most one short line per stage (FedIT, FedSA-LoRA, local
     training, evaluation, communication curve), where bars redrawn per step of 10 rounds x 2 clients x 5 steps
     and of every local training filled the log."""
-    cmd = [c for c in argv(micro, tmp_path / "out", "--rounds", "10", "--snapshots", "2", "--local-steps", "5")
-           if c != "--no-progress"]
+    cmd = [
+        c
+        for c in argv(micro, tmp_path / "out", "--rounds", "10", "--snapshots", "2", "--local-steps", "5")
+        if c != "--no-progress"
+    ]
     with open(tmp_path / "err.log", "wb") as err:
-        subprocess.run([sys.executable, "run_cifar.py", *cmd], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err,
-                       check=True, timeout=600)
+        subprocess.run(
+            [sys.executable, "run_cifar.py", *cmd],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            check=True,
+            timeout=600,
+        )
     log = (tmp_path / "err.log").read_text()
     lines = log.splitlines()
     assert "\r" not in log and len(lines) <= 5 and all(len(line) < 80 for line in lines), log[:2000]
@@ -593,6 +708,7 @@ def test_a_log_gets_one_line_per_stage_not_a_bar_per_step(micro, tmp_path):
 def test_no_progress_writes_nothing_and_a_log_gets_the_stage_line(capsys):
     """training.progress_bar: progress=False is silent, stage or not; progress on, not a terminal: one line."""
     from potara.training import progress_bar
+
     list(progress_bar(range(3), "FedIT rounds", progress=False, stage=True))
     assert capsys.readouterr().err == ""
     list(progress_bar(range(3), "FedIT rounds", progress=True, stage=True))  # pytest's stderr: not a terminal

@@ -1,6 +1,8 @@
 """run_llm.py end to end on a micro problem; its peft export loads in peft with equal logits."""
+
 import json
 import os
+import warnings
 
 import pytest
 import torch
@@ -8,9 +10,9 @@ import torch
 pytest.importorskip("transformers")
 
 import run_llm
-from potara.safe_files import UnsafeFile
 from potara.lora import add_lora, load_lora_state_dict, lora_state_dict
 from potara.merge import merge_adapters
+from potara.safe_files import UnsafeFile
 from potara_harness import lm, peft_export
 
 
@@ -25,8 +27,11 @@ def test_peft_export_loads_in_peft_with_equal_logits(tmp_path, small_llama, rand
     base_dir = str(tmp_path / "base")
     peft_export.save_tiny_base(model, base_dir)
     adapters = {"ab": merge_adapters(A, B, 0.3, "ab"), "delta": merge_adapters(A, B, 0.3, "delta")}  # rank 4, 8
-    peft_export.export_peft(str(tmp_path / "peft"), adapters, scaling=2.0, targets=["q_proj", "v_proj"], base_model=base_dir)
+    peft_export.export_peft(
+        str(tmp_path / "peft"), adapters, scaling=2.0, targets=["q_proj", "v_proj"], base_model=base_dir
+    )
     from transformers import AutoModelForCausalLM
+
     x = torch.randint(3, 259, (2, 11))
     for name, state in adapters.items():
         load_lora_state_dict(model, state, allow_rank_change=True)
@@ -38,16 +43,46 @@ def test_peft_export_loads_in_peft_with_equal_logits(tmp_path, small_llama, rand
         torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
 
 
-MICRO = ["--clients", "2", "--rounds", "2", "--local-steps", "2", "--pretrain-steps", "10", "--train", "24",
-         "--val", "8", "--test", "8", "--synthetic-examples", "40", "--local-train-steps", "3", "--finetune-steps", "2",
-         "--fisher-samples", "8", "--batch-size", "8", "--grid-step", "0.5", "--snapshots", "1", "--no-progress",
-         "--threads", "1"]
+MICRO = [
+    "--clients",
+    "2",
+    "--rounds",
+    "2",
+    "--local-steps",
+    "2",
+    "--pretrain-steps",
+    "10",
+    "--train",
+    "24",
+    "--val",
+    "8",
+    "--test",
+    "8",
+    "--synthetic-examples",
+    "40",
+    "--local-train-steps",
+    "3",
+    "--finetune-steps",
+    "2",
+    "--fisher-samples",
+    "8",
+    "--batch-size",
+    "8",
+    "--grid-step",
+    "0.5",
+    "--snapshots",
+    "1",
+    "--no-progress",
+    "--threads",
+    "1",
+]
 
 
 def test_micro_end_to_end_run(tmp_path):
     out = str(tmp_path / "run")
-    results = run_llm.main(MICRO + ["--out", out, "--cache-dir", str(tmp_path / "cache"), "--export-peft",
-                                    str(tmp_path / "peft")])
+    results = run_llm.main(
+        MICRO + ["--out", out, "--cache-dir", str(tmp_path / "cache"), "--export-peft", str(tmp_path / "peft")]
+    )
     saved = json.load(open(os.path.join(out, "results.json")))
     assert saved["clients"] == ["sentiment", "duplicate"] and os.path.exists(os.path.join(out, "results.md"))
     for m in ("local", "fedit", "fedit_ft", "uniform", "fisher", "fedsa", "grid_val", "potara_ab", "potara_delta"):
@@ -63,23 +98,38 @@ def test_micro_end_to_end_run(tmp_path):
     assert saved["config"]["reference"]["chance"] == {"sentiment": 0.5, "duplicate": 0.5}
     md = open(os.path.join(out, "results.md")).read()
     assert "Pre-trained model, no adapter" in md
-    command = " ".join(["python", "run_llm.py", *MICRO, "--out", out, "--cache-dir", str(tmp_path / "cache"),
-                        "--export-peft", str(tmp_path / "peft")])
+    command = " ".join(
+        [
+            "python",
+            "run_llm.py",
+            *MICRO,
+            "--out",
+            out,
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--export-peft",
+            str(tmp_path / "peft"),
+        ]
+    )
     assert md.startswith("Data: SYNTHETIC TASKS (not FLAN)") and "sentiment, duplicate" in md.split("\n")[0]
     assert f"Command: `{command}`" in md.split("| method |")[0] and saved["config"]["command"] == command
     assert sorted(os.listdir(tmp_path / "peft")) == ["base_model", "duplicate", "federated", "sentiment"]
     assert results["methods"]["potara_ab"]["mean"] == saved["methods"]["potara_ab"]["mean"]
     again = run_llm.main(MICRO + ["--out", out, "--cache-dir", str(tmp_path / "cache"), "--resume"])  # from checkpoint
-    assert {m: r["per_client"] for m, r in again["methods"].items()} == {m: r["per_client"] for m, r in
-                                                                         results["methods"].items()}
+    assert {m: r["per_client"] for m, r in again["methods"].items()} == {
+        m: r["per_client"] for m, r in results["methods"].items()
+    }
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--data", "/nonexistent/dir"], "not a directory"),
-    (["--rounds", "0"], "--rounds must be >= 1"),
-    (["--clients", "9"], "only 8 tasks"),
-    (["--model", "/nonexistent/model", "--train", "10", "--val", "5", "--test", "5"], "could not load it"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--data", "/nonexistent/dir"], "not a directory"),
+        (["--rounds", "0"], "--rounds must be >= 1"),
+        (["--clients", "9"], "only 8 tasks"),
+        (["--model", "/nonexistent/model", "--train", "10", "--val", "5", "--test", "5"], "could not load it"),
+    ],
+)
 def test_cli_errors_are_one_line(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as e:
         run_llm.main(argv + ["--cache-dir", str(tmp_path), "--out", str(tmp_path / "o"), "--pretrain-steps", "1"])
@@ -95,11 +145,12 @@ def test_damaged_pretrain_cache_is_rebuilt(tmp_path, capsys):
     capsys.readouterr()
     second = run_llm.main(MICRO + ["--out", str(tmp_path / "b"), "--cache-dir", str(cache)])
     assert "unusable" in capsys.readouterr().out
-    assert {m: r["per_client"] for m, r in second["methods"].items()} == {m: r["per_client"] for m, r in
-                                                                          first["methods"].items()}
+    assert {m: r["per_client"] for m, r in second["methods"].items()} == {
+        m: r["per_client"] for m, r in first["methods"].items()
+    }
 
 
-# ----------------------------------------------------------------------------- adversarial inputs (issue 13)
+# ----------------------------------------------------------------------------- adversarial inputs
 def write_task(folder, name, rows):
     folder.mkdir(exist_ok=True)
     (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -116,13 +167,16 @@ def test_data_checks_come_before_the_model_is_loaded_or_pretrained(tmp_path, cap
     base = ["--cache-dir", str(cache), "--out", str(tmp_path / "o"), "--threads", "1", "--no-progress"]
     with pytest.raises(SystemExit) as e:  # counted before the (nonexistent) model is even looked for
         run_llm.main(base + ["--model", "/nonexistent/model", "--train", "1000"])
-    assert e.value.code == 2 and "task sentiment: 600 examples, fewer than --train 1000" in last_error(capsys)
+    assert e.value.code == 2 and "task sentiment: 600 distinct examples, fewer than --train 1000" in last_error(capsys)
     data = tmp_path / "tasks"
     write_task(data, "t", [{"prompt": f"q{i}", "answer": "a" * (30 if i == 3 else 1)} for i in range(12)])
     with pytest.raises(SystemExit) as e:
         run_llm.main(base + ["--data", str(data), "--train", "4", "--val", "4", "--test", "4", "--max-len", "20"])
     assert e.value.code == 2
-    assert last_error(capsys) == f"error: t: answer '{'a' * 30}' needs 34 tokens with its prompt, more than --max-len 20: use --max-len 34 or more"
+    assert (
+        last_error(capsys) == f"error: t: answer '{'a' * 30}' needs 34 tokens with its prompt, more than --max-len 20: "
+        "use --max-len 34 or more"
+    )
     write_task(data, "t", [{"prompt": f"q{i}", "answer": "a"} for i in range(12)])  # fits --max-len 8 ...
     with pytest.raises(SystemExit) as e:  # ... but the tiny model's pre-training corpus does not
         run_llm.main(base + ["--data", str(data), "--max-len", "8", "--train", "4", "--val", "4", "--test", "4"])
@@ -136,20 +190,40 @@ def test_bad_jsonl_exits_2_with_file_and_line(tmp_path, capsys):
     with open(data / "t.jsonl", "ab") as f:
         f.write(b'{"prompt": "\\ud800", "answer": "a"}\n')
     with pytest.raises(SystemExit) as e:
-        run_llm.main(["--data", str(data), "--out", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c"), "--threads", "1"])
-    assert e.value.code == 2 and last_error(capsys) == f"error: {data / 't.jsonl'}:4: 'prompt' is not valid Unicode " \
-                                                       "(surrogates not allowed at character 0)"
+        run_llm.main(
+            ["--data", str(data), "--out", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c"), "--threads", "1"]
+        )
+    assert (
+        e.value.code == 2
+        and last_error(capsys)
+        == f"error: {data / 't.jsonl'}:4: 'prompt' is not valid Unicode (surrogates not allowed at character 0)"
+    )
 
 
 def test_a_tokenizer_without_eos_is_one_line(tmp_path, capsys):
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
+
     folder = tmp_path / "model"
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "<unk>": 1}, unk_token="<unk>")))
     tok.save_pretrained(str(folder))
     with pytest.raises(SystemExit) as e:
-        run_llm.main(["--model", str(folder), "--train", "4", "--val", "2", "--test", "2", "--out", str(tmp_path / "o"),
-                      "--threads", "1"])
+        run_llm.main(
+            [
+                "--model",
+                str(folder),
+                "--train",
+                "4",
+                "--val",
+                "2",
+                "--test",
+                "2",
+                "--out",
+                str(tmp_path / "o"),
+                "--threads",
+                "1",
+            ]
+        )
     assert e.value.code == 2
     assert last_error(capsys) == "error: the model's tokenizer has no eos token: answers could not be terminated"
 
@@ -159,25 +233,41 @@ def test_export_task_names_that_would_clash_are_refused_up_front(tmp_path, capsy
     for name in ("federated", "other"):
         write_task(data, name, [{"prompt": "p", "answer": "a"}] * 12)
     with pytest.raises(SystemExit) as e:
-        run_llm.main(["--data", str(data), "--export-peft", str(tmp_path / "peft"), "--out", str(tmp_path / "o"),
-                      "--cache-dir", str(tmp_path / "c"), "--threads", "1"])
+        run_llm.main(
+            [
+                "--data",
+                str(data),
+                "--export-peft",
+                str(tmp_path / "peft"),
+                "--out",
+                str(tmp_path / "o"),
+                "--cache-dir",
+                str(tmp_path / "c"),
+                "--threads",
+                "1",
+            ]
+        )
     assert e.value.code == 2 and "--export-peft: a task named 'federated' would share a folder" in last_error(capsys)
     assert not (tmp_path / "c").exists()
 
 
 def test_folder_export_is_atomic(tmp_path):
     folder = tmp_path / "peft" / "client0"
-    peft_export.write_folder_atomically(str(folder), lambda f: os.makedirs(f) or open(os.path.join(f, "x"), "w").write("old"))
+    peft_export.write_folder_atomically(
+        str(folder), lambda f: os.makedirs(f) or open(os.path.join(f, "x"), "w").write("old")
+    )
 
     def dies_halfway(f):
         os.makedirs(f)
         open(os.path.join(f, "x"), "w").write("half")
         raise KeyboardInterrupt  # e.g. Ctrl-C or a full disk in the middle of writing
+
     with pytest.raises(KeyboardInterrupt):
         peft_export.write_folder_atomically(str(folder), dies_halfway)
     assert os.listdir(tmp_path / "peft") == ["client0"] and (folder / "x").read_text() == "old"  # old one, no debris
-    peft_export.write_folder_atomically(str(folder), lambda f: os.makedirs(f) or [open(os.path.join(f, n), "w").write("new")
-                                                                            for n in ("x", "y")])
+    peft_export.write_folder_atomically(
+        str(folder), lambda f: os.makedirs(f) or [open(os.path.join(f, n), "w").write("new") for n in ("x", "y")]
+    )
     assert sorted(os.listdir(folder)) == ["x", "y"] and os.listdir(tmp_path / "peft") == ["client0"]
 
 
@@ -189,10 +279,15 @@ def test_export_never_replaces_what_it_did_not_write(tmp_path):
     (out / "afile").write_text("precious")
     (out / "elsewhere").mkdir()
     os.symlink("elsewhere", out / "alink")
-    state = {"model.layers.0.self_attn.q_proj.lora_A": torch.ones(2, 4),
-             "model.layers.0.self_attn.q_proj.lora_B": torch.zeros(4, 2)}
-    for name, why in (("victim", "holds 'notes.txt', which no export writes"), ("afile", "is a file"),
-                      ("alink", "is a symbolic link")):
+    state = {
+        "model.layers.0.self_attn.q_proj.lora_A": torch.ones(2, 4),
+        "model.layers.0.self_attn.q_proj.lora_B": torch.zeros(4, 2),
+    }
+    for name, why in (
+        ("victim", "holds 'notes.txt', which no export writes"),
+        ("afile", "is a file"),
+        ("alink", "is a symbolic link"),
+    ):
         with pytest.raises(UnsafeFile, match=why):
             peft_export.export_peft(str(out), {name: state}, 2.0, ["q_proj"], "base")
     assert (out / "victim" / "notes.txt").read_text() == "precious" and (out / "afile").read_text() == "precious"
@@ -202,12 +297,19 @@ def test_export_never_replaces_what_it_did_not_write(tmp_path):
     assert sorted(os.listdir(out / "c0")) == sorted(peft_export.ADAPTER_FILES)
 
 
-@pytest.mark.parametrize("task, export, why", [
-    ("victim", "peft", "--export-peft {peft}: victim in it holds 'notes.txt', which no export writes"),
-    ("checkpoint.pt", "out", "--export-peft is --out: a task named 'checkpoint.pt' would replace the run's checkpoint.pt"),
-    ("x" * 244, "peft", "gives no usable task name (it is longer than 200 bytes)"),
-    ("a\u202etxt", "peft", "holds the character U+202E"),
-])
+@pytest.mark.parametrize(
+    "task, export, why",
+    [
+        ("victim", "peft", "--export-peft {peft}: victim in it holds 'notes.txt', which no export writes"),
+        (
+            "checkpoint.pt",
+            "out",
+            "--export-peft is --out: a task named 'checkpoint.pt' would replace the run's checkpoint.pt",
+        ),
+        ("x" * 244, "peft", "gives no usable task name (it is longer than 200 bytes)"),
+        ("a\u202etxt", "peft", "holds the character U+202E"),
+    ],
+)
 def test_export_problems_are_refused_before_any_work(tmp_path, capsys, task, export, why):
     """A task file checkpoint.pt.jsonl with --export-peft = --out turned the checkpoint into an adapter folder; a
     244-byte task name failed with a bare OSError after all the training."""
@@ -217,8 +319,53 @@ def test_export_problems_are_refused_before_any_work(tmp_path, capsys, task, exp
     for name in (task, "other"):
         write_task(data, name, [{"prompt": "p", "answer": "a"}] * 12)
     with pytest.raises(SystemExit) as e:
-        run_llm.main(["--data", str(data), "--export-peft", str(peft if export == "peft" else out), "--out", str(out),
-                      "--cache-dir", str(tmp_path / "c"), "--threads", "1", "--train", "4", "--val", "2", "--test", "2"])
+        run_llm.main(
+            [
+                "--data",
+                str(data),
+                "--export-peft",
+                str(peft if export == "peft" else out),
+                "--out",
+                str(out),
+                "--cache-dir",
+                str(tmp_path / "c"),
+                "--threads",
+                "1",
+                "--train",
+                "4",
+                "--val",
+                "2",
+                "--test",
+                "2",
+            ]
+        )
     assert e.value.code == 2 and why.format(peft=peft) in last_error(capsys)
     assert not (tmp_path / "c").exists() and not out.exists()  # nothing trained, nothing left
     assert (peft / "victim" / "notes.txt").read_text() == "precious"
+
+
+class _SplitsSeen(BaseException):
+    """Raised by the stand-in run_experiment with the splits the demo built (BaseException: no handler of the
+    script's turns it into an exit code)."""
+
+
+def test_the_demos_validation_splits_are_not_flagged_as_training_data(tmp_path, monkeypatch):
+    """run_llm.py's own splits at its defaults (the tiny model, the synthetic tasks, 8 clients): no validation
+    sample is a training sample, so the held-out check names no client; the same splits read on their training
+    samples name every client (the check can fail)."""
+    from potara_harness import data, lm, pipeline
+
+    def stop(model, splits, *args, **kwargs):
+        raise _SplitsSeen(splits)
+
+    monkeypatch.setattr(lm, "pretrain_tiny", lambda *args, **kwargs: {})  # the splits do not depend on it
+    monkeypatch.setattr(pipeline, "run_experiment", stop)
+    with pytest.raises(_SplitsSeen) as seen:
+        run_llm.main(["--model", "tiny", "--data", "synthetic", "--out", str(tmp_path / "run"), "--no-progress"])
+    splits = seen.value.args[0]
+    assert len(splits) == 8
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert data.warn_held_out_overlap(splits) == []
+    with pytest.warns(UserWarning):
+        assert data.warn_held_out_overlap(splits, "train") == [s.name for s in splits]

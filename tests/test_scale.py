@@ -1,4 +1,5 @@
 """potara_studies/scale.py's code path (not its timings): one run's figures add up, the table renders ratios."""
+
 import os
 
 import pytest
@@ -21,8 +22,11 @@ def test_one_run_counts_every_file_it_writes_and_the_table_gives_ratios(tmp_path
         outputs = [n for n in os.listdir(folder) if n.startswith(("results", "lambda", "communication"))]
         assert r["files_written"] == ckpt_writes + len(parts) + len(outputs)
         final = sum(os.path.getsize(folder / "adapters" / n) for n in parts) + os.path.getsize(folder / "checkpoint.pt")
-        assert final < r["bytes_written"] <= final + ckpt_writes * r["checkpoint_max_bytes"] + sum(
-            os.path.getsize(folder / n) for n in outputs)
+        assert (
+            final
+            < r["bytes_written"]
+            <= final + ckpt_writes * r["checkpoint_max_bytes"] + sum(os.path.getsize(folder / n) for n in outputs)
+        )
         assert r["checkpoint_max_bytes"] >= os.path.getsize(folder / "checkpoint.pt") and r["peak_rss_mb"] > 0
     table = scale.ratios_table(rows)
     assert "| tiny | 1 |" in table and "(1.00x)" in table and table.count("\n") == 3

@@ -1,12 +1,13 @@
 """Size bounds (config.SIZE_BOUNDS): every size-like option is checked before any work against what the program
 can hold; the synthetic CIFAR bound is held against the reader's file limit by measuring the files written."""
+
 import os
 
 import pytest
 
-from potara_harness import data
 import run_cifar
 import run_llm
+from potara_harness import data
 from potara_harness.config import MAX_SYNTHETIC_PER_CLASS, SIZE_BOUNDS, AppConfig, ConfigError
 
 
@@ -23,10 +24,15 @@ def test_the_synthetic_bound_writes_a_train_file_the_reader_accepts(tmp_path):
     assert at_bound < data.MAX_FILE_BYTES < sizes[2] + per_n * (1.2 * MAX_SYNTHETIC_PER_CLASS - 2)  # not far below
 
 
-@pytest.mark.parametrize("script, option, value", [
-    (run_cifar, "--synthetic-per-class", 10**6), (run_llm, "--synthetic-examples", 10**9),
-    (run_llm, "--max-len", 10**9), (run_llm, "--max-new-tokens", 10**7),
-])
+@pytest.mark.parametrize(
+    "script, option, value",
+    [
+        (run_cifar, "--synthetic-per-class", 10**6),
+        (run_llm, "--synthetic-examples", 10**9),
+        (run_llm, "--max-len", 10**9),
+        (run_llm, "--max-new-tokens", 10**7),
+    ],
+)
 def test_size_options_above_their_bound_are_parser_errors(tmp_path, capsys, script, option, value):
     ap = script.build_parser()
     bound = SIZE_BOUNDS[option[2:].replace("-", "_")][0]

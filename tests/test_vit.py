@@ -1,5 +1,6 @@
 """vit.py: backbone files load whatever their form, the tiny backbone's cache is reused, rebuilt when damaged
 and skipped when unwritable, and the model build is LoRA on q and v with a zero head."""
+
 import os
 from urllib.error import URLError
 
@@ -9,9 +10,9 @@ import torch
 from conftest import MICRO_VIT
 from torchvision.models import VisionTransformer
 
-from potara_harness.data import load_cifar100, write_synthetic_cifar100
 from potara.lora import lora_state_dict
 from potara_harness import config, vit
+from potara_harness.data import load_cifar100, write_synthetic_cifar100
 
 
 def micro_backbone(seed=0):
@@ -23,8 +24,15 @@ def test_backbone_file_round_trip(tmp_path, same):
     """--backbone loads a potara backbone file and a plain state_dict alike; misfits fail in one line."""
     backbone = micro_backbone()
     path = tmp_path / "micro.pt"
-    torch.save({"format": "potara-backbone-v1", "vit": {**MICRO_VIT, "num_classes": 100},
-                "state_dict": backbone.state_dict(), "info": {}}, path)
+    torch.save(
+        {
+            "format": "potara-backbone-v1",
+            "vit": {**MICRO_VIT, "num_classes": 100},
+            "state_dict": backbone.state_dict(),
+            "info": {},
+        },
+        path,
+    )
     loaded = vit.load_backbone_file(str(path), None)
     plain = tmp_path / "plain.pt"
     torch.save(backbone.state_dict(), plain)
@@ -46,6 +54,7 @@ def test_backbone_file_round_trip(tmp_path, same):
 def test_imagenet_weights_offline_is_one_line(monkeypatch):
     def offline(*a, **k):
         raise URLError("no network")
+
     monkeypatch.setattr(vit.torchvision.models, "vit_b_16", offline)
     with pytest.raises(vit.BackboneError, match=r"ImageNet weights of vit_b_16 \(offline\?.*--backbone PATH") as e:
         vit.imagenet_vit_b_16()
@@ -56,9 +65,15 @@ def test_build_model_is_a_zero_head_and_lora_on_q_and_v():
     model = vit.build_model(micro_backbone(), config.VIT_PRESETS["tiny"], rank=2, lora_alpha=4, seed=3)
     adapter = lora_state_dict(model)
     layers = MICRO_VIT["num_layers"]
-    assert sorted(adapter) == sorted([f"vit.encoder.layers.encoder_layer_{i}.self_attention.lora_{f}_{p}"
-                                      for i in range(layers) for f in "AB" for p in "qv"]
-                                     + ["vit.heads.head.weight", "vit.heads.head.bias"])
+    assert sorted(adapter) == sorted(
+        [
+            f"vit.encoder.layers.encoder_layer_{i}.self_attention.lora_{f}_{p}"
+            for i in range(layers)
+            for f in "AB"
+            for p in "qv"
+        ]
+        + ["vit.heads.head.weight", "vit.heads.head.bias"]
+    )
     assert not model.vit.heads.head.weight.any() and not model.vit.heads.head.bias.any()
     again = vit.build_model(micro_backbone(), config.VIT_PRESETS["tiny"], rank=2, lora_alpha=4, seed=3)
     assert all(torch.equal(v, lora_state_dict(again)[k]) for k, v in adapter.items())  # phi_0 from the seed
@@ -72,8 +87,16 @@ def test_tiny_backbone_cache_reused_rebuilt_and_skipped(tmp_path, capsys, micro_
     write_synthetic_cifar100(str(tmp_path / "syn"), 12, 2)
     data = load_cifar100(str(tmp_path / "syn"))
     public = np.arange(0, len(data.labels), 2)
-    call = lambda: vit.tiny_backbone(config.VIT_PRESETS["tiny"], data, public, {"data": "synthetic"}, str(tmp_path / "d"),
-                                     3, torch.device("cpu"), False)
+    call = lambda: vit.tiny_backbone(
+        config.VIT_PRESETS["tiny"],
+        data,
+        public,
+        {"data": "synthetic"},
+        str(tmp_path / "d"),
+        3,
+        torch.device("cpu"),
+        False,
+    )
     first, info = call()
     cached = tmp_path / "d" / "backbones" / os.listdir(tmp_path / "d" / "backbones")[0]
     assert info["backbone"] == str(cached) and "pre-trained" in capsys.readouterr().out
@@ -91,11 +114,18 @@ def test_tiny_backbone_cache_reused_rebuilt_and_skipped(tmp_path, capsys, micro_
     assert same(fourth.state_dict(), first.state_dict())
 
 
-# ----------------------------------------------------------------------------- hostile backbone files (issue 13, item 3)
+# ----------------------------------------------------------------------------- hostile backbone files
 def potara_file(path, arch=None, state=None):
     backbone = micro_backbone()
-    torch.save({"format": "potara-backbone-v1", "vit": {**MICRO_VIT, "num_classes": 100} if arch is None else arch,
-                "state_dict": backbone.state_dict() if state is None else state, "info": {}}, path)
+    torch.save(
+        {
+            "format": "potara-backbone-v1",
+            "vit": {**MICRO_VIT, "num_classes": 100} if arch is None else arch,
+            "state_dict": backbone.state_dict() if state is None else state,
+            "info": {},
+        },
+        path,
+    )
     return backbone.state_dict()
 
 
@@ -108,22 +138,25 @@ def edited(key, make):
 W = "encoder.layers.encoder_layer_0.mlp.0.weight"
 
 
-@pytest.mark.parametrize("arch, state, why", [
-    (None, edited(W, lambda w: w.index_fill(0, torch.tensor([3]), float("nan"))), f"{W} holds NaN or Inf"),
-    (None, edited(W, lambda w: w.to(torch.complex64)), "dtype torch.complex64, expected torch.float32"),
-    (None, edited(W, lambda w: w > 0), "dtype torch.bool, expected torch.float32"),
-    (None, edited(W, lambda w: w.t().contiguous()), "has shape (16, 32), the model expects (32, 16)"),
-    (None, edited(W, lambda w: torch.zeros(1).expand(w.shape)), "expanded view"),
-    ({**MICRO_VIT, "num_classes": 100, "rm_rf": 1}, None, "unknown keys ['rm_rf']"),
-    ({**MICRO_VIT, "hidden_dim": 400000}, None, "hidden_dim must be an integer in [1, 4096], got 400000"),
-    ({**MICRO_VIT, "num_layers": 60, "hidden_dim": 4096, "mlp_dim": 16384}, None, "parameters, more than 1e+09"),
-    ({**MICRO_VIT, "patch_size": 7}, None, "patch_size | image_size"),
-    ({**MICRO_VIT, "num_heads": True}, None, "num_heads must be an integer"),
-    ("a string", None, "the architecture is a str, not a dict"),
-    ([1, 2], None, "the architecture is a list, not a dict"),
-    (None, "a string", "the weights are not a dict of named tensors"),
-    (None, [torch.zeros(2)], "the weights are not a dict of named tensors"),
-])
+@pytest.mark.parametrize(
+    "arch, state, why",
+    [
+        (None, edited(W, lambda w: w.index_fill(0, torch.tensor([3]), float("nan"))), f"{W} holds NaN or Inf"),
+        (None, edited(W, lambda w: w.to(torch.complex64)), "dtype torch.complex64, expected torch.float32"),
+        (None, edited(W, lambda w: w > 0), "dtype torch.bool, expected torch.float32"),
+        (None, edited(W, lambda w: w.t().contiguous()), "has shape (16, 32), the model expects (32, 16)"),
+        (None, edited(W, lambda w: torch.zeros(1).expand(w.shape)), "expanded view"),
+        ({**MICRO_VIT, "num_classes": 100, "rm_rf": 1}, None, "unknown keys ['rm_rf']"),
+        ({**MICRO_VIT, "hidden_dim": 400000}, None, "hidden_dim must be an integer in [1, 4096], got 400000"),
+        ({**MICRO_VIT, "num_layers": 60, "hidden_dim": 4096, "mlp_dim": 16384}, None, "parameters, more than 1e+09"),
+        ({**MICRO_VIT, "patch_size": 7}, None, "patch_size | image_size"),
+        ({**MICRO_VIT, "num_heads": True}, None, "num_heads must be an integer"),
+        ("a string", None, "the architecture is a str, not a dict"),
+        ([1, 2], None, "the architecture is a list, not a dict"),
+        (None, "a string", "the weights are not a dict of named tensors"),
+        (None, [torch.zeros(2)], "the weights are not a dict of named tensors"),
+    ],
+)
 def test_malformed_backbone_files_are_refused_before_building(tmp_path, monkeypatch, arch, state, why):
     """Each is one line naming the file and the problem; no VisionTransformer is built (so no terabyte
     allocation from a crafted architecture) before the file passed every check."""
@@ -162,6 +195,7 @@ def test_fuzz_backbone_files_give_one_clear_error_or_a_sound_backbone(tmp_path, 
     huge / zero strides, junk architecture values): each ends in a one-line BackboneError or a backbone whose
     every weight is finite, with no hang or huge allocation (RLIMIT_AS) and nothing written."""
     import random
+
     good = tmp_path / "good.pt"
     potara_file(good)
     template = good.read_bytes()
@@ -186,4 +220,6 @@ def test_fuzz_backbone_files_give_one_clear_error_or_a_sound_backbone(tmp_path, 
                 assert all(torch.isfinite(t).all() for t in backbone.state_dict().values())
         assert sorted(os.listdir(tmp_path)) == before, case
     print(f"{accepted} of 300 corrupted backbone files were still sound")
-    assert accepted < 100, accepted  # as test_fuzz.py: flips inside weight values (or the dropped head, info) stay sound
+    assert accepted < 100, (
+        accepted
+    )  # as test_fuzz.py: flips inside weight values (or the dropped head, info) stay sound

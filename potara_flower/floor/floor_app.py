@@ -5,6 +5,7 @@ straight back. What a round costs here is what Flower itself costs: a fresh Clie
 flwr and numpy only (no torch), so it is the least any ClientApp can cost; potara_flower/bench.py runs it
 on the same federation as the Potara app and prints both.
 """
+
 import json
 import os
 import time
@@ -37,8 +38,14 @@ def main(grid: Grid, context: Context) -> None:
     rounds = []
     for t in range(int(cfg["rounds"])):
         t0 = time.time()
-        msgs = [Message(RecordDict({"adapter": record, "config": ConfigRecord({"round": t})}), dst_node_id=n,
-                        message_type="train") for n in nodes[:k]]
+        msgs = [
+            Message(
+                RecordDict({"adapter": record, "config": ConfigRecord({"round": t})}),
+                dst_node_id=n,
+                message_type="train",
+            )
+            for n in nodes[:k]
+        ]
         replies = list(grid.send_and_receive(msgs, timeout=600))
         ok = len(replies) == k and not any(r.has_error() for r in replies)
         rounds.append({"seconds": time.time() - t0, "answered": ok})
