@@ -8,8 +8,7 @@
 
 The tiny preset's work: pre-training the small ViT once (1000 steps of 128 images, cached under --data-dir), then
 FedIT 100 rounds x 5 local steps x 5 clients, a FedSA-LoRA run of the same size, 100 local and 25 fine-tuning
-steps per client, and Potara and every baseline scored per client. On this project's 2-core CPU, shared with other
-jobs, that took 122-231 s with the backbone cached, plus 69-196 s for the pre-training (docs/vision.md).
+steps per client, and Potara and every baseline scored per client (its measured time: docs/vision.md).
 
 Pipeline: data (data.py) -> images no client holds become the public set -> Dirichlet (label skew) or
 superclass partition of the rest, each client a train / val / test split -> backbone (paper: torchvision

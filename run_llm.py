@@ -23,9 +23,8 @@ adapter_model.safetensors (loadable with peft.PeftModel.from_pretrained or a mul
 
 --model tiny's work: pre-training the tiny Llama once (2500 steps of 32 sequences, cached in --cache-dir), then
 per client (8 synthetic tasks) FedIT 20 rounds x 5 local steps, a FedSA-LoRA run of the same size, 100 local and
-25 fine-tuning steps, and scoring every method on 100 test examples. On this project's 2-core CPU, shared with
-other jobs, the run took 109 s with the tiny model cached, and the pre-training 95-441 s, depending on the
-load (docs/language-models.md); a first run has taken 18 min on a busier machine.
+25 fine-tuning steps, and scoring every method on 100 test examples (its measured time:
+docs/language-models.md).
 """
 
 from __future__ import annotations

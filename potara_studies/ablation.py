@@ -6,11 +6,10 @@ synthetic images (--suite synthetic) and on real handwritten digits (--suite rea
     python -m potara_studies.ablation --scenarios conflict --seeds 0   # one scenario, one seed
     python -m potara_studies.ablation --estimators verified,paper --sources train32,val --scenarios all
 
-What a run costs (docs/estimator-study.md). Real suite: 2 x 10 x 6 = 120 client runs, each FedIT 30 rounds x 10
-local steps plus 150 local steps, then every estimator and a 21-point grid: 174 s on 2 CPU cores shared with other
-jobs (load average 6-10), 7 min on a busier machine. Synthetic suite: 15 federations of 5 clients, FedIT 50 rounds
-x 5 local steps, 100 local steps per client: 1587 s at that load, 368 s of it the one-off pre-training of the tiny
-backbone (cached afterwards).
+What a run does (its measured time: docs/estimator-study.md). Real suite: 2 x 10 x 6 = 120 client runs, each
+FedIT 30 rounds x 10 local steps plus 150 local steps, then every estimator and a 21-point grid. Synthetic suite:
+15 federations of 5 clients, FedIT 50 rounds x 5 local steps, 100 local steps per client, after the one-off
+pre-training of the tiny backbone (cached afterwards).
 The study itself (suites, scenarios, estimators, sources, outputs): estimator_study.py. The command line is
 parsed and checked here before torch loads (--help and a bad option answer at once); run() loads the study.
 """

@@ -1,7 +1,7 @@
 """Benchmarks: where potara's time and memory go, as ratios measured in one run on one device.
 
-    python -m potara_studies.bench                              # every section (CPU here, CUDA when present):
-                                                                # 220 s on 2 shared cores, load 2.5-3.2
+    python -m potara_studies.bench                              # every section (CPU here, CUDA when present;
+                                                                # its time: docs/performance.md)
     python -m potara_studies.bench --only lora,fisher --reps 9  # some sections; figures also in --out (JSON)
 
 Sections (each with the goal it checks):

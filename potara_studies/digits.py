@@ -5,7 +5,7 @@ backbone, clients.
     cfg = DigitsConfig()                           # sizes and training: potara_harness/config.py
     x, y = load_digits_data()                      # 1797 real 8x8 images (UCI optical digits), labels 0-9
     public, pool = public_and_pool(len(y), cfg.public)
-    backbone = pretrain_backbone(x[public], y[public], cfg)       # ~1 s on one CPU thread: not cached
+    backbone = pretrain_backbone(x[public], y[public], cfg)       # small and quick: not cached
     splits = scenario_splits("conflict", x, y, pool, cfg, seed)   # one ClientSplits per client
     model = build_model(backbone, cfg, seed)       # zero head + LoRA on both hidden layers (phi_0 from seed)
 
