@@ -70,7 +70,6 @@ from potara_flower.task import (
 from potara_harness.config import VIT_PRESETS, AppConfig, ConfigError
 from potara_harness.data import ClientSplits
 from potara_harness.peft_export import EXPORT_RESERVED
-from potara_harness.vit import build_model, load_backbone_file
 
 IMPORTS_DONE = time.time()
 app = ClientApp()
@@ -142,6 +141,8 @@ def load_client(context: Context, hash_model: bool = False) -> tuple[AppConfig, 
 def load_vision(cfg: AppConfig, node, k: int, K: int) -> tuple[ClientSplits, nn.Module, str, None]:
     """run_cifar.py's client k: its split (from the device's cache when cache-dir holds it) and the ViT from the
     node's backbone file (hashed every message) with phi_0."""
+    from potara_harness.vit import build_model, load_backbone_file  # torchvision: the vision experiment's only
+
     path = node_value(node, "backbone", str)
     if not os.path.isfile(path):
         raise ConfigError(f"node config backbone={path!r}: no such file on this device")

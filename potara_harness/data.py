@@ -25,8 +25,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.datasets import CIFAR100
-from torchvision.datasets.utils import check_integrity, download_and_extract_archive
 
 from potara.safe_files import UnsafeFile, atomic_write, open_regular, read_regular
 
@@ -212,8 +210,20 @@ def _read_cifar_files(folder: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
     return np.concatenate(images), np.concatenate(fine), np.concatenate(coarse), names
 
 
+def _cifar100():
+    """torchvision's record of CIFAR-100 (folder and file names, md5s, url). Imported where the files are named,
+    checked or fetched, not at the top: a module that needs only ClientSplits (a language device's) imports no
+    torchvision."""
+    from torchvision.datasets import CIFAR100
+
+    return CIFAR100
+
+
 def _intact(folder: str) -> bool:
     """torchvision's md5s of the real files (train, test, meta)."""
+    from torchvision.datasets.utils import check_integrity
+
+    CIFAR100 = _cifar100()
     files = CIFAR100.train_list + CIFAR100.test_list + [[CIFAR100.meta["filename"], CIFAR100.meta["md5"]]]
     for name, _ in files:  # torchvision's md5 reads to the end: only regular files of a bounded size get there
         try:
@@ -231,6 +241,9 @@ def load_cifar100(root: str, download: bool = True) -> CifarData:
     (write_synthetic_cifar100, marked by SYNTHETIC_MARKER) have none. Either way the pickles are read by
     _CifarUnpickler, which executes nothing, and checked for layout, dtype and label ranges. Errors are
     one-line DataErrors; MemoryError is not bad data and propagates as is."""
+    from torchvision.datasets.utils import download_and_extract_archive
+
+    CIFAR100 = _cifar100()
     folder = os.path.join(root, CIFAR100.base_folder)
     synthetic = os.path.exists(os.path.join(folder, SYNTHETIC_MARKER))
     if not synthetic and download and not _intact(folder):
@@ -313,7 +326,7 @@ def write_synthetic_cifar100(
                                (4 x 4 lattice, like a superclass pattern), e_i ~ N(0, 1) pixel noise
       pixel = clip(128 + 48 x, 0, 255) as uint8.
     Learnable (class means differ) but not separable from one image (shift, nuisance, noise)."""
-    folder = os.path.join(root, CIFAR100.base_folder)
+    folder = os.path.join(root, _cifar100().base_folder)
     params = {
         "train_per_class": train_per_class,
         "test_per_class": test_per_class,

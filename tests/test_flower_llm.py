@@ -387,3 +387,61 @@ def test_the_recipe_names_the_model_file_run_llm_writes(tmp_path, monkeypatch):
     name = str(written.value)
     configs = [line for line in doc.splitlines() if '--node-config "' in line and "model=" in line]
     assert configs and all(f"model='{name}'" in line for line in configs), name
+
+
+# ----------------------------------------------------------------------------- what a language device imports
+DEVICE_WITHOUT_TORCHVISION = r"""
+import sys
+
+sys.modules["torchvision"] = None  # as if not installed: importing it raises, find_spec says absent (transformers)
+import torch
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from potara_flower import client_app
+from potara_flower.task import ADAPTER, CONFIG
+from potara_harness.config import TINY_LLAMA
+from potara_harness.lm import tiny_model
+
+for attr in ("_run_id", "_node_id", "_task_id"):
+    setattr(TaskIdentity, attr, 1)
+arch = {**TINY_LLAMA, **SMALL}
+torch.save({"info": {"key": {"arch": arch}}, "state_dict": tiny_model(64, arch).state_dict()}, MODEL)
+run = {**RUN, "out-dir": "unused"}
+node = {"partition-id": 0, "num-partitions": 2, "task": "synthetic:pronoun", "model": MODEL, "threads": 1}
+context = Context(1, 1, node, RecordDict(), run)
+setup = client_app.setup(Message(RecordDict({CONFIG: ConfigRecord({})}), 1, "query"), context)
+phi0 = setup.content[ADAPTER]
+train = Message(RecordDict({ADAPTER: phi0, CONFIG: ConfigRecord({"round": 0})}), 1, "train")
+reply = client_app.train(train, context)
+print(setup.content[CONFIG]["num-examples"], reply.content["metrics"]["train-loss"] > 0)
+"""
+
+
+def test_a_language_device_needs_no_torchvision(tmp_path):
+    """A language device runs set-up and a training round in a process where torchvision cannot be imported
+    (sys.modules["torchvision"] = None: what an environment without it sees), so nothing on its path needs it;
+    and importing the apps imports none of it either (the vision model code is imported by the vision path only).
+    Subprocesses, bounded in time."""
+    import subprocess
+    import sys
+
+    script = (
+        f"SMALL = {SMALL_LLAMA!r}\nMODEL = {str(tmp_path / 'tiny.pt')!r}\nRUN = {LANG!r}\n" + DEVICE_WITHOUT_TORCHVISION
+    )
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == [str(LANG["train"]), "True"], out.stdout
+    imported = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; import potara_flower.client_app, potara_flower.server_app, potara_harness.lm; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torchvision'))",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert imported.returncode == 0 and imported.stdout.strip() == "[]", (imported.stdout, imported.stderr[-2000:])
