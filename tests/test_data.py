@@ -74,7 +74,9 @@ def test_loader_offline_and_corrupt_errors(tmp_path, monkeypatch):
     def offline(*a, **k):
         raise URLError("no network")
 
-    monkeypatch.setattr(data, "download_and_extract_archive", offline)
+    monkeypatch.setattr(
+        "torchvision.datasets.utils.download_and_extract_archive", offline
+    )  # data.py imports it when it fetches
     with pytest.raises(DataError) as e:
         load_cifar100(str(tmp_path), download=True)
     msg = str(e.value)
@@ -174,8 +176,10 @@ def test_python2_layout_reads_like_torchvision(tmp_path):
     write_cifar_files(tmp_path / "cifar-100-python", train, test, META)
     d = load_cifar100(str(tmp_path), download=False)
 
-    class Unchecked(data.CIFAR100):
-        train_list, test_list, meta = [["train", None]], [["test", None]], {**data.CIFAR100.meta, "md5": None}
+    from torchvision.datasets import CIFAR100
+
+    class Unchecked(CIFAR100):
+        train_list, test_list, meta = [["train", None]], [["test", None]], {**CIFAR100.meta, "md5": None}
 
     ref = [Unchecked(str(tmp_path), train=t) for t in (True, False)]
     assert torch.equal(d.images, torch.from_numpy(np.concatenate([r.data for r in ref])).permute(0, 3, 1, 2))

@@ -255,7 +255,9 @@ def test_offline_errors_are_one_line(tmp_path, monkeypatch):
     def offline(*a, **k):
         raise URLError("no network")
 
-    monkeypatch.setattr(data_module, "download_and_extract_archive", offline)
+    monkeypatch.setattr(
+        "torchvision.datasets.utils.download_and_extract_archive", offline
+    )  # data.py imports it when it fetches
     with pytest.raises(SystemExit) as e:
         run_cifar.main(["--data", "cifar", "--data-dir", str(tmp_path), "--out", str(tmp_path / "o"), "--threads", "1"])
     assert "CIFAR-100 not found under" in str(e.value) and "--data synthetic" in str(e.value)
