@@ -162,6 +162,18 @@ class LocalFederation:
                 f"flwr {' '.join(args)} (exit {out.returncode}): {out.stdout[-2000:]} {out.stderr[-2000:]}"
             ) from None
 
+    def run_log(self, run_id: int | str, timeout: float = 60) -> str:
+        """`flwr log RUN_ID local --show`: what the operator reads of a run (the ServerApp's output)."""
+        out = subprocess.run(
+            [str(BIN / "flwr"), "log", str(run_id), "local", "--show"],
+            capture_output=True,
+            text=True,
+            env=self.env,
+            cwd=self.dir,
+            timeout=timeout,
+        )
+        return out.stdout + out.stderr
+
     def run(
         self,
         app: str | os.PathLike,

@@ -22,8 +22,8 @@ a running SuperLink (docs/flower.md).
        each record is checked (replies.check_evaluation) and a bad one is that client's failure.
     4. out-dir/results.json and results.md with the in-process pipeline's fields (report.write_outputs),
        plus "flower": wire bytes (npy-serialised arrays with their keys) and wall time per stage. A client
-       missing from them is named in the log and in results.md, and the run ends finished:failed
-       (ClientsMissing) after writing them: the others' results are kept.
+       missing from them is named in one log line (missing_lines) and in results.md, with the others' results;
+       the run ends finished:completed (missing_lines says why not failed).
 
 bytes_down / bytes_up in the history are fedit.run_fedit's (numel * element_size of the adapters sent);
 wire_bytes_* add Flower's serialisation (npy headers, keys) to them; message envelopes are not counted.
@@ -68,11 +68,6 @@ from potara_harness.report import (
 )
 
 app = ServerApp()
-
-
-class ClientsMissing(RuntimeError):
-    """Raised after results.json and results.md are written, when some client's final results are missing: the
-    run then ends finished:failed with this line as its status details (flwr list), not finished:completed."""
 
 
 @dataclass
@@ -378,10 +373,22 @@ def main(grid: Grid, context: Context) -> None:
     results = collect_server_results(cfg, context, roster, fed, phi0, evals, eval_failed, timing)
     write_outputs(results, out_dir)
     print(f"results in {out_dir}/results.json")
-    if eval_failed:  # said in the log, in results.md (report.fault_summary) and in the run's status
-        for f in eval_failed:
-            print(f"{f['client']} is missing from the results: {f['reason']}")
-        raise ClientsMissing(
-            f"{len(eval_failed)} of {len(roster.names)} clients missing from the results "
-            f"({', '.join(f['client'] for f in eval_failed)}); the others' are in {out_dir}"
-        )
+    for line in missing_lines(eval_failed, len(roster.names), out_dir):
+        print(line)
+
+
+def missing_lines(eval_failed: list, num_clients: int, out_dir: str) -> list[str]:
+    """One log line per client missing from the final results: its name, its reason, where the others' are.
+
+    The run still ends finished:completed. It did what a federated run does when a device is lost: every round
+    went on with the others and every client that answered got its results. A missing client is an outcome, kept
+    in results.json (faults.personalization_failed) and results.md (faults:). Raising instead would give
+    finished:failed, but flwr 1.42 logs every exception the ServerApp raises with its traceback ("ServerApp raised
+    an exception", exit code 201), so the operator would read a crash where there is none."""
+    others = num_clients - len(eval_failed)
+    whose = "the other client's" if others == 1 else f"the other {others} clients'"
+    return [
+        f"MISSING {f['client']}: {' '.join(str(f['reason']).split())}; {whose} results are in "
+        f"{out_dir}/results.md (and results.json)"
+        for f in eval_failed
+    ]

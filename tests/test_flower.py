@@ -147,7 +147,7 @@ def test_failed_silent_and_lying_clients_are_recorded(small_world, task_identity
     """Round 0: client1 raises, client2 never answers; round 1: a NaN adapter, an infinite loss, and a FedAvg
     weight other than set-up's; at the end an unreadable personalisation reply. Each is recorded with its reason
     (failed / rejected / personalization_failed), the round averages the rest, nobody vanishes, and the client
-    missing from the results is named in results.md and in the run's failed status."""
+    missing from the results is named in results.md and in one log line, and the run ends normally."""
 
     def tamper(k, msg, reply):
         t = msg.content[CONFIG]["round"] if msg.metadata.message_type == "train" else None
