@@ -1,18 +1,23 @@
-"""Flower on loopback against the in-process loop: the same model, data, seeds and rounds, run both ways;
-wall time per FedIT round, and where Flower's time goes (measured by the clients and the server).
+"""Flower on loopback against its floors and the in-process loop: wall time per FedIT round of both
+experiments, and where Flower's time goes (measured by the clients and the server).
 
-    python -m potara_flower.bench --backbone data/backbones/tiny-3ed7fae472e8.pt                # tiny preset, 2
-    clients, 5 rounds
-    python -m potara_flower.bench --backbone B --clients 2 --rounds 5 --out runs/flower-bench
+    python -m potara_flower.bench --backbone data/backbones/tiny-3ed7fae472e8.pt --clients 3 --rounds 3
+    python -m potara_flower.bench --backbone B --experiment vision --out runs/flower-bench
 
-In-process: fedit.run_fedit on the clients client_app.py would build (task.client_split, the
-backbone file, vit.build_model), timed per round. Flower: loopback.LocalFederation (a SuperLink and
---clients SuperNodes on 127.0.0.1, each SuperNode's clients on --threads torch threads), `flwr run` of
-this folder with the same run config; per round the server's wall time, and from every client (Flower
-starts a process per message) how long Flower took to start its process, the app's imports, the
-hand-over of the message, data and model loading, and local training (client_app.startup_seconds).
-What is left of a round is Flower's messaging (push, the SuperNodes' polling, pull), taken against the
-slowest client. The final global adapters of both runs are compared bitwise.
+On one loopback federation (loopback.LocalFederation: a SuperLink and --clients SuperNodes on 127.0.0.1,
+each client on --threads torch threads), one run after the other, --rounds rounds each:
+  echo floor     potara_flower/floor/: a round of the same shape whose ClientApp returns its input at once
+                 (flwr and numpy only): what Flower itself costs, a fresh process per message included;
+  import floor   the same, with the ClientApp importing what the experiment's device cannot do without
+                 (IMPORT_FLOORS): the least a torch app can cost, since Flower 1.42 starts a process per message;
+  the app        `flwr run` of this repository's app, per experiment (vision: the tiny ViT on synthetic or
+                 CIFAR-100 images; language: the tiny Llama of --model, or one with random weights, on the
+                 first K synthetic tasks), its final step shortened (FINAL_STEP: not what is measured).
+Per app round, from every client (client_app.startup_seconds): Flower starting its process, the app's
+imports, the hand-over, data and model loading, local training; what is left is messaging (push, polling,
+pull), taken against the slowest client. Goal: app round <= GOAL x (import floor + loading + training).
+Vision also runs in process (fedit.run_fedit on the clients client_app.py builds), and the final global
+adapters are compared bitwise (the language experiment's bitwise equality is test_flower_llm.py's).
 Output: a table on stdout and --out/flower_bench.json (atomic).
 """
 
@@ -33,7 +38,12 @@ from potara_harness.config import VIT_PRESETS, AppConfig, ConfigError
 
 APP = Path(__file__).resolve().parents[1]  # the repository root holds the Flower app (pyproject.toml's [tool.flwr.app])
 FLOOR = Path(__file__).resolve().parent / "floor"  # the trivial app: its ClientApp returns its input at once
-GOAL = 1.25  # the app's round within GOAL x the floor's round plus its own training time
+GOAL = 1.15  # the app's round within GOAL x (the import floor's round + the app's own loading and training)
+IMPORT_FLOORS = {
+    "vision": "torch,torchvision",  # the model is torchvision's VisionTransformer (vit.py)
+    "language": "torch,transformers.models.llama.modeling_llama",  # the tiny model is transformers' Llama (lm.py)
+}
+FINAL_STEP = {"local-train-steps": 5, "finetune-steps": 5, "fisher-samples": 20}  # the app's last step, shortened
 
 
 def in_process(cfg: AppConfig, backbone: str, data_dir: str) -> tuple[dict, list[float]]:
@@ -56,47 +66,50 @@ def in_process(cfg: AppConfig, backbone: str, data_dir: str) -> tuple[dict, list
     return state.global_state, [b - a for a, b in zip(stamps, stamps[1:])]
 
 
-def on_flower(
-    run_config: dict,
-    backbone: str,
-    data_dir: str,
-    threads: int,
-    folder: Path,
-    cache: bool,
-    superexec_poll: float | None,
-    numel: int,
-) -> tuple[dict, dict, list[float]]:
-    """The floor app, then the same run as in_process, through Flower on one loopback federation; (final
-    global adapter, results.json, the floor's seconds per round)."""
+def random_tiny_model(path: Path) -> str:
+    """The tiny Llama (config.TINY_LLAMA) with random weights, in pretrain_tiny's file format: a round's cost does
+    not depend on the weights."""
     import torch
 
-    k_total = run_config["num-clients"]
+    from potara_harness.config import TINY_LLAMA
+    from potara_harness.lm import tiny_model
+
+    cfg = AppConfig.from_run_config({"experiment": "language"})
+    state = tiny_model(cfg.max_len, TINY_LLAMA).state_dict()
+    torch.save({"info": {"key": {"arch": dict(TINY_LLAMA)}}, "state_dict": state}, path)
+    return str(path)
+
+
+def node_config(k: int, k_total: int, backbone: str, data_dir: str, model: str, threads: int, cache: str) -> str:
+    """One SuperNode's settings for both experiments (each reads its own keys): client k's backbone, data and
+    split cache (vision), the k-th synthetic task and the tiny model file (language)."""
+    from potara_harness.llm_tasks import SYNTHETIC_TASKS
+
+    task = list(SYNTHETIC_TASKS)[k]
+    return (
+        f"partition-id={k} num-partitions={k_total} backbone='{backbone}' data-dir='{data_dir}' threads={threads} "
+        f"task='synthetic:{task}' model='{model}'" + (f" cache-dir='{cache}'" if cache else "")
+    )
+
+
+def on_flower(runs: list[tuple[str, Path, dict]], nodes: list[str], folder: Path, superexec_poll: float | None) -> None:
+    """Each (name, app folder, run config) of `runs` in turn on one loopback federation of len(nodes) SuperNodes."""
     with LocalFederation(folder / "federation") as fed:
         if superexec_poll is not None:  # the SuperNodes' SuperExec inherits it (flwr's default: 1 s)
             fed.env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = str(superexec_poll)
         fed.superlink()
-        for k in range(k_total):
-            fed.supernode(
-                f"node{k}",
-                f"partition-id={k} num-partitions={k_total} backbone='{backbone}' "
-                f"data-dir='{data_dir}' threads={threads}"
-                + (f" cache-dir='{folder / 'cache' / f'node{k}'}'" if cache else ""),
-            )
-        floor_out = folder / "floor"
-        for app, config in (
-            (
-                FLOOR,
-                {"num-clients": k_total, "rounds": run_config["rounds"], "numel": numel, "out-dir": str(floor_out)},
-            ),
-            (APP, run_config),
-        ):
+        for k, config in enumerate(nodes):
+            fed.supernode(f"node{k}", config)
+        for name, app, config in runs:
+            t0 = time.time()
             status = fed.run(app, config, timeout=3600)
             if status["status"] != "finished:completed":
-                raise RuntimeError(f"{app.name} ended {status['status']}:\n{fed.log('superlink')[-3000:]}")
-    out = Path(run_config["out-dir"])
-    adapter = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)["fedit"]["global_state"]
-    floor = [r["seconds"] for r in json.loads((floor_out / "floor.json").read_text())["rounds"]]
-    return adapter, json.loads((out / "results.json").read_text()), floor
+                raise RuntimeError(f"{name} ended {status['status']}:\n{fed.log('superlink')[-3000:]}")
+            print(f"{name}: {time.time() - t0:.0f} s")
+
+
+def floor_rounds(out: Path) -> list[float]:
+    return [r["seconds"] for r in json.loads((out / "floor.json").read_text())["rounds"]]
 
 
 def breakdown(results: dict) -> dict:
@@ -113,22 +126,60 @@ def breakdown(results: dict) -> dict:
     return {k: mean(r[k] for r in rows) for k in ("round", *TIMINGS, "messaging")}
 
 
-def against_floor(flower: dict, floor_round: float) -> dict:
-    """The app's round against the floor's: the ratio, and the goal app <= GOAL x floor + the app's training."""
-    bound = GOAL * floor_round + flower["train"]
+def against_floor(flower: dict, import_floor: float, echo_floor: float) -> dict:
+    """The app's round against the floors: the ratios, and the goal app <= GOAL x (import floor + the app's
+    loading + training)."""
+    bound = GOAL * (import_floor + flower["load"] + flower["train"])
     return {
-        "floor_round_s": floor_round,
-        "ratio_to_floor": flower["round"] / floor_round,
+        "echo_floor_round_s": echo_floor,
+        "import_floor_round_s": import_floor,
+        "ratio_to_echo_floor": flower["round"] / echo_floor,
+        "ratio_to_import_floor": flower["round"] / import_floor,
+        "ratio_to_goal_base": flower["round"] / (bound / GOAL),
         "goal_bound_s": bound,
         "goal_met": flower["round"] <= bound,
     }
 
 
-def main(argv=None) -> dict:
+def table(report: dict) -> str:
+    """The report as a markdown table: the echo floor, then per experiment its import floor and the app."""
+    rows = [f"| Flower's echo floor (ClientApp returns its input) | {report['echo_floor_round_s']:.2f} |"]
+    for name, e in report["experiments"].items():
+        f = e["flower"]
+        rows += [
+            f"| **{name}**: import floor (+ `import {IMPORT_FLOORS[name]}`) | {e['import_floor_round_s']:.2f} |",
+            f"| {name}: the app on Flower | {f['round']:.2f} ({e['ratio_to_import_floor']:.2f}x the import floor) |",
+            *(
+                f"| - {label} | {f[k]:.2f} |"
+                for k, label in (
+                    ("flower-start", "Flower starts a client process"),
+                    ("imports", "the app's imports"),
+                    ("handover", "app imported -> handler called"),
+                    ("load", "client data + model loading"),
+                    ("train", "client local training"),
+                    ("messaging", "Flower messaging (push, polling, pull)"),
+                )
+            ),
+            f"| {name}: app / (import floor + loading + training) | {e['ratio_to_goal_base']:.2f}x (goal <= {GOAL}:"
+            f" {'met' if e['goal_met'] else 'not met'}) |",
+        ]
+        if "in_process_round_s" in e:
+            rows.append(f"| {name}: in-process (fedit.run_fedit) | {e['in_process_round_s']:.2f} |")
+    return "| seconds per FedIT round (mean) | |\n|---|---|\n" + "\n".join(rows)
+
+
+def parse(argv) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter)
     ap.add_argument("--backbone", required=True, help="a backbone file (vit.py's format, e.g. the tiny preset's cache)")
-    ap.add_argument("--clients", type=int, default=2, help="SuperNodes (= clients), every one trained every round")
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--experiment", choices=["vision", "language", "both"], default="both")
+    ap.add_argument(
+        "--model",
+        default=None,
+        help="a tiny model file (run_llm.py --model tiny's cache); default: "
+        "the tiny architecture with random weights, written to --out",
+    )
+    ap.add_argument("--clients", type=int, default=3, help="SuperNodes (= clients), every one trained every round")
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--data", choices=["synthetic", "cifar"], default="synthetic")
     ap.add_argument("--data-dir", default="data")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of each client and of the in-process run")
@@ -143,12 +194,35 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     if not os.path.isfile(args.backbone):
         ap.error(f"--backbone {args.backbone}: no such file")
+    if args.model is not None and not os.path.isfile(args.model):
+        ap.error(f"--model {args.model}: no such file")
+    if not 1 <= args.clients <= 8:
+        ap.error(f"--clients {args.clients}: 1 to 8 (the language experiment's synthetic tasks)")
+    if not 1 <= args.threads <= 256:
+        ap.error(f"--threads {args.threads}: 1 to 256")
     if args.superexec_poll is not None and not 0.01 <= args.superexec_poll <= 60:
         ap.error(f"--superexec-poll {args.superexec_poll}: flwr takes 0.01 to 60 seconds")
+    return args, ap
+
+
+def main(argv=None) -> dict:
+    args, ap = parse(argv)
     out = Path(args.out).resolve()
-    run_config = {"num-clients": args.clients, "rounds": args.rounds, "data": args.data, "out-dir": str(out / "flower")}
+    experiments = ["vision", "language"] if args.experiment == "both" else [args.experiment]
+    k, rounds = args.clients, args.rounds
+    configs = {
+        e: {
+            "experiment": e,
+            "num-clients": k,
+            "rounds": rounds,
+            "data": args.data,
+            "out-dir": str(out / e),
+            **FINAL_STEP,
+        }
+        for e in experiments
+    }
     try:
-        cfg = AppConfig.from_run_config(run_config)  # every other setting: pyproject's defaults (the tiny preset)
+        cfgs = {e: AppConfig.from_run_config(c) for e, c in configs.items()}  # the rest: pyproject's defaults
     except ConfigError as e:
         ap.error(str(e))
     backbone, data_dir = os.path.abspath(args.backbone), os.path.abspath(args.data_dir)
@@ -160,63 +234,58 @@ def main(argv=None) -> dict:
 
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    ref, seconds = in_process(cfg, backbone, data_dir)
-    print(f"in-process: {args.rounds} rounds in {sum(seconds):.1f} s")
-    got, results, floor = on_flower(
-        run_config,
-        backbone,
-        data_dir,
-        args.threads,
-        out,
-        not args.no_cache,
-        args.superexec_poll,
-        sum(v.numel() for v in ref.values()),
-    )
-    flower = breakdown(results)
-    vs_floor = against_floor(flower, mean(floor))
+    model = os.path.abspath(args.model) if args.model else random_tiny_model(out / "tiny-llama-random.pt")
+    ref = None
+    if "vision" in experiments:
+        ref, seconds = in_process(cfgs["vision"], backbone, data_dir)
+        print(f"in-process: {rounds} rounds in {sum(seconds):.1f} s")
+    numel = sum(v.numel() for v in ref.values()) if ref else 21988
+
+    def floor(name: str, imports: str) -> tuple[str, Path, dict]:
+        return (
+            name,
+            FLOOR,
+            {"num-clients": k, "rounds": rounds, "numel": numel, "imports": imports, "out-dir": str(out / name)},
+        )
+
+    runs = [floor("echo-floor", "")]
+    for e in experiments:
+        runs += [floor(f"{e}-import-floor", IMPORT_FLOORS[e]), (f"{e}-app", APP, configs[e])]
+    caches = [("" if args.no_cache else str(out / "cache" / f"node{i}")) for i in range(k)]
+    nodes = [node_config(i, k, backbone, data_dir, model, args.threads, caches[i]) for i in range(k)]
+    on_flower(runs, nodes, out, args.superexec_poll)
+    echo = mean(floor_rounds(out / "echo-floor"))
     report = {
-        "clients": args.clients,
-        "rounds": args.rounds,
+        "clients": k,
+        "rounds": rounds,
         "threads": args.threads,
         "backbone": backbone,
-        "adapter_bytes": results["adapter"]["bytes"],
-        "adapter_wire_bytes": results["adapter"]["wire_bytes"],
-        "bitwise_equal": sorted(got) == sorted(ref) and all(torch.equal(got[k], ref[k]) for k in ref),
-        "in_process_round_s": mean(seconds),
-        "flower": flower,
-        "ratio": flower["round"] / mean(seconds),
-        "floor_rounds_s": floor,
-        **vs_floor,
-        "superexec_poll_s": args.superexec_poll,
-        "cache": not args.no_cache,
-        "flower_stages_s": results["timing_s"],
-        "wall_s": time.time() - t0,
+        "model": model,
+        "echo_floor_round_s": echo,
+        "experiments": {},
     }
+    for e in experiments:
+        results = json.loads((out / e / "results.json").read_text())
+        flower = breakdown(results)
+        entry = {
+            "flower": flower,
+            **against_floor(flower, mean(floor_rounds(out / f"{e}-import-floor")), echo),
+            "adapter_bytes": results["adapter"]["bytes"],
+            "adapter_wire_bytes": results["adapter"]["wire_bytes"],
+            "flower_stages_s": results["timing_s"],
+        }
+        if e == "vision":
+            got = torch.load(out / e / "checkpoint.pt", map_location="cpu", weights_only=True)["fedit"]["global_state"]
+            entry["bitwise_equal"] = sorted(got) == sorted(ref) and all(torch.equal(got[n], ref[n]) for n in ref)
+            entry["in_process_round_s"] = mean(seconds)
+        report["experiments"][e] = entry
+    report.update(superexec_poll_s=args.superexec_poll, cache=not args.no_cache, wall_s=time.time() - t0)
     atomic_write(str(out / "flower_bench.json"), lambda f: f.write(json.dumps(report, indent=1).encode()))
-    print(
-        f"| per FedIT round ({args.clients} clients, {args.threads} thread each) | seconds |\n|---|---|\n"
-        f"| in-process (fedit.run_fedit) | {mean(seconds):.2f} |\n| Flower on loopback | {flower['round']:.2f} "
-        f"({flower['round'] / mean(seconds):.0f}x) |\n"
-        + "".join(
-            f"| - {label} | {flower[k]:.2f} |\n"
-            for k, label in (
-                ("flower-start", "Flower starts a client process (interpreter, flwr-clientapp, SuperNode hand-shake)"),
-                ("imports", "the app's imports (torch, torchvision, the project)"),
-                ("handover", "app imported -> handler called (Flower hands over the message)"),
-                ("load", "client data + model loading"),
-                ("train", "client local training"),
-                ("messaging", "Flower messaging (push, SuperNode polling, pull)"),
-            )
-        )
-        + f"| Flower's floor (a ClientApp that returns its input, same federation) | {mean(floor):.2f} |\n"
-        f"| app / floor | {vs_floor['ratio_to_floor']:.2f}x (goal: app <= {GOAL} x floor + training = "
-        f"{vs_floor['goal_bound_s']:.2f} s: {'met' if vs_floor['goal_met'] else 'not met'}) |"
-    )
-    print(
-        f"Flower stages: {', '.join(f'{k} {v:.1f} s' for k, v in results['timing_s'].items())}; final adapters "
-        f"bitwise equal: {report['bitwise_equal']}; adapter {report['adapter_bytes']} bytes "
-        f"({report['adapter_wire_bytes']} serialised); {out / 'flower_bench.json'}"
-    )
+    print(table(report))
+    if ref is not None:
+        equal = report["experiments"]["vision"]["bitwise_equal"]
+        print(f"vision: final adapters bitwise equal to the in-process run: {equal}")
+    print(out / "flower_bench.json")
     return report
 
 

@@ -4,8 +4,14 @@ straight back. What a round costs here is what Flower itself costs: a fresh Clie
 (interpreter, flwr-clientapp, its hand-shake), the SuperNodes' polling, and moving the arrays. It imports
 flwr and numpy only (no torch), so it is the least any ClientApp can cost; potara_flower/bench.py runs it
 on the same federation as the Potara app and prints both.
+
+Run config `imports` (comma-separated module names, default none): the ClientApp imports them before it
+answers. Flower starts a process per message, so a round then also pays for what a device of an experiment
+cannot do without (torch and torchvision for the vision model, torch and transformers' Llama for the
+language one): the floor a torch app is measured against.
 """
 
+import importlib
 import json
 import os
 import time
@@ -21,6 +27,9 @@ server = ServerApp()
 
 @app.train()
 def echo(msg: Message, context: Context) -> Message:
+    for name in str(context.run_config.get("imports", "")).split(","):
+        if name.strip():
+            importlib.import_module(name.strip())
     return Message(msg.content, reply_to=msg)
 
 
