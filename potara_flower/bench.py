@@ -104,7 +104,7 @@ def on_flower(runs: list[tuple[str, Path, dict]], nodes: list[str], folder: Path
             t0 = time.time()
             status = fed.run(app, config, timeout=3600)
             if status["status"] != "finished:completed":
-                raise RuntimeError(f"{name} ended {status['status']}:\n{fed.log('superlink')[-3000:]}")
+                raise RuntimeError(f"{name} ended {status['status']}:\n{fed.run_log(status['run-id'])[-3000:]}")
             print(f"{name}: {time.time() - t0:.0f} s")
 
 

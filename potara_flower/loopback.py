@@ -228,3 +228,64 @@ class LocalFederation:
                 pass
             p.wait(timeout=grace)
         self.procs.clear()
+
+
+def tls_and_keys(tmp: Path, names: tuple[str, ...] = ("member", "stranger")) -> dict:
+    """In folder tmp: a CA, a SuperLink certificate for 127.0.0.1 signed by it (openssl), and a SuperNode key
+    pair per name (ssh-keygen, ECDSA P-384: tmp/<name>, tmp/<name>.pub): docs/flower.md's commands. Returns
+    LocalFederation's `tls`."""
+
+    def sh(*cmd: str) -> None:
+        subprocess.run(cmd, cwd=tmp, check=True, capture_output=True, timeout=60)
+
+    sh(
+        "openssl",
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=potara test CA",
+    )
+    sh(
+        "openssl",
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    )
+    (tmp / "san.ext").write_text("subjectAltName = IP:127.0.0.1, DNS:localhost\n")
+    sh(
+        "openssl",
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "1",
+        "-extfile",
+        "san.ext",
+    )
+    for name in names:
+        sh("ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", name, "-C", name)
+    return {"ca": str(tmp / "ca.crt"), "cert": str(tmp / "server.pem"), "key": str(tmp / "server.key")}

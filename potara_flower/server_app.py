@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import resource
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -371,6 +372,8 @@ def main(grid: Grid, context: Context) -> None:
     evals, eval_failed = personalize_all(grid, cfg, roster, fed.global_state)
     timing["personalize"] = time.time() - t0
     results = collect_server_results(cfg, context, roster, fed, phi0, evals, eval_failed, timing)
+    # this ServerApp process's peak resident memory (Linux reports KiB): what a server holds for K clients
+    results["server_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     write_outputs(results, out_dir)
     print(f"results in {out_dir}/results.json")
     for line in missing_lines(eval_failed, len(roster.names), out_dir):

@@ -156,7 +156,7 @@ def flower_literals() -> dict[str, set[str]]:
     """Per tool, the words tests/test_flower.py passes to it (directly or through loopback.LocalFederation)."""
     test, loop = REPO / "tests" / "test_flower.py", REPO / "potara_flower" / "loopback.py"
     auth = strings_in(test, "test_unregistered_supernode_is_refused")
-    keys = strings_in(test, "tls_and_keys")
+    keys = strings_in(loop, "tls_and_keys")
     return {
         "openssl": keys,
         "ssh-keygen": keys,

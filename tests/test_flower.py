@@ -8,7 +8,6 @@ SIGKILL after a bound), whatever happens; every wait is bounded. Skipped only wh
 from __future__ import annotations
 
 import json
-import subprocess
 from dataclasses import fields
 from pathlib import Path
 
@@ -44,7 +43,7 @@ from torchvision.models import VisionTransformer  # noqa: E402
 from potara.adapter_file import load_adapter  # noqa: E402
 from potara.fedit import Client, FedConfig, run_fedit  # noqa: E402
 from potara.rounds import sample_clients
-from potara_flower.loopback import LocalFederation, wait_for  # noqa: E402
+from potara_flower.loopback import LocalFederation, tls_and_keys, wait_for  # noqa: E402
 from potara_flower.task import ADAPTER, CONFIG, METRICS, from_record, to_record  # noqa: E402
 from potara_harness.checkpoint import ResumeError  # noqa: E402
 from potara_harness.config import (  # noqa: E402
@@ -343,66 +342,6 @@ def test_loopback_fedit_bitwise_equals_in_process(federation, tmp_path):
 
 
 # ----------------------------------------------------------------------------- security on the wire
-def tls_and_keys(tmp: Path) -> dict:
-    """A CA, a SuperLink certificate for 127.0.0.1 signed by it (openssl), and two SuperNode key pairs
-    (ssh-keygen, ECDSA P-384): docs/flower.md's commands."""
-
-    def sh(*cmd: str) -> None:
-        subprocess.run(cmd, cwd=tmp, check=True, capture_output=True, timeout=60)
-
-    sh(
-        "openssl",
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.crt",
-        "-days",
-        "1",
-        "-subj",
-        "/CN=potara test CA",
-    )
-    sh(
-        "openssl",
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-        "-subj",
-        "/CN=127.0.0.1",
-    )
-    (tmp / "san.ext").write_text("subjectAltName = IP:127.0.0.1, DNS:localhost\n")
-    sh(
-        "openssl",
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.crt",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "server.pem",
-        "-days",
-        "1",
-        "-extfile",
-        "san.ext",
-    )
-    for name in ("member", "stranger"):
-        sh("ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", name, "-C", name)
-    return {"ca": str(tmp / "ca.crt"), "cert": str(tmp / "server.pem"), "key": str(tmp / "server.key")}
-
-
 def test_unregistered_supernode_is_refused(tmp_path):
     """TLS + SuperNode authentication: the SuperNode whose public key was registered (flwr supernode
     register) comes online; one with an unregistered key, and one with no key, are refused and exit."""

@@ -1,0 +1,206 @@
+"""Many devices and a restart, on loopback: what an operator sees beyond three SuperNodes. Not a test (slow).
+
+    python -m potara_flower.fleet --backbone data/backbones/tiny-3ed7fae472e8.pt                  # K = 3, 6, 10
+    python -m potara_flower.fleet --backbone B --nodes 3 6 10 --clients-per-round 2 --rounds 3 --restart
+
+For each K of --nodes: a SuperLink and K SuperNodes on 127.0.0.1 (loopback.LocalFederation), the vision app
+for --rounds rounds with clients-per-round < K (rounds.sample_clients draws who trains), then its final
+step. Reported per K: the final global adapter against fedit.run_fedit in this process with the same
+sampling (bitwise), the server's seconds per round (the ServerApp's own clock), the ServerApp process's
+peak resident memory (it reports it in results.json) and the SuperLink's (VmHWM from /proc while it runs).
+
+--restart: TLS and SuperNode authentication (every device's key registered), --restart-nodes SuperNodes,
+every client trained every round; once the checkpoint of round 1 is written, client 1's SuperNode is
+SIGKILLed (its process group: the device and its ClientApp) and started again at once with the same key
+and node config. Reported: the rounds client 1 took part in and those it failed, whether it is in the final
+results, the seconds from the restart to the node being online again, and bitwise equality with the
+in-process run given the same participants (its failed rounds dropped).
+Output: a table on stdout and --out/fleet.json (atomic).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+from potara_flower.bench import APP, in_process
+from potara_flower.loopback import LocalFederation, wait_for
+from potara_harness import cli
+from potara_harness.config import AppConfig, ConfigError
+
+FINAL_STEP = {"local-train-steps": 5, "finetune-steps": 5, "fisher-samples": 20}  # not what is measured here
+
+
+def node_config(k: int, K: int, backbone: str, data_dir: str) -> str:
+    """Client k's device: the backbone, the data, its split kept between messages (cache-dir), one thread."""
+    cache = os.path.join(data_dir, "split-cache", f"K{K}-node{k}")
+    return (
+        f"partition-id={k} num-partitions={K} backbone='{backbone}' data-dir='{data_dir}' threads=1 cache-dir='{cache}'"
+    )
+
+
+def vm_hwm_mb(pid: int) -> float:
+    """A live process's peak resident memory (VmHWM), MB; 0 once it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def final_adapter(out: Path) -> dict:
+    import torch
+
+    return torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)["fedit"]["global_state"]
+
+
+def bitwise(a: dict, b: dict) -> bool:
+    import torch
+
+    return sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in b)
+
+
+def many_nodes(K: int, run: dict, backbone: str, data_dir: str, folder: Path) -> dict:
+    """One federation of K SuperNodes, one run of the vision app; its figures."""
+    out, hwm = folder / "out", [0.0]
+    config = {**run, "num-clients": K, "out-dir": str(out)}
+    cfg = AppConfig.from_run_config(config)
+    reference, _ = in_process(cfg, backbone, data_dir)
+    with LocalFederation(folder / "federation") as fed:
+        link = fed.superlink()
+        for k in range(K):
+            fed.supernode(f"node{k}", node_config(k, K, backbone, data_dir))
+        t0 = time.time()
+        status = fed.run(APP, config, timeout=3600, during=lambda _: hwm.append(vm_hwm_mb(link.pid)))
+        wall = time.time() - t0
+        hwm.append(vm_hwm_mb(link.pid))
+    if status["status"] != "finished:completed":
+        raise RuntimeError(f"K = {K}: the run ended {status['status']}")
+    results = json.loads((out / "results.json").read_text())
+    rounds = [h["seconds"] for h in results["fedit_history"]]
+    return {
+        "nodes": K,
+        "clients_per_round": cfg.clients_per_round,
+        "bitwise_equal": bitwise(final_adapter(out), reference),
+        "participants": [h["clients"] for h in results["fedit_history"]],
+        "failed": [h["failed"] for h in results["fedit_history"]],
+        "server_round_s": sum(rounds) / len(rounds),
+        "serverapp_peak_rss_mb": results["server_peak_rss_mb"],
+        "superlink_peak_rss_mb": max(hwm),
+        "run_wall_s": wall,
+        "stages_s": results["timing_s"],
+    }
+
+
+def restart(K: int, run: dict, backbone: str, data_dir: str, folder: Path) -> dict:
+    """K authenticated SuperNodes; client 1's killed after round 1 and started again with its key and node config."""
+    from potara_flower.loopback import tls_and_keys
+
+    folder.mkdir(parents=True, exist_ok=True)
+    names = tuple(f"node{k}" for k in range(K))
+    tls, out = tls_and_keys(folder, names), folder / "out"
+    config = {**run, "num-clients": K, "clients-per-round": 0, "out-dir": str(out)}
+    reference, _ = in_process(AppConfig.from_run_config(config), backbone, data_dir)
+    events: dict[str, float] = {}
+    with LocalFederation(folder / "federation", tls=tls) as fed:
+        fed.superlink("--enable-supernode-auth")
+        for name in names:
+            assert fed.flwr("supernode", "register", str(folder / f"{name}.pub"), "local").get("success"), name
+        key = lambda k: ("--auth-supernode-private-key", str(folder / names[k]))
+        nodes = [fed.supernode(names[k], node_config(k, K, backbone, data_dir), *key(k)) for k in range(K)]
+        listing = lambda: {n["node-id"]: n for n in fed.flwr("supernode", "list", "local")["nodes"]}
+        wait_for(lambda: sum(n["status"] == "online" for n in listing().values()) == K, 120, f"{K} nodes online")
+        before = listing()
+
+        def during(_status: dict) -> None:
+            if "killed" not in events and (out / "checkpoint.pt").exists():  # round 1 is written (atomically)
+                os.killpg(nodes[1].pid, signal.SIGKILL)
+                nodes[1].wait(30)
+                events["killed"] = time.time()
+                nodes[1] = fed.supernode("node1-restarted", node_config(1, K, backbone, data_dir), *key(1))
+                events["restarted"] = time.time()
+            elif "restarted" in events and "online_again" not in events:
+                now = listing()
+                if any(now[i]["online-at"] != before[i]["online-at"] and now[i]["status"] == "online" for i in now):
+                    events["online_again"] = time.time()
+
+        status = fed.run(APP, config, timeout=3600, poll=0.5, during=during)
+        after = listing()
+    results = json.loads((out / "results.json").read_text())
+    history = results["fedit_history"]
+    took_part = [t + 1 for t, h in enumerate(history) if "client1" in h["clients"] and "client1" not in h["dropped"]]
+    failed = [t + 1 for t, h in enumerate(history) if any(f["client"] == "client1" for f in h["failed"])]
+    return {
+        "nodes": K,
+        "status": status["status"],
+        "node_ids_kept": sorted(after) == sorted(before),
+        "client1_trained_in_rounds": took_part,
+        "client1_failed_in_rounds": failed,
+        "client1_failures": [f for h in history for f in h["failed"] if f["client"] == "client1"],
+        "client1_in_results": "client1" in results["clients"],
+        "restart_to_online_s": events["online_again"] - events["restarted"] if "online_again" in events else None,
+        "bitwise_equal_to_uninterrupted": bitwise(final_adapter(out), reference) if not failed else None,
+        "server_round_s": [h["seconds"] for h in history],
+    }
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter)
+    ap.add_argument("--backbone", required=True, help="a backbone file (vit.py's format, e.g. the tiny preset's cache)")
+    ap.add_argument("--nodes", type=int, nargs="+", default=[3, 6, 10], help="SuperNodes K, one federation each")
+    ap.add_argument("--clients-per-round", type=int, default=2, help="clients trained each round (< every K)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--data-dir", default="data")
+    ap.add_argument("--restart", action="store_true", help="also the restart run (TLS, authenticated SuperNodes)")
+    ap.add_argument("--restart-nodes", type=int, default=3)
+    ap.add_argument("--out", default="runs/flower-fleet")
+    args = ap.parse_args(argv)
+    if not os.path.isfile(args.backbone):
+        ap.error(f"--backbone {args.backbone}: no such file")
+    if not all(2 <= k <= 64 for k in args.nodes) or not 1 <= args.clients_per_round < min(args.nodes):
+        ap.error("--nodes: 2 to 64 each; --clients-per-round: 1 to below the smallest K")
+    if not 1 <= args.rounds <= 100 or not 2 <= args.restart_nodes <= 64 or args.rounds < 2 and args.restart:
+        ap.error("--rounds: 1 to 100 (2 or more with --restart); --restart-nodes: 2 to 64")
+    run = {"rounds": args.rounds, "clients-per-round": args.clients_per_round, "drop-prob": 0.0, **FINAL_STEP}
+    run["round-timeout"] = 120.0  # a dead device is reported by the SuperLink in under a minute
+    try:
+        AppConfig.from_run_config({**run, "num-clients": max(args.nodes)})
+    except ConfigError as e:
+        ap.error(str(e))
+    import torch
+
+    from potara.safe_files import atomic_write
+
+    torch.set_num_threads(1)  # as every device runs (threads=1): the same kernels, the same sums
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    backbone, data_dir = os.path.abspath(args.backbone), os.path.abspath(args.data_dir)
+    report = {"rounds": args.rounds, "many_nodes": [], "restart": None}
+    for K in args.nodes:
+        report["many_nodes"].append(many_nodes(K, run, backbone, data_dir, out / f"K{K}"))
+        print(json.dumps(report["many_nodes"][-1]))
+    if args.restart:
+        report["restart"] = restart(args.restart_nodes, run, backbone, data_dir, out / "restart")
+        print(json.dumps(report["restart"]))
+    atomic_write(str(out / "fleet.json"), lambda f: f.write(json.dumps(report, indent=1).encode()))
+    print(
+        "| K SuperNodes | clients per round | bitwise = in-process | server s/round | ServerApp peak MB | "
+        "SuperLink peak MB |\n|---|---|---|---|---|---|"
+    )
+    for r in report["many_nodes"]:
+        print(
+            f"| {r['nodes']} | {r['clients_per_round']} | {r['bitwise_equal']} | {r['server_round_s']:.1f} | "
+            f"{r['serverapp_peak_rss_mb']:.0f} | {r['superlink_peak_rss_mb']:.0f} |"
+        )
+    print(out / "fleet.json")
+    return report
+
+
+if __name__ == "__main__":
+    main()
