@@ -12,7 +12,8 @@ each client on --threads torch threads), one run after the other, --rounds round
                  (IMPORT_FLOORS): the least a torch app can cost, since Flower 1.42 starts a process per message;
   the app        `flwr run` of this repository's app, per experiment (vision: the tiny ViT on synthetic or
                  CIFAR-100 images; language: the tiny Llama of --model, or one with random weights, on the
-                 first K synthetic tasks), its final step shortened (FINAL_STEP: not what is measured).
+                 first K synthetic tasks, run_llm.py's tiny split sizes), its final step shortened (FINAL_STEP:
+                 not what is measured).
 Per app round, from every client (client_app.startup_seconds): Flower starting its process, the app's
 imports, the hand-over, data and model loading, local training; what is left is messaging (push, polling,
 pull), taken against the slowest client. Goal: app round <= GOAL x (import floor + loading + training).
@@ -31,7 +32,7 @@ from pathlib import Path
 
 from potara_flower.loopback import LocalFederation
 from potara_harness import cli
-from potara_harness.config import VIT_PRESETS, AppConfig, ConfigError
+from potara_harness.config import LM_PRESETS, VIT_PRESETS, AppConfig, ConfigError
 
 # The command line is checked before torch loads (--help and a bad option answer at once): torch and what uses it
 # are imported inside the functions that run after the checks.
@@ -218,6 +219,7 @@ def main(argv=None) -> dict:
             "data": args.data,
             "out-dir": str(out / e),
             **FINAL_STEP,
+            **({k: LM_PRESETS["tiny"][k] for k in ("train", "val", "test")} if e == "language" else {}),
         }
         for e in experiments
     }

@@ -28,6 +28,11 @@ SCRIPTS = {  # name -> (command, a bad argument, its one-line error after argpar
         ["--backbone", "/no/such/file"],
         "error: --backbone /no/such/file: no such file",
     ),
+    "flower.fleet": (
+        ["-m", "potara_flower.fleet"],
+        ["--backbone", "/no/such/file"],
+        "error: --backbone /no/such/file: no such file",
+    ),
 }
 
 
