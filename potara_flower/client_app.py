@@ -41,6 +41,7 @@ the protocol):
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 import time
 from dataclasses import dataclass
@@ -186,11 +187,28 @@ def process_age() -> float | None:
         return None
 
 
+# the model code of each experiment, imported by the handler that needs it, not at the top (a language device
+# imports no torchvision): vision builds torchvision's ViT, language transformers' Llama (the tiny model)
+EXPERIMENT_MODULES = {
+    "vision": ("potara_harness.vit",),
+    "language": ("potara_harness.lm", "transformers.models.llama.modeling_llama"),
+}
+
+
+def import_experiment(context: Context) -> float:
+    """Imports the run's experiment's model code (EXPERIMENT_MODULES); the seconds it took, counted with the
+    imports in a message's timings rather than with data loading."""
+    t0 = time.perf_counter()
+    for name in EXPERIMENT_MODULES.get(str(context.run_config.get("experiment", "vision")), ()):
+        importlib.import_module(name)
+    return time.perf_counter() - t0
+
+
 def startup_seconds() -> dict[str, float]:
     """A message's start-up in three measured parts: Flower starting the process until this module is
     imported (interpreter, flwr-clientapp, its hand-shake with the SuperNode), this module's imports
-    (torch, torchvision, the project), and from then until the handler runs (Flower loading the app and
-    the message)."""
+    (torch, flwr, the project; train adds the experiment's model code, import_experiment), and from then until
+    the handler runs (Flower loading the app and the message)."""
     age, now = process_age(), time.time()
     parts = {"imports": IMPORTS_DONE - IMPORTS_STARTED, "handover": now - IMPORTS_DONE}
     if age is not None:
@@ -216,10 +234,11 @@ def setup(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Round t: phi^t -> fedit.local_update (seeds (seed, t, k)) -> phi_k^{t+1}, n_k, mean loss."""
-    startup, t0 = startup_seconds(), time.perf_counter()
-    config = msg.content[CONFIG]
+    startup, config = startup_seconds(), msg.content[CONFIG]
     if config.get("drop", False):  # a simulated drop-out (rounds.sample_clients): answers, but sends nothing
         return Message(RecordDict({CONFIG: ConfigRecord({"dropped": True})}), reply_to=msg)
+    startup["imports"] += import_experiment(context)
+    t0 = time.perf_counter()
     cfg, c = load_client(context)
     phi_t, s, t1 = received_adapter(msg, c.phi0), c.split, time.perf_counter()
     fed_cfg = FedConfig(cfg.rounds, cfg.local_steps, cfg.lr, cfg.batch_size, seed=cfg.seed)
