@@ -10,11 +10,12 @@ sampling (bitwise), the server's seconds per round (the ServerApp's own clock), 
 peak resident memory (it reports it in results.json) and the SuperLink's (VmHWM from /proc while it runs).
 
 --restart: TLS and SuperNode authentication (every device's key registered), --restart-nodes SuperNodes,
-every client trained every round; once the checkpoint of round 1 is written, client 1's SuperNode is
-SIGKILLed (its process group: the device and its ClientApp) and started again at once with the same key
+every client trained every round, at least 4 rounds; once the checkpoint of round 1 is written, client 1's
+SuperNode is SIGKILLed (its process group: the device and its ClientApp) and, as soon as the SuperLink lists
+it offline (flwr 1.42 refuses to activate a node it still counts online), started again with the same key
 and node config. Reported: the rounds client 1 took part in and those it failed, whether it is in the final
-results, the seconds from the restart to the node being online again, and bitwise equality with the
-in-process run given the same participants (its failed rounds dropped).
+results, the seconds from the kill to the node listed offline and from the restart to it online again, and
+(when it failed no round) bitwise equality with the uninterrupted in-process run.
 Output: a table on stdout and --out/fleet.json (atomic).
 """
 
@@ -105,7 +106,7 @@ def restart(K: int, run: dict, backbone: str, data_dir: str, folder: Path) -> di
     folder.mkdir(parents=True, exist_ok=True)
     names = tuple(f"node{k}" for k in range(K))
     tls, out = tls_and_keys(folder, names), folder / "out"
-    config = {**run, "num-clients": K, "clients-per-round": 0, "out-dir": str(out)}
+    config = {**run, "num-clients": K, "clients-per-round": 0, "rounds": max(run["rounds"], 4), "out-dir": str(out)}
     reference, _ = in_process(AppConfig.from_run_config(config), backbone, data_dir)
     events: dict[str, float] = {}
     with LocalFederation(folder / "federation", tls=tls) as fed:
@@ -119,15 +120,20 @@ def restart(K: int, run: dict, backbone: str, data_dir: str, folder: Path) -> di
         before = listing()
 
         def during(_status: dict) -> None:
+            # flwr 1.42 activates a node only when it is registered or offline (LinkState.activate_node): a SuperNode
+            # started again while the SuperLink still counts the dead one online is refused and exits (code 305), so
+            # the restart waits until the SuperLink has marked it offline (2 missed heartbeats)
             if "killed" not in events and (out / "checkpoint.pt").exists():  # round 1 is written (atomically)
                 os.killpg(nodes[1].pid, signal.SIGKILL)
                 nodes[1].wait(30)
                 events["killed"] = time.time()
-                nodes[1] = fed.supernode("node1-restarted", node_config(1, K, backbone, data_dir), *key(1))
-                events["restarted"] = time.time()
+            elif "killed" in events and "restarted" not in events:
+                if any(n["status"] == "offline" for n in listing().values()):
+                    events["offline"] = time.time()
+                    nodes[1] = fed.supernode("node1-restarted", node_config(1, K, backbone, data_dir), *key(1))
+                    events["restarted"] = time.time()
             elif "restarted" in events and "online_again" not in events:
-                now = listing()
-                if any(now[i]["online-at"] != before[i]["online-at"] and now[i]["status"] == "online" for i in now):
+                if sum(n["status"] == "online" for n in listing().values()) == K:
                     events["online_again"] = time.time()
 
         status = fed.run(APP, config, timeout=3600, poll=0.5, during=during)
@@ -144,7 +150,9 @@ def restart(K: int, run: dict, backbone: str, data_dir: str, folder: Path) -> di
         "client1_failed_in_rounds": failed,
         "client1_failures": [f for h in history for f in h["failed"] if f["client"] == "client1"],
         "client1_in_results": "client1" in results["clients"],
+        "kill_to_offline_s": events["offline"] - events["killed"] if "offline" in events else None,
         "restart_to_online_s": events["online_again"] - events["restarted"] if "online_again" in events else None,
+        "restarted_node_exit_code": nodes[1].poll() if "restarted" in events else None,
         "bitwise_equal_to_uninterrupted": bitwise(final_adapter(out), reference) if not failed else None,
         "server_round_s": [h["seconds"] for h in history],
     }
