@@ -161,7 +161,13 @@ def restart(K: int, run: dict, backbone: str, data_dir: str, folder: Path) -> di
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter)
     ap.add_argument("--backbone", required=True, help="a backbone file (vit.py's format, e.g. the tiny preset's cache)")
-    ap.add_argument("--nodes", type=int, nargs="+", default=[3, 6, 10], help="SuperNodes K, one federation each")
+    ap.add_argument(
+        "--nodes",
+        type=int,
+        nargs="*",
+        default=[3, 6, 10],
+        help="SuperNodes K, one federation each (none: --restart only)",
+    )
     ap.add_argument("--clients-per-round", type=int, default=2, help="clients trained each round (< every K)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--data-dir", default="data")
@@ -171,7 +177,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     if not os.path.isfile(args.backbone):
         ap.error(f"--backbone {args.backbone}: no such file")
-    if not all(2 <= k <= 64 for k in args.nodes) or not 1 <= args.clients_per_round < min(args.nodes):
+    if not all(2 <= k <= 64 for k in args.nodes) or not 1 <= args.clients_per_round < min(args.nodes, default=65):
         ap.error("--nodes: 2 to 64 each; --clients-per-round: 1 to below the smallest K")
     if not 1 <= args.rounds <= 100 or not 2 <= args.restart_nodes <= 64 or args.rounds < 2 and args.restart:
         ap.error("--rounds: 1 to 100 (2 or more with --restart); --restart-nodes: 2 to 64")
