@@ -393,6 +393,8 @@ def test_the_recipe_names_the_model_file_run_llm_writes(tmp_path, monkeypatch):
 DEVICE_WITHOUT_TORCHVISION = r"""
 import sys
 
+import potara_flower.client_app, potara_flower.server_app, potara_harness.lm  # installed torchvision: not imported
+print(sorted(m for m in sys.modules if m.split(".")[0] == "torchvision"))
 sys.modules["torchvision"] = None  # as if not installed: importing it raises, find_spec says absent (transformers)
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
@@ -419,10 +421,10 @@ print(setup.content[CONFIG]["num-examples"], reply.content["metrics"]["train-los
 
 
 def test_a_language_device_needs_no_torchvision(tmp_path):
-    """A language device runs set-up and a training round in a process where torchvision cannot be imported
-    (sys.modules["torchvision"] = None: what an environment without it sees), so nothing on its path needs it;
-    and importing the apps imports none of it either (the vision model code is imported by the vision path only).
-    Subprocesses, bounded in time."""
+    """Importing the apps imports no torchvision (the vision model code is imported by the vision path only), and
+    a language device then runs set-up and a training round where torchvision cannot be imported
+    (sys.modules["torchvision"] = None: what an environment without it sees), so nothing on its path needs it.
+    One subprocess, bounded in time."""
     import subprocess
     import sys
 
@@ -431,17 +433,4 @@ def test_a_language_device_needs_no_torchvision(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.split() == [str(LANG["train"]), "True"], out.stdout
-    imported = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import sys; import potara_flower.client_app, potara_flower.server_app, potara_harness.lm; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torchvision'))",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert imported.returncode == 0 and imported.stdout.strip() == "[]", (imported.stdout, imported.stderr[-2000:])
+    assert out.stdout.split() == ["[]", str(LANG["train"]), "True"], out.stdout
