@@ -73,12 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
     a("--synthetic-per-class", type=int, default=500, help="synthetic training images per class (test: a fifth)")
     cli.add_experiment_options(ap)  # training, Potara, evaluation, run control: shared with run_llm.py
     cli.describe_presets(ap, {"--preset tiny": VIT_PRESETS["tiny"], "paper": VIT_PRESETS["paper"]})
+    cli.bound_numbers(ap)  # every number's range (config.BOUNDS), checked as it is parsed
     return ap
 
 
 def resolve_args(ap: argparse.ArgumentParser, argv=None) -> tuple[argparse.Namespace, dict]:
     """Parse, fill None from the preset, and reject every impossible value with a one-line error."""
     args = ap.parse_args(argv)
+    cli.check_bounds(ap, args)  # every number in config.BOUNDS' range, before the preset fills the rest
     p = VIT_PRESETS[args.preset]
     cli.fill_from_preset(args, p)
     cli.require_positive(ap, args, ("clients", "train", "val", "test", "synthetic_per_class"))

@@ -86,12 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cli.add_experiment_options(ap)  # training, Potara, evaluation, run control: shared with run_cifar.py
     cli.describe_presets(ap, {"--model tiny": LM_PRESETS["tiny"], "other models": LM_PRESETS["hf"]})
+    cli.bound_numbers(ap)  # every number's range (config.BOUNDS), checked as it is parsed
     return ap
 
 
 def resolve_args(ap: argparse.ArgumentParser, argv=None) -> tuple[argparse.Namespace, dict]:
     """Parse, fill None from the preset, and reject every impossible value with a one-line error."""
     args = ap.parse_args(argv)
+    cli.check_bounds(ap, args)  # every number in config.BOUNDS' range, before the preset fills the rest
     p = dict(LM_PRESETS["tiny" if args.model == "tiny" else "hf"])
     cli.fill_from_preset(args, p)
     p.update(pretrain_steps=args.pretrain_steps, max_len=args.max_len)

@@ -40,7 +40,6 @@ the protocol):
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import os
 import time
@@ -60,15 +59,17 @@ from potara_flower.task import (
     ADAPTER,
     CONFIG,
     METRICS,
+    SETUP_SHA256,
     LanguageClient,
     client_split,
+    file_sha256,
     flatten,
     from_record,
     language_client,
     model_sha256,
     to_record,
 )
-from potara_harness.config import VIT_PRESETS, AppConfig, ConfigError
+from potara_harness.config import BOUNDS, VIT_PRESETS, AppConfig, ConfigError, bound_problem
 from potara_harness.data import ClientSplits
 from potara_harness.peft_export import EXPORT_RESERVED
 
@@ -85,7 +86,7 @@ class LocalClient:
     split: ClientSplits  # its train / val / test data
     model: nn.Module  # backbone + phi_0
     phi0: dict[str, torch.Tensor]  # on the CPU, like everything received
-    backbone_sha256: str  # the backbone file's (language: the model's, at set-up only; "" in later messages)
+    backbone_sha256: str  # the backbone file's (language: the model file's or folder's), hashed every message
     autocast_dtype: torch.dtype | None  # bfloat16 autocast on CUDA, none on the CPU
     language: LanguageClient | None = None  # experiment="language": its loss, scorer and likelihood (task.py)
 
@@ -104,15 +105,20 @@ def node_value(node_config, key: str, kind: type, default=None):
     if value is None:
         raise ConfigError(f'node config {key} is missing: start the SuperNode with --node-config "{key}=..."')
     if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ConfigError(f"node config {key} = {value!r}: expected an integer")
+        within = f" in {BOUNDS[key.replace('-', '_')].text()}" if key.replace("-", "_") in BOUNDS else ""
+        raise ConfigError(f"node config {key} = {str(value)[:40]!r}: expected an integer{within}")
+    problem = bound_problem(key.replace("-", "_"), value) if kind is int and key.replace("-", "_") in BOUNDS else None
+    if problem:  # config.BOUNDS: the same range as the command lines' and the run config's
+        raise ConfigError(f"node config {key} {problem}")
     if kind is str and not isinstance(value, str):
         raise ConfigError(f"node config {key} = {value!r}: expected a quoted string")
     return value
 
 
-def load_client(context: Context, hash_model: bool = False) -> tuple[AppConfig, LocalClient]:
-    """The run configuration and this device's client (node config: module docstring). hash_model: the language
-    experiment hashes its model at set-up only (a Hugging Face folder may hold gigabytes)."""
+def load_client(context: Context) -> tuple[AppConfig, LocalClient]:
+    """The run configuration and this device's client (node config: module docstring). The model (backbone or
+    language model) is hashed in every message: check_same_model compares it with the set-up's (a Hugging Face
+    folder of gigabytes costs seconds per message: the price of never training on another model)."""
     cfg = AppConfig.from_run_config(context.run_config)
     node = context.node_config
     k, K = node_value(node, "partition-id", int), node_value(node, "num-partitions", int)
@@ -122,15 +128,12 @@ def load_client(context: Context, hash_model: bool = False) -> tuple[AppConfig, 
             f"num-partitions = the run's num-clients ({cfg.num_clients})"
         )
     if node.get("threads") is not None:
-        threads = node_value(node, "threads", int)
-        if threads < 1:
-            raise ConfigError(f"node config threads={threads}: must be >= 1")
-        torch.set_num_threads(threads)
+        torch.set_num_threads(node_value(node, "threads", int))  # node_value: within config.BOUNDS' range
     device = node_value(node, "device", str, "cpu")
     if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
         raise ConfigError(f"node config device={device!r}: 'cpu', or 'cuda' on a device where CUDA is available")
     if cfg.experiment == "language":
-        split, model, sha, language = load_language(cfg, node, hash_model)
+        split, model, sha, language = load_language(cfg, node)
     else:
         split, model, sha, language = load_vision(cfg, node, k, K)
     model = model.to(device)
@@ -147,8 +150,7 @@ def load_vision(cfg: AppConfig, node, k: int, K: int) -> tuple[ClientSplits, nn.
     path = node_value(node, "backbone", str)
     if not os.path.isfile(path):
         raise ConfigError(f"node config backbone={path!r}: no such file on this device")
-    with open(path, "rb") as f:
-        sha = hashlib.sha256(f.read()).hexdigest()
+    sha = file_sha256(path)  # a regular file of bounded size (safe_files.open_regular), never a FIFO
     p = VIT_PRESETS[cfg.preset]
     backbone = load_backbone_file(path, p["vit"])  # weights_only=True, checked: vit.BackboneError, one line
     model = build_model(backbone, p, cfg.rank, cfg.lora_alpha, cfg.seed)
@@ -156,8 +158,8 @@ def load_vision(cfg: AppConfig, node, k: int, K: int) -> tuple[ClientSplits, nn.
     return client_split(cfg, node_value(node, "data-dir", str, "data"), k, K, cache), model, sha, None
 
 
-def load_language(cfg: AppConfig, node, hash_model: bool) -> tuple[ClientSplits, nn.Module, str, LanguageClient]:
-    """run_llm.py's client for the node's task and model (task.language_client); the model's sha256 when asked."""
+def load_language(cfg: AppConfig, node) -> tuple[ClientSplits, nn.Module, str, LanguageClient]:
+    """run_llm.py's client for the node's task and model (task.language_client); and the model's sha256."""
     model_path = node_value(node, "model", str)
     split, model, language = language_client(cfg, node_value(node, "task", str), model_path)
     if node.get("adapter-dir") and split.name in EXPORT_RESERVED:
@@ -165,7 +167,22 @@ def load_language(cfg: AppConfig, node, hash_model: bool) -> tuple[ClientSplits,
             f"node config task: a task named {split.name!r} would share adapter-dir's folder with "
             f"the {split.name} export: rename its .jsonl file"
         )
-    return split, model, model_sha256(model_path) if hash_model else "", language
+    return split, model, model_sha256(model_path), language
+
+
+def check_same_model(config, c: LocalClient, context: Context) -> None:
+    """Refuse to train or score on a model other than the one set-up agreed on: the server sends the set-up's
+    hash (SETUP_SHA256) with every round and the final step, and this device's file, hashed again for this
+    message, must still be it. A changed file (the preparation rerun in the same folder with other settings)
+    fails this client with a one-line reason; the others go on."""
+    expected = config.get(SETUP_SHA256) if hasattr(config, "get") else None
+    if expected is not None and expected != c.backbone_sha256:
+        key = "model" if c.language else "backbone"
+        raise ConfigError(
+            f"node config {key}={context.node_config.get(key)!r} changed since set-up (sha256 {str(expected)[:12]}"
+            f" then, {c.backbone_sha256[:12]} now): this client refuses to train on another model; restore the "
+            "file or restart the run"
+        )
 
 
 def received_adapter(msg: Message, phi0: dict) -> dict[str, torch.Tensor]:
@@ -219,7 +236,7 @@ def startup_seconds() -> dict[str, float]:
 @app.query()
 def setup(msg: Message, context: Context) -> Message:
     """Who this client is, its data size n_k (FedAvg's weight) and phi_0 (the server checks all agree)."""
-    _, c = load_client(context, hash_model=True)
+    _, c = load_client(context)
     info = ConfigRecord(
         {
             "partition-id": c.index,
@@ -240,6 +257,7 @@ def train(msg: Message, context: Context) -> Message:
     startup["imports"] += import_experiment(context)
     t0 = time.perf_counter()
     cfg, c = load_client(context)
+    check_same_model(config, c, context)
     phi_t, s, t1 = received_adapter(msg, c.phi0), c.split, time.perf_counter()
     fed_cfg = FedConfig(cfg.rounds, cfg.local_steps, cfg.lr, cfg.batch_size, seed=cfg.seed)
     reply, _ = local_update(
@@ -275,6 +293,7 @@ def personalize(msg: Message, context: Context) -> Message:
     from potara_harness.pipeline import finetune_seed, local_seed, train_checked
 
     cfg, c = load_client(context)
+    check_same_model(msg.content.get(CONFIG, {}), c, context)
     G, s, k = received_adapter(msg, c.phi0), c.split, c.index
     ecfg = cfg.pipeline_config()
     L, local_fallback = train_checked(

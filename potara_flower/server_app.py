@@ -51,6 +51,7 @@ from potara_flower.task import (
     CONFIG,
     EVALUATE,
     SETUP,
+    SETUP_SHA256,
     TIMINGS,
     TRAIN,
     from_record,
@@ -235,7 +236,12 @@ def fedit_round(grid: Grid, cfg: AppConfig, roster: Roster, fed: FedState, t: in
     selected, dropped = sample_clients(cfg.seed, t, K, cfg.per_round, cfg.drop_prob)
     record = to_record(fed.global_state)
     content = lambda n: RecordDict(
-        {ADAPTER: record, CONFIG: ConfigRecord({"round": t, "drop": roster.index_of(n) in dropped})}
+        {
+            ADAPTER: record,
+            CONFIG: ConfigRecord(
+                {"round": t, "drop": roster.index_of(n) in dropped, SETUP_SHA256: roster.backbone_sha256}
+            ),
+        }
     )
     answers, failed = ask(grid, [roster.node_ids[k] for k in selected], TRAIN, content, cfg.round_timeout)
     failures = [{"client": roster.names[roster.index_of(n)], "reason": why} for n, why in failed.items()]
@@ -268,7 +274,8 @@ def personalize_all(grid: Grid, cfg: AppConfig, roster: Roster, G: dict) -> tupl
     """Step 3: every client's checked evaluation ({name: tree}, replies.check_evaluation), and the clients that
     failed (no reply within personalize-timeout, an error, a record that is not an evaluation's)."""
     record = to_record(G)
-    answers, failed = ask(grid, roster.node_ids, EVALUATE, lambda n: RecordDict({ADAPTER: record}), cfg.final_timeout)
+    content = lambda n: RecordDict({ADAPTER: record, CONFIG: ConfigRecord({SETUP_SHA256: roster.backbone_sha256})})
+    answers, failed = ask(grid, roster.node_ids, EVALUATE, content, cfg.final_timeout)
     out, bad = {}, [{"client": roster.names[roster.index_of(n)], "reason": why} for n, why in failed.items()]
     for n, r in answers.items():
         name = roster.names[roster.index_of(n)]

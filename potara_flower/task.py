@@ -38,13 +38,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from potara.safe_files import atomic_write, load_torch_file
+from potara.safe_files import MAX_TORCH_FILE, UnsafeFile, atomic_write, load_torch_file, open_regular
 from potara_harness.config import AppConfig, ConfigError
 from potara_harness.data import ClientSplits, load_images
 from potara_harness.partition import client_splits, label_partition, public_and_pool
 
 SETUP, TRAIN, EVALUATE = "query", "train", "evaluate"  # Flower message types (ClientApp handlers)
 ADAPTER, CONFIG, METRICS = "adapter", "config", "metrics"  # keys of a message's RecordDict
+SETUP_SHA256 = "setup-sha256"  # train / evaluate config: the model hash the set-up agreed on (re-checked)
 
 
 def to_record(state: dict[str, torch.Tensor]):
@@ -250,11 +251,16 @@ def language_client(cfg: AppConfig, task: str, model_path: str) -> tuple[ClientS
     return split, model, LanguageClient(lm_loss, scorer, causal_lm_likelihood, base)
 
 
-def file_sha256(path: str) -> str:
-    """sha256 of a file's bytes, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
+def file_sha256(path: str, max_bytes: int = MAX_TORCH_FILE) -> str:
+    """sha256 of a regular file's bytes, read in 1 MiB blocks: opened as every read of the project is
+    (safe_files.open_regular: no link at the last component, no FIFO or device, at most max_bytes), so a FIFO
+    or /dev/zero is refused at once instead of hanging. UnsafeFile (an OSError, one line) otherwise."""
+    h, total = hashlib.sha256(), 0
+    with open_regular(path, max_bytes) as f:
         for block in iter(lambda: f.read(1 << 20), b""):
+            total += len(block)
+            if total > max_bytes:  # grew while read
+                raise UnsafeFile(f"{path}: larger than the {max_bytes:,} bytes this file may hold")
             h.update(block)
     return h.hexdigest()
 
@@ -262,10 +268,11 @@ def file_sha256(path: str) -> str:
 def model_sha256(path: str) -> str:
     """sha256 of a node's model: a file's bytes (what the vision app's backbone hash is), or for a folder the sha256
     of one line "<relative path>\\0<the file's sha256>" per file under it, in sorted order (so two folders agree
-    exactly when they hold the same files with the same bytes). Computed at set-up only: a large model costs
-    seconds to hash."""
-    if os.path.isfile(path):
+    exactly when they hold the same files with the same bytes). Every file is a regular file (file_sha256); a
+    link inside the folder is hashed as the file it resolves to (a Hugging Face cache's snapshot folder is links
+    to its blobs), and refused when that is not a regular file (a link to /dev/zero, a FIFO)."""
+    if not os.path.isdir(path):
         return file_sha256(path)
     files = sorted(os.path.relpath(os.path.join(d, f), path) for d, _, names in os.walk(path) for f in names)
-    lines = "".join(f"{f}\0{file_sha256(os.path.join(path, f))}\n" for f in files)
+    lines = "".join(f"{f}\0{file_sha256(os.path.realpath(os.path.join(path, f)))}\n" for f in files)
     return hashlib.sha256(lines.encode()).hexdigest()

@@ -23,7 +23,15 @@ from contextlib import contextmanager
 from typing import Callable, NoReturn
 
 from potara.safe_files import UnsafeFile, WriteError
-from potara_harness.config import ESTIMATORS, ExperimentConfig, grid_step_problem, size_problem, update_bound
+from potara_harness.config import (
+    BOUNDS,
+    ESTIMATORS,
+    ExperimentConfig,
+    bound_problem,
+    grid_step_problem,
+    size_problem,
+    update_bound,
+)
 
 # This module imports no torch (nor anything that does) at its top: a script parses and checks its command line
 # first, so --help and a bad option answer at once; start_torch then loads torch.
@@ -193,6 +201,44 @@ def require_positive(ap: argparse.ArgumentParser, args: argparse.Namespace, name
         v = getattr(args, k)
         if v is not None and v < minimum:
             ap.error(f"--{k.replace('_', '-')} must be >= {minimum}, got {v}")
+
+
+def numeric_options(ap: argparse.ArgumentParser) -> list[argparse.Action]:
+    """The parser's options that take an int or a float (what config.BOUNDS must cover)."""
+    return [x for x in ap._actions if getattr(x.type, "kind", x.type) in (int, float)]  # no public accessor
+
+
+def bound_numbers(ap: argparse.ArgumentParser) -> None:
+    """Give every int or float option of `ap` with a config.BOUNDS entry a type that parses and range-checks
+    it, so that a bad number ("nan" for an int as well as 10**30) is refused by the parser itself, in one line
+    naming the option and its range. Called once a script has added all its options."""
+    for action in numeric_options(ap):
+        if action.dest in BOUNDS and not hasattr(action.type, "kind"):
+            action.type = _bounded(getattr(action.type, "kind", action.type), action.dest)
+
+
+def _bounded(kind: type, dest: str) -> Callable[[str], int | float]:
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = text
+        problem = bound_problem(dest, value)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+    parse.kind, parse.__name__ = kind, kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+def check_bounds(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """A one-line parser error for the first numeric option outside its range (config.BOUNDS, the table every
+    entry point shares: 0, -1, 10**30, nan, inf are each refused there), before any other check or work."""
+    for action in numeric_options(ap):
+        problem = bound_problem(action.dest, getattr(args, action.dest, None)) if action.dest in BOUNDS else None
+        if problem:
+            ap.error(f"{action.option_strings[-1]} {problem}")
 
 
 def check_sizes(ap: argparse.ArgumentParser, args: argparse.Namespace, names) -> None:

@@ -45,6 +45,90 @@ SIZE_BOUNDS = {  # option (its dest) -> (largest value, why)
 }
 
 
+@dataclass(frozen=True)
+class Bound:
+    """The allowed range of one numeric option: lo <= v <= hi (lo < v with lo_open, v < hi with hi_open)."""
+
+    lo: float
+    hi: float
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def text(self) -> str:
+        show = lambda x: f"{x:,}" if isinstance(x, int) else f"{x:g}"
+        return f"{'(' if self.lo_open else '['}{show(self.lo)}, {show(self.hi)}{')' if self.hi_open else ']'}"
+
+
+_STEPS, _COUNT, _EXAMPLES = Bound(1, 10_000_000), Bound(1, 100_000), Bound(1, 10_000_000)
+# Every number any entry point takes -- run_cifar.py's and run_llm.py's options (by dest), the Flower run config's
+# keys and the node config's (with - for _) -- has its range here, the same for the same name everywhere; checked
+# before any work (bound_problem: cli.check_bounds, AppConfig.check, client_app.node_value), and a test holds
+# every numeric option of the parsers and of AppConfig to have an entry. The upper bounds are generous for real
+# use and only keep a typo (10**30) from reaching the code: a million steps, 10**7 examples per client and split,
+# 10**5 clients or rounds, rank 4096, batches of 65,536, a learning rate of 10, 30 days of timeout, 2**63 - 1 for
+# a seed (torch.manual_seed's 64-bit seeds); the size options take config's MAX_* above (what the program can hold).
+# A lower bound of 0 means 0 is allowed (e.g. clients 0 = every task, pretrain-steps 0 = none for a Hugging Face
+# model); cross-option rules (clients-per-round <= clients, fisher-samples <= the split) stay the entry point's.
+BOUNDS: dict[str, Bound] = {
+    "rounds": _COUNT,
+    "local_steps": _STEPS,
+    "local_train_steps": _STEPS,
+    "finetune_steps": _STEPS,
+    "pretrain_steps": Bound(0, 10_000_000),
+    "clients": Bound(0, 100_000),
+    "num_clients": _COUNT,
+    "clients_per_round": Bound(0, 100_000),
+    "num_partitions": _COUNT,
+    "partition_id": Bound(0, 99_999),
+    "train": _EXAMPLES,
+    "val": _EXAMPLES,
+    "test": _EXAMPLES,
+    "public": Bound(0, 10_000_000),
+    "fisher_samples": _EXAMPLES,
+    "fisher_chunk": Bound(1, 1_000_000),
+    "batch_size": Bound(1, 65_536),
+    "eval_batch_size": Bound(1, 65_536),
+    "rank": Bound(1, 4096),
+    "snapshots": Bound(0, 100_000),
+    "threads": Bound(1, 4096),
+    "seed": Bound(0, 2**63 - 1),
+    "synthetic_per_class": Bound(1, MAX_SYNTHETIC_PER_CLASS),
+    "synthetic_examples": Bound(1, MAX_SYNTHETIC_EXAMPLES),
+    "max_len": Bound(1, MAX_LEN_TOKENS),
+    "max_new_tokens": Bound(1, MAX_NEW_TOKENS),
+    "lr": Bound(0, 10.0, lo_open=True),
+    "lora_alpha": Bound(0, 1e6, lo_open=True),
+    "alpha": Bound(0, 1e6, lo_open=True),
+    "eps": Bound(0, 1e3, lo_open=True),
+    "grid_step": Bound(0, 1.0, lo_open=True),
+    "drop_prob": Bound(0, 1.0, hi_open=True),
+    "max_update_norm": Bound(0, 1e12),
+    "connect_timeout": Bound(0, 2_592_000.0, lo_open=True),
+    "round_timeout": Bound(0, 2_592_000.0, lo_open=True),
+    "personalize_timeout": Bound(0, 2_592_000.0),
+}
+
+
+def bound_problem(name: str, value) -> str | None:
+    """Why `value` is outside BOUNDS[name] (None if inside, or None: an unset option), as "must be in [lo, hi],
+    got v" -- nan and inf included (a comparison with nan is False both ways, so finiteness is asked first)."""
+    if value is None:
+        return None
+    b = BOUNDS[name]
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (b.lo < value if b.lo_open else b.lo <= value) and (value < b.hi if b.hi_open else value <= b.hi)
+    if ok:
+        return None
+    shown = (
+        value
+        if not isinstance(value, int) or abs(value) < 10**20
+        else f"{str(value)[:12]}... ({len(str(value))} digits)"
+    )
+    what = "an integer" if isinstance(b.lo, int) and isinstance(b.hi, int) else "a number"
+    return f"must be {what} in {b.text()}, got {shown}"
+
+
 @dataclass
 class ExperimentConfig:
     rounds: int = 20  # FedIT rounds R
@@ -287,18 +371,24 @@ class AppConfig:
             elif isinstance(default, int):
                 ok = isinstance(v, int) and not isinstance(v, bool)
             elif isinstance(default, float):
-                ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                v = float(v) if ok else v
+                ok = isinstance(v, (int, float)) and not isinstance(v, bool)  # nan, inf: check()'s bounds
+                v = float(v) if ok and (isinstance(v, float) or abs(v) < 2**1023) else v
             else:
                 ok = isinstance(v, str)
             if not ok:
-                raise ConfigError(f"run config {key} = {v!r}: expected a {type(default).__name__}")
+                kind = type(default).__name__
+                within = f" in {BOUNDS[f.name].text()}" if f.name in BOUNDS else ""
+                raise ConfigError(f"run config {key} = {str(v)[:40]!r}: expected a {kind}{within}")
             values[f.name] = v
         cfg = cls(**values)
         cfg.check()
         return cfg
 
     def check(self) -> None:
+        for f in fields(self):  # every number in its range first (BOUNDS: the same as the command lines')
+            problem = bound_problem(f.name, getattr(self, f.name)) if f.name in BOUNDS else None
+            if problem:
+                raise ConfigError(f"run config {f.name.replace('_', '-')} {problem}")
         positive = (
             "num_clients",
             "rounds",

@@ -41,6 +41,7 @@ from potara_harness.llm_data import (
     normalize_answer,
     read_jsonl,
     split_tasks,
+    task_name_problem,
 )
 from potara_harness.llm_tasks import SYNTHETIC_TASKS, public_corpus, synthetic_tasks
 from potara_harness.pretrain import cache_path, cached_pretrain, step, warmup_cosine
@@ -326,6 +327,9 @@ def client_task(spec: str, synthetic_examples: int) -> tuple[str, list[Example]]
     name = os.path.basename(spec)[: -len(".jsonl")] if spec.endswith(".jsonl") else ""
     if name in ("", ".", ".."):
         raise DataError(f"task {spec!r}: expected a <task>.jsonl file or synthetic:<name>")
+    problem = task_name_problem(name)  # the scripts' rule (read_task_dir), before any file is read or written
+    if problem:
+        raise DataError(f"task {spec!r}: the task name {problem} (it names the adapter-dir export's folder)")
     return name, read_jsonl(spec)
 
 

@@ -48,7 +48,9 @@ def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
     (tmp_path / "b.pt").write_bytes(b"")
     with pytest.raises(SystemExit) as e:
         flower_bench.main(["--backbone", str(tmp_path / "b.pt"), "--rounds", "0"])
-    assert e.value.code == 2 and "rounds must be > 0" in capsys.readouterr().err
+    assert (
+        e.value.code == 2 and "run config rounds must be an integer in [1, 100,000], got 0" in capsys.readouterr().err
+    )
 
 
 # ----------------------------------------------------------------------------- the device's split cache (task.py)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -269,7 +270,7 @@ def test_language_run_config_keys_are_typed():
     assert AppConfig().experiment == "vision"
     for bad, message in (
         ({"experiment": "audio"}, "experiment must be 'vision' or 'language'"),
-        ({"max-len": 0}, "max-len must be > 0"),
+        ({"max-len": 0}, re.escape("run config max-len must be an integer in [1, 32,768], got 0")),
         ({"targets": " "}, "targets must name nn.Linear"),
         ({"targets": "self_attn"}, "targets must name nn.Linear"),
         ({"synthetic-examples": 1.5}, "expected a int"),

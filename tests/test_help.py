@@ -19,8 +19,16 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = {  # name -> (command, a bad argument, its one-line error after argparse's "<prog>: ")
-    "run_cifar": ([str(REPO / "run_cifar.py")], ["--rounds", "0"], "error: --rounds must be >= 1, got 0"),
-    "run_llm": ([str(REPO / "run_llm.py")], ["--max-len", "0"], "error: --max-len must be >= 1, got 0"),
+    "run_cifar": (
+        [str(REPO / "run_cifar.py")],
+        ["--rounds", "0"],
+        "error: argument --rounds: must be an integer in [1, 100,000], got 0",
+    ),
+    "run_llm": (
+        [str(REPO / "run_llm.py")],
+        ["--max-len", "0"],
+        "error: argument --max-len: must be an integer in [1, 32,768], got 0",
+    ),
     "ablation": (["-m", "potara_studies.ablation"], ["--scenarios", "nope"], "error: --scenarios 'nope': expected"),
     "studies.bench": (["-m", "potara_studies.bench"], ["--only", "nope"], "error: --only: unknown section(s)"),
     "flower.bench": (

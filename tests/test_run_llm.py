@@ -125,7 +125,7 @@ def test_micro_end_to_end_run(tmp_path):
     "argv, message",
     [
         (["--data", "/nonexistent/dir"], "not a directory"),
-        (["--rounds", "0"], "--rounds must be >= 1"),
+        (["--rounds", "0"], "argument --rounds: must be an integer in [1, 100,000]"),
         (["--clients", "9"], "only 8 tasks"),
         (["--model", "/nonexistent/model", "--train", "10", "--val", "5", "--test", "5"], "could not load it"),
     ],
