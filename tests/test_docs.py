@@ -11,7 +11,7 @@ every inline `python run_*.py ...` / `python -m potara_*...` span of the prose. 
   does; the extras must exist in pyproject.toml, named packages must be dependencies (or be the one
   external package a project module imports, `datasets` for export_flan).
 - `flower-superlink`, `flower-supernode`, `flwr`, `openssl`, `ssh-keygen`: each option (and flwr/openssl
-  subcommand) must be one that tests/test_flower.py runs (its literals, and those of the
+  subcommand) must be one that the loopback tests run (its literals, and those of the
   potara_flower/loopback.py methods it drives). `--run-config` keys must be keys of pyproject's
   [tool.flwr.app.config], `--node-config` keys ones client_app.py reads. flwr subcommands no test runs
   (NOT_RUN_BY_TESTS) are checked against the installed flwr's own `--help`.
@@ -153,9 +153,10 @@ def strings_in(path: Path, *names: str) -> set[str]:
 
 
 def flower_literals() -> dict[str, set[str]]:
-    """Per tool, the words tests/test_flower.py passes to it (directly or through loopback.LocalFederation)."""
-    test, loop = REPO / "tests" / "test_flower.py", REPO / "potara_flower" / "loopback.py"
-    auth = strings_in(test, "test_unregistered_supernode_is_refused")
+    """Per tool, the words the loopback tests pass to it (the TLS-and-authentication kill test in
+    tests/test_flower_failures.py, directly or through loopback.LocalFederation)."""
+    test, loop = REPO / "tests" / "test_flower_failures.py", REPO / "potara_flower" / "loopback.py"
+    auth = strings_in(test, "test_loopback_kill_one_supernode_mid_run")
     keys = strings_in(loop, "tls_and_keys")
     return {
         "openssl": keys,
@@ -190,7 +191,7 @@ def check_flower(tool: str, args: list[str]) -> str | None:
     flags = [a for a in args if a.startswith("-") and len(a) > 1]
     missing = [f for f in flags if f not in seen]
     if missing:
-        return f"{tool}: options no test in tests/test_flower.py passes: {missing}"
+        return f"{tool}: options no loopback test passes: {missing}"
     for flag, known, what in (
         ("--run-config", PYPROJECT["tool"]["flwr"]["app"]["config"], "pyproject's [tool.flwr.app.config]"),
         ("--node-config", strings_in(REPO / "potara_flower" / "client_app.py"), "potara_flower/client_app.py"),
@@ -236,7 +237,7 @@ def check(cmd: str) -> str | None:
         return check_pip(args)
     if prog in FLOWER_TOOLS:
         return check_flower(prog, args)
-    if prog == "printf":  # the SAN file of the TLS recipe: tests/test_flower.py writes the same one
+    if prog == "printf":  # the SAN file of the TLS recipe: loopback.tls_and_keys writes the same one
         return None if "san.ext" in flower_literals()["openssl"] else "printf: the test no longer writes san.ext"
     return f"{prog}: no check for this program in tests/test_docs.py"
 

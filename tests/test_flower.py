@@ -44,7 +44,6 @@ from torchvision.models import VisionTransformer  # noqa: E402
 from potara.adapter_file import load_adapter  # noqa: E402
 from potara.fedit import Client, FedConfig, run_fedit  # noqa: E402
 from potara.rounds import sample_clients
-from potara_flower.loopback import LocalFederation, tls_and_keys, wait_for  # noqa: E402
 from potara_flower.task import ADAPTER, CONFIG, METRICS, from_record, to_record  # noqa: E402
 from potara_harness.checkpoint import ResumeError  # noqa: E402
 from potara_harness.config import (  # noqa: E402
@@ -340,42 +339,3 @@ def test_loopback_fedit_bitwise_equals_in_process(federation, tmp_path):
     assert status["status"] == "finished:completed", federation.log("superlink")[-3000:]
     results = check_against_in_process(out, data_dir, backbone, LOOPBACK, tmp_path)
     assert all(h["failed"] == [] for h in results["fedit_history"])
-
-
-# ----------------------------------------------------------------------------- security on the wire
-def test_unregistered_supernode_is_refused(tmp_path):
-    """TLS + SuperNode authentication: the SuperNode whose public key was registered (flwr supernode
-    register) comes online; one with an unregistered key, and one with no key, are refused and exit."""
-    with LocalFederation(tmp_path, tls=tls_and_keys(tmp_path)) as fed:
-        fed.superlink("--enable-supernode-auth")
-        registered = fed.flwr("supernode", "register", str(tmp_path / "member.pub"), "local")
-        assert registered.get("success"), registered
-        stranger = fed.supernode(
-            "stranger",
-            "partition-id=1 num-partitions=2",
-            "--auth-supernode-private-key",
-            str(tmp_path / "stranger"),
-            "--max-retries",
-            "1",
-            "--max-wait-time",
-            "20",
-        )
-        anonymous = fed.supernode(
-            "anonymous", "partition-id=1 num-partitions=2", "--max-retries", "1", "--max-wait-time", "20"
-        )  # no key at all
-        fed.supernode(
-            "member", "partition-id=0 num-partitions=2", "--auth-supernode-private-key", str(tmp_path / "member")
-        )
-        online = lambda: [
-            n["node-id"] for n in fed.flwr("supernode", "list", "local")["nodes"] if n["status"] == "online"
-        ]
-        wait_for(
-            lambda: online() and stranger.poll() is not None and anonymous.poll() is not None,
-            60,
-            "the member online, the stranger and the anonymous node gone",
-            lambda: fed.log("stranger") + fed.log("anonymous") + fed.log("superlink"),
-        )
-        for refused in ("stranger", "anonymous"):
-            assert "could not establish a connection to the SuperLink" in fed.log(refused), refused
-        assert stranger.returncode != 0 and anonymous.returncode != 0
-        assert online() == [str(registered["node-id"])]  # the member, and only the member

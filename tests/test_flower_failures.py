@@ -27,6 +27,7 @@ from flower_kit import (  # noqa: E402
 )
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict  # noqa: E402
 
+from potara_flower.loopback import LocalFederation, tls_and_keys  # noqa: E402
 from potara_flower.replies import REPLIED_METHODS, check_evaluation, train_reply  # noqa: E402
 from potara_flower.task import (  # noqa: E402
     ADAPTER,
@@ -374,34 +375,64 @@ KILL = {
 }
 
 
-def test_loopback_kill_one_supernode_mid_run(federation, tmp_path):
-    """3 SuperNodes on 127.0.0.1; after round 1 of 2, SIGKILL to client2's SuperNode (its process group: the
+def test_loopback_kill_one_supernode_mid_run(tmp_path):
+    """The real thing on 127.0.0.1 as operators deploy it: TLS and SuperNode authentication (docs/flower.md's
+    commands), 3 SuperNodes whose keys are registered, and two that are refused and exit: one with an
+    unregistered key, one with none. After round 1 of 2, SIGKILL to client2's SuperNode (its process group: the
     device and its ClientApp process die). The run finishes, client2 is failed in round 2 (the SuperLink's
     NODE_UNAVAILABLE once its heartbeats ran out, or no reply within round-timeout) and in the final step,
     results.json holds client0 and client1, the run's status is finished:completed and its log has one line naming
-    client2 (no traceback). Relative
-    paths: the node config's are relative to where flower-supernode was started, out-dir to where
-    flower-superlink was (both: the federation's folder here)."""
+    client2 (no traceback); the SuperLink lists the 3 registered nodes only, client2's offline. Relative paths: the
+    node config's are relative to where flower-supernode was started, out-dir to where flower-superlink was (both:
+    the federation's folder here)."""
     micro_backbone(tmp_path / "backbone.pt")
     load_images("synthetic", str(tmp_path / "data"), KILL["synthetic-per-class"])  # once, not by 3 nodes at once
-    federation.superlink()
-    nodes = [
-        federation.supernode(
-            f"node{k}", f"partition-id={k} num-partitions=3 backbone='backbone.pt' data-dir='data' threads=1"
-        )
-        for k in range(3)
-    ]
-    ckpt, killed = tmp_path / "out" / "checkpoint.pt", []
+    members = ("node0", "node1", "node2")
+    with LocalFederation(tmp_path, tls=tls_and_keys(tmp_path, (*members, "stranger"))) as federation:
+        federation.superlink("--enable-supernode-auth")
+        registered = [federation.flwr("supernode", "register", str(tmp_path / f"{m}.pub"), "local") for m in members]
+        assert all(r.get("success") for r in registered), registered
+        refused = {
+            "stranger": federation.supernode(
+                "stranger",
+                "partition-id=1 num-partitions=3",
+                "--auth-supernode-private-key",
+                str(tmp_path / "stranger"),
+                "--max-retries",
+                "1",
+                "--max-wait-time",
+                "20",
+            ),
+            "anonymous": federation.supernode(  # no key at all
+                "anonymous", "partition-id=1 num-partitions=3", "--max-retries", "1", "--max-wait-time", "20"
+            ),
+        }
+        nodes = [
+            federation.supernode(
+                f"node{k}",
+                f"partition-id={k} num-partitions=3 backbone='backbone.pt' data-dir='data' threads=1",
+                "--auth-supernode-private-key",
+                str(tmp_path / f"node{k}"),
+            )
+            for k in range(3)
+        ]
+        ckpt, killed = tmp_path / "out" / "checkpoint.pt", []
 
-    def kill_after_round_1(status: dict) -> None:
-        if not killed and ckpt.exists():  # written atomically after each round
-            killed.append(torch.load(ckpt, weights_only=True)["fedit"]["round"])
-            os.killpg(nodes[2].pid, signal.SIGKILL)
+        def kill_after_round_1(status: dict) -> None:
+            if not killed and ckpt.exists():  # written atomically after each round
+                killed.append(torch.load(ckpt, weights_only=True)["fedit"]["round"])
+                os.killpg(nodes[2].pid, signal.SIGKILL)
 
-    status = federation.run(REPO, KILL, timeout=280, poll=0.5, during=kill_after_round_1)
+        status = federation.run(REPO, KILL, timeout=280, poll=0.5, during=kill_after_round_1)
+        log = federation.run_log(status["run-id"])
+        listed = {n["node-id"]: n["status"] for n in federation.flwr("supernode", "list", "local")["nodes"]}
+        for name, node in refused.items():  # long gone: one retry, 20 s at most
+            assert node.poll() is not None and node.returncode != 0, name
+            assert "could not establish a connection to the SuperLink" in federation.log(name), name
+    ids = [str(r["node-id"]) for r in registered]
+    assert listed == {ids[0]: "online", ids[1]: "online", ids[2]: "offline"}, listed
     assert killed == [1], killed  # killed after round 1, before round 2 ended
     assert status["status"] == "finished:completed", status  # an outcome, not a crash (server_app.missing_lines)
-    log = federation.run_log(status["run-id"])
     print(f"flwr list: {status}\nflwr log:\n{log}")  # docs/flower.md shows what the operator sees
     [line] = [line for line in log.splitlines() if "MISSING client2:" in line]
     assert f"the other 2 clients' results are in {tmp_path / 'out'}/results.md" in line, line
