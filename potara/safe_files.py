@@ -124,6 +124,7 @@ def _kind(mode: int) -> str:
         (stat.S_ISBLK, "block device"),
         (stat.S_ISSOCK, "socket"),
         (stat.S_ISLNK, "symbolic link"),
+        (stat.S_ISREG, "regular file"),
     )
     return next((name for test, name in kinds if test(mode)), "special file")
 
