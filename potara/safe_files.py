@@ -4,17 +4,21 @@
     data = read_regular("data/flan/sst2.jsonl", 64 << 20)           # a regular file, at most N bytes, or refused
     state = load_torch_file("backbone.pt")                           # the same, then torch.load(weights_only=True)
     lock = open_lock("out/.lock")                                    # created or opened, never through a link
+    make_folder("out/adapters")                                      # made, or checked: a real, writable folder
 
 A trusted run folder (the one definition; as tensor_checks.check_tensors is the one validator of tensors):
-  * where the run writes, no links: the target of a write must be absent or a regular file, never a
-    symbolic link (write_target_problem), and the temporary file is a new name opened O_CREAT|O_EXCL|O_NOFOLLOW,
-    so a link planted under any name is neither followed nor overwritten;
+  * where the run writes, no links: the target of a write must be absent or a regular file of one name, never a
+    symbolic or hard link (write_target_problem), and the temporary file is a new name opened
+    O_CREAT|O_EXCL|O_NOFOLLOW, so a link planted under any name is neither followed nor overwritten;
+  * a folder the run writes into is made or checked first (make_folder, folder_problem): a real directory it
+    can write, never a link to another folder;
   * where the run reads, regular files only: opened with O_NOFOLLOW|O_NONBLOCK, then fstat must say S_ISREG
     (a link, /dev/zero, a FIFO or a folder is refused at once: nothing hangs), and at most N bytes are read
     (a file that grows past N while being read is refused too);
-  * the --out lock is opened the same way (open_lock), so a planted `.lock -> ../victim` is refused.
+  * the --out lock is opened the same way (open_lock), so a planted `.lock -> ../victim` (or a hard link) is refused.
 A refused path is an UnsafeFile (an OSError: one line naming the file). A write that fails on the way
-(disk full, file-size limit) is a WriteError naming the file and saying the previous version is intact.
+(disk full, file-size limit, a missing or read-only folder) is a WriteError naming the file the caller gave
+(never the temporary) and saying the previous version is intact.
 
 Leftovers of killed writers (`.<name>.<pid>.<random>.tmp`, the older `<name>.tmp<pid>`, and the folders
 `.<name>.partial-<pid>` / `.<name>.old-<pid>` of run_llm's exports) are removed by the next write of the same
@@ -48,8 +52,9 @@ class WriteError(OSError):
 
 # ----------------------------------------------------------------------------- the trusted run folder
 def write_target_problem(path: str | os.PathLike) -> str | None:
-    """Why the run must not write `path` (None if absent or a regular file): a symbolic link (even to a file
-    inside the folder: the run never writes through links) or anything that is not a regular file."""
+    """Why the run must not write `path` (None if absent or a regular file of one name): a symbolic link (even to a
+    file inside the folder: the run never writes through links), a file with other names (a hard link: its bytes
+    live outside too), or anything that is not a regular file."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -58,7 +63,48 @@ def write_target_problem(path: str | os.PathLike) -> str | None:
         return "is a symbolic link (the run writes no file through a link): remove it"
     if not stat.S_ISREG(st.st_mode):
         return f"is not a regular file (a {_kind(st.st_mode)}): move it away"
+    if st.st_nlink > 1:
+        return _HARD_LINKED.format(n=st.st_nlink)
     return None
+
+
+_HARD_LINKED = "has {n} hard links (another name shares its bytes; the run writes no file through a link): remove it"
+
+
+def folder_problem(path: str | os.PathLike) -> str | None:
+    """Why the run must not write into the folder `path` (None if absent, to be made, or a real directory it
+    may write): a symbolic link (what is written there would land in the folder it points to), anything but a
+    directory, or a directory it cannot write."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISLNK(st.st_mode):
+        return "is a symbolic link (the run writes into no folder through a link): remove it"
+    if not stat.S_ISDIR(st.st_mode):
+        return f"is not a directory (a {_kind(st.st_mode)}): move it away"
+    if not os.access(path, os.W_OK | os.X_OK):
+        return "is a folder this user cannot write: make it writable or move it away"
+    return None
+
+
+def make_folder(path: str | os.PathLike) -> None:
+    """Create the folder `path` (its parent must exist) or check the one there (folder_problem): UnsafeFile, one
+    line naming `path`, when it cannot serve; WriteError when it cannot be created."""
+    path = os.fspath(path)
+    for _ in range(2):  # a second look when something appeared between the check and mkdir
+        problem = folder_problem(path)
+        if problem:
+            raise UnsafeFile(f"{path}: {problem}")
+        try:
+            os.mkdir(path)
+            return
+        except FileExistsError:
+            if os.path.isdir(path) and not os.path.islink(path):
+                return
+        except OSError as e:
+            raise WriteError(f"cannot create the folder {path} ({e.strerror or type(e).__name__})") from None
+    raise UnsafeFile(f"{path}: {folder_problem(path) or 'appeared while it was being made'}")
 
 
 def run_folder_problem(folder: str, names) -> str | None:
@@ -78,12 +124,14 @@ def _kind(mode: int) -> str:
         (stat.S_ISBLK, "block device"),
         (stat.S_ISSOCK, "socket"),
         (stat.S_ISLNK, "symbolic link"),
+        (stat.S_ISREG, "regular file"),
     )
     return next((name for test, name in kinds if test(mode)), "special file")
 
 
 def _open_checked(path: str, flags: int, mode: int = 0o644) -> int:
-    """os.open without following a link at the last component; the descriptor must be a regular file."""
+    """os.open without following a link at the last component; the descriptor must be a regular file, and, when
+    opened for writing, have no other name (a hard link)."""
     try:
         fd = os.open(path, flags | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0), mode)
     except OSError as e:
@@ -97,6 +145,9 @@ def _open_checked(path: str, flags: int, mode: int = 0o644) -> int:
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
         raise UnsafeFile(f"{path}: is not a regular file (a {_kind(st.st_mode)})")
+    if flags & (os.O_WRONLY | os.O_RDWR) and st.st_nlink > 1:
+        os.close(fd)
+        raise UnsafeFile(f"{path}: {_HARD_LINKED.format(n=st.st_nlink)}")
     return fd
 
 
@@ -133,7 +184,8 @@ def load_torch_file(path: str | os.PathLike, max_bytes: int = MAX_TORCH_FILE):
 
 def open_lock(path: str | os.PathLike) -> IO[str]:
     """The lock file, created if absent (mode 0644), opened read-write without following a link and only if
-    it is a regular file: a planted `.lock -> ../victim.txt` is refused, not truncated."""
+    it is a regular file with no other name: a planted `.lock -> ../victim.txt`, or a hard link to it, is refused,
+    not truncated."""
     return os.fdopen(_open_checked(os.fspath(path), os.O_RDWR | os.O_CREAT), "r+")
 
 
@@ -150,24 +202,35 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
         raise UnsafeFile(f"{path}: {problem}")
     folder, name = os.path.split(os.path.abspath(path))
     remove_leftovers(folder, name)
-    fd, tmp = _new_temporary(folder, name)
+    tmp = None
     try:
+        fd, tmp = _new_temporary(folder, name)  # inside the try: a missing or read-only folder is a WriteError too
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
-        _remove_quietly(tmp)
+        if tmp is not None:
+            _remove_quietly(tmp)
         cause = _os_error(e)
         if cause is None or isinstance(e, UnsafeFile):
             raise
         raise WriteError(
             f"cannot write {path} ({cause.strerror or str(cause)[:200] or type(cause).__name__}): nothing "
-            "was replaced, the previous file is intact; free space or raise the file-size limit "
-            "(ulimit -f), then rerun (with --resume to continue a run)"
+            f"was replaced, the previous file is intact; {_remedy(cause, folder)}, then rerun (with --resume to "
+            "continue a run)"
         ) from None
     sync_folder(folder)
+
+
+def _remedy(cause: OSError, folder: str) -> str:
+    """What to do about a failed write, by its errno (the message names the target, never the temporary)."""
+    if cause.errno == errno.ENOENT:
+        return f"its folder {folder} does not exist: create it"
+    if cause.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"its folder {folder} is not writable: make it writable"
+    return "free space or raise the file-size limit (ulimit -f)"
 
 
 def _new_temporary(folder: str, name: str) -> tuple[int, str]:
@@ -179,7 +242,7 @@ def _new_temporary(folder: str, name: str) -> tuple[int, str]:
             ), tmp  # 0o666 less the umask: the same permissions as open(path, "wb")
         except FileExistsError:
             continue
-    raise FileExistsError(errno.EEXIST, f"{folder}: no free temporary name for {name}")
+    raise FileExistsError(errno.EEXIST, "no free temporary name")
 
 
 def _os_error(e: BaseException) -> OSError | None:

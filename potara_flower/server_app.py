@@ -20,6 +20,8 @@ a running SuperLink (docs/flower.md).
        split and returns its test accuracies, a, b, c and lam (client_app.personalize). Its timeout is
        personalize-timeout (AppConfig.final_timeout: by default round-timeout scaled by the step's work);
        each record is checked (replies.check_evaluation) and a bad one is that client's failure.
+    0. out-dir: checked and locked as the scripts' --out (run_folder.out_dir_problem, run_lock) before any
+       message is sent: a planted link, a folder where a file goes or another run holding it is one line.
     4. out-dir/results.json and results.md with the in-process pipeline's fields (report.write_outputs),
        plus "flower": wire bytes (npy-serialised arrays with their keys) and wall time per stage. A client
        missing from them is named in one log line (missing_lines) and in results.md, with the others' results;
@@ -68,6 +70,7 @@ from potara_harness.report import (
     sent_bytes,
     write_outputs,
 )
+from potara_harness.run_folder import RunFolderError, out_dir_problem, run_lock
 
 app = ServerApp()
 
@@ -349,7 +352,15 @@ def collect_server_results(
 def main(grid: Grid, context: Context) -> None:
     cfg = AppConfig.from_run_config(context.run_config)
     out_dir = os.path.abspath(cfg.out_dir)
-    os.makedirs(out_dir, exist_ok=True)
+    problem = out_dir_problem(out_dir, "out-dir")  # the scripts' checks of --out, before any round
+    if problem:
+        raise RunFolderError(problem)
+    with run_lock(out_dir, "out-dir"):  # the scripts' lock: a run_cifar.py run holding this folder is never overwritten
+        run(grid, context, cfg, out_dir)
+
+
+def run(grid: Grid, context: Context, cfg: AppConfig, out_dir: str) -> None:
+    """The run, once out-dir is checked and locked: set-up, the rounds, the final step, the results."""
     ckpt = os.path.join(out_dir, "checkpoint.pt")
     timing, t0 = {}, time.time()
     roster, phi0 = connect(grid, cfg)

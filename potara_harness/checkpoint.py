@@ -51,7 +51,7 @@ import torch.nn as nn
 
 from potara.fedit import FedState
 from potara.lora import lora_meta
-from potara.safe_files import atomic_write, load_torch_file
+from potara.safe_files import UnsafeFile, atomic_write, folder_problem, load_torch_file, make_folder
 from potara.tensor_checks import AdapterError, check_tensors
 from potara_harness.data import ClientSplits
 
@@ -235,8 +235,9 @@ class Parts:
         return None if kind == "snapshot" or self.clients is None else self.clients[index]
 
     def save(self, kind: str, index: int, adapter: dict[str, torch.Tensor], fallback: dict | None = None) -> None:
-        """Write one part, atomically (a kill leaves it complete or absent)."""
-        os.makedirs(self.folder, exist_ok=True)
+        """Write one part, atomically (a kill leaves it complete or absent), into adapters/ made or checked first
+        (safe_files.make_folder: never a link to another folder)."""
+        make_folder(self.folder)
         payload = {
             "format": PART_FORMAT,
             **self.owner,
@@ -312,7 +313,11 @@ class Parts:
 
     def clear(self) -> None:
         """Remove every part file (and leftover temporary file of one) of an earlier run: a run started from
-        scratch must not meet them on --resume. Only names this module writes are touched."""
+        scratch must not meet them on --resume. Only names this module writes are touched, and only in a real
+        folder: adapters/ a link to another folder is refused (UnsafeFile), nothing there is deleted."""
+        problem = folder_problem(self.folder)
+        if problem:
+            raise UnsafeFile(f"{self.folder}: {problem}")
         if not os.path.isdir(self.folder):
             return
         for name in os.listdir(self.folder):

@@ -11,7 +11,9 @@ convert are written, one JSON object a line, in llm_data.py's format:
 A multiple-choice row converts only with an integer gold index inside its options and distinct options,
 so unlabelled rows (GLUE and HellaSwag test splits: label -1 or ""; an ARC answer key naming no choice)
 are dropped, as are a SQuAD row without an answer and any row with an empty prompt or answer.
-Each file is written to a temporary name and renamed: whole or not at all.
+Each file is written as the runs write theirs (safe_files.atomic_write: a new random temporary name beside it,
+never through a link, renamed: whole or not at all). The folder and every file's place in it are checked before
+any dataset is read: a folder that cannot serve, or a link or special file where a file goes, is one line.
 
 The dataset ids and field names were written from the datasets' public descriptions and not checked
 against the hub from the machine this was written on (no network); tests/test_docs.py runs the export
@@ -25,6 +27,8 @@ import json
 import os
 import sys
 from typing import Callable
+
+from potara.safe_files import UnsafeFile, WriteError, atomic_write, write_target_problem
 
 
 def mc(prompt: str, options, gold) -> dict | None:
@@ -105,31 +109,45 @@ def convert(task: str, row: dict) -> dict | None:
 
 
 def export(out: str, per_task: int, datasets) -> dict[str, int]:
-    """Write out/<task>.jsonl for every task; `datasets` is the Hugging Face module. Returns rows kept per task."""
+    """Write out/<task>.jsonl for every task (atomic_write); `datasets` is the Hugging Face module. Returns rows
+    kept per task."""
     os.makedirs(out, exist_ok=True)
     kept = {}
     for task, (hub, cfg, _) in TASKS.items():
         splits = datasets.get_dataset_split_names(hub, cfg)
         rows = datasets.concatenate_datasets([datasets.load_dataset(hub, cfg, split=s) for s in splits]).shuffle(seed=0)
         path = os.path.join(out, f"{task}.jsonl")
-        tmp = f"{path}.tmp{os.getpid()}"
         n = 0
-        try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                for row in rows:
-                    ex = convert(task, row)
-                    if ex is not None:
-                        f.write(json.dumps(ex, ensure_ascii=False) + "\n")
-                        n += 1
-                        if n == per_task:
-                            break
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+
+        def write(f) -> None:
+            nonlocal n
+            for row in rows:
+                ex = convert(task, row)
+                if ex is not None:
+                    f.write((json.dumps(ex, ensure_ascii=False) + "\n").encode("utf-8"))
+                    n += 1
+                    if n == per_task:
+                        break
+
+        atomic_write(path, write)
         kept[task] = n
         print(f"{path}: {n} examples", flush=True)
     return kept
+
+
+def out_problem(out: str) -> str | None:
+    """Why `out` cannot take the export (run_folder.dir_problem; then a link, a folder or a special file
+    where a <task>.jsonl goes), as one line naming `out`; None if it can."""
+    from potara_harness.run_folder import dir_problem
+
+    problem = dir_problem(out)
+    if problem:
+        return f"{out}: {problem}"
+    for task in TASKS:
+        problem = write_target_problem(os.path.join(out, f"{task}.jsonl"))
+        if problem:
+            return f"{out}: {task}.jsonl in it {problem}"
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,12 +166,19 @@ def main(argv=None) -> dict[str, int]:
     args = ap.parse_args(argv)
     if args.per_task < 1:
         ap.error(f"per_task must be >= 1, got {args.per_task}")
+    problem = out_problem(args.out)
+    if problem:
+        ap.error(problem)
     try:
         import datasets
     except ImportError:
         print("error: the Hugging Face `datasets` package is not installed: pip install datasets", file=sys.stderr)
         raise SystemExit(2) from None
-    return export(args.out, args.per_task, datasets)
+    try:
+        return export(args.out, args.per_task, datasets)
+    except (UnsafeFile, WriteError) as e:  # planted after the check, or a failed write: one line, the file intact
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        raise SystemExit(1 if isinstance(e, WriteError) else 2) from None
 
 
 if __name__ == "__main__":

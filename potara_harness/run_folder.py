@@ -1,10 +1,14 @@
-"""The run folder (--out): checked and created before any work, locked while a run uses it, left empty-handed
-by a run that wrote nothing. What may be written there and read from it is safe_files.py's rule (run_folder_problem,
-open_lock, remove_leftovers); this module applies it to a command line's --out.
+"""The run folder (--out, the Flower server's out-dir): checked and created before any work, locked while a run
+uses it, left empty-handed by a run that wrote nothing. What may be written there and read from it is
+safe_files.py's rule (write_target_problem, folder_problem, open_lock, remove_leftovers); this module applies it to
+the run folder, the same way for the two scripts, the studies and the Flower server.
 
     prepare_out_dir(ap, args.out)          # a one-line parser error if --out cannot serve (exit 2)
     with out_dir_lock(args.out):           # a second run on the same --out fails in one line
         run(...)
+
+    problem = out_dir_problem(out, "out-dir")   # the same checks, as a message (the Flower server raises it)
+    with run_lock(out, "out-dir"):              # the same lock; RunFolderError (one line) if held or unsafe
 """
 
 from __future__ import annotations
@@ -12,18 +16,29 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 try:
     import fcntl  # POSIX: the --out lock; elsewhere runs are not locked
 except ImportError:  # pragma: no cover
     fcntl = None
 
-from potara.safe_files import UnsafeFile, open_lock, remove_leftovers, run_folder_problem
-from potara_harness.cli import fail
+from potara.safe_files import (
+    UnsafeFile,
+    folder_problem,
+    open_lock,
+    remove_leftovers,
+    run_folder_problem,
+    write_target_problem,
+)
 
 OUTPUT_FILES = ("checkpoint.pt", "results.json", "results.md", "lambda.png", "communication.png")  # in --out
+OUTPUT_DIRS = ("adapters",)  # in --out: checkpoint.PARTS_DIR, every file in it a part (or a leftover of one)
 LOCK_FILE = ".lock"  # in --out: held by the run using it (out_dir_lock)
+
+
+class RunFolderError(Exception):
+    """The run folder cannot serve this run (held by another run, or a link planted at its lock): one line."""
 
 
 def check_dirs(ap: argparse.ArgumentParser, *flag_path_mode) -> None:
@@ -49,17 +64,26 @@ def dir_problem(path: str, mode: int = os.W_OK | os.X_OK) -> str | None:
     return None if os.access(parent, os.W_OK | os.X_OK) else f"cannot be created ({parent} is not writable)"
 
 
-_CREATED_DIRS: dict[str, list[str]] = {}  # prepare_out_dir: abspath(out) -> the folders it created, deepest first
+_CREATED_DIRS: dict[str, list[str]] = {}  # out_dir_problem: abspath(out) -> the folders it created, deepest first
 
 
 def prepare_out_dir(ap: argparse.ArgumentParser, out: str, flag: str = "--out") -> None:
+    """out_dir_problem as a one-line parser error (exit 2), before any work."""
+    problem = out_dir_problem(out, flag)
+    if problem:
+        ap.error(problem)
+
+
+def out_dir_problem(out: str, flag: str = "--out") -> str | None:
     """Before any work: `out` exists (created; the folders created are remembered so that a run that did
-    nothing removes them, see out_dir_lock) and is writable, and it is a trusted run folder for the run's
-    output files (OUTPUT_FILES, LOCK_FILE): none is a link or anything but a regular file
-    (safe_files.run_folder_problem), so nothing outside --out is written through a planted link."""
+    nothing removes them, see run_lock) and is writable, and it is a trusted run folder: no output file
+    (OUTPUT_FILES, LOCK_FILE) is a link or anything but a regular file, no output folder (OUTPUT_DIRS) a link or
+    a folder it cannot write, nothing in one a link or a special file (safe_files.write_target_problem,
+    folder_problem), so nothing outside `out` is written or deleted through a planted link. The first problem as
+    "<flag> <out>: ..." (one line), or None."""
     problem = dir_problem(out)
     if problem:
-        ap.error(f"{flag} {out}: {problem}")
+        return f"{flag} {out}: {problem}"
     missing, d = [], os.path.abspath(out)
     while not os.path.lexists(d):
         missing.append(d)
@@ -70,36 +94,66 @@ def prepare_out_dir(ap: argparse.ArgumentParser, out: str, flag: str = "--out") 
         os.close(fd)
         os.remove(probe)
     except OSError as e:
-        ap.error(f"{flag} {out}: cannot be created or written ({e.strerror or type(e).__name__})")
+        return f"{flag} {out}: cannot be created or written ({e.strerror or type(e).__name__})"
     if missing:
         _CREATED_DIRS[os.path.abspath(out)] = missing
-    problem = run_folder_problem(out, OUTPUT_FILES + (LOCK_FILE,))
-    if problem:
-        ap.error(f"{flag} {out}: {problem}")
+    problem = run_folder_problem(out, OUTPUT_FILES + (LOCK_FILE,)) or _output_dirs_problem(out)
+    return f"{flag} {out}: {problem}" if problem else None
+
+
+def _output_dirs_problem(out: str) -> str | None:
+    """The first output folder in `out` (or file in one) the run must not write, as "<name> in it <why>"."""
+    for name in OUTPUT_DIRS:
+        folder = os.path.join(out, name)
+        problem = folder_problem(folder)
+        if problem:
+            return f"{name} in it {problem}"
+        for entry in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+            problem = write_target_problem(os.path.join(folder, entry))
+            if problem:
+                return f"{name}/{entry} in it {problem}"
+    return None
 
 
 @contextmanager
-def out_dir_lock(out: str):
+def out_dir_lock(out: str, flag: str = "--out"):
+    """run_lock for a script: a folder held by another run, or a planted lock, is one line on stderr, exit 2
+    (cli.fail)."""
+    from potara_harness.cli import fail
+
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(run_lock(out, flag))
+        except RunFolderError as e:
+            fail(str(e))
+        yield
+
+
+@contextmanager
+def run_lock(out: str, flag: str = "--out"):
     """Hold an exclusive lock on out/LOCK_FILE for the run (fcntl.flock: released when the process ends,
-    even killed), so two runs never write the same --out; the second fails in one line. The lock file is
-    opened by safe_files.open_lock (never through a link: a planted `.lock -> ../victim` is one line, exit 2).
+    even killed), so two runs (a script's, the Flower server's) never write the same folder; the second gets
+    RunFolderError, one line. The lock file is opened by safe_files.open_lock (never through a link, symbolic or
+    hard: a planted `.lock -> ../victim` is refused, the victim untouched).
     Under the lock, what killed runs left (temporary files of the output files, safe_files.remove_leftovers) is
     removed; at the end, a run that wrote nothing leaves nothing: the lock file, and the folders
-    prepare_out_dir created, are removed when the lock file is all that --out holds."""
+    out_dir_problem created, are removed when the lock file is all that `out` holds."""
     if fcntl is None:
         yield
         return
     try:
         f = open_lock(os.path.join(out, LOCK_FILE))
     except UnsafeFile as e:
-        fail(f"--out {out}: {LOCK_FILE} in it {str(e).split(': ', 1)[-1]}")
+        raise RunFolderError(f"{flag} {out}: {LOCK_FILE} in it {str(e).split(': ', 1)[-1]}") from None
     with f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:  # BlockingIOError: held by another process (or another open of it in this one)
             f.seek(0)
             holder = f.read().strip()[:40] or "another process"
-            fail(f"--out {out} is in use by another run ({holder}): wait for it to end or choose another --out")
+            raise RunFolderError(
+                f"{flag} {out} is in use by another run ({holder}): wait for it to end or choose another {flag}"
+            ) from None
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()}")

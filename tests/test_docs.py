@@ -518,3 +518,57 @@ def test_export_flan_without_datasets_is_one_line(tmp_path):
     assert not (tmp_path / "flan").exists()
     r = run_export(tmp_path, "--help", stub=None)
     assert r.returncode == 0 and "per_task" in r.stdout
+
+
+def stub_datasets(monkeypatch):
+    """The stand-in `datasets` module, in this process (for export_flan.main called in-process)."""
+    import types
+
+    module = types.ModuleType("datasets")
+    exec(STUB.format(rows=STUB_ROWS), module.__dict__)
+    monkeypatch.setitem(sys.modules, "datasets", module)
+
+
+def test_export_flan_never_writes_through_a_planted_temporary(tmp_path, monkeypatch, capsys):
+    """`<task>.jsonl.tmp<pid>` -> outside: the export overwrote the outside file and made <task>.jsonl that link.
+    Now the temporary is a new random name (safe_files.atomic_write): the planted link is never opened."""
+    from potara_harness import export_flan
+
+    stub_datasets(monkeypatch)
+    victim, out = tmp_path / "victim.txt", tmp_path / "flan"
+    victim.write_text("precious")
+    out.mkdir()
+    os.symlink(victim, out / f"sst2.jsonl.tmp{os.getpid()}")
+    kept = export_flan.main([str(out), "2"])
+    assert kept["sst2"] == 2 and victim.read_text() == "precious"
+    assert not os.path.islink(out / "sst2.jsonl") and len((out / "sst2.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize("kind", ["link out", "hard link", "directory", "FIFO", "DIR a file"])
+def test_export_flan_refuses_an_obstacle_in_one_line_before_reading_a_dataset(tmp_path, monkeypatch, capsys, kind):
+    from potara_harness import export_flan
+
+    stub_datasets(monkeypatch)
+    victim, out = tmp_path / "victim.txt", tmp_path / "flan"
+    victim.write_text("precious")
+    out.mkdir()
+    target = out / "mnli.jsonl"
+    if kind == "link out":
+        os.symlink(victim, target)
+    elif kind == "hard link":
+        os.link(victim, target)
+    elif kind == "directory":
+        target.mkdir()
+    elif kind == "FIFO":
+        os.mkfifo(target)
+    else:
+        out.rmdir()
+        out.write_text("a file")
+    with pytest.raises(SystemExit) as e:
+        export_flan.main([str(out), "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and "Traceback" not in "\n".join(err), err
+    assert err[-1].count("error:") == 1 and str(out) in err[-1], err
+    assert kind == "DIR a file" or "mnli.jsonl in it" in err[-1], err
+    assert victim.read_text() == "precious"
+    assert kind == "DIR a file" or sorted(os.listdir(out)) == ["mnli.jsonl"]  # nothing written before the check

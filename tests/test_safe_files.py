@@ -172,3 +172,72 @@ def test_every_torch_file_the_project_reads_is_a_regular_file(tmp_path, alarm):
         with pytest.raises(lm.DataError):
             lm.load_tiny_file(str(path), 32)
         assert read_cached_split(str(path), "key", AppConfig(), 0) is None
+
+
+def test_a_hard_link_where_the_run_writes_is_refused_and_the_outside_file_kept(tmp_path):
+    """`ln ../victim out/.lock`: opening the lock truncated the victim to `pid N`. A target with another name is
+    refused by the lock and by every write, before anything is opened for writing."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in (".lock", "results.json"):
+        os.link(victim, out / name)
+    with pytest.raises(UnsafeFile, match=r"\.lock: has 3 hard links"):
+        open_lock(out / ".lock")
+    with pytest.raises(UnsafeFile, match=r"results\.json: has 3 hard links"):
+        atomic_write(out / "results.json", lambda f: f.write(b"{}"))
+    assert safe_files.write_target_problem(out / "results.json").startswith("has 3 hard links")
+    assert victim.read_text() == "precious" and victim.stat().st_nlink == 3
+    (out / "mine.txt").write_text("x")  # a file of one name: written as before
+    atomic_write(out / "mine.txt", lambda f: f.write(b"y"))
+    assert (out / "mine.txt").read_text() == "y"
+
+
+def test_a_folder_the_run_writes_into_is_made_or_checked(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "link").symlink_to(elsewhere)
+    (tmp_path / "file").write_text("x")
+    os.mkfifo(tmp_path / "fifo")
+    for name, why in (
+        ("link", "is a symbolic link"),
+        ("file", "is not a directory .a regular file"),
+        ("fifo", r"is not a directory \(a FIFO\)"),
+    ):
+        with pytest.raises(UnsafeFile, match=f"{name}: {why}"):
+            safe_files.make_folder(tmp_path / name)
+    safe_files.make_folder(tmp_path / "new")
+    safe_files.make_folder(tmp_path / "new")  # there already: checked, kept
+    assert (tmp_path / "new").is_dir() and os.listdir(elsewhere) == []
+    with pytest.raises(safe_files.WriteError, match="cannot create the folder .*missing/new"):
+        safe_files.make_folder(tmp_path / "missing" / "new")
+
+
+def test_a_failed_temporary_is_a_write_error_naming_the_target(tmp_path, monkeypatch):
+    """save_adapter into a missing folder named its temporary (.a.pt.<pid>.<hex>.tmp); a read-only folder gave a
+    bare PermissionError (the temporary was made outside the try). Both: one WriteError naming the path given,
+    with what to do."""
+    missing = tmp_path / "missing" / "a.pt"
+    with pytest.raises(safe_files.WriteError) as e:
+        save_adapter(missing, {"w": torch.ones(2)})
+    msg = str(e.value)
+    assert msg.startswith(f"cannot write {missing} (No such file or directory)") and ".tmp" not in msg, msg
+    assert f"its folder {missing.parent} does not exist" in msg and "\n" not in msg
+    real_open = os.open
+
+    def read_only(path, flags, *args):  # root writes anywhere: a folder that refuses new files, as EACCES
+        if str(path).endswith(".tmp"):
+            raise PermissionError(13, "Permission denied", path)
+        return real_open(path, flags, *args)
+
+    path = tmp_path / "b.pt"
+    save_adapter(path, {"w": torch.ones(2)})
+    monkeypatch.setattr(os, "open", read_only)
+    with pytest.raises(safe_files.WriteError) as e:
+        save_adapter(path, {"w": torch.zeros(2)})
+    msg = str(e.value)
+    assert msg.startswith(f"cannot write {path} (Permission denied)") and ".tmp" not in msg, msg
+    assert "is not writable" in msg and "previous file is intact" in msg
+    monkeypatch.undo()
+    assert load_adapter(path)[0]["w"].tolist() == [1.0, 1.0] and os.listdir(tmp_path) == ["b.pt"]

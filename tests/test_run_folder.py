@@ -1,0 +1,285 @@
+"""Specification of run_folder.py, generically: take the tree a real micro run_cifar.py run writes, plant at every
+path in it each obstacle (a link out, a hard link, a directory, a FIFO, a regular file where a folder goes, a
+read-only folder) and check the outcome is one line naming the path given, before any work, and that nothing
+outside the run folder changes. The same tree for the Flower server's out-dir: the same checks, the same lock,
+before any message is sent."""
+
+import contextlib
+import io
+import os
+import shutil
+import stat
+
+import pytest
+import torch
+from conftest import MICRO_VIT
+from torchvision.models import VisionTransformer
+
+import run_cifar
+from potara.safe_files import UnsafeFile
+from potara_harness import config, run_folder
+from potara_harness.checkpoint import PARTS_DIR, Parts, RunState
+from potara_harness.data import write_synthetic_cifar100
+
+FILE_OBSTACLES = ("link out", "hard link", "directory", "FIFO")
+FOLDER_OBSTACLES = ("link out", "regular file", "FIFO", "read-only folder")
+
+
+def argv(world, out):
+    """A micro run: 2 clients, 1 round, a micro backbone file (no pre-training), every step at its minimum."""
+    return [
+        *("--data", "synthetic", "--data-dir", str(world / "data"), "--synthetic-per-class", "12"),
+        *("--backbone", str(world / "micro.pt"), "--public", "0", "--out", str(out), "--clients", "2"),
+        *("--train", "16", "--val", "8", "--test", "10", "--rounds", "1", "--local-steps", "1"),
+        *("--local-train-steps", "1", "--finetune-steps", "1", "--fisher-samples", "8", "--batch-size", "8"),
+        *("--rank", "2", "--lora-alpha", "4", "--grid-step", "0.5", "--snapshots", "1", "--threads", "1"),
+        "--no-progress",
+    ]
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    """(world, out): the folder a real micro run wrote (checkpoint.pt, results.*, plots, .lock, adapters/*.pt)."""
+    world = tmp_path_factory.mktemp("world")
+    write_synthetic_cifar100(str(world / "data" / "synthetic"), 12, 12 // 5)
+    torch.manual_seed(0)
+    vit = VisionTransformer(**MICRO_VIT, num_classes=100)
+    backbone = {"format": "potara-backbone-v1", "vit": {**MICRO_VIT, "num_classes": 100}, "info": {}}
+    torch.save({**backbone, "state_dict": vit.state_dict()}, world / "micro.pt")
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(io.StringIO()):
+        mp.setitem(config.VIT_PRESETS["tiny"], "vit", MICRO_VIT)
+        run_cifar.main(argv(world, world / "run"))
+    torch.set_num_threads(threads)
+    return world, world / "run"
+
+
+def paths_of(out):
+    """Every path in the run folder, relative, folders with a trailing "/", the folder itself as "./"."""
+    found = ["./"]
+    for root, dirs, files in os.walk(out):
+        rel = os.path.relpath(root, out)
+        found += [os.path.normpath(os.path.join(rel, d)) + "/" for d in dirs]
+        found += [os.path.normpath(os.path.join(rel, f)) for f in files]
+    return sorted(found)
+
+
+def cases(out):
+    for rel in paths_of(out):
+        kinds = ("read-only folder",) if rel == "./" else FOLDER_OBSTACLES if rel.endswith("/") else FILE_OBSTACLES
+        yield from ((rel, kind) for kind in kinds)
+
+
+def outside_world(tmp_path):
+    """A file and a folder outside the run folder (a part file and a result in it), and their bytes."""
+    outside = tmp_path / "outside"
+    (outside / "folder").mkdir(parents=True)
+    (outside / "victim.bin").write_bytes(b"precious")
+    (outside / "folder" / "local-0000.pt").write_bytes(b"not yours")
+    (outside / "folder" / "results.json").write_bytes(b"{}")
+    return outside
+
+
+def snapshot(folder):
+    """{relative path: bytes} of the regular files under `folder` (anything else: its mode), never opening a
+    FIFO or following a link."""
+
+    def content(path):
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode):
+            return stat.S_IFMT(st.st_mode)
+        with open(path, "rb") as f:
+            return f.read()
+
+    return {
+        os.path.relpath(os.path.join(r, f), folder): content(os.path.join(r, f))
+        for r, _, fs in os.walk(folder)
+        for f in fs
+    }
+
+
+def plant(out, rel, kind, outside, monkeypatch):
+    """Put obstacle `kind` at out/rel (replacing what the run wrote there)."""
+    path = os.path.join(out, rel.rstrip("/")) if rel != "./" else str(out)
+    if kind == "read-only folder":  # as root, permissions do not apply: os.access answers as for another user
+        os.chmod(path, 0o555)
+        real_access = os.access
+        monkeypatch.setattr(
+            os,
+            "access",
+            lambda p, mode: (
+                real_access(p, mode) and not (mode & os.W_OK and os.path.abspath(p) == os.path.abspath(path))
+            ),
+        )
+        return
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.remove(path)
+    if kind == "link out":
+        os.symlink(outside / ("folder" if rel.endswith("/") else "victim.bin"), path)
+    elif kind == "hard link":
+        os.link(outside / "victim.bin", path)
+    elif kind == "directory":
+        os.mkdir(path)
+    elif kind == "FIFO":
+        os.mkfifo(path)
+    elif kind == "regular file":
+        with open(path, "wb") as f:
+            f.write(b"x")
+
+
+def fresh_copy(tree_out, dest):
+    shutil.copytree(tree_out, dest, symlinks=True)
+    return dest
+
+
+def test_the_tree_of_a_real_run_is_what_the_checks_cover(tree):
+    """The run folder's paths are the checked ones: its files (run_folder.OUTPUT_FILES, LOCK_FILE) and folders
+    (OUTPUT_DIRS, the part files of checkpoint.PARTS_DIR in them): a new output must be added there."""
+    _, out = tree
+    files = {p for p in paths_of(out) if "/" not in p}
+    assert files == set(run_folder.OUTPUT_FILES + (run_folder.LOCK_FILE,)), files
+    assert {p for p in paths_of(out) if p.endswith("/") and p != "./"} == {f"{PARTS_DIR}/"}
+    assert run_folder.OUTPUT_DIRS == (PARTS_DIR,)
+    assert len([p for p in paths_of(out) if p.startswith(f"{PARTS_DIR}/") and p.endswith(".pt")]) == 5
+
+
+def test_every_obstacle_at_every_path_of_a_run_folder_is_one_line_before_any_work(tree, tmp_path, capsys):
+    """run_cifar.py on a folder a run wrote, with one obstacle planted: exit 2, one error line naming --out and
+    the path, no traceback, nothing outside changed, the run folder's own files as they were."""
+    world, tree_out = tree
+    done = []
+    for i, (rel, kind) in enumerate(cases(tree_out)):
+        out = fresh_copy(tree_out, tmp_path / f"o{i}")
+        outside = outside_world(tmp_path / f"x{i}")
+        before_out, before_outside = snapshot(out), snapshot(outside)
+        with pytest.MonkeyPatch.context() as mp:
+            plant(out, rel, kind, outside, mp)
+            planted = snapshot(out)
+            with pytest.raises(SystemExit) as e:
+                run_cifar.main(argv(world, out))
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if "error:" in line]
+        assert e.value.code == 2 and len(errors) == 1 and "Traceback" not in err, (rel, kind, err)
+        name = rel.rstrip("/") if rel != "./" else ""
+        assert f"--out {out}" in errors[0] and name in errors[0], (rel, kind, errors)
+        assert snapshot(outside) == before_outside, (rel, kind)
+        assert snapshot(out) == planted, (rel, kind)  # refused before anything in it was written or deleted
+        os.chmod(out, 0o755)
+        done.append((rel, kind))
+        assert before_out  # the copy held the run's files
+    assert len(done) >= 4 * 11 + 4 + 1, len(done)
+
+
+def test_a_part_folder_planted_after_the_checks_is_refused_when_written_or_cleared(tmp_path):
+    """adapters/ a link to another folder: the run deleted local-0000.pt there and wrote 5 parts into it. Planted
+    after the up-front checks, it is still refused at the write (Parts.save) and the clear (Parts.clear), the
+    other folder untouched."""
+    outside = outside_world(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    os.symlink(outside / "folder", out / PARTS_DIR)
+    parts = Parts(str(out / "checkpoint.pt"), RunState("fp"))
+    for call in (parts.clear, lambda: parts.save("local", 0, {"w": torch.ones(2)})):
+        with pytest.raises(UnsafeFile, match=f"{PARTS_DIR}: is a symbolic link"):
+            call()
+    assert snapshot(outside / "folder") == {"local-0000.pt": b"not yours", "results.json": b"{}"}
+    os.remove(out / PARTS_DIR)
+    (out / PARTS_DIR).write_bytes(b"x")  # a regular file where the folder goes: one line, not FileExistsError
+    with pytest.raises(UnsafeFile, match=f"{PARTS_DIR}: is not a directory"):
+        parts.save("local", 0, {"w": torch.ones(2)})
+
+
+def test_a_hard_linked_lock_is_refused_and_the_outside_file_kept(tree, tmp_path, capsys):
+    """`ln ../victim out/.lock`: the outside file was truncated to `pid N`. The checks and the lock refuse it."""
+    world, _ = tree
+    outside = outside_world(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    os.link(outside / "victim.bin", out / run_folder.LOCK_FILE)
+    with pytest.raises(SystemExit) as e:
+        run_cifar.main(argv(world, out))
+    assert e.value.code == 2 and ".lock in it has 2 hard links" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # the lock alone (a link planted after the checks)
+        with run_folder.out_dir_lock(str(out)):
+            pass
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.count("\n") == 0 and ".lock in it has 2 hard links" in err, err
+    assert (outside / "victim.bin").read_bytes() == b"precious"
+
+
+# ----------------------------------------------------------------------------- the Flower server's out-dir
+def serve_refused(out):
+    """The ServerApp on out-dir `out`, with a Grid that fails any call (a message sent before the out-dir was
+    refused): the RunFolderError it raised, one line."""
+    pytest.importorskip("flwr")
+    from flower_kit import RUN, LocalGrid
+    from flwr.app import Context, RecordDict
+
+    from potara_flower import server_app
+
+    class UntouchedGrid(LocalGrid):
+        def get_node_ids(self):
+            raise AssertionError("the server asked for its nodes before refusing its out-dir")
+
+        def send_and_receive(self, messages, *, timeout=None):
+            raise AssertionError("the server sent a message before refusing its out-dir")
+
+    run_config = {**RUN, "out-dir": str(out)}
+    with pytest.raises(run_folder.RunFolderError) as e:
+        server_app.app(UntouchedGrid(), Context(0, 0, {}, RecordDict(), run_config))
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_the_flower_server_refuses_a_folder_a_run_holds_before_any_round(tree, tmp_path):
+    """A run_cifar.py run holding the folder had its checkpoint.pt, results.* and plots overwritten by the server.
+    Now the server takes the same lock: refused at once, the holder's files as they were."""
+    _, tree_out = tree
+    out = fresh_copy(tree_out, tmp_path / "held")
+    os.remove(out / run_folder.LOCK_FILE)
+    before = snapshot(out)
+    with run_folder.out_dir_lock(str(out)):  # the run holding it (another process is the same: flock)
+        msg = serve_refused(out)
+        assert {k: v for k, v in snapshot(out).items() if k != ".lock"} == before
+    assert f"out-dir {out} is in use by another run (pid {os.getpid()})" in msg, msg
+
+
+def test_every_obstacle_at_every_path_of_the_servers_out_dir_is_refused_before_any_round(tree, tmp_path):
+    """results.json -> elsewhere was refused only after every round and every client's final step. Now every
+    obstacle of the run folder's tree is one line before the grid is touched, nothing outside changed."""
+    _, tree_out = tree
+    for i, (rel, kind) in enumerate(cases(tree_out)):
+        out = fresh_copy(tree_out, tmp_path / f"o{i}")
+        outside = outside_world(tmp_path / f"x{i}")
+        before_outside = snapshot(outside)
+        with pytest.MonkeyPatch.context() as mp:
+            plant(out, rel, kind, outside, mp)
+            msg = serve_refused(out)
+        name = rel.rstrip("/") if rel != "./" else ""
+        assert msg.startswith(f"out-dir {out}") and name in msg, (rel, kind, msg)
+        assert snapshot(outside) == before_outside, (rel, kind)
+        os.chmod(out, 0o755)
+
+
+def test_obstacles_cover_every_kind(tmp_path):
+    """The planting helper makes what it says (a test of the test: a silently missing obstacle tests nothing)."""
+    outside = outside_world(tmp_path)
+    out = tmp_path / "out"
+    (out / "d").mkdir(parents=True)
+    (out / "f").write_bytes(b"x")
+    with pytest.MonkeyPatch.context() as mp:
+        for rel, kind, test in (
+            ("f", "link out", os.path.islink),
+            ("f", "hard link", lambda p: os.stat(p).st_nlink == 2),
+            ("f", "directory", os.path.isdir),
+            ("f", "FIFO", lambda p: stat.S_ISFIFO(os.lstat(p).st_mode)),
+            ("d/", "regular file", os.path.isfile),
+        ):
+            plant(out, rel, kind, outside, mp)
+            assert test(os.path.join(out, rel.rstrip("/"))), (rel, kind)
+        os.remove(out / "d")
+        (out / "d").mkdir()
+        plant(out, "d/", "read-only folder", outside, mp)
+        assert not os.access(out / "d", os.W_OK) and os.access(out, os.W_OK)
