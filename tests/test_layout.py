@@ -249,7 +249,10 @@ USER_CLIENT = textwrap.dedent("""
         merged, info = personalize(model, G, L, held_out=[(x, (x[:, 0] > 0).long())])
         assert 0.0 <= info["lam"] <= 1.0 and set(merged) == set(L)
         print("user", OWN_DATA, OWN_TASK, OWN_LORA)
-        print("potara", personalize.__module__, __import__("sys").modules[personalize.__module__].__file__)
+        import sys
+        print("potara", personalize.__module__, sys.modules[personalize.__module__].__file__)
+        print("files", sorted({{getattr(m, "__file__", None) or "" for m in sys.modules.values()
+                               if "/potara/" in (getattr(m, "__file__", None) or "")}}))
 """)
 LAYOUTS = {  # (where the user's modules live, potara copied to: None = the installed one, how they are imported)
     "flat, potara installed": ("", None, "from potara import personalize", "from {m} import OWN_{M}"),
@@ -294,8 +297,11 @@ def test_potara_in_a_users_app_under_each_layout(layout, tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "user user data user task user lora" in out.stdout, out.stdout
     module_name, where = out.stdout.split("potara ", 1)[1].split()[:2]
-    if copy_to:  # the copy, under the name its place gives it
+    files = ast.literal_eval(out.stdout.split("files ", 1)[1].split("\n", 1)[0])
+    assert len(files) >= 5, files  # merge and what it imports: fisher, lora, tensor_checks, weight, ...
+    if copy_to:  # the copy, under the name its place gives it, and nothing of the installed package
         assert Path(where) == tmp_path / copy_to / "merge.py", where
         assert module_name == copy_to.replace("/", ".") + ".merge", module_name
+        assert all(f.startswith(str(tmp_path / copy_to)) for f in files), files
     else:  # the installed package, never something of the user's folder
-        assert module_name == "potara.merge" and str(tmp_path) not in where, where
+        assert module_name == "potara.merge" and not any(str(tmp_path) in f for f in files), files
