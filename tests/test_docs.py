@@ -293,13 +293,19 @@ def test_a_broken_command_is_caught(cmd, capsys):
 
 
 def test_the_example_pages_node_config_and_pyproject_are_the_apps():
-    """docs/flower-your-app.md: its --node-config keys are the example's (not the project app's), and the
-    pyproject.toml it prints is the example's file, byte for byte."""
+    """docs/flower-your-app.md: its --node-config keys are the example's (not the project app's); the
+    pyproject.toml and the handler it prints are the example's, byte for byte, and its line count is right."""
     bad = "flower-supernode --insecure --superlink SERVER:9093 --node-config \"partition-id=0 backbone='x.pt'\""
     assert check(bad, "docs/flower-your-app.md:1") is not None and check(bad) is None
     page = (REPO / "docs" / "flower-your-app.md").read_text()
     shown = page.split("```toml\n", 1)[1].split("```", 1)[0]
     assert shown == (EXAMPLE / "pyproject.toml").read_text()
+    code = (EXAMPLE / "example_app.py").read_text()
+    lines = re.search(r"`example_app.py` \((\d+) lines\)", page)
+    assert lines and int(lines.group(1)) == len(code.splitlines()), "the page's line count of example_app.py"
+    handler = page.split("```python\n", 1)[1].split("```", 1)[0]
+    missing = [line for line in handler.splitlines() if line not in code.splitlines()]  # its docstring left out
+    assert not missing, f"the page's handler is not example_app.py's: {missing}"
 
 
 def test_the_readme_stays_short():
