@@ -13,7 +13,8 @@ every inline `python run_*.py ...` / `python -m potara_*...` span of the prose. 
 - `flower-superlink`, `flower-supernode`, `flwr`, `openssl`, `ssh-keygen`: each option (and flwr/openssl
   subcommand) must be one that the loopback tests run (its literals, and those of the
   potara_flower/loopback.py methods it drives). `--run-config` keys must be keys of pyproject's
-  [tool.flwr.app.config], `--node-config` keys ones client_app.py reads. flwr subcommands no test runs
+  [tool.flwr.app.config] (of the app folder `flwr run` names), `--node-config` keys ones the page's app reads
+  (client_app.py; docs/flower-your-app.md: its example). flwr subcommands no test runs
   (NOT_RUN_BY_TESTS) are checked against the installed flwr's own `--help`.
 - anything else fails: add a check here.
 
@@ -48,6 +49,8 @@ FLOWER_TOOLS = ("flower-superlink", "flower-supernode", "flwr", "openssl", "ssh-
 NOT_RUN_BY_TESTS = {("log",), ("stop",)}  # flwr subcommands the docs name and no test runs
 EXTERNAL = {"datasets": "potara_harness/export_flan.py"}  # pip packages the project does not depend on
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
+EXAMPLE = REPO / "examples" / "potara-flower-app"
+CLIENT_OF_PAGE = {"docs/flower-your-app.md": EXAMPLE / "example_app.py"}  # default: potara_flower/client_app.py
 INLINE = re.compile(r"`(python3? (?:run_\w+\.py|-m potara_\w+\.\w+)[^`]*)`")
 
 
@@ -171,7 +174,7 @@ def config_keys(text: str) -> list[str]:
     return [kv.split("=")[0] for kv in shlex.split(text)]
 
 
-def check_flower(tool: str, args: list[str]) -> str | None:
+def check_flower(tool: str, args: list[str], client: Path = REPO / "potara_flower" / "client_app.py") -> str | None:
     seen = flower_literals()[tool]
     words = [a for a in args if re.fullmatch(r"[a-z][a-z0-9-]*", a) and a not in ("potara", "RUN_ID")]
     if tool == "flwr":
@@ -192,9 +195,13 @@ def check_flower(tool: str, args: list[str]) -> str | None:
     missing = [f for f in flags if f not in seen]
     if missing:
         return f"{tool}: options no loopback test passes: {missing}"
+    app = args[1] if tool == "flwr" and args[:1] == ["run"] else "."
+    if not (REPO / app / "pyproject.toml").is_file():
+        return f"flwr run {app}: no pyproject.toml there"
+    run_keys = tomllib.loads((REPO / app / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     for flag, known, what in (
-        ("--run-config", PYPROJECT["tool"]["flwr"]["app"]["config"], "pyproject's [tool.flwr.app.config]"),
-        ("--node-config", strings_in(REPO / "potara_flower" / "client_app.py"), "potara_flower/client_app.py"),
+        ("--run-config", run_keys, f"{app}/pyproject.toml's [tool.flwr.app.config]"),
+        ("--node-config", strings_in(client), str(client.relative_to(REPO))),
     ):
         if flag in args:
             bad = [k for k in config_keys(args[args.index(flag) + 1]) if k not in known]
@@ -203,8 +210,8 @@ def check_flower(tool: str, args: list[str]) -> str | None:
     return None
 
 
-def check(cmd: str) -> str | None:
-    """Why a documented command would not work as written, or None."""
+def check(cmd: str, where: str = "") -> str | None:
+    """Why a documented command would not work as written (on the page `where`, path:line), or None."""
     tokens = shlex.split(cmd)
     prog, args = tokens[0], tokens[1:]
     ci = (REPO / ".ci" / "run").read_text()
@@ -236,7 +243,8 @@ def check(cmd: str) -> str | None:
     if prog == "pip":
         return check_pip(args)
     if prog in FLOWER_TOOLS:
-        return check_flower(prog, args)
+        client = CLIENT_OF_PAGE.get(where.split(":")[0])
+        return check_flower(prog, args, client) if client else check_flower(prog, args)
     if prog == "printf":  # the SAN file of the TLS recipe: loopback.tls_and_keys writes the same one
         return None if "san.ext" in flower_literals()["openssl"] else "printf: the test no longer writes san.ext"
     return f"{prog}: no check for this program in tests/test_docs.py"
@@ -252,7 +260,7 @@ def test_the_docs_have_commands_and_the_readme_links_every_page():
 
 @pytest.mark.parametrize("where,cmd", ALL, ids=[f"{w} {c[:60]}" for w, c in ALL])
 def test_documented_command(where, cmd, capsys):
-    problem = check(cmd)
+    problem = check(cmd, where)
     capsys.readouterr()  # --help output
     assert problem is None, f"{where}: `{cmd}`: {problem}"
 
@@ -272,6 +280,8 @@ def test_documented_command(where, cmd, capsys):
         "flower-superlink --insecure --no-such-flag",
         "flwr frobnicate potara",
         'flwr run . potara --run-config "num-clients=2 no-such-key=1"',
+        'flwr run examples/potara-flower-app potara --run-config "batch-size=8"',  # the project app's key
+        "flwr run examples/no-such-app potara",
         "flower-supernode --insecure --superlink SERVER:9093 --node-config \"partition-id=0 colour='red'\"",
         "openssl genpkey -algorithm ed25519",
         "rm -rf data",
@@ -280,6 +290,22 @@ def test_documented_command(where, cmd, capsys):
 def test_a_broken_command_is_caught(cmd, capsys):
     assert check(cmd) is not None, cmd
     capsys.readouterr()
+
+
+def test_the_example_pages_node_config_and_pyproject_are_the_apps():
+    """docs/flower-your-app.md: its --node-config keys are the example's (not the project app's); the
+    pyproject.toml and the handler it prints are the example's, byte for byte, and its line count is right."""
+    bad = "flower-supernode --insecure --superlink SERVER:9093 --node-config \"partition-id=0 backbone='x.pt'\""
+    assert check(bad, "docs/flower-your-app.md:1") is not None and check(bad) is None
+    page = (REPO / "docs" / "flower-your-app.md").read_text()
+    shown = page.split("```toml\n", 1)[1].split("```", 1)[0]
+    assert shown == (EXAMPLE / "pyproject.toml").read_text()
+    code = (EXAMPLE / "example_app.py").read_text()
+    lines = re.search(r"`example_app.py` \((\d+) lines\)", page)
+    assert lines and int(lines.group(1)) == len(code.splitlines()), "the page's line count of example_app.py"
+    handler = page.split("```python\n", 1)[1].split("```", 1)[0]
+    missing = [line for line in handler.splitlines() if line not in code.splitlines()]  # its docstring left out
+    assert not missing, f"the page's handler is not example_app.py's: {missing}"
 
 
 def test_the_readme_stays_short():

@@ -12,6 +12,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 CORE = "potara"
 HARNESS = "potara_harness"
@@ -230,3 +232,76 @@ def test_a_users_generic_modules_never_shadow_potaras(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     loaded = out.stdout.split("loaded ", 1)[1].split("\n", 1)[0]
     assert str(ROOT / CORE) in loaded and str(tmp_path) not in loaded, loaded
+
+
+USER_CLIENT = textwrap.dedent("""
+    import torch, torch.nn as nn
+    {potara}
+    {own}
+
+
+    def run():
+        torch.manual_seed(0)
+        model = nn.Linear(4, 3)
+        L = {{k: v.clone() for k, v in model.state_dict().items()}}
+        G = {{k: v + 0.3 * torch.randn_like(v) for k, v in L.items()}}
+        x = torch.randn(24, 4)
+        merged, info = personalize(model, G, L, held_out=[(x, (x[:, 0] > 0).long())])
+        assert 0.0 <= info["lam"] <= 1.0 and set(merged) == set(L)
+        print("user", OWN_DATA, OWN_TASK, OWN_LORA)
+        import sys
+        print("potara", personalize.__module__, sys.modules[personalize.__module__].__file__)
+        print("files", sorted({{getattr(m, "__file__", None) or "" for m in sys.modules.values()
+                               if "/potara/" in (getattr(m, "__file__", None) or "")}}))
+""")
+LAYOUTS = {  # (where the user's modules live, potara copied to: None = the installed one, how they are imported)
+    "flat, potara installed": ("", None, "from potara import personalize", "from {m} import OWN_{M}"),
+    "flat, potara copied beside": ("", "potara", "from potara import personalize", "from {m} import OWN_{M}"),
+    "package, potara installed": ("myapp", None, "from potara import personalize", "from .{m} import OWN_{M}"),
+    "package, potara copied in": (
+        "myapp",
+        "myapp/potara",
+        "from .potara import personalize",
+        "from .{m} import OWN_{M}",
+    ),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_potara_in_a_users_app_under_each_layout(layout, tmp_path):
+    """A user's Flower-style app (client_app.py beside its own data.py, task.py and lora.py: flat, or a package
+    like Flower's quickstarts, myapp/client_app.py) imports potara, installed or copied in, and runs
+    personalize: each side's modules are the ones it asked for (run from the app's folder, which is what flwr's
+    loader puts first on sys.path)."""
+    package, copy_to, potara_import, own_import = LAYOUTS[layout]
+    app = tmp_path / package
+    app.mkdir(exist_ok=True)
+    if package:
+        (app / "__init__.py").write_text("")
+    own = "\n".join(own_import.format(m=m, M=m.upper()) for m in ("data", "task", "lora"))
+    for m in ("data", "task", "lora"):
+        (app / f"{m}.py").write_text(f"OWN_{m.upper()} = 'user {m}'\n")
+    (app / "client_app.py").write_text(USER_CLIENT.format(potara=potara_import, own=own))
+    if copy_to:
+        shutil.copytree(ROOT / CORE, tmp_path / copy_to, ignore=shutil.ignore_patterns("__pycache__"))
+    module = f"{package}.client_app" if package else "client_app"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run(
+        [sys.executable, "-c", f"import {module} as c; c.run()"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "user user data user task user lora" in out.stdout, out.stdout
+    module_name, where = out.stdout.split("potara ", 1)[1].split()[:2]
+    files = ast.literal_eval(out.stdout.split("files ", 1)[1].split("\n", 1)[0])
+    assert len(files) >= 5, files  # merge and what it imports: fisher, lora, tensor_checks, weight, ...
+    if copy_to:  # the copy, under the name its place gives it, and nothing of the installed package
+        assert Path(where) == tmp_path / copy_to / "merge.py", where
+        assert module_name == copy_to.replace("/", ".") + ".merge", module_name
+        assert all(f.startswith(str(tmp_path / copy_to)) for f in files), files
+    else:  # the installed package, never something of the user's folder
+        assert module_name == "potara.merge" and not any(str(tmp_path) in f for f in files), files

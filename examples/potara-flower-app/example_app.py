@@ -1,9 +1,12 @@
 """Potara in your own Flower app: your model, your data, your FedAvg (Flower's own strategy), and one call,
-potara.personalize, in your ClientApp's evaluate handler. docs/flower-your-app.md walks through it;
-tests/test_flower_example.py runs it in-process against an independent FedAvg and a direct personalize.
+potara.personalize, in your ClientApp's evaluate handler; the ServerApp prints each client's lam and
+accuracies. A whole Flower app with pyproject.toml beside it: `flwr run examples/potara-flower-app <connection>`
+(docs/flower-your-app.md). tests/test_flower_example.py runs it through Flower's own app loader, in-process
+against an independent FedAvg and a direct personalize, and on a real SuperLink with 2 SuperNodes.
 
 Nothing here is this project's pipeline: a user's MLP, a user's training loop, a user's data (each client
-relabels some classes: a concept shift that one global model cannot fit for everyone). What Potara adds:
+swaps two labels: a concept shift that one global model cannot fit for everyone; few samples each, so the
+client's own model alone is noisy). What Potara adds:
 
     phi_0   the model every client and the server start from (make_model(seed): the same on every device)
     phi_G   the global model after your FedAvg rounds (what the evaluate message carries)
@@ -20,6 +23,9 @@ pre-trained model you would federate LoRA adapters instead (lora.add_lora) and p
 On the wire: train, the global model down and the trained model up (+ n_k, the mean loss: what FedAvg
 needs); evaluate, the global model down and numbers up (lam, accuracies, n_test). Never: the data, phi_L,
 the merged model, the validation losses and slopes Potara reads.
+
+This one module is both apps (pyproject.toml: serverapp = "example_app:server", clientapp = "example_app:app"),
+so the ServerApp's process imports potara too: install it on the server as well.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from potara.merge import personalize
 
-FEATURES, CLASSES, SPLITS = 16, 4, {"train": 96, "val": 48, "test": 96}
+FEATURES, CLASSES, SPLITS = 16, 4, {"train": 32, "val": 96, "test": 200}
 
 
 # ----------------------------------------------------------------------------- the user's model, data, training
@@ -48,7 +54,7 @@ def make_model(seed: int) -> nn.Module:
 def client_data(k: int, seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Client k's train / val / test: Gaussian classes around means shared by all clients; odd clients swap
     labels 0 and 1 (the same inputs, other answers: what personalisation is for)."""
-    means = 0.5 * torch.randn(CLASSES, FEATURES, generator=torch.Generator().manual_seed(seed))
+    means = torch.randn(CLASSES, FEATURES, generator=torch.Generator().manual_seed(seed))
     g = torch.Generator().manual_seed(1000 * seed + k + 1)
     out = {}
     for split, n in SPLITS.items():
@@ -82,7 +88,11 @@ app = ClientApp()
 
 
 def who(context: Context) -> tuple[int, int]:
-    return int(context.node_config["partition-id"]), int(context.run_config["seed"])
+    """(partition-id, seed): the node config says which client this SuperNode is, the run config the seed."""
+    k, n = int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+    if not 0 <= k < n:
+        raise ValueError(f"node config: partition-id={k} is not in 0..num-partitions-1 ({n})")
+    return k, int(context.run_config["seed"])
 
 
 @app.train()
@@ -135,15 +145,31 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 
 # ----------------------------------------------------------------------------- the ServerApp: Flower's own FedAvg
+class PerClientFedAvg(FedAvg):
+    """Flower's FedAvg, plus one line per client after each round's evaluate: its lam and test accuracies
+    (FedAvg alone logs only their mean, weighted by num-examples). Full precision, so runs compare exactly."""
+
+    def aggregate_evaluate(self, server_round: int, replies):
+        replies = list(replies)
+        for r in sorted((r for r in replies if r.has_content()), key=lambda r: r.metadata.src_node_id):
+            m = r.content["metrics"]
+            print(
+                f"round {server_round} node {r.metadata.src_node_id}: lam {m['lam']!r} acc-potara {m['acc-potara']!r}"
+                f" acc-local {m['acc-local']!r} acc-global {m['acc-global']!r}",
+                flush=True,
+            )
+        return super().aggregate_evaluate(server_round, replies)
+
+
 server = ServerApp()
 
 
 @server.main()
 def main(grid: Grid, context: Context) -> None:
-    """Flower's FedAvg for `rounds` rounds; every round's evaluate is the clients' Potara step (their
-    metrics, averaged by n_test, are the personalised accuracy of the federation)."""
+    """Flower's FedAvg for `rounds` rounds; every round's evaluate is the clients' Potara step (each client's
+    line printed, then their mean weighted by n_test: the personalised accuracy of the federation)."""
     cfg, n = context.run_config, int(context.run_config["num-clients"])
-    strategy = FedAvg(fraction_evaluate=1.0, min_train_nodes=n, min_evaluate_nodes=n, min_available_nodes=n)
+    strategy = PerClientFedAvg(fraction_evaluate=1.0, min_train_nodes=n, min_evaluate_nodes=n, min_available_nodes=n)
     result = strategy.start(
         grid, ArrayRecord(make_model(int(cfg["seed"])).state_dict()), int(cfg["rounds"]), train_config=ConfigRecord({})
     )
