@@ -181,20 +181,25 @@ class LocalFederation:
         timeout: float = 600,
         poll: float = 1.0,
         during: Callable[[dict], None] | None = None,
+        status_every: float = 5.0,
     ) -> dict:
-        """`flwr run app local --run-config ...` (it returns at once), then `flwr list --run-id` every `poll` s
-        until the run's status is finished:*; returns that final status (a dict of `flwr list`'s JSON: "status",
-        "status-details", ...). during(status), if given, is called at every poll before the end (a test's hook:
-        kill a SuperNode mid-run)."""
+        """`flwr run app local --run-config ...` (it returns at once), then `flwr list --run-id` every
+        `status_every` s until the run's status is finished:*; returns that final status (a dict of `flwr list`'s
+        JSON: "status", "status-details", ...). during(last status), if given, is called every `poll` s before the
+        end (a test's hook: kill a SuperNode mid-run). The status is asked for seldom because each `flwr` call is a
+        new Python process (~1.5 s of CPU, measured here): polled every second it would take a core from the
+        devices it times."""
         overrides = " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
         started = self.flwr("run", str(Path(app).resolve()), "local", "--run-config", overrides)
         if not started.get("success"):
             raise RuntimeError(f"flwr run failed: {started}")
-        run_id, status = str(started["run-id"]), {}
+        run_id, status, asked = str(started["run-id"]), {}, 0.0
 
         def finished() -> bool:
-            nonlocal status
-            status = self.flwr("list", "local", "--run-id", run_id)["runs"][0]
+            nonlocal status, asked
+            if time.time() - asked < status_every:
+                return False
+            status, asked = self.flwr("list", "local", "--run-id", run_id)["runs"][0], time.time()
             return status["status"].startswith("finished")
 
         deadline = time.time() + timeout
