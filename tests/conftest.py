@@ -427,3 +427,30 @@ def federation(tmp_path):
         yield fed
     finally:
         fed.stop()
+
+
+# ----------------------------------------------------------------------------- real federations, in the background
+BACKGROUND = None  # background.Background once the session's tests are collected
+
+
+def pytest_collection_finish(session):
+    """Start the real federations of the selected tests (background.py) before the first test runs."""
+    global BACKGROUND
+    import background
+
+    names = list(dict.fromkeys(m.args[0] for item in session.items for m in item.iter_markers("federation")))
+    if names and not session.config.option.collectonly:
+        factory = session.config._tmp_path_factory  # pytest's own tmp_path_factory (fixtures are not up yet)
+        BACKGROUND = background.Background(names, lambda name: factory.mktemp(name))
+
+
+def pytest_sessionfinish(session):
+    if BACKGROUND is not None:
+        BACKGROUND.stop()
+
+
+@pytest.fixture
+def federation_result(request):
+    """(what the test's real federation returned, its folder): the test's federation marker names it."""
+    [name] = [m.args[0] for m in request.node.iter_markers("federation")]
+    return BACKGROUND.result(name), BACKGROUND.folders[name]

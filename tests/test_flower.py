@@ -12,6 +12,7 @@ import re
 from dataclasses import fields
 from pathlib import Path
 
+import background
 import numpy as np
 import pytest
 import torch
@@ -322,20 +323,38 @@ def test_in_process_app_equals_run_fedit_with_drop_outs(small_world, task_identi
 LOOPBACK = {**RUN, "num-clients": 2, "clients-per-round": 1, "drop-prob": 0.0}  # 2 processes: CI has 2 cores
 
 
-def test_loopback_fedit_bitwise_equals_in_process(federation, tmp_path):
+def prepare_loopback(folder):
+    """In the main thread, before any test: the backbone file and the federation."""
+    from potara_flower.loopback import LocalFederation
+
+    micro_backbone(folder / "backbone.pt")
+    return LocalFederation(folder)
+
+
+def run_loopback(federation, folder) -> dict:
+    """In the background (tests/background.py): a SuperLink, 2 SuperNodes, `flwr run`; its final status."""
+    federation.superlink()
+    for k in range(2):
+        federation.supernode(
+            f"node{k}",
+            f"partition-id={k} num-partitions=2 backbone='{folder / 'backbone.pt'}' data-dir='{folder / 'data'}' "
+            "threads=1",
+        )
+    status = federation.run(REPO, {**LOOPBACK, "out-dir": str(folder / "out")}, timeout=150)
+    return {"status": status, "superlink": federation.log("superlink")[-3000:]}
+
+
+background.register("loopback", prepare_loopback, run_loopback)
+
+
+@pytest.mark.federation("loopback")
+def test_loopback_fedit_bitwise_equals_in_process(federation_result):
     """The real thing on 127.0.0.1: a SuperLink, 2 SuperNodes (one sampled per round), `flwr run` for 2
     rounds and the Potara step: check_against_in_process (bitwise FedIT, same participants and bytes, the
     pipeline's accuracies and lam)."""
     picks = [sample_clients(LOOPBACK["seed"], t, 2, 1) for t in range(2)]
     assert sorted(s[0] for s, _ in picks) == [0, 1], picks  # each client trains once: both in the average
-    data_dir, backbone, out = tmp_path / "data", tmp_path / "backbone.pt", tmp_path / "out"
-    micro_backbone(backbone)
-    federation.superlink()
-    for k in range(2):
-        federation.supernode(
-            f"node{k}", f"partition-id={k} num-partitions=2 backbone='{backbone}' data-dir='{data_dir}' threads=1"
-        )
-    status = federation.run(REPO, {**LOOPBACK, "out-dir": str(out)}, timeout=150)
-    assert status["status"] == "finished:completed", federation.log("superlink")[-3000:]
-    results = check_against_in_process(out, data_dir, backbone, LOOPBACK, tmp_path)
+    got, folder = federation_result
+    assert got["status"]["status"] == "finished:completed", got["superlink"]
+    results = check_against_in_process(folder / "out", folder / "data", folder / "backbone.pt", LOOPBACK, folder)
     assert all(h["failed"] == [] for h in results["fedit_history"])

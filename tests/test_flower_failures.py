@@ -12,6 +12,7 @@ import random
 import re
 import signal
 
+import background
 import pytest
 import torch
 
@@ -375,7 +376,69 @@ KILL = {
 }
 
 
-def test_loopback_kill_one_supernode_mid_run(tmp_path):
+MEMBERS = ("node0", "node1", "node2")
+
+
+def prepare_kill(folder):
+    """In the main thread, before any test: the backbone, the data (once, not by 3 nodes at once), the TLS
+    certificates and SuperNode keys, the federation."""
+    micro_backbone(folder / "backbone.pt")
+    load_images("synthetic", str(folder / "data"), KILL["synthetic-per-class"])
+    return LocalFederation(folder, tls=tls_and_keys(folder, (*MEMBERS, "stranger")))
+
+
+def run_kill(federation, folder) -> dict:
+    """In the background (tests/background.py): the federation, the kill after round 1, what the test checks."""
+    federation.superlink("--enable-supernode-auth")
+    registered = [federation.flwr("supernode", "register", str(folder / f"{m}.pub"), "local") for m in MEMBERS]
+    assert all(r.get("success") for r in registered), registered
+    refused = {
+        "stranger": federation.supernode(
+            "stranger",
+            "partition-id=1 num-partitions=3",
+            "--auth-supernode-private-key",
+            str(folder / "stranger"),
+            "--max-retries",
+            "1",
+            "--max-wait-time",
+            "20",
+        ),
+        "anonymous": federation.supernode(  # no key at all
+            "anonymous", "partition-id=1 num-partitions=3", "--max-retries", "1", "--max-wait-time", "20"
+        ),
+    }
+    nodes = [
+        federation.supernode(
+            f"node{k}",
+            f"partition-id={k} num-partitions=3 backbone='backbone.pt' data-dir='data' threads=1",
+            "--auth-supernode-private-key",
+            str(folder / f"node{k}"),
+        )
+        for k in range(3)
+    ]
+    ckpt, killed = folder / "out" / "checkpoint.pt", []
+
+    def kill_after_round_1(status: dict) -> None:
+        if not killed and ckpt.exists():  # written atomically after each round
+            killed.append(torch.load(ckpt, weights_only=True)["fedit"]["round"])
+            os.killpg(nodes[2].pid, signal.SIGKILL)
+
+    status = federation.run(REPO, KILL, timeout=280, poll=0.5, during=kill_after_round_1)
+    return {
+        "registered": registered,
+        "status": status,
+        "killed": killed,
+        "log": federation.run_log(status["run-id"]),
+        "listed": {n["node-id"]: n["status"] for n in federation.flwr("supernode", "list", "local")["nodes"]},
+        "refused": {name: (p.poll(), federation.log(name)) for name, p in refused.items()},  # long gone: 20 s
+    }
+
+
+background.register("kill", prepare_kill, run_kill)
+
+
+@pytest.mark.federation("kill")
+def test_loopback_kill_one_supernode_mid_run(federation_result):
     """The real thing on 127.0.0.1 as operators deploy it: TLS and SuperNode authentication (docs/flower.md's
     commands), 3 SuperNodes whose keys are registered, and two that are refused and exit: one with an
     unregistered key, one with none. After round 1 of 2, SIGKILL to client2's SuperNode (its process group: the
@@ -385,63 +448,24 @@ def test_loopback_kill_one_supernode_mid_run(tmp_path):
     client2 (no traceback); the SuperLink lists the 3 registered nodes only, client2's offline. Relative paths: the
     node config's are relative to where flower-supernode was started, out-dir to where flower-superlink was (both:
     the federation's folder here)."""
-    micro_backbone(tmp_path / "backbone.pt")
-    load_images("synthetic", str(tmp_path / "data"), KILL["synthetic-per-class"])  # once, not by 3 nodes at once
-    members = ("node0", "node1", "node2")
-    with LocalFederation(tmp_path, tls=tls_and_keys(tmp_path, (*members, "stranger"))) as federation:
-        federation.superlink("--enable-supernode-auth")
-        registered = [federation.flwr("supernode", "register", str(tmp_path / f"{m}.pub"), "local") for m in members]
-        assert all(r.get("success") for r in registered), registered
-        refused = {
-            "stranger": federation.supernode(
-                "stranger",
-                "partition-id=1 num-partitions=3",
-                "--auth-supernode-private-key",
-                str(tmp_path / "stranger"),
-                "--max-retries",
-                "1",
-                "--max-wait-time",
-                "20",
-            ),
-            "anonymous": federation.supernode(  # no key at all
-                "anonymous", "partition-id=1 num-partitions=3", "--max-retries", "1", "--max-wait-time", "20"
-            ),
-        }
-        nodes = [
-            federation.supernode(
-                f"node{k}",
-                f"partition-id={k} num-partitions=3 backbone='backbone.pt' data-dir='data' threads=1",
-                "--auth-supernode-private-key",
-                str(tmp_path / f"node{k}"),
-            )
-            for k in range(3)
-        ]
-        ckpt, killed = tmp_path / "out" / "checkpoint.pt", []
-
-        def kill_after_round_1(status: dict) -> None:
-            if not killed and ckpt.exists():  # written atomically after each round
-                killed.append(torch.load(ckpt, weights_only=True)["fedit"]["round"])
-                os.killpg(nodes[2].pid, signal.SIGKILL)
-
-        status = federation.run(REPO, KILL, timeout=280, poll=0.5, during=kill_after_round_1)
-        log = federation.run_log(status["run-id"])
-        listed = {n["node-id"]: n["status"] for n in federation.flwr("supernode", "list", "local")["nodes"]}
-        for name, node in refused.items():  # long gone: one retry, 20 s at most
-            assert node.poll() is not None and node.returncode != 0, name
-            assert "could not establish a connection to the SuperLink" in federation.log(name), name
-    ids = [str(r["node-id"]) for r in registered]
-    assert listed == {ids[0]: "online", ids[1]: "online", ids[2]: "offline"}, listed
-    assert killed == [1], killed  # killed after round 1, before round 2 ended
+    got, folder = federation_result
+    for name, (returncode, log) in got["refused"].items():  # one retry, 20 s at most
+        assert returncode is not None and returncode != 0, name
+        assert "could not establish a connection to the SuperLink" in log, name
+    ids = [str(r["node-id"]) for r in got["registered"]]
+    assert got["listed"] == {ids[0]: "online", ids[1]: "online", ids[2]: "offline"}, got["listed"]
+    assert got["killed"] == [1], got["killed"]  # killed after round 1, before round 2 ended
+    status, log = got["status"], got["log"]
     assert status["status"] == "finished:completed", status  # an outcome, not a crash (server_app.missing_lines)
     print(f"flwr list: {status}\nflwr log:\n{log}")  # docs/flower.md shows what the operator sees
     [line] = [line for line in log.splitlines() if "MISSING client2:" in line]
-    assert f"the other 2 clients' results are in {tmp_path / 'out'}/results.md" in line, line
+    assert f"the other 2 clients' results are in {folder / 'out'}/results.md" in line, line
     assert "Traceback" not in log and "ERROR" not in log, log
-    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    results = json.loads((folder / "out" / "results.json").read_text())
     assert results["clients"] == ["client0", "client1"]
     assert [[f["client"] for f in h["failed"]] for h in results["fedit_history"]] == [[], ["client2"]]
     assert [f["client"] for f in results["faults"]["personalization_failed"]] == ["client2"]
-    assert "MISSING from the results: client2" in (tmp_path / "out" / "results.md").read_text()
+    assert "MISSING from the results: client2" in (folder / "out" / "results.md").read_text()
 
 
 # ----------------------------------------------------------------------------- the operator recipe
