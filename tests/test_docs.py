@@ -159,7 +159,7 @@ def flower_literals() -> dict[str, set[str]]:
     """Per tool, the words the loopback tests pass to it (the TLS-and-authentication kill test in
     tests/test_flower_failures.py, directly or through loopback.LocalFederation)."""
     test, loop = REPO / "tests" / "test_flower_failures.py", REPO / "potara_flower" / "loopback.py"
-    auth = strings_in(test, "test_loopback_kill_one_supernode_mid_run")
+    auth = strings_in(test, "prepare_kill", "run_kill", "test_loopback_kill_one_supernode_mid_run")
     keys = strings_in(loop, "tls_and_keys")
     return {
         "openssl": keys,
