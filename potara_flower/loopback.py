@@ -30,11 +30,18 @@ from typing import Callable
 BIN = Path(sys.executable).parent  # flwr, flower-superlink, flower-supernode
 
 
+GIVEN_PORTS: set[int] = set()  # handed out by this process: federations started side by side never share one
+
+
 def free_port() -> int:
-    """A TCP port nothing listens on now (the OS's choice) on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port nothing listens on now (the OS's choice) on 127.0.0.1, and not handed out before here."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in GIVEN_PORTS:
+            GIVEN_PORTS.add(port)
+            return port
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str, details: Callable[[], str] = lambda: "") -> None:

@@ -1,5 +1,5 @@
-"""The suite's real federations (a SuperLink and SuperNodes on 127.0.0.1), run one after another in one thread
-from the session's start while the other tests run. A real federation mostly waits on Flower's own clocks (a
+"""The suite's real federations (a SuperLink and SuperNodes on 127.0.0.1), each run in a thread of its own from
+the session's start while the other tests run. A real federation mostly waits on Flower's own clocks (a
 SuperNode pulls every 3 s, a dead one is declared after two 30 s heartbeats): ~125 s of CPU in 234 s of wall
 time here, time the rest of the suite can use. A helper module, not a test module.
 
@@ -7,11 +7,12 @@ time here, time the rest of the suite can use. A helper module, not a test modul
     @pytest.mark.federation("kill")
     def test_kill(federation_result): ...         # conftest.py's fixture: run_kill's return value
 
-prepare(folder) runs in the main thread before any test (anything touching torch's global state or
-os.environ: a backbone file, the LocalFederation, which copies the environment); run(federation, folder) runs
-in the thread and only starts processes and reads files. conftest.py starts the federations whose tests are
-selected (pytest_collection_finish), a test waits for its own result (the thread's exception re-raised there),
-and every federation is stopped by its processes' pids when its run ends and again when the session ends.
+prepare(folder) -> (federation, made) runs in the main thread before any test (anything touching torch's global
+state or os.environ: a backbone file, an in-process reference run, the LocalFederation, which copies the
+environment); run(federation, folder, made) runs in the thread and only starts processes and reads files.
+conftest.py starts the federations whose tests are selected (pytest_collection_finish) and puts their tests
+last, a test waits for its own result (the thread's exception re-raised there), and every federation is stopped
+by its processes' pids when its run ends and again when the session ends.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-SCENARIOS: dict[str, tuple[Callable, Callable]] = {}  # name -> (prepare(folder), run(federation, folder))
-WAIT_SECONDS = 900.0  # a test waits at most this long for its federation (queued ones included)
+SCENARIOS: dict[str, tuple[Callable, Callable]] = {}  # name -> (prepare(folder), run(federation, folder, made))
+WAIT_SECONDS = 600.0  # a test waits at most this long for its federation
 
 
 def register(name: str, prepare: Callable, run: Callable) -> None:
@@ -29,25 +30,26 @@ def register(name: str, prepare: Callable, run: Callable) -> None:
 
 
 class Background:
-    """The thread that runs the selected scenarios in order, and what each one ended with."""
+    """The threads that run the selected scenarios, one each, and what each one ended with."""
 
     def __init__(self, names: list[str], folder_of: Callable[[str], Path]):
         self.folders = {name: folder_of(name) for name in names}
-        self.federations = {name: SCENARIOS[name][0](self.folders[name]) for name in names}  # main thread
+        self.prepared = {name: SCENARIOS[name][0](self.folders[name]) for name in names}  # main thread
+        self.federations = {name: federation for name, (federation, _) in self.prepared.items()}
         self.done = {name: threading.Event() for name in names}
         self.results: dict[str, tuple[bool, object]] = {}
-        self.thread = threading.Thread(target=self._run_all, name="federations", daemon=True)
-        self.thread.start()
+        for name in names:
+            threading.Thread(target=self._run, args=(name,), name=f"federation-{name}", daemon=True).start()
 
-    def _run_all(self) -> None:
-        for name, federation in self.federations.items():
-            try:
-                self.results[name] = (True, SCENARIOS[name][1](federation, self.folders[name]))
-            except BaseException as e:  # re-raised in the test that asks for it
-                self.results[name] = (False, e)
-            finally:
-                federation.stop()
-                self.done[name].set()
+    def _run(self, name: str) -> None:
+        federation, made = self.prepared[name]
+        try:
+            self.results[name] = (True, SCENARIOS[name][1](federation, self.folders[name], made))
+        except BaseException as e:  # re-raised in the test that asks for it
+            self.results[name] = (False, e)
+        finally:
+            federation.stop()
+            self.done[name].set()
 
     def result(self, name: str):
         """The scenario's return value (its folder is `folders[name]`), or its exception raised here."""

@@ -433,6 +433,11 @@ def federation(tmp_path):
 BACKGROUND = None  # background.Background once the session's tests are collected
 
 
+def pytest_collection_modifyitems(session, config, items):
+    """The tests of background federations last: the others run while those federations do."""
+    items.sort(key=lambda item: item.get_closest_marker("federation") is not None)  # stable: order kept otherwise
+
+
 def pytest_collection_finish(session):
     """Start the real federations of the selected tests (background.py) before the first test runs."""
     global BACKGROUND

@@ -328,10 +328,10 @@ def prepare_loopback(folder):
     from potara_flower.loopback import LocalFederation
 
     micro_backbone(folder / "backbone.pt")
-    return LocalFederation(folder)
+    return LocalFederation(folder), {}
 
 
-def run_loopback(federation, folder) -> dict:
+def run_loopback(federation, folder, made: dict) -> dict:
     """In the background (tests/background.py): a SuperLink, 2 SuperNodes, `flwr run`; its final status."""
     federation.superlink()
     for k in range(2):

@@ -384,10 +384,10 @@ def prepare_kill(folder):
     certificates and SuperNode keys, the federation."""
     micro_backbone(folder / "backbone.pt")
     load_images("synthetic", str(folder / "data"), KILL["synthetic-per-class"])
-    return LocalFederation(folder, tls=tls_and_keys(folder, (*MEMBERS, "stranger")))
+    return LocalFederation(folder, tls=tls_and_keys(folder, (*MEMBERS, "stranger"))), {}
 
 
-def run_kill(federation, folder) -> dict:
+def run_kill(federation, folder, made: dict) -> dict:
     """In the background (tests/background.py): the federation, the kill after round 1, what the test checks."""
     federation.superlink("--enable-supernode-auth")
     registered = [federation.flwr("supernode", "register", str(folder / f"{m}.pub"), "local") for m in MEMBERS]

@@ -13,8 +13,10 @@ import hashlib
 import json
 import re
 import shutil
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
+import background
 import pytest
 import torch
 
@@ -324,23 +326,53 @@ def test_tiny_model_file_is_checked_before_use(tmp_path):
 
 
 # ----------------------------------------------------------------------------- the loopback run
-def test_loopback_language_bitwise_equals_run_llm(micro_llama, federation, tmp_path):
-    """The real thing on 127.0.0.1: a SuperLink, 2 SuperNodes naming synthetic tasks (no data files) and run_llm.py's
-    tiny model file, `flwr run` for 2 rounds of one sampled client, then the Potara step: check_against_run_llm."""
-    tasks = list(synthetic_tasks(1))[:2]  # run_llm.py --data synthetic --clients 2
-    reference, model_file, peft = in_process_reference(LANG, "synthetic", tmp_path)
-    reference["out"] = str(tmp_path / "run_llm")
-    out, devices = tmp_path / "out", tmp_path / "devices"
+LANG_TASKS = list(synthetic_tasks(1))[:2]  # run_llm.py --data synthetic --clients 2
+
+
+def prepare_language(folder):
+    """In the main thread, before any test: run_llm.py on the same tasks (at micro_llama's sizes, torch's
+    thread count restored), which writes the tiny model file the devices read; the federation."""
+    from potara_flower.loopback import LocalFederation
+
+    threads = torch.get_num_threads()
+    with (
+        pytest.MonkeyPatch.context() as patch,
+        open(folder / "run_llm.out", "w") as out,
+        redirect_stdout(out),
+        redirect_stderr(out),
+    ):
+        for k, v in SMALL_LLAMA.items():  # its table and bars go to run_llm.out: nothing is captured yet
+            patch.setitem(config.TINY_LLAMA, k, v)
+        reference, model_file, peft = in_process_reference(LANG, "synthetic", folder)
+    torch.set_num_threads(threads)
+    reference["out"] = str(folder / "run_llm")
+    return LocalFederation(folder / "federation"), {"reference": reference, "model": model_file, "peft": peft}
+
+
+def run_language(federation, folder, made: dict) -> dict:
+    """In the background (tests/background.py): a SuperLink, 2 SuperNodes naming synthetic tasks (no data
+    files) and run_llm.py's tiny model file, `flwr run`; its final status."""
     federation.superlink()
-    for k, task in enumerate(tasks):
+    for k, task in enumerate(LANG_TASKS):
         federation.supernode(
             f"node{k}",
             f"partition-id={k} num-partitions=2 task='synthetic:{task}' "
-            f"model='{model_file}' threads=1 adapter-dir='{devices / f'node{k}'}'",
+            f"model='{made['model']}' threads=1 adapter-dir='{folder / 'devices' / f'node{k}'}'",
         )
-    status = federation.run(REPO, {**LANG, "out-dir": str(out)}, timeout=150)
-    assert status["status"] == "finished:completed", federation.log("superlink")[-3000:]
-    results = check_against_run_llm(out, reference, tasks, devices, peft)
+    status = federation.run(REPO, {**LANG, "out-dir": str(folder / "out")}, timeout=150)
+    return {**made, "status": status, "superlink": federation.log("superlink")[-3000:]}
+
+
+background.register("language", prepare_language, run_language)
+
+
+@pytest.mark.federation("language")
+def test_loopback_language_bitwise_equals_run_llm(federation_result):
+    """The real thing on 127.0.0.1: a SuperLink, 2 SuperNodes naming synthetic tasks (no data files) and run_llm.py's
+    tiny model file, `flwr run` for 2 rounds of one sampled client, then the Potara step: check_against_run_llm."""
+    got, folder = federation_result
+    assert got["status"]["status"] == "finished:completed", got["superlink"]
+    results = check_against_run_llm(folder / "out", got["reference"], LANG_TASKS, folder / "devices", got["peft"])
     assert all(h["failed"] == [] for h in results["fedit_history"])
     assert results["config"]["run_config"]["experiment"] == "language"
 
