@@ -54,6 +54,7 @@ from flwr.clientapp import ClientApp
 
 from potara.fedit import Client, FedConfig, local_update
 from potara.lora import lora_meta, lora_state_dict
+from potara.safe_files import write_target_problem
 from potara.tensor_checks import check_tensors
 from potara_flower.task import (
     ADAPTER,
@@ -71,7 +72,8 @@ from potara_flower.task import (
 )
 from potara_harness.config import BOUNDS, VIT_PRESETS, AppConfig, ConfigError, bound_problem
 from potara_harness.data import ClientSplits
-from potara_harness.peft_export import EXPORT_RESERVED
+from potara_harness.peft_export import ADAPTER_FILES, BASE_MODEL_FILES, EXPORT_RESERVED, export_target_problem
+from potara_harness.run_folder import dir_problem
 
 IMPORTS_DONE = time.time()
 app = ClientApp()
@@ -136,6 +138,10 @@ def load_client(context: Context) -> tuple[AppConfig, LocalClient]:
         split, model, sha, language = load_language(cfg, node)
     else:
         split, model, sha, language = load_vision(cfg, node, k, K)
+    adapter_dir = node_value(node, "adapter-dir", str, "")
+    problem = adapter_dir and adapter_dir_problem(adapter_dir, split.name, language)
+    if problem:
+        raise ConfigError(f"node config adapter-dir={adapter_dir!r}: {problem}")
     model = model.to(device)
     phi0 = {name: v.detach().cpu() for name, v in lora_state_dict(model).items()}
     autocast = torch.bfloat16 if device == "cuda" else None  # as the pipelines on CUDA (cli.autocast_dtype)
@@ -162,12 +168,29 @@ def load_language(cfg: AppConfig, node) -> tuple[ClientSplits, nn.Module, str, L
     """run_llm.py's client for the node's task and model (task.language_client); and the model's sha256."""
     model_path = node_value(node, "model", str)
     split, model, language = language_client(cfg, node_value(node, "task", str), model_path)
-    if node.get("adapter-dir") and split.name in EXPORT_RESERVED:
-        raise ConfigError(
-            f"node config task: a task named {split.name!r} would share adapter-dir's folder with "
-            f"the {split.name} export: rename its .jsonl file"
-        )
     return split, model, model_sha256(model_path), language
+
+
+def adapter_dir_problem(adapter_dir: str, name: str, language: LanguageClient | None) -> str | None:
+    """Why this client must not write its Potara adapter into adapter_dir (None if it may), asked at set-up and
+    in every message, before any work: the folder exists as a writable one or can be made (as the scripts'
+    --out), and what the client writes in it is absent or its own earlier output, never a link, a hard link or a
+    special file: <name>-potara.pt (vision); the <task>/ export and, for the tiny model, base_model/ (language:
+    an export replaces only the folders an export wrote, peft_export.export_target_problem)."""
+    problem = dir_problem(adapter_dir)
+    if problem:
+        return problem
+    if language is None:
+        problem = write_target_problem(os.path.join(adapter_dir, f"{name}-potara.pt"))
+        return problem and f"{name}-potara.pt in it {problem}"
+    if name in EXPORT_RESERVED:
+        return f"a task named {name!r} would share a folder with the {name} export: rename its .jsonl file"
+    exports = {name: ADAPTER_FILES, **({"base_model": BASE_MODEL_FILES} if language.base_model is None else {})}
+    for folder, files in exports.items():
+        problem = export_target_problem(os.path.join(adapter_dir, folder), files)
+        if problem:
+            return f"{folder} in it {problem}: move it away (an export replaces only the folders it wrote)"
+    return None
 
 
 def check_same_model(config, c: LocalClient, context: Context) -> None:
@@ -328,7 +351,7 @@ def personalize(msg: Message, context: Context) -> Message:
         }
     )
     adapter_dir = context.node_config.get("adapter-dir")
-    if adapter_dir:  # the personalised adapter stays on the device
+    if adapter_dir:  # the personalised adapter stays on the device (adapter_dir_problem: checked in load_client)
         os.makedirs(adapter_dir, exist_ok=True)
         if c.language:
             save_language_adapter(adapter_dir, cfg, c, e.potara_adapter)

@@ -15,10 +15,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import stat
 from typing import TYPE_CHECKING
 
-from potara.safe_files import UnsafeFile, remove_leftovers
+from potara.safe_files import UnsafeFile, WriteError, folder_problem, remove_leftovers, write_target_problem
 
 if TYPE_CHECKING:  # annotations only: run_llm.py checks its export targets before torch loads
     import torch
@@ -30,19 +29,22 @@ BASE_MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors"
 
 
 def export_target_problem(folder: str, may_hold) -> str | None:
-    """Why the export must not replace `folder` (None if absent or a folder an export wrote: a real folder
-    holding only files named in may_hold). The export replaces only what it wrote: never a link, a file,
-    or a folder with anything else in it (a task named like a user's folder, or like the run's checkpoint)."""
-    try:
-        st = os.lstat(folder)
-    except FileNotFoundError:
-        return None
-    if stat.S_ISLNK(st.st_mode):
-        return "is a symbolic link"
-    if not stat.S_ISDIR(st.st_mode):
-        return "is a file, not a folder an export wrote"
-    other = sorted(set(os.listdir(folder)) - set(may_hold))
-    return f"holds {other[0][:60]!a}, which no export writes" if other else None
+    """Why the export must not replace `folder` (None if absent or a folder an export wrote: a real folder this
+    user can write, holding only regular files of one name, named in may_hold). The export replaces only what it
+    wrote: never a link, a file, or a folder with anything else in it (a task named like a user's folder, or like
+    the run's checkpoint; a link or special file planted in an earlier export)."""
+    problem = folder_problem(folder)  # a symbolic link, not a directory, or one this user cannot write
+    if problem or not os.path.lexists(folder):
+        return problem and problem.split(": ")[0]  # the caller says what to do
+    entries = sorted(os.listdir(folder))
+    other = [e for e in entries if e not in may_hold]
+    if other:
+        return f"holds {other[0][:60]!a}, which no export writes"
+    for entry in entries:
+        problem = write_target_problem(os.path.join(folder, entry))
+        if problem:
+            return f"holds {entry}, which {problem.split(' (')[0]}"
+    return None
 
 
 def save_tiny_base(model: nn.Module, path: str) -> None:
@@ -127,24 +129,42 @@ def write_folder_atomically(folder: str, write) -> None:
     by two renames: a crash leaves the old folder or the new one complete (plus a hidden .<name>.partial-<pid>
     or .<name>.old-<pid> folder, removed by the next export of that name once its pid is gone:
     safe_files.remove_leftovers), never a half-written one. An existing `folder` is replaced only if an export wrote
-    it (export_target_problem: a real folder holding only files the new one holds), else safe_files.UnsafeFile."""
+    it (export_target_problem: a real folder holding only files the new one holds), else safe_files.UnsafeFile;
+    any other failure on the way is a safe_files.WriteError naming `folder`, the previous folder intact."""
     parent, name = os.path.split(os.path.abspath(folder))
     tmp, old = (os.path.join(parent, f".{name}.{what}-{os.getpid()}") for what in ("partial", "old"))
-    os.makedirs(parent, exist_ok=True)
-    remove_leftovers(parent, name)
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
-        write(tmp)
-        for f in os.listdir(tmp):
-            if os.path.isfile(os.path.join(tmp, f)):
-                with open(os.path.join(tmp, f), "rb") as handle:
-                    os.fsync(handle.fileno())
-        problem = export_target_problem(folder, os.listdir(tmp))
-        if problem:
-            raise UnsafeFile(f"{folder}: {problem}: an export replaces only the folders it wrote (move it away)")
-        if os.path.lexists(folder):
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
+        os.makedirs(parent, exist_ok=True)
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise UnsafeFile(f"{parent}: is a folder this user cannot write: make it writable or choose another")
+        remove_leftovers(parent, name)
+        clear(tmp)  # never followed: a link planted under this pid's name is removed, not written through
+        clear(old)
+        try:
+            write(tmp)
+            for f in os.listdir(tmp):
+                if os.path.isfile(os.path.join(tmp, f)):
+                    with open(os.path.join(tmp, f), "rb") as handle:
+                        os.fsync(handle.fileno())
+            problem = export_target_problem(folder, os.listdir(tmp))
+            if problem:
+                raise UnsafeFile(f"{folder}: {problem}: an export replaces only the folders it wrote (move it away)")
+            if os.path.lexists(folder):
+                os.replace(folder, old)
+            os.replace(tmp, folder)
+        finally:
+            clear(tmp)
+            clear(old)
+    except UnsafeFile:
+        raise
+    except OSError as e:  # no space, a file-size limit, no permission: one line naming the folder asked for
+        raise WriteError(f"cannot write {folder} ({e.strerror or type(e).__name__})") from None
+
+
+def clear(path: str) -> None:
+    """Remove what is at `path` without following it: a link or file is unlinked (what it points to stays), a
+    folder removed with its content (shutil.rmtree, which never descends into a link)."""
+    if os.path.islink(path) or (os.path.lexists(path) and not os.path.isdir(path)):
+        os.unlink(path)
+    else:
+        shutil.rmtree(path, ignore_errors=True)

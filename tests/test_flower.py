@@ -36,10 +36,12 @@ from flwr.app import (  # noqa: E402
     Array,
     ArrayRecord,
     ConfigRecord,
+    Context,
     Error,
     Message,
     RecordDict,
 )
+from obstacles import cases, fresh_copy, outside_world, paths_of, plant, snapshot  # noqa: E402
 from torchvision.models import VisionTransformer  # noqa: E402
 
 from potara.adapter_file import load_adapter  # noqa: E402
@@ -315,6 +317,52 @@ def test_in_process_app_equals_run_fedit_with_drop_outs(small_world, task_identi
         state, meta = load_adapter(path)
         assert path.name == f"client{k}-potara.pt" and meta["lam"] == results["per_client"][f"client{k}"]["lam_potara"]
         assert sorted(state) == sorted(final_adapter(tmp_path / "out"))
+
+
+def test_every_obstacle_in_a_devices_adapter_dir_is_one_line_at_setup_and_at_the_write(
+    small_world, task_identity, tmp_path
+):
+    """The adapter-dir a real vision device writes (the in-process app's final step: <client>-potara.pt), with
+    each obstacle at every path in it (tests/obstacles.py): set-up (client_app.load_client, which every message
+    runs first) refuses it with one ConfigError line naming adapter-dir and the path; the same obstacle met by the
+    final write itself (planted after that check) is one UnsafeFile or WriteError line naming the file. Nothing
+    outside changes either way."""
+    from potara.adapter_file import save_adapter
+    from potara.safe_files import UnsafeFile, WriteError
+    from potara_flower import client_app
+
+    world = {"backbone": str(small_world / "backbone.pt"), "data-dir": str(small_world / "data"), "threads": 1}
+    nodes = [{"partition-id": k, "num-partitions": 3, **world} for k in range(3)]
+    nodes[0]["adapter-dir"] = str(tmp_path / "device")
+    serve(small_world, tmp_path / "out", nodes=nodes)
+    tree = tmp_path / "device"
+    assert paths_of(tree) == ["./", "client0-potara.pt"]
+    run_config = {**RUN, "out-dir": str(tmp_path / "out")}
+    _, client = client_app.load_client(Context(1, 1, nodes[1], RecordDict(), run_config))
+    done = []
+    for i, (rel, kind) in enumerate(cases(tree)):
+        adapter_dir = fresh_copy(tree, tmp_path / f"d{i}")
+        outside = outside_world(tmp_path / f"x{i}")
+        before = snapshot(outside)
+        with pytest.MonkeyPatch.context() as mp:
+            plant(adapter_dir, rel, kind, outside, mp)
+            planted = snapshot(adapter_dir)
+            context = Context(1, 1, {**nodes[0], "adapter-dir": str(adapter_dir)}, RecordDict(), run_config)
+            with pytest.raises(ConfigError) as e:
+                client_app.load_client(context)
+            assert snapshot(adapter_dir) == planted, (rel, kind)
+            msg = str(e.value)
+            assert msg.startswith(f"node config adapter-dir='{adapter_dir}': ") and "\n" not in msg, (rel, kind, msg)
+            assert rel.rstrip("/").lstrip(".") in msg, (rel, kind, msg)
+            if rel != "./":  # a folder the device may not write is refused at set-up only (os.access, as root)
+                with pytest.raises((UnsafeFile, WriteError)) as e:
+                    save_adapter(str(adapter_dir / "client0-potara.pt"), client.phi0, {"lam": 0.5})
+                msg = str(e.value)
+                assert str(adapter_dir / "client0-potara.pt") in msg and "\n" not in msg, (rel, kind, msg)
+        assert snapshot(outside) == before, (rel, kind)
+        adapter_dir.chmod(0o755)
+        done.append((rel, kind))
+    assert len(done) == 1 + 4, done
 
 
 # ----------------------------------------------------------------------------- the loopback run

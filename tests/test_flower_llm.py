@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 from contextlib import redirect_stderr, redirect_stdout
@@ -26,11 +27,13 @@ pytest.importorskip("transformers")
 from conftest import SMALL_LLAMA  # noqa: E402
 from flower_kit import (  # noqa: E402
     REPO,
+    RUN,
     Unpicklable,
     final_adapter,
     serve,
 )
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord  # noqa: E402
+from obstacles import cases, fresh_copy, outside_world, paths_of, plant, snapshot  # noqa: E402
 
 import run_llm  # noqa: E402
 from potara_flower.task import model_sha256  # noqa: E402
@@ -323,6 +326,57 @@ def test_tiny_model_file_is_checked_before_use(tmp_path):
         torch.save(obj, tmp_path / "bad.pt")
         with pytest.raises(DataError, match=message):
             load_tiny_file(str(tmp_path / "bad.pt"), 64)
+
+
+def test_every_obstacle_in_a_devices_adapter_dir_is_one_line_at_setup_and_at_the_write(
+    micro_llama, task_identity, tmp_path
+):
+    """The adapter-dir a real language device writes (the in-process app's final step: <task>/ and base_model/ in
+    peft's format), with each obstacle at every path in it (tests/obstacles.py). Set-up (client_app.load_client,
+    which every message runs first) refuses it with one ConfigError line naming adapter-dir and the path; the same
+    obstacle met by the final write itself (planted after that check) is one UnsafeFile or WriteError line naming
+    the folder. Nothing outside changes either way."""
+    from flwr.app import Context, RecordDict
+
+    from potara.safe_files import UnsafeFile, WriteError
+    from potara_flower import client_app
+    from potara_harness.peft_export import export_with_base
+
+    run = {**LANG, "num-clients": 1, "clients-per-round": 0, "rounds": 1}
+    _, model_file, _ = in_process_reference(run, "synthetic", tmp_path)
+    node = {"partition-id": 0, "num-partitions": 1, "task": "synthetic:sentiment", "model": str(model_file)}
+    serve(tmp_path, tmp_path / "out", nodes=[{**node, "adapter-dir": str(tmp_path / "device")}], **run)
+    tree = tmp_path / "device"
+    files = {"sentiment": ["adapter_config.json", "adapter_model.safetensors"]}
+    files["base_model"] = ["config.json", "generation_config.json", "model.safetensors"]
+    assert paths_of(tree) == sorted(["./"] + [f"{d}/{f}" for d, fs in files.items() for f in ["", *fs]])
+    run_config = {**RUN, **run, "out-dir": str(tmp_path / "out")}
+    cfg, client = client_app.load_client(Context(1, 1, node, RecordDict(), run_config))
+    adapter = {k: v.clone() for k, v in client.phi0.items()}
+    done = []
+    for i, (rel, kind) in enumerate(cases(tree)):
+        adapter_dir = fresh_copy(tree, tmp_path / f"d{i}")
+        outside = outside_world(tmp_path / f"x{i}")
+        before = snapshot(outside)
+        name = rel.rstrip("/") if rel != "./" else ""
+        with pytest.MonkeyPatch.context() as mp:
+            plant(adapter_dir, rel, kind, outside, mp)
+            planted = snapshot(adapter_dir)
+            context = Context(1, 1, {**node, "adapter-dir": str(adapter_dir)}, RecordDict(), run_config)
+            with pytest.raises(ConfigError) as e:
+                client_app.load_client(context)
+            assert snapshot(adapter_dir) == planted, (rel, kind)
+            msg = str(e.value)
+            assert msg.startswith(f"node config adapter-dir='{adapter_dir}': ") and "\n" not in msg, (rel, kind, msg)
+            assert name.split("/")[0] in msg, (rel, kind, msg)
+            with pytest.raises((UnsafeFile, WriteError)) as e:
+                export_with_base(str(adapter_dir), client.model, {"sentiment": adapter}, cfg.target_modules, None)
+            msg = str(e.value)
+            assert str(adapter_dir) in msg and "\n" not in msg and ".partial" not in msg, (rel, kind, msg)
+        assert snapshot(outside) == before, (rel, kind)
+        os.chmod(adapter_dir, 0o755)
+        done.append((rel, kind))
+    assert len(done) == 1 + 2 * 4 + 5 * 4, done
 
 
 # ----------------------------------------------------------------------------- the loopback run

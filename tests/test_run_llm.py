@@ -1,11 +1,14 @@
 """run_llm.py end to end on a micro problem; its peft export loads in peft with equal logits."""
 
+import contextlib
+import io
 import json
 import os
 import warnings
 
 import pytest
 import torch
+from obstacles import cases, fresh_copy, outside_world, paths_of, plant, snapshot
 
 pytest.importorskip("transformers")
 
@@ -285,7 +288,7 @@ def test_export_never_replaces_what_it_did_not_write(tmp_path):
     }
     for name, why in (
         ("victim", "holds 'notes.txt', which no export writes"),
-        ("afile", "is a file"),
+        ("afile", r"is not a directory \(a regular file\)"),
         ("alink", "is a symbolic link"),
     ):
         with pytest.raises(UnsafeFile, match=why):
@@ -369,3 +372,57 @@ def test_the_demos_validation_splits_are_not_flagged_as_training_data(tmp_path, 
         assert data.warn_held_out_overlap(splits) == []
     with pytest.warns(UserWarning):
         assert data.warn_held_out_overlap(splits, "train") == [s.name for s in splits]
+
+
+# ----------------------------------------------------------------------------- every obstacle in the folders it writes
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    """(world, out, peft): the --out and --export-peft folders a real micro run wrote (its cache in world)."""
+    world = tmp_path_factory.mktemp("llm-world")
+    threads = torch.get_num_threads()
+    with contextlib.redirect_stdout(io.StringIO()):
+        run_llm.main(micro_argv(world / "run", world / "peft", world / "cache"))
+    torch.set_num_threads(threads)
+    return world, world / "run", world / "peft"
+
+
+def micro_argv(out, peft, cache) -> list[str]:
+    return MICRO + ["--out", str(out), "--export-peft", str(peft), "--cache-dir", str(cache), "--threads", "1"]
+
+
+def test_every_obstacle_in_the_out_and_export_folders_is_one_line_before_any_work(written, tmp_path, capsys):
+    """run_llm.py on the trees a real run wrote, one obstacle at one path of either (tests/obstacles.py): exit 2,
+    one error line naming the flag, the folder and the path, no traceback, nothing outside changed, the planted
+    folder as it was. --out: its files and part folders (run_folder's checks); --export-peft: every task's,
+    federated's and base_model's folder and file (peft_export.export_target_problem)."""
+    world, out_tree, peft_tree = written
+    assert sorted(p for p in paths_of(peft_tree) if p.count("/") == 1 and p.endswith("/") and p != "./") == [
+        "base_model/",
+        "duplicate/",
+        "federated/",
+        "sentiment/",
+    ]
+    done = []
+    for flag, tree in (("--out", out_tree), ("--export-peft", peft_tree)):
+        for i, (rel, kind) in enumerate(cases(tree)):
+            case = tmp_path / f"{flag.strip('-')}{i}"
+            planted_in = fresh_copy(tree, case / "planted")
+            out = planted_in if flag == "--out" else case / "out"  # a new --out: no earlier run to resume
+            peft = planted_in if flag == "--export-peft" else case / "peft"
+            outside = outside_world(case / "outside")
+            before = snapshot(outside)
+            with pytest.MonkeyPatch.context() as mp:
+                plant(planted_in, rel, kind, outside, mp)
+                planted = {k: v for k, v in snapshot(planted_in).items() if k != ".lock"}
+                with pytest.raises(SystemExit) as e:
+                    run_llm.main(micro_argv(out, peft, world / "cache"))
+            err = capsys.readouterr().err
+            errors = [line for line in err.splitlines() if "error:" in line]
+            assert e.value.code == 2 and len(errors) == 1 and "Traceback" not in err, (flag, rel, kind, err)
+            name = rel.rstrip("/").split("/")[0] if rel != "./" else ""
+            assert f"{flag} {planted_in}" in errors[0] and name in errors[0], (flag, rel, kind, errors)
+            assert snapshot(outside) == before, (flag, rel, kind)
+            assert {k: v for k, v in snapshot(planted_in).items() if k != ".lock"} == planted, (flag, rel, kind)
+            os.chmod(planted_in, 0o755)
+            done.append((flag, rel, kind))
+    assert len(done) > 4 * 10 + 1 + 4 * 4 + 4 * 10 + 1, len(done)
