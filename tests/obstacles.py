@@ -1,11 +1,16 @@
 """Obstacles planted in a folder a run wrote, and what is checked after (test_run_folder.py, test_run_llm.py,
-test_flower_llm.py): a link out, a hard link, a directory, a FIFO where a file goes; a link out, a regular file, a
-FIFO, a read-only folder where a folder goes; a file and a folder outside whose bytes must not change. A helper
+test_flower.py, test_flower_llm.py): a link out, a hard link, a directory, a FIFO where a file goes; a link out, a
+regular file, a FIFO, a read-only folder where a folder goes; a file and a folder outside whose bytes must not
+change. The code under test runs `unprivileged`: a read-only folder is read-only to it, as root too. A helper
 module, not a test module: no test module imports another."""
 
+import ctypes
+import dataclasses
 import os
 import shutil
 import stat
+import sys
+import threading
 
 FILE_OBSTACLES = ("link out", "hard link", "directory", "FIFO")
 FOLDER_OBSTACLES = ("link out", "regular file", "FIFO", "read-only folder")
@@ -55,19 +60,11 @@ def snapshot(folder):
     }
 
 
-def plant(out, rel, kind, outside, monkeypatch):
+def plant(out, rel, kind, outside):
     """Put obstacle `kind` at out/rel (replacing what the run wrote there)."""
     path = os.path.join(out, rel.rstrip("/")) if rel != "./" else str(out)
-    if kind == "read-only folder":  # as root, permissions do not apply: os.access answers as for another user
+    if kind == "read-only folder":  # read-only to `unprivileged` code (root's own calls still write there)
         os.chmod(path, 0o555)
-        real_access = os.access
-        monkeypatch.setattr(
-            os,
-            "access",
-            lambda p, mode: (
-                real_access(p, mode) and not (mode & os.W_OK and os.path.abspath(p) == os.path.abspath(path))
-            ),
-        )
         return
     if os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path)
@@ -89,3 +86,77 @@ def plant(out, rel, kind, outside, monkeypatch):
 def fresh_copy(tree_out, dest):
     shutil.copytree(tree_out, dest, symlinks=True)
     return dest
+
+
+@dataclasses.dataclass
+class Case:
+    rel: str  # the path in the tree, as paths_of gives it
+    kind: str  # the obstacle planted there
+    folder: object  # the planted copy of the tree
+    outside: object  # outside_world's folder, next to it
+    planted: dict  # snapshot(folder) right after planting
+
+
+def planted_cases(tree, where):
+    """For each (rel, kind) of cases(tree): a fresh copy of the tree in where/<i>/planted with the obstacle planted,
+    outside_world in where/<i>/outside. When the caller moves on, the outside's bytes are checked unchanged and
+    the copy made writable again."""
+    for i, (rel, kind) in enumerate(cases(tree)):
+        folder = fresh_copy(tree, where / str(i) / "planted")
+        outside = outside_world(where / str(i))
+        before = snapshot(outside)
+        plant(folder, rel, kind, outside)
+        yield Case(rel, kind, folder, outside, snapshot(folder))
+        assert snapshot(outside) == before, (rel, kind)
+        os.chmod(folder, 0o755)
+
+
+# Linux capabilities that let root ignore file permissions (linux/capability.h)
+CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH = 1, 2
+LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+def _drop_permission_override():
+    """Remove CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from the calling thread's effective and permitted sets
+    (capset(2) acts on one thread; access(2) for real uid 0 uses the permitted set, so both go)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    header, data = _CapHeader(LINUX_CAPABILITY_VERSION_3, 0), (_CapData * 2)()
+    keep = ~((1 << CAP_DAC_OVERRIDE) | (1 << CAP_DAC_READ_SEARCH)) & 0xFFFFFFFF
+    if libc.capget(ctypes.byref(header), data) != 0:
+        raise OSError(ctypes.get_errno(), "capget")
+    data[0].effective &= keep
+    data[0].permitted &= keep
+    if libc.capset(ctypes.byref(header), data) != 0:
+        raise OSError(ctypes.get_errno(), "capset")
+
+
+def unprivileged(fn, *args, **kwargs):
+    """fn(*args, **kwargs) as a user that file permissions apply to: as root on Linux, in a thread of its own that
+    dropped the capabilities overriding them (the rest of the process keeps them; the thread ends with the call);
+    as anyone else, directly. Its result is returned, its exception raised here."""
+    if os.geteuid() != 0:
+        return fn(*args, **kwargs)
+    assert sys.platform == "linux", "as root, read-only folders are tested on Linux only"
+    outcome = {}
+
+    def call():
+        try:
+            _drop_permission_override()
+            outcome["result"] = fn(*args, **kwargs)
+        except BaseException as e:  # SystemExit included: the caller's pytest.raises sees it
+            outcome["error"] = e
+
+    thread = threading.Thread(target=call, name="unprivileged")
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]

@@ -41,7 +41,7 @@ from flwr.app import (  # noqa: E402
     Message,
     RecordDict,
 )
-from obstacles import cases, fresh_copy, outside_world, paths_of, plant, snapshot  # noqa: E402
+from obstacles import paths_of, planted_cases, snapshot, unprivileged  # noqa: E402
 from torchvision.models import VisionTransformer  # noqa: E402
 
 from potara.adapter_file import load_adapter  # noqa: E402
@@ -340,27 +340,19 @@ def test_every_obstacle_in_a_devices_adapter_dir_is_one_line_at_setup_and_at_the
     run_config = {**RUN, "out-dir": str(tmp_path / "out")}
     _, client = client_app.load_client(Context(1, 1, nodes[1], RecordDict(), run_config))
     done = []
-    for i, (rel, kind) in enumerate(cases(tree)):
-        adapter_dir = fresh_copy(tree, tmp_path / f"d{i}")
-        outside = outside_world(tmp_path / f"x{i}")
-        before = snapshot(outside)
-        with pytest.MonkeyPatch.context() as mp:
-            plant(adapter_dir, rel, kind, outside, mp)
-            planted = snapshot(adapter_dir)
-            context = Context(1, 1, {**nodes[0], "adapter-dir": str(adapter_dir)}, RecordDict(), run_config)
-            with pytest.raises(ConfigError) as e:
-                client_app.load_client(context)
-            assert snapshot(adapter_dir) == planted, (rel, kind)
-            msg = str(e.value)
-            assert msg.startswith(f"node config adapter-dir='{adapter_dir}': ") and "\n" not in msg, (rel, kind, msg)
-            assert rel.rstrip("/").lstrip(".") in msg, (rel, kind, msg)
-            if rel != "./":  # a folder the device may not write is refused at set-up only (os.access, as root)
-                with pytest.raises((UnsafeFile, WriteError)) as e:
-                    save_adapter(str(adapter_dir / "client0-potara.pt"), client.phi0, {"lam": 0.5})
-                msg = str(e.value)
-                assert str(adapter_dir / "client0-potara.pt") in msg and "\n" not in msg, (rel, kind, msg)
-        assert snapshot(outside) == before, (rel, kind)
-        adapter_dir.chmod(0o755)
+    for case in planted_cases(tree, tmp_path / "cases"):
+        adapter_dir, rel, kind = case.folder, case.rel, case.kind
+        context = Context(1, 1, {**nodes[0], "adapter-dir": str(adapter_dir)}, RecordDict(), run_config)
+        with pytest.raises(ConfigError) as e:
+            unprivileged(client_app.load_client, context)
+        assert snapshot(adapter_dir) == case.planted, (rel, kind)
+        msg = str(e.value)
+        assert msg.startswith(f"node config adapter-dir='{adapter_dir}': ") and "\n" not in msg, (rel, kind, msg)
+        assert rel.rstrip("/").lstrip(".") in msg, (rel, kind, msg)
+        with pytest.raises((UnsafeFile, WriteError)) as e:
+            unprivileged(save_adapter, str(adapter_dir / "client0-potara.pt"), client.phi0, {"lam": 0.5})
+        msg = str(e.value)
+        assert str(adapter_dir / "client0-potara.pt") in msg and "\n" not in msg, (rel, kind, msg)
         done.append((rel, kind))
     assert len(done) == 1 + 4, done
 

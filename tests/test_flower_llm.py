@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 from contextlib import redirect_stderr, redirect_stdout
@@ -33,7 +32,7 @@ from flower_kit import (  # noqa: E402
     serve,
 )
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord  # noqa: E402
-from obstacles import cases, fresh_copy, outside_world, paths_of, plant, snapshot  # noqa: E402
+from obstacles import paths_of, planted_cases, snapshot, unprivileged  # noqa: E402
 
 import run_llm  # noqa: E402
 from potara_flower.task import model_sha256  # noqa: E402
@@ -354,27 +353,22 @@ def test_every_obstacle_in_a_devices_adapter_dir_is_one_line_at_setup_and_at_the
     cfg, client = client_app.load_client(Context(1, 1, node, RecordDict(), run_config))
     adapter = {k: v.clone() for k, v in client.phi0.items()}
     done = []
-    for i, (rel, kind) in enumerate(cases(tree)):
-        adapter_dir = fresh_copy(tree, tmp_path / f"d{i}")
-        outside = outside_world(tmp_path / f"x{i}")
-        before = snapshot(outside)
+    for case in planted_cases(tree, tmp_path / "cases"):
+        adapter_dir, rel, kind = case.folder, case.rel, case.kind
         name = rel.rstrip("/") if rel != "./" else ""
-        with pytest.MonkeyPatch.context() as mp:
-            plant(adapter_dir, rel, kind, outside, mp)
-            planted = snapshot(adapter_dir)
-            context = Context(1, 1, {**node, "adapter-dir": str(adapter_dir)}, RecordDict(), run_config)
-            with pytest.raises(ConfigError) as e:
-                client_app.load_client(context)
-            assert snapshot(adapter_dir) == planted, (rel, kind)
-            msg = str(e.value)
-            assert msg.startswith(f"node config adapter-dir='{adapter_dir}': ") and "\n" not in msg, (rel, kind, msg)
-            assert name.split("/")[0] in msg, (rel, kind, msg)
-            with pytest.raises((UnsafeFile, WriteError)) as e:
-                export_with_base(str(adapter_dir), client.model, {"sentiment": adapter}, cfg.target_modules, None)
-            msg = str(e.value)
-            assert str(adapter_dir) in msg and "\n" not in msg and ".partial" not in msg, (rel, kind, msg)
-        assert snapshot(outside) == before, (rel, kind)
-        os.chmod(adapter_dir, 0o755)
+        context = Context(1, 1, {**node, "adapter-dir": str(adapter_dir)}, RecordDict(), run_config)
+        with pytest.raises(ConfigError) as e:
+            unprivileged(client_app.load_client, context)
+        assert snapshot(adapter_dir) == case.planted, (rel, kind)
+        msg = str(e.value)
+        assert msg.startswith(f"node config adapter-dir='{adapter_dir}': ") and "\n" not in msg, (rel, kind, msg)
+        assert name.split("/")[0] in msg, (rel, kind, msg)
+        with pytest.raises((UnsafeFile, WriteError)) as e:
+            unprivileged(
+                export_with_base, str(adapter_dir), client.model, {"sentiment": adapter}, cfg.target_modules, None
+            )
+        msg = str(e.value)
+        assert str(adapter_dir) in msg and "\n" not in msg and ".partial" not in msg, (rel, kind, msg)
         done.append((rel, kind))
     assert len(done) == 1 + 2 * 4 + 5 * 4, done
 

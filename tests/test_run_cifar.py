@@ -16,6 +16,7 @@ from urllib.error import URLError
 import pytest
 import torch
 from conftest import MICRO_VIT, PlantedPickle
+from obstacles import unprivileged
 from torchvision.models import VisionTransformer
 
 import run_cifar
@@ -595,7 +596,7 @@ def test_cli_rejects_bad_fault_and_size_arguments(extra, msg, micro, tmp_path, c
     assert msg in err, err
 
 
-def test_cli_rejects_unusable_directories(micro, tmp_path, capsys, monkeypatch):
+def test_cli_rejects_unusable_directories(micro, tmp_path, capsys):
     a_file = tmp_path / "file"
     a_file.write_text("")
     for flag, path, msg in (
@@ -608,15 +609,18 @@ def test_cli_rejects_unusable_directories(micro, tmp_path, capsys, monkeypatch):
         with pytest.raises(SystemExit):
             run_cifar.main(args)
         assert msg in capsys.readouterr().err.strip().splitlines()[-1]
-    # root may write anywhere: simulate unreadable / read-only folders
-    data_dir = str(micro / "data")
-    for flag, allowed, msg in (
-        ("--data-dir", lambda p: not str(p).startswith(data_dir), "permission denied"),
-        ("--out", lambda p: str(p).startswith(data_dir), f"({tmp_path} is not writable)"),
+    # an unreadable --data-dir, a --out under a folder no one may write (real permissions, as root too)
+    for flag, folder, msg in (
+        ("--data-dir", micro / "data", "permission denied"),
+        ("--out", tmp_path, f"({tmp_path} is not writable)"),
     ):
-        monkeypatch.setattr(os, "access", lambda path, mode: allowed(path))
-        with pytest.raises(SystemExit):
-            run_cifar.main(argv(micro, tmp_path / "missing" / "o"))
+        mode = folder.stat().st_mode
+        folder.chmod(0o300 if flag == "--data-dir" else 0o555)
+        try:
+            with pytest.raises(SystemExit):
+                unprivileged(run_cifar.main, argv(micro, tmp_path / "missing" / "o"))
+        finally:
+            folder.chmod(mode)
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert f"{flag} " in err and msg in err, err
 

@@ -12,7 +12,7 @@ import stat
 import pytest
 import torch
 from conftest import MICRO_VIT
-from obstacles import cases, fresh_copy, outside_world, paths_of, plant, snapshot
+from obstacles import fresh_copy, outside_world, paths_of, plant, planted_cases, snapshot, unprivileged
 from torchvision.models import VisionTransformer
 
 import run_cifar
@@ -67,25 +67,16 @@ def test_every_obstacle_at_every_path_of_a_run_folder_is_one_line_before_any_wor
     the path, no traceback, nothing outside changed, the run folder's own files as they were."""
     world, tree_out = tree
     done = []
-    for i, (rel, kind) in enumerate(cases(tree_out)):
-        out = fresh_copy(tree_out, tmp_path / f"o{i}")
-        outside = outside_world(tmp_path / f"x{i}")
-        before_out, before_outside = snapshot(out), snapshot(outside)
-        with pytest.MonkeyPatch.context() as mp:
-            plant(out, rel, kind, outside, mp)
-            planted = snapshot(out)
-            with pytest.raises(SystemExit) as e:
-                run_cifar.main(argv(world, out))
+    for case in planted_cases(tree_out, tmp_path):
+        with pytest.raises(SystemExit) as e:
+            unprivileged(run_cifar.main, argv(world, case.folder))
         err = capsys.readouterr().err
         errors = [line for line in err.splitlines() if "error:" in line]
-        assert e.value.code == 2 and len(errors) == 1 and "Traceback" not in err, (rel, kind, err)
-        name = rel.rstrip("/") if rel != "./" else ""
-        assert f"--out {out}" in errors[0] and name in errors[0], (rel, kind, errors)
-        assert snapshot(outside) == before_outside, (rel, kind)
-        assert snapshot(out) == planted, (rel, kind)  # refused before anything in it was written or deleted
-        os.chmod(out, 0o755)
-        done.append((rel, kind))
-        assert before_out  # the copy held the run's files
+        assert e.value.code == 2 and len(errors) == 1 and "Traceback" not in err, (case.rel, case.kind, err)
+        name = case.rel.rstrip("/") if case.rel != "./" else ""
+        assert f"--out {case.folder}" in errors[0] and name in errors[0], (case.rel, case.kind, errors)
+        assert snapshot(case.folder) == case.planted, case  # refused before anything in it was written or deleted
+        done.append((case.rel, case.kind))
     assert len(done) >= 4 * 11 + 4 + 1, len(done)
 
 
@@ -167,36 +158,33 @@ def test_every_obstacle_at_every_path_of_the_servers_out_dir_is_refused_before_a
     """results.json -> elsewhere was refused only after every round and every client's final step. Now every
     obstacle of the run folder's tree is one line before the grid is touched, nothing outside changed."""
     _, tree_out = tree
-    for i, (rel, kind) in enumerate(cases(tree_out)):
-        out = fresh_copy(tree_out, tmp_path / f"o{i}")
-        outside = outside_world(tmp_path / f"x{i}")
-        before_outside = snapshot(outside)
-        with pytest.MonkeyPatch.context() as mp:
-            plant(out, rel, kind, outside, mp)
-            msg = serve_refused(out)
-        name = rel.rstrip("/") if rel != "./" else ""
-        assert msg.startswith(f"out-dir {out}") and name in msg, (rel, kind, msg)
-        assert snapshot(outside) == before_outside, (rel, kind)
-        os.chmod(out, 0o755)
+    for case in planted_cases(tree_out, tmp_path):
+        msg = unprivileged(serve_refused, case.folder)
+        name = case.rel.rstrip("/") if case.rel != "./" else ""
+        assert msg.startswith(f"out-dir {case.folder}") and name in msg, (case.rel, case.kind, msg)
 
 
 def test_obstacles_cover_every_kind(tmp_path):
-    """The planting helper makes what it says (a test of the test: a silently missing obstacle tests nothing)."""
+    """The planting helper makes what it says, and a read-only folder is read-only to `unprivileged` code while
+    the test process itself keeps its rights (a test of the test: a silently missing obstacle tests nothing)."""
     outside = outside_world(tmp_path)
     out = tmp_path / "out"
     (out / "d").mkdir(parents=True)
     (out / "f").write_bytes(b"x")
-    with pytest.MonkeyPatch.context() as mp:
-        for rel, kind, test in (
-            ("f", "link out", os.path.islink),
-            ("f", "hard link", lambda p: os.stat(p).st_nlink == 2),
-            ("f", "directory", os.path.isdir),
-            ("f", "FIFO", lambda p: stat.S_ISFIFO(os.lstat(p).st_mode)),
-            ("d/", "regular file", os.path.isfile),
-        ):
-            plant(out, rel, kind, outside, mp)
-            assert test(os.path.join(out, rel.rstrip("/"))), (rel, kind)
-        os.remove(out / "d")
-        (out / "d").mkdir()
-        plant(out, "d/", "read-only folder", outside, mp)
-        assert not os.access(out / "d", os.W_OK) and os.access(out, os.W_OK)
+    for rel, kind, test in (
+        ("f", "link out", os.path.islink),
+        ("f", "hard link", lambda p: os.stat(p).st_nlink == 2),
+        ("f", "directory", os.path.isdir),
+        ("f", "FIFO", lambda p: stat.S_ISFIFO(os.lstat(p).st_mode)),
+        ("d/", "regular file", os.path.isfile),
+    ):
+        plant(out, rel, kind, outside)
+        assert test(os.path.join(out, rel.rstrip("/"))), (rel, kind)
+    os.remove(out / "d")
+    (out / "d").mkdir()
+    plant(out, "d/", "read-only folder", outside)
+    assert not unprivileged(os.access, out / "d", os.W_OK) and unprivileged(os.access, out, os.W_OK)
+    with pytest.raises(PermissionError):
+        unprivileged(open, out / "d" / "new", "wb")
+    assert os.access(out / "d", os.W_OK) == (os.geteuid() == 0)  # this thread's rights are its own
+    (out / "d").chmod(0o755)

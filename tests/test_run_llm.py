@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from obstacles import cases, fresh_copy, outside_world, paths_of, plant, snapshot
+from obstacles import paths_of, planted_cases, snapshot, unprivileged
 
 pytest.importorskip("transformers")
 
@@ -404,25 +404,18 @@ def test_every_obstacle_in_the_out_and_export_folders_is_one_line_before_any_wor
     ]
     done = []
     for flag, tree in (("--out", out_tree), ("--export-peft", peft_tree)):
-        for i, (rel, kind) in enumerate(cases(tree)):
-            case = tmp_path / f"{flag.strip('-')}{i}"
-            planted_in = fresh_copy(tree, case / "planted")
-            out = planted_in if flag == "--out" else case / "out"  # a new --out: no earlier run to resume
-            peft = planted_in if flag == "--export-peft" else case / "peft"
-            outside = outside_world(case / "outside")
-            before = snapshot(outside)
-            with pytest.MonkeyPatch.context() as mp:
-                plant(planted_in, rel, kind, outside, mp)
-                planted = {k: v for k, v in snapshot(planted_in).items() if k != ".lock"}
-                with pytest.raises(SystemExit) as e:
-                    run_llm.main(micro_argv(out, peft, world / "cache"))
+        for case in planted_cases(tree, tmp_path / flag.strip("-")):
+            planted_in, rel, kind = case.folder, case.rel, case.kind
+            out = planted_in if flag == "--out" else planted_in.parent / "out"  # a new --out: no run to resume
+            peft = planted_in if flag == "--export-peft" else planted_in.parent / "peft"
+            with pytest.raises(SystemExit) as e:
+                unprivileged(run_llm.main, micro_argv(out, peft, world / "cache"))
             err = capsys.readouterr().err
             errors = [line for line in err.splitlines() if "error:" in line]
             assert e.value.code == 2 and len(errors) == 1 and "Traceback" not in err, (flag, rel, kind, err)
             name = rel.rstrip("/").split("/")[0] if rel != "./" else ""
             assert f"{flag} {planted_in}" in errors[0] and name in errors[0], (flag, rel, kind, errors)
-            assert snapshot(outside) == before, (flag, rel, kind)
-            assert {k: v for k, v in snapshot(planted_in).items() if k != ".lock"} == planted, (flag, rel, kind)
-            os.chmod(planted_in, 0o755)
+            after = {k: v for k, v in snapshot(planted_in).items() if k != ".lock"}
+            assert after == {k: v for k, v in case.planted.items() if k != ".lock"}, (flag, rel, kind)
             done.append((flag, rel, kind))
     assert len(done) > 4 * 10 + 1 + 4 * 4 + 4 * 10 + 1, len(done)

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from obstacles import unprivileged
 
 from potara import safe_files
 from potara.adapter_file import load_adapter, save_adapter
@@ -214,7 +215,7 @@ def test_a_folder_the_run_writes_into_is_made_or_checked(tmp_path):
         safe_files.make_folder(tmp_path / "missing" / "new")
 
 
-def test_a_failed_temporary_is_a_write_error_naming_the_target(tmp_path, monkeypatch):
+def test_a_failed_temporary_is_a_write_error_naming_the_target(tmp_path):
     """save_adapter into a missing folder named its temporary (.a.pt.<pid>.<hex>.tmp); a read-only folder gave a
     bare PermissionError (the temporary was made outside the try). Both: one WriteError naming the path given,
     with what to do."""
@@ -224,20 +225,15 @@ def test_a_failed_temporary_is_a_write_error_naming_the_target(tmp_path, monkeyp
     msg = str(e.value)
     assert msg.startswith(f"cannot write {missing} (No such file or directory)") and ".tmp" not in msg, msg
     assert f"its folder {missing.parent} does not exist" in msg and "\n" not in msg
-    real_open = os.open
-
-    def read_only(path, flags, *args):  # root writes anywhere: a folder that refuses new files, as EACCES
-        if str(path).endswith(".tmp"):
-            raise PermissionError(13, "Permission denied", path)
-        return real_open(path, flags, *args)
-
     path = tmp_path / "b.pt"
     save_adapter(path, {"w": torch.ones(2)})
-    monkeypatch.setattr(os, "open", read_only)
-    with pytest.raises(safe_files.WriteError) as e:
-        save_adapter(path, {"w": torch.zeros(2)})
+    tmp_path.chmod(0o555)  # a folder that refuses new files (real permissions: unprivileged, as root too)
+    try:
+        with pytest.raises(safe_files.WriteError) as e:
+            unprivileged(save_adapter, path, {"w": torch.zeros(2)})
+    finally:
+        tmp_path.chmod(0o755)
     msg = str(e.value)
     assert msg.startswith(f"cannot write {path} (Permission denied)") and ".tmp" not in msg, msg
     assert "is not writable" in msg and "previous file is intact" in msg
-    monkeypatch.undo()
     assert load_adapter(path)[0]["w"].tolist() == [1.0, 1.0] and os.listdir(tmp_path) == ["b.pt"]
