@@ -31,8 +31,8 @@ import time
 from pathlib import Path
 
 from potara_flower.loopback import LocalFederation
-from potara_harness import cli
-from potara_harness.config import LM_PRESETS, VIT_PRESETS, AppConfig, ConfigError
+from potara_harness import cli, run_folder
+from potara_harness.config import LM_PRESETS, MAX_RESULTS_FILE_BYTES, VIT_PRESETS, AppConfig, ConfigError
 
 # The command line is checked before torch loads (--help and a bad option answer at once): torch and what uses it
 # are imported inside the functions that run after the checks.
@@ -109,8 +109,15 @@ def on_flower(runs: list[tuple[str, Path, dict]], nodes: list[str], folder: Path
             print(f"{name}: {time.time() - t0:.0f} s")
 
 
+def read_json(path: Path) -> dict:
+    """A JSON file a run of this bench wrote: a regular file of bounded size (safe_files.read_regular)."""
+    from potara.safe_files import read_regular
+
+    return json.loads(read_regular(path, MAX_RESULTS_FILE_BYTES))
+
+
 def floor_rounds(out: Path) -> list[float]:
-    return [r["seconds"] for r in json.loads((out / "floor.json").read_text())["rounds"]]
+    return [r["seconds"] for r in read_json(out / "floor.json")["rounds"]]
 
 
 def breakdown(results: dict) -> dict:
@@ -169,7 +176,19 @@ def table(report: dict) -> str:
     return "| seconds per FedIT round (mean) | |\n|---|---|\n" + "\n".join(rows)
 
 
-def parse(argv) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
+OUTPUT_FILES = ("flower_bench.json", "tiny-llama-random.pt")  # in --out, beside the folders below
+OUTPUT_FOLDERS = (
+    "cache",
+    "federation",
+    "echo-floor",
+    "vision-import-floor",
+    "vision",
+    "language-import-floor",
+    "language",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter)
     ap.add_argument("--backbone", required=True, help="a backbone file (vit.py's format, e.g. the tiny preset's cache)")
     ap.add_argument("--experiment", choices=["vision", "language", "both"], default="both")
@@ -192,6 +211,12 @@ def parse(argv) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
         default=None,
         help="FLWR_SUPEREXEC_TASK_POLL_INTERVAL of the SuperNodes, seconds (flwr's default: 1)",
     )
+    cli.bound_numbers(ap)  # every number's range (config.BOUNDS), checked as it is parsed
+    return ap
+
+
+def parse(argv) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
+    ap = build_parser()
     args = ap.parse_args(argv)
     if not os.path.isfile(args.backbone):
         ap.error(f"--backbone {args.backbone}: no such file")
@@ -199,15 +224,19 @@ def parse(argv) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
         ap.error(f"--model {args.model}: no such file")
     if not 1 <= args.clients <= 8:
         ap.error(f"--clients {args.clients}: 1 to 8 (the language experiment's synthetic tasks)")
-    if not 1 <= args.threads <= 256:
-        ap.error(f"--threads {args.threads}: 1 to 256")
-    if args.superexec_poll is not None and not 0.01 <= args.superexec_poll <= 60:
-        ap.error(f"--superexec-poll {args.superexec_poll}: flwr takes 0.01 to 60 seconds")
+    # before any work: --out, its files and the folders the servers and devices fill (run_folder's rule)
+    run_folder.prepare_out_dir(ap, args.out, files=OUTPUT_FILES, dirs=(), folders=OUTPUT_FOLDERS)
     return args, ap
 
 
 def main(argv=None) -> dict:
     args, ap = parse(argv)
+    with run_folder.out_dir_lock(args.out, files=OUTPUT_FILES):  # a second bench on the same --out: one line
+        return bench(args, ap)
+
+
+def bench(args: argparse.Namespace, ap: argparse.ArgumentParser) -> dict:
+    """The measured runs and their report (main: the checked command line, --out held)."""
     out = Path(args.out).resolve()
     experiments = ["vision", "language"] if args.experiment == "both" else [args.experiment]
     k, rounds = args.clients, args.rounds
@@ -231,7 +260,7 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     import torch
 
-    from potara.safe_files import atomic_write
+    from potara.safe_files import atomic_write, load_torch_file
     from potara_harness.report import mean
 
     torch.set_num_threads(args.threads)
@@ -267,7 +296,7 @@ def main(argv=None) -> dict:
         "experiments": {},
     }
     for e in experiments:
-        results = json.loads((out / e / "results.json").read_text())
+        results = read_json(out / e / "results.json")
         flower = breakdown(results)
         entry = {
             "flower": flower,
@@ -277,7 +306,7 @@ def main(argv=None) -> dict:
             "flower_stages_s": results["timing_s"],
         }
         if e == "vision":
-            got = torch.load(out / e / "checkpoint.pt", map_location="cpu", weights_only=True)["fedit"]["global_state"]
+            got = load_torch_file(out / e / "checkpoint.pt")["fedit"]["global_state"]
             entry["bitwise_equal"] = sorted(got) == sorted(ref) and all(torch.equal(got[n], ref[n]) for n in ref)
             entry["in_process_round_s"] = mean(seconds)
         report["experiments"][e] = entry

@@ -28,17 +28,19 @@ import signal
 import time
 from pathlib import Path
 
+from potara.safe_files import load_torch_file, read_regular
 from potara_flower.bench import APP, in_process
 from potara_flower.loopback import LocalFederation, wait_for
-from potara_harness import cli
-from potara_harness.config import AppConfig, ConfigError
+from potara_harness import cli, run_folder
+from potara_harness.config import MAX_RESULTS_FILE_BYTES, AppConfig, ConfigError
 
 FINAL_STEP = {"local-train-steps": 5, "finetune-steps": 5, "fisher-samples": 20}  # not what is measured here
 
 
-def node_config(k: int, K: int, backbone: str, data_dir: str) -> str:
-    """Client k's device: the backbone, the data, its split kept between messages (cache-dir), one thread."""
-    cache = os.path.join(data_dir, "split-cache", f"K{K}-node{k}")
+def node_config(k: int, K: int, backbone: str, data_dir: str, folder: Path) -> str:
+    """Client k's device: the backbone, the data, its split kept between messages (cache-dir, in the run's
+    folder: nothing is written beside the data), one thread."""
+    cache = os.path.join(folder, "cache", f"node{k}")
     return (
         f"partition-id={k} num-partitions={K} backbone='{backbone}' data-dir='{data_dir}' threads=1 cache-dir='{cache}'"
     )
@@ -56,9 +58,7 @@ def vm_hwm_mb(pid: int) -> float:
 
 
 def final_adapter(out: Path) -> dict:
-    import torch
-
-    return torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)["fedit"]["global_state"]
+    return load_torch_file(out / "checkpoint.pt")["fedit"]["global_state"]  # weights only, a bounded regular file
 
 
 def bitwise(a: dict, b: dict) -> bool:
@@ -76,14 +76,14 @@ def many_nodes(K: int, run: dict, backbone: str, data_dir: str, folder: Path) ->
     with LocalFederation(folder / "federation") as fed:
         link = fed.superlink()
         for k in range(K):
-            fed.supernode(f"node{k}", node_config(k, K, backbone, data_dir))
+            fed.supernode(f"node{k}", node_config(k, K, backbone, data_dir, folder))
         t0 = time.time()
         status = fed.run(APP, config, timeout=3600, during=lambda _: hwm.append(vm_hwm_mb(link.pid)))
         wall = time.time() - t0
         hwm.append(vm_hwm_mb(link.pid))
     if status["status"] != "finished:completed":
         raise RuntimeError(f"K = {K}: the run ended {status['status']}")
-    results = json.loads((out / "results.json").read_text())
+    results = json.loads(read_regular(out / "results.json", MAX_RESULTS_FILE_BYTES))
     rounds = [h["seconds"] for h in results["fedit_history"]]
     return {
         "nodes": K,
@@ -114,7 +114,7 @@ def restart(K: int, run: dict, backbone: str, data_dir: str, folder: Path) -> di
         for name in names:
             assert fed.flwr("supernode", "register", str(folder / f"{name}.pub"), "local").get("success"), name
         key = lambda k: ("--auth-supernode-private-key", str(folder / names[k]))
-        nodes = [fed.supernode(names[k], node_config(k, K, backbone, data_dir), *key(k)) for k in range(K)]
+        nodes = [fed.supernode(names[k], node_config(k, K, backbone, data_dir, folder), *key(k)) for k in range(K)]
         listing = lambda: {n["node-id"]: n for n in fed.flwr("supernode", "list", "local")["nodes"]}
         wait_for(lambda: sum(n["status"] == "online" for n in listing().values()) == K, 120, f"{K} nodes online")
         before = listing()
@@ -130,7 +130,7 @@ def restart(K: int, run: dict, backbone: str, data_dir: str, folder: Path) -> di
             elif "killed" in events and "restarted" not in events:
                 if any(n["status"] == "offline" for n in listing().values()):
                     events["offline"] = time.time()
-                    nodes[1] = fed.supernode("node1-restarted", node_config(1, K, backbone, data_dir), *key(1))
+                    nodes[1] = fed.supernode("node1-restarted", node_config(1, K, backbone, data_dir, folder), *key(1))
                     events["restarted"] = time.time()
             elif "restarted" in events and "online_again" not in events:
                 if sum(n["status"] == "online" for n in listing().values()) == K:
@@ -138,7 +138,7 @@ def restart(K: int, run: dict, backbone: str, data_dir: str, folder: Path) -> di
 
         status = fed.run(APP, config, timeout=3600, poll=0.5, during=during)
         after = listing()
-    results = json.loads((out / "results.json").read_text())
+    results = json.loads(read_regular(out / "results.json", MAX_RESULTS_FILE_BYTES))
     history = results["fedit_history"]
     took_part = [t + 1 for t, h in enumerate(history) if "client1" in h["clients"] and "client1" not in h["dropped"]]
     failed = [t + 1 for t, h in enumerate(history) if any(f["client"] == "client1" for f in h["failed"])]
@@ -158,7 +158,10 @@ def restart(K: int, run: dict, backbone: str, data_dir: str, folder: Path) -> di
     }
 
 
-def main(argv=None) -> dict:
+OUTPUT_FILES = ("fleet.json",)  # in --out, beside one folder per run: K<K>/ and restart/
+
+
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter)
     ap.add_argument("--backbone", required=True, help="a backbone file (vit.py's format, e.g. the tiny preset's cache)")
     ap.add_argument(
@@ -174,6 +177,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--restart", action="store_true", help="also the restart run (TLS, authenticated SuperNodes)")
     ap.add_argument("--restart-nodes", type=int, default=3)
     ap.add_argument("--out", default="runs/flower-fleet")
+    cli.bound_numbers(ap)  # every number's range (config.BOUNDS), checked as it is parsed
+    return ap
+
+
+def main(argv=None) -> dict:
+    ap = build_parser()
     args = ap.parse_args(argv)
     if not os.path.isfile(args.backbone):
         ap.error(f"--backbone {args.backbone}: no such file")
@@ -187,6 +196,14 @@ def main(argv=None) -> dict:
         AppConfig.from_run_config({**run, "num-clients": max(args.nodes)})
     except ConfigError as e:
         ap.error(str(e))
+    folders = [f"K{K}" for K in args.nodes] + ["restart"] * args.restart
+    run_folder.prepare_out_dir(ap, args.out, files=OUTPUT_FILES, dirs=(), folders=tuple(folders))  # before any run
+    with run_folder.out_dir_lock(args.out, files=OUTPUT_FILES):  # a second fleet on the same --out: one line
+        return measure(args, run)
+
+
+def measure(args: argparse.Namespace, run: dict) -> dict:
+    """The federations of the checked command line and their report (fleet.json, a table)."""
     import torch
 
     from potara.safe_files import atomic_write

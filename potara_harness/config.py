@@ -31,6 +31,7 @@ MAX_SYNTHETIC_PER_CLASS = 3000  # synthetic train images per class: the train fi
 MAX_SYNTHETIC_EXAMPLES = 1_000  # per synthetic text task: distinct prompts, and the smallest task (pronoun) has 1,152
 MAX_LEN_TOKENS = 32_768  # --max-len: tokens per example (the tiny model's positions grow with it)
 MAX_NEW_TOKENS = 4096  # --max-new-tokens: greedy decoding steps per free-form answer
+MAX_RESULTS_FILE_BYTES = 64 << 20  # a results.json a tool reads back (the bench's pipeline section, the Flower bench)
 MAX_TASK_FILE_BYTES = 256 << 20  # one <task>.jsonl file (read_jsonl reads no more)
 MAX_LINE_BYTES = 1 << 20  # one JSONL line: parsing costs ~10x its bytes in memory (a 50 MB line cost 480 MB)
 MAX_TASK_NAME_BYTES = 200  # a task name in UTF-8: a folder name of --export-peft, plus ".<name>.partial-<pid>"
@@ -106,6 +107,13 @@ BOUNDS: dict[str, Bound] = {
     "connect_timeout": Bound(0, 2_592_000.0, lo_open=True),
     "round_timeout": Bound(0, 2_592_000.0, lo_open=True),
     "personalize_timeout": Bound(0, 2_592_000.0),
+    # the tools' own numbers (potara_studies, potara_flower's bench and fleet)
+    "reps": Bound(1, 10_000),
+    "conflict_classes": Bound(2, 100),  # the ablation's 'conflict' scenario: classes of CIFAR-100's 100
+    "per_task": _EXAMPLES,  # export_flan: examples per task
+    "superexec_poll": Bound(0.01, 60.0),  # flwr's FLWR_SUPEREXEC_TASK_POLL_INTERVAL, seconds
+    "nodes": Bound(2, 64),  # SuperNodes of one loopback federation on one machine
+    "restart_nodes": Bound(2, 64),
 }
 
 
@@ -533,6 +541,8 @@ DIGITS_SCENARIOS = {
     "conflict": {"partition": "uniform", "tasks": True},  # real suite (digits.py)
     "dirichlet-0.5": {"partition": "dirichlet", "alpha": 0.5, "tasks": False},
 }
+ABLATION_OUTPUTS = ("ablation.json", "ablation.md")  # in the study's --out, with its ABLATION_CACHE folder
+ABLATION_CACHE = "cache"  # in --out: each scenario x seed's trained adapters (<scenario>-s<seed>-<key>.pt)
 ABLATION_SUITES = {
     "synthetic": {
         "scenarios": ABLATION_SCENARIOS,

@@ -29,6 +29,7 @@ import sys
 from typing import Callable
 
 from potara.safe_files import UnsafeFile, WriteError, atomic_write, write_target_problem
+from potara_harness.cli import bound_numbers
 
 
 def mc(prompt: str, options, gold) -> dict | None:
@@ -158,14 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("out", nargs="?", default=os.path.join("data", "flan"), help="output folder (run_llm.py --data)")
     ap.add_argument("per_task", nargs="?", type=int, default=2000, help="examples per task, at most")
+    bound_numbers(ap)  # per_task's range (config.BOUNDS), checked as it is parsed
     return ap
 
 
 def main(argv=None) -> dict[str, int]:
     ap = build_parser()
     args = ap.parse_args(argv)
-    if args.per_task < 1:
-        ap.error(f"per_task must be >= 1, got {args.per_task}")
     problem = out_problem(args.out)
     if problem:
         ap.error(problem)

@@ -9,6 +9,9 @@ the run folder, the same way for the two scripts, the studies and the Flower ser
 
     problem = out_dir_problem(out, "out-dir")   # the same checks, as a message (the Flower server raises it)
     with run_lock(out, "out-dir"):              # the same lock; RunFolderError (one line) if held or unsafe
+
+    prepare_out_dir(ap, out, files=("ablation.json",), dirs=("cache",))   # a study's folder: its own outputs
+    prepare_out_file(ap, args.out)         # one output file (a benchmark's JSON): its folder, never a link
 """
 
 from __future__ import annotations
@@ -67,20 +70,51 @@ def dir_problem(path: str, mode: int = os.W_OK | os.X_OK) -> str | None:
 _CREATED_DIRS: dict[str, list[str]] = {}  # out_dir_problem: abspath(out) -> the folders it created, deepest first
 
 
-def prepare_out_dir(ap: argparse.ArgumentParser, out: str, flag: str = "--out") -> None:
+def prepare_out_dir(
+    ap: argparse.ArgumentParser, out: str, flag: str = "--out", files=OUTPUT_FILES, dirs=OUTPUT_DIRS, folders=()
+) -> None:
     """out_dir_problem as a one-line parser error (exit 2), before any work."""
-    problem = out_dir_problem(out, flag)
+    problem = out_dir_problem(out, flag, files, dirs, folders)
     if problem:
         ap.error(problem)
 
 
-def out_dir_problem(out: str, flag: str = "--out") -> str | None:
+def prepare_out_file(ap: argparse.ArgumentParser, path: str, flag: str = "--out") -> None:
+    """out_file_problem as a one-line parser error (exit 2), before any work."""
+    problem = out_file_problem(path, flag)
+    if problem:
+        ap.error(problem)
+
+
+def out_file_problem(path: str, flag: str = "--out") -> str | None:
+    """Before any work, for a single output file (written at the end with safe_files.atomic_write): its folder
+    can serve (dir_problem; created now) and `path` is absent or a regular file with one name, never a link, a
+    folder or a special file (write_target_problem). The first problem as "<flag> <path>: ..." (one line)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    problem = dir_problem(folder)
+    if problem:
+        return f"{flag} {path}: its folder {folder} {problem}"
+    problem = write_target_problem(path)
+    if problem:
+        return f"{flag} {path}: {problem}"
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        return f"{flag} {path}: its folder {folder} cannot be created ({e.strerror or type(e).__name__})"
+    return None
+
+
+def out_dir_problem(
+    out: str, flag: str = "--out", files=OUTPUT_FILES, dirs=OUTPUT_DIRS, folders: tuple[str, ...] = ()
+) -> str | None:
     """Before any work: `out` exists (created; the folders created are remembered so that a run that did
     nothing removes them, see run_lock) and is writable, and it is a trusted run folder: no output file
-    (OUTPUT_FILES, LOCK_FILE) is a link or anything but a regular file, no output folder (OUTPUT_DIRS) a link or
-    a folder it cannot write, nothing in one a link or a special file (safe_files.write_target_problem,
-    folder_problem), so nothing outside `out` is written or deleted through a planted link. The first problem as
-    "<flag> <out>: ..." (one line), or None."""
+    (`files`: a run's OUTPUT_FILES unless a study names its own; and LOCK_FILE) is a link or anything but a
+    regular file, no output folder (`dirs`: OUTPUT_DIRS) a link or a folder it cannot write, nothing in one a
+    link or a special file (safe_files.write_target_problem, folder_problem), so nothing outside `out` is written
+    or deleted through a planted link; `folders` (a tool's subfolders that another part fills and checks, e.g.
+    a Flower server's out-dir) are folders it can write, never links. The first problem as "<flag> <out>: ..."
+    (one line), or None."""
     problem = dir_problem(out)
     if problem:
         return f"{flag} {out}: {problem}"
@@ -97,13 +131,18 @@ def out_dir_problem(out: str, flag: str = "--out") -> str | None:
         return f"{flag} {out}: cannot be created or written ({e.strerror or type(e).__name__})"
     if missing:
         _CREATED_DIRS[os.path.abspath(out)] = missing
-    problem = run_folder_problem(out, OUTPUT_FILES + (LOCK_FILE,)) or _output_dirs_problem(out)
+    problem = run_folder_problem(out, tuple(files) + (LOCK_FILE,)) or _output_dirs_problem(out, dirs)
+    for name in folders if not problem else ():
+        problem = folder_problem(os.path.join(out, name))
+        problem = problem and f"{name} in it {problem}"
+        if problem:
+            break
     return f"{flag} {out}: {problem}" if problem else None
 
 
-def _output_dirs_problem(out: str) -> str | None:
+def _output_dirs_problem(out: str, dirs=OUTPUT_DIRS) -> str | None:
     """The first output folder in `out` (or file in one) the run must not write, as "<name> in it <why>"."""
-    for name in OUTPUT_DIRS:
+    for name in dirs:
         folder = os.path.join(out, name)
         problem = folder_problem(folder)
         if problem:
@@ -116,26 +155,26 @@ def _output_dirs_problem(out: str) -> str | None:
 
 
 @contextmanager
-def out_dir_lock(out: str, flag: str = "--out"):
+def out_dir_lock(out: str, flag: str = "--out", files=OUTPUT_FILES):
     """run_lock for a script: a folder held by another run, or a planted lock, is one line on stderr, exit 2
     (cli.fail)."""
     from potara_harness.cli import fail
 
     with ExitStack() as stack:
         try:
-            stack.enter_context(run_lock(out, flag))
+            stack.enter_context(run_lock(out, flag, files))
         except RunFolderError as e:
             fail(str(e))
         yield
 
 
 @contextmanager
-def run_lock(out: str, flag: str = "--out"):
+def run_lock(out: str, flag: str = "--out", files=OUTPUT_FILES):
     """Hold an exclusive lock on out/LOCK_FILE for the run (fcntl.flock: released when the process ends,
     even killed), so two runs (a script's, the Flower server's) never write the same folder; the second gets
     RunFolderError, one line. The lock file is opened by safe_files.open_lock (never through a link, symbolic or
     hard: a planted `.lock -> ../victim` is refused, the victim untouched).
-    Under the lock, what killed runs left (temporary files of the output files, safe_files.remove_leftovers) is
+    Under the lock, what killed runs left (temporary files of the output `files`, safe_files.remove_leftovers) is
     removed; at the end, a run that wrote nothing leaves nothing: the lock file, and the folders
     out_dir_problem created, are removed when the lock file is all that `out` holds."""
     if fcntl is None:
@@ -158,7 +197,7 @@ def run_lock(out: str, flag: str = "--out"):
         f.truncate()
         f.write(f"pid {os.getpid()}")
         f.flush()
-        for name in OUTPUT_FILES:
+        for name in files:
             remove_leftovers(out, name)
         try:
             yield

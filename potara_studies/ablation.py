@@ -22,7 +22,9 @@ import os
 
 from potara_harness import cli, run_folder
 from potara_harness.config import (
+    ABLATION_CACHE,
     ABLATION_ESTIMATORS,
+    ABLATION_OUTPUTS,
     ABLATION_SCENARIOS,
     ABLATION_SOURCES,
     ABLATION_SUITES,
@@ -110,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     for k in SHARED:
         a(f"--{k.replace('_', '-')}", type=float if k in FLOATS else int, help="as in run_cifar.py")
     cli.add_run_options(ap, seed=False)  # --seeds instead
+    cli.bound_numbers(ap)  # every number's range (config.BOUNDS), checked as it is parsed
     return ap
 
 
@@ -184,7 +187,9 @@ def resolve(ap: argparse.ArgumentParser, argv=None) -> tuple[argparse.Namespace,
     if args.suite == "synthetic" and args.public < 1000:
         ap.error(f"--public must be >= 1000 (the tiny backbone is pre-trained on it), got {args.public}")
     run_folder.check_dirs(ap, ("--data-dir", args.data_dir if args.suite == "synthetic" else "", os.R_OK | os.X_OK))
-    run_folder.prepare_out_dir(ap, args.out)  # created and probed now: an unusable --out fails before any training
+    # created and probed now: an unusable --out, or a link or special file where its outputs go, fails before any
+    # training (run_folder's rule, for the study's own files and cache folder)
+    run_folder.prepare_out_dir(ap, args.out, files=ABLATION_OUTPUTS, dirs=(ABLATION_CACHE,))
     args.data = args.suite
     return args, p
 
@@ -196,7 +201,8 @@ def main(argv=None) -> dict:
     cli.start_torch(args)
     from potara_studies.estimator_study import run
 
-    return run(args, p)
+    with run_folder.out_dir_lock(args.out, files=ABLATION_OUTPUTS):  # a second study on the same --out: one line
+        return run(args, p)
 
 
 if __name__ == "__main__":

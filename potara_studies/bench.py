@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import argparse
 
-from potara_harness import cli
+from potara_harness import cli, run_folder
 
 # The command line is checked here before torch loads (--help and a bad option answer at once); the benchmarks
 # themselves are benchmarks.py, imported once the checks passed.
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads",
         type=int,
         default=1,
-        help="torch CPU threads (default 1: stable ratios on a shared machine; 0: torch's default)",
+        help="torch CPU threads (default 1: stable ratios on a shared machine)",
     )
     a("--out", default="runs/bench.json", help="JSON output")
     a(
@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run that command first, into --pipeline-out (minutes; longer when the backbone is not cached)",
     )
     a("--pipeline-out", default="runs/bench-pipeline", help="output folder of --pipeline-run")
+    cli.bound_numbers(ap)  # --reps, --threads: their ranges (config.BOUNDS), checked as they are parsed
     return ap
 
 
@@ -81,8 +82,9 @@ def main(argv=None) -> dict:
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown or not sections:
         ap.error(f"--only: unknown section(s) {unknown}; choose from {','.join(SECTIONS)}")
-    if args.reps is not None and args.reps < 1 or args.threads < 0:
-        ap.error("--reps must be >= 1 and --threads >= 0")
+    run_folder.prepare_out_file(ap, args.out)  # its folder made now, no link where the JSON goes: before any timing
+    if args.pipeline_run and "pipeline" in sections:
+        run_folder.prepare_out_dir(ap, args.pipeline_out, "--pipeline-out")  # run_cifar.py's own check, up front
     if args.device == "cuda":
         import torch  # only here: asking for CUDA is the one check that needs it
 

@@ -33,10 +33,12 @@ from potara.lora import LoRALinear, add_lora, load_lora_state_dict, lora_state_d
 from potara.lora_mha import LORA_LAYERS, LoRAPackedQKV
 from potara.merge import merge_adapters, personalize
 from potara.rounds import state_bytes
+from potara.safe_files import UnsafeFile, read_regular
 from potara.training import shuffled_batches, train_adapter
 from potara.weight import segment_loss
-from potara_harness.config import VIT_PRESETS, ExperimentConfig
+from potara_harness.config import MAX_RESULTS_FILE_BYTES, VIT_PRESETS, ExperimentConfig
 from potara_harness.evaluation import Evaluator, accuracy_and_loss, lam_grid
+from potara_harness.report import write_text
 
 # the tiny preset's numbers (config.VIT_PRESETS) and Potara's statistics at the pipelines' default sample count
 TINY = {
@@ -623,8 +625,10 @@ def bench_pipeline(args, cfg: BenchConfig, device: torch.device) -> list[dict]:
                 f"no {path}: run `python {' '.join(PIPELINE_CMD)}` (or python -m potara_studies.bench --pipeline-run)",
             )
         ]
-    with open(path) as f:
-        results = json.load(f)
+    try:  # a regular file of bounded size (safe_files.read_regular: never a FIFO or /dev/zero), JSON
+        results = json.loads(read_regular(path, MAX_RESULTS_FILE_BYTES))
+    except (UnsafeFile, OSError, ValueError) as e:
+        return [value_row("pipeline", "not measured", float("nan"), "", f"{path}: {str(e)[:200]}")]
     stages = dict(results.get("timing_s", {}))
     total = sum(stages.values())
     rows = [
@@ -712,7 +716,7 @@ def machine_info(device: torch.device) -> dict:
 
 
 def run(args, sections: list[str], command: str) -> dict:
-    """The chosen sections on --device with --threads (0: torch's default), checked by bench.main; the report
+    """The chosen sections on --device with --threads torch threads, checked by bench.main; the report
     (machine, config, rows, seconds per section) is written to args.out even when a section fails."""
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -747,9 +751,7 @@ def run(args, sections: list[str], command: str) -> dict:
     finally:  # whatever finished is kept
         report["machine"]["loadavg_end"] = os.getloadavg()
         report["total_seconds"] = time.time() - t_start
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
+        write_text(args.out, json.dumps(report, indent=1))  # atomic, never through a link (checked up front too)
     m = report["machine"]
     print(
         f"\n{m['cpu']} ({m['cores']} cores, {m['torch_threads']} torch threads), device {m['device']}"

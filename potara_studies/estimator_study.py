@@ -36,6 +36,7 @@ import copy
 import hashlib
 import json
 import os
+import pickle
 import time
 import warnings
 from dataclasses import fields
@@ -47,12 +48,14 @@ from potara.fedit import Client, run_fedit
 from potara.fisher import gradient_stats
 from potara.lora import lora_state_dict
 from potara.merge import merge_adapters, personalize
-from potara.safe_files import atomic_write
+from potara.safe_files import UnsafeFile, atomic_write, load_torch_file, make_folder
 from potara.training import progress_bar
 from potara.weight import paper_weight, potara_weight, segment_loss, variance_terms
 from potara_harness import cli
 from potara_harness.config import (
+    ABLATION_CACHE,
     ABLATION_ESTIMATORS,
+    ABLATION_OUTPUTS,
     ABLATION_SCENARIOS,
     ABLATION_SOURCES,
     ABLATION_SUITES,
@@ -162,8 +165,15 @@ def training_config(args, seed: int) -> ExperimentConfig:
 def train_adapters(model, splits, args, seed: int, cache: str | None) -> tuple[dict, dict]:
     """FedIT's global adapter and one local adapter per client, both from phi_0, trained as the pipeline trains
     them (same seeds: the same adapters as run_cifar.py for the same clients); read from `cache` when there."""
-    if cache and os.path.exists(cache):
-        saved = torch.load(cache, map_location="cpu", weights_only=True)
+    if cache and os.path.lexists(cache):
+        try:  # a regular file of bounded size, weights only (safe_files): a planted FIFO or link is refused
+            saved = load_torch_file(cache)
+        except (UnsafeFile, RuntimeError, OSError, pickle.UnpicklingError) as e:
+            cli.fail(f"the study's cache {cache}: {(str(e) or type(e).__name__).splitlines()[0][:200]} (remove it)")
+        if not (
+            isinstance(saved, dict) and isinstance(saved.get("global"), dict) and isinstance(saved.get("local"), dict)
+        ):
+            cli.fail(f"the study's cache {cache}: not a cache this study wrote (remove it)")
         return saved["global"], saved["local"]
     init, cfg = lora_state_dict(model), training_config(args, seed)
     clients = [Client(s.name, s.train_inputs, s.train_targets) for s in splits]
@@ -173,7 +183,7 @@ def train_adapters(model, splits, args, seed: int, cache: str | None) -> tuple[d
         for i, s in enumerate(splits)
     }
     if cache:
-        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        make_folder(os.path.dirname(cache))  # never through a link planted where the folder goes
         atomic_write(cache, lambda f: torch.save({"global": fedit.global_state, "local": local}, f))
     return fedit.global_state, local
 
@@ -376,10 +386,11 @@ def markdown(summary: dict) -> str:
 
 
 def write(results: dict, out: str) -> None:
-    write_text(os.path.join(out, "ablation.json"), json.dumps(results, indent=1))
+    json_name, md_name = ABLATION_OUTPUTS
+    write_text(os.path.join(out, json_name), json.dumps(results, indent=1))
     settings = results["settings"]
     write_text(
-        os.path.join(out, "ablation.md"),
+        os.path.join(out, md_name),
         ABLATION_SUITES[settings["suite"]]["title"]
         + "\n\n"
         + (f"Command: `{settings['command']}`\n\n" if settings.get("command") else "")
@@ -437,7 +448,7 @@ def cache_path(args, scen: str, spec: dict, seed: int, backbone_info: dict) -> s
         },  # caches of the old seeding (seed * 7919 + i) are stale
         sort_keys=True,
     )
-    return os.path.join(args.out, "cache", f"{scen}-s{seed}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt")
+    return os.path.join(args.out, ABLATION_CACHE, f"{scen}-s{seed}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt")
 
 
 def scenario_spec(args, scen: str) -> dict:

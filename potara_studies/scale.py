@@ -38,7 +38,7 @@ import sys
 import tempfile
 import time
 
-from potara_harness import cli
+from potara_harness import cli, run_folder
 
 RUN = dict(
     rounds=2,
@@ -156,18 +156,36 @@ def ratios_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> list[dict]:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=cli.HelpFormatter)
     ap.add_argument("--preset", choices=["tiny", "paper", "both"], default="both")
     ap.add_argument("--clients", type=int, nargs="+", help="K values (default: tiny 5 10 20 40 100, paper 5 10 20)")
     ap.add_argument("--out", default="runs/scale.json", help="the measurements, as JSON")
     ap.add_argument("--one", nargs=3, metavar=("PRESET", "K", "DIR"), help=argparse.SUPPRESS)  # the child process
+    cli.bound_numbers(ap)  # --clients: run_cifar.py's range (config.BOUNDS), checked as it is parsed
+    return ap
+
+
+def main(argv=None) -> list[dict]:
+    ap = build_parser()
     args = ap.parse_args(argv)
     if args.one:
         print(json.dumps(one_run(args.one[0], int(args.one[1]), args.one[2])))
         return []
     if args.clients and any(k < 1 for k in args.clients):
         ap.error("--clients must be >= 1")
+    run_folder.prepare_out_file(ap, args.out)  # its folder made now, no link where the JSON goes: before any run
+    rows = measure(args)
+    print(ratios_table(rows))
+    from potara_harness.report import write_text  # torch: the children's, loaded here at the end only
+
+    measured = {"load_average": os.getloadavg(), "run": RUN, "split": SPLIT, "rows": rows}
+    write_text(args.out, json.dumps(measured, indent=1))  # atomic, never through a link
+    return rows
+
+
+def measure(args) -> list[dict]:
+    """One child process per preset x K (a fresh process: its peak memory is its own), in a temporary folder."""
     rows, root = [], tempfile.mkdtemp(prefix="potara-scale-")
     try:
         for preset in ["tiny", "paper"] if args.preset == "both" else [args.preset]:
@@ -188,10 +206,6 @@ def main(argv=None) -> list[dict]:
                 print(f"{preset} K={K}: {rows[-1]['seconds']:.1f} s", flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    print(ratios_table(rows))
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"load_average": os.getloadavg(), "run": RUN, "split": SPLIT, "rows": rows}, f, indent=1)
     return rows
 
 

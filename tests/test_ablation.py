@@ -2,9 +2,12 @@
 2 clients, 2 rounds, one seed; real digits, 2 rounds): seconds."""
 
 import json
+import os
+import shutil
 
 import numpy as np
 import pytest
+import torch
 from conftest import MICRO_VIT
 
 from potara.merge import PaperFisher, personalize
@@ -75,6 +78,15 @@ def micro(tmp_path_factory):
         mp.setitem(config.VIT_PRESETS["tiny"], "vit", MICRO_VIT)
         results = ablation.main(micro_argv(data_dir, out))
     return data_dir, out, results
+
+
+def test_the_study_writes_only_what_its_checks_cover(micro):
+    """The folder a real study wrote: its outputs (config.ABLATION_OUTPUTS), its cache folder of part files and the
+    lock, nothing else (run_folder.out_dir_problem checks exactly these before any work: a new output goes there)."""
+    _, out, _ = micro
+    assert sorted(p.name for p in out.iterdir()) == sorted([*config.ABLATION_OUTPUTS, config.ABLATION_CACHE, ".lock"])
+    cached = list((out / config.ABLATION_CACHE).iterdir())
+    assert len(cached) == len(SCENS) and all(p.is_file() and p.suffix == ".pt" for p in cached), cached
 
 
 def test_per_client_figures_and_summary(micro):
@@ -205,6 +217,26 @@ def test_second_run_reuses_the_cached_adapters(micro, monkeypatch):
     assert again["runs"] == first["runs"]
 
 
+def test_a_cache_file_that_is_not_the_studys_is_one_line(micro, tmp_path, capsys):
+    """A cache file of other bytes (a torch pickle of another object, or none at all) is refused in one line
+    naming it (safe_files.load_torch_file: weights only, a bounded regular file), not trained over or trusted."""
+    data_dir, out, _ = micro
+    for i, payload in enumerate([b"not a torch file", None]):
+        copy = tmp_path / f"o{i}"
+        shutil.copytree(out, copy)
+        os.remove(copy / ".lock")
+        for cached in (copy / config.ABLATION_CACHE).iterdir():
+            if payload is None:
+                torch.save({"global": [1, 2]}, cached)
+            else:
+                cached.write_bytes(payload)
+        with pytest.raises(SystemExit) as e:
+            ablation.main(micro_argv(data_dir, copy))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and err[-1].startswith("error: the study's cache ") and "(remove it)" in err[-1], err
+        assert str(copy / config.ABLATION_CACHE) in err[-1] and not any("Traceback" in line for line in err)
+
+
 def test_conflict_partition_same_classes_own_labelling():
     labels = np.random.default_rng(0).permutation(np.repeat(np.arange(100), 10))
     parts, relabel = estimator_study.conflict_partition(labels, 3, 15, classes=5, seed=1)
@@ -252,7 +284,7 @@ def test_goal_and_table_by_hand():
         (["--seeds", "x"], "--seeds"),
         (["--estimators", "magic"], "--estimators"),
         (["--rounds", "0"], "--rounds"),
-        (["--threads", "100000"], "--threads must be in [1, "),
+        (["--threads", "100000"], "argument --threads: must be an integer in [1, 4,096], got 100000"),
         (["--seeds", "-3"], "--seeds '-3': expected"),
         (["--out", "/proc/x"], "--out /proc/x: cannot be created or written"),
     ],

@@ -1,6 +1,7 @@
-"""Every number of every entry point -- run_cifar.py's and run_llm.py's options, the Flower run config and the
-node config -- has a range in config.BOUNDS, and 0, -1, 10**30, nan and inf are each refused where outside it,
-in one line naming the option and the range, before any work (the parsers and AppConfig: no run)."""
+"""Every number of every entry point -- run_cifar.py's and run_llm.py's options, the studies' and benchmarks'
+(potara_studies.ablation, .bench, .scale; potara_flower.bench, .fleet), export_flan's, the Flower run config and
+the node config -- has a range in config.BOUNDS, and 0, -1, 10**30, nan and inf are each refused where outside
+it, in one line naming the option and the range, before any work (the parsers and AppConfig: no run)."""
 
 from __future__ import annotations
 
@@ -13,12 +14,28 @@ import pytest
 
 import run_cifar
 import run_llm
-from potara_harness import cli
+from potara_harness import cli, export_flan
 from potara_harness.config import BOUNDS, AppConfig, ConfigError, bound_problem
+from potara_studies import ablation, bench, scale
+
+try:  # the flower extra: its tools' command lines
+    from potara_flower import bench as flower_bench
+    from potara_flower import fleet
+except ImportError:
+    flower_bench = fleet = None
 
 REPO = Path(__file__).resolve().parents[1]
 HOSTILE = [0, -1, 10**30, math.nan, math.inf]
-BUILT = {"run_cifar": run_cifar.build_parser(), "run_llm": run_llm.build_parser()}  # built once: parsing is read-only
+BUILT = {  # built once: parsing is read-only
+    "run_cifar": run_cifar.build_parser(),
+    "run_llm": run_llm.build_parser(),
+    "ablation": ablation.build_parser(),
+    "bench": bench.build_parser(),
+    "scale": scale.build_parser(),
+    "export_flan": export_flan.build_parser(),
+}
+if flower_bench is not None:
+    BUILT.update(flower_bench=flower_bench.build_parser(), fleet=fleet.build_parser())
 PARSERS = {name: (lambda ap=ap: ap) for name, ap in BUILT.items()}
 
 
@@ -57,7 +74,8 @@ def test_defaults_and_presets_are_inside_the_table():
         assert bound_problem(key, getattr(cfg, key)) is None, key
     for build in PARSERS.values():
         for action in cli.numeric_options(build()):
-            assert bound_problem(action.dest, action.default) is None, action.dest
+            defaults = action.default if isinstance(action.default, list) else [action.default]  # nargs: each
+            assert all(bound_problem(action.dest, d) is None for d in defaults), action.dest
 
 
 def cases():
@@ -65,7 +83,7 @@ def cases():
         for action in cli.numeric_options(build()):
             for v in HOSTILE:
                 if bound_problem(action.dest, v):
-                    yield name, action.option_strings[-1], action.dest, v
+                    yield name, (action.option_strings or [action.dest])[-1], action.dest, v
 
 
 @pytest.mark.parametrize("script, option, dest, value", list(cases()))
@@ -73,7 +91,8 @@ def test_every_command_line_number_out_of_range_is_one_parser_line(capsys, scrip
     ap = PARSERS[script]()
     kind = next(a.type.kind for a in ap._actions if a.dest == dest)
     with pytest.raises(SystemExit) as e:
-        ap.parse_args([option, str(value)])  # parse time: nothing is read, nothing runs
+        positional = not option.startswith("-")  # export_flan's per_task: after its folder
+        ap.parse_args(["folder", str(value)] if positional else [option, str(value)])  # parse time: nothing runs
     assert e.value.code == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     what = "an integer" if kind is int else "a number"

@@ -48,9 +48,12 @@ def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
     (tmp_path / "b.pt").write_bytes(b"")
     with pytest.raises(SystemExit) as e:
         flower_bench.main(["--backbone", str(tmp_path / "b.pt"), "--rounds", "0"])
-    assert (
-        e.value.code == 2 and "run config rounds must be an integer in [1, 100,000], got 0" in capsys.readouterr().err
-    )
+    err = capsys.readouterr().err  # the parser itself (config.BOUNDS, as run_cifar.py's --rounds)
+    assert e.value.code == 2 and "argument --rounds: must be an integer in [1, 100,000], got 0" in err, err
+    with pytest.raises(SystemExit) as e:
+        flower_bench.main(["--backbone", str(tmp_path / "b.pt"), "--clients", "9", "--out", str(tmp_path / "o")])
+    assert e.value.code == 2 and "--clients 9: 1 to 8" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # refused before --out was made
 
 
 # ----------------------------------------------------------------------------- the device's split cache (task.py)

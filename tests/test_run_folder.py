@@ -188,3 +188,103 @@ def test_obstacles_cover_every_kind(tmp_path):
         unprivileged(open, out / "d" / "new", "wb")
     assert os.access(out / "d", os.W_OK) == (os.geteuid() == 0)  # this thread's rights are its own
     (out / "d").chmod(0o755)
+
+
+# ----------------------------------------------------------------------------- the studies' and tools' outputs
+def tool_trees(tmp_path):
+    """(name, main, argv(out), tree, flag): each study or tool that writes, with the tree its outputs make (every
+    file and folder it names: a file holds bytes, a folder it fills holds one file) and a command line that
+    would run it on `out`."""
+    from potara_harness.config import ABLATION_CACHE, ABLATION_OUTPUTS
+    from potara_studies import ablation, bench, scale
+
+    backbone = tmp_path / "backbone.pt"
+    backbone.write_bytes(b"only its existence is checked before the folder")
+    tools = [
+        (
+            "ablation",
+            ablation.main,
+            lambda out: ["--out", str(out), "--data-dir", str(tmp_path / "data")],
+            ABLATION_OUTPUTS,
+            {ABLATION_CACHE: ["conflict-s0-0123456789ab.pt"]},
+        ),
+        ("bench", bench.main, lambda out: ["--only", "lora", "--out", str(out / "bench.json")], ("bench.json",), {}),
+        ("scale", scale.main, lambda out: ["--clients", "1", "--out", str(out / "scale.json")], ("scale.json",), {}),
+    ]
+    try:
+        from potara_flower import bench as flower_bench
+        from potara_flower import fleet
+    except ImportError:  # the flower extra
+        pass
+    else:
+        tools += [
+            (
+                "flower bench",
+                flower_bench.main,
+                lambda out: ["--backbone", str(backbone), "--out", str(out)],
+                flower_bench.OUTPUT_FILES,
+                {name: [] for name in flower_bench.OUTPUT_FOLDERS},
+            ),
+            (
+                "fleet",
+                fleet.main,
+                lambda out: ["--backbone", str(backbone), "--nodes", "3", "--restart", "--out", str(out)],
+                fleet.OUTPUT_FILES,
+                {"K3": [], "restart": []},
+            ),
+        ]
+    for name, main, argv, files, folders in tools:
+        tree = tmp_path / "trees" / name.replace(" ", "-")
+        tree.mkdir(parents=True)
+        for f in files:
+            (tree / f).write_bytes(b"an earlier output")
+        for folder, entries in folders.items():
+            (tree / folder).mkdir()
+            for entry in entries:
+                (tree / folder / entry).write_bytes(b"an earlier cache")
+        yield name, main, argv, tree
+
+
+def test_every_obstacle_where_a_study_or_tool_writes_is_one_line_before_any_work(tmp_path, capsys):
+    """The studies (ablation, bench, scale) and the Flower tools (bench, fleet) wrote their JSON at the end,
+    through a link planted there (open(path, "w")), and the ablation's cache/ -> elsewhere took its cache files.
+    Now every obstacle at every path of their outputs is one line, exit 2, before any work: nothing outside
+    changed, the folder as planted."""
+    from potara_studies import benchmarks, estimator_study, scale
+
+    def work_began(*args, **kwargs):
+        raise AssertionError("the work began before the obstacle was refused")
+
+    done = []
+    with pytest.MonkeyPatch.context() as mp:  # where each tool's work begins: a guard that let it through fails fast
+        mp.setattr(estimator_study, "run", work_began)
+        mp.setattr(benchmarks, "run", work_began)
+        mp.setattr(scale, "measure", work_began)
+        try:
+            from potara_flower import bench as flower_bench
+            from potara_flower import fleet
+        except ImportError:
+            pass
+        else:
+            mp.setattr(flower_bench, "bench", work_began)
+            mp.setattr(fleet, "measure", work_began)
+        for name, main, argv, tree in tool_trees(tmp_path):
+            done += obstacles_refused(name, main, argv, tree, tmp_path, capsys)
+    assert {n for n, _, _ in done} >= {"ablation", "bench", "scale"}, done
+
+
+def obstacles_refused(name, main, argv, tree, tmp_path, capsys) -> list[tuple[str, str, str]]:
+    """Each obstacle in `tree` met by `main`: exit 2, one error line naming --out and the path, the folder as
+    planted (planted_cases: nothing outside changed)."""
+    done = []
+    for case in planted_cases(tree, tmp_path / "cases" / tree.name):
+        with pytest.raises(SystemExit) as e:
+            unprivileged(main, argv(case.folder))
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if "error:" in line]
+        assert e.value.code == 2 and len(errors) == 1 and "Traceback" not in err, (name, case.rel, case.kind, err)
+        rel = case.rel.rstrip("/") if case.rel != "./" else ""
+        assert f"--out {case.folder}" in errors[0] and rel in errors[0], (name, case.rel, case.kind, errors)
+        assert snapshot(case.folder) == case.planted, (name, case.rel, case.kind)
+        done.append((name, case.rel, case.kind))
+    return done
