@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -65,7 +66,11 @@ class LocalFederation:
     def __init__(self, folder: str | os.PathLike, tls: dict | None = None):
         self.dir, self.tls, self.procs = Path(folder), tls, []
         self.home = self.dir / "flwr-home"
-        self.home.mkdir(parents=True, exist_ok=True)
+        if self.home.is_symlink() or self.home.is_file():  # an earlier federation's state is never reused or
+            self.home.unlink()  # followed: a planted link is removed, not written through
+        elif self.home.exists():
+            shutil.rmtree(self.home)  # rmtree removes links inside, never what they point to
+        self.home.mkdir(parents=True)
         self.port = free_port()
         self.env = {
             **os.environ,
@@ -88,8 +93,13 @@ class LocalFederation:
         self.stop()
 
     def start(self, name: str, *args: str) -> subprocess.Popen:
-        """Start BIN/args[0] with its output in <folder>/<name>.log, in a new process group."""
-        with open(self.dir / f"{name}.log", "wb") as log:
+        """Start BIN/args[0] with its output in <folder>/<name>.log (a new file: a link or hard link planted
+        there is removed, not written through), in a new process group."""
+        path = self.dir / f"{name}.log"
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        with open(fd, "wb") as log:
             p = subprocess.Popen(
                 [str(BIN / args[0]), *args[1:]],
                 stdout=log,

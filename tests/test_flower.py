@@ -8,7 +8,9 @@ SIGKILL after a bound), whatever happens; every wait is bounded. Skipped only wh
 from __future__ import annotations
 
 import json
+import os
 import re
+import sys
 from dataclasses import fields
 from pathlib import Path
 
@@ -41,7 +43,7 @@ from flwr.app import (  # noqa: E402
     Message,
     RecordDict,
 )
-from obstacles import paths_of, planted_cases, snapshot, unprivileged  # noqa: E402
+from obstacles import outside_world, paths_of, planted_cases, snapshot, unprivileged  # noqa: E402
 from torchvision.models import VisionTransformer  # noqa: E402
 
 from potara.adapter_file import load_adapter  # noqa: E402
@@ -358,6 +360,29 @@ def test_every_obstacle_in_a_devices_adapter_dir_is_one_line_at_setup_and_at_the
 
 
 # ----------------------------------------------------------------------------- the loopback run
+def test_a_federation_folder_with_planted_links_writes_nothing_outside(tmp_path):
+    """LocalFederation (the tools' and tests' federation) in a folder where an earlier one left links: flwr-home
+    -> another folder, a log -> an outside file, a log hard-linked to one. Its state and logs are new files in
+    the folder; nothing outside changes."""
+    from potara_flower.loopback import LocalFederation
+
+    outside, folder = outside_world(tmp_path / "x"), tmp_path / "fed"
+    folder.mkdir()
+    os.symlink(outside / "folder", folder / "flwr-home")
+    os.symlink(outside / "victim.bin", folder / "echo.log")
+    os.link(outside / "folder" / "results.json", folder / "hard.log")
+    before = snapshot(outside)
+    fed = LocalFederation(folder)
+    try:
+        for name in ("echo", "hard"):
+            assert fed.start(name, Path(sys.executable).name, "-c", "print('hello')").wait(timeout=60) == 0
+            log = folder / f"{name}.log"
+            assert not log.is_symlink() and os.stat(log).st_nlink == 1 and log.read_text() == "hello\n", name
+    finally:
+        fed.stop()
+    home = folder / "flwr-home"
+    assert home.is_dir() and not home.is_symlink() and (home / "config.toml").is_file()
+    assert snapshot(outside) == before
 
 
 LOOPBACK = {**RUN, "num-clients": 2, "clients-per-round": 1, "drop-prob": 0.0}  # 2 processes: CI has 2 cores

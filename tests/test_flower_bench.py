@@ -164,3 +164,37 @@ def test_the_floor_app_echoes_its_input(tmp_path):
             setattr(TaskIdentity, a, v)
     assert np.array_equal(reply.content["adapter"]["a"].numpy(), x)
     assert "import torch" not in (flower_bench.FLOOR / "floor_app.py").read_text()
+
+
+def test_the_floor_server_writes_floor_json_through_no_planted_link(tmp_path, task_identity):
+    """floor.json is written under a new random temporary name and renamed over: a link planted at the old
+    fixed temporary (floor.json.tmp) or at floor.json itself is never written through."""
+    import importlib.util
+
+    from flower_kit import LocalGrid
+    from flwr.app import Context, RecordDict
+    from obstacles import outside_world, snapshot
+
+    class SilentGrid(LocalGrid):  # one node that never answers: the rounds are timed, nothing comes back
+        def get_node_ids(self):
+            return [7]
+
+        def send_and_receive(self, messages, *, timeout=None):
+            return []
+
+    spec = importlib.util.spec_from_file_location("floor_app", flower_bench.FLOOR / "floor_app.py")
+    floor = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(floor)
+    outside, out = outside_world(tmp_path / "x"), tmp_path / "out"
+    out.mkdir()
+    os.symlink(outside / "victim.bin", out / "floor.json.tmp")
+    os.symlink(outside / "folder" / "results.json", out / "floor.json")
+    before = snapshot(outside)
+    run_config = {"num-clients": 1, "numel": 3, "rounds": 2, "out-dir": str(out)}
+    floor.server(SilentGrid(), Context(0, 0, {}, RecordDict(), run_config))
+    import json
+
+    written = out / "floor.json"
+    rounds = json.loads(written.read_text())["rounds"]
+    assert not written.is_symlink() and [r["answered"] for r in rounds] == [False, False]
+    assert snapshot(outside) == before and sorted(p.name for p in out.iterdir()) == ["floor.json", "floor.json.tmp"]

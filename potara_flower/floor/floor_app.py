@@ -14,6 +14,7 @@ language one): the floor a torch app is measured against.
 import importlib
 import json
 import os
+import tempfile
 import time
 
 import numpy as np
@@ -61,6 +62,7 @@ def main(grid: Grid, context: Context) -> None:
         print(f"floor round {t + 1}: {rounds[-1]['seconds']:.2f} s, all answered: {ok}")
     out = os.path.abspath(cfg["out-dir"])
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "floor.json.tmp"), "w") as f:
+    fd, tmp = tempfile.mkstemp(dir=out, prefix=".floor.json.", suffix=".tmp")  # a new, random name (O_EXCL)
+    with os.fdopen(fd, "w") as f:
         json.dump({"rounds": rounds}, f)
-    os.replace(os.path.join(out, "floor.json.tmp"), os.path.join(out, "floor.json"))
+    os.replace(tmp, os.path.join(out, "floor.json"))  # replaces a link planted at floor.json, never follows it
