@@ -177,15 +177,9 @@ def table(report: dict) -> str:
 
 
 OUTPUT_FILES = ("flower_bench.json", "tiny-llama-random.pt")  # in --out, beside the folders below
-OUTPUT_FOLDERS = (
-    "cache",
-    "federation",
-    "echo-floor",
-    "vision-import-floor",
-    "vision",
-    "language-import-floor",
-    "language",
-)
+SERVER_FOLDERS = ("vision", "language")  # the Potara app's out-dirs: run folders (run_folder.OUTPUT_FILES, ...)
+FLOOR_FOLDERS = ("echo-floor", "vision-import-floor", "language-import-floor")  # the floor app's: floor.json
+OUTPUT_FOLDERS = ("cache", "federation", *FLOOR_FOLDERS, *SERVER_FOLDERS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -226,6 +220,10 @@ def parse(argv) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
         ap.error(f"--clients {args.clients}: 1 to 8 (the language experiment's synthetic tasks)")
     # before any work: --out, its files and the folders the servers and devices fill (run_folder's rule)
     run_folder.prepare_out_dir(ap, args.out, files=OUTPUT_FILES, dirs=(), folders=OUTPUT_FOLDERS)
+    for name in SERVER_FOLDERS:  # what the servers will check at their start, checked now, before the first run
+        run_folder.prepare_out_dir(ap, os.path.join(args.out, name))
+    for name in FLOOR_FOLDERS:
+        run_folder.prepare_out_dir(ap, os.path.join(args.out, name), files=("floor.json",), dirs=())
     return args, ap
 
 
