@@ -134,12 +134,15 @@ def load_client(context: Context) -> tuple[AppConfig, LocalClient]:
     device = node_value(node, "device", str, "cpu")
     if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
         raise ConfigError(f"node config device={device!r}: 'cpu', or 'cuda' on a device where CUDA is available")
+    adapter_dir = node_value(node, "adapter-dir", str, "")
+    problem = adapter_dir and dir_problem(adapter_dir)  # the folder itself, before the model is read
+    if problem:
+        raise ConfigError(f"node config adapter-dir={adapter_dir!r}: {problem}")
     if cfg.experiment == "language":
         split, model, sha, language = load_language(cfg, node)
     else:
         split, model, sha, language = load_vision(cfg, node, k, K)
-    adapter_dir = node_value(node, "adapter-dir", str, "")
-    problem = adapter_dir and adapter_dir_problem(adapter_dir, split.name, language)
+    problem = adapter_dir and adapter_dir_problem(adapter_dir, split.name, language)  # and what it writes there
     if problem:
         raise ConfigError(f"node config adapter-dir={adapter_dir!r}: {problem}")
     model = model.to(device)

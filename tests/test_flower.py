@@ -359,6 +359,33 @@ def test_every_obstacle_in_a_devices_adapter_dir_is_one_line_at_setup_and_at_the
     assert len(done) == 1 + 4, done
 
 
+def test_an_unusable_adapter_dir_is_refused_before_the_model_is_read(tmp_path, monkeypatch):
+    """A device's adapter-dir that is a file, under a file, or a folder it cannot write: one ConfigError line at
+    set-up before the backbone or model is read (either experiment)."""
+    from potara_flower import client_app
+
+    def model_read(*args, **kwargs):
+        raise AssertionError("the model was read before the adapter-dir was refused")
+
+    monkeypatch.setattr(client_app, "load_vision", model_read)
+    monkeypatch.setattr(client_app, "load_language", model_read)
+    (tmp_path / "a-file").write_bytes(b"x")
+    (tmp_path / "read-only").mkdir(mode=0o555)
+    for adapter_dir, why in (
+        (tmp_path / "a-file", "exists and is not a directory"),
+        (tmp_path / "a-file" / "sub", "is a file)"),
+        (tmp_path / "read-only", "permission denied"),
+    ):
+        for experiment in ("vision", "language"):
+            node = {"partition-id": 0, "num-partitions": 3, "adapter-dir": str(adapter_dir)}
+            context = Context(1, 1, node, RecordDict(), {**RUN, "experiment": experiment})
+            with pytest.raises(ConfigError) as e:
+                unprivileged(client_app.load_client, context)
+            msg = str(e.value)
+            assert msg.startswith(f"node config adapter-dir='{adapter_dir}': ") and why in msg, (experiment, msg)
+    (tmp_path / "read-only").chmod(0o755)
+
+
 # ----------------------------------------------------------------------------- the loopback run
 def test_a_federation_folder_with_planted_links_writes_nothing_outside(tmp_path):
     """LocalFederation (the tools' and tests' federation) in a folder where an earlier one left links: flwr-home
