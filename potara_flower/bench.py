@@ -254,8 +254,7 @@ def bench(args: argparse.Namespace, ap: argparse.ArgumentParser) -> dict:
         cfgs = {e: AppConfig.from_run_config(c) for e, c in configs.items()}  # the rest: pyproject's defaults
     except ConfigError as e:
         ap.error(str(e))
-    backbone, data_dir = os.path.abspath(args.backbone), os.path.abspath(args.data_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    backbone, data_dir = os.path.abspath(args.backbone), os.path.abspath(args.data_dir)  # --out: made by parse
     import torch
 
     from potara.safe_files import atomic_write, load_torch_file

@@ -28,11 +28,11 @@ import signal
 import time
 from pathlib import Path
 
-from potara.safe_files import load_torch_file, read_regular
-from potara_flower.bench import APP, in_process
+from potara.safe_files import load_torch_file
+from potara_flower.bench import APP, in_process, read_json
 from potara_flower.loopback import LocalFederation, wait_for
 from potara_harness import cli, run_folder
-from potara_harness.config import MAX_RESULTS_FILE_BYTES, AppConfig, ConfigError
+from potara_harness.config import AppConfig, ConfigError
 
 FINAL_STEP = {"local-train-steps": 5, "finetune-steps": 5, "fisher-samples": 20}  # not what is measured here
 
@@ -83,7 +83,7 @@ def many_nodes(K: int, run: dict, backbone: str, data_dir: str, folder: Path) ->
         hwm.append(vm_hwm_mb(link.pid))
     if status["status"] != "finished:completed":
         raise RuntimeError(f"K = {K}: the run ended {status['status']}")
-    results = json.loads(read_regular(out / "results.json", MAX_RESULTS_FILE_BYTES))
+    results = read_json(out / "results.json")
     rounds = [h["seconds"] for h in results["fedit_history"]]
     return {
         "nodes": K,
@@ -138,7 +138,7 @@ def restart(K: int, run: dict, backbone: str, data_dir: str, folder: Path) -> di
 
         status = fed.run(APP, config, timeout=3600, poll=0.5, during=during)
         after = listing()
-    results = json.loads(read_regular(out / "results.json", MAX_RESULTS_FILE_BYTES))
+    results = read_json(out / "results.json")
     history = results["fedit_history"]
     took_part = [t + 1 for t, h in enumerate(history) if "client1" in h["clients"] and "client1" not in h["dropped"]]
     failed = [t + 1 for t, h in enumerate(history) if any(f["client"] == "client1" for f in h["failed"])]
@@ -186,10 +186,11 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     if not os.path.isfile(args.backbone):
         ap.error(f"--backbone {args.backbone}: no such file")
-    if not all(2 <= k <= 64 for k in args.nodes) or not 1 <= args.clients_per_round < min(args.nodes, default=65):
-        ap.error("--nodes: 2 to 64 each; --clients-per-round: 1 to below the smallest K")
-    if not 1 <= args.rounds <= 100 or not 2 <= args.restart_nodes <= 64 or args.rounds < 2 and args.restart:
-        ap.error("--rounds: 1 to 100 (2 or more with --restart); --restart-nodes: 2 to 64")
+    # --nodes and --restart-nodes: 2 to 64 each (config.BOUNDS, at parse time); what depends on them, here
+    if not 1 <= args.clients_per_round < min(args.nodes, default=65):
+        ap.error("--clients-per-round: 1 to below the smallest K of --nodes")
+    if not 1 <= args.rounds <= 100 or args.rounds < 2 and args.restart:
+        ap.error("--rounds: 1 to 100 (2 or more with --restart)")
     run = {"rounds": args.rounds, "clients-per-round": args.clients_per_round, "drop-prob": 0.0, **FINAL_STEP}
     run["round-timeout"] = 120.0  # a dead device is reported by the SuperLink in under a minute
     try:
@@ -209,8 +210,7 @@ def measure(args: argparse.Namespace, run: dict) -> dict:
     from potara.safe_files import atomic_write
 
     torch.set_num_threads(1)  # as every device runs (threads=1): the same kernels, the same sums
-    out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out).resolve()  # made and checked by main (run_folder.prepare_out_dir)
     backbone, data_dir = os.path.abspath(args.backbone), os.path.abspath(args.data_dir)
     report = {"rounds": args.rounds, "many_nodes": [], "restart": None}
     for K in args.nodes:

@@ -93,7 +93,6 @@ class Case:
     rel: str  # the path in the tree, as paths_of gives it
     kind: str  # the obstacle planted there
     folder: object  # the planted copy of the tree
-    outside: object  # outside_world's folder, next to it
     planted: dict  # snapshot(folder) right after planting
 
 
@@ -106,7 +105,7 @@ def planted_cases(tree, where):
         outside = outside_world(where / str(i))
         before = snapshot(outside)
         plant(folder, rel, kind, outside)
-        yield Case(rel, kind, folder, outside, snapshot(folder))
+        yield Case(rel, kind, folder, snapshot(folder))
         assert snapshot(outside) == before, (rel, kind)
         os.chmod(folder, 0o755)
 

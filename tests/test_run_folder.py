@@ -192,11 +192,11 @@ def test_obstacles_cover_every_kind(tmp_path):
 
 # ----------------------------------------------------------------------------- the studies' and tools' outputs
 def tool_trees(tmp_path):
-    """(name, main, argv(out), tree, flag): each study or tool that writes, with the tree its outputs make (every
-    file and folder it names: a file holds bytes, a folder it fills holds one file) and a command line that
-    would run it on `out`."""
+    """(name, main, argv(out), tree, where its work begins as (module, attribute)): each study or tool that
+    writes, with the tree its outputs make (every file and folder it names: a file holds bytes, a folder it fills
+    holds one file) and a command line that would run it on `out`."""
     from potara_harness.config import ABLATION_CACHE, ABLATION_OUTPUTS
-    from potara_studies import ablation, bench, scale
+    from potara_studies import ablation, bench, benchmarks, estimator_study, scale
 
     backbone = tmp_path / "backbone.pt"
     backbone.write_bytes(b"only its existence is checked before the folder")
@@ -205,11 +205,23 @@ def tool_trees(tmp_path):
             "ablation",
             ablation.main,
             lambda out: ["--out", str(out), "--data-dir", str(tmp_path / "data")],
-            ABLATION_OUTPUTS,
-            {ABLATION_CACHE: ["conflict-s0-0123456789ab.pt"]},
+            (ABLATION_OUTPUTS, {ABLATION_CACHE: ["conflict-s0-0123456789ab.pt"]}),
+            (estimator_study, "run"),
         ),
-        ("bench", bench.main, lambda out: ["--only", "lora", "--out", str(out / "bench.json")], ("bench.json",), {}),
-        ("scale", scale.main, lambda out: ["--clients", "1", "--out", str(out / "scale.json")], ("scale.json",), {}),
+        (
+            "bench",
+            bench.main,
+            lambda out: ["--only", "lora", "--out", str(out / "bench.json")],
+            (("bench.json",), {}),
+            (benchmarks, "run"),
+        ),
+        (
+            "scale",
+            scale.main,
+            lambda out: ["--clients", "1", "--out", str(out / "scale.json")],
+            (("scale.json",), {}),
+            (scale, "measure"),
+        ),
     ]
     try:
         from potara_flower import bench as flower_bench
@@ -217,27 +229,26 @@ def tool_trees(tmp_path):
     except ImportError:  # the flower extra
         pass
     else:
+        folders = {name: [] for name in flower_bench.OUTPUT_FOLDERS}
+        folders.update({name: ["results.json"] for name in flower_bench.SERVER_FOLDERS})
+        folders.update({name: ["floor.json"] for name in flower_bench.FLOOR_FOLDERS})
         tools += [
             (
                 "flower bench",
                 flower_bench.main,
                 lambda out: ["--backbone", str(backbone), "--out", str(out)],
-                flower_bench.OUTPUT_FILES,
-                {
-                    **{name: [] for name in flower_bench.OUTPUT_FOLDERS},
-                    **{name: ["results.json"] for name in flower_bench.SERVER_FOLDERS},
-                    **{name: ["floor.json"] for name in flower_bench.FLOOR_FOLDERS},
-                },
+                (flower_bench.OUTPUT_FILES, folders),
+                (flower_bench, "bench"),
             ),
             (
                 "fleet",
                 fleet.main,
                 lambda out: ["--backbone", str(backbone), "--nodes", "3", "--restart", "--out", str(out)],
-                fleet.OUTPUT_FILES,
-                {"K3": [], "restart": []},
+                (fleet.OUTPUT_FILES, {"K3": [], "restart": []}),
+                (fleet, "measure"),
             ),
         ]
-    for name, main, argv, files, folders in tools:
+    for name, main, argv, (files, folders), work in tools:
         tree = tmp_path / "trees" / name.replace(" ", "-")
         tree.mkdir(parents=True)
         for f in files:
@@ -246,33 +257,23 @@ def tool_trees(tmp_path):
             (tree / folder).mkdir()
             for entry in entries:
                 (tree / folder / entry).write_bytes(b"an earlier cache")
-        yield name, main, argv, tree
+        yield name, main, argv, tree, work
 
 
 def test_every_obstacle_where_a_study_or_tool_writes_is_one_line_before_any_work(tmp_path, capsys):
     """The studies (ablation, bench, scale) and the Flower tools (bench, fleet) wrote their JSON at the end,
     through a link planted there (open(path, "w")), and the ablation's cache/ -> elsewhere took its cache files.
     Now every obstacle at every path of their outputs is one line, exit 2, before any work: nothing outside
-    changed, the folder as planted."""
-    from potara_studies import benchmarks, estimator_study, scale
+    changed, the folder as planted. Where each tool's work begins fails: a guard that let one through fails
+    fast."""
 
     def work_began(*args, **kwargs):
         raise AssertionError("the work began before the obstacle was refused")
 
     done = []
-    with pytest.MonkeyPatch.context() as mp:  # where each tool's work begins: a guard that let it through fails fast
-        mp.setattr(estimator_study, "run", work_began)
-        mp.setattr(benchmarks, "run", work_began)
-        mp.setattr(scale, "measure", work_began)
-        try:
-            from potara_flower import bench as flower_bench
-            from potara_flower import fleet
-        except ImportError:
-            pass
-        else:
-            mp.setattr(flower_bench, "bench", work_began)
-            mp.setattr(fleet, "measure", work_began)
-        for name, main, argv, tree in tool_trees(tmp_path):
+    for name, main, argv, tree, (module, attribute) in tool_trees(tmp_path):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(module, attribute, work_began)
             done += obstacles_refused(name, main, argv, tree, tmp_path, capsys)
     assert {n for n, _, _ in done} >= {"ablation", "bench", "scale"}, done
 
@@ -287,9 +288,8 @@ def obstacles_refused(name, main, argv, tree, tmp_path, capsys) -> list[tuple[st
         err = capsys.readouterr().err
         errors = [line for line in err.splitlines() if "error:" in line]
         assert e.value.code == 2 and len(errors) == 1 and "Traceback" not in err, (name, case.rel, case.kind, err)
-        parts = (
-            case.rel.rstrip("/").split("/") if case.rel != "./" else []
-        )  # a server out-dir: "--out <it>/vision: results.json ..."
+        # each part of the path: a server out-dir's file is "--out <folder>/vision: results.json in it ..."
+        parts = case.rel.rstrip("/").split("/") if case.rel != "./" else []
         assert f"--out {case.folder}" in errors[0] and all(p in errors[0] for p in parts), (name, case, errors)
         assert snapshot(case.folder) == case.planted, (name, case.rel, case.kind)
         done.append((name, case.rel, case.kind))
