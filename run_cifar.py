@@ -112,7 +112,7 @@ def resolve_args(ap: argparse.ArgumentParser, argv=None) -> tuple[argparse.Names
 
 def load_data(args):
     """CIFAR-100 (downloaded when missing) or the synthetic stand-in (written once), checked; DataError in one line."""
-    from potara_harness.data import DataError, load_images
+    from data import DataError, load_images
 
     try:
         return load_images(args.data, args.data_dir, args.synthetic_per_class)[0]
@@ -136,8 +136,7 @@ def get_backbone(args, p: dict, data, public, device):
 def partition(ap: argparse.ArgumentParser, args, data, pool) -> list:
     """Each client's indices into `pool` (numpy arrays): Dirichlet label skew or superclass tasks (one-line error
     if impossible)."""
-    from potara_harness.data import DataError
-    from potara_harness.partition import label_partition
+    from data import DataError, label_partition
 
     per_client = args.train + args.val + args.test
     if args.public + args.clients * per_client > len(data.labels):
@@ -176,7 +175,7 @@ def run(ap: argparse.ArgumentParser, args, p: dict, command: str) -> dict:
     import numpy as np
     import torch
 
-    from potara_harness.partition import client_splits, public_and_pool
+    from data import client_splits, public_and_pool
     from potara_harness.pipeline import run_experiment
     from potara_harness.report import markdown_table, results_header
     from potara_harness.vit import build_model

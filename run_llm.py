@@ -16,7 +16,7 @@ exact match of greedy decoding) -> --out DIR: results.json, results.md, checkpoi
 also shows chance and the pre-trained model with no adapter, what the learned methods must beat.
 
 Training loss and Potara's Fisher are token-level over the answer tokens only (labels -100 elsewhere,
-fisher.causal_lm_likelihood). Per-sample gradients (torch.func.vmap over grad with functional_call) run
+potara.causal_lm_likelihood). Per-sample gradients (torch.func.vmap over grad with functional_call) run
 on the transformers model; eager attention avoids torch.func's slow fallback for SDPA (--attn).
 --export-peft DIR writes each client's Potara adapter as peft's adapter_config.json +
 adapter_model.safetensors (loadable with peft.PeftModel.from_pretrained or a multi-LoRA server).
@@ -168,7 +168,7 @@ def run(ap: argparse.ArgumentParser, args, p: dict, command: str) -> dict:
     device = cli.start_torch(args)
     import torch
 
-    from potara.fisher import causal_lm_likelihood
+    from potara import causal_lm_likelihood
     from potara_harness.lm import (
         Scorer,
         add_language_lora,

@@ -17,7 +17,7 @@ each client on --threads torch threads), one run after the other, --rounds round
 Per app round, from every client (client_app.startup_seconds): Flower starting its process, the app's
 imports, the hand-over, data and model loading, local training; what is left is messaging (push, polling,
 pull), taken against the slowest client. Goal: app round <= GOAL x (import floor + loading + training).
-Vision also runs in process (fedit.run_fedit on the clients client_app.py builds), and the final global
+Vision also runs in process (fed.run_fedit on the clients client_app.py builds), and the final global
 adapters are compared bitwise (the language experiment's bitwise equality is test_flower_llm.py's).
 Output: a table on stdout and --out/flower_bench.json (atomic).
 """
@@ -48,8 +48,8 @@ FINAL_STEP = {"local-train-steps": 5, "finetune-steps": 5, "fisher-samples": 20}
 
 
 def in_process(cfg: AppConfig, backbone: str, data_dir: str) -> tuple[dict, list[float]]:
-    """fedit.run_fedit on the same clients and model as the Flower run; (final global adapter, seconds per round)."""
-    from potara.fedit import Client, run_fedit
+    """fed.run_fedit on the same clients and model as the Flower run; (final global adapter, seconds per round)."""
+    from fed import Client, run_fedit
     from potara_flower.task import client_split
     from potara_harness.vit import build_model, load_backbone_file
 
@@ -111,7 +111,7 @@ def on_flower(runs: list[tuple[str, Path, dict]], nodes: list[str], folder: Path
 
 def read_json(path: Path) -> dict:
     """A JSON file a run of this bench wrote: a regular file of bounded size (safe_files.read_regular)."""
-    from potara.safe_files import read_regular
+    from potara_guards.safe_files import read_regular
 
     return json.loads(read_regular(path, MAX_RESULTS_FILE_BYTES))
 
@@ -172,7 +172,7 @@ def table(report: dict) -> str:
             f" {'met' if e['goal_met'] else 'not met'}) |",
         ]
         if "in_process_round_s" in e:
-            rows.append(f"| {name}: in-process (fedit.run_fedit) | {e['in_process_round_s']:.2f} |")
+            rows.append(f"| {name}: in-process (fed.run_fedit) | {e['in_process_round_s']:.2f} |")
     return "| seconds per FedIT round (mean) | |\n|---|---|\n" + "\n".join(rows)
 
 
@@ -257,7 +257,7 @@ def bench(args: argparse.Namespace, ap: argparse.ArgumentParser) -> dict:
     backbone, data_dir = os.path.abspath(args.backbone), os.path.abspath(args.data_dir)  # --out: made by parse
     import torch
 
-    from potara.safe_files import atomic_write, load_torch_file
+    from potara_guards.safe_files import atomic_write, load_torch_file
     from potara_harness.report import mean
 
     torch.set_num_threads(args.threads)

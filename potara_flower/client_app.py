@@ -29,7 +29,7 @@ initial adapter phi_0 every client and the in-process pipeline share. Handlers (
 the protocol):
 
     query     -> partition-id, num-partitions, n_k, the backbone file's sha256, phi_0
-    train     -> fedit.local_update from phi^t: the same seeds (seed, t, k) as fedit.run_fedit, so the
+    train     -> fed.local_update from phi^t: the same seeds (seed, t, k) as fed.run_fedit, so the
                  update is bitwise the one the in-process loop computes
     evaluate  -> after the last round, with phi_G = phi^R: pipeline.train_checked (the local adapter phi_L
                  from phi_0, and phi_G fine-tuned) and evaluation.evaluate_client: Potara's weight lam
@@ -52,10 +52,9 @@ import torch.nn as nn
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from potara.fedit import Client, FedConfig, local_update
-from potara.lora import lora_meta, lora_state_dict
-from potara.safe_files import write_target_problem
-from potara.tensor_checks import check_tensors
+from data import ClientSplits
+from fed import Client, FedConfig, local_update
+from lora import lora_meta, lora_state_dict
 from potara_flower.task import (
     ADAPTER,
     CONFIG,
@@ -70,8 +69,9 @@ from potara_flower.task import (
     model_sha256,
     to_record,
 )
+from potara_guards.safe_files import write_target_problem
+from potara_guards.tensor_checks import check_tensors
 from potara_harness.config import BOUNDS, VIT_PRESETS, AppConfig, ConfigError, bound_problem
-from potara_harness.data import ClientSplits
 from potara_harness.peft_export import ADAPTER_FILES, BASE_MODEL_FILES, EXPORT_RESERVED, export_target_problem
 from potara_harness.run_folder import dir_problem
 
@@ -276,9 +276,9 @@ def setup(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Round t: phi^t -> fedit.local_update (seeds (seed, t, k)) -> phi_k^{t+1}, n_k, mean loss."""
+    """Round t: phi^t -> fed.local_update (seeds (seed, t, k)) -> phi_k^{t+1}, n_k, mean loss."""
     startup, config = startup_seconds(), msg.content[CONFIG]
-    if config.get("drop", False):  # a simulated drop-out (rounds.sample_clients): answers, but sends nothing
+    if config.get("drop", False):  # a simulated drop-out (fed.sample_clients): answers, but sends nothing
         return Message(RecordDict({CONFIG: ConfigRecord({"dropped": True})}), reply_to=msg)
     startup["imports"] += import_experiment(context)
     t0 = time.perf_counter()
@@ -314,7 +314,7 @@ def personalize(msg: Message, context: Context) -> Message:
     """After the last round: the local adapter phi_L, phi_G fine-tuned, Potara's lam on the client's own
     validation split, and every method scored on its test split. Only numbers go back. (Its modules are
     imported here: a training round does not pay for them.)"""
-    from potara.adapter_file import save_adapter
+    from potara_guards.adapter_file import save_adapter
     from potara_harness.evaluation import Evaluator, evaluate_client
     from potara_harness.pipeline import finetune_seed, local_seed, train_checked
 

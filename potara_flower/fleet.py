@@ -4,8 +4,8 @@
     python -m potara_flower.fleet --backbone B --nodes 3 6 10 --clients-per-round 2 --rounds 3 --restart
 
 For each K of --nodes: a SuperLink and K SuperNodes on 127.0.0.1 (loopback.LocalFederation), the vision app
-for --rounds rounds with clients-per-round < K (rounds.sample_clients draws who trains), then its final
-step. Reported per K: the final global adapter against fedit.run_fedit in this process with the same
+for --rounds rounds with clients-per-round < K (fed.sample_clients draws who trains), then its final
+step. Reported per K: the final global adapter against fed.run_fedit in this process with the same
 sampling (bitwise), the server's seconds per round (the ServerApp's own clock), the ServerApp process's
 peak resident memory (it reports it in results.json) and the SuperLink's (VmHWM from /proc while it runs).
 
@@ -28,9 +28,9 @@ import signal
 import time
 from pathlib import Path
 
-from potara.safe_files import load_torch_file
 from potara_flower.bench import APP, in_process, read_json
 from potara_flower.loopback import LocalFederation, wait_for
+from potara_guards.safe_files import load_torch_file
 from potara_harness import cli, run_folder
 from potara_harness.config import AppConfig, ConfigError
 
@@ -207,7 +207,7 @@ def measure(args: argparse.Namespace, run: dict) -> dict:
     """The federations of the checked command line and their report (fleet.json, a table)."""
     import torch
 
-    from potara.safe_files import atomic_write
+    from potara_guards.safe_files import atomic_write
 
     torch.set_num_threads(1)  # as every device runs (threads=1): the same kernels, the same sums
     out = Path(args.out).resolve()  # made and checked by main (run_folder.prepare_out_dir)

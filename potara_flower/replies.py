@@ -28,7 +28,7 @@ import math
 from flwr.app import Message
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 
-from potara.rounds import ClientReply
+from fed import ClientReply
 from potara_flower.task import ADAPTER, METRICS, from_record, record_bytes
 from potara_harness.evaluation import lam_grid
 from potara_harness.report import METHOD_LABELS
@@ -94,10 +94,10 @@ def timings(metrics, keys) -> dict[str, float]:
 
 
 def train_reply(r, n_k: int, timing_keys) -> tuple[ClientReply, dict[str, float], int]:
-    """A train reply -> (rounds.ClientReply with the set-up's n_k, its timings, its adapter's wire bytes), parsed
+    """A train reply -> (fed.ClientReply with the set-up's n_k, its timings, its adapter's wire bytes), parsed
     whole before any of it is kept. The count must be n_k (the weight is fixed at set-up), the loss a number
-    (fedit.server_round rejects a non-finite one), the timings finite and >= 0; the adapter is only read here
-    (rounds.validate_update checks it against phi^t)."""
+    (fed.server_round rejects a non-finite one), the timings finite and >= 0; the adapter is only read here
+    (updates.validate_update checks it against phi^t)."""
     metrics = r.content[METRICS]
     count = metrics["num-examples"]
     if type(count) is not int or count != n_k:

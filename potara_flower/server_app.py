@@ -6,11 +6,11 @@ a running SuperLink (docs/flower.md).
        phi_0). Partition ids must be 0..K-1 once each; every client must hold the same backbone file
        and build the same phi_0, and n_k must be the run config's `train` (else the run stops with a
        one-line reason). n_k is then fixed: it is client k's FedAvg weight in every round.
-    2. rounds t = 0..R-1, each the in-process fedit.run_fedit's round, with messages instead of calls:
-         S_t, drop-outs = rounds.sample_clients(seed, t, K, clients-per-round, drop-prob)
-         send phi^t to every k in S_t (float32 ArrayRecord); k answers fedit.local_update's reply
-         phi^{t+1} = fedit.server_round(...): every reply validated (rounds.validate_update), the accepted
-         ones averaged by fedit.fedavg in partition order, whatever order the replies arrived in
+    2. rounds t = 0..R-1, each the in-process fed.run_fedit's round, with messages instead of calls:
+         S_t, drop-outs = fed.sample_clients(seed, t, K, clients-per-round, drop-prob)
+         send phi^t to every k in S_t (float32 ArrayRecord); k answers fed.local_update's reply
+         phi^{t+1} = fed.server_round(...): every reply validated (potara_guards.updates.reply_problem), the
+         accepted ones averaged by fed.fedavg in partition order, whatever order the replies arrived in
        A client that answers with an error, an unreadable reply (another n_k than set-up's included),
        nothing within round-timeout, or whose node the SuperLink reports dead (replies.ask) is recorded
        in the round's "failed" (with its reason) and counted as dropped: it never vanishes, and the
@@ -27,7 +27,7 @@ a running SuperLink (docs/flower.md).
        missing from them is named in one log line (missing_lines) and in results.md, with the others' results;
        the run ends finished:completed (missing_lines says why not failed).
 
-bytes_down / bytes_up in the history are fedit.run_fedit's (numel * element_size of the adapters sent);
+bytes_down / bytes_up in the history are fed.run_fedit's (numel * element_size of the adapters sent);
 wire_bytes_* add Flower's serialisation (npy headers, keys) to them; message envelopes are not counted.
 """
 
@@ -44,9 +44,7 @@ import torch
 from flwr.app import ConfigRecord, Context, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from potara.fedit import FedState, server_round
-from potara.rounds import sample_clients, state_bytes
-from potara.tensor_checks import check_tensors
+from fed import FedState, sample_clients, server_round, state_bytes
 from potara_flower.replies import ask, check_evaluation, short, train_reply
 from potara_flower.task import (
     ADAPTER,
@@ -61,6 +59,8 @@ from potara_flower.task import (
     to_record,
     unflatten,
 )
+from potara_guards.tensor_checks import check_tensors
+from potara_guards.updates import reply_problem
 from potara_harness.checkpoint import RunState, fed_dict, load_state, save_state
 from potara_harness.config import AppConfig, update_bound
 from potara_harness.report import (
@@ -94,7 +94,7 @@ class Roster:
 def identity(cfg: AppConfig, reply) -> tuple[int, int, str, dict]:
     """A set-up reply -> (partition id k, n_k, backbone sha256, phi_0); ValueError/KeyError/TypeError if malformed.
     n_k must be the run config's `train`: every partition holds exactly that many training images
-    (partition.split_client), so a client cannot claim a larger FedAvg weight than its share."""
+    (data.split_client), so a client cannot claim a larger FedAvg weight than its share."""
     c = reply.content[CONFIG]
     k, n_k, sha = c["partition-id"], c["num-examples"], c["backbone-sha256"]
     if type(k) is not int or not 0 <= k < cfg.num_clients:
@@ -259,7 +259,9 @@ def fedit_round(grid: Grid, cfg: AppConfig, roster: Roster, fed: FedState, t: in
             failures.append({"client": roster.names[k], "reason": f"unreadable reply: {type(e).__name__}: {short(e)}"})
             continue
         replies[k], seconds[roster.names[k]], wire_up = reply, took, wire_up + size
-    outcome = server_round(t, fed.global_state, selected, replies, roster.names, update_bound(cfg.max_update_norm))
+    outcome = server_round(
+        t, fed.global_state, selected, replies, roster.names, update_bound(cfg.max_update_norm), problem=reply_problem
+    )
     fed.global_state, fed.round = outcome.global_state, t + 1
     fed.history.append(
         {

@@ -38,10 +38,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from potara.safe_files import MAX_TORCH_FILE, UnsafeFile, atomic_write, load_torch_file, open_regular
+from data import ClientSplits, client_splits, label_partition, load_images, public_and_pool
+from potara_guards.safe_files import MAX_TORCH_FILE, UnsafeFile, atomic_write, load_torch_file, open_regular
 from potara_harness.config import AppConfig, ConfigError
-from potara_harness.data import ClientSplits, load_images
-from potara_harness.partition import client_splits, label_partition, public_and_pool
 
 SETUP, TRAIN, EVALUATE = "query", "train", "evaluate"  # Flower message types (ClientApp handlers)
 ADAPTER, CONFIG, METRICS = "adapter", "config", "metrics"  # keys of a message's RecordDict
@@ -62,7 +61,7 @@ def to_record(state: dict[str, torch.Tensor]):
 def from_record(record) -> dict[str, torch.Tensor]:
     """A received ArrayRecord -> CPU tensors (own memory), read with np.load(allow_pickle=False) by
     Flower: no code runs. The caller checks keys, shapes, dtypes and finite values against the
-    adapter it expects (tensor_checks.check_tensors / rounds.validate_update): the sender is not trusted."""
+    adapter it expects (tensor_checks.check_tensors / updates.validate_update): the sender is not trusted."""
     state = {}
     for k in record.keys():
         a = record[k].numpy()
@@ -224,7 +223,7 @@ def language_client(cfg: AppConfig, task: str, model_path: str) -> tuple[ClientS
     them: the task's examples split by (seed, task name) into train / val / test and encoded with answer-only labels
     (lm.build_splits), the model (tiny: lm.load_tiny_file, the byte tokenizer; a folder: AutoModelForCausalLM and
     AutoTokenizer from it, eager attention), then LoRA on `targets` drawn under torch.manual_seed(seed)."""
-    from potara.fisher import causal_lm_likelihood  # the language modules (transformers among them) only when they run
+    from potara import causal_lm_likelihood  # the language modules (transformers among them) only when they run
     from potara_harness.llm_data import ByteTokenizer
     from potara_harness.lm import (
         Scorer,

@@ -10,7 +10,7 @@ nothing, the bytes a run writes grow linearly with its clients, and a resume acc
 
 Two kinds of file (a single checkpoint holding every client's adapters and was rewritten after
 each client, K^2 bytes for K clients):
-  checkpoint.pt    what changes each round: FedIT's and FedSA-LoRA's fedit.FedState (global adapter, FedSA's
+  checkpoint.pt    what changes each round: FedIT's and FedSA-LoRA's fed.FedState (global adapter, FedSA's
                    per-client private tensors, histories), the fingerprint and the run_id. Rewritten after every
                    round; R rounds write R x (adapter + K x FedSA private part): linear in K.
   adapters/*.pt    what is made once: each client's local adapter phi_L and fine-tuned phi_G
@@ -49,11 +49,11 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from potara.fedit import FedState
-from potara.lora import lora_meta
-from potara.safe_files import UnsafeFile, atomic_write, folder_problem, load_torch_file, make_folder
-from potara.tensor_checks import AdapterError, check_tensors
-from potara_harness.data import ClientSplits
+from data import ClientSplits
+from fed import FedState
+from lora import lora_meta
+from potara_guards.safe_files import UnsafeFile, atomic_write, folder_problem, load_torch_file, make_folder
+from potara_guards.tensor_checks import AdapterError, check_tensors
 
 CHECKPOINT_FORMAT = "potara-checkpoint-v2"
 PART_FORMAT = "potara-run-part-v1"
@@ -70,7 +70,7 @@ class ResumeError(ValueError):
 
 @dataclass
 class RunState:
-    """What changes each round (checkpoint.pt). fedit / fedsa: the federated runs (fedit.FedState fields as a
+    """What changes each round (checkpoint.pt). fedit / fedsa: the federated runs (fed.FedState fields as a
     dict, None before round 1); run_id: drawn when the run starts from scratch, written into each of its parts."""
 
     fingerprint: str
@@ -401,7 +401,7 @@ def _number(x) -> bool:
 
 
 def _check_history(stage: str, history, completed: int, client_key, flower: bool = False) -> None:
-    """One record per completed round, as fedit.server_round writes it (flower: plus the fields the Flower server
+    """One record per completed round, as fed.server_round writes it (flower: plus the fields the Flower server
     adds, server_app.fedit_round: failed clients with their reasons, wire bytes, seconds)."""
     _require(
         isinstance(history, list) and len(history) == completed,

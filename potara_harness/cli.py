@@ -22,7 +22,7 @@ import warnings
 from contextlib import contextmanager
 from typing import Callable, NoReturn
 
-from potara.safe_files import UnsafeFile, WriteError
+from potara_guards.safe_files import UnsafeFile, WriteError
 from potara_harness.config import (
     BOUNDS,
     ESTIMATORS,
@@ -173,7 +173,7 @@ def add_run_options(ap: argparse.ArgumentParser, seed: bool = True) -> None:
 
 
 def check_run_options(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """add_run_options' bounds: 0 <= --seed < 2**63 (torch.manual_seed and rounds.derive_seed take 63-bit seeds)
+    """add_run_options' bounds: 0 <= --seed < 2**63 (torch.manual_seed and fed.derive_seed take 63-bit seeds)
     and 1 <= --threads <= the machine's cores (more only oversubscribes them)."""
     if not 0 <= getattr(args, "seed", 0) < MAX_SEED:
         ap.error(f"--seed must be >= 0 and < 2**63, got {args.seed}")
@@ -374,9 +374,9 @@ def one_line_errors(*errors: type[BaseException]):
     safe_files.UnsafeFile
     and `errors`) -> fail(..., 2); a failed write (safe_files.WriteError) and MemoryError -> fail(..., 1), saying
     the previous files are intact / it is not bad data."""
-    from potara.tensor_checks import AdapterError
+    from data import DataError
+    from potara_guards.tensor_checks import AdapterError
     from potara_harness.checkpoint import ResumeError
-    from potara_harness.data import DataError
 
     try:
         yield

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
-# potara.merge.ESTIMATORS and DEFAULT_ESTIMATOR, written here so that this module (and so every --help) imports
+# potara.potara.ESTIMATORS and DEFAULT_ESTIMATOR, written here so that this module (and so every --help) imports
 # no torch; tests/test_config.py holds them equal to potara's.
 ESTIMATORS = ("verified", "paper")
 DEFAULT_ESTIMATOR = "verified"
@@ -154,7 +154,7 @@ class ExperimentConfig:
     fisher_chunk: int | None = None  # vmap chunk of per-sample gradients (lower GPU memory for large models)
     eps: float = 1e-3  # potara's relative Fisher floor ("paper")
     granularity: str = "client"  # one lam per client, or "module": one per adapted module
-    estimator: str = DEFAULT_ESTIMATOR  # one of merge.ESTIMATORS
+    estimator: str = DEFAULT_ESTIMATOR  # one of potara.ESTIMATORS
     grid_step: float = 0.05  # lam grid 0, step, ..., 1
     grid_space: str = "ab"  # merge space of the uniform merge and of the grid
     snapshots: int = 4  # evenly spaced FedIT round counts for the communication curve
@@ -164,8 +164,8 @@ class ExperimentConfig:
     max_update_norm: float | None = None  # reject updates with ||phi_k - phi^t||_2 above it (None: no bound)
 
     def fed_config(self):
-        """The settings of a federated run (fedit.FedConfig: fedit.run_fedit, fedit.local_update) these describe."""
-        from potara.fedit import FedConfig  # here, not at the top: this module imports no torch
+        """The settings of a federated run (fed.FedConfig: fed.run_fedit, fed.local_update) these describe."""
+        from fed import FedConfig  # here, not at the top: this module imports no torch
 
         return FedConfig(
             rounds=self.rounds,
@@ -180,7 +180,7 @@ class ExperimentConfig:
         )
 
 
-# Seeds: every random draw of a run is rounds.derive_seed(seed, <where>, salt): the salt names the stream.
+# Seeds: every random draw of a run is fed.derive_seed(seed, <where>, salt): the salt names the stream.
 SALT_LOCAL = 101  # client i's local-only adapter phi_L: derive_seed(seed, i, SALT_LOCAL)
 SALT_FINETUNE = 202  # client i's "FedIT + local fine-tuning" adapter
 SALT_STATS = 303  # which held-out samples Potara's statistics (and Fisher merging) read
@@ -310,7 +310,7 @@ def size_problem(name: str, value: int | None) -> str | None:
 
 
 def update_bound(value: float | None) -> float | None:
-    """max_update_norm as fedit.run_fedit takes it: None for "no bound", written None or 0 outside the code."""
+    """max_update_norm as fed.run_fedit takes it: None for "no bound", written None or 0 outside the code."""
     return None if value is None or value == 0 else float(value)
 
 
@@ -349,10 +349,10 @@ class AppConfig:
     test: int = _TINY["test"]
     local_train_steps: int = _TINY["local_train_steps"]  # the local adapter phi_L, from phi_0
     finetune_steps: int = _TINY["finetune_steps"]  # the "FedIT + local fine-tuning" baseline, from phi_G
-    estimator: str = "default"  # one of merge.ESTIMATORS, or "default": merge.DEFAULT_ESTIMATOR
+    estimator: str = "default"  # one of potara.ESTIMATORS, or "default": potara.DEFAULT_ESTIMATOR
     fisher_samples: int = ExperimentConfig.fisher_samples  # validation samples for Potara's statistics
     grid_step: float = ExperimentConfig.grid_step  # the lam grid of the grid-search baseline
-    drop_prob: float = 0.0  # simulated drop-outs (seeded as rounds.sample_clients)
+    drop_prob: float = 0.0  # simulated drop-outs (seeded as fed.sample_clients)
     max_update_norm: float = 0.0  # reject ||phi_k - phi^t|| above it; 0 = no bound
     out_dir: str = "runs/flower"  # on the server: results.json, results.md, checkpoint.pt
     resume: bool = False  # continue out-dir/checkpoint.pt (same run configuration)

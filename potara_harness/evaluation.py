@@ -21,14 +21,22 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
-from potara.fisher import Likelihood, classification_likelihood, gradient_stats
-from potara.lora import load_lora_state_dict, lora_layers
-from potara.merge import PaperFisher, Verified, check_adapters, fisher_merge, merge_adapters, paper_merge, personalize
-from potara.rounds import derive_seed
-from potara.training import shuffled_batches
-from potara.weight import segment_loss
+from data import ClientSplits
+from fed import derive_seed, shuffled_batches
+from lora import load_lora_state_dict, lora_layers
+from potara import (
+    Likelihood,
+    PaperFisher,
+    Verified,
+    check_adapters,
+    classification_likelihood,
+    gradient_stats,
+    merge_adapters,
+    paper_merge,
+    personalize,
+    segment_loss,
+)
 from potara_harness.config import SALT_LABELS, SALT_STATS, ExperimentConfig
-from potara_harness.data import ClientSplits
 from potara_harness.report import mean
 
 Evaluate = Callable[[nn.Module, torch.Tensor, torch.Tensor], float]
@@ -43,6 +51,18 @@ def accuracy(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batc
         logits = out.logits if hasattr(out, "logits") else out
         correct += int((logits.argmax(-1).cpu() == targets[i : i + batch_size]).sum())
     return correct / len(inputs)
+
+
+def fisher_merge(
+    global_state: dict, local_state: dict, fisher_G: dict, fisher_L: dict, eps: float = 1e-8
+) -> dict[str, torch.Tensor]:
+    """The Fisher-merging baseline (Matena & Raffel, 2022): per parameter,
+    theta = (F_G theta_G + F_L theta_L) / (F_G + F_L), eps guarding entries where both are zero."""
+    out = {}
+    for k, G in global_state.items():
+        fg, fl = fisher_G[k].double().cpu() + eps, fisher_L[k].double().cpu() + eps
+        out[k] = ((fg * G.double() + fl * local_state[k].double()) / (fg + fl)).to(G.dtype)
+    return out
 
 
 def lam_grid(step: float) -> list[float]:
@@ -151,7 +171,7 @@ def potara_step(ev: Evaluator, i: int, s: ClientSplits, G: dict, L: dict, stats=
     """The client-side Potara merge of G and the client's local adapter L (potara.personalize on the
     statistics' samples: val by default, held out). With the paper's estimator and `stats`, the per-sample
     statistics Fisher merging computed on the same samples and adapters, the weight is read off them
-    (merge.paper_merge, personalize's own "paper" step): one per-sample gradient pass per client, not two."""
+    (potara.paper_merge, personalize's own "paper" step): one per-sample gradient pass per client, not two."""
     estimator = potara_estimator(ev, i)
     if isinstance(estimator, PaperFisher) and stats is not None:
         check_adapters(ev.model, G, L)
@@ -214,7 +234,7 @@ def accuracy_and_loss(
 def val_score_and_loss(ev: Evaluator, s: ClientSplits, G: dict, L: dict, lam: float, merged: dict) -> tuple:
     """The grid's val score and val loss at lam: one forward when the metric is accuracy in full precision
     (accuracy_and_loss); otherwise (a generated-answer metric, autocast) the metric, then the loss by
-    weight.segment_loss (no autocast, as the default weight reads it)."""
+    potara.segment_loss (no autocast, as the default weight reads it)."""
     if ev.evaluate is accuracy and ev.autocast_dtype is None:
         return accuracy_and_loss(ev, merged, s.val_inputs, s.val_targets)
     score = ev.score(merged, s.val_inputs, s.val_targets)

@@ -28,7 +28,7 @@ import os
 import sys
 from typing import Callable
 
-from potara.safe_files import UnsafeFile, WriteError, atomic_write, write_target_problem
+from potara_guards.safe_files import UnsafeFile, WriteError, atomic_write, write_target_problem
 from potara_harness.cli import bound_numbers
 
 

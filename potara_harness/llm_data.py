@@ -28,11 +28,9 @@ from typing import Protocol, Sequence
 
 import torch
 
-from potara.safe_files import UnsafeFile, open_regular
+from data import DataError
+from potara_guards.safe_files import UnsafeFile, open_regular
 from potara_harness.config import MAX_LINE_BYTES, MAX_TASK_FILE_BYTES, MAX_TASK_NAME_BYTES
-from potara_harness.data import (
-    DataError,  # the one DataError of the project: `except DataError` catches text and image data
-)
 
 IGNORE = -100  # label of tokens that are not scored (prompt, padding): the convention of HF and potara
 

@@ -23,13 +23,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from potara.fisher import causal_lm_likelihood
-from potara.lora import add_lora
-from potara.safe_files import load_torch_file
-from potara.tensor_checks import check_tensors
-from potara.training import progress_bar
+from data import ClientSplits
+from fed import progress_bar
+from lora import add_lora
+from potara import causal_lm_likelihood
+from potara_guards.safe_files import load_torch_file
+from potara_guards.tensor_checks import check_tensors
 from potara_harness.config import SYNTHETIC_TASKS_SEED, TINY_LLAMA
-from potara_harness.data import ClientSplits
 from potara_harness.llm_data import (
     IGNORE,
     ByteTokenizer,
@@ -144,7 +144,7 @@ def load_hf_model(name: str, attn: str) -> nn.Module:
 def lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Token-level cross-entropy, mean over the answer tokens only: logits[:, t] predicts token t+1,
     positions whose label is -100 (prompt, padding) are dropped before the softmax (saves memory). The same
-    shift and mask as fisher.causal_lm_likelihood's per-sample log_prob, which multiplies by the mask instead
+    shift and mask as potara.causal_lm_likelihood's per-sample log_prob, which multiplies by the mask instead
     (boolean indexing cannot run under torch.func.vmap); test_lm checks that the two agree."""
     logits = model(input_ids).logits[:, :-1]
     target = labels[:, 1:]

@@ -17,7 +17,7 @@ import os
 import shutil
 from typing import TYPE_CHECKING
 
-from potara.safe_files import UnsafeFile, WriteError, folder_problem, remove_leftovers, write_target_problem
+from potara_guards.safe_files import UnsafeFile, WriteError, folder_problem, remove_leftovers, write_target_problem
 
 if TYPE_CHECKING:  # annotations only: run_llm.py checks its export targets before torch loads
     import torch
@@ -65,7 +65,7 @@ def export_with_base(
     """export_peft of `adapters` (LoRA of `model`, whose scaling they share), naming base_model as their base; with
     base_model None the model is the tiny Llama, which no hub holds: it is written to out_dir/base_model in HF's
     format and named by its absolute path. Returns the base model's name or path."""
-    from potara.lora import lora_meta
+    from lora import lora_meta
 
     if base_model is None:
         base_model = os.path.abspath(os.path.join(out_dir, "base_model"))

@@ -4,12 +4,12 @@
 
     results = run_experiment(model, splits, ExperimentConfig(rounds=20, ...), "runs/x",
                              evaluate=accuracy,                    # (model, inputs, targets) -> float
-                             loss_fn=training.classification_loss, # (model, inputs, targets) -> loss
-                             likelihood=fisher.classification_likelihood, resume=False, config={...})
+                             loss_fn=fed.classification_loss, # (model, inputs, targets) -> loss
+                             likelihood=potara.classification_likelihood, resume=False, config={...})
 
 Stages (one backbone in memory; a client is switched in by loading adapter tensors):
   phi_0 = the model's adapter on entry (shared initial adapter, LoRA B = 0)
-  1. federated_training: FedIT for `rounds` rounds (fedit.run_fedit), global snapshots at `snapshots` round
+  1. federated_training: FedIT for `rounds` rounds (fed.run_fedit), global snapshots at `snapshots` round
      counts; then FedSA-LoRA, FedIT sharing only the LoRA A factors (B and the head stay on each client)
   2. local_training: per client a local adapter phi_L from phi_0, and phi_G fine-tuned locally
   3. evaluation.evaluate_client: on each client's test split, every method of report.METHODS; the lam grid
@@ -21,10 +21,10 @@ when it is made (checkpoint.Parts: the bytes written grow linearly with the clie
 stage uses are in memory); a kill in any stage loses at most the adapter being trained. resume=True continues it
 (training settings, model and data must match: checkpoint.fingerprint) and ends
 bitwise equal to an uninterrupted run on CPU (every stage is seeded from (seed, round or salt, client):
-rounds.derive_seed, config.SALT_*; every seeded stage runs in a forked RNG, rounds.seeded).
+fed.derive_seed, config.SALT_*; every seeded stage runs in a forked RNG, fed.seeded).
 Bytes: a method costs what its training sent both ways: local only 0, FedSA-LoRA its own history, every
 other method FedIT's history (merging and Fisher statistics are on-device).
-Faults (results["faults"]): drop-outs and rejected updates per federated run (rounds.validate_update); a local
+Faults (results["faults"]): drop-outs and rejected updates per federated run (updates.validate_update); a local
 training that diverged (NaN/Inf adapter: warned, the client keeps the adapter it started from); NaN/Inf
 gradient statistics (warned; Fisher merging takes them as 0). No adapter with NaN/Inf is scored or saved.
 """
@@ -40,14 +40,24 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
-from potara.fedit import Client, FedState, run_fedit
-from potara.fisher import Likelihood, classification_likelihood
-from potara.lora import load_lora_state_dict, lora_factor, lora_state_dict
-from potara.rounds import derive_seed, seeded
-from potara.training import LossFn, classification_loss, model_device, progress_bar, shuffled_batches, train_adapter
+from data import ClientSplits, warn_held_out_overlap, warn_single_class
+from fed import (
+    Client,
+    FedState,
+    LossFn,
+    classification_loss,
+    derive_seed,
+    model_device,
+    progress_bar,
+    run_fedit,
+    seeded,
+    shuffled_batches,
+    train_adapter,
+)
+from lora import load_lora_state_dict, lora_factor, lora_state_dict
+from potara import Likelihood, classification_likelihood
 from potara_harness.checkpoint import Parts, RunState, fed_dict, fingerprint, load_state, save_state
 from potara_harness.config import SALT_FINETUNE, SALT_LOCAL, ExperimentConfig
-from potara_harness.data import ClientSplits, warn_held_out_overlap, warn_single_class
 from potara_harness.evaluation import Evaluate, Evaluator, accuracy, evaluate_client, potara_step
 from potara_harness.report import METHODS, collect_results, mean, write_outputs
 
@@ -230,7 +240,7 @@ def train_local(
     progress: bool = False,
 ) -> dict:
     """`steps` of AdamW on the client's train split from adapter `start`, seeded by `seed` (batches, and dropout
-    in a forked RNG as fedit.local_update: the caller's RNG is left as it was): how every local adapter of the
+    in a forked RNG as fed.local_update: the caller's RNG is left as it was): how every local adapter of the
     project is trained (the pipeline, the Flower client, the estimator study)."""
     load_lora_state_dict(model, start)
     with seeded(seed, model_device(model)):
@@ -306,5 +316,5 @@ def communication_curve(run: Run, fedit: FedState, acc: dict) -> list[dict]:
 
 
 def _bar(items, desc: str, progress: bool):
-    """A stage's bar over clients or snapshot rounds: on a terminal, or one line in a log (training.progress_bar)."""
+    """A stage's bar over clients or snapshot rounds: on a terminal, or one line in a log (fed.progress_bar)."""
     return progress_bar(items, desc, progress, stage=True, leave=False)

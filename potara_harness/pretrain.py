@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import torch
 
-from potara.safe_files import atomic_write, open_regular
+from potara_guards.safe_files import atomic_write, open_regular
 
 MAX_CACHE_BYTES = 1 << 30  # a cached tiny backbone is a few MB
 

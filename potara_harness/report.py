@@ -18,9 +18,9 @@ import math
 import os
 from dataclasses import asdict
 
-from potara.lora import lora_factor
-from potara.rounds import state_bytes
-from potara.safe_files import atomic_write
+from fed import state_bytes
+from lora import lora_factor
+from potara_guards.safe_files import atomic_write
 
 METHOD_LABELS = {
     "local": "Local only",

@@ -26,7 +26,7 @@ try:
 except ImportError:  # pragma: no cover
     fcntl = None
 
-from potara.safe_files import (
+from potara_guards.safe_files import (
     UnsafeFile,
     folder_problem,
     open_lock,

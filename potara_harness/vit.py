@@ -22,12 +22,11 @@ import torch.nn.functional as F
 import torchvision
 from torchvision.models import VisionTransformer
 
-from potara.lora import add_lora
-from potara.lora_mha import LORA_LAYERS
-from potara.safe_files import load_torch_file
-from potara.tensor_checks import AdapterError, check_tensors
-from potara.training import progress_bar
-from potara_harness.data import DataError
+from data import DataError
+from fed import progress_bar
+from lora import add_lora
+from potara_guards.safe_files import load_torch_file
+from potara_guards.tensor_checks import AdapterError, check_tensors
 from potara_harness.pretrain import cache_path, cached_pretrain, step, warmup_cosine
 
 NUM_CLASSES = 100
@@ -76,7 +75,7 @@ def build_model(
     new_head(backbone, num_classes)
     model = ImageClassifier(backbone, p["mean"], p["std"])
     torch.manual_seed(seed)
-    add_lora(model, ["self_attention"], r=rank, alpha=lora_alpha, trainable=["vit.heads"], layers=LORA_LAYERS)
+    add_lora(model, ["self_attention"], r=rank, alpha=lora_alpha, trainable=["vit.heads"])
     return model
 
 

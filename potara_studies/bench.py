@@ -9,7 +9,7 @@ Sections (each with the goal it checks):
             768x3072, and the attention's packed q/v in-projection), and against peft's LoRA layer when peft
             is installed. Goal: our overhead no larger than peft's.
   merged    inference of a ViT-B/16 whose adapter is merged (lora.merge_lora) against the plain model. Goal: 1.00x.
-  fisher    fisher.diag_fisher (torch.func) against a naive one-sample-at-a-time loop and against one ordinary
+  fisher    potara.diag_fisher (torch.func) against a naive one-sample-at-a-time loop and against one ordinary
             training pass (AdamW steps on batches of 32) over the same samples, on run_cifar's tiny-preset ViT and
             a larger small ViT; and per_sample_grads with the math attention kernel against the default one.
             Goals: >= 5x faster than the loop at 32 samples; within 2x of the training pass.

@@ -28,14 +28,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models import VisionTransformer, vit_b_16
 
-from potara import fisher
-from potara.lora import LoRALinear, add_lora, load_lora_state_dict, lora_state_dict, merge_lora
-from potara.lora_mha import LORA_LAYERS, LoRAPackedQKV
-from potara.merge import merge_adapters, personalize
-from potara.rounds import state_bytes
-from potara.safe_files import UnsafeFile, read_regular
-from potara.training import shuffled_batches, train_adapter
-from potara.weight import segment_loss
+import potara
+from fed import shuffled_batches, state_bytes, train_adapter
+from lora import LoRALinear, LoRAPackedQKV, add_lora, load_lora_state_dict, lora_state_dict, merge_lora
+from potara import merge_adapters, personalize, segment_loss
+from potara_guards.safe_files import UnsafeFile, read_regular
 from potara_harness.config import MAX_RESULTS_FILE_BYTES, VIT_PRESETS, ExperimentConfig
 from potara_harness.evaluation import Evaluator, accuracy_and_loss, lam_grid
 from potara_harness.report import write_text
@@ -153,7 +150,7 @@ def lora_vit(vit: VisionTransformer, rank: int, alpha: float, num_classes: int, 
     (a trained adapter) so that nothing is skipped because a factor is zero."""
     torch.manual_seed(seed)
     vit.heads.head = nn.Linear(vit.hidden_dim, num_classes)
-    add_lora(vit, ["self_attention"], r=rank, alpha=alpha, trainable=["heads"], layers=LORA_LAYERS)
+    add_lora(vit, ["self_attention"], r=rank, alpha=alpha, trainable=["heads"])
     with torch.no_grad():
         for n, p in vit.named_parameters():
             if ".lora_B" in n:
@@ -307,13 +304,13 @@ def naive_fisher(model: nn.Module, batches, n: int) -> dict[str, torch.Tensor]:
 
 
 def per_sample_grads_fused_attention(model: nn.Module, params: dict, x: torch.Tensor, y: torch.Tensor):
-    """fisher.per_sample_grads as it was: vmap(grad) under the default attention kernel choice."""
+    """potara.per_sample_grads as it was: vmap(grad) under the default attention kernel choice."""
     frozen = {n: p for n, p in model.named_parameters() if n not in params}
     buffers = dict(model.named_buffers())
 
     def log_lik(p, xi, yi):
         out = torch.func.functional_call(model, (p, frozen, buffers), (xi.unsqueeze(0),))
-        return fisher.classification_likelihood.log_prob(out, yi.unsqueeze(0)).sum()
+        return potara.classification_likelihood.log_prob(out, yi.unsqueeze(0)).sum()
 
     return torch.func.vmap(torch.func.grad(log_lik), in_dims=(None, 0, 0))(params, x, y)
 
@@ -353,7 +350,7 @@ def fisher_rows(model: nn.Module, p: dict, geometry: str, cfg: BenchConfig, devi
 
         variants = {
             "training pass": train_pass,
-            "diag_fisher (torch.func)": lambda: fisher.diag_fisher(model, batches, n_samples=n),
+            "diag_fisher (torch.func)": lambda: potara.diag_fisher(model, batches, n_samples=n),
             "naive per-sample loop": lambda: naive_fisher(model, batches, n),
         }
         times = measure(variants, cfg, device, reps=cfg.reps if n <= 32 else max(3, cfg.reps // 2))
@@ -378,7 +375,7 @@ def fisher_rows(model: nn.Module, p: dict, geometry: str, cfg: BenchConfig, devi
                 **({"goal": ">= 5x", "met": statistics.median(speedup) >= 5} if n == 32 else {}),
             )
         )
-        f_func, f_naive = fisher.diag_fisher(model, batches, n_samples=n), naive_fisher(model, batches, n)
+        f_func, f_naive = potara.diag_fisher(model, batches, n_samples=n), naive_fisher(model, batches, n)
         err = max(float((f_func[k] - f_naive[k]).abs().max() / f_naive[k].abs().max().clamp_min(1e-30)) for k in f_func)
         rows.append(
             value_row("fisher", f"{geometry}, {n} samples: max rel. diff torch.func vs loop", err, "rel", "correctness")
@@ -394,7 +391,7 @@ def fisher_rows(model: nn.Module, p: dict, geometry: str, cfg: BenchConfig, devi
         warnings.simplefilter("ignore")
         times = measure(
             {
-                "per_sample_grads, math attention (potara)": lambda: fisher.per_sample_grads(model, state, x, y),
+                "per_sample_grads, math attention (potara)": lambda: potara.per_sample_grads(model, state, x, y),
                 "per_sample_grads, default attention kernel": lambda: per_sample_grads_fused_attention(
                     model, state, x, y
                 ),

@@ -30,10 +30,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from potara.lora import add_lora
+from data import ClientSplits, DataError, client_splits, dirichlet_partition
+from lora import add_lora
 from potara_harness.config import DIGITS_SCENARIOS, DigitsConfig
-from potara_harness.data import ClientSplits, DataError
-from potara_harness.partition import client_splits, dirichlet_partition
 
 TASKS = {  # client k's task: TASK_ORDER[k % 6]; each maps the digit to the client's label (all in 0..9)
     "digit": lambda d: d,

@@ -20,9 +20,9 @@ Estimators: "verified" (potara's default) and "paper" (potara), and kept here fo
   hermite        the default without its verification pass (the cubic's minimiser; the previous default);
   quadratic      the minimiser of the quadratic through the two end slopes, d0 / (d0 - d1) (clipped);
   verified-loss  the default comparing its candidates by held-out loss alone (not error first);
-  bias           "paper" + each model's squared diagonal-Newton distance (weight.variance_terms(bias=True)).
+  bias           "paper" + each model's squared diagonal-Newton distance (potara.variance_terms(bias=True)).
 The first four (FROM_INFO) come from one potara.personalize call (its info: no extra pass), the other two
-(FROM_STATS) from one fisher.gradient_stats call. Sources (config.ABLATION_SOURCES): client split, sample count,
+(FROM_STATS) from one potara.gradient_stats call. Sources (config.ABLATION_SOURCES): client split, sample count,
 Fisher labels
 ("sampled": true Fisher).
 Output: --out/ablation.json (every figure, per client) and ablation.md (the table), rewritten after every
@@ -44,13 +44,19 @@ from dataclasses import fields
 import numpy as np
 import torch
 
-from potara.fedit import Client, run_fedit
-from potara.fisher import gradient_stats
-from potara.lora import lora_state_dict
-from potara.merge import merge_adapters, personalize
-from potara.safe_files import UnsafeFile, atomic_write, load_torch_file, make_folder
-from potara.training import progress_bar
-from potara.weight import paper_weight, potara_weight, segment_loss, variance_terms
+from data import DataError, class_split_partition, client_splits, dirichlet_partition, load_images, public_and_pool
+from fed import Client, progress_bar, run_fedit
+from lora import lora_state_dict
+from potara import (
+    gradient_stats,
+    merge_adapters,
+    paper_weight,
+    personalize,
+    potara_weight,
+    segment_loss,
+    variance_terms,
+)
+from potara_guards.safe_files import UnsafeFile, atomic_write, load_torch_file, make_folder
 from potara_harness import cli
 from potara_harness.config import (
     ABLATION_CACHE,
@@ -62,9 +68,7 @@ from potara_harness.config import (
     DigitsConfig,
     ExperimentConfig,
 )
-from potara_harness.data import DataError, load_images
 from potara_harness.evaluation import grid_choice, lam_grid, score_adapter
-from potara_harness.partition import class_split_partition, client_splits, dirichlet_partition, public_and_pool
 from potara_harness.pipeline import local_seed, train_local
 from potara_harness.report import write_text
 from potara_harness.vit import build_model, tiny_backbone

@@ -78,7 +78,7 @@ def client_data(K: int, image_size: int) -> list:
     """K clients of random images and labels (data.ClientSplits), SPLIT images each."""
     import torch
 
-    from potara_harness.data import ClientSplits
+    from data import ClientSplits
 
     g, (tr, va, te) = torch.Generator().manual_seed(1), SPLIT
     x = lambda n: torch.randn(n, 3, image_size, image_size, generator=g)
@@ -90,7 +90,7 @@ def one_run(preset: str, K: int, out: str) -> dict:
     """One run_experiment in this process; its costs (module docstring)."""
     import torch
 
-    from potara.lora import lora_state_dict
+    from lora import lora_state_dict
     from potara_harness import checkpoint, report
     from potara_harness.config import ExperimentConfig
     from potara_harness.pipeline import run_experiment

@@ -1,4 +1,5 @@
-"""Shared test helpers, as fixtures: the micro ViT standing in for the tiny preset's backbone, a tiny MLP
+"""Shared test helpers, as fixtures: a file of the project copied alone into an empty folder and run there
+(run_alone), the micro ViT standing in for the tiny preset's backbone, a tiny MLP
 problem (a bias-free LoRA MLP and its clients) for pipeline-level tests, nested tensor equality, and the
 untrusted-file fuzzing kit (bounded cases, corrupted tensors, crafted and corrupted torch files). Module-level
 helpers of a test file that cannot take fixtures import the plain functions from here."""
@@ -8,21 +9,50 @@ import io
 import os
 import random
 import resource
+import shutil
 import signal
 import struct
+import subprocess
 import sys
 import zipfile
 from collections import OrderedDict
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 from torchvision.models import VisionTransformer
 
-from potara.lora import add_lora
-from potara.lora_mha import LORA_LAYERS
+from data import ClientSplits
+from lora import add_lora
 from potara_harness import config
-from potara_harness.data import ClientSplits
+
+ROOT = Path(__file__).resolve().parents[1]
+NOT_FROM_THE_REPOSITORY = f"""
+import sys
+_ours = [m for m in list(sys.modules.values())
+         if (getattr(m, "__file__", None) or "").startswith({str(ROOT) + os.sep!r})
+         and "site-packages" not in m.__file__]
+assert not _ours, f"modules read from the repository: {{[m.__name__ for m in _ours]}}"
+"""
+
+
+def run_alone(folder: Path, files, code: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Copy `files` of the repository (a file, or a folder with its .py files) into `folder`, then run `code` there
+    in a fresh Python with the repository absent from sys.path (no PYTHONPATH; nothing of the project is installed),
+    checking at its end that no module was read from the repository."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in files:
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, folder / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(ROOT / name, folder / name)
+    (folder / "alone.py").write_text(code + NOT_FROM_THE_REPOSITORY)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run(
+        [sys.executable, "alone.py"], cwd=folder, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
 
 MICRO_VIT = dict(image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32)
 
@@ -338,7 +368,7 @@ def lora_vit(seed: int = 0, targets=("self_attention",)) -> nn.Module:
     model = VisionTransformer(
         image_size=16, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=5
     )
-    add_lora(model, list(targets), r=2, alpha=4, trainable=["heads"], layers=LORA_LAYERS)
+    add_lora(model, list(targets), r=2, alpha=4, trainable=["heads"])
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
@@ -409,7 +439,7 @@ def small_world(tmp_path_factory):
     """A micro backbone file and synthetic data written once for the in-process Flower tests."""
     from flower_kit import RUN, micro_backbone
 
-    from potara_harness.data import load_images
+    from data import load_images
 
     tmp = tmp_path_factory.mktemp("world")
     micro_backbone(tmp / "backbone.pt")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import MICRO_VIT
 
-from potara.merge import PaperFisher, personalize
+from potara import PaperFisher, personalize
 from potara_harness import config
 from potara_harness.evaluation import lam_grid
 from potara_studies import ablation, estimator_study

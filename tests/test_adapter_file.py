@@ -11,16 +11,15 @@ import torch
 import torch.nn as nn
 from conftest import PlantedPickle
 
-from potara import safe_files
-from potara.adapter_file import load_adapter, save_adapter
-from potara.lora import add_lora, lora_meta, lora_state_dict
-from potara.lora_mha import LORA_LAYERS
-from potara.tensor_checks import AdapterError
+from lora import add_lora, lora_meta, lora_state_dict
+from potara_guards import safe_files
+from potara_guards.adapter_file import load_adapter, save_adapter
+from potara_guards.tensor_checks import AdapterError
 
 
 def test_save_load_adapter_round_trip(tmp_path, randomize_lora):
     model = nn.ModuleDict({"attn": nn.MultiheadAttention(8, 2), "head": nn.Linear(8, 3)})
-    add_lora(model, ["attn"], r=2, alpha=8, trainable=["head"], layers=LORA_LAYERS)
+    add_lora(model, ["attn"], r=2, alpha=8, trainable=["head"])
     randomize_lora(model)
     state, meta = lora_state_dict(model), lora_meta(model)
     assert meta["layers"]["attn"] == {"r": 2, "alpha": 8.0, "scaling": 4.0, "kind": "LoRAPackedQKV", "parts": "qv"}

@@ -42,7 +42,7 @@ def test_fingerprint_covers_lora_alpha_every_weight_byte_and_buffers(mlp_problem
 
     import torch.nn as nn
 
-    from potara.lora import add_lora
+    from lora import add_lora
 
     bias_free_model, client = mlp_problem
     splits, cfg = [client("c0", 0)], ExperimentConfig()
@@ -115,7 +115,7 @@ def sound_run(model, folder, fp="fp", rounds=2):
     """A run folder as the pipeline leaves it after FedIT (rounds of rounds, snapshots at 1..rounds) and client c0's
     local adapter (FedSA-LoRA and fine-tuning not started): checkpoint.pt + adapters/snapshot-*.pt + local-0000.pt.
     Returns (phi_0, state, parts, checkpoint path)."""
-    from potara.lora import lora_state_dict
+    from lora import lora_state_dict
 
     adapter = {k: v.detach().clone() for k, v in lora_state_dict(model).items()}
     state = RunState(
@@ -250,7 +250,7 @@ FLOWER_RECORD = {
 def test_edited_flower_checkpoint_is_refused_at_load(tmp_path, mlp_problem, edit, why):
     """The Flower server's checkpoint with fedit = None or history records without `failed`
     (TypeError / KeyError in the server before) is refused by load_state(flower=True) in one line."""
-    from potara.lora import lora_state_dict
+    from lora import lora_state_dict
 
     adapter = lora_state_dict(mlp_problem[0]())
     fedit = {"round": 1, "global_state": dict(adapter), "private_states": {"c0": {}}, "history": [FLOWER_RECORD]}
@@ -270,7 +270,7 @@ def test_fuzz_checkpoints_give_one_clear_error_or_a_sound_state(tmp_path, mlp_pr
     (RLIMIT_AS) or writes anything."""
     import random
 
-    from potara.tensor_checks import check_tensors
+    from potara_guards.tensor_checks import check_tensors
 
     bias_free_model, _ = mlp_problem
     adapter, _, parts, path = sound_run(bias_free_model(), tmp_path)

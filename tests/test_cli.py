@@ -7,11 +7,11 @@ import os
 
 import pytest
 
-from potara.safe_files import WriteError
-from potara.tensor_checks import AdapterError
+from data import DataError
+from potara_guards.safe_files import WriteError
+from potara_guards.tensor_checks import AdapterError
 from potara_harness import cli, run_folder
 from potara_harness.checkpoint import ResumeError
-from potara_harness.data import DataError
 
 
 def parser(presets=None):

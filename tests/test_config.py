@@ -3,15 +3,15 @@
 import subprocess
 import sys
 
-from potara import merge
+import potara
 from potara_harness import config
 
 
 def test_the_estimator_names_mirror_potaras():
     """config writes potara's estimator names out (so --help needs no torch): they must be potara's own."""
-    assert config.ESTIMATORS == tuple(merge.ESTIMATORS) and config.DEFAULT_ESTIMATOR == merge.DEFAULT_ESTIMATOR
-    assert config.ExperimentConfig().estimator == merge.DEFAULT_ESTIMATOR == merge.Verified.name
-    assert all(cls.name == name for name, cls in merge.ESTIMATORS.items())
+    assert config.ESTIMATORS == tuple(potara.ESTIMATORS) and config.DEFAULT_ESTIMATOR == potara.DEFAULT_ESTIMATOR
+    assert config.ExperimentConfig().estimator == potara.DEFAULT_ESTIMATOR == potara.Verified.name
+    assert all(cls.name == name for name, cls in potara.ESTIMATORS.items())
 
 
 def test_config_imports_no_torch():
@@ -66,7 +66,7 @@ def test_the_cli_refuses_exactly_what_potara_refuses():
             args = ap.parse_args(["--estimator", estimator, "--granularity", granularity])
             cli.fill_from_preset(args, config.VIT_PRESETS["tiny"])
             args.train = args.val = 10
-            cls = merge.ESTIMATORS[estimator]
+            cls = potara.ESTIMATORS[estimator]
             takes = "granularity" in {f.name for f in dataclasses.fields(cls)}
             try:
                 cls(granularity=granularity) if takes else (granularity == "client" or cls(granularity=granularity))

@@ -8,9 +8,11 @@ import torch
 
 pytest.importorskip("sklearn")
 
+from data import (
+    DataError,  # noqa: E402
+    public_and_pool,  # noqa: E402
+)
 from potara_harness.config import DigitsConfig  # noqa: E402
-from potara_harness.data import DataError  # noqa: E402
-from potara_harness.partition import public_and_pool  # noqa: E402
 from potara_studies.digits import (  # noqa: E402
     build_model,
     load_digits_data,

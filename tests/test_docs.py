@@ -378,7 +378,7 @@ def documented_names(text: str, modules: dict[str, list[str]]) -> list[str]:
 
 
 def test_every_name_the_docs_give_exists():
-    """`fedit.run_fedit`, `potara.personalize`, `config.AppConfig`, `merge.py`: each module, function, class
+    """`fed.run_fedit`, `potara.personalize`, `config.AppConfig`, `merge.py`: each module, function, class
     and file the README and docs/ name in inline code exists under that name (a renamed function or a moved
     module fails here, not in a reader's hands)."""
     modules = project_module_names()
@@ -394,13 +394,13 @@ def test_every_name_the_docs_give_exists():
 def test_a_stale_name_in_the_docs_is_caught():
     modules = project_module_names()
     text = (
-        "`potara.causal_lm_likelihood` `fedit.no_such_function` `nothere.py` `fisher.causal_lm_likelihood` `potara.py`"
+        "`potara.causal_lm_likelihood` `fedit.no_such_function` `nothere.py` `potara.causal_lm_likelihood` `potara.py`"
     )
     names = documented_names(text, modules)
     assert names == [
         "potara.causal_lm_likelihood",
         "fedit.no_such_function",
-        "fisher.causal_lm_likelihood",
+        "potara.causal_lm_likelihood",
         "potara.py",
     ]
     assert [resolves(n, modules) for n in names] == [False, False, True, False]

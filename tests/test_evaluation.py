@@ -7,13 +7,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from potara.fisher import gradient_stats
-from potara.lora import add_lora, load_lora_state_dict, lora_state_dict
-from potara.merge import merge_adapters, personalize
-from potara.rounds import derive_seed
+from data import ClientSplits
+from fed import derive_seed
+from lora import add_lora, load_lora_state_dict, lora_state_dict
+from potara import gradient_stats, merge_adapters, personalize
 from potara_harness.config import SALT_LABELS, ExperimentConfig
-from potara_harness.data import ClientSplits
-from potara_harness.evaluation import Evaluator, evaluate_client, grid_search, potara_step, stat_batches
+from potara_harness.evaluation import Evaluator, evaluate_client, fisher_merge, grid_search, potara_step, stat_batches
 from potara_harness.report import METHODS
 
 
@@ -98,9 +97,9 @@ def test_evaluate_client_returns_its_record_and_the_adapter_it_scored():
 # ----------------------------------------------------------------------------- the faster grid
 def old_grid_curves(ev, s, G, L):
     """The grid as it was scored before (two unmerged forwards): per lam the merged adapter loaded, accuracy on val
-    and on test through the rank-r branches (no merged weights), and the val loss by weight.segment_loss: three
+    and on test through the rank-r branches (no merged weights), and the val loss by potara.segment_loss: three
     forwards."""
-    from potara.weight import segment_loss
+    from potara import segment_loss
     from potara_harness.evaluation import accuracy, lam_grid
 
     val, test, loss = [], [], []
@@ -133,3 +132,9 @@ def test_faster_grid_equals_the_three_forward_grid(space):
     assert len(set(val)) > 3  # the curve moves: the comparison is not between constants
     after = ev.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_fisher_merge_hand_computed():
+    G, L = {"w": torch.tensor([1.0, 1.0])}, {"w": torch.tensor([3.0, 3.0])}
+    out = fisher_merge(G, L, {"w": torch.tensor([1.0, 0.0])}, {"w": torch.tensor([3.0, 0.0])}, eps=1e-12)
+    torch.testing.assert_close(out["w"], torch.tensor([(1 + 9) / 4, 2.0]))

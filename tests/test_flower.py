@@ -46,10 +46,15 @@ from flwr.app import (  # noqa: E402
 from obstacles import outside_world, paths_of, planted_cases, snapshot, unprivileged  # noqa: E402
 from torchvision.models import VisionTransformer  # noqa: E402
 
-from potara.adapter_file import load_adapter  # noqa: E402
-from potara.fedit import Client, FedConfig, run_fedit  # noqa: E402
-from potara.rounds import sample_clients
+from data import (  # noqa: E402
+    client_splits,
+    dirichlet_partition,
+    load_images,  # noqa: E402
+    public_and_pool,
+)
+from fed import Client, FedConfig, run_fedit, sample_clients  # noqa: E402
 from potara_flower.task import ADAPTER, CONFIG, METRICS, from_record, to_record  # noqa: E402
+from potara_guards.adapter_file import load_adapter  # noqa: E402
 from potara_harness.checkpoint import ResumeError  # noqa: E402
 from potara_harness.config import (  # noqa: E402
     VIT_PRESETS,
@@ -57,8 +62,6 @@ from potara_harness.config import (  # noqa: E402
     ConfigError,
     ExperimentConfig,  # noqa: E402
 )
-from potara_harness.data import load_images  # noqa: E402
-from potara_harness.partition import client_splits, dirichlet_partition, public_and_pool  # noqa: E402
 from potara_harness.pipeline import run_experiment  # noqa: E402
 from potara_harness.vit import build_model, load_backbone_file  # noqa: E402
 
@@ -67,7 +70,7 @@ from potara_harness.vit import build_model, load_backbone_file  # noqa: E402
 
 def check_against_in_process(out: Path, data_dir: Path, backbone: Path, run: dict, tmp: Path) -> dict:
     """The app's outputs in `out` against one process on the same data, backbone file and seeds: the final
-    global adapter bitwise fedit.run_fedit's; participants, drop-outs and byte counts its history's; every
+    global adapter bitwise fed.run_fedit's; participants, drop-outs and byte counts its history's; every
     client's accuracies, lam and grid curves pipeline.run_experiment's. Returns results.json."""
     K, R, cpr = run["num-clients"], run["rounds"], run["clients-per-round"] or run["num-clients"]
     threads = torch.get_num_threads()
@@ -293,7 +296,7 @@ def test_adapters_cross_the_wire_as_float32_bitwise():
 
 def test_in_process_app_equals_run_fedit_with_drop_outs(small_world, task_identity, tmp_path):
     """3 clients, 2 rounds of 2 sampled clients, a simulated drop-out: the ServerApp + ClientApp code path (no
-    network) gives fedit.run_fedit's adapter bitwise and the pipeline's numbers."""
+    network) gives fed.run_fedit's adapter bitwise and the pipeline's numbers."""
     picks = [sample_clients(RUN["seed"], t, 3, 2, RUN["drop-prob"]) for t in range(2)]
     assert any(d for _, d in picks) and all(len(d) < len(s) for s, d in picks), picks  # the case is covered
     devices = tmp_path / "devices"
@@ -329,9 +332,9 @@ def test_every_obstacle_in_a_devices_adapter_dir_is_one_line_at_setup_and_at_the
     runs first) refuses it with one ConfigError line naming adapter-dir and the path; the same obstacle met by the
     final write itself (planted after that check) is one UnsafeFile or WriteError line naming the file. Nothing
     outside changes either way."""
-    from potara.adapter_file import save_adapter
-    from potara.safe_files import UnsafeFile, WriteError
     from potara_flower import client_app
+    from potara_guards.adapter_file import save_adapter
+    from potara_guards.safe_files import UnsafeFile, WriteError
 
     world = {"backbone": str(small_world / "backbone.pt"), "data-dir": str(small_world / "data"), "threads": 1}
     nodes = [{"partition-id": k, "num-partitions": 3, **world} for k in range(3)]

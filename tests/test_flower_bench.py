@@ -61,9 +61,9 @@ import os  # noqa: E402
 
 import torch  # noqa: E402
 
+from data import load_images  # noqa: E402
 from potara_flower import task  # noqa: E402
 from potara_harness.config import AppConfig  # noqa: E402
-from potara_harness.data import load_images  # noqa: E402
 
 SMALL = AppConfig(num_clients=3, synthetic_per_class=20, public=0, train=40, val=20, test=20, fisher_samples=20, seed=1)
 PARTS = [f"{p}_{kind}" for p in ("train", "val", "test") for kind in ("inputs", "targets")]

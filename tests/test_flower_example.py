@@ -22,7 +22,7 @@ from flwr.app import Context, RecordDict  # noqa: E402
 from flwr.common.config import get_fused_config_from_dir, get_project_config  # noqa: E402
 from flwr.supercore.object_ref import load_app  # noqa: E402
 
-from potara.merge import personalize  # noqa: E402
+from potara import personalize  # noqa: E402
 
 APP = Path(__file__).resolve().parents[1] / "examples" / "potara-flower-app"
 COMPONENTS = get_project_config(APP)["tool"]["flwr"]["app"]["components"]  # flwr validates the file here

@@ -28,6 +28,7 @@ from flower_kit import (  # noqa: E402
 )
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict  # noqa: E402
 
+from data import load_images  # noqa: E402
 from potara_flower.loopback import LocalFederation, tls_and_keys  # noqa: E402
 from potara_flower.replies import REPLIED_METHODS, check_evaluation, train_reply  # noqa: E402
 from potara_flower.task import (  # noqa: E402
@@ -40,7 +41,6 @@ from potara_flower.task import (  # noqa: E402
     unflatten,
 )
 from potara_harness.config import AppConfig, ConfigError  # noqa: E402
-from potara_harness.data import load_images  # noqa: E402
 from potara_harness.evaluation import lam_grid  # noqa: E402
 from potara_harness.report import markdown_table  # noqa: E402
 
@@ -479,8 +479,8 @@ def test_the_recipe_names_the_backbone_file_the_preparation_writes(monkeypatch, 
     import numpy as np
 
     import run_cifar
+    from data import public_and_pool
     from potara_harness import vit
-    from potara_harness.partition import public_and_pool
 
     doc = (REPO / "docs" / "flower.md").read_text()
     [prep] = [line.split("#")[0] for line in doc.splitlines() if line.startswith("python run_cifar.py")]

@@ -15,8 +15,8 @@ pytest.importorskip("flwr")
 
 from flower_kit import serve  # noqa: E402
 
-from potara.safe_files import UnsafeFile  # noqa: E402
 from potara_flower.task import model_sha256  # noqa: E402
+from potara_guards.safe_files import UnsafeFile  # noqa: E402
 from potara_harness.llm_data import DataError  # noqa: E402
 from potara_harness.lm import client_task  # noqa: E402
 

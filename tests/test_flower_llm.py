@@ -337,8 +337,8 @@ def test_every_obstacle_in_a_devices_adapter_dir_is_one_line_at_setup_and_at_the
     the folder. Nothing outside changes either way."""
     from flwr.app import Context, RecordDict
 
-    from potara.safe_files import UnsafeFile, WriteError
     from potara_flower import client_app
+    from potara_guards.safe_files import UnsafeFile, WriteError
     from potara_harness.peft_export import export_with_base
 
     run = {**LANG, "num-clients": 1, "clients-per-round": 0, "rounds": 1}

@@ -3,9 +3,10 @@
 Specifies the one validator of untrusted tensors (tensor_checks.check_tensors) through its users:
 adapter_file.load_adapter
 (files: truncations, bit flips, crafted sizes/strides/offsets, wrong dtypes, sparse/meta tensors, non-tensor
-values), adapter_file.save_adapter (nothing written for a bad state), lora.load_lora_state_dict (the model left as it
-was, also when a rank change is allowed), rounds.validate_update / fedit.server_round (a bad update is rejected with
-a reason, never raised) and fedit.fedavg (ValueError, never a silent NaN or zero); and the trusted run folder
+values), adapter_file.save_adapter (nothing written for a bad state), lora.load_lora_state_dict (a caller's mistake: one
+ValueError, the model left as it was, also when a rank change is allowed), updates.validate_update /
+fed.server_round (a bad update is rejected with a reason, never raised; a crafted one by the guards' reply_problem)
+and fed.fedavg (a caller's mistake: ValueError, never a silent NaN or zero); and the trusted run folder
 (safe_files.py, through run_folder.prepare_out_dir / out_dir_lock, safe_files.atomic_write and
 llm_data.read_task_dir): links,
 folders, FIFOs and devices planted under the run's file names are refused in one line or never touched, nothing
@@ -23,11 +24,12 @@ import pytest
 import torch
 from conftest import CraftedView, FakeStorage, corrupt_tensor, crafted_torch_file, damaged_bytes
 
-from potara.adapter_file import load_adapter, save_adapter
-from potara.fedit import fedavg, server_round
-from potara.lora import add_lora, load_lora_state_dict, lora_state_dict
-from potara.rounds import ClientReply, validate_update
-from potara.tensor_checks import AdapterError
+import fed
+from fed import ClientReply, fedavg, server_round
+from lora import add_lora, load_lora_state_dict, lora_state_dict
+from potara_guards.adapter_file import load_adapter, save_adapter
+from potara_guards.tensor_checks import AdapterError
+from potara_guards.updates import reply_problem, validate_update
 
 REFERENCE = {
     "enc.0.lora_A": torch.randn(2, 6, generator=torch.Generator().manual_seed(0)),
@@ -39,9 +41,14 @@ REFERENCE = {
 # ---- corrupted states ----
 
 
-def corrupt_state(rng: random.Random, state: dict, model_free: bool = False):
+HONEST = ["dtype", "shape", "sparse", "nan", "inf", "scalar", "string", "list", "none"]  # a caller's own mistakes
+
+
+def corrupt_state(rng: random.Random, state: dict, model_free: bool = False, honest: bool = False):
     """A state with one tensor corrupted, a key dropped or added, a non-str key, or not a dict at all.
-    model_free: only what is wrong without a model to compare with (no changed shapes or key sets)."""
+    model_free: only what is wrong without a model to compare with (no changed shapes or key sets).
+    honest: only the mistakes a caller's own code makes (HONEST), not crafted views or storages: what the method's
+    files (lora.py, fed.py) check; the crafted ones are the guards' (potara_guards)."""
     kind = rng.choice(
         ["tensor"] * 6 + ([] if model_free else ["drop key", "extra key", "rank"] * 2) + ["int key", "not a dict"]
     )
@@ -51,7 +58,8 @@ def corrupt_state(rng: random.Random, state: dict, model_free: bool = False):
         bad.update({"enc.0.lora_A": torch.zeros(r, 6)} if rng.random() < 0.5 else {"enc.0.lora_B": torch.zeros(5, r)})
     elif kind == "tensor":
         k = rng.choice(sorted(bad))
-        bad[k] = corrupt_tensor(rng, bad[k], "huge" if model_free and rng.random() < 0.1 else None)
+        kind = rng.choice(HONEST) if honest else "huge" if model_free and rng.random() < 0.1 else None
+        bad[k] = corrupt_tensor(rng, bad[k], kind)
         # without a model another shape alone is not wrong (unless huge): corrupt it another way
         while (
             model_free
@@ -77,13 +85,15 @@ def test_fuzz_updates_are_rejected_with_a_reason_and_never_averaged(bounded):
     good = {k: v + 0.1 for k, v in REFERENCE.items()}
     names = ["c0", "c1", "c2"]
     for case in range(300):
-        bad = corrupt_state(rng, good)
+        honest = case % 2 == 0  # a caller's mistake (fed.reply_problem sees it) or a crafted peer's (the guards do)
+        bad = corrupt_state(rng, good, honest=honest)
         with bounded():
             reason = validate_update(bad, REFERENCE)
             assert isinstance(reason, str) and reason.startswith("update") and "\n" not in reason, (case, reason)
-            for states in ([good, bad], [bad, good]):
-                with pytest.raises(ValueError, match="fedavg: client state"):
-                    fedavg(states, [1, 2])
+            if honest:
+                for states in ([good, bad], [bad, good]):
+                    with pytest.raises(ValueError, match="fedavg: client state"):
+                        fedavg(states, [1, 2])
             n_bad = rng.choice([1, 0, -3, True, 2.5, float("nan"), "4", None, 10**400, 2**53 + 1])
             out = server_round(
                 case,
@@ -91,6 +101,7 @@ def test_fuzz_updates_are_rejected_with_a_reason_and_never_averaged(bounded):
                 [0, 1, 2],
                 {0: ClientReply(good, 4, 0.5), 1: ClientReply(bad, 4, 0.5), 2: ClientReply(dict(good), n_bad, 0.7)},
                 names,
+                problem=fed.reply_problem if honest else reply_problem,
             )
         assert [r["client"] for r in out.history["rejected"]][:1] == ["c1"], case
         assert 0 in out.accepted and 1 not in out.accepted
@@ -109,8 +120,8 @@ def test_fuzz_load_lora_state_dict_refuses_and_leaves_the_model_unchanged(bounde
     load_lora_state_dict(model, REFERENCE)
     rng = random.Random(3)
     for case in range(200):
-        bad = corrupt_state(rng, REFERENCE)
-        with bounded(), pytest.raises(AdapterError):
+        bad = corrupt_state(rng, REFERENCE, honest=True)
+        with bounded(), pytest.raises(ValueError):
             load_lora_state_dict(model, bad, allow_rank_change=rng.random() < 0.5)
         assert model.enc[0].r == 2, case
         assert all(torch.equal(v, REFERENCE[k]) for k, v in lora_state_dict(model).items()), case
@@ -213,9 +224,9 @@ def plant(rng: random.Random, path, victim) -> str:
 
 
 def test_fuzz_run_folders_with_planted_files_never_write_outside_or_hang(tmp_path, alarm, capsys):
-    from potara.safe_files import atomic_write
+    from data import DataError
+    from potara_guards.safe_files import atomic_write
     from potara_harness import run_folder
-    from potara_harness.data import DataError
     from potara_harness.llm_data import read_task_dir
 
     rng = random.Random(17)

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from potara_harness import data
+import data
 from potara_harness.llm_data import (
     IGNORE,
     ByteTokenizer,

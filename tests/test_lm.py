@@ -7,8 +7,8 @@ import torch.nn.functional as F
 
 pytest.importorskip("transformers")
 
-from potara.fisher import causal_lm_likelihood, per_sample_grads
-from potara.lora import LoRALinear, add_lora, lora_state_dict, merge_lora
+from lora import LoRALinear, add_lora, lora_state_dict, merge_lora
+from potara import causal_lm_likelihood, per_sample_grads
 from potara_harness import config, lm
 from potara_harness.llm_data import IGNORE, ByteTokenizer, Example, encode_examples, normalize_answer
 
@@ -44,7 +44,7 @@ def test_lm_loss_counts_only_answer_tokens(small_llama):
     ]
     torch.testing.assert_close(lm.lm_loss(model, ids, labels), -torch.stack(terms).mean())
     # the same shift and mask as Potara's per-sample likelihood (fisher.py): summed, it is the same loss
-    from potara.fisher import causal_lm_likelihood
+    from potara import causal_lm_likelihood
 
     summed = causal_lm_likelihood.log_prob(model(ids), labels)
     torch.testing.assert_close(lm.lm_loss(model, ids, labels), -summed.sum() / (labels[:, 1:] != IGNORE).sum())

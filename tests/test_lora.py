@@ -1,26 +1,26 @@
-"""Specification of lora.py: the LoRA layers, adapter state, factor names, rank changes; lora.py copied alone
-(the validator: test_tensor_checks.py; the adapter file: test_adapter_file.py)."""
-
-import os
+"""Specification of lora.py: LoRALinear's formula and zero start, merge and unmerge, add_lora and the adapter state,
+LoRA on nn.MultiheadAttention's packed in-projection (q and v only), factor names (ours and peft's), rank changes,
+a caller's mistakes as one ValueError; lora.py copied alone."""
 
 import pytest
 import torch
 import torch.nn as nn
-from conftest import randomize_trainable, tiny_vit
+from conftest import randomize_trainable, run_alone, tiny_vit
 
-from potara.lora import (
+from lora import (
     LoRALinear,
+    LoRAPackedQKV,
     add_lora,
     load_lora_state_dict,
     lora_factor,
     lora_meta,
     lora_state_dict,
     merge_lora,
+    unmerge_lora,
 )
-from potara.lora_mha import LORA_LAYERS
-from potara.tensor_checks import AdapterError
 
 
+# ----------------------------------------------------------------------------- LoRALinear, add_lora, the adapter state
 def test_lora_linear_formula_and_zero_init():
     torch.manual_seed(0)
     base = nn.Linear(7, 5)
@@ -92,7 +92,7 @@ def test_add_lora_errors():
 
 def test_load_state_checks_everything_and_never_loads_partially():
     model = tiny_vit()
-    add_lora(model, ["self_attention"], r=2, trainable=["heads"], layers=LORA_LAYERS)
+    add_lora(model, ["self_attention"], r=2, trainable=["heads"])
     good = lora_state_dict(model)
     randomize_trainable(model)
     before = lora_state_dict(model)
@@ -107,7 +107,7 @@ def test_load_state_checks_everything_and_never_loads_partially():
         "shape": ({**good, "heads.head.bias": torch.zeros(3)}, "shape"),
         "dtype": ({**good, "heads.head.bias": good["heads.head.bias"].double()}, "dtype"),
         "nan": ({**good, "heads.head.weight": good["heads.head.weight"].clone().fill_(float("nan"))}, "NaN"),
-        "not tensor": ({**good, "heads.head.bias": [0.0] * 5}, "not a tensor"),
+        "not tensor": ({**good, "heads.head.bias": [0.0] * 5}, "not a dense tensor"),
     }
     for name, (state, msg) in cases.items():
         # make the first tensors valid-but-different so a partial load would show
@@ -115,14 +115,14 @@ def test_load_state_checks_everything_and_never_loads_partially():
             k: (v + 1 if isinstance(v, torch.Tensor) and v.is_floating_point() and k != "heads.head.weight" else v)
             for k, v in state.items()
         }
-        with pytest.raises(AdapterError, match=msg):
+        with pytest.raises(ValueError, match=msg):
             load_lora_state_dict(model, state)
         assert_unchanged()
     load_lora_state_dict(model, good)
     for k, v in lora_state_dict(model).items():
         assert torch.equal(v, good[k])
     merge_lora(model)
-    with pytest.raises(AdapterError, match="merged"):
+    with pytest.raises(ValueError, match="merged"):
         load_lora_state_dict(model, good)
 
 
@@ -154,7 +154,7 @@ def test_lora_factor_recognises_exactly_our_and_peft_factor_keys():
 def _rank_model():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.MultiheadAttention(8, 2, batch_first=True))
-    add_lora(model, ["0", "2"], r=2, alpha=6, trainable=[], layers=LORA_LAYERS)
+    add_lora(model, ["0", "2"], r=2, alpha=6, trainable=[])
     return model
 
 
@@ -184,51 +184,81 @@ def test_rank_change_refuses_A_and_B_of_different_ranks_and_leaves_the_model_unc
     model = _rank_model()
     original = lora_state_dict(model)
     bad = dict(original, **{"0.lora_A": torch.randn(3, 6), "0.lora_B": torch.randn(5, 5)})
-    with pytest.raises(AdapterError, match=r"LoRA factors of 0 have ranks \[3, 5\]"):
+    with pytest.raises(ValueError, match=r"LoRA factors of 0 have ranks \[3, 5\]"):
         load_lora_state_dict(model, bad, allow_rank_change=True)
     half = dict(original, **{"2.lora_A_q": torch.randn(4, 8), "2.lora_B_q": torch.randn(8, 4)})  # v stays 2
-    with pytest.raises(AdapterError, match=r"ranks \[2, 4\]"):
+    with pytest.raises(ValueError, match=r"ranks \[2, 4\]"):
         load_lora_state_dict(model, half, allow_rank_change=True)
     zero = dict(original, **{"0.lora_A": torch.randn(0, 6), "0.lora_B": torch.randn(5, 0)})
-    with pytest.raises(AdapterError, match=r"rank >= 1"):
+    with pytest.raises(ValueError, match=r"rank >= 1"):
         load_lora_state_dict(model, zero, allow_rank_change=True)
     assert model[0].r == 2 and all(torch.equal(v, original[k]) for k, v in lora_state_dict(model).items())
     model[0](torch.randn(2, 6))  # the forward still runs ...
     load_lora_state_dict(model, original)  # ... and the original adapter still loads
 
 
-def test_lora_py_alone_serves_a_model_of_linear_layers(tmp_path):
-    """Copied alone into an empty folder (torch only), lora.py adds, trains-ready, saves, reloads and merges
-    LoRA on an MLP: the merged output equals the unmerged one."""
-    import shutil
-    import subprocess
-    import sys
-
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    shutil.copy(os.path.join(repo, "potara", "lora.py"), tmp_path)
+def test_lora_py_alone_serves_a_model_of_linear_layers_and_attention(tmp_path):
+    """Copied alone into an empty folder (torch only), lora.py wraps an MLP's linear layers and an attention block,
+    reloads its adapter and merges: the merged output equals the unmerged one, for both kinds of layer."""
     code = (
-        "import sys, torch, torch.nn as nn\n"
+        "import torch, torch.nn as nn\n"
         "import lora\n"
         "torch.manual_seed(0)\n"
-        "m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))\n"
-        "lora.add_lora(m, ['0', '2'], r=2, alpha=4)\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.attn, self.fc = nn.MultiheadAttention(8, 2, batch_first=True), nn.Linear(8, 3)\n"
+        "    def forward(self, x):\n"
+        "        return self.fc(self.attn(x, x, x, need_weights=False)[0])\n"
+        "m = Net()\n"
+        "names = lora.add_lora(m, ['attn', 'fc'], r=2, alpha=4)\n"
         "with torch.no_grad():\n"
-        "    for n, p in m.named_parameters():\n"
+        "    for p in m.parameters():\n"
         "        if p.requires_grad: p.normal_()\n"
         "state = lora.lora_state_dict(m)\n"
         "lora.load_lora_state_dict(m, state)\n"
-        "x = torch.randn(5, 4)\n"
+        "x = torch.randn(5, 4, 8)\n"
         "y = m(x)\n"
         "lora.merge_lora(m)\n"
-        "import os\n"
-        "files = [getattr(v, '__file__', None) or '' for v in list(sys.modules.values())]\n"
-        f"assert not [f for f in files if f.startswith({repo + os.sep!r}) and 'site-packages' not in f]\n"
-        "print(sorted(state), float((m(x) - y).abs().max() / y.abs().max()))\n"
-    )  # nothing of the repository was imported
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+        "print(names, sorted(state), float((m(x) - y).abs().max() / y.abs().max()))\n"
     )
+    out = run_alone(tmp_path, ["lora.py"], code)
     assert out.returncode == 0, out.stderr[-2000:]
-    keys, diff = out.stdout.rsplit("] ", 1)
-    assert keys.count("lora_A") == 2 and keys.count("lora_B") == 2 and float(diff) < 1e-5
+    head, diff = out.stdout.rsplit("] ", 1)
+    assert "['attn', 'fc']" in head and head.count("lora_A") == 3 and head.count("lora_B") == 3
+    assert float(diff) < 1e-5
+
+
+# ----------------------------------------------------------------------------- LoRA on nn.MultiheadAttention
+def test_packed_qv_changes_q_and_v_only():
+    model = tiny_vit()
+    model.eval()
+    x = torch.randn(2, 3, 16, 16)
+    ref = model(x)
+    names = add_lora(model, ["self_attention"], r=2, alpha=4)
+    assert all(isinstance(model.get_submodule(n), LoRAPackedQKV) for n in names)
+    torch.testing.assert_close(model(x), ref)  # fresh adapter: unchanged
+    randomize_trainable(model)
+    attn = model.get_submodule(names[0])
+    E = attn.base.embed_dim
+    delta = attn.delta_weight()
+    assert delta[:E].abs().sum() > 0 and delta[2 * E :].abs().sum() > 0
+    assert torch.equal(delta[E : 2 * E], torch.zeros(E, E))  # k untouched
+    torch.testing.assert_close(delta[:E], 2.0 * attn.lora_B_q @ attn.lora_A_q)
+    # forward equals a MultiheadAttention whose in_proj_weight holds W0 + delta (independent path)
+    h = torch.randn(2, 5, E)
+    plain = nn.MultiheadAttention(E, attn.base.num_heads, batch_first=True)
+    plain.load_state_dict(attn.base.state_dict())
+    with torch.no_grad():
+        plain.in_proj_weight += delta
+    torch.testing.assert_close(attn(h, h, h, need_weights=False)[0], plain(h, h, h, need_weights=False)[0])
+    out = model(x)
+    assert not torch.allclose(out, ref)
+    merge_lora(model)
+    torch.testing.assert_close(model(x), out, rtol=1e-4, atol=1e-5)
+    unmerge_lora(model)
+    torch.testing.assert_close(model(x), out, rtol=1e-4, atol=1e-5)
+    # gradients reach q and v factors
+    model.zero_grad()
+    model(x).sum().backward()
+    assert attn.lora_A_q.grad.abs().sum() > 0 and attn.lora_B_v.grad.abs().sum() > 0

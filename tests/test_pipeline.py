@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from potara.lora import lora_state_dict
+from lora import lora_state_dict
 from potara_harness.checkpoint import read_run
 from potara_harness.config import ExperimentConfig
 from potara_harness.pipeline import run_experiment

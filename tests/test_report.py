@@ -7,12 +7,12 @@ import os
 import pytest
 import torch
 
-from potara.adapter_file import save_adapter
-from potara.safe_files import atomic_write
-from potara_harness import data as data_module
+import data as data_module
+from data import write_synthetic_cifar100
+from potara_guards.adapter_file import save_adapter
+from potara_guards.safe_files import atomic_write
 from potara_harness.checkpoint import RunState, save_state
 from potara_harness.config import ExperimentConfig
-from potara_harness.data import write_synthetic_cifar100
 from potara_harness.pipeline import run_experiment
 from potara_harness.report import markdown_table, strict_json, write_outputs
 

@@ -4,7 +4,8 @@ clients."""
 import pytest
 import torch
 
-from potara.rounds import derive_seed, sample_clients, validate_update
+from fed import derive_seed, sample_clients
+from potara_guards.updates import validate_update
 
 
 def test_validate_update_rejects_crafted_tensors_with_a_reason_and_never_raises():

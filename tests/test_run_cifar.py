@@ -19,16 +19,15 @@ from conftest import MICRO_VIT, PlantedPickle
 from obstacles import unprivileged
 from torchvision.models import VisionTransformer
 
+import data as data_module
 import run_cifar
-from potara.adapter_file import save_adapter
-from potara.lora import lora_factor, lora_state_dict
-from potara.merge import merge_adapters
+from data import client_splits, public_and_pool, write_synthetic_cifar100
+from lora import lora_factor, lora_state_dict
+from potara import merge_adapters
+from potara_guards.adapter_file import save_adapter
 from potara_harness import config, pipeline, vit
-from potara_harness import data as data_module
 from potara_harness.checkpoint import read_run
-from potara_harness.data import write_synthetic_cifar100
 from potara_harness.evaluation import lam_grid, score_adapter
-from potara_harness.partition import client_splits, public_and_pool
 from potara_harness.report import METHODS
 
 ROUNDS, CLIENTS, RANK, TEST = 2, 2, 2, 10
@@ -712,8 +711,8 @@ def test_a_log_gets_one_line_per_stage_not_a_bar_per_step(micro, tmp_path):
 
 
 def test_no_progress_writes_nothing_and_a_log_gets_the_stage_line(capsys):
-    """training.progress_bar: progress=False is silent, stage or not; progress on, not a terminal: one line."""
-    from potara.training import progress_bar
+    """fed.progress_bar: progress=False is silent, stage or not; progress on, not a terminal: one line."""
+    from fed import progress_bar
 
     list(progress_bar(range(3), "FedIT rounds", progress=False, stage=True))
     assert capsys.readouterr().err == ""

@@ -16,10 +16,10 @@ from obstacles import fresh_copy, outside_world, paths_of, plant, planted_cases,
 from torchvision.models import VisionTransformer
 
 import run_cifar
-from potara.safe_files import UnsafeFile
+from data import write_synthetic_cifar100
+from potara_guards.safe_files import UnsafeFile
 from potara_harness import config, run_folder
 from potara_harness.checkpoint import PARTS_DIR, Parts, RunState
-from potara_harness.data import write_synthetic_cifar100
 
 
 def argv(world, out):

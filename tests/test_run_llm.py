@@ -13,9 +13,9 @@ from obstacles import paths_of, planted_cases, snapshot, unprivileged
 pytest.importorskip("transformers")
 
 import run_llm
-from potara.lora import add_lora, load_lora_state_dict, lora_state_dict
-from potara.merge import merge_adapters
-from potara.safe_files import UnsafeFile
+from lora import add_lora, load_lora_state_dict, lora_state_dict
+from potara import merge_adapters
+from potara_guards.safe_files import UnsafeFile
 from potara_harness import lm, peft_export
 
 
@@ -356,7 +356,8 @@ def test_the_demos_validation_splits_are_not_flagged_as_training_data(tmp_path, 
     """run_llm.py's own splits at its defaults (the tiny model, the synthetic tasks, 8 clients): no validation
     sample is a training sample, so the held-out check names no client; the same splits read on their training
     samples name every client (the check can fail)."""
-    from potara_harness import data, lm, pipeline
+    import data
+    from potara_harness import lm, pipeline
 
     def stop(model, splits, *args, **kwargs):
         raise _SplitsSeen(splits)

@@ -10,10 +10,10 @@ import pytest
 import torch
 from obstacles import unprivileged
 
-from potara import safe_files
-from potara.adapter_file import load_adapter, save_adapter
-from potara.safe_files import UnsafeFile, atomic_write, open_lock, read_regular, remove_leftovers
-from potara.tensor_checks import AdapterError
+from potara_guards import safe_files
+from potara_guards.adapter_file import load_adapter, save_adapter
+from potara_guards.safe_files import UnsafeFile, atomic_write, open_lock, read_regular, remove_leftovers
+from potara_guards.tensor_checks import AdapterError
 
 
 def test_writes_never_follow_a_planted_link(tmp_path):
@@ -83,7 +83,7 @@ def test_a_failed_write_is_one_write_error_and_keeps_the_previous_file(tmp_path)
     save_adapter(path, {"w": torch.ones(4)})
     code = (
         "import resource, torch\n"
-        "from potara import adapter_file\n"
+        "from potara_guards import adapter_file\n"
         "resource.setrlimit(resource.RLIMIT_FSIZE, (200 * 1024, 200 * 1024))\n"
         f"adapter_file.save_adapter({str(path)!r}, {{'w': torch.zeros(100000)}})\n"
     )
@@ -97,7 +97,9 @@ def test_a_failed_write_is_one_write_error_and_keeps_the_previous_file(tmp_path)
     assert done.returncode == 1
     last = done.stderr.strip().splitlines()[-1]
     assert (
-        last.startswith("potara.safe_files.WriteError: cannot write") and "File too large" in last and "intact" in last
+        last.startswith("potara_guards.safe_files.WriteError: cannot write")
+        and "File too large" in last
+        and "intact" in last
     )
     assert done.stderr.count("Traceback") == 1, done.stderr  # no chain of torch's errors
     assert load_adapter(path)[0]["w"].tolist() == [1.0] * 4 and os.listdir(tmp_path) == ["ck.pt"]

@@ -6,9 +6,9 @@ import re
 
 import pytest
 
+import data
 import run_cifar
 import run_llm
-from potara_harness import data
 from potara_harness.config import MAX_SYNTHETIC_PER_CLASS, SIZE_BOUNDS, AppConfig, ConfigError
 
 

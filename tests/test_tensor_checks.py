@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from potara.tensor_checks import MAX_NUMEL, AdapterError, check_tensor, check_tensors
+from potara_guards.tensor_checks import MAX_NUMEL, AdapterError, check_tensor, check_tensors
 
 
 def _shrunk_storage():

@@ -10,9 +10,9 @@ import torch
 from conftest import MICRO_VIT
 from torchvision.models import VisionTransformer
 
-from potara.lora import lora_state_dict
+from data import load_cifar100, write_synthetic_cifar100
+from lora import lora_state_dict
 from potara_harness import config, vit
-from potara_harness.data import load_cifar100, write_synthetic_cifar100
 
 
 def micro_backbone(seed=0):

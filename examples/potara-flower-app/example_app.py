@@ -38,7 +38,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
-from potara.merge import personalize
+from potara import personalize
 
 FEATURES, CLASSES, SPLITS = 16, 4, {"train": 32, "val": 96, "test": 200}
 

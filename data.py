@@ -1,32 +1,34 @@
-"""CIFAR-100 for federated personalisation: the safe loader, the data containers every pipeline shares
-(ClientSplits, the one DataError), and an offline synthetic stand-in written in the real
-`cifar-100-python` layout and read back by the same loader.
+"""The vision demo's data: CIFAR-100 (downloaded once, md5-checked), an offline synthetic stand-in written in its
+exact file layout, and which client holds which images (Dirichlet label skew, superclass task split, train / val /
+test per client).
 
-    data = load_cifar100("data")                       # torchvision downloads and md5-checks; we read
-    data, folder = load_images("synthetic", "data")    # or "cifar"; checked by check_images
-    write_synthetic_cifar100("data/synthetic")        # offline: same files, learnable classes
+    data, folder = load_images("synthetic", "data")    # or "cifar": torchvision downloads, we read and check
+    parts = dirichlet_partition(labels, num_clients=10, alpha=0.5, samples_per_client=1500, seed=0)
+    parts = class_split_partition(labels, coarse_labels, 10, 1500, seed=0)   # each client its own superclasses
+    public, pool = public_and_pool(len(labels), 5000)    # images no client holds (backbone pre-training)
+    splits = client_splits(images, labels, pool, parts, (1000, 100, 400), seed=0)   # a ClientSplits per client
 
-Which client holds which images (Dirichlet / superclass partitions, the public set, ClientSplits per
-client) is partition.py. Images stay uint8 tensors (N, 3, 32, 32); resizing and normalisation happen
-inside the model. Data files are untrusted input: CIFAR-100's pickles are read by a restricted
-unpickler that runs nothing (_CifarUnpickler), then checked for layout, dtype and label ranges.
+Images stay uint8 tensors (N, 3, 32, 32); resizing and normalisation happen inside the model. The partitions work
+on any labelled set (indices in, index arrays out) and are deterministic for a seed. Downloaded files are untrusted:
+CIFAR-100's pickles are read by potara_guards.data_pickle, which runs nothing, then checked for layout, dtype and
+label ranges. Any problem is one DataError line.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import pickle
-import struct
 import warnings
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from potara.safe_files import UnsafeFile, atomic_write, open_regular, read_regular
+from potara_guards.data_pickle import Unreadable, read_data_pickle
+from potara_guards.safe_files import UnsafeFile, atomic_write, open_regular, read_regular
 
 SYNTHETIC_MARKER = "potara-synthetic.json"  # inside cifar-100-python/: synthetic files, no md5s to check
 MAX_FILE_BYTES = 1 << 30  # the real train file is 155 MB: anything larger is not CIFAR-100
@@ -116,74 +118,10 @@ def warn_held_out_overlap(splits, fisher_split: str = "val", estimator: str = "v
 
 
 # ----------------------------------------------------------------------------- reading CIFAR-100 safely
-class _Unreadable(Exception):
-    """A file that is not a well-formed CIFAR-100 pickle (the message says why)."""
-
-
-class _ArrayType:  # stands in for numpy.ndarray inside a pickle: an argument of _reconstruct, never callable
-    pass
-
-
-def _empty_array(subtype, shape, dtype) -> np.ndarray:
-    """numpy.core.multiarray._reconstruct as numpy's pickles use it: an empty array that BUILD then fills
-    from the pickle's own bytes (so memory is bounded by the file). Any other use is refused."""
-    if not isinstance(subtype, _ArrayType) or tuple(shape) != (0,):
-        raise _Unreadable(f"unexpected array reconstruction {shape!r}")
-    return np.empty(0, np.uint8)
-
-
-def _plain_dtype(code, align=False, copy=True) -> np.dtype:
-    if not isinstance(code, str) or code not in ("u1", "i1", "u2", "i2", "u4", "i4", "u8", "i8", "f4", "f8"):
-        raise _Unreadable(f"unexpected array dtype {str(code)[:20]!r}")
-    return np.dtype(code)
-
-
-class _CifarUnpickler(pickle._Unpickler):
-    """Reads the objects CIFAR-100's pickles hold (dicts, lists, strings, ints, numpy arrays of numbers) and
-    nothing else: a pickle naming any other global (os.system, builtins.eval, ...) is refused before
-    anything is called, so a planted file cannot run code. It is pickle's pure-Python unpickler: its memo
-    is a dict, where the C unpickler's memo array grows to whatever index a crafted pickle names."""
-
-    def find_class(self, module: str, name: str):
-        if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name == "_reconstruct":
-            return _empty_array
-        if (module, name) == ("numpy", "ndarray"):
-            return _ArrayType()
-        if (module, name) == ("numpy", "dtype"):
-            return _plain_dtype
-        raise _Unreadable(f"refused to unpickle {module[:40]}.{name[:40]} (CIFAR-100 files hold only data)")
-
-
-def _read_pickle(path: str) -> dict:
-    """A regular file of at most MAX_FILE_BYTES (safe_files.read_regular: a link, /dev/zero or a FIFO planted under
-    a CIFAR name is refused at once, and the bytes actually read are bounded), unpickled by _CifarUnpickler."""
-    try:
-        payload = read_regular(path, MAX_FILE_BYTES)
-    except UnsafeFile as e:
-        raise _Unreadable(f"{os.path.basename(path)}: {str(e).split(': ', 1)[-1]}") from None
-    try:
-        obj = _CifarUnpickler(io.BytesIO(payload), encoding="latin1").load()
-    except (
-        pickle.UnpicklingError,
-        EOFError,
-        ValueError,
-        TypeError,
-        KeyError,
-        IndexError,
-        AttributeError,
-        OverflowError,
-        struct.error,
-    ) as e:  # what a truncated or garbled pickle raises; not MemoryError
-        raise _Unreadable(f"{os.path.basename(path)}: not a CIFAR-100 pickle ({type(e).__name__})") from None
-    if not isinstance(obj, dict):
-        raise _Unreadable(f"{os.path.basename(path)} holds a {type(obj).__name__}, not a dict")
-    return obj
-
-
 def _labels(batch: dict, key: str, n: int, classes: int, name: str) -> np.ndarray:
     y = np.asarray(batch.get(key))
     if y.shape != (n,) or y.dtype.kind not in "iu" or (n and not 0 <= y.min() <= y.max() < classes):
-        raise _Unreadable(f"{name}: '{key}' must be {n} integers in [0, {classes})")
+        raise Unreadable(f"{name}: '{key}' must be {n} integers in [0, {classes})")
     return y.astype(np.int64)
 
 
@@ -191,7 +129,7 @@ def _read_cifar_files(folder: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
     """train then test: uint8 images (N, 3, 32, 32), fine and coarse labels; and the fine class names."""
     images, fine, coarse = [], [], []
     for name in ("train", "test"):
-        batch = _read_pickle(os.path.join(folder, name))
+        batch = read_data_pickle(os.path.join(folder, name), MAX_FILE_BYTES)
         x = batch.get("data")
         if (
             not isinstance(x, np.ndarray)
@@ -200,13 +138,13 @@ def _read_cifar_files(folder: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
             or x.shape[1] != 3 * 32 * 32
             or len(x) == 0
         ):
-            raise _Unreadable(f"{name}: 'data' must be a uint8 array of rows of 3 x 32 x 32 pixels")
+            raise Unreadable(f"{name}: 'data' must be a uint8 array of rows of 3 x 32 x 32 pixels")
         images.append(x.reshape(-1, 3, 32, 32))  # each row: the R, G, B planes, row-major
         fine.append(_labels(batch, "fine_labels", len(x), 100, name))
         coarse.append(_labels(batch, "coarse_labels", len(x), 20, name))
-    names = _read_pickle(os.path.join(folder, "meta")).get("fine_label_names")
+    names = read_data_pickle(os.path.join(folder, "meta"), MAX_FILE_BYTES).get("fine_label_names")
     if not isinstance(names, list) or len(names) != 100 or not all(isinstance(c, str) for c in names):
-        raise _Unreadable("meta: 'fine_label_names' must be 100 strings")
+        raise Unreadable("meta: 'fine_label_names' must be 100 strings")
     return np.concatenate(images), np.concatenate(fine), np.concatenate(coarse), names
 
 
@@ -231,7 +169,7 @@ def _intact(folder: str) -> bool:
         except FileNotFoundError:
             return False
         except UnsafeFile as e:
-            raise _Unreadable(f"{name}: {str(e).split(': ', 1)[-1]}") from None
+            raise Unreadable(f"{name}: {str(e).split(': ', 1)[-1]}") from None
     return all(check_integrity(os.path.join(folder, name), md5) for name, md5 in files)
 
 
@@ -263,9 +201,9 @@ def load_cifar100(root: str, download: bool = True) -> CifarData:
         )
     try:
         if not synthetic and not _intact(folder):
-            raise _Unreadable("its files fail torchvision's md5 check")
+            raise Unreadable("its files fail torchvision's md5 check")
         images, labels, coarse, classes = _read_cifar_files(folder)
-    except (_Unreadable, OSError) as e:
+    except (Unreadable, OSError) as e:
         fix = (
             "delete the folder to write it again"
             if synthetic
@@ -377,3 +315,140 @@ def write_synthetic_cifar100(
     atomic_write(os.path.join(folder, "meta"), lambda f: f.write(names))
     atomic_write(marker, lambda f: f.write(json.dumps(params).encode()))
     return folder
+
+
+# ----------------------------------------------------------------------------- partitions
+def _check_sizes(num_samples: int, num_clients: int, samples_per_client: int) -> None:
+    if num_clients < 1 or samples_per_client < 1:
+        raise DataError(f"need num_clients >= 1 and samples_per_client >= 1, got {num_clients}, {samples_per_client}")
+    if num_clients * samples_per_client > num_samples:
+        raise DataError(
+            f"{num_clients} clients x {samples_per_client} samples = {num_clients * samples_per_client} "
+            f"> the {num_samples} samples available"
+        )
+
+
+def dirichlet_partition(
+    labels: Sequence[int], num_clients: int, alpha: float, samples_per_client: int | None = None, seed: int = 0
+) -> list[np.ndarray]:
+    """Label-skew partition (the paper's setting): client k draws its class mix q_k ~ Dir(alpha * 1_C)
+    and then samples_per_client disjoint samples with labels ~ q_k, without replacement; when a class
+    runs out, q_k is renormalised over the classes left. Small alpha: a few classes per client;
+    alpha -> inf: every client sees the global label distribution. Default size: an equal share."""
+    labels = np.asarray(labels)
+    if not alpha > 0 or not np.isfinite(alpha):
+        raise DataError(f"Dirichlet alpha must be a positive number, got {alpha}")
+    n = samples_per_client if samples_per_client is not None else len(labels) // max(num_clients, 1)
+    _check_sizes(len(labels), num_clients, n)
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    pools = [rng.permutation(np.flatnonzero(labels == c)) for c in classes]
+    used = np.zeros(len(classes), dtype=np.int64)
+    avail_total = np.array([len(p) for p in pools])
+    parts = []
+    for _ in range(num_clients):
+        q = rng.dirichlet(np.full(len(classes), float(alpha)))
+        if not np.isfinite(q).all() or q.sum() <= 0:  # alpha so small that every gamma draw underflowed
+            q = np.eye(len(classes))[rng.integers(len(classes))]
+        take, need = np.zeros(len(classes), dtype=np.int64), n
+        while need > 0:
+            avail = avail_total - used - take
+            w = q * (avail > 0)
+            w = w if w.sum() > 0 else (avail > 0).astype(float)  # its classes are exhausted: any class left
+            draw = np.minimum(rng.multinomial(need, w / w.sum()), avail)
+            take += draw
+            need -= int(draw.sum())
+        parts.append(np.sort(np.concatenate([pools[c][used[c] : used[c] + take[c]] for c in range(len(classes))])))
+        used += take
+    return parts
+
+
+def class_split_partition(
+    labels: Sequence[int], groups: Sequence[int], num_clients: int, samples_per_client: int, seed: int = 0
+) -> list[np.ndarray]:
+    """Task split: the groups (e.g. CIFAR-100's 20 superclasses, `groups` = coarse label of each sample)
+    are dealt out to clients, each client owning disjoint groups; it samples uniformly from its groups'
+    images. `labels` is only used to check that sizes match."""
+    groups = np.asarray(groups)
+    if len(groups) != len(labels):
+        raise DataError(f"{len(labels)} labels but {len(groups)} group ids")
+    ids = np.unique(groups)
+    if not 1 <= num_clients <= len(ids):
+        raise DataError(f"a class split needs 1 <= clients <= the {len(ids)} groups, got {num_clients} clients")
+    _check_sizes(len(groups), num_clients, samples_per_client)
+    rng = np.random.default_rng(seed)
+    parts = []
+    for owned in np.array_split(rng.permutation(ids), num_clients):
+        pool = np.flatnonzero(np.isin(groups, owned))
+        if len(pool) < samples_per_client:
+            raise DataError(
+                f"groups {sorted(owned.tolist())} hold {len(pool)} samples, fewer than the "
+                f"{samples_per_client} asked per client"
+            )
+        parts.append(np.sort(rng.choice(pool, samples_per_client, replace=False)))
+    return parts
+
+
+def label_partition(
+    kind: str,
+    labels: np.ndarray,
+    coarse_labels: np.ndarray,
+    num_clients: int,
+    alpha: float,
+    samples_per_client: int,
+    seed: int,
+) -> list[np.ndarray]:
+    """The CIFAR pipelines' choice: "dirichlet" (label skew, dirichlet_partition with `alpha`) or "superclass"
+    (each client its own superclasses, class_split_partition over `coarse_labels`)."""
+    if kind == "dirichlet":
+        return dirichlet_partition(labels, num_clients, alpha, samples_per_client, seed)
+    if kind == "superclass":
+        return class_split_partition(labels, coarse_labels, num_clients, samples_per_client, seed)
+    raise DataError(f"unknown partition {kind!r}: 'dirichlet' or 'superclass'")
+
+
+def split_client(indices: np.ndarray, sizes: Sequence[int], seed: int = 0) -> list[np.ndarray]:
+    """A client's indices -> disjoint random parts of the given sizes (train, val, test), all drawn from
+    the same client distribution."""
+    if any(s < 0 for s in sizes) or sum(sizes) > len(indices):
+        raise DataError(f"cannot split {len(indices)} samples into parts of sizes {list(sizes)}")
+    perm = np.random.default_rng(seed).permutation(np.asarray(indices))
+    return [np.sort(p) for p in np.split(perm[: sum(sizes)], np.cumsum(sizes)[:-1])]
+
+
+def unassigned(num_samples: int, parts: Sequence[np.ndarray]) -> np.ndarray:
+    """Indices no client holds (the public pool, e.g. for pre-training a backbone)."""
+    mask = np.ones(num_samples, dtype=bool)
+    for p in parts:
+        mask[p] = False
+    return np.flatnonzero(mask)
+
+
+# ----------------------------------------------------------------------------- public set and client splits
+PUBLIC_SEED = 12345  # fixed: the public set (and so a backbone pre-trained on it) does not depend on --seed
+
+
+def public_and_pool(num_samples: int, public: int) -> tuple[np.ndarray, np.ndarray]:
+    """A fixed random `public` images no client holds (backbone pre-training), and the rest (the client pool)."""
+    order = np.random.default_rng(PUBLIC_SEED).permutation(num_samples)
+    return np.sort(order[:public]), np.sort(order[public:])
+
+
+def client_splits(
+    images: torch.Tensor,
+    labels: np.ndarray,
+    pool: np.ndarray,
+    parts: Sequence[np.ndarray],
+    sizes: Sequence[int],
+    seed: int,
+    relabel: Sequence[np.ndarray] | None = None,
+) -> list[ClientSplits]:
+    """Client k's partition parts[k] (indices into `pool`) -> ClientSplits client<k> with train / val / test of
+    `sizes` (split_client, seeded with seed * 1000 + k); relabel[k], when given, maps client k's labels."""
+    splits = []
+    for k, part in enumerate(parts):
+        idx = [pool[i] for i in split_client(part, sizes, seed=seed * 1000 + k)]
+        x = [images[torch.from_numpy(i)] for i in idx]
+        y = [torch.from_numpy(labels[i] if relabel is None else relabel[k][labels[i]]) for i in idx]
+        splits.append(ClientSplits(f"client{k}", x[0], y[0], x[1], y[1], x[2], y[2]))
+    return splits

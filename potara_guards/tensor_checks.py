@@ -8,7 +8,8 @@ Checked in this order, metadata before any value is read: a plain tensor (no sub
 access), dense and strided, not on the meta device, a float dtype (or the reference's), the reference's shape (a
 LoRA factor's rank may differ when `free_dim` allows it), a bounded number of elements, no element addressed
 twice and none beyond its storage; then finite values. Any failure is one AdapterError line naming the tensor.
-Imports nothing of the project: lora.py uses it when it sits in the package, and stands alone without it.
+The method's files check a caller's own tensors more simply (keys, dtypes, shapes, finite values: a ValueError);
+this is for what comes from outside: the harness's checkpoints and backbones, the Flower app's records.
 """
 
 from __future__ import annotations

@@ -1,17 +1,84 @@
-"""Specification of fedit.py: FedAvg over adapter tensors, run_fedit and its pieces (local_update, server_round)
-(local training: test_training.py; sampling and update checks: test_rounds.py)."""
+"""Specification of fed.py: local training (train_adapter moves only the adapter; shuffled_batches covers
+every example once per epoch), FedAvg over adapter tensors against a hand computation, the seeded sampling of clients,
+run_fedit and its pieces (local_update, server_round: the loop by hand, bad replies rejected with their reasons),
+resume bitwise; fed.py copied alone."""
+
+import contextlib
+import io
+import json
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import run_alone
 
-from potara.fedit import Client, FedConfig, FedState, fedavg, local_update, run_fedit, server_round
-from potara.lora import add_lora, load_lora_state_dict, lora_factor, lora_state_dict
-from potara.rounds import ClientReply, sample_clients, state_bytes
-from potara.tensor_checks import AdapterError
+from fed import (
+    Client,
+    ClientReply,
+    FedConfig,
+    FedState,
+    classification_loss,
+    fedavg,
+    local_update,
+    run_fedit,
+    sample_clients,
+    server_round,
+    shuffled_batches,
+    state_bytes,
+    train_adapter,
+)
+from lora import add_lora, load_lora_state_dict, lora_factor, lora_state_dict
 
 
+# ----------------------------------------------------------------------------- local training
+def test_train_adapter_touches_only_adapter_and_counts_examples(mlp_problem):
+    bias_free_model, client = mlp_problem
+    model, c = bias_free_model(), client("c0", 0)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    before = lora_state_dict(model)
+    result = train_adapter(
+        model, shuffled_batches(c.train_inputs, c.train_targets, 10, seed=0), steps=7, lr=1e-2, progress=False
+    )
+    assert result.num_examples == 2 * (10 + 10 + 4) + 10  # 24 examples: an epoch is 10, 10, 4
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
+    assert any(not torch.equal(result.state[k], before[k]) for k in before)
+    with pytest.raises(ValueError, match="steps"):
+        train_adapter(model, [(c.train_inputs, c.train_targets)], steps=0, lr=1e-2)
+
+
+def test_train_adapter_mean_loss_is_the_mean_of_the_losses_of_its_steps(mlp_problem):
+    """The reported mean loss against a hand replay: the same AdamW steps, losses recorded one by one."""
+    bias_free_model, client = mlp_problem
+    c = client("c0", 0)
+    batches = [(c.train_inputs[i : i + 8], c.train_targets[i : i + 8]) for i in (0, 8, 16)]
+    model = bias_free_model()
+    result = train_adapter(model, batches, steps=5, lr=1e-2, progress=False)
+    replay = bias_free_model()
+    params = [p for p in replay.parameters() if p.requires_grad]
+    opt, losses = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0), []
+    for step in range(5):  # the batches list re-iterated when exhausted: 0, 8, 16, 0, 8
+        x, y = batches[step % 3]
+        loss = F.cross_entropy(replay(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert result.mean_loss == pytest.approx(sum(losses) / 5, rel=1e-6)
+    assert all(torch.equal(result.state[k], v) for k, v in lora_state_dict(replay).items())
+    assert classification_loss(replay, *batches[0]).item() == pytest.approx(
+        F.cross_entropy(replay(batches[0][0]), batches[0][1]).item()
+    )
+
+
+def test_shuffled_batches_cover_each_epoch():
+    x = torch.arange(10).float().unsqueeze(1)
+    it = shuffled_batches(x, torch.arange(10), 4, seed=3)
+    epoch = torch.cat([next(it)[1] for _ in range(3)])  # 4 + 4 + 2
+    assert sorted(epoch.tolist()) == list(range(10))
+
+
+# ----------------------------------------------------------------------------- FedAvg, FedIT and its pieces
 def small_model(seed=0):
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
@@ -59,16 +126,16 @@ def test_fedavg_errors():
         fedavg([s, s], [1])
     with pytest.raises(ValueError, match="positive, finite total"):
         fedavg([s, s], [0, 0])
-    with pytest.raises(AdapterError, match="missing"):
+    with pytest.raises(ValueError, match="missing"):
         fedavg([s, {"v": torch.zeros(2)}], [1, 1])
-    with pytest.raises(AdapterError, match="shape"):
+    with pytest.raises(ValueError, match="shape"):
         fedavg([s, {"w": torch.zeros(3)}], [1, 1])
 
 
 def test_fedavg_never_returns_silent_nan_or_zeros():
     ok, nan = {"w": torch.ones(2)}, {"w": torch.tensor([1.0, float("nan")])}
     for states in ([nan, ok], [ok, nan]):  # client 0 is checked too, not only used as the reference
-        with pytest.raises(AdapterError, match="NaN or Inf"):
+        with pytest.raises(ValueError, match="NaN or Inf"):
             fedavg(states, [1, 1])
     for counts in ([float("nan"), 1], [float("inf"), 1], [True, 1], [-1, 3], ["2", 1], [None, 1]):
         with pytest.raises(ValueError, match="example counts must be finite numbers >= 0"):
@@ -78,12 +145,10 @@ def test_fedavg_never_returns_silent_nan_or_zeros():
             fedavg([ok, ok], counts)
     out = fedavg([ok, {"w": torch.full((2,), 3.0)}], [1.5, 0.5])  # real-valued weights are fine
     assert torch.equal(out["w"], torch.full((2,), 1.5))
-    with pytest.raises(AdapterError, match="expanded view"):
-        fedavg([{"w": torch.ones(1).expand(2)}, ok], [1, 1])
 
 
 def fedit(model, clients, progress=False, share=None, resume=None, on_round=None, **settings):
-    """run_fedit with its settings given as keywords (fedit.FedConfig's fields)."""
+    """run_fedit with its settings given as keywords (fed.FedConfig's fields)."""
     return run_fedit(
         model, clients, FedConfig(**settings), progress=progress, share=share, resume=resume, on_round=on_round
     )
@@ -335,3 +400,35 @@ def test_run_fedit_leaves_the_callers_rng_alone_and_does_not_depend_on_it():
         )
         assert torch.equal(torch.get_rng_state(), before)
     assert all(torch.equal(runs[0].global_state[k], runs[1].global_state[k]) for k in runs[0].global_state)
+
+
+# ----------------------------------------------------------------------------- fed.py copied alone
+TINY_FEDIT = """
+import json, sys, torch, torch.nn as nn
+import fed
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 3))
+model[0].requires_grad_(False)  # the adapter: every trainable tensor (here the head; LoRA factors with lora.py)
+g = torch.Generator().manual_seed(1)
+clients = []
+for k in range(4):
+    x = torch.randn(40, 6, generator=g)
+    clients.append(fed.Client(f"c{k}", x, (x[:, k % 3] > 0).long()))
+cfg = fed.FedConfig(rounds=4, local_steps=3, lr=0.05, batch_size=16, clients_per_round=3, drop_prob=0.4, seed=7)
+state = fed.run_fedit(model, clients, cfg, progress=False)
+torch.save(state.global_state, OUT)
+print(json.dumps(state.history))
+"""
+
+
+def test_fed_py_alone_runs_a_tiny_fedit_equal_to_the_repositorys(tmp_path):
+    """fed.py copied alone into an empty folder (torch and tqdm only) runs FedIT with sampling and drop-outs on a
+    model of its own; its phi_G and round records equal, bitwise, the same run with the repository's fed.py."""
+    out = run_alone(tmp_path / "alone", ["fed.py"], "OUT = 'phi_G.pt'" + TINY_FEDIT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        exec(TINY_FEDIT, {"OUT": str(tmp_path / "here.pt")})  # the repository's fed (tests run from the root)
+    assert json.loads(out.stdout) == json.loads(printed.getvalue())
+    alone, here = torch.load(tmp_path / "alone" / "phi_G.pt"), torch.load(tmp_path / "here.pt")
+    assert sorted(alone) == ["3.bias", "3.weight"] and all(torch.equal(alone[k], here[k]) for k in here)
+    assert sum(len(h["dropped"]) for h in json.loads(out.stdout)) > 0  # the drop-out path ran
