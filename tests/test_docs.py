@@ -7,9 +7,10 @@ every inline `python run_*.py ...` / `python -m potara_*...` span of the prose. 
   called with the documented arguments and stopped right after its argument parser has parsed them (the
   parser main really uses; `--help` lines run to the end of the help). Every `--option` must be spelled
   exactly as the parser knows it: argparse would accept an abbreviation of a renamed option.
-- `python -m pytest`, `python3 -m venv`, `. .venv/bin/activate`, `pip install -e ".[extras]"`: what .ci/run
-  does; the extras must exist in pyproject.toml, named packages must be dependencies (or be the one
-  external package a project module imports, `datasets` for export_flan).
+- `python -m pytest`, `python3 -m venv`, `. .venv/bin/activate`, `pip install ".[extras]"`: what .ci/run does
+  (never `-e`: nothing is installed); the extras must exist in pyproject.toml, named packages must be
+  dependencies (or be the one external package a project module imports, `datasets` for export_flan).
+- `cp FILE FOLDER`: a file of the repository copied into a folder of it (potara.py into an app).
 - `flower-superlink`, `flower-supernode`, `flwr`, `openssl`, `ssh-keygen`: each option (and flwr/openssl
   subcommand) must be one that the loopback tests run (its literals, and those of the
   potara_flower/loopback.py methods it drives). `--run-config` keys must be keys of pyproject's
@@ -129,14 +130,15 @@ def check_pip(args: list[str]) -> str | None:
     for a in rest:
         if a == "--index-url":
             next(rest)
-        elif a == "-e":
-            target = next(rest)
-            m = re.fullmatch(r"\.(?:\[([\w,]+)\])?", target)
+        elif a == "-e":  # an editable install would put this folder's generic names (data, fed) on every path
+            return "pip install -e: the project installs no module; `pip install .[extras]` installs its dependencies"
+        elif a.startswith("."):
+            m = re.fullmatch(r"\.(?:\[([\w,]+)\])?", a)
             if not m:
-                return f"pip install -e {target}: expected . or .[extras]"
+                return f"pip install {a}: expected . or .[extras]"
             missing = sorted(set((m.group(1) or "").split(",")) - set(extras) - {""})
             if missing:
-                return f"pip install -e {target}: no extra {missing} in pyproject.toml"
+                return f"pip install {a}: no extra {missing} in pyproject.toml"
         elif a.startswith("-"):
             return f"pip install {a}: not an option these docs use"
         elif a.lower() not in deps and not (
@@ -219,7 +221,8 @@ def check(cmd: str, where: str = "") -> str | None:
         if args[:2] == ["-m", "venv"]:
             return None if "python3 -m venv" in ci else ".ci/run no longer makes a virtual environment"
         if args[:2] == ["-m", "pytest"]:
-            missing = [a for a in args[2:] if not a.startswith("-") and not (REPO / a.split("::")[0]).exists()]
+            paths = [a for i, a in enumerate(args[2:]) if not a.startswith("-") and args[1 + i] not in ("-m", "-k")]
+            missing = [a for a in paths if not (REPO / a.split("::")[0]).exists()]
             return (
                 f"pytest: no {missing}"
                 if missing
@@ -245,6 +248,9 @@ def check(cmd: str, where: str = "") -> str | None:
     if prog in FLOWER_TOOLS:
         client = CLIENT_OF_PAGE.get(where.split(":")[0])
         return check_flower(prog, args, client) if client else check_flower(prog, args)
+    if prog == "cp":  # a file of the repository copied into a folder of it (potara.py into an app)
+        ok = len(args) == 2 and (REPO / args[0]).is_file() and (REPO / args[1]).is_dir()
+        return None if ok else f"cp {args}: expected a file of the repository and a folder of it"
     if prog == "printf":  # the SAN file of the TLS recipe: loopback.tls_and_keys writes the same one
         return None if "san.ext" in flower_literals()["openssl"] else "printf: the test no longer writes san.ext"
     return f"{prog}: no check for this program in tests/test_docs.py"
@@ -275,7 +281,8 @@ def test_documented_command(where, cmd, capsys):
         "python -m potara_flower.bench --clients 2",  # --backbone is required
         "python -m potara_harness.no_such_module",
         "python no_such_script.py",
-        'pip install -e ".[dev,nonexistent]"',
+        'pip install ".[dev,nonexistent]"',
+        'pip install -e ".[dev]"',
         "pip install leftpad",
         "flower-superlink --insecure --no-such-flag",
         "flwr frobnicate potara",
@@ -285,6 +292,8 @@ def test_documented_command(where, cmd, capsys):
         "flower-supernode --insecure --superlink SERVER:9093 --node-config \"partition-id=0 colour='red'\"",
         "openssl genpkey -algorithm ed25519",
         "rm -rf data",
+        "cp potara.py examples/no-such-app/",
+        "cp no_such_file.py examples/potara-flower-app/",
     ],
 )
 def test_a_broken_command_is_caught(cmd, capsys):
@@ -332,14 +341,17 @@ def test_links_stay_inside_the_repository_and_resolve():
                 assert anchor in slugs, f"{path.name}: link {target}: no heading #{anchor} in {dest.name}"
 
 
+FOLDERS = ("potara_guards", "potara_harness", "potara_flower", "potara_studies")
+
+
 def project_module_names() -> dict[str, list[str]]:
-    """Each module's short name (its file's stem, and each package's own name) -> its dotted names."""
-    names: dict[str, list[str]] = {}
-    for package in ("potara", "potara_harness", "potara_flower", "potara_studies"):
-        names.setdefault(package, []).append(package)
-        for file in sorted((REPO / package).glob("*.py")):
+    """Each module's short name (a top file's stem, a folder's own name, a folder file's stem) -> its dotted names."""
+    names: dict[str, list[str]] = {p.stem: [p.stem] for p in REPO.glob("*.py")}
+    for folder in FOLDERS:
+        names.setdefault(folder, []).append(folder)
+        for file in sorted((REPO / folder).glob("*.py")):
             if file.stem != "__init__":
-                names.setdefault(file.stem, []).append(f"{package}.{file.stem}")
+                names.setdefault(file.stem, []).append(f"{folder}.{file.stem}")
     return names
 
 
@@ -347,8 +359,8 @@ def resolves(dotted: str, modules: dict[str, list[str]]) -> bool:
     """`module.name[.attr...]` (module a short or dotted name of the project's) names something that exists;
     `module.py` a file that exists."""
     head, *rest = dotted.split(".")
-    if rest == ["py"]:  # a file of one of the packages (the packages themselves are folders)
-        return any("." in module for module in modules[head])
+    if rest == ["py"]:
+        return any(module != head or (REPO / f"{head}.py").is_file() for module in modules[head])
     for module in modules[head]:
         obj = importlib.import_module(module)
         for part in rest:
@@ -364,6 +376,22 @@ def resolves(dotted: str, modules: dict[str, list[str]]) -> bool:
         else:
             return True
     return False
+
+
+FILE_NAME = re.compile(r"`((?:[\w.-]+/)*\w+\.py)\b")  # an inline code span naming a Python file (maybe a path)
+
+
+def file_exists(name: str) -> bool:
+    """A Python file the docs name: a tracked file of the repository (by its path, or the end of its path), or a
+    path inside the installed flwr (the docs cite flwr's own source)."""
+    if (REPO / name).is_file():
+        return True
+    tracked = subprocess.run(["git", "ls-files", "*.py"], cwd=REPO, capture_output=True, text=True).stdout.split()
+    if any(t == name or t.endswith("/" + name) for t in tracked):  # a file name, or a path inside a folder
+        return True
+    flwr = importlib.util.find_spec("flwr")
+    root = Path(flwr.origin).parent if flwr and flwr.origin else None
+    return root is not None and any((root / name.removeprefix(p)).is_file() for p in ("flwr/", ""))
 
 
 DOTTED = re.compile(r"`([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+)")  # the leading dotted name of an inline code span
@@ -391,19 +419,21 @@ def test_every_name_the_docs_give_exists():
     assert not missing, "\n".join(missing)
 
 
+def test_every_python_file_the_docs_name_exists():
+    """`merge.py`, `potara_harness/data.py`: a file a page names in inline code is one of the repository (or, for
+    a path, of the installed flwr, whose source the pages cite): a file moved or merged away fails here."""
+    missing = [f"{p.name}: {f}" for p in DOCS for f in FILE_NAME.findall(p.read_text()) if not file_exists(f)]
+    assert not missing, "\n".join(missing)
+
+
 def test_a_stale_name_in_the_docs_is_caught():
     modules = project_module_names()
-    text = (
-        "`potara.causal_lm_likelihood` `fedit.no_such_function` `nothere.py` `potara.causal_lm_likelihood` `potara.py`"
-    )
+    text = "`potara.causal_lm_likelihood` `fed.no_such_function` `nothere.py` `potara.no_such_name` `potara.py`"
     names = documented_names(text, modules)
-    assert names == [
-        "potara.causal_lm_likelihood",
-        "fedit.no_such_function",
-        "potara.causal_lm_likelihood",
-        "potara.py",
-    ]
-    assert [resolves(n, modules) for n in names] == [False, False, True, False]
+    assert names == ["potara.causal_lm_likelihood", "fed.no_such_function", "potara.no_such_name", "potara.py"]
+    assert [resolves(n, modules) for n in names] == [True, False, False, True]
+    stale = "`fedit.py` `potara_harness/data.py` `potara/lora.py` `data.py` `supernode/start_client_internal.py`"
+    assert [file_exists(f) for f in FILE_NAME.findall(stale)] == [False, False, False, True, True]
 
 
 # ----------------------------------------------------------------------------- export_flan.py
@@ -598,3 +628,96 @@ def test_export_flan_refuses_an_obstacle_in_one_line_before_reading_a_dataset(tm
     assert kind == "DIR a file" or "mnli.jsonl in it" in err[-1], err
     assert victim.read_text() == "precious"
     assert kind == "DIR a file" or sorted(os.listdir(out)) == ["mnli.jsonl"]  # nothing written before the check
+
+
+# ----------------------------------------------------------------------------- the README's program
+def test_the_readmes_program_runs_as_written_and_prints_what_the_readme_says(tmp_path):
+    """The README's python block, run from the repository root as a user would, prints the line the README
+    quotes; phi_L's and phi_G's accuracies are the ones the README gives; both
+    merges load back into the model (the delta one at rank 2r)."""
+    readme = (REPO / "README.md").read_text()
+    program = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    check_after = """
+lora.load_lora_state_dict(model, phi_L, allow_rank_change=True)
+print(f"phi_L {(model(x).argmax(1) == y).float().mean():.2f}")
+lora.load_lora_state_dict(model, phi_G)
+print(f"phi_G {(model(x).argmax(1) == y).float().mean():.2f}")
+ranks = sorted({v.shape[0] for k, v in merged.items() if k.endswith("lora_A")})
+print("ranks", sorted({m.r for m in lora.lora_layers(model)}), ranks)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run(  # python -c from the root: the folder is on sys.path, as for a script saved there
+        [sys.executable, "-c", program + check_after], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    printed = done.stdout.splitlines()
+    text = " ".join(readme.split())
+    quoted = re.search(r"prints `(lam [\d.]+, accuracy [\d.]+)` \(phi_L alone: ([\d.]+), phi_G: ([\d.]+)\)", text)
+    assert quoted, "the README quotes what its program prints"
+    assert printed[0] == quoted.group(1), (printed, quoted.group(1))
+    assert printed[1:3] == [f"phi_L {quoted.group(2)}", f"phi_G {quoted.group(3)}"], printed
+    assert printed[3] == "ranks [4] [8]", printed  # phi_L at rank r loaded back; the delta merge held rank 2r
+
+
+# ----------------------------------------------------------------------------- docs/modules.md against the tree
+def module_tables(text: str) -> dict[str, list[tuple[str, list[str]]]]:
+    """{folder ('' for the top): [(file, [names in its third column])]} from modules.md's tables: a section's
+    heading names its folder (`## \\`potara_guards/\\`: ...`); "The reference" is the top."""
+    tables, folder = {}, None
+    for line in text.splitlines():
+        if line.startswith("## "):
+            m = re.match(r"## `([\w/]+)/`", line)
+            folder = m.group(1) if m else "" if line.startswith("## The reference") else None
+        elif folder is not None and line.startswith("| `"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            file = re.match(r"`([\w/]+\.py)`", cells[0])
+            if file:
+                names = re.findall(r"`(\w+)\*?`", cells[2]) if len(cells) > 2 else []
+                tables.setdefault(folder, []).append((file.group(1), names))
+    return tables
+
+
+def defined_names(path: Path) -> set[str]:
+    """The names a module defines at its top level (functions, classes, assignments), read without importing it."""
+    names = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(t.id for t in targets if isinstance(t, ast.Name))
+    return names
+
+
+def modules_page_problems(text: str) -> list[str]:
+    tables, problems = module_tables(text), []
+    folders = ["", "potara_guards", "potara_harness", "potara_flower", "potara_studies"]
+    for folder in folders:
+        listed = {f for f, _ in tables.get(folder, [])}
+        tree = {str(p.relative_to(REPO / folder)) for p in (REPO / folder).rglob("*.py") if p.name != "__init__.py"}
+        tree = {t for t in tree if ".venv" not in t and not t.startswith(("tests/", ".ci/", "examples/", "potara_"))}
+        if missing := sorted(tree - listed):
+            problems.append(f"{folder or 'the top'}: files not in the table: {missing}")
+        if extra := sorted(listed - tree):
+            problems.append(f"{folder or 'the top'}: the table lists files that do not exist: {extra}")
+        for file, names in tables.get(folder, []):
+            path = REPO / folder / file
+            if path.exists() and (absent := sorted(set(names) - defined_names(path) - {"CLI", "SALT_"})):
+                problems.append(f"{folder}/{file}: names it does not define: {absent}")
+    return problems
+
+
+def test_the_modules_page_lists_every_file_and_names_that_exist():
+    """docs/modules.md's tables against the tree: every module of the top and of each folder has its row, every
+    row's file exists, and every name in its "main names" column is defined in that file."""
+    problems = modules_page_problems((REPO / "docs" / "modules.md").read_text())
+    assert not problems, "\n".join(problems)
+
+
+def test_a_stale_modules_table_is_caught():
+    page = (REPO / "docs" / "modules.md").read_text()
+    dropped = page.replace("| `updates.py` |", "| `replies_of_old.py` |")
+    renamed = page.replace("`personalize`, `Verified`", "`personalise`, `Verified`")
+    assert any("updates.py" in p for p in modules_page_problems(dropped))
+    assert any("replies_of_old.py" in p for p in modules_page_problems(dropped))
+    assert modules_page_problems(renamed) == ["/potara.py: names it does not define: ['personalise']"]

@@ -19,6 +19,7 @@ from fed import (
     FedConfig,
     FedState,
     classification_loss,
+    derive_seed,
     fedavg,
     local_update,
     run_fedit,
@@ -76,6 +77,21 @@ def test_shuffled_batches_cover_each_epoch():
     it = shuffled_batches(x, torch.arange(10), 4, seed=3)
     epoch = torch.cat([next(it)[1] for _ in range(3)])  # 4 + 4 + 2
     assert sorted(epoch.tolist()) == list(range(10))
+
+
+# ----------------------------------------------------------------------------- sampling
+def test_sample_clients_is_seeded_sorted_and_drops_a_subset():
+    selected, dropped = sample_clients(seed=4, round=2, num_clients=10, clients_per_round=6, drop_prob=0.5)
+    g = torch.Generator().manual_seed(derive_seed(4, 2))  # the documented draw, by hand
+    assert selected == sorted(torch.randperm(10, generator=g)[:6].tolist())
+    u = torch.rand(6, generator=g)
+    assert dropped == [k for k, x in zip(selected, u.tolist()) if x < 0.5]
+    assert sample_clients(4, 2, 10, 6, 0.5) == (selected, dropped)  # any process draws the same S_t
+    assert sample_clients(4, 3, 10, 6, 0.0)[1] == []
+    with pytest.raises(ValueError, match="clients_per_round"):
+        sample_clients(0, 0, 3, 4)
+    with pytest.raises(ValueError, match="drop_prob"):
+        sample_clients(0, 0, 3, 2, drop_prob=1.0)
 
 
 # ----------------------------------------------------------------------------- FedAvg, FedIT and its pieces
@@ -251,7 +267,7 @@ def test_bad_updates_are_rejected_and_the_rest_aggregated(caplog):
     poisoned = Client("poisoned", clients[0].inputs.clone(), clients[0].targets)
     poisoned.inputs[0, 0] = float("nan")  # its training produces a NaN adapter
     model = small_model()
-    with caplog.at_level("WARNING", logger="potara.rounds"):
+    with caplog.at_level("WARNING", logger="fed"):
         state = fedit(
             model,
             [clients[1], poisoned, clients[2]],
@@ -369,7 +385,7 @@ def test_server_round_rejects_bad_replies_with_reasons_and_averages_the_rest(cap
         9: good1,
     }  # 9 was never selected
     names = [f"c{k}" for k in range(10)]
-    with caplog.at_level("WARNING", logger="potara.rounds"):
+    with caplog.at_level("WARNING", logger="fed"):
         out = server_round(5, g, [0, 1, 2, 3, 4, 5, 6, 7, 8], replies, names)
     reasons = {r["client"]: r["reason"] for r in out.history["rejected"]}
     assert set(reasons) == {"c3", "c4", "c5", "c6", "c7", "c8", "c9"}

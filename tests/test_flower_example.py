@@ -8,6 +8,7 @@ to the last digit."""
 from __future__ import annotations
 
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -137,15 +138,21 @@ def per_client_lines(log: str) -> dict[int, list[str]]:
 @pytest.mark.slow
 def test_a_real_federation_prints_the_in_process_numbers(federation, task_identity, capsys):
     """The page's commands on 127.0.0.1 (LocalFederation: the SuperLink --insecure
-    --disable-runtime-dependency-installation, 2 SuperNodes with `partition-id=k num-partitions=2`, then
-    `flwr run examples/potara-flower-app`): every round, every client's lam and accuracies, as the ServerApp
-    printed them, equal the in-process run's to the last digit."""
+    --disable-runtime-dependency-installation, 2 SuperNodes with `partition-id=k num-partitions=2`, then `flwr run`
+    on the app's two files with only potara.py copied beside them; no PYTHONPATH, nothing of the repository
+    installed: the processes read potara.py from the FAB): every round, every client's lam and accuracies, as the
+    ServerApp printed them, equal the in-process run's to the last digit."""
     run = dict(FEW)
+    app = federation.dir / "app"  # the app's own files and a copy of potara.py: nothing of this repository installed
+    app.mkdir()
+    for f in ("example_app.py", "pyproject.toml"):
+        shutil.copy(APP / f, app / f)
+    shutil.copy(APP.parents[1] / "potara.py", app / "potara.py")
     federation.superlink()
     for k in range(2):
         federation.supernode(f"node{k}", f"partition-id={k} num-partitions=2")
     start = time.time()
-    status = federation.run(APP, run, timeout=240)
+    status = federation.run(app, run, timeout=240)
     elapsed = time.time() - start
     assert status["status"] == "finished:completed", federation.log("superlink")[-3000:]
     real = per_client_lines(federation.run_log(status["run-id"]))

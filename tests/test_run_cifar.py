@@ -497,7 +497,7 @@ def test_drop_prob_reaches_history_bytes_and_summary(micro, tmp_path, capsys):
 
 def test_max_update_norm_rejects_and_keeps_the_global_adapter(micro, tmp_path, capsys, caplog):
     out = tmp_path / "norm"
-    with caplog.at_level("WARNING", logger="potara.rounds"):
+    with caplog.at_level("WARNING", logger="fed"):
         run_cifar.main(argv(micro, out, "--max-update-norm", "1e-9"))
     assert "rejected the update of client client0" in caplog.text
     saved = json.loads((out / "results.json").read_text())

@@ -25,7 +25,8 @@ needs); evaluate, the global model down and numbers up (lam, accuracies, n_test)
 the merged model, the validation losses and slopes Potara reads.
 
 This one module is both apps (pyproject.toml: serverapp = "example_app:server", clientapp = "example_app:app"),
-so the ServerApp's process imports potara too: install it on the server as well.
+so the ServerApp's process imports potara too. potara.py is copied beside this file (`cp potara.py
+examples/potara-flower-app/`): `flwr run` ships it with the app to the server and to every device.
 """
 
 from __future__ import annotations
