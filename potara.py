@@ -134,28 +134,21 @@ _warned_loop: set[str] = set()
 
 
 def per_sample_grads(model, params, inputs, targets, likelihood=classification_likelihood, chunk_size=None) -> dict:
-    """grad_params log p(targets_i | inputs_i) for every sample i, shape [batch, *param.shape]."""
-    return _grads_and_log_prob(model, params, inputs, targets, likelihood, chunk_size)[0]
-
-
-def _grads_and_log_prob(model, params, inputs, targets, likelihood, chunk_size=None):
-    """per_sample_grads plus each sample's log p of the same pass: torch.func's vmap(grad) over the batch, or, where
-    vmap cannot batch the model (it branches on tensor values, as Hugging Face attention masks do), a loop over
-    single samples (the same values, slower; warned once per model class)."""
+    """grad_params log p(targets_i | inputs_i) for every sample i, shape [batch, *param.shape]: torch.func's
+    vmap(grad) over the batch, or, where vmap cannot batch the model (it branches on tensor values, as Hugging Face
+    attention masks do), a loop over single samples (the same values, slower; warned once per model class)."""
     frozen = {n: p for n, p in model.named_parameters() if n not in params}
     buffers = dict(model.named_buffers())
 
     def log_lik(p, x, y):  # x, y: one sample (batch dimension removed)
         one = tree_map(lambda t: t.unsqueeze(0), x)
-        log_p = likelihood.log_prob(call_model(model, (p, frozen, buffers), one), y.unsqueeze(0)).sum()
-        return log_p, log_p.detach()
+        return likelihood.log_prob(call_model(model, (p, frozen, buffers), one), y.unsqueeze(0)).sum()
 
     # The math attention backend: vmap has batching rules for its plain matmul/softmax ops, but not for the
     # fused CPU flash kernel (and its backward), where it falls back to a per-sample Python loop.
     with _batchable_attention():
         try:
-            per_sample = vmap(grad(log_lik, has_aux=True), in_dims=(None, 0, 0), chunk_size=chunk_size)
-            return per_sample(params, inputs, targets)
+            return vmap(grad(log_lik), in_dims=(None, 0, 0), chunk_size=chunk_size)(params, inputs, targets)
         except RuntimeError as e:  # e.g. "vmap: ... data-dependent control flow" (branches on mask values)
             name = type(model).__name__
             if name not in _warned_loop:
@@ -165,16 +158,15 @@ def _grads_and_log_prob(model, params, inputs, targets, likelihood, chunk_size=N
                     f"per-sample gradients: vmap cannot batch {name}, looping over single samples instead "
                     f"(same values, slower); vmap said: {reason}"
                 )
-        one = lambda i: grad(log_lik, has_aux=True)(params, tree_map(lambda t: t[i], inputs), targets[i])
-        rows = [one(i) for i in range(len(targets))]
-    return {k: torch.stack([g[k] for g, _ in rows]) for k in params}, torch.stack([lp for _, lp in rows])
+        rows = [grad(log_lik)(params, tree_map(lambda t: t[i], inputs), targets[i]) for i in range(len(targets))]
+    return {k: torch.stack([g[k] for g in rows]) for k in params}
 
 
 @dataclass
 class GradStats:
     """Moments of the per-sample gradients of log p(y|x) at both adapters on the same n samples: fisher_* with
     the requested labels (empirical or sampled); sq_* = mean g^2 (empirical Fisher), cross = mean g_G g_L and
-    mean_* = mean g with the true labels; delta = phi_G - phi_L; loglik_* = mean log p(y|x) at each adapter."""
+    mean_* = mean g with the true labels."""
 
     n: int
     fisher_G: dict[str, torch.Tensor]
@@ -184,9 +176,6 @@ class GradStats:
     cross: dict[str, torch.Tensor]
     mean_G: dict[str, torch.Tensor]
     mean_L: dict[str, torch.Tensor]
-    delta: dict[str, torch.Tensor] = None
-    loglik_G: float = 0.0
-    loglik_L: float = 0.0
 
 
 def gradient_stats(
@@ -211,7 +200,6 @@ def gradient_stats(
     zeros = lambda: {k: torch.zeros(v.shape, dtype=torch.float32, device=device) for k, v in states["G"].items()}
     acc = {name: zeros() for name in ("fisher_G", "fisher_L", "sq_G", "sq_L", "cross", "mean_G", "mean_L")}
     gen = torch.Generator(device=device).manual_seed(seed)
-    loglik = {"G": torch.zeros((), device=device), "L": torch.zeros((), device=device)}
     was_training, n = model.training, 0
     model.eval()
     try:
@@ -221,9 +209,8 @@ def gradient_stats(
             for m, params in states.items():
                 if m == "L" and same:  # one model: its statistics are G's (copied after the loop)
                     continue
-                grads, log_p = _grads_and_log_prob(model, params, inputs, targets, likelihood, chunk_size)
+                grads = per_sample_grads(model, params, inputs, targets, likelihood, chunk_size)
                 g[m] = {k: v.float() for k, v in grads.items()}
-                loglik[m] += log_p.sum()  # from the gradient pass itself: no extra forward
                 if labels == "sampled":
                     with torch.no_grad():
                         drawn = likelihood.sample(call_model(model, params, inputs), targets, gen)
@@ -245,28 +232,19 @@ def gradient_stats(
     if same:
         for name in ("sq", "mean", "fisher"):
             acc[f"{name}_L"] = acc[f"{name}_G"]
-        loglik["L"] = loglik["G"]
     stats = {name: {k: v / n for k, v in d.items()} for name, d in acc.items()}
     if labels == "empirical":
         stats["fisher_G"], stats["fisher_L"] = stats["sq_G"], stats["sq_L"]
-    delta = {k: (states["G"][k].float() - states["L"][k].float()) for k in states["G"]}
-    return GradStats(n=n, **stats, delta=delta, loglik_G=loglik["G"].item() / n, loglik_L=loglik["L"].item() / n)
+    return GradStats(n=n, **stats)
 
 
-def diag_fisher(
-    model,
-    batches,
-    n_samples=N_SAMPLES,
-    labels="empirical",
-    likelihood=classification_likelihood,
-    seed=0,
-    chunk_size=None,
-):
+def diag_fisher(model: nn.Module, batches: Iterable, n_samples: int = N_SAMPLES, **options) -> dict:
     """The diagonal Fisher of the model's current adapter, F[j] = (1/n) sum_i (d/dtheta_j log p(y_i|x_i))^2: the mean
     of SQUARED PER-SAMPLE gradients (not the square of a batch gradient). labels="empirical" uses the data's y_i
-    (empirical Fisher), "sampled" draws y_i ~ p(.|x_i) from the model (true Fisher)."""
+    (empirical Fisher), "sampled" draws y_i ~ p(.|x_i) from the model (true Fisher). options: gradient_stats's
+    labels, likelihood, seed, chunk_size."""
     state = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-    return gradient_stats(model, state, state, batches, n_samples, labels, likelihood, seed, chunk_size).fisher_G
+    return gradient_stats(model, state, state, batches, n_samples, **options).fisher_G
 
 
 # ----------------------------------------------------------------------------- the closed form, the paper's estimator
