@@ -23,10 +23,10 @@ Sections (each with the goal it checks):
             results.json (--pipeline-results), or run first with --pipeline-run (minutes; more without the
             cached tiny backbone).
 
-Method: each timed variant runs --warmup times, then --reps rounds in which all variants of a comparison run
-once each in rotating order, so drift caused by other processes hits them alike (variants shorter than a
-quarter second are repeated within their turn). A row gives the variant's
-median time and the median over rounds of its ratio to the baseline measured in the same round; "noise" is
+Method: each timed variant is first called untimed (warm-up: once on a CPU, 3 times on a GPU), then --reps
+rounds in which all variants of a comparison run once each in rotating order, so drift caused by other
+processes hits them alike (variants shorter than a quarter second are repeated within their turn). A row gives
+the variant's median time and the median over rounds of its ratio to the baseline measured in the same round; "noise" is
 that ratio's min-max over the rounds. On a CPU the default is one thread (--threads): with several, every
 small op waits for OpenMP threads, which on a machine shared with other jobs swamps the figures.
 """

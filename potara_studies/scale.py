@@ -19,9 +19,9 @@ read from its files when used, never all held).
 
 Presets, reduced to fit a 2-core CPU in minutes (the ratios are what matters; say so when quoting):
   tiny   vit.py's tiny ViT (4 x 96, 32 px), LoRA r = 8 on q/v + a 100-class head
-  paper  torchvision vit_b_16 (12 x 768, 86M parameters, random weights), LoRA r = 32 on q/v + head: the
-         paper's 5 MB adapter; at 32 px instead of 224 (5 tokens instead of 197: the adapter and the
-         backbone's size are the paper's, the compute per image is not)
+  paper  torchvision vit_b_16 (12 x 768, 86M parameters, random weights), LoRA r = 32 on q/v + head: a 5 MB
+         adapter (run_cifar.py's paper preset adapts at rank 8); at 32 px instead of 224 (5 tokens instead of 197:
+         the backbone's size is the paper's, the compute per image is not)
 Both at 2 FedIT + 2 FedSA-LoRA rounds of 1 local step, 2 local and 2 fine-tuning steps, 8 train / 8 val /
 8 test images per client, the 21-point grid.
 """

@@ -721,3 +721,38 @@ def test_a_stale_modules_table_is_caught():
     assert any("updates.py" in p for p in modules_page_problems(dropped))
     assert any("replies_of_old.py" in p for p in modules_page_problems(dropped))
     assert modules_page_problems(renamed) == ["/potara.py: names it does not define: ['personalise']"]
+
+
+# ----------------------------------------------------------------------------- bounds the pages state
+BOUND_CLAIM = re.compile(r"`--([\w-]+)` (<=|>=) ([\d,.]+\d)")
+
+
+def bound_claim_problems(text: str) -> list[str]:
+    """Each "`--option` <= N" (or >= N) a page states, held against config.BOUNDS: N must be the option's upper
+    (lower) bound."""
+    from potara_harness.config import BOUNDS
+
+    problems = []
+    for name, op, number in BOUND_CLAIM.findall(text):
+        bound = BOUNDS.get(name.replace("-", "_"))
+        if bound is None:
+            problems.append(f"--{name}: no bound in config.BOUNDS")
+            continue
+        said, actual = float(number.replace(",", "")), bound.hi if op == "<=" else bound.lo
+        if said != actual:
+            problems.append(f"--{name} {op} {number}: config.BOUNDS says {actual:g}")
+    return problems
+
+
+def test_every_bound_a_page_states_is_config_bounds():
+    claims = [(p.name, c) for p in DOCS for c in BOUND_CLAIM.findall(p.read_text())]
+    assert len(claims) >= 4, claims  # the size bounds of failure-behaviour.md at least
+    problems = [f"{p.name}: {x}" for p in DOCS for x in bound_claim_problems(p.read_text())]
+    assert not problems, "\n".join(problems)
+
+
+def test_a_stale_bound_on_a_page_is_caught():
+    assert bound_claim_problems("`--synthetic-examples` <= 20000") == [
+        "--synthetic-examples <= 20000: config.BOUNDS says 1000"
+    ]
+    assert bound_claim_problems("`--rank` >= 1, `--max-len` <= 32768") == []

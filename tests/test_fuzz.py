@@ -253,11 +253,13 @@ def test_fuzz_run_folders_with_planted_files_never_write_outside_or_hang(tmp_pat
         tasks = tmp_path / f"tasks{case}"
         tasks.mkdir()
         kinds = {f"t{i}.jsonl": plant(rng, tasks / f"t{i}.jsonl", victim) for i in range(rng.randint(1, 3))}
+        unsafe = sorted(n for n, k in kinds.items() if k not in ("file", "absent"))
         try:
             got = read_task_dir(str(tasks))
-            assert all(k in ("file", "absent") for k in kinds.values()) and got, kinds
-        except DataError as e:
-            assert "\n" not in str(e)
+            assert not unsafe and got, kinds  # accepted: only regular task files were planted
+        except DataError as e:  # refused: something unsafe was planted and the one line names it, or no task at all
+            named = any(n in str(e) for n in unsafe) or not unsafe and "no .jsonl files" in str(e)
+            assert "\n" not in str(e) and named and (unsafe or "file" not in kinds.values()), (kinds, str(e))
 
 
 def argparse_parser():

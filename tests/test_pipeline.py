@@ -1,5 +1,7 @@
 """pipeline.run_experiment on the tiny MLP problem: degenerate numerics never give a NaN adapter, faults
-reach results.json, and the stages reproduce what a hand replay of the library calls gives."""
+reach results.json, and each adapter is written once and the checkpoint once a round. (That the pipeline's
+numbers are the library's is checked end to end elsewhere: bitwise resume in test_run_cifar.py, the Flower app
+against the in-process run in test_flower.py.)"""
 
 import json
 import os
