@@ -167,6 +167,10 @@ def test_rank_change_keeps_r_alpha_and_meta_true_to_the_installed_factors():
         k: (torch.randn(4, v.shape[1]) if lora_factor(k) == "A" else torch.randn(v.shape[0], 4))
         for k, v in original.items()
     }
+    with pytest.raises(
+        ValueError, match=r"has shape \(4, 6\), expected \(2, 6\) \(a delta-space merge: pass allow_rank_change=True\)"
+    ):
+        load_lora_state_dict(model, wide)  # the error says how a rank-2r merge loads
     load_lora_state_dict(model, wide, allow_rank_change=True)
     assert lin.r == attn.r == 4 and lin.lora_A.shape == (4, 6) and attn.lora_B_v.shape == (8, 4)
     assert lin.scaling == scaling and lin.alpha / lin.r == scaling  # scaling as created; alpha / r says it

@@ -12,6 +12,7 @@ import math
 import os
 import random
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -682,3 +683,22 @@ def test_potara_py_alone_on_a_peft_model(tmp_path):
             assert shapes_ab[k][0] == 2 and shapes_delta[k][0] == 4
             b = k.replace("lora_A", "lora_B")
             assert shapes_ab[b][1] == 2 and shapes_delta[b][1] == 4
+
+
+def test_potara_py_in_a_users_package_beside_its_own_modules(tmp_path):
+    """The package layout of Flower's quickstarts (myapp/client_app.py, clientapp = "myapp.client_app:app"): our
+    potara.py copied to myapp/potara.py and imported relatively, beside the package's own lora.py, data.py, fed.py and
+    task.py; personalize runs and each relative import gives the package's own module."""
+    app = tmp_path / "myapp"
+    app.mkdir()
+    (app / "__init__.py").write_text("")
+    for name in ("lora", "data", "fed", "task"):
+        (app / f"{name}.py").write_text(f"WHOSE = 'user'\nNAME = {name!r}\n")
+    (app / "potara.py").write_text((Path(__file__).resolve().parents[1] / "potara.py").read_text())
+    client = PERSONALIZE.replace("from potara import", "from .potara import").replace("OUT}-", "OUT}-pkg-")
+    client = "from . import data, fed, lora, task\n" + client
+    client += "assert {lora.WHOSE, data.WHOSE, fed.WHOSE, task.WHOSE} == {'user'}\n"
+    (app / "client_app.py").write_text("OUT = 'merged'\n" + client)
+    out = run_alone(tmp_path, [], "import myapp.client_app\n")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert set(json.loads(out.stdout.splitlines()[-1])) == {"verified", "paper"}
