@@ -207,7 +207,8 @@ class LocalFederation:
         new Python process (~1.5 s of CPU, measured here): polled every second it would take a core from the
         devices it times."""
         overrides = " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
-        started = self.flwr("run", str(Path(app).resolve()), "local", "--run-config", overrides)
+        # builds the FAB from the app's folder first (seconds; a minute and more on a loaded machine)
+        started = self.flwr("run", str(Path(app).resolve()), "local", "--run-config", overrides, timeout=180)
         if not started.get("success"):
             raise RuntimeError(f"flwr run failed: {started}")
         run_id, status, asked = str(started["run-id"]), {}, 0.0
