@@ -99,6 +99,11 @@ def _hub_problem(name: str, cache: str) -> str | None:
     except EntryNotFoundError:
         return f"--model {name}: its Hugging Face repository has no config.json: not a transformers model"
     except Exception as e:  # noqa: BLE001 -- no network, DNS, TLS, timeout, proxy: the Hub cannot be reached
+        if getattr(getattr(e, "response", None), "status_code", None) in (401, 403, 404):  # an HTTP error of its own
+            return (
+                f"--model {name}: no such model on the Hugging Face Hub and no such local folder (HTTP "
+                f"{e.response.status_code}; a private or gated model needs hf auth login)"
+            )
         first = (str(e).strip().splitlines() or [""])[0][:160]
         return (
             f"--model {name}: not a local folder, not in the Hugging Face cache ({cache}), and the Hub cannot be "

@@ -211,10 +211,10 @@ def test_resume_checks_training_settings_and_reevaluates_other_options(micro_run
     out_a, _ = micro_run
     out_c = tmp_path / "c"
     shutil.copytree(out_a, out_c)
-    with pytest.raises(SystemExit, match="other training settings local_train_steps"):
+    with pytest.raises(SystemExit, match=r"other local-train-steps \(3 there, 4 now\); rerun"):
         run_cifar.main(micro_argv(data_dir, out_c, "--resume", "--local-train-steps", "4"))
-    with pytest.raises(SystemExit, match="other LoRA rank/alpha"):  # alpha is no tensor: fingerprinted apart
-        run_cifar.main(micro_argv(data_dir, out_c, "--resume", "--lora-alpha", "1000"))
+    with pytest.raises(SystemExit, match=r"other LoRA rank/alpha \(r=2 alpha=4 there, r=2 alpha=1000 now\); rerun"):
+        run_cifar.main(micro_argv(data_dir, out_c, "--resume", "--lora-alpha", "1000"))  # no tensor: apart
     # Potara's options are not training settings: the trained adapters are reused, only evaluation reruns
     r = run_cifar.main(micro_argv(data_dir, out_c, "--resume", "--estimator", "paper", "--eps", "0.1"))
     a = json.loads((out_a / "results.json").read_text())
@@ -226,21 +226,25 @@ def test_resume_checks_training_settings_and_reevaluates_other_options(micro_run
 @pytest.mark.parametrize(
     "extra, msg",
     [
-        (["--clients", "0"], "--clients must be >= 1"),
+        (["--clients", "0"], "argument --clients: must be an integer in [1, 100,000], got 0"),
         (["--alpha", "0"], "argument --alpha: must be a number in (0, 1e+06]"),
         (["--alpha", "-0.5"], "argument --alpha: must be a number in (0, 1e+06]"),
         (["--lr", "nan"], "argument --lr: must be a number in (0, 10]"),
         (["--rounds", "-1"], "argument --rounds: must be an integer in [1, 100,000]"),
         (["--preset", "huge"], "invalid choice: 'huge'"),
         (["--grid-step", "0.3"], "--grid-step must be 1/n"),
-        (["--clients-per-round", "3"], "--clients-per-round must be in [0, --clients=2]"),
+        (["--clients-per-round", "3"], "--clients-per-round must be <= --clients (2), got 3"),
         (["--fisher-samples", "17"], "--fisher-samples 17 exceeds the client's val split"),
         (["--estimator", "verified", "--granularity", "module"], "gives one weight per client"),
         (["--estimator", "nope"], "--estimator must be one of"),
         (["--partition", "superclass", "--clients", "21"], "--clients must be <= 20"),
         (["--backbone", "/nonexistent/backbone.pt"], "no such file"),
         (["--public", "500"], "--public >= 1000"),
-        (["--clients", "20", "--train", "10"], "images available"),
+        (
+            ["--clients", "20", "--train", "10"],
+            "20 clients x 28 images (--train + --val + --test) + 1000 public images > the synthetic set's "
+            "(--synthetic-per-class 12) 1,200 training images",
+        ),
     ],
 )
 def test_cli_rejects_bad_arguments(extra, msg, data_dir, tmp_path, capsys):
@@ -544,7 +548,7 @@ def test_bad_resume_states_fail_in_one_line(micro, reference, tmp_path):
             "unsafe",
         ),
         (lambda: torch.save(part, local) or torch.save(back, ckpt), "fedit: round -3 is not a count in [0, 3]"),
-        (lambda: torch.save(good, ckpt), "other training settings"),  # resumed with another --drop-prob
+        (lambda: torch.save(good, ckpt), "other drop-prob (0.0 there, 0.3 now); rerun"),  # another --drop-prob
     ]
     for i, (make, msg) in enumerate(cases):
         make()
@@ -562,7 +566,7 @@ def test_bad_resume_states_fail_in_one_line(micro, reference, tmp_path):
         (["--seed", "-1"], "argument --seed: must be an integer in [0, "),
         (["--seed", "1e29"], "argument --seed: must be an integer in [0, 9,223,372,036,854,775,807], got 1e29"),
         (["--seed", str(10**29)], "argument --seed: must be an integer in [0, 9,223,372,036,854,775,807]"),
-        (["--threads", "1000"], "--threads must be in [1, "),
+        (["--threads", "1000"], f"argument --threads: must be an integer in [1, {os.cpu_count() or 1:,}]"),
         (["--drop-prob", "1"], "argument --drop-prob: must be a number in [0, 1)"),
         (["--drop-prob", "-0.1"], "argument --drop-prob: must be a number in [0, 1)"),
         (["--drop-prob", "nan"], "argument --drop-prob: must be a number in [0, 1)"),
@@ -581,8 +585,8 @@ def test_bad_resume_states_fail_in_one_line(micro, reference, tmp_path):
         (["--eps", "-0.001"], "argument --eps: must be a number in (0, "),
         (["--lr", "inf"], "argument --lr: must be a number in (0, 10]"),
         (["--grid-step", "0"], "argument --grid-step: must be a number in (0, 1]"),
-        (["--synthetic-per-class", "3"], "--synthetic-per-class must be >= 5"),
-        (["--clients", "50"], "images available"),  # 50 clients x 34 images > the 1440 synthetic ones
+        (["--synthetic-per-class", "3"], "argument --synthetic-per-class: must be an integer in [5, 3,000], got 3"),
+        (["--clients", "50"], "50 clients x 34 images (--train + --val + --test) + 0 public images > the synthetic"),
         (["--partition", "nope"], "invalid choice: 'nope'"),
         (["--rounds", "x"], "argument --rounds: must be an integer in [1, 100,000], got x"),
     ],

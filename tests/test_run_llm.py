@@ -127,10 +127,10 @@ def test_micro_end_to_end_run(tmp_path):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--data", "/nonexistent/dir"], "not a directory"),
+        (["--data", "/nonexistent/dir"], "--data /nonexistent/dir: no such folder"),
         (["--rounds", "0"], "argument --rounds: must be an integer in [1, 100,000]"),
         (["--clients", "9"], "only 8 tasks"),
-        (["--model", "/nonexistent/model", "--train", "10", "--val", "5", "--test", "5"], "could not load it"),
+        (["--model", "/nonexistent/model"], "--model /nonexistent/model: no such folder"),
     ],
 )
 def test_cli_errors_are_one_line(tmp_path, capsys, argv, message):
@@ -168,10 +168,19 @@ def test_data_checks_come_before_the_model_is_loaded_or_pretrained(tmp_path, cap
     """Too few examples and answers longer than --max-len: exit 2 in one line, with nothing pre-trained or loaded."""
     cache = tmp_path / "cache"
     base = ["--cache-dir", str(cache), "--out", str(tmp_path / "o"), "--threads", "1", "--no-progress"]
-    with pytest.raises(SystemExit) as e:  # counted before the (nonexistent) model is even looked for
-        run_llm.main(base + ["--model", "/nonexistent/model", "--train", "1000"])
-    assert e.value.code == 2 and "task sentiment: 600 distinct examples, fewer than --train 1000" in last_error(capsys)
+    with pytest.raises(SystemExit) as e:  # the synthetic tasks: counted before torch loads
+        run_llm.main(base + ["--train", "1000"])
+    assert e.value.code == 2 and (
+        "--data synthetic: each task holds --synthetic-examples 600 examples, fewer than --train 1000 + --val 50 + "
+        "--test 100" in last_error(capsys)
+    )
     data = tmp_path / "tasks"
+    write_task(data, "t", [{"prompt": f"q{i}", "answer": "a"} for i in range(12)])
+    with pytest.raises(SystemExit) as e:  # a task file: counted before a model is built or pre-trained
+        run_llm.main(base + ["--data", str(data)])
+    assert e.value.code == 2 and last_error(capsys) == (
+        "error: task t: 12 distinct examples, fewer than --train 200 + --val 50 + --test 100"
+    )
     write_task(data, "t", [{"prompt": f"q{i}", "answer": "a" * (30 if i == 3 else 1)} for i in range(12)])
     with pytest.raises(SystemExit) as e:
         run_llm.main(base + ["--data", str(data), "--train", "4", "--val", "4", "--test", "4", "--max-len", "20"])
@@ -205,11 +214,14 @@ def test_bad_jsonl_exits_2_with_file_and_line(tmp_path, capsys):
 
 def test_a_tokenizer_without_eos_is_one_line(tmp_path, capsys):
     from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
+    from transformers import LlamaConfig, PreTrainedTokenizerFast
 
     folder = tmp_path / "model"
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "<unk>": 1}, unk_token="<unk>")))
     tok.save_pretrained(str(folder))
+    small = dict(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)
+    LlamaConfig(vocab_size=2, **small).save_pretrained(str(folder))  # a model folder, its --targets q_proj v_proj
+    (folder / "model.safetensors").write_bytes(b"")  # never read: the tokenizer is refused first
     with pytest.raises(SystemExit) as e:
         run_llm.main(
             [
