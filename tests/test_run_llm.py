@@ -1,13 +1,19 @@
-"""run_llm.py end to end on a micro problem; its peft export loads in peft with equal logits."""
+"""run_llm.py end to end on a micro problem; its peft export loads in peft with equal logits; each mistake of a
+command line is one line naming its cause, before any download or pre-training."""
 
 import contextlib
+import http.server
 import io
 import json
 import os
+import shutil
+import socket
+import threading
 import warnings
 
 import pytest
 import torch
+from conftest import script_errors
 from obstacles import paths_of, planted_cases, snapshot, unprivileged
 
 pytest.importorskip("transformers")
@@ -138,6 +144,155 @@ def test_cli_errors_are_one_line(tmp_path, capsys, argv, message):
         run_llm.main(argv + ["--cache-dir", str(tmp_path), "--out", str(tmp_path / "o"), "--pretrain-steps", "1"])
     text = str(e.value.code) if e.value.code not in (None, 2) else capsys.readouterr().err
     assert message in text and len(text.strip().splitlines()[-1]) > 0
+
+
+# ----------------------------------------------------------------------------- the first minutes: each mistake
+class _Stopped(BaseException):
+    """Raised where FedIT would begin (BaseException: no handler of the script's turns it into an exit code)."""
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory):
+    """--out of a run stopped where FedIT begins (checkpoint.pt written, nothing trained; pre-training skipped):
+    --rounds 2 and the default --snapshots (4), as a user who then asks for --rounds 3 --resume left it."""
+    from potara_harness import pipeline
+
+    out = tmp_path_factory.mktemp("stopped") / "run"
+
+    def stop(*args, **kwargs):
+        raise _Stopped
+
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(io.StringIO()):
+        mp.setattr(lm, "pretrain_tiny", lambda *args, **kwargs: {})
+        mp.setattr(pipeline, "federated_training", stop)
+        threads = torch.get_num_threads()
+        with pytest.raises(_Stopped):
+            run_llm.main(
+                [
+                    "--rounds",
+                    "2",
+                    "--synthetic-examples",
+                    "40",
+                    "--train",
+                    "24",
+                    "--val",
+                    "8",
+                    "--test",
+                    "8",
+                    "--out",
+                    str(out),
+                    "--cache-dir",
+                    str(out.parent / "cache"),
+                    "--threads",
+                    "1",
+                ]
+            )
+        torch.set_num_threads(threads)
+    assert (out / "checkpoint.pt").is_file()
+    return out
+
+
+class _NoSuchRepository(http.server.BaseHTTPRequestHandler):
+    """What the Hugging Face Hub answers a HEAD of <name>/resolve/main/config.json for a model that does not exist
+    (or that it does not show this user): 401, X-Error-Code RepoNotFound."""
+
+    def do_HEAD(self):
+        self.send_response(401)
+        self.send_header("X-Error-Code", "RepoNotFound")
+        self.send_header("X-Error-Message", "Repository not found")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def hub():
+    """{"answers": the endpoint of a Hub that knows no model, "unreachable": one where nothing listens}."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NoSuchRepository)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    with socket.socket() as s:  # a port nothing listens on: connection refused at once
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    yield {"answers": f"http://127.0.0.1:{server.server_address[1]}", "unreachable": f"http://127.0.0.1:{closed}"}
+    server.shutdown()
+
+
+LINEAR = "down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"  # a Llama's nn.Linear names
+MISTAKES = {  # name: (arguments, environment, what the one line says); {run}: a stopped run, {tasks}: 12 examples
+    "a model name on no Hub": (
+        ["--model", "nonexistent-model-xyz"],
+        {"HF_ENDPOINT": "answers"},
+        "error: --model nonexistent-model-xyz: no such model on the Hugging Face Hub and no such local folder",
+    ),
+    "a model name, the Hub unreachable": (
+        ["--model", "nonexistent-model-xyz"],
+        {"HF_ENDPOINT": "unreachable"},
+        "error: --model nonexistent-model-xyz: not a local folder, not in the Hugging Face cache",
+    ),
+    "a model name, offline": (
+        ["--model", "nonexistent-model-xyz"],
+        {"HF_HUB_OFFLINE": "1"},
+        "error: --model nonexistent-model-xyz: not a local folder and not in the Hugging Face cache",
+    ),
+    "a model path": (["--model", "/nonexistent/model"], {}, "error: --model /nonexistent/model: no such folder"),
+    "a target module": (
+        ["--targets", "q_proj", "foo_proj"],
+        {},
+        "error: --targets foo_proj: no nn.Linear module of the model is named foo_proj or ends in .foo_proj (LoRA "
+        f"wraps nn.Linear layers); its nn.Linear modules end in {LINEAR}",
+    ),
+    "a number that is no number": (["--clients", "abc"], {}, "argument --clients: must be an integer in [1, 100,000]"),
+    "a number out of range": (["--clients", "0"], {}, "argument --clients: must be an integer in [1, 100,000]"),
+    "split sizes, synthetic tasks": (
+        ["--train", "1000"],
+        {},
+        "error: --data synthetic: each task holds --synthetic-examples 600 examples, fewer than --train 1000",
+    ),
+    "split sizes, a task file": (
+        ["--data", "{tasks}"],
+        {},
+        "error: task t: 12 distinct examples, fewer than --train 200 + --val 50 + --test 100",
+    ),
+    "a task folder": (["--data", "/nonexistent/tasks"], {}, "error: --data /nonexistent/tasks: no such folder"),
+    "a resume with other rounds": (
+        ["--out", "{run}", "--rounds", "3", "--resume", "--synthetic-examples", "40", "--train", "24", "--val", "8"]
+        + ["--test", "8"],
+        {},
+        "checkpoint.pt was written by a run with other rounds (2 there, 3 now); rerun with the same arguments",
+    ),
+    "a directory where a part goes": (
+        ["--out", "{run}-dir-part"],
+        {},
+        "-dir-part: adapters/local-0000.pt in it is not a regular file (a directory): move it away",
+    ),
+}
+
+
+@pytest.mark.parametrize("mistake", list(MISTAKES))
+def test_each_mistake_is_one_line_naming_its_cause_before_any_work(mistake, stopped_run, hub, tmp_path):
+    """run_llm.py in a fresh process with nothing cached (an empty --cache-dir and Hugging Face cache): each
+    mistake is exit 2 and one line on stderr naming it, no Hugging Face warning, log line or traceback before it,
+    nothing downloaded or pre-trained. --model nonexistent-model-xyz said the split sizes were too large, then
+    (after a Hugging Face warning) that it could not be loaded; --targets foo_proj failed after pre-training (268 s
+    on the first run) listing 20 module names; --clients abc and 0 gave two ranges; --rounds 3 --resume named
+    rounds and snapshots. (Its time to the error is measured, not asserted: under a second for the checks made
+    before torch loads, a few seconds after.)"""
+    args, env, says = MISTAKES[mistake]
+    tasks = tmp_path / "tasks"
+    write_task(tasks, "t", [{"prompt": f"q{i}", "answer": "a"} for i in range(12)])
+    dir_part = tmp_path / "run-dir-part"  # a run folder whose adapters/local-0000.pt is a directory
+    shutil.copytree(stopped_run, dir_part)
+    (dir_part / "adapters" / "local-0000.pt").mkdir(parents=True)
+    cache, hf_cache = tmp_path / "cache", tmp_path / "hf-cache"
+    run = stopped_run if mistake == "a resume with other rounds" else tmp_path / "run"
+    argv = ["--out", str(tmp_path / "out"), *[a.format(run=run, tasks=tasks) for a in args]]
+    argv += ["--cache-dir", str(cache), "--threads", "1", "--no-progress"]
+    env = {"HF_HUB_CACHE": str(hf_cache), **{k: hub.get(v, v) for k, v in env.items()}}
+    status, lines = script_errors("run_llm.py", argv, env)
+    assert status == 2 and len(lines) == 1 and says in lines[0], (mistake, lines)
+    assert "snapshots" not in lines[0] and not cache.exists() and not hf_cache.exists(), (mistake, lines)
 
 
 def test_damaged_pretrain_cache_is_rebuilt(tmp_path, capsys):
