@@ -14,7 +14,7 @@ import warnings
 import pytest
 import torch
 from conftest import script_errors
-from obstacles import paths_of, planted_cases, snapshot, unprivileged
+from obstacles import paths_of, planted_cases, recorded_writes, snapshot, unprivileged
 
 pytest.importorskip("transformers")
 
@@ -545,13 +545,15 @@ def test_the_demos_validation_splits_are_not_flagged_as_training_data(tmp_path, 
 # ----------------------------------------------------------------------------- every obstacle in the folders it writes
 @pytest.fixture(scope="module")
 def written(tmp_path_factory):
-    """(world, out, peft): the --out and --export-peft folders a real micro run wrote (its cache in world)."""
+    """(world, out, peft, files): the --out and --export-peft folders a real micro run wrote (its cache in world),
+    and every file path it wrote in each, recorded as it wrote them ({"--out": ..., "--export-peft": ...})."""
     world = tmp_path_factory.mktemp("llm-world")
     threads = torch.get_num_threads()
-    with contextlib.redirect_stdout(io.StringIO()):
-        run_llm.main(micro_argv(world / "run", world / "peft", world / "cache"))
+    with contextlib.redirect_stdout(io.StringIO()), recorded_writes(world / "run") as out_files:
+        with recorded_writes(world / "peft") as peft_files:
+            run_llm.main(micro_argv(world / "run", world / "peft", world / "cache"))
     torch.set_num_threads(threads)
-    return world, world / "run", world / "peft"
+    return world, world / "run", world / "peft", {"--out": out_files, "--export-peft": peft_files}
 
 
 def micro_argv(out, peft, cache) -> list[str]:
@@ -562,8 +564,9 @@ def test_every_obstacle_in_the_out_and_export_folders_is_one_line_before_any_wor
     """run_llm.py on the trees a real run wrote, one obstacle at one path of either (tests/obstacles.py): exit 2,
     one error line naming the flag, the folder and the path, no traceback, nothing outside changed, the planted
     folder as it was. --out: its files and part folders (run_folder's checks); --export-peft: every task's,
-    federated's and base_model's folder and file (peft_export.export_target_problem)."""
-    world, out_tree, peft_tree = written
+    federated's and base_model's folder and file (peft_export.export_target_problem). Among them a directory at
+    each file path the run wrote in either, as it wrote them (obstacles.recorded_writes)."""
+    world, out_tree, peft_tree, files = written
     assert sorted(p for p in paths_of(peft_tree) if p.count("/") == 1 and p.endswith("/") and p != "./") == [
         "base_model/",
         "duplicate/",
@@ -586,4 +589,6 @@ def test_every_obstacle_in_the_out_and_export_folders_is_one_line_before_any_wor
             after = {k: v for k, v in snapshot(planted_in).items() if k != ".lock"}
             assert after == {k: v for k, v in case.planted.items() if k != ".lock"}, (flag, rel, kind)
             done.append((flag, rel, kind))
+        directories = {rel for f, rel, kind in done if f == flag and kind == "directory"}
+        assert files[flag] and directories >= files[flag], (flag, files[flag] - directories)  # each path written
     assert len(done) > 4 * 10 + 1 + 4 * 4 + 4 * 10 + 1, len(done)
