@@ -12,6 +12,7 @@ from potara_guards.safe_files import WriteError
 from potara_guards.tensor_checks import AdapterError
 from potara_harness import cli, run_folder
 from potara_harness.checkpoint import ResumeError
+from potara_harness.config import BOUNDS, bound_problem
 
 
 def parser(presets=None):
@@ -86,6 +87,36 @@ def test_seed_and_threads_are_bounded(capsys, argv, message):
         cli.check_experiment_options(ap, args_for(ap, *argv))
     assert e.value.code == 2 and message in capsys.readouterr().err.strip().splitlines()[-1]
     cli.check_experiment_options(ap, args_for(ap, "--seed", str(2**63 - 1), "--threads", str(os.cpu_count() or 1)))
+
+
+def later_checked():
+    ap = parser()  # no cli.bound_numbers: every value reaches check_experiment_options
+    return [(a.option_strings[-1], a.dest) for a in cli.numeric_options(ap) if a.dest in BOUNDS]
+
+
+@pytest.mark.parametrize("option, dest", later_checked())
+def test_a_later_check_states_the_range_the_parser_states(capsys, option, dest):
+    """One range per option: --clients abc said "must be an integer in [0, 100,000]" (the parser) and --clients 0
+    "--clients must be >= 1" (a later check). Every number check_experiment_options refuses is refused with its
+    config.BOUNDS range, the words the parser uses (test_bounds.py)."""
+    ap = parser()
+    kind = next(a.type for a in ap._actions if a.dest == dest)
+    refused = 0
+    for value in (0, -1, 10**30):
+        if bound_problem(dest, value) is None:
+            continue
+        with pytest.raises(SystemExit) as e:
+            cli.check_experiment_options(ap, args_for(ap, option, str(value)))
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        what = "an integer" if kind is int else "a number"
+        assert e.value.code == 2 and f"error: {option} must be {what} in {BOUNDS[dest].text()}, got " in last, last
+        refused += 1
+    assert refused >= 1, option
+
+
+def test_the_last_line_counts_threads_in_english():
+    assert cli.finished(12.4, "cpu", 1, "runs/x") == "12s on cpu (1 thread); results in runs/x/results.json"
+    assert cli.finished(3, "cuda", 2, "o").startswith("3s on cuda (2 threads); ")
 
 
 def test_seed_1e29_is_a_parser_error(capsys):
