@@ -101,13 +101,13 @@ def resolve_args(ap: argparse.ArgumentParser, argv=None) -> tuple[argparse.Names
     cli.fill_from_preset(args, p)
     p.update(pretrain_steps=args.pretrain_steps, max_len=args.max_len)
     cli.check_experiment_options(ap, args)  # the filled numbers in their ranges too, then the rules between options
-    problem = model_check.model_problem(args.model)
     if args.model == "tiny":  # its modules are known from its configuration: no need to build it
-        problem = model_check.targets_problem(
-            model_check.tiny_llama_linears(TINY_LLAMA["num_hidden_layers"]), args.targets
+        linears = model_check.tiny_llama_linears(TINY_LLAMA["num_hidden_layers"])
+        problem = model_check.targets_problem(linears, args.targets) or (
+            "--model tiny is pre-trained here: --pretrain-steps must be >= 1" if args.pretrain_steps < 1 else None
         )
-        if args.pretrain_steps < 1:
-            problem = problem or "--model tiny is pre-trained here: --pretrain-steps must be >= 1"
+    else:  # a folder or a Hugging Face name; its --targets once torch loads (load_checked_tasks)
+        problem = model_check.model_problem(args.model)
     if problem:
         ap.error(problem)
     if args.export_peft and any(t in ("self_attn", "attention") for t in args.targets):

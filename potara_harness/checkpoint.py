@@ -177,7 +177,7 @@ def _rank_alpha(layers) -> tuple[int, float] | None:
 
 
 def _lora_change(saved: tuple | None, now: tuple | None) -> str:
-    """ "LoRA rank/alpha", with both (r, alpha) when each side has one."""
+    """The LoRA part of a resume message: both sides' r and alpha when each has one."""
     if saved is None or now is None or saved == now:
         return "LoRA rank/alpha"
     show = lambda ra: f"r={ra[0]} alpha={ra[1]:g}" if isinstance(ra[1], (int, float)) else f"r={ra[0]} alpha={ra[1]}"
@@ -195,7 +195,8 @@ def _differs(saved: str, fp: str) -> str:
         return _ANY_CHANGE
     if not (isinstance(a, dict) and isinstance(b, dict)):
         return _ANY_CHANGE
-    changes, seed_changed, lora_changed = [], False, a.get("lora") != b.get("lora")
+    lora_layers_changed = a.get("lora") != b.get("lora")
+    changes, seed_changed, lora_changed = [], False, lora_layers_changed
     for key in ("training", "flower"):
         ta, tb = a.get(key), b.get(key)
         if isinstance(ta, dict) and isinstance(tb, dict):
@@ -205,7 +206,7 @@ def _differs(saved: str, fp: str) -> str:
         elif ta != tb:
             changes.append("training settings")
             seed_changed = True
-    if a.get("lora") != b.get("lora"):
+    if lora_layers_changed:
         changes.append(_lora_change(_rank_alpha(a.get("lora")), _rank_alpha(b.get("lora"))))
     ma, mb = a.get("model"), b.get("model")
     if isinstance(ma, dict) and isinstance(mb, dict):

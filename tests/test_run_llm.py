@@ -219,16 +219,17 @@ def hub():
     server.shutdown()
 
 
+ONLINE = {"HF_HUB_OFFLINE": None, "TRANSFORMERS_OFFLINE": None}  # whatever this process was given (test_potara)
 LINEAR = "down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"  # a Llama's nn.Linear names
 MISTAKES = {  # name: (arguments, environment, what the one line says); {run}: a stopped run, {tasks}: 12 examples
     "a model name on no Hub": (
         ["--model", "nonexistent-model-xyz"],
-        {"HF_ENDPOINT": "answers"},
+        {"HF_ENDPOINT": "answers", **ONLINE},
         "error: --model nonexistent-model-xyz: no such model on the Hugging Face Hub and no such local folder",
     ),
     "a model name, the Hub unreachable": (
         ["--model", "nonexistent-model-xyz"],
-        {"HF_ENDPOINT": "unreachable"},
+        {"HF_ENDPOINT": "unreachable", **ONLINE},
         "error: --model nonexistent-model-xyz: not a local folder, not in the Hugging Face cache",
     ),
     "a model name, offline": (
@@ -289,7 +290,7 @@ def test_each_mistake_is_one_line_naming_its_cause_before_any_work(mistake, stop
     run = stopped_run if mistake == "a resume with other rounds" else tmp_path / "run"
     argv = ["--out", str(tmp_path / "out"), *[a.format(run=run, tasks=tasks) for a in args]]
     argv += ["--cache-dir", str(cache), "--threads", "1", "--no-progress"]
-    env = {"HF_HUB_CACHE": str(hf_cache), **{k: hub.get(v, v) for k, v in env.items()}}
+    env = {"HF_HUB_CACHE": str(hf_cache), **{k: hub.get(v, v) if v else v for k, v in env.items()}}
     status, lines = script_errors("run_llm.py", argv, env)
     assert status == 2 and len(lines) == 1 and says in lines[0], (mistake, lines)
     assert "snapshots" not in lines[0] and not cache.exists() and not hf_cache.exists(), (mistake, lines)
