@@ -23,7 +23,6 @@ Images stay uint8 (N, 3, 32, 32) on the CPU; the model resizes and normalises th
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import time
 
@@ -77,24 +76,34 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+CIFAR_TRAIN_IMAGES = 50_000  # CIFAR-100's training set (md5-checked: always this many); synthetic: 100 per class x n
+
+
 def resolve_args(ap: argparse.ArgumentParser, argv=None) -> tuple[argparse.Namespace, dict]:
-    """Parse, fill None from the preset, and reject every impossible value with a one-line error."""
+    """Parse, fill None from the preset, and reject every impossible value with a one-line error, before any
+    download, pre-training or training: every number in its config.BOUNDS range, the rules between options, the
+    images the clients ask for against what the data holds, --backbone, --data-dir and --out."""
     args = ap.parse_args(argv)
     cli.check_bounds(ap, args)  # every number in config.BOUNDS' range, before the preset fills the rest
     p = VIT_PRESETS[args.preset]
     cli.fill_from_preset(args, p)
-    cli.require_positive(ap, args, ("clients", "train", "val", "test", "synthetic_per_class"))
-    cli.check_sizes(ap, args, ("synthetic_per_class",))
-    if not (args.alpha > 0 and math.isfinite(args.alpha)):
-        ap.error(f"--alpha must be a positive number, got {args.alpha}")
-    cli.require_positive(ap, args, ("public",), minimum=0)
-    cli.check_experiment_options(ap, args)
-    if not 0 <= args.clients_per_round <= args.clients:
-        ap.error(f"--clients-per-round must be in [0, --clients={args.clients}], got {args.clients_per_round}")
+    cli.check_experiment_options(ap, args)  # the filled numbers in their ranges too, then the rules between options
+    if args.clients_per_round > args.clients:
+        ap.error(f"--clients-per-round must be <= --clients ({args.clients}), got {args.clients_per_round}")
     if args.partition == "superclass" and args.clients > 20:
         ap.error(f"--partition superclass deals out 20 superclasses: --clients must be <= 20, got {args.clients}")
-    if args.data == "synthetic" and args.synthetic_per_class < 5:
-        ap.error("--synthetic-per-class must be >= 5 (the synthetic test set holds a fifth of it)")
+    images = CIFAR_TRAIN_IMAGES if args.data == "cifar" else 100 * args.synthetic_per_class
+    per_client = args.train + args.val + args.test
+    if args.public + args.clients * per_client > images:
+        source = (
+            "CIFAR-100's"
+            if args.data == "cifar"
+            else f"the synthetic set's (--synthetic-per-class {args.synthetic_per_class})"
+        )
+        ap.error(
+            f"{args.clients} clients x {per_client} images (--train + --val + --test) + {args.public} public images "
+            f"> {source} {images:,} training images: lower --clients, --train/--val/--test or --public"
+        )
     if args.backbone and not os.path.isfile(args.backbone):
         ap.error(f"--backbone {args.backbone}: no such file")
     if args.preset == "tiny" and not args.backbone and (args.pretrain_steps < 1 or args.public < 1000):
@@ -172,6 +181,7 @@ def data_source(args) -> str:
 def run(ap: argparse.ArgumentParser, args, p: dict, command: str) -> dict:
     """The run, once the command line is checked: torch and the pipeline load here."""
     device = cli.start_torch(args)
+    cli.check_resume(args)  # the checkpoint's training settings, before the data is read or a backbone pre-trained
     import numpy as np
     import torch
 
@@ -215,7 +225,7 @@ def run(ap: argparse.ArgumentParser, args, p: dict, command: str) -> dict:
         autocast_dtype=cli.autocast_dtype(device),
     )
     print(results_header(results) + markdown_table(results))
-    print(f"\n{time.time() - t0:.0f}s on {device} ({args.threads} threads); results in {args.out}/results.json")
+    print("\n" + cli.finished(time.time() - t0, device, args.threads, args.out))
     return results
 
 

@@ -35,8 +35,8 @@ import random
 import time
 from typing import TYPE_CHECKING
 
-from potara_harness import cli, run_folder
-from potara_harness.config import LM_PRESETS, SYNTHETIC_TASKS_SEED
+from potara_harness import cli, model_check, run_folder
+from potara_harness.config import BOUNDS, LM_PRESETS, SYNTHETIC_TASKS_SEED, TINY_LLAMA
 
 if TYPE_CHECKING:  # annotations only
     import torch.nn as nn
@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--out", default=None, help="output folder (default: runs/llm-<model>-<data>-s<seed>)")
     a("--cache-dir", default=os.path.join("data", "llm"), help="where the pre-trained tiny model is cached")
     a("--targets", nargs="+", default=["q_proj", "v_proj"], help="module names LoRA wraps (peft-style suffix match)")
-    a("--clients", type=int, default=0, help="use the first K tasks only (0 = every task)")
+    a("--clients", type=int, help="use the first K tasks only (default: every task)")
     for split in ("train", "val", "test"):
         a(f"--{split}", type=int, help=f"{split} examples per client")
     a("--synthetic-examples", type=int, default=600, help="examples generated per synthetic task")
@@ -91,23 +91,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_args(ap: argparse.ArgumentParser, argv=None) -> tuple[argparse.Namespace, dict]:
-    """Parse, fill None from the preset, and reject every impossible value with a one-line error."""
+    """Parse, fill None from the preset, and reject every impossible value with a one-line error, before torch
+    loads: every number in its config.BOUNDS range, the rules between options, --model (a folder with config.json
+    and weights, or a name cached or on the Hub: model_check.model_problem), the tiny model's --targets (against
+    its architecture), the synthetic tasks' size, the --data, --cache-dir, --export-peft and --out folders."""
     args = ap.parse_args(argv)
     cli.check_bounds(ap, args)  # every number in config.BOUNDS' range, before the preset fills the rest
     p = dict(LM_PRESETS["tiny" if args.model == "tiny" else "hf"])
     cli.fill_from_preset(args, p)
     p.update(pretrain_steps=args.pretrain_steps, max_len=args.max_len)
-    cli.require_positive(
-        ap, args, ("train", "val", "test", "max_len", "max_new_tokens", "eval_batch_size", "synthetic_examples")
-    )
-    cli.check_sizes(ap, args, ("synthetic_examples", "max_len", "max_new_tokens"))
-    if args.clients < 0:
-        ap.error(f"--clients must be >= 0, got {args.clients}")
-    cli.check_experiment_options(ap, args)
-    if args.model == "tiny" and args.pretrain_steps < 1:
-        ap.error("--model tiny is pre-trained here: --pretrain-steps must be >= 1")
+    cli.check_experiment_options(ap, args)  # the filled numbers in their ranges too, then the rules between options
+    if args.model == "tiny":  # its modules are known from its configuration: no need to build it
+        linears = model_check.tiny_llama_linears(TINY_LLAMA["num_hidden_layers"])
+        problem = model_check.targets_problem(linears, args.targets) or (
+            "--model tiny is pre-trained here: --pretrain-steps must be >= 1" if args.pretrain_steps < 1 else None
+        )
+    else:  # a folder or a Hugging Face name; its --targets once torch loads (load_checked_tasks)
+        problem = model_check.model_problem(args.model)
+    if problem:
+        ap.error(problem)
     if args.export_peft and any(t in ("self_attn", "attention") for t in args.targets):
         ap.error("--export-peft needs LoRA on nn.Linear projections (e.g. --targets q_proj v_proj)")
+    if args.data == "synthetic":
+        if args.train + args.val + args.test > args.synthetic_examples:  # each task: that many distinct prompts
+            ap.error(
+                f"--data synthetic: each task holds --synthetic-examples {args.synthetic_examples} examples, fewer "
+                f"than --train {args.train} + --val {args.val} + --test {args.test}: lower them (or raise "
+                f"--synthetic-examples, at most {BOUNDS['synthetic_examples'].hi:,})"
+            )
+    elif not os.path.isdir(args.data):
+        ap.error(f"--data {args.data}: no such folder (one <task>.jsonl file per client), and not 'synthetic'")
     tag = lambda s: os.path.basename(os.path.normpath(s)) or "model"
     args.out = args.out or os.path.join("runs", f"llm-{tag(args.model)}-{tag(args.data)}-s{args.seed}")
     rw = os.W_OK | os.X_OK
@@ -125,8 +138,9 @@ def main(argv=None) -> dict:
 
 def load_checked_tasks(ap: argparse.ArgumentParser, args, p: dict) -> tuple[dict, Tokenizer]:
     """The tasks and the tokenizer, with every data check done before a model is loaded or pre-trained:
-    enough examples per task, every answer fits --max-len (and the tiny model's public corpus too), task
-    names that --export-peft can write."""
+    enough examples per task, task names that --export-peft can write, a --model NAME's --targets (against the
+    architecture its config.json describes), every answer fits --max-len (and the tiny model's public corpus
+    too)."""
     from potara_harness.llm_data import ByteTokenizer, check_fits, read_task_dir, split_tasks
     from potara_harness.llm_tasks import public_corpus, synthetic_tasks
     from potara_harness.lm import load_hf_tokenizer
@@ -141,10 +155,17 @@ def load_checked_tasks(ap: argparse.ArgumentParser, args, p: dict) -> tuple[dict
             ap.error(f"--clients {args.clients}: the data has only {len(tasks)} tasks")
         tasks = dict(list(tasks.items())[: args.clients])
     if args.clients_per_round > len(tasks):
-        ap.error(f"--clients-per-round must be in [0, {len(tasks)}], got {args.clients_per_round}")
+        ap.error(f"--clients-per-round must be <= the {len(tasks)} clients (tasks), got {args.clients_per_round}")
     if args.export_peft:
         check_export_targets(ap, args, tasks)
     chosen = split_tasks(tasks, (args.train, args.val, args.test), args.seed)
+    if args.model != "tiny":  # --targets against its architecture, before its tokenizer or weights are fetched
+        try:
+            problem = model_check.targets_problem(model_check.hf_linears(args.model, args.attn), args.targets)
+        except ValueError as e:
+            problem = str(e)
+        if problem:
+            ap.error(problem)
     tok: Tokenizer = ByteTokenizer() if args.model == "tiny" else load_hf_tokenizer(args.model)
     check_fits({name: [e for part in parts for e in part] for name, parts in chosen.items()}, tok, args.max_len)
     if args.model == "tiny":  # the pre-training corpus is encoded at --max-len too; its answers are a fixed set
@@ -166,6 +187,7 @@ def data_source(args, tasks: dict) -> str:
 def run(ap: argparse.ArgumentParser, args, p: dict, command: str) -> dict:
     """The run, once the command line is checked: torch, the model and the pipeline load here."""
     device = cli.start_torch(args)
+    cli.check_resume(args)  # the checkpoint's training settings, before the tasks are read or a model loaded
     import torch
 
     from potara import causal_lm_likelihood
@@ -233,7 +255,7 @@ def run(ap: argparse.ArgumentParser, args, p: dict, command: str) -> dict:
     if args.export_peft:
         write_peft(args, model, adapters)
     print(table)
-    print(f"\n{time.time() - t0:.0f}s on {device} ({args.threads} threads); results in {args.out}/results.json")
+    print("\n" + cli.finished(time.time() - t0, device, args.threads, args.out))
     return results
 
 

@@ -52,7 +52,14 @@ import torch.nn as nn
 from data import ClientSplits
 from fed import FedState
 from lora import lora_meta
-from potara_guards.safe_files import UnsafeFile, atomic_write, folder_problem, load_torch_file, make_folder
+from potara_guards.safe_files import (
+    UnsafeFile,
+    atomic_write,
+    folder_problem,
+    load_torch_file,
+    make_folder,
+    write_target_problem,
+)
 from potara_guards.tensor_checks import AdapterError, check_tensors
 
 CHECKPOINT_FORMAT = "potara-checkpoint-v2"
@@ -111,16 +118,22 @@ def tensor_digest(t: torch.Tensor) -> str:
     return h.hexdigest()
 
 
+def training_settings(cfg) -> dict:
+    """The training fields of cfg (a config.ExperimentConfig) as the fingerprint holds them: TRAINING_FIELDS, and
+    FAULT_FIELDS only when set."""
+    training = {k: getattr(cfg, k) for k in TRAINING_FIELDS}
+    training.update({k: getattr(cfg, k) for k, default in FAULT_FIELDS.items() if getattr(cfg, k) != default})
+    return training
+
+
 def fingerprint(model: nn.Module, splits: Sequence[ClientSplits], cfg) -> str:
     """What the checkpointed adapters depend on (module docstring), as JSON: the training fields of cfg (a
     pipeline.ExperimentConfig), a digest of every model parameter and buffer, the LoRA layers' r, alpha
     and scaling, and a digest of every client tensor."""
-    training = {k: getattr(cfg, k) for k in TRAINING_FIELDS}
-    training.update({k: getattr(cfg, k) for k, default in FAULT_FIELDS.items() if getattr(cfg, k) != default})
     tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}  # buffers: persistent or not
     return json.dumps(
         {
-            "training": training,
+            "training": training_settings(cfg),
             "lora": lora_meta(model)["layers"],
             "model": {n: tensor_digest(t) for n, t in tensors.items()},
             "clients": [
@@ -137,18 +150,103 @@ def fingerprint(model: nn.Module, splits: Sequence[ClientSplits], cfg) -> str:
     )
 
 
+_LORA_TENSOR = re.compile(r"(?:^|\.)lora_[AB](?:_[qkv])?$")  # lora.py's factors: <module>.lora_A, .lora_B_q, ...
+_ANY_CHANGE = "training settings, model or data"
+
+
+def _setting_changes(saved: dict, now: dict) -> list[str]:
+    """Each training setting whose value differs, as "<name> (<saved> there, <now> now)" (the name as the command
+    line and the Flower run config spell it, without the dashes; an unset fault option: its default)."""
+    value = lambda d, k: d.get(k, FAULT_FIELDS.get(k))
+    names = [*TRAINING_FIELDS, *FAULT_FIELDS] + sorted(set(saved) - set(TRAINING_FIELDS) - set(FAULT_FIELDS))
+    return [
+        f"{k.replace('_', '-')} ({value(saved, k)} there, {value(now, k)} now)"
+        for k in names
+        if value(saved, k) != value(now, k)
+    ]
+
+
+def _rank_alpha(layers) -> tuple[int, float] | None:
+    """(r, alpha) of a fingerprint's LoRA layers when every layer has the same (as the scripts make them)."""
+    pairs = (
+        {(x.get("r"), x.get("alpha")) for x in layers.values() if isinstance(x, dict)}
+        if isinstance(layers, dict)
+        else set()
+    )
+    return next(iter(pairs)) if len(pairs) == 1 else None
+
+
+def _lora_change(saved: tuple | None, now: tuple | None) -> str:
+    """The LoRA part of a resume message: both sides' r and alpha when each has one."""
+    if saved is None or now is None or saved == now:
+        return "LoRA rank/alpha"
+    show = lambda ra: f"r={ra[0]} alpha={ra[1]:g}" if isinstance(ra[1], (int, float)) else f"r={ra[0]} alpha={ra[1]}"
+    return f"LoRA rank/alpha ({show(saved)} there, {show(now)} now)"
+
+
 def _differs(saved: str, fp: str) -> str:
-    """Which part of two fingerprints differs, for the error message."""
+    """What differs between two fingerprints (this module's, or the Flower server's: its settings under "flower",
+    the backbone's and phi_0's digests), for the error message, and only what changed: each setting with both
+    values; the LoRA layers; the model (its base tensors, or the initial adapter when neither the LoRA settings
+    nor the seed explain it); the client data (unless the seed, which draws the splits, changed)."""
     try:
         a, b = json.loads(saved), json.loads(fp)
     except (TypeError, ValueError):
-        return "training settings, model or data"
-    if a.get("training") != b.get("training") and isinstance(a.get("training"), dict):
-        ta, tb = a["training"], b.get("training") or {}
-        keys = sorted(k for k in set(ta) | set(tb) if ta.get(k) != tb.get(k))
-        return "training settings " + ", ".join(keys)
-    labels = {"lora": "LoRA rank/alpha", "model": "model (backbone or initial adapter)", "clients": "client data"}
-    return ", ".join(label for k, label in labels.items() if a.get(k) != b.get(k)) or "training settings, model or data"
+        return _ANY_CHANGE
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return _ANY_CHANGE
+    lora_layers_changed = a.get("lora") != b.get("lora")
+    changes, seed_changed, lora_changed = [], False, lora_layers_changed
+    for key in ("training", "flower"):
+        ta, tb = a.get(key), b.get(key)
+        if isinstance(ta, dict) and isinstance(tb, dict):
+            changes += _setting_changes(ta, tb)
+            seed_changed |= ta.get("seed") != tb.get("seed")
+            lora_changed |= (ta.get("rank"), ta.get("lora_alpha")) != (tb.get("rank"), tb.get("lora_alpha"))
+        elif ta != tb:
+            changes.append("training settings")
+            seed_changed = True
+    if lora_layers_changed:
+        changes.append(_lora_change(_rank_alpha(a.get("lora")), _rank_alpha(b.get("lora"))))
+    ma, mb = a.get("model"), b.get("model")
+    if isinstance(ma, dict) and isinstance(mb, dict):
+        part = lambda m, lora: {k: v for k, v in m.items() if bool(_LORA_TENSOR.search(k)) == lora}
+        base_changed, adapter_changed = part(ma, False) != part(mb, False), part(ma, True) != part(mb, True)
+    else:
+        base_changed, adapter_changed = (
+            ma != mb or a.get("backbone") != b.get("backbone"),
+            a.get("phi0") != b.get("phi0"),
+        )
+    if base_changed or (adapter_changed and not lora_changed and not seed_changed):
+        changes.append("model (backbone or initial adapter)")
+    if a.get("clients") != b.get("clients") and not seed_changed:
+        changes.append("client data")
+    return ", ".join(changes) or _ANY_CHANGE
+
+
+def check_settings(path: str, cfg, rank: int | None = None, alpha: float | None = None) -> None:
+    """For a resume, before any work: a ResumeError (one line) naming each training setting of cfg (a
+    config.ExperimentConfig) that differs from the one the checkpoint at `path` was written with, both values
+    given, and the LoRA rank and alpha when given (every LoRA layer of the run has them). The model and the data
+    are compared once they are built (load_state); no checkpoint: nothing to do."""
+    if not os.path.exists(path):
+        return
+    ck = _read(path, START_OVER)
+    if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
+        raise ResumeError(f"{path} is not a potara experiment checkpoint ({CHECKPOINT_FORMAT}); {START_OVER}")
+    try:
+        saved = json.loads(ck["fingerprint"])
+        training, lora = saved["training"], _rank_alpha(saved["lora"])
+    except (KeyError, TypeError, ValueError):
+        return  # not a fingerprint of this format: load_state refuses it
+    changes = _setting_changes(training, training_settings(cfg)) if isinstance(training, dict) else []
+    if rank is not None and lora is not None and lora != (rank, float(alpha)):
+        changes.append(_lora_change(lora, (rank, float(alpha))))
+    if changes:
+        raise ResumeError(
+            f"{path} was written by a run with other {', '.join(changes)}; rerun with the same arguments, or "
+            "without --resume to start over"
+        )
 
 
 def save_state(state: RunState, path: str) -> None:
@@ -313,16 +411,21 @@ class Parts:
 
     def clear(self) -> None:
         """Remove every part file (and leftover temporary file of one) of an earlier run: a run started from
-        scratch must not meet them on --resume. Only names this module writes are touched, and only in a real
-        folder: adapters/ a link to another folder is refused (UnsafeFile), nothing there is deleted."""
+        scratch must not meet them on --resume. Only names this module writes are touched, only regular files, and
+        only in a real folder: adapters/ a link to another folder, or a directory, link or special file under a
+        part's name, is refused (UnsafeFile, one line), nothing there is deleted."""
         problem = folder_problem(self.folder)
         if problem:
             raise UnsafeFile(f"{self.folder}: {problem}")
         if not os.path.isdir(self.folder):
             return
-        for name in os.listdir(self.folder):
-            if PART_NAME.fullmatch(name.split(".tmp")[0]):
-                os.remove(os.path.join(self.folder, name))
+        names = [name for name in sorted(os.listdir(self.folder)) if PART_NAME.fullmatch(name.split(".tmp")[0])]
+        for name in names:  # every one checked before any is removed
+            problem = write_target_problem(os.path.join(self.folder, name))
+            if problem:
+                raise UnsafeFile(f"{os.path.join(self.folder, name)}: {problem}")
+        for name in names:
+            os.remove(os.path.join(self.folder, name))
 
 
 def read_run(out_dir: str) -> dict:

@@ -15,6 +15,7 @@ no None) it is 0 (update_bound maps both).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, fields
 
 # potara.potara.ESTIMATORS and DEFAULT_ESTIMATOR, written here so that this module (and so every --help) imports
@@ -48,16 +49,19 @@ SIZE_BOUNDS = {  # option (its dest) -> (largest value, why)
 
 @dataclass(frozen=True)
 class Bound:
-    """The allowed range of one numeric option: lo <= v <= hi (lo < v with lo_open, v < hi with hi_open)."""
+    """The allowed range of one numeric option: lo <= v <= hi (lo < v with lo_open, v < hi with hi_open); `why`, when
+    a bound is not self-evident, follows the range in every message."""
 
     lo: float
     hi: float
     lo_open: bool = False
     hi_open: bool = False
+    why: str = ""
 
     def text(self) -> str:
         show = lambda x: f"{x:,}" if isinstance(x, int) else f"{x:g}"
-        return f"{'(' if self.lo_open else '['}{show(self.lo)}, {show(self.hi)}{')' if self.hi_open else ']'}"
+        interval = f"{'(' if self.lo_open else '['}{show(self.lo)}, {show(self.hi)}{')' if self.hi_open else ']'}"
+        return f"{interval} ({self.why})" if self.why else interval
 
 
 _STEPS, _COUNT, _EXAMPLES = Bound(1, 10_000_000), Bound(1, 100_000), Bound(1, 10_000_000)
@@ -67,16 +71,18 @@ _STEPS, _COUNT, _EXAMPLES = Bound(1, 10_000_000), Bound(1, 100_000), Bound(1, 10
 # every numeric option of the parsers and of AppConfig to have an entry. The upper bounds are generous for real
 # use and only keep a typo (10**30) from reaching the code: a million steps, 10**7 examples per client and split,
 # 10**5 clients or rounds, rank 4096, batches of 65,536, a learning rate of 10, 30 days of timeout, 2**63 - 1 for
-# a seed (torch.manual_seed's 64-bit seeds); the size options take config's MAX_* above (what the program can hold).
-# A lower bound of 0 means 0 is allowed (e.g. clients 0 = every task, pretrain-steps 0 = none for a Hugging Face
-# model); cross-option rules (clients-per-round <= clients, fisher-samples <= the split) stay the entry point's.
+# a seed (torch.manual_seed's 64-bit seeds); the size options take config's MAX_* above (what the program can hold),
+# threads the machine's cores (more only oversubscribe them). One range per name: every message about a number
+# states this range (bound_problem), the parser's and the later checks' alike. A lower bound of 0 means 0 is allowed
+# (e.g. pretrain-steps 0 = none for a Hugging Face model); cross-option rules (clients-per-round <= clients,
+# fisher-samples <= the split) stay the entry point's.
 BOUNDS: dict[str, Bound] = {
     "rounds": _COUNT,
     "local_steps": _STEPS,
     "local_train_steps": _STEPS,
     "finetune_steps": _STEPS,
     "pretrain_steps": Bound(0, 10_000_000),
-    "clients": Bound(0, 100_000),
+    "clients": _COUNT,
     "num_clients": _COUNT,
     "clients_per_round": Bound(0, 100_000),
     "num_partitions": _COUNT,
@@ -91,9 +97,9 @@ BOUNDS: dict[str, Bound] = {
     "eval_batch_size": Bound(1, 65_536),
     "rank": Bound(1, 4096),
     "snapshots": Bound(0, 100_000),
-    "threads": Bound(1, 4096),
+    "threads": Bound(1, os.cpu_count() or 1, why="the CPU cores of this machine"),
     "seed": Bound(0, 2**63 - 1),
-    "synthetic_per_class": Bound(1, MAX_SYNTHETIC_PER_CLASS),
+    "synthetic_per_class": Bound(5, MAX_SYNTHETIC_PER_CLASS),  # the synthetic test set holds a fifth of it
     "synthetic_examples": Bound(1, MAX_SYNTHETIC_EXAMPLES),
     "max_len": Bound(1, MAX_LEN_TOKENS),
     "max_new_tokens": Bound(1, MAX_NEW_TOKENS),

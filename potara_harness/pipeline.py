@@ -63,7 +63,12 @@ from potara_harness.report import METHODS, collect_results, mean, write_outputs
 
 
 def snapshot_rounds(rounds: int, snapshots: int) -> list[int]:
-    return sorted({max(1, round(rounds * i / snapshots)) for i in range(1, snapshots + 1)}) if snapshots else [rounds]
+    """The FedIT round counts of the communication curve: `snapshots` evenly spaced ones (every round when
+    snapshots >= rounds), or the last round alone for 0."""
+    if not snapshots:
+        return [rounds]
+    snapshots = min(snapshots, rounds)  # the same round counts, and no loop longer than the run
+    return sorted({max(1, round(rounds * i / snapshots)) for i in range(1, snapshots + 1)})
 
 
 def local_seed(seed: int, client_index: int) -> int:

@@ -1,9 +1,11 @@
 """Obstacles planted in a folder a run wrote, and what is checked after (test_run_folder.py, test_run_llm.py,
 test_flower.py, test_flower_llm.py): a link out, a hard link, a directory, a FIFO where a file goes; a link out, a
 regular file, a FIFO, a read-only folder where a folder goes; a file and a folder outside whose bytes must not
-change. The code under test runs `unprivileged`: a read-only folder is read-only to it, as root too. A helper
-module, not a test module: no test module imports another."""
+change. The code under test runs `unprivileged`: a read-only folder is read-only to it, as root too. The paths a
+run writes are recorded as it writes them (recorded_writes), so a test can hold its tree to cover each one. A
+helper module, not a test module: no test module imports another."""
 
+import contextlib
 import ctypes
 import dataclasses
 import os
@@ -24,6 +26,48 @@ def paths_of(out):
         found += [os.path.normpath(os.path.join(rel, d)) + "/" for d in dirs]
         found += [os.path.normpath(os.path.join(rel, f)) for f in files]
     return sorted(found)
+
+
+@contextlib.contextmanager
+def recorded_writes(root):
+    """Yield the set that, once the block ends, holds every file written under `root` during it (relative paths),
+    as the run names them, not by what is left at the end: the target of each os.replace / os.rename (every
+    atomic write ends in one; a folder moved into place counts with the files in it) and each file os.open
+    creates (the lock). Temporary names (a leading dot, but the lock's) are left out: they are random."""
+    root, written = os.path.abspath(root), set()
+    real = {name: getattr(os, name) for name in ("replace", "rename", "open")}
+
+    def note(path):
+        full = os.path.abspath(os.fspath(path))
+        if not full.startswith(root + os.sep):
+            return
+        rel = os.path.relpath(full, root)
+        if any(part.startswith(".") and part != ".lock" for part in rel.split(os.sep)):
+            return
+        if os.path.isdir(full):
+            files = [p for p in paths_of(full) if not p.endswith("/")]
+            written.update(os.path.normpath(os.path.join(rel, p)) for p in files)
+        else:
+            written.add(rel)
+
+    def moved(name):
+        def move(src, dst, *args, **kwargs):
+            real[name](src, dst, *args, **kwargs)
+            note(dst)
+
+        return move
+
+    def opened(path, flags, *args, **kwargs):
+        fd = real["open"](path, flags, *args, **kwargs)
+        if flags & os.O_CREAT and not kwargs.get("dir_fd"):
+            note(path)
+        return fd
+
+    try:
+        os.replace, os.rename, os.open = moved("replace"), moved("rename"), opened
+        yield written
+    finally:
+        os.replace, os.rename, os.open = real["replace"], real["rename"], real["open"]
 
 
 def cases(out):

@@ -284,7 +284,11 @@ def test_goal_and_table_by_hand():
         (["--seeds", "x"], "--seeds"),
         (["--estimators", "magic"], "--estimators"),
         (["--rounds", "0"], "--rounds"),
-        (["--threads", "100000"], "argument --threads: must be an integer in [1, 4,096], got 100000"),
+        (
+            ["--threads", "100000"],
+            f"argument --threads: must be an integer in [1, {os.cpu_count() or 1:,}] (the CPU cores of this machine), "
+            "got 100000",
+        ),
         (["--seeds", "-3"], "--seeds '-3': expected"),
         (["--out", "/proc/x"], "--out /proc/x: cannot be created or written"),
     ],

@@ -1,13 +1,23 @@
 """checkpoint.py: the fingerprint names what the adapters depend on; a checkpoint that is not this run's
 or not sound is refused in one line, without running code."""
 
+import json
 import os
+import re
 import shutil
 
 import pytest
 import torch
 
-from potara_harness.checkpoint import Parts, ResumeError, RunState, fingerprint, load_state, save_state
+from potara_harness.checkpoint import (
+    Parts,
+    ResumeError,
+    RunState,
+    check_settings,
+    fingerprint,
+    load_state,
+    save_state,
+)
 from potara_harness.config import ExperimentConfig
 
 
@@ -97,6 +107,89 @@ def test_fingerprint_holds_every_training_setting(mlp_problem, change, fingerpri
     assert (
         fingerprint(model, splits, ExperimentConfig(**change)) != fingerprint(model, splits, ExperimentConfig())
     ) == fingerprinted
+
+
+# ----------------------------------------------------------------------------- what a resume names
+def lora_mlp(r=2, alpha=4, flip=False):
+    """bias_free_model with other LoRA settings, or a base weight's rows reversed (another backbone)."""
+    import torch.nn as nn
+
+    from lora import add_lora
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16, bias=False), nn.ReLU(), nn.Linear(16, 4, bias=False))
+    if flip:
+        with torch.no_grad():
+            model[0].weight.copy_(model[0].weight.flip(0))
+    add_lora(model, ["0", "2"], r=r, alpha=alpha)
+    return model
+
+
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        (dict(cfg=dict(rounds=3)), "rounds (20 there, 3 now)"),  # snapshots stays 4 (no longer clamped to 3)
+        (dict(cfg=dict(rounds=3, lr=0.01)), "rounds (20 there, 3 now), lr (0.001 there, 0.01 now)"),
+        (dict(cfg=dict(drop_prob=0.25)), "drop-prob (0.0 there, 0.25 now)"),  # unset there: its default
+        (dict(cfg=dict(fedsa=False)), "fedsa (True there, False now)"),
+        (dict(model=dict(alpha=1000)), "LoRA rank/alpha (r=2 alpha=4 there, r=2 alpha=1000 now)"),
+        (dict(model=dict(r=3)), "LoRA rank/alpha (r=2 alpha=4 there, r=3 alpha=4 now)"),  # not the model too
+        (dict(model=dict(flip=True)), "model (backbone or initial adapter)"),
+        (dict(seed=1), "client data"),
+        (dict(cfg=dict(seed=5), seed=1), "seed (0 there, 5 now)"),  # the seed draws the data: that alone is named
+    ],
+)
+def test_a_resume_names_only_what_changed_with_both_values(mlp_problem, tmp_path, change, named):
+    """--rounds 3 --resume named "rounds, snapshots" (the snapshots the run clamped to the rounds), and another
+    --rank named the model as well: each difference is named once, the way the command line spells it."""
+    _, client = mlp_problem
+    before = fingerprint(lora_mlp(), [client("c0", 0)], ExperimentConfig())
+    after = fingerprint(
+        lora_mlp(**change.get("model", {})),
+        [client("c0", change.get("seed", 0))],
+        ExperimentConfig(**change.get("cfg", {})),
+    )
+    path = str(tmp_path / "checkpoint.pt")
+    save_state(RunState(before), path)
+    with pytest.raises(ResumeError) as e:
+        load_state(path, after)
+    assert str(e.value) == (
+        f"{path} was written by a run with other {named}; rerun with the same arguments, or without --resume to "
+        "start over"
+    )
+
+
+def test_a_flower_checkpoint_names_its_settings_too(tmp_path):
+    """The Flower server's fingerprint: its run config's settings, the backbone's and phi_0's digests, the clients."""
+    saved = {"flower": {"lr": 0.003, "rank": 8, "seed": 0}, "backbone": "b", "phi0": "p", "clients": [10, 10]}
+    cases = [
+        ({"flower": {"lr": 0.02, "rank": 8, "seed": 0}}, "lr (0.003 there, 0.02 now)"),
+        ({"backbone": "other"}, "model (backbone or initial adapter)"),
+        ({"flower": {"lr": 0.003, "rank": 4, "seed": 0}, "phi0": "other"}, "rank (8 there, 4 now)"),
+        ({"clients": [10, 12]}, "client data"),
+    ]
+    path = str(tmp_path / "checkpoint.pt")
+    save_state(RunState(json.dumps(saved, sort_keys=True)), path)
+    for now, named in cases:
+        with pytest.raises(ResumeError, match=re.escape(f"written by a run with other {named}; rerun")):
+            load_state(path, json.dumps({**saved, **now}, sort_keys=True))
+
+
+def test_a_resumes_training_settings_are_checked_before_any_work(mlp_problem, tmp_path):
+    """check_settings: the checkpoint's training settings and LoRA rank/alpha against the command line's, before
+    the data or the model exists; a checkpoint of this run, or none, passes."""
+    bias_free_model, client = mlp_problem
+    path = str(tmp_path / "checkpoint.pt")
+    check_settings(path, ExperimentConfig(rounds=3), 2, 4)  # no checkpoint: nothing to check
+    save_state(RunState(fingerprint(bias_free_model(), [client("c0", 0)], ExperimentConfig(rounds=2))), path)
+    check_settings(path, ExperimentConfig(rounds=2), 2, 4.0)
+    with pytest.raises(ResumeError, match=re.escape("other rounds (2 there, 3 now); rerun")):
+        check_settings(path, ExperimentConfig(rounds=3), 2, 4)
+    with pytest.raises(ResumeError, match=re.escape("other LoRA rank/alpha (r=2 alpha=4 there, r=8 alpha=16 now)")):
+        check_settings(path, ExperimentConfig(rounds=2), 8, 16)
+    torch.save({"some": "thing"}, path)
+    with pytest.raises(ResumeError, match="is not a potara experiment checkpoint"):
+        check_settings(path, ExperimentConfig(rounds=2), 2, 4)
 
 
 # ----------------------------------------------------------------------------- edited checkpoints

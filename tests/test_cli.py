@@ -12,6 +12,7 @@ from potara_guards.safe_files import WriteError
 from potara_guards.tensor_checks import AdapterError
 from potara_harness import cli, run_folder
 from potara_harness.checkpoint import ResumeError
+from potara_harness.config import BOUNDS, bound_problem
 
 
 def parser(presets=None):
@@ -68,17 +69,54 @@ def args_for(ap, *argv):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--seed", str(10**29)], "--seed must be >= 0 and < 2**63"),
-        (["--seed", str(2**63)], "--seed must be >= 0 and < 2**63"),
-        (["--threads", "1000"], "--threads must be in [1, "),
+        (["--seed", str(10**29)], "--seed must be an integer in [0, 9,223,372,036,854,775,807], got 1000"),
+        (
+            ["--seed", str(2**63)],
+            "--seed must be an integer in [0, 9,223,372,036,854,775,807], got 9223372036854775808",
+        ),
+        (
+            ["--threads", "1000"],
+            f"--threads must be an integer in [1, {os.cpu_count() or 1:,}] (the CPU cores of this machine), got 1000",
+        ),
     ],
 )
 def test_seed_and_threads_are_bounded(capsys, argv, message):
+    """Checked after parsing (a parser without cli.bound_numbers), each states the range the parser states."""
     ap = parser()
     with pytest.raises(SystemExit) as e:
         cli.check_experiment_options(ap, args_for(ap, *argv))
     assert e.value.code == 2 and message in capsys.readouterr().err.strip().splitlines()[-1]
     cli.check_experiment_options(ap, args_for(ap, "--seed", str(2**63 - 1), "--threads", str(os.cpu_count() or 1)))
+
+
+def later_checked():
+    ap = parser()  # no cli.bound_numbers: every value reaches check_experiment_options
+    return [(a.option_strings[-1], a.dest) for a in cli.numeric_options(ap) if a.dest in BOUNDS]
+
+
+@pytest.mark.parametrize("option, dest", later_checked())
+def test_a_later_check_states_the_range_the_parser_states(capsys, option, dest):
+    """One range per option: --clients abc said "must be an integer in [0, 100,000]" (the parser) and --clients 0
+    "--clients must be >= 1" (a later check). Every number check_experiment_options refuses is refused with its
+    config.BOUNDS range, the words the parser uses (test_bounds.py)."""
+    ap = parser()
+    kind = next(a.type for a in ap._actions if a.dest == dest)
+    refused = 0
+    for value in (0, -1, 10**30):
+        if bound_problem(dest, value) is None:
+            continue
+        with pytest.raises(SystemExit) as e:
+            cli.check_experiment_options(ap, args_for(ap, option, str(value)))
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        what = "an integer" if kind is int else "a number"
+        assert e.value.code == 2 and f"error: {option} must be {what} in {BOUNDS[dest].text()}, got " in last, last
+        refused += 1
+    assert refused >= 1, option
+
+
+def test_the_last_line_counts_threads_in_english():
+    assert cli.finished(12.4, "cpu", 1, "runs/x") == "12s on cpu (1 thread); results in runs/x/results.json"
+    assert cli.finished(3, "cuda", 2, "o").startswith("3s on cuda (2 threads); ")
 
 
 def test_seed_1e29_is_a_parser_error(capsys):
@@ -162,7 +200,7 @@ def test_a_run_with_a_missing_data_folder_leaves_no_out_folder(tmp_path, capsys)
     out = tmp_path / "runs" / "x"
     with pytest.raises(SystemExit) as e:
         run_llm.main(["--data", str(tmp_path / "missing"), "--out", str(out), "--threads", "1", "--no-progress"])
-    assert e.value.code == 2 and "not a directory" in capsys.readouterr().err
+    assert e.value.code == 2 and f"--data {tmp_path / 'missing'}: no such folder" in capsys.readouterr().err
     assert os.listdir(tmp_path) == []
 
 
@@ -219,10 +257,13 @@ def test_other_runtime_errors_are_not_called_out_of_memory():
 
 
 def test_snapshots_beyond_the_rounds_are_every_round(capsys):
-    """--snapshots 10**20 with 2 rounds: the same round counts as --snapshots 2 (every round), no endless loop."""
+    """--snapshots 10**20 with 2 rounds: the same round counts as --snapshots 2 (every round), no endless loop; the
+    option keeps the value given (a resume with other --rounds names --rounds alone, not --snapshots too)."""
     from potara_harness.pipeline import snapshot_rounds
 
     ap = parser()
-    args = args_for(ap, "--snapshots", str(10**20), "--rounds", "2")
+    args = args_for(ap, "--snapshots", "100000", "--rounds", "2")
     cli.check_experiment_options(ap, args)
-    assert args.snapshots == 2 and snapshot_rounds(2, args.snapshots) == snapshot_rounds(2, 7) == [1, 2]
+    assert args.snapshots == 100000 and snapshot_rounds(2, 10**20) == snapshot_rounds(2, 7) == [1, 2]
+    assert snapshot_rounds(3, 4) == [1, 2, 3] and snapshot_rounds(100, 4) == [25, 50, 75, 100]
+    assert snapshot_rounds(5, 0) == [5]

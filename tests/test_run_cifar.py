@@ -15,7 +15,7 @@ from urllib.error import URLError
 
 import pytest
 import torch
-from conftest import MICRO_VIT, PlantedPickle
+from conftest import MICRO_VIT, PlantedPickle, script_errors
 from obstacles import unprivileged
 from torchvision.models import VisionTransformer
 
@@ -211,10 +211,10 @@ def test_resume_checks_training_settings_and_reevaluates_other_options(micro_run
     out_a, _ = micro_run
     out_c = tmp_path / "c"
     shutil.copytree(out_a, out_c)
-    with pytest.raises(SystemExit, match="other training settings local_train_steps"):
+    with pytest.raises(SystemExit, match=r"other local-train-steps \(3 there, 4 now\); rerun"):
         run_cifar.main(micro_argv(data_dir, out_c, "--resume", "--local-train-steps", "4"))
-    with pytest.raises(SystemExit, match="other LoRA rank/alpha"):  # alpha is no tensor: fingerprinted apart
-        run_cifar.main(micro_argv(data_dir, out_c, "--resume", "--lora-alpha", "1000"))
+    with pytest.raises(SystemExit, match=r"other LoRA rank/alpha \(r=2 alpha=4 there, r=2 alpha=1000 now\); rerun"):
+        run_cifar.main(micro_argv(data_dir, out_c, "--resume", "--lora-alpha", "1000"))  # no tensor: apart
     # Potara's options are not training settings: the trained adapters are reused, only evaluation reruns
     r = run_cifar.main(micro_argv(data_dir, out_c, "--resume", "--estimator", "paper", "--eps", "0.1"))
     a = json.loads((out_a / "results.json").read_text())
@@ -226,21 +226,25 @@ def test_resume_checks_training_settings_and_reevaluates_other_options(micro_run
 @pytest.mark.parametrize(
     "extra, msg",
     [
-        (["--clients", "0"], "--clients must be >= 1"),
+        (["--clients", "0"], "argument --clients: must be an integer in [1, 100,000], got 0"),
         (["--alpha", "0"], "argument --alpha: must be a number in (0, 1e+06]"),
         (["--alpha", "-0.5"], "argument --alpha: must be a number in (0, 1e+06]"),
         (["--lr", "nan"], "argument --lr: must be a number in (0, 10]"),
         (["--rounds", "-1"], "argument --rounds: must be an integer in [1, 100,000]"),
         (["--preset", "huge"], "invalid choice: 'huge'"),
         (["--grid-step", "0.3"], "--grid-step must be 1/n"),
-        (["--clients-per-round", "3"], "--clients-per-round must be in [0, --clients=2]"),
+        (["--clients-per-round", "3"], "--clients-per-round must be <= --clients (2), got 3"),
         (["--fisher-samples", "17"], "--fisher-samples 17 exceeds the client's val split"),
         (["--estimator", "verified", "--granularity", "module"], "gives one weight per client"),
         (["--estimator", "nope"], "--estimator must be one of"),
         (["--partition", "superclass", "--clients", "21"], "--clients must be <= 20"),
         (["--backbone", "/nonexistent/backbone.pt"], "no such file"),
         (["--public", "500"], "--public >= 1000"),
-        (["--clients", "20", "--train", "10"], "images available"),
+        (
+            ["--clients", "20", "--train", "10"],
+            "20 clients x 28 images (--train + --val + --test) + 1000 public images > the synthetic set's "
+            "(--synthetic-per-class 12) 1,200 training images",
+        ),
     ],
 )
 def test_cli_rejects_bad_arguments(extra, msg, data_dir, tmp_path, capsys):
@@ -544,7 +548,7 @@ def test_bad_resume_states_fail_in_one_line(micro, reference, tmp_path):
             "unsafe",
         ),
         (lambda: torch.save(part, local) or torch.save(back, ckpt), "fedit: round -3 is not a count in [0, 3]"),
-        (lambda: torch.save(good, ckpt), "other training settings"),  # resumed with another --drop-prob
+        (lambda: torch.save(good, ckpt), "other drop-prob (0.0 there, 0.3 now); rerun"),  # another --drop-prob
     ]
     for i, (make, msg) in enumerate(cases):
         make()
@@ -562,7 +566,7 @@ def test_bad_resume_states_fail_in_one_line(micro, reference, tmp_path):
         (["--seed", "-1"], "argument --seed: must be an integer in [0, "),
         (["--seed", "1e29"], "argument --seed: must be an integer in [0, 9,223,372,036,854,775,807], got 1e29"),
         (["--seed", str(10**29)], "argument --seed: must be an integer in [0, 9,223,372,036,854,775,807]"),
-        (["--threads", "1000"], "--threads must be in [1, "),
+        (["--threads", "1000"], f"argument --threads: must be an integer in [1, {os.cpu_count() or 1:,}]"),
         (["--drop-prob", "1"], "argument --drop-prob: must be a number in [0, 1)"),
         (["--drop-prob", "-0.1"], "argument --drop-prob: must be a number in [0, 1)"),
         (["--drop-prob", "nan"], "argument --drop-prob: must be a number in [0, 1)"),
@@ -581,8 +585,8 @@ def test_bad_resume_states_fail_in_one_line(micro, reference, tmp_path):
         (["--eps", "-0.001"], "argument --eps: must be a number in (0, "),
         (["--lr", "inf"], "argument --lr: must be a number in (0, 10]"),
         (["--grid-step", "0"], "argument --grid-step: must be a number in (0, 1]"),
-        (["--synthetic-per-class", "3"], "--synthetic-per-class must be >= 5"),
-        (["--clients", "50"], "images available"),  # 50 clients x 34 images > the 1440 synthetic ones
+        (["--synthetic-per-class", "3"], "argument --synthetic-per-class: must be an integer in [5, 3,000], got 3"),
+        (["--clients", "50"], "50 clients x 34 images (--train + --val + --test) + 0 public images > the synthetic"),
         (["--partition", "nope"], "invalid choice: 'nope'"),
         (["--rounds", "x"], "argument --rounds: must be an integer in [1, 100,000], got x"),
     ],
@@ -593,6 +597,100 @@ def test_cli_rejects_bad_fault_and_size_arguments(extra, msg, micro, tmp_path, c
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert msg in err, err
+
+
+# ----------------------------------------------------------------------------- the first minutes: each mistake
+class _Stopped(BaseException):
+    """Raised where FedIT would begin (BaseException: no handler of the script's turns it into an exit code)."""
+
+
+def without_snapshots(args: list[str]) -> list[str]:
+    """The arguments with --snapshots (and its value) left out: its default, 4."""
+    i = args.index("--snapshots")
+    return args[:i] + args[i + 2 :]
+
+
+@pytest.fixture(scope="module")
+def stopped_run(micro):
+    """--out of a run stopped where FedIT begins (checkpoint.pt written, nothing trained), with --rounds 2 and the
+    default --snapshots (4), as a user who then asks for --rounds 3 --resume left it."""
+    out = micro / "stopped"
+
+    def stop(*args, **kwargs):
+        raise _Stopped
+
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pipeline, "federated_training", stop)
+        with pytest.raises(_Stopped):
+            run_cifar.main(without_snapshots(argv(micro, out, "--rounds", "2")))
+    torch.set_num_threads(threads)
+    assert (out / "checkpoint.pt").is_file()
+    return out
+
+
+CIFAR_MISTAKES = {  # name: (arguments, what the one line says)
+    "a number that is no number": (
+        ["--clients", "abc"],
+        "argument --clients: must be an integer in [1, 100,000], got abc",
+    ),
+    "a number out of range": (["--clients", "0"], "argument --clients: must be an integer in [1, 100,000], got 0"),
+    "a size below its range": (
+        ["--synthetic-per-class", "3"],
+        "argument --synthetic-per-class: must be an integer in [5, 3,000], got 3",
+    ),
+    "a size that is no number": (
+        ["--synthetic-per-class", "x"],
+        "argument --synthetic-per-class: must be an integer in [5, 3,000], got x",
+    ),
+    "threads beyond the cores": (
+        ["--threads", "100000"],
+        f"argument --threads: must be an integer in [1, {os.cpu_count() or 1:,}] (the CPU cores of this machine)",
+    ),
+    "split sizes, synthetic data": (
+        ["--clients", "50"],
+        "error: 50 clients x 700 images (--train + --val + --test) + 30000 public images > the synthetic set's "
+        "(--synthetic-per-class 500) 50,000 training images",
+    ),
+    "split sizes, CIFAR-100 (before its download)": (
+        ["--data", "cifar", "--clients", "100"],
+        "error: 100 clients x 700 images (--train + --val + --test) + 30000 public images > CIFAR-100's 50,000",
+    ),
+    "a backbone path": (
+        ["--backbone", "/nonexistent/backbone.pt"],
+        "error: --backbone /nonexistent/backbone.pt: no such file",
+    ),
+    "a resume with other rounds": (
+        ["RESUME"],
+        "checkpoint.pt was written by a run with other rounds (2 there, 3 now); rerun with the same arguments",
+    ),
+    "a directory where a part goes": (
+        ["DIR-PART"],
+        "-dir-part: adapters/local-0000.pt in it is not a regular file (a directory): move it away",
+    ),
+}
+
+
+@pytest.mark.parametrize("mistake", list(CIFAR_MISTAKES))
+def test_each_mistake_is_one_line_naming_its_cause_before_any_work(mistake, micro, stopped_run, tmp_path):
+    """run_cifar.py in a fresh process with nothing cached (a new --data-dir): each mistake is exit 2 and one line on
+    stderr naming it, nothing downloaded, written or pre-trained (--data-dir never made). --clients abc and 0 gave
+    two ranges; the images the clients ask for were counted after the data was loaded (for CIFAR-100, after its
+    download); --rounds 3 --resume named rounds and snapshots. (Its time to the error is measured, not asserted.)"""
+    args, says = CIFAR_MISTAKES[mistake]
+    data_dir = tmp_path / "data"
+    plain = ["--data-dir", str(data_dir), "--out", str(tmp_path / "out"), "--threads", "1", "--no-progress"]
+    if args == ["RESUME"]:  # the stopped run's own arguments, but --rounds 3 and its --data-dir a new one
+        argv_ = without_snapshots(argv(micro, stopped_run, "--rounds", "3", "--resume", "--data-dir", str(data_dir)))
+    elif args == ["DIR-PART"]:  # a run folder whose adapters/local-0000.pt is a directory, no --resume
+        shutil.copytree(stopped_run, tmp_path / "run-dir-part")
+        (tmp_path / "run-dir-part" / "adapters" / "local-0000.pt").mkdir(parents=True)
+        argv_ = plain + ["--out", str(tmp_path / "run-dir-part")]
+    else:
+        argv_ = plain + args
+    status, lines = script_errors("run_cifar.py", argv_)
+    assert status == 2 and len(lines) == 1 and says in lines[0], (mistake, lines)
+    assert "snapshots" not in lines[0] and not data_dir.exists(), (mistake, lines)
 
 
 def test_cli_rejects_unusable_directories(micro, tmp_path, capsys):

@@ -12,7 +12,16 @@ import stat
 import pytest
 import torch
 from conftest import MICRO_VIT
-from obstacles import fresh_copy, outside_world, paths_of, plant, planted_cases, snapshot, unprivileged
+from obstacles import (
+    fresh_copy,
+    outside_world,
+    paths_of,
+    plant,
+    planted_cases,
+    recorded_writes,
+    snapshot,
+    unprivileged,
+)
 from torchvision.models import VisionTransformer
 
 import run_cifar
@@ -35,8 +44,9 @@ def argv(world, out):
 
 
 @pytest.fixture(scope="module")
-def tree(tmp_path_factory):
-    """(world, out): the folder a real micro run wrote (checkpoint.pt, results.*, plots, .lock, adapters/*.pt)."""
+def written_tree(tmp_path_factory):
+    """(world, out, written): the folder a real micro run wrote (checkpoint.pt, results.*, plots, .lock,
+    adapters/*.pt) and every file path the run wrote there, recorded as it wrote them (obstacles.recorded_writes)."""
     world = tmp_path_factory.mktemp("world")
     write_synthetic_cifar100(str(world / "data" / "synthetic"), 12, 12 // 5)
     torch.manual_seed(0)
@@ -46,15 +56,24 @@ def tree(tmp_path_factory):
     threads = torch.get_num_threads()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(io.StringIO()):
         mp.setitem(config.VIT_PRESETS["tiny"], "vit", MICRO_VIT)
-        run_cifar.main(argv(world, world / "run"))
+        with recorded_writes(world / "run") as written:
+            run_cifar.main(argv(world, world / "run"))
     torch.set_num_threads(threads)
-    return world, world / "run"
+    return world, world / "run", written
 
 
-def test_the_tree_of_a_real_run_is_what_the_checks_cover(tree):
+@pytest.fixture(scope="module")
+def tree(written_tree):
+    """(world, out): written_tree's folder."""
+    return written_tree[:2]
+
+
+def test_the_tree_of_a_real_run_is_what_the_checks_cover(written_tree):
     """The run folder's paths are the checked ones: its files (run_folder.OUTPUT_FILES, LOCK_FILE) and folders
-    (OUTPUT_DIRS, the part files of checkpoint.PARTS_DIR in them): a new output must be added there."""
-    _, out = tree
+    (OUTPUT_DIRS, the part files of checkpoint.PARTS_DIR in them): a new output must be added there. Every file
+    the run wrote, as it wrote it, is one the tree holds: the obstacle tests below plant at each one."""
+    _, out, written = written_tree
+    assert written == {p for p in paths_of(out) if not p.endswith("/")}, written
     files = {p for p in paths_of(out) if "/" not in p}
     assert files == set(run_folder.OUTPUT_FILES + (run_folder.LOCK_FILE,)), files
     assert {p for p in paths_of(out) if p.endswith("/") and p != "./"} == {f"{PARTS_DIR}/"}
@@ -62,10 +81,11 @@ def test_the_tree_of_a_real_run_is_what_the_checks_cover(tree):
     assert len([p for p in paths_of(out) if p.startswith(f"{PARTS_DIR}/") and p.endswith(".pt")]) == 5
 
 
-def test_every_obstacle_at_every_path_of_a_run_folder_is_one_line_before_any_work(tree, tmp_path, capsys):
+def test_every_obstacle_at_every_path_of_a_run_folder_is_one_line_before_any_work(written_tree, tmp_path, capsys):
     """run_cifar.py on a folder a run wrote, with one obstacle planted: exit 2, one error line naming --out and
-    the path, no traceback, nothing outside changed, the run folder's own files as they were."""
-    world, tree_out = tree
+    the path, no traceback, nothing outside changed, the run folder's own files as they were. Among them a
+    directory at each file path the run writes (a run over adapters/local-0000.pt/ ended in IsADirectoryError)."""
+    world, tree_out, written = written_tree
     done = []
     for case in planted_cases(tree_out, tmp_path):
         with pytest.raises(SystemExit) as e:
@@ -78,12 +98,13 @@ def test_every_obstacle_at_every_path_of_a_run_folder_is_one_line_before_any_wor
         assert snapshot(case.folder) == case.planted, case  # refused before anything in it was written or deleted
         done.append((case.rel, case.kind))
     assert len(done) >= 4 * 11 + 4 + 1, len(done)
+    assert {rel for rel, kind in done if kind == "directory"} >= written, written
 
 
 def test_a_part_folder_planted_after_the_checks_is_refused_when_written_or_cleared(tmp_path):
     """adapters/ a link to another folder: the run deleted local-0000.pt there and wrote 5 parts into it. Planted
     after the up-front checks, it is still refused at the write (Parts.save) and the clear (Parts.clear), the
-    other folder untouched."""
+    other folder untouched; so is a directory where a part goes, at the clear, in one line."""
     outside = outside_world(tmp_path)
     out = tmp_path / "out"
     out.mkdir()
@@ -97,6 +118,12 @@ def test_a_part_folder_planted_after_the_checks_is_refused_when_written_or_clear
     (out / PARTS_DIR).write_bytes(b"x")  # a regular file where the folder goes: one line, not FileExistsError
     with pytest.raises(UnsafeFile, match=f"{PARTS_DIR}: is not a directory"):
         parts.save("local", 0, {"w": torch.ones(2)})
+    os.remove(out / PARTS_DIR)  # a directory where a part goes, beside a part: the clear (a run started over)
+    (out / PARTS_DIR / "local-0000.pt").mkdir(parents=True)  # ended in IsADirectoryError, the parts half removed
+    (out / PARTS_DIR / "local-0001.pt").write_bytes(b"an earlier part")
+    with pytest.raises(UnsafeFile, match=r"local-0000.pt: is not a regular file \(a directory\)"):
+        parts.clear()
+    assert sorted(os.listdir(out / PARTS_DIR)) == ["local-0000.pt", "local-0001.pt"]  # refused before any removal
 
 
 def test_a_hard_linked_lock_is_refused_and_the_outside_file_kept(tree, tmp_path, capsys):

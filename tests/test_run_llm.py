@@ -1,14 +1,20 @@
-"""run_llm.py end to end on a micro problem; its peft export loads in peft with equal logits."""
+"""run_llm.py end to end on a micro problem; its peft export loads in peft with equal logits; each mistake of a
+command line is one line naming its cause, before any download or pre-training."""
 
 import contextlib
+import http.server
 import io
 import json
 import os
+import shutil
+import socket
+import threading
 import warnings
 
 import pytest
 import torch
-from obstacles import paths_of, planted_cases, snapshot, unprivileged
+from conftest import script_errors
+from obstacles import paths_of, planted_cases, recorded_writes, snapshot, unprivileged
 
 pytest.importorskip("transformers")
 
@@ -127,10 +133,10 @@ def test_micro_end_to_end_run(tmp_path):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--data", "/nonexistent/dir"], "not a directory"),
+        (["--data", "/nonexistent/dir"], "--data /nonexistent/dir: no such folder"),
         (["--rounds", "0"], "argument --rounds: must be an integer in [1, 100,000]"),
         (["--clients", "9"], "only 8 tasks"),
-        (["--model", "/nonexistent/model", "--train", "10", "--val", "5", "--test", "5"], "could not load it"),
+        (["--model", "/nonexistent/model"], "--model /nonexistent/model: no such folder"),
     ],
 )
 def test_cli_errors_are_one_line(tmp_path, capsys, argv, message):
@@ -138,6 +144,156 @@ def test_cli_errors_are_one_line(tmp_path, capsys, argv, message):
         run_llm.main(argv + ["--cache-dir", str(tmp_path), "--out", str(tmp_path / "o"), "--pretrain-steps", "1"])
     text = str(e.value.code) if e.value.code not in (None, 2) else capsys.readouterr().err
     assert message in text and len(text.strip().splitlines()[-1]) > 0
+
+
+# ----------------------------------------------------------------------------- the first minutes: each mistake
+class _Stopped(BaseException):
+    """Raised where FedIT would begin (BaseException: no handler of the script's turns it into an exit code)."""
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory):
+    """--out of a run stopped where FedIT begins (checkpoint.pt written, nothing trained; pre-training skipped):
+    --rounds 2 and the default --snapshots (4), as a user who then asks for --rounds 3 --resume left it."""
+    from potara_harness import pipeline
+
+    out = tmp_path_factory.mktemp("stopped") / "run"
+
+    def stop(*args, **kwargs):
+        raise _Stopped
+
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(io.StringIO()):
+        mp.setattr(lm, "pretrain_tiny", lambda *args, **kwargs: {})
+        mp.setattr(pipeline, "federated_training", stop)
+        threads = torch.get_num_threads()
+        with pytest.raises(_Stopped):
+            run_llm.main(
+                [
+                    "--rounds",
+                    "2",
+                    "--synthetic-examples",
+                    "40",
+                    "--train",
+                    "24",
+                    "--val",
+                    "8",
+                    "--test",
+                    "8",
+                    "--out",
+                    str(out),
+                    "--cache-dir",
+                    str(out.parent / "cache"),
+                    "--threads",
+                    "1",
+                ]
+            )
+        torch.set_num_threads(threads)
+    assert (out / "checkpoint.pt").is_file()
+    return out
+
+
+class _NoSuchRepository(http.server.BaseHTTPRequestHandler):
+    """What the Hugging Face Hub answers a HEAD of <name>/resolve/main/config.json for a model that does not exist
+    (or that it does not show this user): 401, X-Error-Code RepoNotFound."""
+
+    def do_HEAD(self):
+        self.send_response(401)
+        self.send_header("X-Error-Code", "RepoNotFound")
+        self.send_header("X-Error-Message", "Repository not found")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def hub():
+    """{"answers": the endpoint of a Hub that knows no model, "unreachable": one where nothing listens}."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NoSuchRepository)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    with socket.socket() as s:  # a port nothing listens on: connection refused at once
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    yield {"answers": f"http://127.0.0.1:{server.server_address[1]}", "unreachable": f"http://127.0.0.1:{closed}"}
+    server.shutdown()
+
+
+ONLINE = {"HF_HUB_OFFLINE": None, "TRANSFORMERS_OFFLINE": None}  # whatever this process was given (test_potara)
+LINEAR = "down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"  # a Llama's nn.Linear names
+MISTAKES = {  # name: (arguments, environment, what the one line says); {run}: a stopped run, {tasks}: 12 examples
+    "a model name on no Hub": (
+        ["--model", "nonexistent-model-xyz"],
+        {"HF_ENDPOINT": "answers", **ONLINE},
+        "error: --model nonexistent-model-xyz: no such model on the Hugging Face Hub and no such local folder",
+    ),
+    "a model name, the Hub unreachable": (
+        ["--model", "nonexistent-model-xyz"],
+        {"HF_ENDPOINT": "unreachable", **ONLINE},
+        "error: --model nonexistent-model-xyz: not a local folder, not in the Hugging Face cache",
+    ),
+    "a model name, offline": (
+        ["--model", "nonexistent-model-xyz"],
+        {"HF_HUB_OFFLINE": "1"},
+        "error: --model nonexistent-model-xyz: not a local folder and not in the Hugging Face cache",
+    ),
+    "a model path": (["--model", "/nonexistent/model"], {}, "error: --model /nonexistent/model: no such folder"),
+    "a target module": (
+        ["--targets", "q_proj", "foo_proj"],
+        {},
+        "error: --targets foo_proj: no nn.Linear module of the model is named foo_proj or ends in .foo_proj (LoRA "
+        f"wraps nn.Linear layers); its nn.Linear modules end in {LINEAR}",
+    ),
+    "a number that is no number": (["--clients", "abc"], {}, "argument --clients: must be an integer in [1, 100,000]"),
+    "a number out of range": (["--clients", "0"], {}, "argument --clients: must be an integer in [1, 100,000]"),
+    "split sizes, synthetic tasks": (
+        ["--train", "1000"],
+        {},
+        "error: --data synthetic: each task holds --synthetic-examples 600 examples, fewer than --train 1000",
+    ),
+    "split sizes, a task file": (
+        ["--data", "{tasks}"],
+        {},
+        "error: task t: 12 distinct examples, fewer than --train 200 + --val 50 + --test 100",
+    ),
+    "a task folder": (["--data", "/nonexistent/tasks"], {}, "error: --data /nonexistent/tasks: no such folder"),
+    "a resume with other rounds": (
+        ["--out", "{run}", "--rounds", "3", "--resume", "--synthetic-examples", "40", "--train", "24", "--val", "8"]
+        + ["--test", "8"],
+        {},
+        "checkpoint.pt was written by a run with other rounds (2 there, 3 now); rerun with the same arguments",
+    ),
+    "a directory where a part goes": (
+        ["--out", "{run}-dir-part"],
+        {},
+        "-dir-part: adapters/local-0000.pt in it is not a regular file (a directory): move it away",
+    ),
+}
+
+
+@pytest.mark.parametrize("mistake", list(MISTAKES))
+def test_each_mistake_is_one_line_naming_its_cause_before_any_work(mistake, stopped_run, hub, tmp_path):
+    """run_llm.py in a fresh process with nothing cached (an empty --cache-dir and Hugging Face cache): each
+    mistake is exit 2 and one line on stderr naming it, no Hugging Face warning, log line or traceback before it,
+    nothing downloaded or pre-trained. --model nonexistent-model-xyz said the split sizes were too large, then
+    (after a Hugging Face warning) that it could not be loaded; --targets foo_proj failed after pre-training (268 s
+    on the first run) listing 20 module names; --clients abc and 0 gave two ranges; --rounds 3 --resume named
+    rounds and snapshots. (Its time to the error is measured, not asserted: under a second for the checks made
+    before torch loads, a few seconds after.)"""
+    args, env, says = MISTAKES[mistake]
+    tasks = tmp_path / "tasks"
+    write_task(tasks, "t", [{"prompt": f"q{i}", "answer": "a"} for i in range(12)])
+    dir_part = tmp_path / "run-dir-part"  # a run folder whose adapters/local-0000.pt is a directory
+    shutil.copytree(stopped_run, dir_part)
+    (dir_part / "adapters" / "local-0000.pt").mkdir(parents=True)
+    cache, hf_cache = tmp_path / "cache", tmp_path / "hf-cache"
+    run = stopped_run if mistake == "a resume with other rounds" else tmp_path / "run"
+    argv = ["--out", str(tmp_path / "out"), *[a.format(run=run, tasks=tasks) for a in args]]
+    argv += ["--cache-dir", str(cache), "--threads", "1", "--no-progress"]
+    env = {"HF_HUB_CACHE": str(hf_cache), **{k: hub.get(v, v) if v else v for k, v in env.items()}}
+    status, lines = script_errors("run_llm.py", argv, env)
+    assert status == 2 and len(lines) == 1 and says in lines[0], (mistake, lines)
+    assert "snapshots" not in lines[0] and not cache.exists() and not hf_cache.exists(), (mistake, lines)
 
 
 def test_damaged_pretrain_cache_is_rebuilt(tmp_path, capsys):
@@ -168,10 +324,19 @@ def test_data_checks_come_before_the_model_is_loaded_or_pretrained(tmp_path, cap
     """Too few examples and answers longer than --max-len: exit 2 in one line, with nothing pre-trained or loaded."""
     cache = tmp_path / "cache"
     base = ["--cache-dir", str(cache), "--out", str(tmp_path / "o"), "--threads", "1", "--no-progress"]
-    with pytest.raises(SystemExit) as e:  # counted before the (nonexistent) model is even looked for
-        run_llm.main(base + ["--model", "/nonexistent/model", "--train", "1000"])
-    assert e.value.code == 2 and "task sentiment: 600 distinct examples, fewer than --train 1000" in last_error(capsys)
+    with pytest.raises(SystemExit) as e:  # the synthetic tasks: counted before torch loads
+        run_llm.main(base + ["--train", "1000"])
+    assert e.value.code == 2 and (
+        "--data synthetic: each task holds --synthetic-examples 600 examples, fewer than --train 1000 + --val 50 + "
+        "--test 100" in last_error(capsys)
+    )
     data = tmp_path / "tasks"
+    write_task(data, "t", [{"prompt": f"q{i}", "answer": "a"} for i in range(12)])
+    with pytest.raises(SystemExit) as e:  # a task file: counted before a model is built or pre-trained
+        run_llm.main(base + ["--data", str(data)])
+    assert e.value.code == 2 and last_error(capsys) == (
+        "error: task t: 12 distinct examples, fewer than --train 200 + --val 50 + --test 100"
+    )
     write_task(data, "t", [{"prompt": f"q{i}", "answer": "a" * (30 if i == 3 else 1)} for i in range(12)])
     with pytest.raises(SystemExit) as e:
         run_llm.main(base + ["--data", str(data), "--train", "4", "--val", "4", "--test", "4", "--max-len", "20"])
@@ -205,11 +370,14 @@ def test_bad_jsonl_exits_2_with_file_and_line(tmp_path, capsys):
 
 def test_a_tokenizer_without_eos_is_one_line(tmp_path, capsys):
     from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
+    from transformers import LlamaConfig, PreTrainedTokenizerFast
 
     folder = tmp_path / "model"
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "<unk>": 1}, unk_token="<unk>")))
     tok.save_pretrained(str(folder))
+    small = dict(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)
+    LlamaConfig(vocab_size=2, **small).save_pretrained(str(folder))  # a model folder, its --targets q_proj v_proj
+    (folder / "model.safetensors").write_bytes(b"")  # never read: the tokenizer is refused first
     with pytest.raises(SystemExit) as e:
         run_llm.main(
             [
@@ -378,13 +546,15 @@ def test_the_demos_validation_splits_are_not_flagged_as_training_data(tmp_path, 
 # ----------------------------------------------------------------------------- every obstacle in the folders it writes
 @pytest.fixture(scope="module")
 def written(tmp_path_factory):
-    """(world, out, peft): the --out and --export-peft folders a real micro run wrote (its cache in world)."""
+    """(world, out, peft, files): the --out and --export-peft folders a real micro run wrote (its cache in world),
+    and every file path it wrote in each, recorded as it wrote them ({"--out": ..., "--export-peft": ...})."""
     world = tmp_path_factory.mktemp("llm-world")
     threads = torch.get_num_threads()
-    with contextlib.redirect_stdout(io.StringIO()):
-        run_llm.main(micro_argv(world / "run", world / "peft", world / "cache"))
+    with contextlib.redirect_stdout(io.StringIO()), recorded_writes(world / "run") as out_files:
+        with recorded_writes(world / "peft") as peft_files:
+            run_llm.main(micro_argv(world / "run", world / "peft", world / "cache"))
     torch.set_num_threads(threads)
-    return world, world / "run", world / "peft"
+    return world, world / "run", world / "peft", {"--out": out_files, "--export-peft": peft_files}
 
 
 def micro_argv(out, peft, cache) -> list[str]:
@@ -395,8 +565,9 @@ def test_every_obstacle_in_the_out_and_export_folders_is_one_line_before_any_wor
     """run_llm.py on the trees a real run wrote, one obstacle at one path of either (tests/obstacles.py): exit 2,
     one error line naming the flag, the folder and the path, no traceback, nothing outside changed, the planted
     folder as it was. --out: its files and part folders (run_folder's checks); --export-peft: every task's,
-    federated's and base_model's folder and file (peft_export.export_target_problem)."""
-    world, out_tree, peft_tree = written
+    federated's and base_model's folder and file (peft_export.export_target_problem). Among them a directory at
+    each file path the run wrote in either, as it wrote them (obstacles.recorded_writes)."""
+    world, out_tree, peft_tree, files = written
     assert sorted(p for p in paths_of(peft_tree) if p.count("/") == 1 and p.endswith("/") and p != "./") == [
         "base_model/",
         "duplicate/",
@@ -419,4 +590,6 @@ def test_every_obstacle_in_the_out_and_export_folders_is_one_line_before_any_wor
             after = {k: v for k, v in snapshot(planted_in).items() if k != ".lock"}
             assert after == {k: v for k, v in case.planted.items() if k != ".lock"}, (flag, rel, kind)
             done.append((flag, rel, kind))
+        directories = {rel for f, rel, kind in done if f == flag and kind == "directory"}
+        assert files[flag] and directories >= files[flag], (flag, files[flag] - directories)  # each path written
     assert len(done) > 4 * 10 + 1 + 4 * 4 + 4 * 10 + 1, len(done)

@@ -42,12 +42,13 @@ def test_size_options_above_their_bound_are_parser_errors(tmp_path, capsys, scri
     with pytest.raises(SystemExit) as e:
         script.resolve_args(ap, [option, str(value), "--out", out, "--threads", "1"])
     assert e.value.code == 2
-    assert f"argument {option}: must be an integer in [1, {bound:,}]" in capsys.readouterr().err
+    low = 5 if option == "--synthetic-per-class" else 1  # the synthetic test set holds a fifth of it
+    assert f"argument {option}: must be an integer in [{low}, {bound:,}]" in capsys.readouterr().err
 
 
 def test_the_flower_run_config_bounds_synthetic_per_class():
     AppConfig.from_run_config({"synthetic-per-class": MAX_SYNTHETIC_PER_CLASS})
     with pytest.raises(
-        ConfigError, match=re.escape(f"synthetic-per-class must be an integer in [1, {MAX_SYNTHETIC_PER_CLASS:,}]")
+        ConfigError, match=re.escape(f"synthetic-per-class must be an integer in [5, {MAX_SYNTHETIC_PER_CLASS:,}]")
     ):
         AppConfig.from_run_config({"synthetic-per-class": 10**6})
