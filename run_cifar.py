@@ -34,7 +34,7 @@ from potara_harness.config import VIT_PRESETS
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = cli.Parser(
         description=__doc__.split("\n\n")[0],
         formatter_class=cli.HelpFormatter,
         epilog="Options showing two values take them from --preset tiny and paper "

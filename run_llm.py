@@ -49,7 +49,7 @@ if TYPE_CHECKING:  # annotations only
 
 # ----------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = cli.Parser(
         description=__doc__.split("\n\n")[0],
         formatter_class=cli.HelpFormatter,
         epilog="Options showing two values take the first for --model tiny, the second for any "

@@ -183,7 +183,7 @@ OUTPUT_FOLDERS = ("cache", "federation", *FLOOR_FOLDERS, *SERVER_FOLDERS)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter)
+    ap = cli.Parser(description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter)
     ap.add_argument("--backbone", required=True, help="a backbone file (vit.py's format, e.g. the tiny preset's cache)")
     ap.add_argument("--experiment", choices=["vision", "language", "both"], default="both")
     ap.add_argument(

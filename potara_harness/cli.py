@@ -2,12 +2,13 @@
 experiment's options and their checks, preset filling, device choice, and the main() wrapper (the --out folder:
 run_folder.py).
 
-    ap = argparse.ArgumentParser(...); add_experiment_options(ap)
+    ap = cli.Parser(...); add_experiment_options(ap)
     args = ap.parse_args(argv); fill_from_preset(args, VIT_PRESETS["tiny"]); check_experiment_options(ap, args)
     cfg = config_from_args(args)                     # a config.ExperimentConfig
     if __name__ == "__main__": run_main(main)        # one-line errors, Ctrl-C tells how to resume
 
-Every impossible option is a one-line parser error before any work is done (ap.error, exit status 2).
+Every impossible option is a one-line parser error before any work is done (ap.error, exit status 2; Parser
+prints that line alone, without argparse's usage block).
 """
 
 from __future__ import annotations
@@ -36,6 +37,18 @@ from potara_harness.config import (
 # first, so --help and a bad option answer at once; start_torch then loads torch.
 
 MAX_SEED = 2**63
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, with HelpFormatter, whose errors are one line: `<prog>: error: <message>`, exit status 2
+    (argparse prints its whole usage block above it first: 17 lines for run_cifar.py; --help has the usage)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

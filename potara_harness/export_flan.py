@@ -29,6 +29,7 @@ import sys
 from typing import Callable
 
 from potara_guards.safe_files import UnsafeFile, WriteError, atomic_write, write_target_problem
+from potara_harness import cli
 from potara_harness.cli import bound_numbers
 
 
@@ -152,7 +153,7 @@ def out_problem(out: str) -> str | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = cli.Parser(
         prog="python -m potara_harness.export_flan",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

@@ -100,7 +100,7 @@ def add_language_lora(model: nn.Module, targets, rank: int, alpha: float, seed: 
 
 def _hf_failure(name: str, e: Exception) -> DataError:
     if isinstance(e, ImportError):
-        return DataError(f"--model {name} needs the 'llm' extra (pip install -e '.[llm]'): {e}")
+        return DataError(f"--model {name} needs the 'llm' extra (pip install '.[llm]'): {e}")
     first = (str(e).strip().splitlines() or [type(e).__name__])[0]
     return DataError(
         f"--model {name}: could not load it ({type(e).__name__}: {first[:200]}); offline, pass a "

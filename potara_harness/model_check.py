@@ -51,7 +51,7 @@ def model_problem(name: str) -> str | None:
         from huggingface_hub import constants, try_to_load_from_cache
         from huggingface_hub.utils import HFValidationError, validate_repo_id
     except ImportError as e:
-        return f"--model {name} needs the 'llm' extra (pip install -e '.[llm]'): {e}"
+        return f"--model {name} needs the 'llm' extra (pip install '.[llm]'): {e}"
     try:
         validate_repo_id(name)
     except HFValidationError:

@@ -75,7 +75,7 @@ REAL_FIELDS = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = cli.Parser(
         description=__doc__.split("\n\n")[0],
         formatter_class=cli.HelpFormatter,
         epilog="Options showing no default take the suite's value: VIT_PRESETS['tiny'] "

@@ -43,7 +43,7 @@ SECTIONS = ("lora", "merged", "fisher", "clients", "potara", "pipeline")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = cli.Parser(
         description=__doc__.split("\n")[0],
         epilog=__doc__.split("\n\n", 2)[2],
         formatter_class=cli.DocstringHelpFormatter,

@@ -50,9 +50,7 @@ def load_digits_data() -> tuple[torch.Tensor, np.ndarray]:
     try:
         from sklearn.datasets import load_digits
     except ImportError:
-        raise DataError(
-            "the real-data suite needs scikit-learn (its bundled digits): pip install -e '.[study]'"
-        ) from None
+        raise DataError("the real-data suite needs scikit-learn (its bundled digits): pip install '.[study]'") from None
     bunch = load_digits()
     return torch.tensor(bunch.data / 16.0, dtype=torch.float32), bunch.target.astype(np.int64)
 

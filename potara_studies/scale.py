@@ -157,7 +157,7 @@ def ratios_table(rows: list[dict]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=cli.HelpFormatter)
+    ap = cli.Parser(description=__doc__.splitlines()[0], formatter_class=cli.HelpFormatter)
     ap.add_argument("--preset", choices=["tiny", "paper", "both"], default="both")
     ap.add_argument("--clients", type=int, nargs="+", help="K values (default: tiny 5 10 20 40 100, paper 5 10 20)")
     ap.add_argument("--out", default="runs/scale.json", help="the measurements, as JSON")

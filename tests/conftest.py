@@ -56,8 +56,8 @@ def run_alone(folder: Path, files, code: str, timeout: float = 300) -> subproces
 
 def script_errors(script: str, args, env: dict | None = None, timeout: float = 300) -> tuple[int, list[str]]:
     """`python <script> <args>` in a fresh process from the repository root (nothing imported or cached in this
-    one): its exit status and the lines of its stderr that are not argparse's usage (a mistake's whole report must
-    be one error line: no warning, log line or traceback before or after it). `env` adds to this process's
+    one): its exit status and the lines of its stderr (a mistake's whole report must be one error line: no usage
+    block, warning, log line or traceback before or after it). `env` adds to this process's
     environment; a value None removes the variable."""
     env = {**os.environ, "NO_PROXY": "127.0.0.1,localhost", **(env or {})}
     done = subprocess.run(
@@ -68,9 +68,7 @@ def script_errors(script: str, args, env: dict | None = None, timeout: float = 3
         timeout=timeout,
         env={k: v for k, v in env.items() if v is not None},
     )
-    lines = done.stderr.splitlines()
-    usage = lines[: next((i for i, line in enumerate(lines) if not (line.startswith(("usage: ", " ")))), 0)]
-    return done.returncode, lines[len(usage) :]
+    return done.returncode, done.stderr.splitlines()
 
 
 MICRO_VIT = dict(image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32)
