@@ -69,7 +69,7 @@ _STEPS, _COUNT, _EXAMPLES = Bound(1, 10_000_000), Bound(1, 100_000), Bound(1, 10
 # keys and the node config's (with - for _) -- has its range here, the same for the same name everywhere; checked
 # before any work (bound_problem: cli.check_bounds, AppConfig.check, client_app.node_value), and a test holds
 # every numeric option of the parsers and of AppConfig to have an entry. The upper bounds are generous for real
-# use and only keep a typo (10**30) from reaching the code: a million steps, 10**7 examples per client and split,
+# use and only keep a typo (10**30) from reaching the code: 10**7 steps, 10**7 examples per client and split,
 # 10**5 clients or rounds, rank 4096, batches of 65,536, a learning rate of 10, 30 days of timeout, 2**63 - 1 for
 # a seed (torch.manual_seed's 64-bit seeds); the size options take config's MAX_* above (what the program can hold),
 # threads the machine's cores (more only oversubscribe them). One range per name: every message about a number
