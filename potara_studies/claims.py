@@ -111,7 +111,8 @@ def resolve(ap: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
     if args.replot and not os.path.isfile(os.path.join(args.out, OUTPUT_FILES[0])):
         ap.error(f"--replot: no {OUTPUT_FILES[0]} in --out {args.out}")
     run_folder.check_dirs(ap, ("--data-dir", args.data_dir, os.R_OK | os.X_OK))
-    run_folder.prepare_out_dir(ap, args.out, files=OUTPUT_FILES, dirs=())
+    # the estimator study's folders in --out: never a link, a file or a folder it cannot write (then its own checks)
+    run_folder.prepare_out_dir(ap, args.out, files=OUTPUT_FILES, dirs=(), folders=tuple(CLAIM1_FOLDERS.values()))
     if args.figures:
         run_folder.prepare_out_dir(ap, args.figures, flag="--figures", files=OUTPUT_FILES[2:], dirs=())
     runs_claim1 = "1" in args.claims and not args.replot

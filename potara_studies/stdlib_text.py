@@ -79,9 +79,7 @@ def module_docstrings(name: str) -> list[str]:
     """First paragraphs of the public classes and functions a module defines, and of their public methods (a method
     that another package patched into a class, as transformers does into logging.Logger, is not the module's)."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            module = importlib.import_module(name)
+        module = importlib.import_module(name)
     except ImportError:  # a module this Python was built without (the corpus records which were read)
         return []
     found, seen = [], set()
@@ -109,7 +107,10 @@ def module_docstrings(name: str) -> list[str]:
 
 def load_corpus() -> tuple[list[str], list[int]]:
     """(texts, labels): every kept docstring (sorted within its chapter) and its chapter's index in CHAPTERS."""
-    by_chapter = {c: {t for m in mods.split() for t in module_docstrings(m)} for c, mods in CHAPTERS.items()}
+    with warnings.catch_warnings():  # importing and reading deprecated modules and attributes (typing.re, ...)
+        warnings.simplefilter("ignore")
+        by_chapter = {c: {t for m in mods.split() for t in module_docstrings(m)} for c, mods in CHAPTERS.items()}
+
     owners: dict[str, int] = {}
     for texts in by_chapter.values():
         for t in texts:

@@ -1,6 +1,6 @@
 """Every number of every entry point -- run_cifar.py's and run_llm.py's options, the studies' and benchmarks'
-(potara_studies.ablation, .bench, .scale; potara_flower.bench, .fleet), export_flan's, the Flower run config and
-the node config -- has a range in config.BOUNDS, and 0, -1, 10**30, nan and inf are each refused where outside
+(potara_studies.ablation, .bench, .claims, .scale; potara_flower.bench, .fleet), export_flan's, the Flower run config
+and the node config -- has a range in config.BOUNDS, and 0, -1, 10**30, nan and inf are each refused where outside
 it, in one line naming the option and the range, before any work (the parsers and AppConfig: no run)."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import run_cifar
 import run_llm
 from potara_harness import cli, export_flan
 from potara_harness.config import BOUNDS, AppConfig, ConfigError, bound_problem
-from potara_studies import ablation, bench, scale
+from potara_studies import ablation, bench, claims, scale
 
 try:  # the flower extra: its tools' command lines
     from potara_flower import bench as flower_bench
@@ -30,6 +30,7 @@ BUILT = {  # built once: parsing is read-only
     "run_cifar": run_cifar.build_parser(),
     "run_llm": run_llm.build_parser(),
     "ablation": ablation.build_parser(),
+    "claims": claims.build_parser(),
     "bench": bench.build_parser(),
     "scale": scale.build_parser(),
     "export_flan": export_flan.build_parser(),
