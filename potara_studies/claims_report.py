@@ -239,25 +239,47 @@ def claim3_table(entry: dict) -> list[str]:
 
 
 def markdown(results: dict) -> str:
+    """claims.md: the command, the three verdicts, claim 1's table, and per pipeline its claim 2 and 3 tables."""
     v, rows = verdicts(results), claim1_cells(results)
     lines = ["# The paper's claims, tested here", "", f"Command: `{results['settings']['command']}`", ""]
     lines += [f"- **Claim {k}**: {v[k]}" for k in ("1", "2", "3")]
     if rows:
-        lines += ["", "## Claim 1: closed-form weight vs grid search", ""]
-        lines += ["Mean test accuracy over clients and seeds (ratio to the grid search on val; ratio to the test "]
-        lines += ["oracle). Folders: " + ", ".join(CLAIM1_FOLDERS[s] for s in results["claim1"]) + ".", ""]
+        folders = ", ".join(CLAIM1_FOLDERS[s] + "/" for s in results["claim1"])
+        lines += ["", "## Claim 1: the closed-form weight against the grid search", ""]
+        lines += [
+            f"Mean test accuracy over clients and seeds (ratio to the grid search on val; ratio to the test "
+            f"oracle). The estimator study's own outputs: {folders}",
+            "",
+        ]
         lines += claim1_table(rows)
     for name, entry in results.get("sweeps", {}).items():
-        if not entry.get("seeds"):
-            continue
-        seeds = ", ".join(entry["seeds"])
-        lines += ["", f"## {name}: {entry['info']['data']} (seeds {seeds})", "", "Claim 2 (gains: mean ± std over "]
-        lines += ["seeds):", ""] + claim2_table(entry) + ["", "Claim 3 (mean accuracy over seeds):", ""]
-        lines += claim3_table(entry)
+        if entry.get("seeds"):
+            lines += ["", f"## {name}: {entry['info']['data']}; seeds {', '.join(entry['seeds'])}", ""]
+            lines += ["Claim 2 (gains: mean ± standard deviation over seeds):", ""] + claim2_table(entry)
+            lines += ["", "Claim 3 (mean accuracy over seeds; targets):", ""] + claim3_table(entry)
     return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------- figures
+def log_axis(axis, set_scale, ticks=None) -> None:
+    """A log-scale axis labelled in plain numbers (at `ticks` when given), no minor labels."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    set_scale("log")
+    if ticks is not None:
+        axis.set_ticks(ticks)
+    axis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def legend_below(fig, axes):
+    """One legend for all panels, under them (the first panel's lines: every panel draws the same ones)."""
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    return fig
+
+
 def plot_claim1(plt, rows: list[dict]):
     """Per regime, each estimator's accuracy as a fraction of the grid search's on val (the 0.98 line: comparable)."""
     fig, ax = plt.subplots(figsize=(7.5, 3.6))
@@ -278,7 +300,7 @@ def plot_claim2(plt, sweeps: dict):
     """Per pipeline: Potara's gain over local and over max(local, FedIT) against the FedIT rounds (log scale);
     bars: standard deviation over seeds."""
     names = [n for n in PIPELINES if sweeps.get(n, {}).get("seeds")]
-    fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.3), squeeze=False)
+    fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.7), squeeze=False)
     for ax, name in zip(axes.flat, names):
         entry, rs = sweeps[name], [int(r) for r in sweeps[name]["rounds"]]
         for method, style in (("potara", "-"), ("potara_paper", ":")):
@@ -288,18 +310,16 @@ def plot_claim2(plt, sweeps: dict):
                 who = "Potara" if method == "potara" else "paper's est."
                 ax.errorbar(rs, ys, yerr=es, fmt=marker + style, ms=4, capsize=2, label=f"{who} {label}")
         ax.axhline(0, color="0.5", lw=0.8)
-        ax.set_xscale("log")
-        ax.set(title=name, xlabel="FedIT rounds", ylabel="accuracy gain")
-    axes.flat[0].legend(fontsize=6)
-    fig.tight_layout()
-    return fig
+        log_axis(ax.xaxis, ax.set_xscale, rs)
+        ax.set(title=name, xlabel="FedIT rounds", ylabel="accuracy gain (mean, std over seeds)")
+    return legend_below(fig, axes)
 
 
 def plot_claim3(plt, sweeps: dict):
     """Per pipeline: mean accuracy against MB sent (log scale) for Potara, FedIT + fine-tuning, FedSA-LoRA and
     FedIT; local only as a line (0 MB); the targets dotted."""
     names = [n for n in PIPELINES if sweeps.get(n, {}).get("seeds")]
-    fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.3), squeeze=False)
+    fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.7), squeeze=False)
     for ax, name in zip(axes.flat, names):
         entry = sweeps[name]
         rs, first = [str(r) for r in entry["rounds"]], next(iter(entry["seeds"].values()))["rounds"]
@@ -309,11 +329,9 @@ def plot_claim3(plt, sweeps: dict):
         ax.axhline(mean(seed_means(entry, rs[0], "local")), color="0.4", ls="--", label="Local only (0 MB)")
         for row in targets(entry):
             ax.axhline(row["target"], color="r", ls=":", lw=0.7)
-        ax.set_xscale("log")
+        log_axis(ax.xaxis, ax.set_xscale)
         ax.set(title=name, xlabel="MB sent (both ways)", ylabel="mean test accuracy")
-    axes.flat[0].legend(fontsize=6)
-    fig.tight_layout()
-    return fig
+    return legend_below(fig, axes)
 
 
 def write(results: dict, out: str, figures: str | None = None) -> str:
