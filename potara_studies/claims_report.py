@@ -319,7 +319,7 @@ def plot_claim2(plt, sweeps: dict):
 
 def plot_claim3(plt, sweeps: dict):
     """Per pipeline: mean accuracy against MB sent (log scale) for Potara, FedIT + fine-tuning, FedSA-LoRA and
-    FedIT; local only as a line (0 MB); the targets dotted."""
+    FedIT; local only as a line (0 MB); the targets grey, dash-dotted."""
     names = [n for n in PIPELINES if sweeps.get(n, {}).get("seeds")]
     fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.7), squeeze=False)
     for ax, name in zip(axes.flat, names):
@@ -330,7 +330,7 @@ def plot_claim3(plt, sweeps: dict):
             ax.plot(xs, [mean(seed_means(entry, r, m)) for r in rs], fmt, ms=4, label=METHOD_LABELS[m])
         ax.axhline(mean(seed_means(entry, rs[0], "local")), color="0.4", ls="--", label="Local only (0 MB)")
         for row in targets(entry):
-            ax.axhline(row["target"], color="r", ls=":", lw=0.7)
+            ax.axhline(row["target"], color="0.6", ls="-.", lw=0.7)
         log_axis(ax.xaxis, ax.set_xscale)
         ax.set(title=name, xlabel="MB sent (both ways)", ylabel="mean test accuracy")
     return legend_below(fig, axes)
