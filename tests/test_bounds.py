@@ -1,6 +1,6 @@
 """Every number of every entry point -- run_cifar.py's and run_llm.py's options, the studies' and benchmarks'
-(potara_studies.ablation, .bench, .scale; potara_flower.bench, .fleet), export_flan's, the Flower run config and
-the node config -- is range-checked before any work, in one line naming the option and its range.
+(potara_studies.ablation, .bench, .claims, .scale; potara_flower.bench, .fleet), export_flan's, the Flower run
+config and the node config -- is range-checked before any work, in one line naming the option and its range.
 
 The oracle is this file's own, not config.BOUNDS: -1, 10**30, nan and inf are refused for every number, 0 for every
 number but those ZERO_ALLOWED names (written here from what each option means), and a plain valid value (1, or
@@ -20,7 +20,7 @@ import run_cifar
 import run_llm
 from potara_harness import cli, export_flan
 from potara_harness.config import BOUNDS, AppConfig, ConfigError
-from potara_studies import ablation, bench, scale
+from potara_studies import ablation, bench, claims, scale
 
 try:  # the flower extra: its tools' command lines
     from potara_flower import bench as flower_bench
@@ -43,7 +43,7 @@ ZERO_ALLOWED = {  # 0 means something here: none, all, unbounded, the first part
 }
 VALID = {"drop_prob": 0.5, "conflict_classes": 2, "nodes": 2, "restart_nodes": 2, "synthetic_per_class": 5}
 # How many numbers each entry point takes: an option that stops being a number (or is dropped) is seen here.
-NUMBERS = {"run_cifar": 26, "run_llm": 27, "ablation": 18, "bench": 2, "scale": 1, "export_flan": 1}
+NUMBERS = {"run_cifar": 26, "run_llm": 27, "ablation": 18, "bench": 2, "claims": 1, "scale": 1, "export_flan": 1}
 NUMBERS_FLOWER = {"flower_bench": 4, "fleet": 4}
 APP_NUMBERS, NODE_NUMBERS = 28, 3
 REQUIRED = {"export_flan": ["folder"], "flower_bench": ["--backbone", "b.pt"], "fleet": ["--backbone", "b.pt"]}
@@ -53,6 +53,7 @@ BUILT = {  # built once: parsing is read-only
     "run_llm": run_llm.build_parser(),
     "ablation": ablation.build_parser(),
     "bench": bench.build_parser(),
+    "claims": claims.build_parser(),
     "scale": scale.build_parser(),
     "export_flan": export_flan.build_parser(),
 }

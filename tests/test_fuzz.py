@@ -246,9 +246,7 @@ def test_fuzz_run_folders_with_planted_files_never_write_outside_or_hang(tmp_pat
         except SystemExit as e:
             assert e.code == 2 and unsafe, kinds
             err = capsys.readouterr().err.strip().splitlines()
-            assert "error: --out" in err[-1] and any(f"{n} in it" in err[-1] for n in unsafe), (
-                err
-            )  # one error line
+            assert "error: --out" in err[-1] and any(f"{n} in it" in err[-1] for n in unsafe), err  # one error line
         assert victim.read_text() == "precious"
         tasks = tmp_path / f"tasks{case}"
         tasks.mkdir()

@@ -31,6 +31,7 @@ SCRIPTS = {  # name -> (command, a bad argument, its one-line error after argpar
     ),
     "ablation": (["-m", "potara_studies.ablation"], ["--scenarios", "nope"], "error: --scenarios 'nope': expected"),
     "studies.bench": (["-m", "potara_studies.bench"], ["--only", "nope"], "error: --only: unknown section(s)"),
+    "claims": (["-m", "potara_studies.claims"], ["--claims", "4"], "error: --claims '4': expected"),
     "flower.bench": (
         ["-m", "potara_flower.bench"],
         ["--backbone", "/no/such/file"],

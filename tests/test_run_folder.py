@@ -223,7 +223,9 @@ def tool_trees(tmp_path):
     writes, with the tree its outputs make (every file and folder it names: a file holds bytes, a folder it fills
     holds one file) and a command line that would run it on `out`."""
     from potara_harness.config import ABLATION_CACHE, ABLATION_OUTPUTS
-    from potara_studies import ablation, bench, benchmarks, estimator_study, scale
+    from potara_studies import ablation, bench, benchmarks, claims, claims_study, estimator_study, scale
+    from potara_studies.claims_config import CLAIM1_FOLDERS
+    from potara_studies.claims_config import OUTPUT_FILES as CLAIMS_OUTPUTS
 
     backbone = tmp_path / "backbone.pt"
     backbone.write_bytes(b"only its existence is checked before the folder")
@@ -234,6 +236,13 @@ def tool_trees(tmp_path):
             lambda out: ["--out", str(out), "--data-dir", str(tmp_path / "data")],
             (ABLATION_OUTPUTS, {ABLATION_CACHE: ["conflict-s0-0123456789ab.pt"]}),
             (estimator_study, "run"),
+        ),
+        (
+            "claims",
+            claims.main,
+            lambda out: ["--suites", "real", "--out", str(out), "--data-dir", str(tmp_path / "data")],
+            (CLAIMS_OUTPUTS, {CLAIM1_FOLDERS["real"]: list(ABLATION_OUTPUTS)}),
+            (claims_study, "run"),
         ),
         (
             "bench",
@@ -302,7 +311,7 @@ def test_every_obstacle_where_a_study_or_tool_writes_is_one_line_before_any_work
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(module, attribute, work_began)
             done += obstacles_refused(name, main, argv, tree, tmp_path, capsys)
-    assert {n for n, _, _ in done} >= {"ablation", "bench", "scale"}, done
+    assert {n for n, _, _ in done} >= {"ablation", "bench", "claims", "scale"}, done
 
 
 def obstacles_refused(name, main, argv, tree, tmp_path, capsys) -> list[tuple[str, str, str]]:
