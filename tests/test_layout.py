@@ -176,3 +176,39 @@ def test_the_readme_is_short_and_nothing_points_outside_the_repository():
         path = ROOT / f
         if path.is_file() and path.suffix in (".py", ".md", ".toml", ""):
             assert OUTSIDE not in path.read_text(errors="ignore"), f"{f} points at {OUTSIDE}"
+
+
+def test_the_method_files_own_copies_of_check_state_agree():
+    """lora.py, fed.py and potara.py each carry check_state (a few lines repeated on purpose: each file stands
+    alone). The copies must not drift: on the same states they raise the same message, or none (lora.py adds a
+    hint for a LoRA factor of another rank, which no state here has)."""
+    import torch
+
+    import fed
+    import lora
+    import potara
+
+    ref = {"m.lora_A": torch.zeros(2, 3), "head.weight": torch.zeros(4, 2)}
+    states = [
+        dict(ref),
+        {"m.lora_A": torch.zeros(2, 3)},
+        {**ref, "extra": torch.zeros(1)},
+        {**ref, "head.weight": torch.zeros(4, 2, dtype=torch.float64)},
+        {**ref, "head.weight": torch.zeros(5, 2)},
+        {**ref, "head.weight": torch.full((4, 2), float("nan"))},
+        {**ref, "head.weight": [[0.0] * 2] * 4},
+        {**ref, "head.weight": torch.zeros(4, 2).to_sparse()},
+        "not a dict",
+    ]
+
+    def outcome(check, state):
+        try:
+            check(state, ref, "adapter")
+        except ValueError as e:
+            return str(e)
+        return None
+
+    for state in states:
+        got = {m.__name__: outcome(m.check_state, state) for m in (lora, fed, potara)}
+        assert len(set(got.values())) == 1, got
+    assert outcome(fed.check_state, states[0]) is None and all(outcome(fed.check_state, s) for s in states[1:])
