@@ -133,6 +133,8 @@ CLAIM1_REDUCED = {  # the estimator study's options at toy size, per suite
         "5",
         "--pretrain-steps",
         "5",
+        "--grid-step",
+        "0.25",
     ],
     "synthetic": [
         "--seeds",
@@ -159,6 +161,8 @@ CLAIM1_REDUCED = {  # the estimator study's options at toy size, per suite
         "2",
         "--synthetic-per-class",
         "12",
+        "--grid-step",
+        "0.25",
     ],
 }
 

@@ -759,9 +759,10 @@ def test_a_stale_bound_on_a_page_is_caught():
 
 
 # ----------------------------------------------------------------------------- the README's count of the tests
-def test_the_readmes_test_counts_are_the_suites():
+def test_the_readmes_test_counts_are_the_suites(request):
     """The README counts test functions, collected items, the range checks of test_bounds.py and the documented
-    commands: each number as pytest collects the suite now (a subprocess: `pytest --co -q`)."""
+    commands: each number as pytest collects the suite now (this session's items when it runs the whole suite,
+    else a subprocess's `pytest --co -q`)."""
     text = " ".join((REPO / "README.md").read_text().split())
     said = re.search(
         r"runs ([\d,]+) test functions as ([\d,]+) items \(one more, slow, with `-m slow`\)\. Of the items, ([\d,]+) "
@@ -771,23 +772,24 @@ def test_the_readmes_test_counts_are_the_suites():
     )
     assert said, "the README's sentence counting the tests"
     functions, items, bounds, share, bound_functions, commands = (int(g.replace(",", "")) for g in said.groups())
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "--co", "-q", "-p", "no:cacheprovider", "-m", "not slow or slow"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    ids = [line for line in done.stdout.splitlines() if "::" in line]
+    files = {f"tests/{p.name}" for p in (REPO / "tests").glob("test_*.py")}
+    ids = [item.nodeid for item in request.session.items]
+    if {i.split("::")[0] for i in ids} != files:  # a part of the suite runs: collect the whole
+        done = subprocess.run(
+            [sys.executable, "-m", "pytest", "--co", "-q", "-p", "no:cacheprovider"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        ids = [line for line in done.stdout.splitlines() if "::" in line]
     tests = [
         n for p in (REPO / "tests").glob("test_*.py") for n in ast.walk(ast.parse(p.read_text()))
         if isinstance(n, ast.FunctionDef) and n.name.startswith("test_")
     ]  # fmt: skip
-    slow_names = {n.name for n in tests if any("slow" in ast.unparse(d) for d in n.decorator_list)}
-    n_slow = sum(i.split("::")[-1].split("[")[0] in slow_names for i in ids)
+    slow = [n for n in tests if any("slow" in ast.unparse(d) for d in n.decorator_list)]
     in_bounds = [i for i in ids if i.startswith("tests/test_bounds.py::")]
-    defined = len(tests)
-    assert n_slow == 1 and items == len(ids) - n_slow, (items, len(ids), n_slow)
-    assert functions == defined and bounds == len(in_bounds) and share == round(100 * bounds / items)
+    assert len(slow) == 1 and items == len(ids) and not any(n.name in i for n in slow for i in ids), (items, len(ids))
+    assert functions == len(tests) and bounds == len(in_bounds) and share == round(100 * bounds / items)
     assert bound_functions == len({i.split("::")[1].split("[")[0] for i in in_bounds})
     assert commands == sum("test_documented_command" in i or "test_a_broken_command" in i for i in ids)
