@@ -28,6 +28,10 @@ from lora import add_lora
 from potara_harness import config
 
 ROOT = Path(__file__).resolve().parents[1]
+# One torch thread for the session: the tests' tensors are tiny, and the real federations running in the background
+# take the other core (two OpenMP threads on two busy cores wait on each other: a study's reduced run took 134 s
+# in the suite at torch's default of one thread per core, 29 s alone).
+torch.set_num_threads(1)
 NOT_FROM_THE_REPOSITORY = f"""
 import sys
 _ours = [m for m in list(sys.modules.values())
