@@ -484,9 +484,14 @@ def federation(tmp_path):
 BACKGROUND = None  # background.Background once the session's tests are collected
 
 
+LATE = ("test_claims.py", "test_ablation.py")  # long single-core studies: after the federations' busy start
+
+
 def pytest_collection_modifyitems(session, config, items):
-    """The tests of background federations last: the others run while those federations do."""
-    items.sort(key=lambda item: item.get_closest_marker("federation") is not None)  # stable: order kept otherwise
+    """The tests of background federations last: the others run while those federations do. The LATE modules just
+    before them: the federations start many processes at first and mostly wait on Flower's clocks after, so a long
+    study run then meets idle cores (the suite's wall time, not its work, is what this changes)."""
+    items.sort(key=lambda item: (item.get_closest_marker("federation") is not None, item.path.name in LATE))
 
 
 def pytest_collection_finish(session):
