@@ -52,7 +52,7 @@ def run_alone(folder: Path, files, code: str, timeout: float = 300) -> subproces
         else:
             shutil.copy(ROOT / name, folder / name)
     (folder / "alone.py").write_text(code + NOT_FROM_THE_REPOSITORY)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "OMP_NUM_THREADS": "1"}  # as this session
     return subprocess.run(
         [sys.executable, "alone.py"], cwd=folder, env=env, capture_output=True, text=True, timeout=timeout
     )
@@ -63,7 +63,7 @@ def script_errors(script: str, args, env: dict | None = None, timeout: float = 3
     one): its exit status and the lines of its stderr (a mistake's whole report must be one error line: no usage
     block, warning, log line or traceback before or after it). `env` adds to this process's
     environment; a value None removes the variable."""
-    env = {**os.environ, "NO_PROXY": "127.0.0.1,localhost", **(env or {})}
+    env = {**os.environ, "NO_PROXY": "127.0.0.1,localhost", "OMP_NUM_THREADS": "1", **(env or {})}
     done = subprocess.run(
         [sys.executable, script, *map(str, args)],
         cwd=ROOT,

@@ -645,7 +645,7 @@ print(f"phi_G {(model(x).argmax(1) == y).float().mean():.2f}")
 ranks = sorted({v.shape[0] for k, v in merged.items() if k.endswith("lora_A")})
 print("ranks", sorted({m.r for m in lora.lora_layers(model)}), ranks)
 """
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(  # python -c from the root: the folder is on sys.path, as for a script saved there
         [sys.executable, "-c", program + check_after], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
     )
