@@ -1,7 +1,10 @@
 """The suite's real federations (a SuperLink and SuperNodes on 127.0.0.1), each run in a thread of its own from
-the session's start while the other tests run. A real federation mostly waits on Flower's own clocks (a
-SuperNode pulls every 3 s, a dead one is declared after two 30 s heartbeats): ~125 s of CPU in 234 s of wall
-time here, time the rest of the suite can use. A helper module, not a test module.
+the session's start while the other tests run. A real federation is mostly processes starting (a ClientApp
+process per message, each importing torch and flwr) and waits on Flower's own clocks (a SuperNode pulls every
+3 s, a dead one is declared after two 30 s heartbeats). Their processes run at niceness NICE: the session's
+tests, one thread, keep one core, and the federations take the other and whatever the tests leave (here the
+three took ~205 s of wall time beside the rest of the suite, ~110 s at most one by one). A helper module, not a
+test module.
 
     register("kill", prepare_kill, run_kill)      # a test module, at import
     @pytest.mark.federation("kill")
@@ -23,6 +26,7 @@ from typing import Callable
 
 SCENARIOS: dict[str, tuple[Callable, Callable]] = {}  # name -> (prepare(folder), run(federation, folder, made))
 WAIT_SECONDS = 600.0  # a test waits at most this long for its federation
+NICE = 10  # the federations' processes yield to the session's tests (one thread) and take the other core
 
 
 def register(name: str, prepare: Callable, run: Callable) -> None:
@@ -36,6 +40,8 @@ class Background:
         self.folders = {name: folder_of(name) for name in names}
         self.prepared = {name: SCENARIOS[name][0](self.folders[name]) for name in names}  # main thread
         self.federations = {name: federation for name, (federation, _) in self.prepared.items()}
+        for federation in self.federations.values():
+            federation.nice = NICE  # before it starts anything
         self.done = {name: threading.Event() for name in names}
         self.results: dict[str, tuple[bool, object]] = {}
         for name in names:

@@ -420,6 +420,29 @@ def test_a_federation_folder_with_planted_links_writes_nothing_outside(tmp_path)
     assert snapshot(outside) == before
 
 
+def test_the_log_watch_sees_each_finished_line_of_its_run_once_even_when_written_in_pieces(tmp_path):
+    """LocalFederation.run asks `flwr list` when the SuperLink's log says the run's task finished: the watch matches
+    a line of this run only (not run 12, whose id begins with 1), a line written in two pieces once it is whole, and
+    each line once; a log that does not exist yet is no match. Checked against the lines written, by hand."""
+    from potara_flower.loopback import LocalFederation, run_finished_line
+
+    fed = LocalFederation(tmp_path)
+    watch = fed.log_watch("superlink", run_finished_line("1"))
+    log = tmp_path / "superlink.log"
+    assert watch() is False
+    log.write_text("INFO: Started task 7 of run 1\nINFO: Finished task 8 of run 12\n")
+    assert watch() is False
+    with open(log, "a") as f:
+        f.write("INFO: Finished task 7 of ")
+    assert watch() is False  # half a line: not yet
+    with open(log, "a") as f:
+        f.write("run 1\nINFO: Fleet.PushMessages\n")
+    assert watch() is True
+    assert watch() is False  # that line was read
+    log.write_text(log.read_text() + "INFO: Finished task 9 of run 1\n")
+    assert watch() is True
+
+
 LOOPBACK = {**RUN, "num-clients": 2, "clients-per-round": 1, "drop-prob": 0.0}  # 2 processes: CI has 2 cores
 
 
@@ -440,7 +463,7 @@ def run_loopback(federation, folder, made: dict) -> dict:
             f"partition-id={k} num-partitions=2 backbone='{folder / 'backbone.pt'}' data-dir='{folder / 'data'}' "
             "threads=1",
         )
-    status = federation.run(REPO, {**LOOPBACK, "out-dir": str(folder / "out")}, timeout=150)
+    status = federation.run(REPO, {**LOOPBACK, "out-dir": str(folder / "out")}, timeout=400)
     return {"status": status, "superlink": federation.log("superlink")[-3000:]}
 
 

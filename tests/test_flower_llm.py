@@ -407,7 +407,7 @@ def run_language(federation, folder, made: dict) -> dict:
             f"partition-id={k} num-partitions=2 task='synthetic:{task}' "
             f"model='{made['model']}' threads=1 adapter-dir='{folder / 'devices' / f'node{k}'}'",
         )
-    status = federation.run(REPO, {**LANG, "out-dir": str(folder / "out")}, timeout=150)
+    status = federation.run(REPO, {**LANG, "out-dir": str(folder / "out")}, timeout=400)
     return {**made, "status": status, "superlink": federation.log("superlink")[-3000:]}
 
 
