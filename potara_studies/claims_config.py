@@ -68,58 +68,31 @@ FULL = {
     "text": SweepSettings(rounds=(3, 5, 10, 20, 30), seeds=(0, 1)),
 }
 CLAIM1_FULL = {"real": [], "synthetic": ["--seeds", "0,1"]}  # the study's own settings; 2 of its 3 synthetic seeds
+
+
+def toy(train: int, val: int, test: int, local_steps: int = 1, local_train_steps: int = 3, **extra) -> SweepSettings:
+    """A pipeline at toy size: round counts 1 and 2 of one seed, 2 clients, 2 fine-tuning steps, 8 paper samples;
+    `extra` the pipeline's own sizes."""
+    return SweepSettings(
+        rounds=(1, 2),
+        seeds=(0,),
+        clients=2,
+        train=train,
+        val=val,
+        test=test,
+        local_steps=local_steps,
+        local_train_steps=local_train_steps,
+        finetune_steps=2,
+        paper_samples=8,
+        extra=extra,
+    )
+
+
 REDUCED = {  # every step of the study at toy size (tests/test_claims.py runs it): its numbers mean nothing
-    "vision": SweepSettings(
-        rounds=(1, 2),
-        seeds=(0,),
-        clients=2,
-        train=24,
-        val=12,
-        test=12,
-        local_steps=1,
-        local_train_steps=3,
-        finetune_steps=2,
-        paper_samples=8,
-        extra={"public": 1000, "pretrain_steps": 2, "synthetic_per_class": 12},
-    ),
-    "language": SweepSettings(
-        rounds=(1, 2),
-        seeds=(0,),
-        clients=2,
-        train=16,
-        val=8,
-        test=8,
-        local_steps=1,
-        local_train_steps=3,
-        finetune_steps=2,
-        paper_samples=8,
-        extra={"pretrain_steps": 2, "synthetic_examples": 40},
-    ),
-    "digits": SweepSettings(
-        rounds=(1, 2),
-        seeds=(0,),
-        clients=2,
-        train=20,
-        val=10,
-        test=10,
-        local_steps=2,
-        local_train_steps=5,
-        finetune_steps=2,
-        paper_samples=8,
-        extra={"pretrain_steps": 5},
-    ),
-    "text": SweepSettings(
-        rounds=(1, 2),
-        seeds=(0,),
-        clients=2,
-        train=16,
-        val=8,
-        test=8,
-        local_steps=1,
-        local_train_steps=3,
-        finetune_steps=2,
-        paper_samples=8,
-    ),
+    "vision": toy(24, 12, 12, public=1000, pretrain_steps=2, synthetic_per_class=12),
+    "language": toy(16, 8, 8, pretrain_steps=2, synthetic_examples=40),
+    "digits": toy(20, 10, 10, local_steps=2, local_train_steps=5, pretrain_steps=5),
+    "text": toy(16, 8, 8),
 }
 CLAIM1_REDUCED = {  # the estimator study's options at toy size, per suite
     "real": [
